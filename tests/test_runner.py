@@ -1,0 +1,189 @@
+"""End to end on tiny models: the seed's A and B trained, evaluated, stored, reused and compared."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+import loralab
+from loralab.compare import compare
+from loralab.errors import LoralabError, ModelError, SpecError
+from loralab.progress import Reporter
+from loralab.runner import run_experiment
+from loralab.store import Store
+
+SEED_RUNS = """
+runs:
+  A:
+    lora: {r: 4, alpha: 8, dropout: 0.05, target_modules: [query_key_value]}
+    train: {learning_rate: 2.0e-4, batch_size: 2, epochs: 1}
+    generate: {max_new_tokens: 5}
+  B:
+    lora: {r: 8, alpha: 16, dropout: 0.10, target_modules: [query_key_value]}
+    train: {learning_rate: 5.0e-4, batch_size: 2, epochs: 1}
+    generate: {max_new_tokens: 10}
+"""
+
+
+def experiment(tmp_path: Path, model: Path, runs: str = SEED_RUNS, name: str = "seed", data: str = "") -> Path:
+    data = data or "{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}"
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"name: {name}\nmodel: {model}\ndata: {data}\n{runs}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def seed_run(tiny_neox, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seed")
+    exp = loralab.load(experiment(tmp, tiny_neox))
+    console = Console(record=True, width=200)
+    result = loralab.run(exp, workspace=tmp / "ws", console=console)
+    return exp, result, console.export_text(), tmp
+
+
+def test_seed_runs_finish_with_metrics_per_cap(seed_run):
+    exp, result, _, _ = seed_run
+    assert [r.name for r in result.records] == ["base", "A", "B"]
+    assert all(r.status == "finished" for r in result.records) and not result.failed
+    for r in result.records:
+        for cap in (5, 10):
+            for key in ("rouge_l", "exact_match", "mean_tokens", "cap_hit_rate", "stop_rate"):
+                assert f"{key}@{cap}" in r.metrics
+        assert r.metrics["mean_tokens@5"] <= 5 and r.metrics["mean_tokens@10"] <= 10
+        assert len(r.samples) == 4 and set(r.samples[0]["outputs"]) == {"5", "10"}
+    base, a, b = result.records
+    assert a.metrics["eval_loss"] != base.metrics["eval_loss"] != b.metrics["eval_loss"]
+    assert b.metrics["trainable_params"] == 2 * a.metrics["trainable_params"]  # r 8 vs r 4, same layers
+    assert len(a.curves["loss"]) == a.metrics["steps"] == 4  # 8 examples, batch 2, 1 epoch
+    assert a.env["versions"]["torch"] and a.config["device"] == "cpu" and a.config["dtype"] == "float32"
+    assert a.config["lora"]["r"] == 4 and a.data["n_train"] == 8
+
+
+def test_adapter_is_saved_in_peft_format_and_loads(seed_run, tiny_neox):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, result, _, _ = seed_run
+    b = result.records[2]
+    folder = Path(b.adapter_path)
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_neox), folder)
+    ranks = {m.r["default"] for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    assert ranks == {8}
+
+
+def test_compare_shows_exactly_the_five_differing_knobs(seed_run):
+    _, result, _, _ = seed_run
+    c = compare(result.records)
+    assert set(c.knobs) == {"lora.r", "lora.alpha", "lora.dropout", "train.learning_rate", "generate.max_new_tokens"}
+    assert c.knobs["lora.r"] == [None, 4, 8]
+    keys = [o[0] for o in c.outcomes]
+    assert keys[0] == "eval_loss" and "rouge_l@5" in keys and "cap_hit_rate@10" in keys and "tokens_per_s" in keys
+
+
+def test_rerun_reuses_finished_runs_and_force_reruns(seed_run):
+    exp, first, _, tmp = seed_run
+    again = run_experiment(exp, workspace=tmp / "ws")
+    assert again.skipped == ["base", "A", "B"]
+    assert [r.id for r in again.records] == [r.id for r in first.records]
+    assert [r.metrics for r in again.records] == [r.metrics for r in first.records]  # read back, not re-measured
+    forced = run_experiment(exp, workspace=tmp / "ws", only=["A"], force=True)
+    assert forced.skipped == [] and [r.name for r in forced.records] == ["base", "A"]
+    # Same config and seed on CPU: the same numbers.
+    assert forced.records[1].metrics["eval_loss"] == first.records[1].metrics["eval_loss"]
+    assert forced.records[1].curves["loss"] == first.records[1].curves["loss"]
+
+
+def test_run_id_depends_on_config_not_name(seed_run, tiny_neox, tmp_path):
+    _, first, _, _ = seed_run
+    renamed = SEED_RUNS.replace("  A:", "  first:")
+    exp = loralab.load(experiment(tmp_path, tiny_neox, renamed))
+    from loralab.runner import prepare, run_id
+
+    p = prepare(exp)
+    assert run_id(p, exp.run("first")) == first.records[1].id
+
+
+def test_fused_alias_is_mapped_on_llama_and_said_once(tiny_llama, tmp_path):
+    exp = loralab.load(experiment(tmp_path, tiny_llama))
+    console = Console(record=True, width=200)
+    result = loralab.run(exp, workspace=tmp_path / "ws", console=console, only=["A"])
+    text = console.export_text()
+    assert text.count("using its attention projections q_proj, k_proj, v_proj") == 1
+    assert result.records[1].config["resolved_target_modules"] == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_trial_isolation_run_after_another_equals_run_alone(tiny_llama, tmp_path):
+    same_caps = SEED_RUNS.replace("max_new_tokens: 5", "max_new_tokens: 10")
+    alone = loralab.run(loralab.load(experiment(tmp_path, tiny_llama, same_caps)), workspace=tmp_path / "w1", only=["A"])
+    a_block, b_block = same_caps.split("  B:")
+    swapped = "runs:\n  B:" + b_block + a_block.replace("runs:\n", "")  # B trains first, then A
+    after = loralab.run(loralab.load(experiment(tmp_path, tiny_llama, swapped, name="swapped")), workspace=tmp_path / "w2")
+    a_alone = alone.records[1]
+    a_after = next(r for r in after.records if r.id == a_alone.id)
+    assert after.records.index(a_after) == 2  # it really ran second, after another adapter came and went
+    assert a_after.metrics["eval_loss"] == a_alone.metrics["eval_loss"]
+    assert a_after.curves["loss"] == a_alone.curves["loss"]
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}  # noqa: E731
+    assert untimed(after.records[0].metrics) == untimed(alone.records[0].metrics)  # the base was untouched
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_keeps_finished_ones(tiny_neox, tmp_path, monkeypatch):
+    import loralab.train as train_mod
+
+    real = train_mod.train_lora
+
+    def interrupted(model, examples, spec, **kw):
+        if spec.learning_rate == 5e-4:  # run B
+            raise KeyboardInterrupt
+        return real(model, examples, spec, **kw)
+
+    monkeypatch.setattr(train_mod, "train_lora", interrupted)
+    exp = loralab.load(experiment(tmp_path, tiny_neox))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, workspace=tmp_path / "ws")
+    store = Store(tmp_path / "ws")
+    status = {r.name: r.status for r in store.list()}
+    assert status == {"base": "finished", "A": "finished", "B": "interrupted"}
+    assert not (store.run_dir(store.find("B").id) / "adapter").exists()
+    monkeypatch.setattr(train_mod, "train_lora", real)
+    again = run_experiment(exp, workspace=tmp_path / "ws")
+    assert again.skipped == ["base", "A"] and again.records[2].status == "finished"
+
+
+def test_a_failing_run_is_stored_as_failed_and_the_next_still_runs(tiny_neox, tmp_path, monkeypatch):
+    import loralab.train as train_mod
+
+    real = train_mod.train_lora
+
+    def broken(model, examples, spec, **kw):
+        if spec.learning_rate == 2e-4:  # run A
+            raise RuntimeError("boom")
+        return real(model, examples, spec, **kw)
+
+    monkeypatch.setattr(train_mod, "train_lora", broken)
+    result = run_experiment(loralab.load(experiment(tmp_path, tiny_neox)), workspace=tmp_path / "ws")
+    assert result.failed == ["A"]
+    assert [r.status for r in result.records] == ["finished", "failed", "finished"]
+    assert "boom" in result.records[1].error
+
+
+@pytest.mark.parametrize("runs, data, error", [
+    (SEED_RUNS.replace("[query_key_value]", "[nope_proj]"), "", ModelError),
+    (SEED_RUNS, "{path: missing.jsonl}", SpecError),
+    (SEED_RUNS, "{path: empty.jsonl}", LoralabError),
+])
+def test_bad_input_writes_nothing(tiny_neox, tmp_path, runs, data, error):
+    (tmp_path / "empty.jsonl").write_text("")
+    exp = loralab.load(experiment(tmp_path, tiny_neox, runs, data=data))
+    with pytest.raises(error):
+        run_experiment(exp, workspace=tmp_path / "ws")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_unknown_only_name_writes_nothing(tiny_neox, tmp_path):
+    exp = loralab.load(experiment(tmp_path, tiny_neox))
+    with pytest.raises(SpecError, match="--only"):
+        run_experiment(exp, workspace=tmp_path / "ws", only=["Z"])
+    assert not (tmp_path / "ws").exists()

@@ -1,0 +1,82 @@
+"""The training loop: it learns, only LoRA weights move, and the same seed gives the same numbers."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+from loralab.data import Encoded, Example, encode_example
+from loralab.spec import TrainSpec
+from loralab.train import IGNORE, collate, eval_loss, plan_steps, train_lora
+
+EXAMPLES = [Example(id=str(i), instruction=f"Say the number {i}.", output=f"The number is {i}.") for i in range(8)]
+
+
+def encoded(tok):
+    return [encode_example(tok, ex, None, 128) for ex in EXAMPLES]
+
+
+def fresh(folder, seed=0, r=8):
+    set_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def test_plan_steps():
+    assert plan_steps(10, TrainSpec(batch_size=2)) == 5
+    assert plan_steps(10, TrainSpec(batch_size=3)) == 4  # the last micro-batch is short
+    assert plan_steps(10, TrainSpec(batch_size=2, gradient_accumulation=2, epochs=2)) == 5
+    assert plan_steps(10, TrainSpec(batch_size=2, max_steps=7)) == 7
+
+
+def test_collate_masks_padding_out_of_loss_and_attention():
+    a = Encoded(input_ids=[5, 6, 7], labels=[IGNORE, 6, 7], prompt_len=1)
+    b = Encoded(input_ids=[5], labels=[IGNORE], prompt_len=1)
+    batch = collate([a, b], pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_training_lowers_loss_and_moves_only_lora_weights(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = fresh(tiny_llama)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    enc = encoded(tok)
+    start = eval_loss(model, enc, pad_id=tok.pad_token_id)
+    res = train_lora(model, enc, TrainSpec(learning_rate=2e-2, batch_size=4, max_steps=30), pad_id=tok.pad_token_id)
+    end = eval_loss(model, enc, pad_id=tok.pad_token_id)
+    assert end < start - 0.5
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+    assert res.steps == 30 and len(res.curve["loss"]) == 30 and res.curve["step"][-1] == 30
+    assert res.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert res.tokens == 15 * sum(len(e.input_ids) for e in enc)  # 30 steps of 4 = 15 passes over 8 examples
+    assert res.peak_mem_mb > 0 and 0 <= res.padding_share < 1
+
+
+def test_same_seed_same_numbers(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    spec = TrainSpec(learning_rate=1e-3, batch_size=2, max_steps=6, seed=1)
+    runs = []
+    for _ in range(2):
+        model = fresh(tiny_llama, seed=1)
+        res = train_lora(model, encoded(tok), spec, pad_id=tok.pad_token_id)
+        runs.append((res.curve["loss"], res.curve["grad_norm"], eval_loss(model, encoded(tok), pad_id=tok.pad_token_id)))
+    assert runs[0] == runs[1]
+    model = fresh(tiny_llama, seed=2)
+    other = train_lora(model, encoded(tok), spec.model_copy(update={"seed": 2}), pad_id=tok.pad_token_id)
+    assert other.curve["loss"] != runs[0][0]
+
+
+def test_eval_loss_counts_response_tokens_only(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    enc = encoded(tok)
+    # Changing only the prompt tokens' labels to IGNORE already holds; making every label IGNORE gives nan.
+    blind = [Encoded(e.input_ids, [IGNORE] * len(e.labels), e.prompt_len) for e in enc]
+    assert torch.isnan(torch.tensor(eval_loss(model, blind, pad_id=tok.pad_token_id)))
+    # Batch size must not change a token-weighted mean.
+    assert eval_loss(model, enc, pad_id=tok.pad_token_id, batch_size=1) == pytest.approx(
+        eval_loss(model, enc, pad_id=tok.pad_token_id, batch_size=8), rel=1e-5)
