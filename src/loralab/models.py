@@ -176,7 +176,10 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
 
     ref, fingerprint = resolve_model(spec, base_dir, log)
     dev, dtype = pick_device(device)
+    from transformers.utils import logging as hf_logging
+
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    hf_logging.disable_progress_bar()  # a one-second load needs no bar of its own
     try:
         tok = AutoTokenizer.from_pretrained(ref, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, **kwargs)
@@ -190,6 +193,8 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
                      f"download it where there is network (`hf download {spec.name} --local-dir DIR`) and give the folder, "
                      f"or use {BUILTIN_MODEL}")],
         ) from None
+    finally:
+        hf_logging.enable_progress_bar()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev)

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,9 @@ def _train_one(p: Prepared, run: RunSpec, rid: str, store: Store, rep: Reporter,
         set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
         lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
                           target_modules=p.targets[run.name], bias=run.lora.bias, task_type="CAUSAL_LM")
-        peft_model = get_peft_model(p.base.model, lcfg)
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(p.base.model, lcfg)
         steps = plan_steps(len(train_enc), run.train)
         with rep.task(f"train {run.name}", total=steps, unit="steps") as update:
             res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id,
