@@ -78,6 +78,9 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox):
     assert [r["name"] for r in cmp["runs"]] == ["base", "A", "B"]
     assert cmp["knobs"]["train.learning_rate"] == [None, 2e-4, 5e-4]
     assert set(cmp["outcomes"]["eval_loss"]) == {"base", "A", "B"}
+    assert cmp["outcomes"]["eval_loss"]["A"]["n"] == 1 and isinstance(cmp["outcomes"]["eval_loss"]["A"]["mean"], float)
+    assert cmp["verdicts"]["eval_loss"]["B vs A"]["verdict"] in ("within noise", "higher", "lower")
+    assert list(cmp["sections"]) == ["quality", "verbosity", "drift", "stability", "cost"]
 
     out = invoke("compare", "A", "Z", "-w", ws)
     assert out.exit_code == 2 and "'Z'" in out.output and "use one of" in out.output

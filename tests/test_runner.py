@@ -1,5 +1,6 @@
 """End to end on tiny models: the seed's A and B trained, evaluated, stored, reused and compared."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,26 @@ def test_seed_runs_finish_with_metrics_per_cap(seed_run):
     assert all(r.status == "finished" for r in result.records) and not result.failed
     for r in result.records:
         for cap in (5, 10):
-            for key in ("rouge_l", "exact_match", "mean_tokens", "cap_hit_rate", "stop_rate"):
+            for key in ("rouge_l", "chrf", "token_f1", "exact_match", "mean_tokens", "median_tokens", "p90_tokens",
+                        "length_ratio", "cap_hit_rate", "stop_rate", "repeated_3gram", "distinct_2"):
                 assert f"{key}@{cap}" in r.metrics
+        for key in ("eval_loss", "eval_ppl", "train_eval_loss", "generalization_gap", "drift_kl", "drift_agreement",
+                    "eval_s", "total_s", "eval_tokens"):
+            assert key in r.metrics
+        assert "cost" not in r.metrics  # no price set: no money shown
         assert r.metrics["mean_tokens@5"] <= 5 and r.metrics["mean_tokens@10"] <= 10
         assert len(r.samples) == 4 and set(r.samples[0]["outputs"]) == {"5", "10"}
     base, a, b = result.records
     assert a.metrics["eval_loss"] != base.metrics["eval_loss"] != b.metrics["eval_loss"]
     assert b.metrics["trainable_params"] == 2 * a.metrics["trainable_params"]  # r 8 vs r 4, same layers
     assert len(a.curves["loss"]) == a.metrics["steps"] == 4  # 8 examples, batch 2, 1 epoch
+    assert base.metrics["drift_kl"] == 0.0 and a.metrics["drift_kl"] >= 0.0
+    for key in ("loss_spikes", "grad_norm_median", "grad_norm_max", "steps_to_90pct_drop", "final_minus_best",
+                "peak_mem_mb", "adapter_bytes", "train_tokens"):
+        assert key in a.metrics
+    assert a.metrics["total_s"] == pytest.approx(a.metrics["train_s"] + a.metrics["eval_s"], abs=0.02)
+    per_example = a.samples[0]["outputs"]["5"]["metrics"]
+    assert set(per_example) >= {"rouge_l", "chrf", "tokens", "hit_cap", "stopped"} and "loss" in a.samples[0]
     assert a.env["versions"]["torch"] and a.config["device"] == "cpu" and a.config["dtype"] == "float32"
     assert a.config["lora"]["r"] == 4 and a.data["n_train"] == 8
 
@@ -78,8 +91,14 @@ def test_compare_shows_exactly_the_five_differing_knobs(seed_run):
     c = compare(result.records)
     assert set(c.knobs) == {"lora.r", "lora.alpha", "lora.dropout", "train.learning_rate", "generate.max_new_tokens"}
     assert c.knobs["lora.r"] == [None, 4, 8]
-    keys = [o[0] for o in c.outcomes]
+    assert [title for title, _ in c.sections] == ["quality", "verbosity", "drift", "stability", "cost"]
+    keys = [r.key for _, rows in c.sections for r in rows]
     assert keys[0] == "eval_loss" and "rouge_l@5" in keys and "cap_hit_rate@10" in keys and "tokens_per_s" in keys
+    assert c.verdict_columns == ["B vs A"]
+    # One seed each: per-example metrics still get a paired bootstrap verdict over the eval examples.
+    v = c.row("eval_loss").verdicts[0]
+    assert v is not None and v.lo <= v.diff <= v.hi and v.n == 4
+    assert c.row("train_s").verdicts == [None]  # one seed per run: no interval for per-run numbers
 
 
 def test_rerun_reuses_finished_runs_and_force_reruns(seed_run):
@@ -187,3 +206,50 @@ def test_unknown_only_name_writes_nothing(tiny_neox, tmp_path):
     with pytest.raises(SpecError, match="--only"):
         run_experiment(exp, workspace=tmp_path / "ws", only=["Z"])
     assert not (tmp_path / "ws").exists()
+
+
+def test_repeats_pool_seeds_into_means_with_intervals(tiny_neox, tmp_path):
+    runs = "repeats: 2\ncost: {per_hour: 3.6, currency: EUR}\nevaluation: {drift: false}\n" + SEED_RUNS
+    result = loralab.run(loralab.load(experiment(tmp_path, tiny_neox, runs)), workspace=tmp_path / "ws")
+    groups = result.groups()
+    assert [r.seed for r in groups["A"]] == [0, 1] and [r.seed for r in groups["B"]] == [0, 1]
+    assert len({r.id for r in groups["A"]}) == 2  # the seed is part of the run id
+    assert groups["A"][0].curves["loss"] != groups["A"][1].curves["loss"]
+    a0 = groups["A"][0]
+    assert a0.metrics["cost"] == pytest.approx(a0.metrics["total_s"] / 3600 * 3.6, rel=1e-3)
+    assert "drift_kl" not in a0.metrics
+    c = compare(list(groups.values()))
+    est = c.row("eval_loss").cells[1]
+    assert est.n == 2 and est.lo < est.mean < est.hi
+    assert c.knobs["seeds"] == [None, [0, 1], [0, 1]]
+    assert c.row("train_s").verdicts[0] is not None  # two seeds each: a Welch interval for per-run numbers
+    assert c.currency == "EUR"
+    # The store gives back the whole group by name.
+    store = Store(tmp_path / "ws")
+    assert [r.seed for r in store.group("B")] == [0, 1]
+
+
+def test_a_diverging_run_stops_early_is_diagnosed_and_the_next_run_completes(tmp_path):
+    from tiny import make_tiny_model
+
+    # Large initial weights let the logits (and so the loss) blow up; the default tiny model's
+    # layer norms and small frozen output head keep any learning rate from diverging.
+    model = make_tiny_model(tmp_path / "wild", arch="gpt_neox", initializer_range=1.0)
+    runs = SEED_RUNS.replace("learning_rate: 2.0e-4, batch_size: 2, epochs: 1", "learning_rate: 0.9, batch_size: 1, max_steps: 40")
+    runs = runs.replace("r: 4, alpha: 8, dropout: 0.05, target_modules: [query_key_value]",
+                        "r: 4, alpha: 64, dropout: 0.05, target_modules: all-linear")
+    exp = loralab.load(experiment(tmp_path, model, runs, data="{builtin: stdlib-docstrings, train_size: 40, eval_size: 4}"))
+    result = loralab.run(exp, workspace=tmp_path / "ws")
+    a, b = result.records[1], result.records[2]
+    assert result.diverged == ["A"]
+    assert a.status == "diverged" and b.status == "finished"
+    step = a.metrics["diverged_step"]
+    assert step < 40 and a.metrics["saved_steps"] == 40 - step
+    losses = a.curves["loss"]
+    # Stopped at the step that went bad, with every step before it finite.
+    assert len(losses) == step and all(math.isfinite(x) for x in losses[:-1])
+    assert not math.isfinite(losses[-1]) or sum(losses[-5:]) / 5 > 2 * losses[0]
+    assert "learning_rate 0.9" in a.error and "alpha/r = 16" in a.error and "last good loss" in a.error
+    assert a.adapter_path is None
+    again = run_experiment(exp, workspace=tmp_path / "ws")
+    assert again.skipped == ["base", "A", "B"]  # a diverged run is an outcome, not retried

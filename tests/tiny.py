@@ -86,7 +86,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+def _config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, **overrides):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -98,6 +98,7 @@ def _config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
         eos_token_id=eos_id,
         tie_word_embeddings=False,
     )
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
     if arch == "gpt_neox":
@@ -105,12 +106,15 @@ def _config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     raise ValueError(f"unknown tiny arch {arch!r}; use 'llama' or 'gpt_neox'")
 
 
-def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random model plus tokenizer in `path`; the same seed gives the same weights."""
+def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model plus tokenizer in `path`; the same seed gives the same weights.
+
+    `overrides` go into the model config (e.g. initializer_range=1.0 for a model whose logits can
+    grow large enough to diverge under an absurd learning rate)."""
     path = Path(path)
     tokenizer = build_tokenizer()
     pad_id, bos_id, eos_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-    config = _config(arch, len(tokenizer), pad_id, bos_id, eos_id)
+    config = _config(arch, len(tokenizer), pad_id, bos_id, eos_id, **overrides)
     # fork_rng: weight init must not depend on, or disturb, the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -103,11 +103,23 @@ def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
         store.close()
 
 
-def compare(refs: list[str], workspace: str | Path | None = None):
-    """The comparison of runs by name or id (see loralab.compare.Comparison)."""
+def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
+    """A run with all its seeds (a list of one when the run has a single seed)."""
+    store = open_store(workspace)
+    try:
+        return store.group(ref)
+    finally:
+        store.close()
+
+
+def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: bool = False):
+    """The comparison of runs by name or id, seeds pooled (see loralab.compare.Comparison)."""
     from .compare import compare as build
 
-    return build([get_run(r, workspace) for r in refs])
+    groups = [get_group(r, workspace) for r in refs]
+    ev = groups[-1][0].config.get("evaluation") or {}
+    return build(groups, all_knobs=all_knobs, level=ev.get("confidence", 0.95),
+                 resamples=ev.get("bootstrap_resamples", 5000))
 
 
-__all__ = ["load", "validate", "run", "list_runs", "get_run", "compare", "example_path", "LoralabError", "Problem"]
+__all__ = ["load", "validate", "run", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

@@ -83,7 +83,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
 
     exp = api.load(file)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console)
-    _show_comparison(result.records)
+    _show_comparison(result, exp)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
                           f"(see `loralab show NAME`)[/red]")
@@ -102,16 +102,17 @@ def demo(workspace: Optional[Path] = WorkspaceOpt,
                   "and the built-in stdlib-docstrings data.", highlight=False)
     exp = api.load(path)
     result = api.run(exp, workspace=workspace, force=force, console=console)
-    _show_comparison(result.records)
+    _show_comparison(result, exp)
     if result.failed:
         raise typer.Exit(1)
 
 
-def _show_comparison(records) -> None:
+def _show_comparison(result, exp) -> None:
     from .compare import compare, render
 
+    ev = exp.evaluation
     console.print()
-    console.print(render(compare(records)))
+    console.print(render(compare(list(result.groups().values()), level=ev.confidence, resamples=ev.bootstrap_resamples)))
 
 
 @app.command("ls")
@@ -128,11 +129,12 @@ def ls(workspace: Optional[Path] = WorkspaceOpt,
         _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
         return
     t = Table(title=f"Runs in {api.workspace_path(workspace)}", title_justify="left")
-    for col in ("experiment", "name", "id", "status", "eval loss", "updated"):
+    for col in ("experiment", "name", "seed", "id", "status", "eval loss", "updated"):
         t.add_column(col)
     for r in records:
         loss = r.metrics.get("eval_loss")
-        t.add_row(r.experiment, r.name, r.id, r.status, f"{loss:.4f}" if loss is not None else "—", r.updated_at)
+        t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, r.status,
+                  f"{loss:.4f}" if loss is not None else "—", r.updated_at)
     console.print(t)
 
 
@@ -148,18 +150,22 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     from . import api
     from .compare import compare, fmt_value, render
 
-    rec = api.get_run(run_ref, workspace)
+    group = api.get_group(run_ref, workspace)
+    rec = group[0]
     if as_json:
-        _print_json(rec.__dict__)
+        _print_json({**rec.__dict__, "seeds": [r.__dict__ for r in group]} if len(group) > 1 else rec.__dict__)
         return
-    console.print(f"[bold]{rec.experiment}/{rec.name}[/bold]  id {rec.id}  status {rec.status}", highlight=False)
+    for r in group:
+        seed = f"  seed {r.seed}" if r.seed is not None else ""
+        console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {r.status}", highlight=False)
+        if r.error:
+            last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
+            console.print("[red]" + _escape(last) + "[/red]")
+        if r.adapter_path:
+            console.print(f"  adapter: {r.adapter_path}", highlight=False)
     console.print(f"model {rec.model.get('name')} ({rec.model.get('fingerprint')}), data {rec.data.get('name')} "
                   f"({rec.data.get('fingerprint')}), device {rec.config.get('device')} {rec.config.get('dtype')}", highlight=False)
-    if rec.error:
-        console.print("[red]" + _escape(rec.error.strip().splitlines()[-1]) + "[/red]")
-    console.print(render(compare([rec], all_knobs=True), title="Settings and outcomes"))
-    if rec.adapter_path:
-        console.print(f"adapter: {rec.adapter_path}", highlight=False)
+    console.print(render(compare([group], all_knobs=True), title="Settings and outcomes"))
     caps = sorted({int(c) for s in rec.samples for c in s.get("outputs", {})})
     if rec.samples and samples > 0 and caps:
         t = Table(title="Samples", title_justify="left", show_lines=True)
@@ -181,10 +187,9 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
                 all_knobs: bool = typer.Option(False, "--all-knobs", help="Show every knob, not only those that differ")):
     """Compare runs side by side: the knobs that differ, then the measured outcomes."""
     from . import api
-    from .compare import compare, render
+    from .compare import render
 
-    records = [api.get_run(r, workspace) for r in runs]
-    c = compare(records, all_knobs=all_knobs)
+    c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
         _print_json(c.to_json())
     else:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -194,7 +195,9 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
                      f"or use {BUILTIN_MODEL}")],
         ) from None
     finally:
-        hf_logging.enable_progress_bar()
+        with warnings.catch_warnings():  # it warns when HF_HUB_DISABLE_PROGRESS_BARS=1 keeps bars off anyway
+            warnings.simplefilter("ignore", UserWarning)
+            hf_logging.enable_progress_bar()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev)

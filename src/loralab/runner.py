@@ -40,6 +40,10 @@ class Prepared:
     eval_prompts: list[list[int]]
     end_id: int
     eval_max_len: int
+    train_probe: list  # encoded training examples whose loss is measured like eval's (overfitting gap)
+    reference_tokens: list[int]  # token length of each eval reference (verbosity ratio)
+    drift_prompts: list[list[int]]
+    drift_base: list | None = None  # the base model's greedy answers on drift prompts, computed once
 
 
 @dataclass
@@ -48,6 +52,14 @@ class ExperimentResult:
     records: list[RunRecord]  # base first, then the runs in file order
     skipped: list[str] = field(default_factory=list)  # already finished, reused
     failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+
+    def groups(self) -> dict[str, list[RunRecord]]:
+        """Records by run name, all seeds of a run together, in file order."""
+        out: dict[str, list[RunRecord]] = {}
+        for r in self.records:
+            out.setdefault(r.name, []).append(r)
+        return out
 
 
 def resolve_workspace(exp: Experiment, workspace: str | Path | None) -> Path:
@@ -97,13 +109,25 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     eval_max_len = max(r.train.max_seq_len for r in exp.resolved_runs)
     eval_encoded = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.eval]
     eval_prompts = [data_mod.prompt_ids(tok, ex.instruction, dataset.system_prompt) for ex in dataset.eval]
-    return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len)
+    ev = exp.evaluation
+    n_probe = len(dataset.eval) if ev.train_loss_examples is None else ev.train_loss_examples
+    train_probe = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.train[:n_probe]]
+    reference_tokens = [len(tok(ex.output, add_special_tokens=False)["input_ids"]) for ex in dataset.eval]
+    drift_prompts = []
+    if ev.drift:
+        from .drift import load_general_prompts
+
+        general = load_general_prompts()[: ev.drift_prompts]
+        drift_prompts = [data_mod.prompt_ids(tok, g["prompt"], None) for g in general]
+    return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len,
+                    train_probe, reference_tokens, drift_prompts)
 
 
 def run_id(p: Prepared, run: RunSpec | None) -> str:
-    """A hash of what determines the results: resolved config, model, data and eval caps."""
+    """A hash of what determines the results: resolved config (seed included), model, data, evaluation."""
     common = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "eval_caps": p.exp.eval_caps,
-              "eval_max_len": p.eval_max_len, "system_prompt": p.dataset.system_prompt}
+              "eval_max_len": p.eval_max_len, "system_prompt": p.dataset.system_prompt,
+              "evaluation": p.exp.evaluation.model_dump(exclude={"confidence", "bootstrap_resamples"})}
     if run is None:
         return "base-" + config_hash({"kind": "base", **common})
     return config_hash({"kind": "lora", **common, "lora": run.lora.model_dump(), "train": run.train.model_dump(),
@@ -111,35 +135,59 @@ def run_id(p: Prepared, run: RunSpec | None) -> str:
 
 
 def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int) -> tuple[dict, list, dict]:
-    """Held-out loss, then one greedy generation at the largest cap; smaller caps are its prefixes."""
+    """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
+    its prefixes), per-example quality and verbosity, and drift from the base model."""
     from .generate import at_cap, generate_greedy
-    from .metrics import summarize_cap
-    from .train import eval_loss
+    from .metrics import example_metrics, perplexity, summarize_examples
+    from .train import eval_losses
 
     tok = p.base.tokenizer
     caps = p.exp.eval_caps
     t0 = time.perf_counter()
-    loss = eval_loss(model, p.eval_encoded, pad_id=tok.pad_token_id)
+    loss, per_example_loss = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
+    train_loss = eval_losses(model, p.train_probe, pad_id=tok.pad_token_id)[0] if p.train_probe else float("nan")
     t1 = time.perf_counter()
     with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
         gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
                                pad_token_id=tok.pad_token_id, batch_size=batch_size,
                                progress=lambda n: update(advance=n))
     t2 = time.perf_counter()
-    metrics: dict[str, float] = {"eval_loss": loss}
-    refs = [ex.output for ex in p.dataset.eval]
-    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "outputs": {}} for ex in p.dataset.eval]
+    metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "train_eval_loss": train_loss,
+                               "train_ppl": perplexity(train_loss), "generalization_gap": loss - train_loss}
+    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
+               for ex, l_ in zip(p.dataset.eval, per_example_loss)]
     for cap in caps:
-        cut = [at_cap(g, cap) for g in gens]
-        preds = [tok.decode(g.tokens, skip_special_tokens=True).strip() for g in cut]
-        summary = summarize_cap(preds, refs, [len(g.tokens) for g in cut], [g.stopped for g in cut], cap)
-        metrics.update({f"{k}@{cap}": v for k, v in summary.items() if k != "n"})
-        for s, pred, g in zip(samples, preds, cut):
-            s["outputs"][str(cap)] = {"text": pred[:SAMPLE_TEXT_LIMIT], "tokens": len(g.tokens), "stopped": g.stopped}
+        rows = []
+        for s, g, ex, ref_n in zip(samples, gens, p.dataset.eval, p.reference_tokens):
+            c = at_cap(g, cap)
+            text = tok.decode(c.tokens, skip_special_tokens=True).strip()
+            m = example_metrics(text, ex.output, c.tokens, ref_n, c.stopped, cap)
+            rows.append(m)
+            s["outputs"][str(cap)] = {"text": text[:SAMPLE_TEXT_LIMIT], "tokens": len(c.tokens), "stopped": c.stopped,
+                                      "metrics": m}
+        metrics.update({f"{k}@{cap}": v for k, v in summarize_examples(rows).items() if k != "n"})
+    drift_s = 0.0
+    if p.drift_prompts and hasattr(model, "disable_adapter"):
+        from .drift import base_answers, measure_drift
+
+        t3 = time.perf_counter()
+        dmax = p.exp.evaluation.drift_max_new_tokens
+        kw = dict(max_new_tokens=dmax, eos_token_ids=[p.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
+        if p.drift_base is None:
+            with model.disable_adapter():
+                p.drift_base = base_answers(model, p.drift_prompts, **kw)
+        d = measure_drift(model, p.drift_prompts, base=p.drift_base, **kw)
+        metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
+        drift_s = time.perf_counter() - t3
+    elif p.drift_prompts:
+        metrics.update({"drift_kl": 0.0, "drift_agreement": 1.0})  # the base model, by definition
     generated = sum(len(g.tokens) for g in gens)
-    timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2),
-               "generated_tokens": generated, "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}
-    metrics["eval_s"] = round(t2 - t0, 2)
+    eval_tokens = sum(len(e.input_ids) for e in p.eval_encoded + p.train_probe) + generated
+    timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "drift_s": round(drift_s, 2),
+               "generated_tokens": generated,
+               "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}
+    metrics["eval_s"] = round(time.perf_counter() - t0, 2)
+    metrics["eval_tokens"] = eval_tokens
     return metrics, samples, timings
 
 
@@ -152,17 +200,28 @@ def _describe(p: Prepared) -> tuple[dict, dict]:
 
 
 def _run_config(p: Prepared, run: RunSpec | None) -> dict:
-    cfg: dict[str, Any] = {"eval_caps": p.exp.eval_caps, "device": str(p.base.device), "dtype": p.base.info["dtype"]}
+    cfg: dict[str, Any] = {"eval_caps": p.exp.eval_caps, "device": str(p.base.device), "dtype": p.base.info["dtype"],
+                           "evaluation": p.exp.evaluation.model_dump(),
+                           "cost": p.exp.cost.model_dump() if p.exp.cost else None}
     if run is not None:
         cfg.update({"lora": run.lora.model_dump(), "train": run.train.model_dump(),
                     "generate": run.generate.model_dump(), "resolved_target_modules": p.targets[run.name]})
     return cfg
 
 
+def _add_cost(metrics: dict, p: Prepared) -> None:
+    """Wall time in, money out: (train + eval seconds) x the price per hour, when one is set."""
+    total = metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
+    metrics["total_s"] = round(total, 2)
+    if p.exp.cost is not None:
+        metrics["cost"] = round(total / 3600 * p.exp.cost.per_hour, 6)
+
+
 def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
                    force: bool = False, reporter: Reporter | None = None) -> ExperimentResult:
-    """Train and evaluate the experiment's runs (finished ones are reused unless `force`)."""
+    """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`)."""
     from . import environment
+    from .store import DONE
 
     rep = reporter or Reporter()
     p = prepare(exp, only, rep)
@@ -188,22 +247,32 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
             except KeyboardInterrupt:
                 store.mark(bid, "interrupted")
                 raise
+            _add_cost(metrics, p)
             store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
             rep.log(_one_line("base", metrics, p.exp.eval_caps))
-        result.records.append(store.find("base", exp.name))
+        result.records.append(store.get(bid))
+        result.records[-1].name = "base"
 
         for run in p.runs:
-            rid = run_id(p, run)
-            done = store.get(rid)
-            if done and done.status == "finished" and not force and _adapter_ok(done):
-                store.alias(exp.name, run.name, rid)
-                result.skipped.append(run.name)
-                rep.log(f"{run.name}: finished earlier ({rid}), reused")
-            else:
-                ok = _train_one(p, run, rid, store, rep, exp.name, model_info, data_info, env, gen_batch)
-                if not ok:
-                    result.failed.append(run.name)
-            result.records.append(store.find(run.name, exp.name))
+            for seed in exp.seeds_for(run):
+                rs = run.with_seed(seed)
+                label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
+                rid = run_id(p, rs)
+                done = store.get(rid)
+                if done and done.status in DONE and not force and (done.status == "diverged" or _adapter_ok(done)):
+                    store.alias(exp.name, run.name, rid, seed)
+                    result.skipped.append(label)
+                    rep.log(f"{label}: {done.status} earlier ({rid}), reused")
+                else:
+                    status = _train_one(p, rs, seed, label, rid, store, rep, exp.name, model_info, data_info, env,
+                                        gen_batch)
+                    if status == "failed":
+                        result.failed.append(label)
+                    elif status == "diverged":
+                        result.diverged.append(label)
+                rec = store.get(rid)
+                rec.name, rec.seed = run.name, seed
+                result.records.append(rec)
     finally:
         store.close()
     return result
@@ -219,18 +288,19 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
             f"mean tokens@{cap} {m.get(f'mean_tokens@{cap}', float('nan')):.1f}")
 
 
-def _train_one(p: Prepared, run: RunSpec, rid: str, store: Store, rep: Reporter, experiment: str,
-               model_info: dict, data_info: dict, env: dict, gen_batch: int) -> bool:
-    """Train, evaluate and store one run. Returns False when it failed (the error is stored)."""
+def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
+               experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int) -> str:
+    """Train, evaluate and store one run; returns its final status (finished, diverged or failed)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     from .data import encode_example
+    from .stability import DivergenceMonitor, diagnose, stability_summary
     from .train import plan_steps, train_lora
 
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(p, run),
-                model=model_info, data=data_info, env=env)
+                model=model_info, data=data_info, env=env, seed=seed)
     tok = p.base.tokenizer
     peft_model = None
     run_dir = store.run_dir(rid)
@@ -243,15 +313,29 @@ def _train_one(p: Prepared, run: RunSpec, rid: str, store: Store, rep: Reporter,
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(p.base.model, lcfg)
         steps = plan_steps(len(train_enc), run.train)
-        with rep.task(f"train {run.name}", total=steps, unit="steps") as update:
-            res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id,
+        with rep.task(f"train {label}", total=steps, unit="steps") as update:
+            res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, monitor=DivergenceMonitor(),
                              on_step=lambda step, total, loss: update(loss=loss))
-        metrics, samples, timings = evaluate(peft_model, p, run.name, rep, gen_batch)
-        metrics.update({"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
-                        "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
-                        "peak_mem_mb": round(res.peak_mem_mb, 1), "trainable_params": res.trainable_params,
-                        "total_params": res.total_params, "steps": res.steps,
-                        "padding_share": round(res.padding_share, 4)})
+        train_metrics = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
+                         "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
+                         "peak_mem_mb": round(res.peak_mem_mb, 1), "trainable_params": res.trainable_params,
+                         "total_params": res.total_params, "steps": res.steps, "planned_steps": steps,
+                         "padding_share": round(res.padding_share, 4)}
+        train_metrics.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
+        if res.diverged:
+            d = res.diverged
+            blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
+            metrics = {**train_metrics, "diverged_step": d["step"], "last_good_loss": d["last_good_loss"],
+                       "eval_s": 0.0, "saved_steps": steps - d["step"]}
+            _add_cost(metrics, p)
+            text = (f"diverged: {d['reason']}; last good loss {d['last_good_loss']} at step {d['last_good_step']}. "
+                    f"Most likely: {' '.join(blame)}")
+            store.finish(rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
+                         timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
+            rep.log(f"[yellow]{label}: {text}[/yellow]")
+            return "diverged"
+        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch)
+        metrics.update(train_metrics)
         tmp = run_dir / "adapter.tmp"
         final = run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,20 +343,21 @@ def _train_one(p: Prepared, run: RunSpec, rid: str, store: Store, rep: Reporter,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
+        _add_cost(metrics, p)
         store.finish(rid, metrics=metrics, curves=res.curve, samples=samples,
                      timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
-        rep.log(_one_line(run.name, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in {res.wall_s:.0f} s "
+        rep.log(_one_line(label, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in {res.wall_s:.0f} s "
                 f"({res.tokens_per_s:.0f} tokens/s)")
-        return True
+        return "finished"
     except KeyboardInterrupt:
         store.mark(rid, "interrupted")
         raise
     except Exception as err:  # one broken run must not stop the others
         store.mark(rid, "failed", "".join(traceback.format_exception(err))[-4000:])
-        rep.log(f"[red]{run.name}: failed: {type(err).__name__}: {err}[/red]")
+        rep.log(f"[red]{label}: failed: {type(err).__name__}: {err}[/red]")
         if isinstance(err, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
-        return False
+        return "failed"
     finally:
         if peft_model is not None:
             p.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
@@ -282,4 +367,3 @@ def _train_one(p: Prepared, run: RunSpec, rid: str, store: Store, rep: Reporter,
                         delattr(p.base.model, attr)
                     except AttributeError:
                         pass
-

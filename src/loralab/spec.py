@@ -140,6 +140,29 @@ class RunSpec(_Strict):
     train: TrainSpec
     generate: GenerateSpec
 
+    def with_seed(self, seed: int) -> "RunSpec":
+        return self.model_copy(update={"train": self.train.model_copy(update={"seed": seed})})
+
+
+class CostSpec(_Strict):
+    """Turns measured hours into money: a cloud GPU's or your own machine's price per hour."""
+
+    per_hour: float = Field(..., gt=0)
+    currency: str = "USD"
+
+
+class EvaluationSpec(_Strict):
+    """What is measured beyond quality on the eval set."""
+
+    # Drift: KL(base || adapted) on general prompts that are not the task (shipped with loralab).
+    drift: bool = True
+    drift_prompts: int | None = Field(None, gt=0, description="use the first N general prompts")
+    drift_max_new_tokens: int = Field(32, gt=0)
+    # Loss on training examples too, so overfitting shows as a train/eval gap. None: as many as eval.
+    train_loss_examples: int | None = Field(None, ge=0)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_resamples: int = Field(5000, ge=100)
+
 
 class Defaults(_Strict):
     lora: dict[str, Any] = Field(default_factory=dict)
@@ -157,6 +180,11 @@ class Experiment(_Strict):
     workspace: str | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     runs: dict[str, Defaults] = Field(default_factory=dict)
+    # Each run is trained once per seed; metrics are then reported as mean and confidence interval.
+    repeats: int = Field(1, ge=1, le=100)
+    seeds: list[int] | None = Field(None, min_length=1)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    cost: CostSpec | None = None
     # Filled by load_experiment, not by the file.
     resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
     source: str | None = Field(None, exclude=True)
@@ -165,6 +193,21 @@ class Experiment(_Strict):
     @classmethod
     def _model_as_string(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _seeds_match_repeats(self) -> "Experiment":
+        if self.seeds is not None:
+            if "repeats" in self.model_fields_set and self.repeats != len(self.seeds):
+                raise ValueError(f"repeats is {self.repeats} but {len(self.seeds)} seeds are listed: give one of them")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError("seeds must be different from each other")
+        return self
+
+    def seeds_for(self, run: "RunSpec") -> list[int]:
+        """The seeds a run is trained with: `seeds`, else `repeats` seeds counting up from train.seed."""
+        if self.seeds is not None:
+            return list(self.seeds)
+        return [run.train.seed + i for i in range(self.repeats)]
 
     @property
     def base_dir(self) -> Path:

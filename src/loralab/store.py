@@ -19,7 +19,8 @@ from .errors import Problem, RunNotFound
 DB_NAME = "loralab.db"
 DEFAULT_WORKSPACE = "loralab-workspace"
 
-STATUSES = ("running", "finished", "interrupted", "failed")
+STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
+DONE = ("finished", "diverged")  # terminal outcomes: a rerun reuses them
 
 
 def _now() -> dt.datetime:
@@ -37,6 +38,7 @@ class RunRow(_Base):
     name: Mapped[str] = mapped_column(String(128), index=True)
     experiment: Mapped[str] = mapped_column(String(256))
     kind: Mapped[str] = mapped_column(String(16))  # "base" or "lora"
+    seed: Mapped[int | None] = mapped_column(nullable=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     config: Mapped[dict] = mapped_column(JSON, default=dict)
     model: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -53,12 +55,13 @@ class RunRow(_Base):
 
 
 class AliasRow(_Base):
-    """A run name in an experiment points at a run id; two names with one config share one run."""
+    """A run name (and seed) in an experiment points at a run id; two names with one config share one run."""
 
     __tablename__ = "aliases"
 
     experiment: Mapped[str] = mapped_column(String(256), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seed: Mapped[int] = mapped_column(primary_key=True, default=-1)  # -1: base (no seed)
     run_id: Mapped[str] = mapped_column(String(32), index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
 
@@ -72,6 +75,7 @@ class RunRecord:
     experiment: str
     kind: str
     status: str
+    seed: int | None
     config: dict
     model: dict
     data: dict
@@ -88,6 +92,7 @@ class RunRecord:
     @classmethod
     def from_row(cls, row: RunRow, name: str | None = None) -> "RunRecord":
         return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind, status=row.status,
+                   seed=row.seed,
                    config=row.config or {}, model=row.model or {}, data=row.data or {}, metrics=row.metrics or {},
                    curves=row.curves or {}, samples=row.samples or [], env=row.env or {}, timings=row.timings or {},
                    adapter_path=row.adapter_path, error=row.error,
@@ -95,8 +100,8 @@ class RunRecord:
                    updated_at=row.updated_at.isoformat(timespec="seconds") if row.updated_at else "")
 
     def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "experiment": self.experiment, "kind": self.kind,
-                "status": self.status, "updated_at": self.updated_at}
+        return {"id": self.id, "name": self.name, "seed": self.seed, "experiment": self.experiment,
+                "kind": self.kind, "status": self.status, "updated_at": self.updated_at}
 
 
 class Store:
@@ -133,26 +138,28 @@ class Store:
         return self.root / "runs" / run_id
 
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
-              data: dict, env: dict) -> None:
+              data: dict, env: dict, seed: int | None = None) -> None:
         """Mark a run as running (replacing any unfinished or forced earlier attempt)."""
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
             if row is None:
                 row = RunRow(id=run_id)
                 s.add(row)
-            row.name, row.experiment, row.kind, row.status = name, experiment, kind, "running"
+            row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, "running", seed
             row.config, row.model, row.data, row.env = config, model, data, env
             row.metrics, row.curves, row.samples, row.timings = {}, {}, [], {}
             row.adapter_path, row.error = None, None
-            self._alias(s, experiment, name, run_id)
+            self._alias(s, experiment, name, run_id, seed)
 
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
-               adapter_path: str | None) -> None:
+               adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
+        """Store results and the terminal status in one transaction."""
+        assert status in DONE
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
             row.metrics, row.curves, row.samples, row.timings = metrics, curves, samples, timings
-            row.adapter_path = adapter_path
-            row.status = "finished"
+            row.adapter_path, row.error = adapter_path, error
+            row.status = status
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         assert status in STATUSES
@@ -162,15 +169,16 @@ class Store:
                 row.status = status
                 row.error = error
 
-    def alias(self, experiment: str, name: str, run_id: str) -> None:
+    def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
         with Session(self.engine) as s, s.begin():
-            self._alias(s, experiment, name, run_id)
+            self._alias(s, experiment, name, run_id, seed)
 
     @staticmethod
-    def _alias(s: Session, experiment: str, name: str, run_id: str) -> None:
-        a = s.get(AliasRow, (experiment, name))
+    def _alias(s: Session, experiment: str, name: str, run_id: str, seed: int | None) -> None:
+        key = -1 if seed is None else seed
+        a = s.get(AliasRow, (experiment, name, key))
         if a is None:
-            s.add(AliasRow(experiment=experiment, name=name, run_id=run_id))
+            s.add(AliasRow(experiment=experiment, name=name, seed=key, run_id=run_id))
         else:
             a.run_id = run_id
 
@@ -192,21 +200,28 @@ class Store:
             for alias, row in rows:
                 rec = RunRecord.from_row(row, name=alias.name)
                 rec.experiment = alias.experiment
+                rec.seed = None if alias.seed == -1 else alias.seed
                 out.append(rec)
             return out
 
     def find(self, ref: str, experiment: str | None = None) -> RunRecord:
-        """A run by name (newest when several experiments use it), `experiment/name`, or id prefix."""
+        """One run: the first seed of `group(ref)`."""
+        return self.group(ref, experiment)[0]
+
+    def group(self, ref: str, experiment: str | None = None) -> list[RunRecord]:
+        """A run by name with all its seeds (from the newest experiment using the name), by
+        `experiment/name`, or one run by id prefix."""
         if "/" in ref and experiment is None:
             experiment, ref = ref.rsplit("/", 1)
         runs = self.list(experiment)
         by_name = [r for r in runs if r.name == ref]
         if by_name:
-            finished = [r for r in by_name if r.status == "finished"]
-            return (finished or by_name)[0]
+            done = [r for r in by_name if r.status in DONE] or by_name
+            exp = done[0].experiment  # newest first
+            return sorted((r for r in by_name if r.experiment == exp), key=lambda r: (r.seed is None, r.seed or 0))
         by_id = {r.id: r for r in runs if r.id.startswith(ref)}
         if len(by_id) == 1:
-            return next(iter(by_id.values()))
+            return [next(iter(by_id.values()))]
         names = sorted({f"{r.name}" for r in runs})
         raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
                           [Problem("run", "unknown run name or id", ref,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -32,7 +32,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     padding_share: float  # padding tokens / all tokens in the batches
-    extra: dict = field(default_factory=dict)
+    diverged: dict | None = None  # reason, step, last_good_loss, last_good_step
 
 
 class PeakMemory:
@@ -85,17 +85,17 @@ def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> dict
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over response tokens, and how many there were.
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed next-token cross-entropy over response tokens, and their token counts.
 
-    Summing (not averaging per batch) lets gradient accumulation and eval weight every token alike.
+    Sums (not per-batch means) let gradient accumulation and eval weight every token alike.
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     target = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return per_token.view(target.shape).sum(dim=1), (target != IGNORE).sum(dim=1)
 
 
 def plan_steps(n_examples: int, spec: TrainSpec) -> int:
@@ -116,8 +116,11 @@ def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
 
 
 def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
-               on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Train the trainable (LoRA) parameters of `model` in place."""
+               on_step: Callable[[int, int, float], None] | None = None, monitor=None) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model` in place.
+
+    `monitor` (a stability.DivergenceMonitor) sees every step's loss and can stop the run early.
+    """
     from transformers import get_scheduler
 
     if not examples:
@@ -133,6 +136,7 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     batches = micro_batches(len(examples), spec)
     curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
     seen = padded = 0
+    diverged = None
     model.train()
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -142,7 +146,7 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             step_loss = 0.0
             for b in micro:
                 batch = collate(b, pad_id, device)
-                loss_sum, _ = token_loss_sum(model, batch)
+                loss_sum = token_losses(model, batch)[0].sum()
                 (loss_sum / max(n_target, 1)).backward()
                 step_loss += loss_sum.item()
                 real = int(batch["attention_mask"].sum())
@@ -151,33 +155,48 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
             loss = step_loss / max(n_target, 1)
             for k, v in zip(curve, (step, loss, grad_norm, lr, seen, time.perf_counter() - t0)):
                 curve[k].append(v)
+            reason = monitor.update(step, loss) if monitor is not None else None
+            if reason:  # stop before a bad update reaches the weights; the rest of the experiment goes on
+                diverged = {"reason": reason, "step": step, "last_good_loss": monitor.last_good_loss,
+                            "last_good_step": monitor.last_good_step}
+                opt.zero_grad(set_to_none=True)
+                break
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             if on_step:
                 on_step(step, steps, loss)
     wall = time.perf_counter() - t0
     model.eval()
-    return TrainResult(steps=steps, curve=curve, tokens=seen, wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
+    return TrainResult(steps=len(curve["step"]), curve=curve, diverged=diverged, tokens=seen, wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
                        peak_mem_mb=mem.mb, trainable_params=trainable, total_params=total,
                        padding_share=padded / (seen + padded) if seen + padded else 0.0)
 
 
 @torch.inference_mode()
-def eval_loss(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per response token on held-out examples (teacher forcing)."""
+def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8) -> tuple[float, list[float]]:
+    """Held-out cross-entropy under teacher forcing: the token-weighted mean, and each example's
+    own mean (for paired comparisons between runs on the same examples)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    per_example = [float("nan")] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     for i in range(0, len(order), batch_size):
-        batch = collate([examples[j] for j in order[i:i + batch_size]], pad_id, device)
-        s, n = token_loss_sum(model, batch)
-        total += float(s)
-        count += n
+        idx = order[i:i + batch_size]
+        sums, counts = token_losses(model, collate([examples[j] for j in idx], pad_id, device))
+        for j, s_, n in zip(idx, sums.tolist(), counts.tolist()):
+            per_example[j] = s_ / n if n else float("nan")
+            total += s_
+            count += n
     model.train(was_training)
-    return total / count if count else float("nan")
+    return (total / count if count else float("nan")), per_example
+
+
+def eval_loss(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per response token on held-out examples (teacher forcing)."""
+    return eval_losses(model, examples, pad_id=pad_id, batch_size=batch_size)[0]
