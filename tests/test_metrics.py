@@ -16,7 +16,6 @@ from loralab.metrics import (
     perplexity,
     repeated_ngram_rate,
     rouge_l,
-    summarize_cap,
     summarize_examples,
     token_f1,
 )
@@ -72,42 +71,6 @@ def test_mean():
     assert mean([1, 2, 4]) == pytest.approx(7 / 3)
     assert mean(x for x in [0.5]) == 0.5
     assert math.isnan(mean([]))
-
-
-def test_summarize_cap_by_hand():
-    summary = summarize_cap(
-        predictions=["Paris", "the cat sat", "", "blah blah blah blah"],
-        references=["paris.", "the black cat sat down quietly", "Rome", "yes"],
-        n_tokens=[2, 3, 0, 8],
-        stopped=[True, True, True, False],  # the last never stopped: cut off at the cap
-        cap=8,
-    )
-    assert summary == {
-        "rouge_l": pytest.approx((1 + 2 / 3 + 0 + 0) / 4),
-        "exact_match": pytest.approx(1 / 4),
-        "mean_tokens": pytest.approx((2 + 3 + 0 + 8) / 4),
-        "cap_hit_rate": pytest.approx(1 / 4),
-        "stop_rate": pytest.approx(3 / 4),
-        "n": 4,
-    }
-
-
-def test_summarize_cap_counts_only_unstopped_answers_at_the_cap_as_cut_off():
-    summary = summarize_cap(["a", "b", "c"], ["a", "b", "c"], n_tokens=[4, 4, 3], stopped=[False, False, False], cap=4)
-    assert summary["cap_hit_rate"] == pytest.approx(2 / 3)  # the 3-token answer was not cut off by cap 4
-    assert summary["stop_rate"] == 0.0
-
-
-def test_summarize_cap_with_no_examples_is_nan_not_zero():
-    summary = summarize_cap([], [], [], [], cap=8)
-    assert summary["n"] == 0
-    assert set(summary) == {"rouge_l", "exact_match", "mean_tokens", "cap_hit_rate", "stop_rate", "n"}
-    assert all(math.isnan(v) for k, v in summary.items() if k != "n")
-
-
-def test_summarize_cap_rejects_lists_of_different_lengths():
-    with pytest.raises(ValueError, match="one reference"):
-        summarize_cap(["a", "b"], ["a"], [1, 1], [True, True], cap=4)
 
 
 # --- chrF -------------------------------------------------------------------------------------------
@@ -312,16 +275,18 @@ def test_summarize_examples_by_hand():
     }
 
 
-def test_summarize_examples_of_real_rows_agrees_with_summarize_cap():
+def test_summarize_examples_of_real_rows_by_hand():
     predictions = ["Paris", "the cat sat", "", "blah blah blah blah"]
     references = ["paris.", "the black cat sat down quietly", "Rome", "yes"]
     n_tokens, stopped = [2, 3, 0, 8], [True, True, True, False]
     rows = [example_metrics(p, r, list(range(k)), 2, s, cap=8)
             for p, r, k, s in zip(predictions, references, n_tokens, stopped)]
     new = summarize_examples(rows)
-    old = summarize_cap(predictions, references, n_tokens, stopped, cap=8)
-    for key in ("rouge_l", "exact_match", "mean_tokens", "cap_hit_rate", "stop_rate", "n"):
-        assert new[key] == pytest.approx(old[key])
+    # ROUGE-L: 1 (same after stemming/case), LCS 3 of 3 and 6 -> F 2/3, then 0 and 0.
+    assert new["rouge_l"] == pytest.approx((1 + 2 / 3) / 4)
+    assert new["exact_match"] == pytest.approx(1 / 4) and new["mean_tokens"] == pytest.approx(13 / 4)
+    assert new["cap_hit_rate"] == pytest.approx(1 / 4)  # only the unstopped answer at 8 tokens
+    assert new["stop_rate"] == pytest.approx(3 / 4) and new["n"] == 4
     assert new["length_ratio"] == pytest.approx((1 + 1.5 + 0 + 4) / 4)
     assert new["p90_tokens"] == pytest.approx(3 + 0.7 * (8 - 3))  # sorted 0 2 3 8: position 2.7
 

@@ -101,6 +101,19 @@ def test_compare_shows_exactly_the_five_differing_knobs(seed_run):
     assert c.row("train_s").verdicts == [None]  # one seed per run: no interval for per-run numbers
 
 
+def test_difference_answers_is_b_different_from_a(seed_run):
+    _, result, _, tmp = seed_run
+    v = loralab.difference("A", "B", "eval_loss", workspace=tmp / "ws")
+    a, b = result.records[1], result.records[2]
+    per_a = {s["id"]: s["loss"] for s in a.samples}
+    diffs = [s["loss"] - per_a[s["id"]] for s in b.samples]
+    assert v.diff == pytest.approx(sum(diffs) / len(diffs))  # mean of the paired per-example differences
+    assert v.lo <= v.diff <= v.hi and v.label in ("higher", "lower", "within noise")
+    assert (v.label == "within noise") == (v.lo <= 0 <= v.hi)
+    with pytest.raises(SpecError, match="no metric"):
+        loralab.difference("A", "B", "happiness", workspace=tmp / "ws")
+
+
 def test_rerun_reuses_finished_runs_and_force_reruns(seed_run):
     exp, first, _, tmp = seed_run
     again = run_experiment(exp, workspace=tmp / "ws")

@@ -12,7 +12,6 @@ from loralab.stats import (
     Estimate,
     Verdict,
     compare_paired,
-    format_estimate,
     mean_ci,
     paired_bootstrap,
     welch_diff,
@@ -274,27 +273,6 @@ def test_welch_diff_with_fewer_than_two_values_a_side_has_no_interval(a, b, diff
 def test_welch_diff_rejects_bad_level():
     with pytest.raises(ValueError, match="level"):
         welch_diff("m", [1.0, 2.0], [1.0, 2.0], level=1.5)
-
-
-# --- format_estimate --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("estimate", "kwargs", "text"),
-    [
-        (Estimate(0.328, 0.316, 0.340, 3), {}, "0.328 ± 0.012"),
-        (Estimate(0.328, 0.3, 0.36, 3), {}, "0.328 ± 0.030"),  # half the width, even if not centred
-        (Estimate(2.0, 2.0 - 2.4841, 2.0 + 2.4841, 3), {"digits": 2}, "2.00 ± 2.48"),
-        (Estimate(0.328, NAN, NAN, 1), {}, "0.328"),  # one seed: just the value
-        (Estimate(NAN, NAN, NAN, 0), {}, "nan"),
-    ],
-)
-def test_format_estimate(estimate, kwargs, text):
-    assert format_estimate(estimate, **kwargs) == text
-
-
-def test_format_estimate_of_mean_ci():
-    assert format_estimate(mean_ci([1.0, 2.0, 3.0])) == "2.000 ± 2.484"
 
 
 # --- _resampled_means -------------------------------------------------------------------------------

@@ -54,3 +54,23 @@ def test_reading_a_missing_workspace_is_a_clear_error(tmp_path):
     with pytest.raises(RunNotFound, match="no loralab workspace"):
         Store(tmp_path / "nothing", create=False)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_workspace_of_another_schema_is_refused(tmp_path):
+    import sqlite3
+
+    Store(tmp_path / "ws").close()
+    con = sqlite3.connect(tmp_path / "ws" / "loralab.db")
+    con.execute("PRAGMA user_version=1")
+    con.close()
+    with pytest.raises(RunNotFound, match="another loralab version"):
+        Store(tmp_path / "ws")
+
+
+def test_seeds_of_a_run_form_its_group(tmp_path):
+    s = Store(tmp_path / "ws")
+    for seed, rid in ((1, "s1"), (0, "s0")):
+        s.start(rid, name="A", experiment="e", kind="lora", config={}, model={}, data={}, env={}, seed=seed)
+        s.finish(rid, metrics={"x": seed}, curves={}, samples=[], timings={}, adapter_path=None)
+    assert [r.seed for r in s.group("A")] == [0, 1] and s.find("A").id == "s0"
+    assert [r.id for r in s.group("s1")] == ["s1"]  # an id prefix names one run

@@ -15,6 +15,18 @@ def load(path: str | Path) -> Experiment:
     return load_experiment(path)
 
 
+def with_repeats(exp: Experiment, repeats: int | None) -> Experiment:
+    """The experiment with `repeats` seeds per run (None: as the file says)."""
+    if repeats is None:
+        return exp
+    if exp.seeds is not None:
+        raise SpecError("--repeats conflicts with the file's `seeds:`",
+                        [Problem("--repeats", "the file lists its seeds", repeats, "drop --repeats or the file's seeds")])
+    out = exp.model_copy(update={"repeats": repeats})
+    out.resolved_runs, out.source = exp.resolved_runs, exp.source
+    return out
+
+
 def example_path(name: str) -> Path:
     """A YAML file shipped with the package (examples/ in the repository links to the same files)."""
     return Path(str(resources.files("loralab") / "examples" / name))
@@ -122,4 +134,20 @@ def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: boo
                  resamples=ev.get("bootstrap_resamples", 5000))
 
 
-__all__ = ["load", "validate", "run", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]
+def difference(a: str, b: str, metric: str, workspace: str | Path | None = None):
+    """Is run `b` different from run `a` on `metric` (e.g. "rouge_l@50", "eval_loss", "drift_kl")?
+
+    Returns a stats.Verdict: mean(b - a), its confidence interval and "higher", "lower" or
+    "within noise"; None when there is nothing to test (one seed each of a per-run metric).
+    """
+    c = compare([a, b], workspace)
+    try:
+        row = c.row(metric)
+    except KeyError:
+        keys = sorted(r.key for _, rows in c.sections for r in rows)
+        raise SpecError(f"no metric {metric!r} in runs {a} and {b}",
+                        [Problem("metric", "unknown metric", metric, f"use one of: {', '.join(keys)}")]) from None
+    return row.verdicts[0]
+
+
+__all__ = ["difference", "load", "validate", "run", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
+RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder [default: the file's `workspace:`, else ./loralab-workspace]")
 
 
@@ -77,11 +78,12 @@ def validate(file: Path = typer.Argument(..., help="Experiment YAML file")):
 def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         only: Optional[str] = typer.Option(None, "--only", help="Comma-separated run names, e.g. A,B"),
         force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
+        repeats: Optional[int] = RepeatsOpt,
         workspace: Optional[Path] = WorkspaceOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from . import api
 
-    exp = api.load(file)
+    exp = api.with_repeats(api.load(file), repeats)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console)
     _show_comparison(result, exp)
     if result.failed:
@@ -93,14 +95,15 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
 @app.command()
 @_guard
 def demo(workspace: Optional[Path] = WorkspaceOpt,
-         force: bool = typer.Option(False, "--force", help="Re-run finished runs")):
+         force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
+         repeats: Optional[int] = RepeatsOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
     from . import api
 
     path = api.example_path("seed-report.yaml")
     console.print(f"Running {path.name}: the seed's Run A and Run B on the built-in SmolLM2-135M "
                   "and the built-in stdlib-docstrings data.", highlight=False)
-    exp = api.load(path)
+    exp = api.with_repeats(api.load(path), repeats)
     result = api.run(exp, workspace=workspace, force=force, console=console)
     _show_comparison(result, exp)
     if result.failed:

@@ -22,7 +22,7 @@ from importlib.resources import files
 
 import torch
 
-from .generate import Generation, _eval_mode, at_cap, generate_greedy
+from .generate import Generation, eval_mode, at_cap, generate_greedy
 
 _PROMPTS_RESOURCE = "resources/general_prompts.jsonl"
 
@@ -126,7 +126,7 @@ def _teacher_forced_kl(
     device = next(model.parameters()).device
     # Longest first, like generate_greedy: similar lengths share a batch, and memory errors come early.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = _right_pad([rows[i][0] for i in batch], pad_token_id, device)

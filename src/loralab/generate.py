@@ -74,7 +74,7 @@ def generate_greedy(
     device = next(model.parameters()).device
     eos = set(eos_token_ids)
 
-    with _eval_mode(model), _model_defaults_ignored(model), torch.inference_mode():
+    with eval_mode(model), _model_defaults_ignored(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             if max_new_tokens == 0:
@@ -112,7 +112,7 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
 
 
 @contextmanager
-def _eval_mode(model) -> Iterator[None]:
+def eval_mode(model) -> Iterator[None]:
     """Dropout (LoRA dropout included) would make 'greedy' output random; restore the caller's mode after."""
     was_training = model.training
     model.eval()

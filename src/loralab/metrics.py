@@ -60,36 +60,6 @@ def mean(xs: Iterable[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def summarize_cap(
-    predictions: list[str],
-    references: list[str],
-    n_tokens: list[int],
-    stopped: list[bool],
-    cap: int,
-) -> dict[str, float]:
-    """One token cap's scores over an eval set.
-
-    cap_hit_rate is the share of answers cut off by the cap (reached it without emitting an end token):
-    a high value means the scores measure truncated answers. With no examples, n is 0 and every other
-    value is NaN.
-    """
-    n = len(predictions)
-    if not (len(references) == len(n_tokens) == len(stopped) == n):
-        raise ValueError(
-            "summarize_cap needs one reference, token count and stop flag per prediction; got "
-            f"{n} predictions, {len(references)} references, {len(n_tokens)} token counts, "
-            f"{len(stopped)} stop flags"
-        )
-    return {
-        "rouge_l": mean(rouge_l(p, r) for p, r in zip(predictions, references)),
-        "exact_match": mean(exact_match(p, r) for p, r in zip(predictions, references)),
-        "mean_tokens": mean(n_tokens),
-        "cap_hit_rate": mean(1.0 if (k >= cap and not s) else 0.0 for k, s in zip(n_tokens, stopped)),
-        "stop_rate": mean(1.0 if s else 0.0 for s in stopped),
-        "n": n,
-    }
-
-
 @lru_cache(maxsize=1)
 def _chrf_metric() -> CHRF:
     """Built once: `sacrebleu.sentence_chrf` builds a new CHRF object for every pair."""

@@ -152,10 +152,3 @@ def welch_diff(metric: str, a: Sequence[float], b: Sequence[float], level: float
     df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))  # Welch-Satterthwaite
     half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(va + vb)
     return Verdict(metric, diff, diff - half, diff + half, n, _label(diff - half, diff + half))
-
-
-def format_estimate(e: Estimate, digits: int = 3) -> str:
-    """"0.328 ± 0.012" (± half the interval width); just the mean when there is no interval (n <= 1)."""
-    if math.isnan(e.lo) or math.isnan(e.hi):
-        return f"{e.mean:.{digits}f}"
-    return f"{e.mean:.{digits}f} ± {(e.hi - e.lo) / 2:.{digits}f}"

@@ -17,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .errors import Problem, RunNotFound
 
 DB_NAME = "loralab.db"
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump when tables change
 DEFAULT_WORKSPACE = "loralab-workspace"
 
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
@@ -126,8 +127,19 @@ class Store:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
+        with self.engine.connect() as conn:
+            version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+            has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+        if has_tables and version != SCHEMA_VERSION:
+            self.engine.dispose()
+            raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
+                              f"this one reads {SCHEMA_VERSION})",
+                              [Problem("workspace", "incompatible database schema", str(self.root / DB_NAME),
+                                       "use a new --workspace folder, or the loralab version that wrote it")])
         if create:
             _Base.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.engine.dispose()
