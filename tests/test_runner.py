@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 import loralab
-from loralab.compare import compare
+from loralab.comparison import compare
 from loralab.errors import LoralabError, ModelError, SpecError
 from loralab.progress import Reporter
 from loralab.runner import run_experiment
@@ -266,3 +266,15 @@ def test_a_diverging_run_stops_early_is_diagnosed_and_the_next_run_completes(tmp
     assert a.adapter_path is None
     again = run_experiment(exp, workspace=tmp_path / "ws")
     assert again.skipped == ["base", "A", "B"]  # a diverged run is an outcome, not retried
+
+
+def test_markdown_cells_cannot_break_the_table(seed_run):
+    from loralab.comparison import Comparison, _md_cell, to_markdown
+
+    assert _md_cell("a | b\nc") == "a \\| b c"
+    _, result, _, _ = seed_run
+    a = result.records[1]
+    a.name = "A|<script>"
+    md = to_markdown(compare([a]))
+    header = md.splitlines()[0]
+    assert header.count(" | ") == 1 and "A\\|<script>" in header and isinstance(compare([a]), Comparison)

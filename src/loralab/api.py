@@ -126,7 +126,7 @@ def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
 
 def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: bool = False):
     """The comparison of runs by name or id, seeds pooled (see loralab.compare.Comparison)."""
-    from .compare import compare as build
+    from .comparison import compare as build
 
     groups = [get_group(r, workspace) for r in refs]
     ev = groups[-1][0].config.get("evaluation") or {}

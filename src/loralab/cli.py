@@ -111,7 +111,7 @@ def demo(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def _show_comparison(result, exp) -> None:
-    from .compare import compare, render
+    from .comparison import compare, render
 
     ev = exp.evaluation
     console.print()
@@ -151,7 +151,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     from rich.table import Table
 
     from . import api
-    from .compare import compare, fmt_value, render
+    from .comparison import compare, fmt_value, render
 
     group = api.get_group(run_ref, workspace)
     rec = group[0]
@@ -187,14 +187,17 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
 def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Runs to compare (names or ids)"),
                 workspace: Optional[Path] = WorkspaceOpt,
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+                markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (for notes and reports)"),
                 all_knobs: bool = typer.Option(False, "--all-knobs", help="Show every knob, not only those that differ")):
     """Compare runs side by side: the knobs that differ, then the measured outcomes."""
     from . import api
-    from .compare import render
+    from .comparison import render, to_markdown
 
     c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
         _print_json(c.to_json())
+    elif markdown:
+        sys.stdout.write(to_markdown(c))
     else:
         console.print(render(c))
 

@@ -164,6 +164,110 @@ class EvaluationSpec(_Strict):
     bootstrap_resamples: int = Field(5000, ge=100)
 
 
+Scalar = bool | int | float | str | None  # what Optuna can store as a categorical choice
+
+
+class KnobSpec(_Strict):
+    """One dimension of a sweep: choices (`values` or a bare list), a range (`low`..`high`), or,
+    with `ratio_of`, a multiple of another knob (alpha = ratio * r keeps the update scale alpha/r)."""
+
+    values: list[Scalar] | None = Field(None, min_length=1)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample on a log scale: right for learning rates, which matter by factors
+    step: float | None = Field(None, gt=0)
+    type: Literal["int", "float"] | None = Field(None, description="default: the knob's own type")
+    ratio_of: str | None = Field(None, description="another knob of the space; the value is ratio * that knob")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_choices(cls, v: Any) -> Any:
+        return {"values": v} if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "KnobSpec":
+        has_range = self.low is not None or self.high is not None
+        if self.values is not None and has_range:
+            raise ValueError("give `values` or `low`/`high`, not both")
+        if self.values is None and not has_range:
+            raise ValueError("give a list of choices, or `low:` and `high:`")
+        if has_range:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both `low` and `high`")
+            if self.low >= self.high:
+                raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
+            if self.log and self.step is not None:
+                raise ValueError("`log` and `step` cannot be combined")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    """What a trial is judged by: a stored metric key such as eval_loss or rouge_l@64.
+
+    A per-cap metric without `@cap` (rouge_l) means the trial's own largest max_new_tokens."""
+
+    metric: str = "eval_loss"
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="default: maximize for quality scores, else minimize")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _string_is_metric(cls, v: Any) -> Any:
+        return {"metric": v} if isinstance(v, str) else v
+
+    @property
+    def resolved_direction(self) -> str:
+        higher_better = ("rouge_l", "chrf", "token_f1", "exact_match", "drift_agreement", "stop_rate", "distinct_2")
+        return self.direction or ("maximize" if self.metric.split("@")[0] in higher_better else "minimize")
+
+
+class PrunerSpec(_Strict):
+    """Stop trials that are clearly worse than the others, judged by held-out loss every `every` steps."""
+
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    every: int = Field(10, gt=0, description="optimizer steps between intermediate eval losses")
+    # Median: no trial is pruned until this many have finished, so the median means something.
+    startup_trials: int = Field(2, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this step")
+    eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
+
+
+class BudgetSpec(_Strict):
+    """When the sweep stops: whichever limit is reached first (checked between trials)."""
+
+    trials: int | None = Field(None, gt=0)
+    minutes: float | None = Field(None, gt=0)
+    money: float | None = Field(None, gt=0, description="in the currency of `cost:`, at cost.per_hour")
+
+
+class SweepSpec(_Strict):
+    """An Optuna search over lora/train/generate knobs, starting from `defaults` or from one run."""
+
+    strategy: str = Field("tpe", description="grid, random, tpe, or an Optuna sampler class name such as QMCSampler")
+    seed: int = 0
+    start: str | None = Field(None, alias="from", description="a run of the file to start from; default: defaults")
+    space: dict[str, KnobSpec] = Field(..., min_length=1)
+    objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()], min_length=1, max_length=3)
+    pruner: PrunerSpec | None = Field(None, description="default: median for one objective, none for several")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna study; default: optuna.db in the workspace")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _one_objective_is_a_list(cls, v: Any) -> Any:
+        return v if isinstance(v, list) else [v]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.resolved_direction for o in self.objective]
+
+    @property
+    def resolved_pruner(self) -> PrunerSpec:
+        # Optuna prunes only single-objective studies (Trial.report raises otherwise).
+        return self.pruner or PrunerSpec(name="median" if len(self.objective) == 1 else "none")
+
+
 class Defaults(_Strict):
     lora: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -185,6 +289,7 @@ class Experiment(_Strict):
     seeds: list[int] | None = Field(None, min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     cost: CostSpec | None = None
+    sweep: SweepSpec | None = None
     # Filled by load_experiment, not by the file.
     resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
     source: str | None = Field(None, exclude=True)
@@ -221,6 +326,9 @@ class Experiment(_Strict):
     def eval_caps(self) -> list[int]:
         """Every max_new_tokens cap any run asks for; generation runs once at the largest."""
         caps = {c for r in self.resolved_runs for c in r.generate.max_new_tokens}
+        knob = self.sweep.space.get("generate.max_new_tokens") if self.sweep else None
+        if knob is not None and knob.values:  # every trial is measured at every cap, so runs stay comparable
+            caps |= {int(c) for c in knob.values if isinstance(c, (int, float)) and not isinstance(c, bool)}
         return sorted(caps) or GenerateSpec().max_new_tokens
 
     def run(self, name: str) -> RunSpec:
@@ -265,7 +373,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> str:
         ann = fields[part].annotation
         cur = next((a for a in getattr(ann, "__args__", ()) if hasattr(a, "model_fields")), ann)
     names = getattr(cur, "model_fields", {})
-    return ", ".join(n for n, f in names.items() if not f.exclude)
+    return ", ".join(f.alias or n for n, f in names.items() if not f.exclude)
 
 
 def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: dict) -> list[Problem]:
@@ -373,6 +481,10 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
                     problems.append(Problem(full, p.message, p.value, p.fix, p.has_value))
         if len(parts) == len(_TOPICS):
             resolved.append(RunSpec(name=name_s, **parts))
+    if isinstance(raw.get("sweep"), dict):
+        from .sweep import check_sweep
+
+        problems.extend(check_sweep(raw, resolved, lines))
     if problems:
         n = len(problems)
         raise SpecError(f"{where}: {n} problem{'s' if n > 1 else ''} in the experiment file", problems)

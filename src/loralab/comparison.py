@@ -249,9 +249,9 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
         return ""
     scale = 100 if fmt == "pct" else 1
     unit = " pp" if fmt == "pct" else ""
-    digits = 3 if fmt not in ("f1", "f0", "int") else 1
+    spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
     d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
-    return f"{d:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}] {v.label}"
+    return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}"
 
 
 def render(c: Comparison, title: str = "Main differences"):
@@ -275,3 +275,25 @@ def render(c: Comparison, title: str = "Main differences"):
             t.add_row(r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
                       *[fmt_verdict(v, r.fmt) for v in r.verdicts])
     return t
+
+
+def _md_cell(text: str) -> str:
+    """Markdown table cells must not break the table: escape pipes, fold newlines."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(c: Comparison) -> str:
+    """The same table as `render`, as GitHub Markdown (for reports and BENCHMARKS.md)."""
+    head = [""] + [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
+    lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
+             "| --- |" + " ---: |" * (len(head) - 1)]
+    pad = [""] * len(c.verdict_columns)
+    for key, vals in c.knobs.items():
+        lines.append("| " + " | ".join(_md_cell(x) for x in [key, *[fmt_value(v) for v in vals], *pad]) + " |")
+    for title, rows in c.sections:
+        lines.append("| **" + title + "** |" + " |" * (len(head) - 1))
+        for r in rows:
+            cells = [r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
+                     *[fmt_verdict(v, r.fmt) for v in r.verdicts]]
+            lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
