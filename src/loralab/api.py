@@ -91,6 +91,17 @@ def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str]
     return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console))
 
 
+def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool = False, console=None):
+    """Search the file's `sweep:` space with Optuna within its budget; returns a sweep.SweepResult.
+
+    Running it again continues the same study (finished trials kept, an interrupted one re-run).
+    `dry_run`: print the trials and the estimated time, train and write nothing."""
+    from .progress import Reporter
+    from .sweep import run_sweep
+
+    return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run)
+
+
 def workspace_path(workspace: str | Path | None = None) -> Path:
     return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
 
@@ -150,4 +161,4 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     return row.verdicts[0]
 
 
-__all__ = ["difference", "load", "validate", "run", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]
+__all__ = ["difference", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

@@ -94,6 +94,17 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
 
 @app.command()
 @_guard
+def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sweep:` section"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
+          workspace: Optional[Path] = WorkspaceOpt):
+    """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
+    from . import api
+
+    api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console)
+
+
+@app.command()
+@_guard
 def demo(workspace: Optional[Path] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
          repeats: Optional[int] = RepeatsOpt):

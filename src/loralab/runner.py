@@ -173,9 +173,8 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int) -> 
         t3 = time.perf_counter()
         dmax = p.exp.evaluation.drift_max_new_tokens
         kw = dict(max_new_tokens=dmax, eos_token_ids=[p.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
-        if p.drift_base is None:
-            with model.disable_adapter():
-                p.drift_base = base_answers(model, p.drift_prompts, **kw)
+        if p.drift_base is None:  # the base model's answers, once per experiment
+            p.drift_base = base_answers(model, p.drift_prompts, **kw)
         d = measure_drift(model, p.drift_prompts, base=p.drift_base, **kw)
         metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
         drift_s = time.perf_counter() - t3
@@ -221,7 +220,6 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                    force: bool = False, reporter: Reporter | None = None) -> ExperimentResult:
     """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`)."""
     from . import environment
-    from .store import DONE
 
     rep = reporter or Reporter()
     p = prepare(exp, only, rep)
@@ -257,25 +255,49 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
             for seed in exp.seeds_for(run):
                 rs = run.with_seed(seed)
                 label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
-                rid = run_id(p, rs)
-                done = store.get(rid)
-                if done and done.status in DONE and not force and (done.status == "diverged" or _adapter_ok(done)):
-                    store.alias(exp.name, run.name, rid, seed)
+                status, reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, force=force,
+                                           env=env)
+                if reused:
                     result.skipped.append(label)
-                    rep.log(f"{label}: {done.status} earlier ({rid}), reused")
-                else:
-                    status = _train_one(p, rs, seed, label, rid, store, rep, exp.name, model_info, data_info, env,
-                                        gen_batch)
-                    if status == "failed":
-                        result.failed.append(label)
-                    elif status == "diverged":
-                        result.diverged.append(label)
-                rec = store.get(rid)
+                elif status in ("failed", "diverged"):
+                    getattr(result, status).append(label)
+                rec = store.get(run_id(p, rs))
                 rec.name, rec.seed = run.name, seed
                 result.records.append(rec)
     finally:
         store.close()
     return result
+
+
+def reusable(done: RunRecord) -> bool:
+    """A stored run that a rerun takes as is: finished with its adapter on disk, or diverged
+    (an outcome, not an accident). Pruned runs are not: a pruner stopped them relative to others."""
+    return done.status == "diverged" or (done.status == "finished" and _adapter_ok(done))
+
+
+def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
+              reporter: Reporter | None = None, should_stop=None, force: bool = False,
+              env: dict | None = None) -> tuple[str, bool]:
+    """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
+
+    Returns (status, reused). A plain function of the prepared model, the run and the store, so a
+    sweep trial, or a worker in another process with its own `prepare`, runs exactly this code.
+    `should_stop(model, step)` is handed to train.train_lora (a pruner); stopping stores `pruned`.
+    """
+    from . import environment
+
+    rep = reporter or Reporter()
+    rid = run_id(p, run)
+    done = store.get(rid)
+    if done is not None and not force and reusable(done):
+        store.alias(experiment, run.name, rid, run.train.seed)
+        rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")
+        return done.status, True
+    model_info, data_info = _describe(p)
+    env = env or environment.record(str(p.base.device))
+    status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
+                        model_info, data_info, env, run.generate.batch_size, should_stop=should_stop)
+    return status, False
 
 
 def _adapter_ok(rec: RunRecord) -> bool:
@@ -289,15 +311,17 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
 
 
 def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
-               experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int) -> str:
-    """Train, evaluate and store one run; returns its final status (finished, diverged or failed)."""
+               experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
+               should_stop=None) -> str:
+    """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     from .data import encode_example
     from .stability import DivergenceMonitor, diagnose, stability_summary
-    from .train import plan_steps, train_lora
+    from .metrics import perplexity
+    from .train import eval_loss, plan_steps, train_lora
 
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(p, run),
                 model=model_info, data=data_info, env=env, seed=seed)
@@ -315,7 +339,7 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         steps = plan_steps(len(train_enc), run.train)
         with rep.task(f"train {label}", total=steps, unit="steps") as update:
             res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, monitor=DivergenceMonitor(),
-                             on_step=lambda step, total, loss: update(loss=loss))
+                             on_step=lambda step, total, loss: update(loss=loss), should_stop=should_stop)
         train_metrics = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
                          "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
                          "peak_mem_mb": round(res.peak_mem_mb, 1), "trainable_params": res.trainable_params,
@@ -334,6 +358,19 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
             rep.log(f"[yellow]{label}: {text}[/yellow]")
             return "diverged"
+        if res.stopped:  # pruned: keep the eval loss where it stopped, skip generation, count what was saved
+            t0 = time.perf_counter()
+            loss = eval_loss(peft_model, p.eval_encoded, pad_id=tok.pad_token_id)
+            saved = steps - res.steps
+            metrics = {**train_metrics, "eval_loss": loss, "eval_ppl": perplexity(loss),
+                       "eval_s": round(time.perf_counter() - t0, 2), "pruned_step": res.steps, "saved_steps": saved,
+                       "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at this run's own seconds per step
+            _add_cost(metrics, p)
+            text = f"pruned at step {res.steps} of {steps} (eval loss {loss:.4f}); {saved} steps not trained"
+            store.finish(rid, metrics=metrics, curves=res.curve, samples=[], timings={"train_s": round(res.wall_s, 2)},
+                         adapter_path=None, status="pruned", error=text)
+            rep.log(f"{label}: {text}")
+            return "pruned"
         metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch)
         metrics.update(train_metrics)
         tmp = run_dir / "adapter.tmp"

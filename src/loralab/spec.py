@@ -171,7 +171,7 @@ class KnobSpec(_Strict):
     """One dimension of a sweep: choices (`values` or a bare list), a range (`low`..`high`), or,
     with `ratio_of`, a multiple of another knob (alpha = ratio * r keeps the update scale alpha/r)."""
 
-    values: list[Scalar] | None = Field(None, min_length=1)
+    values: list[Scalar] | None = None
     low: float | None = None
     high: float | None = None
     log: bool = False  # sample on a log scale: right for learning rates, which matter by factors
@@ -184,9 +184,25 @@ class KnobSpec(_Strict):
     def _list_is_choices(cls, v: Any) -> Any:
         return {"values": v} if isinstance(v, list) else v
 
+    @field_validator("values")
+    @classmethod
+    def _numbers_as_numbers(cls, v: list | None) -> list | None:
+        # YAML 1.1 reads `1e-4` as text; a choice that reads as a number is one.
+        def num(x: Any) -> Any:
+            if isinstance(x, str):
+                try:
+                    return float(x)
+                except ValueError:
+                    return x
+            return x
+
+        return None if v is None else [num(x) for x in v]
+
     @model_validator(mode="after")
     def _one_form(self) -> "KnobSpec":
         has_range = self.low is not None or self.high is not None
+        if self.values == []:
+            raise ValueError("no choices to try: give at least one value")
         if self.values is not None and has_range:
             raise ValueError("give `values` or `low`/`high`, not both")
         if self.values is None and not has_range:

@@ -20,8 +20,10 @@ DB_NAME = "loralab.db"
 SCHEMA_VERSION = 2  # PRAGMA user_version; bump when tables change
 DEFAULT_WORKSPACE = "loralab-workspace"
 
-STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
-DONE = ("finished", "diverged")  # terminal outcomes: a rerun reuses them
+STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed")
+# Terminal outcomes. A rerun reuses finished and diverged runs; a pruned run was stopped only
+# because other trials of its sweep did better, so a plain `loralab run` trains it in full.
+DONE = ("finished", "diverged", "pruned")
 
 
 def _now() -> dt.datetime:

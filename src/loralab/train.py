@@ -33,6 +33,7 @@ class TrainResult:
     total_params: int
     padding_share: float  # padding tokens / all tokens in the batches
     diverged: dict | None = None  # reason, step, last_good_loss, last_good_step
+    stopped: bool = False  # `should_stop` ended training before the planned steps (a pruned sweep trial)
 
 
 class PeakMemory:
@@ -116,10 +117,13 @@ def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
 
 
 def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
-               on_step: Callable[[int, int, float], None] | None = None, monitor=None) -> TrainResult:
+               on_step: Callable[[int, int, float], None] | None = None, monitor=None,
+               should_stop: Callable[[object, int], bool] | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place.
 
     `monitor` (a stability.DivergenceMonitor) sees every step's loss and can stop the run early.
+    `should_stop(model, step)`, asked after each update but the last, lets a sweep's pruner end a
+    trial that is clearly worse than others (it may measure the eval loss; model.training is kept).
     """
     from transformers import get_scheduler
 
@@ -137,6 +141,7 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
     seen = padded = 0
     diverged = None
+    stopped = False
     model.train()
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -169,9 +174,12 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             opt.zero_grad(set_to_none=True)
             if on_step:
                 on_step(step, steps, loss)
+            if should_stop is not None and step < steps and should_stop(model, step):
+                stopped = True
+                break
     wall = time.perf_counter() - t0
     model.eval()
-    return TrainResult(steps=len(curve["step"]), curve=curve, diverged=diverged, tokens=seen, wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
+    return TrainResult(steps=len(curve["step"]), curve=curve, diverged=diverged, stopped=stopped, tokens=seen, wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
                        peak_mem_mb=mem.mb, trainable_params=trainable, total_params=total,
                        padding_share=padded / (seen + padded) if seen + padded else 0.0)
 
