@@ -408,3 +408,34 @@ def test_unmeasured_throughput_is_estimated_from_this_machines_matmul_rate(tmp_p
     assert source.startswith("estimated") and eval_s is None
     # tokens/s = efficiency x FLOP/s / (4 x params); the two measurements differ a little in time.
     assert 0.2 < tps / (TRAIN_EFFICIENCY * flops / 4e6) < 5
+
+
+@pytest.mark.parametrize("sweep, full", [
+    ("objective: {metric: eval_loss}", False),
+    ("objective: {metric: generalization_gap}", False),
+    ("objective: {metric: rouge_l@4, direction: maximize}", True),
+    ("objective: {metric: mean_tokens, direction: minimize}", True),
+    ("objective: {metric: drift_kl, direction: minimize}", True),
+    ("objective: {metric: eval_loss}\nevaluate: full", True),
+    ("objective: {metric: rogue_l}", True),  # unknown: generate, so the error can list every metric
+])
+def test_trials_generate_only_when_the_objective_needs_it(sweep, full):
+    from loralab.sweep import needs_full_eval
+
+    exp = parse(f"sweep:\n  space: {{lora.r: [4]}}\n  budget: {{trials: 1}}\n" + "".join(f"  {x}\n" for x in sweep.splitlines()))
+    assert needs_full_eval(exp.sweep) is full
+
+
+def test_a_loss_objective_trial_skips_generation_and_is_not_reused_by_a_full_run(tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [4]}\nobjective: {metric: eval_loss}")
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    (trial,) = result.trials
+    rec = Store(tmp_path / "ws").get(trial.run_ids[0])
+    assert rec.status == "finished" and "eval_loss" in rec.metrics and "train_eval_loss" in rec.metrics
+    assert not any(k.startswith("rouge_l") for k in rec.metrics) and rec.samples[0]["outputs"] == {}
+    # The same settings with `evaluate: full` are another run: it generates, and nothing is reused.
+    g = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [4]}\nobjective: {metric: eval_loss}\nevaluate: full",
+                   name="full")
+    (full,) = run_sweep(load_experiment(g), workspace=tmp_path / "ws").trials
+    assert full.run_ids != trial.run_ids
+    assert "rouge_l@4" in Store(tmp_path / "ws").get(full.run_ids[0]).metrics

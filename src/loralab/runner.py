@@ -123,20 +123,27 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
                     train_probe, reference_tokens, drift_prompts)
 
 
-def run_id(p: Prepared, run: RunSpec | None) -> str:
-    """A hash of what determines the results: resolved config (seed included), model, data, evaluation."""
+def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True) -> str:
+    """A hash of what determines the results: resolved config (seed included), model, data, evaluation.
+
+    A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
+    `loralab run` of the same settings does not reuse it without its generation metrics."""
     common = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "eval_caps": p.exp.eval_caps,
               "eval_max_len": p.eval_max_len, "system_prompt": p.dataset.system_prompt,
               "evaluation": p.exp.evaluation.model_dump(exclude={"confidence", "bootstrap_resamples"})}
+    if not full_eval:
+        common["evaluation"] = {**common["evaluation"], "loss_only": True}
     if run is None:
         return "base-" + config_hash({"kind": "base", **common})
     return config_hash({"kind": "lora", **common, "lora": run.lora.model_dump(), "train": run.train.model_dump(),
                         "generate": run.generate.model_dump(), "targets": p.targets[run.name]})
 
 
-def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int) -> tuple[dict, list, dict]:
+def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
+             full: bool = True) -> tuple[dict, list, dict]:
     """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
-    its prefixes), per-example quality and verbosity, and drift from the base model."""
+    its prefixes), per-example quality and verbosity, and drift from the base model.
+    `full=False` stops after the losses (what a loss objective needs)."""
     from .generate import at_cap, generate_greedy
     from .metrics import example_metrics, perplexity, summarize_examples
     from .train import eval_losses
@@ -147,6 +154,14 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int) -> 
     loss, per_example_loss = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
     train_loss = eval_losses(model, p.train_probe, pad_id=tok.pad_token_id)[0] if p.train_probe else float("nan")
     t1 = time.perf_counter()
+    if not full:
+        samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
+                   for ex, l_ in zip(p.dataset.eval, per_example_loss)]
+        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss), "train_eval_loss": train_loss,
+                   "train_ppl": perplexity(train_loss), "generalization_gap": loss - train_loss,
+                   "eval_s": round(t1 - t0, 2),
+                   "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + p.train_probe)}
+        return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
     with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
         gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
                                pad_token_id=tok.pad_token_id, batch_size=batch_size,
@@ -277,7 +292,7 @@ def reusable(done: RunRecord) -> bool:
 
 def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
               reporter: Reporter | None = None, should_stop=None, force: bool = False,
-              env: dict | None = None) -> tuple[str, bool]:
+              env: dict | None = None, full_eval: bool = True) -> tuple[str, bool]:
     """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
 
     Returns (status, reused). A plain function of the prepared model, the run and the store, so a
@@ -287,7 +302,7 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
     from . import environment
 
     rep = reporter or Reporter()
-    rid = run_id(p, run)
+    rid = run_id(p, run, full_eval)
     done = store.get(rid)
     if done is not None and not force and reusable(done):
         store.alias(experiment, run.name, rid, run.train.seed)
@@ -296,7 +311,8 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
     model_info, data_info = _describe(p)
     env = env or environment.record(str(p.base.device))
     status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
-                        model_info, data_info, env, run.generate.batch_size, should_stop=should_stop)
+                        model_info, data_info, env, run.generate.batch_size, should_stop=should_stop,
+                        full_eval=full_eval)
     return status, False
 
 
@@ -306,13 +322,15 @@ def _adapter_ok(rec: RunRecord) -> bool:
 
 def _one_line(name: str, m: dict, caps: list[int]) -> str:
     cap = max(caps)
-    return (f"{name}: eval loss {m['eval_loss']:.4f}, ROUGE-L@{cap} {m.get(f'rouge_l@{cap}', float('nan')):.3f}, "
-            f"mean tokens@{cap} {m.get(f'mean_tokens@{cap}', float('nan')):.1f}")
+    text = f"{name}: eval loss {m['eval_loss']:.4f}"
+    if f"rouge_l@{cap}" in m:  # absent when only the losses were measured
+        text += f", ROUGE-L@{cap} {m[f'rouge_l@{cap}']:.3f}, mean tokens@{cap} {m[f'mean_tokens@{cap}']:.1f}"
+    return text
 
 
 def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
                experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
-               should_stop=None) -> str:
+               should_stop=None, full_eval: bool = True) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -371,7 +389,7 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                          adapter_path=None, status="pruned", error=text)
             rep.log(f"{label}: {text}")
             return "pruned"
-        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch)
+        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval)
         metrics.update(train_metrics)
         tmp = run_dir / "adapter.tmp"
         final = run_dir / "adapter"

@@ -268,6 +268,9 @@ class SweepSpec(_Strict):
     pruner: PrunerSpec | None = Field(None, description="default: median for one objective, none for several")
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna study; default: optuna.db in the workspace")
+    # auto: a trial measures what its objective needs (a loss objective skips greedy generation and
+    # drift, which cost about as much as training on a CPU); full: every trial gets every metric.
+    evaluate: Literal["auto", "full"] = "auto"
 
     @field_validator("objective", mode="before")
     @classmethod

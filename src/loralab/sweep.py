@@ -313,6 +313,25 @@ def objective_value(metrics: dict, obj: ObjectiveSpec, run: RunSpec) -> float:
     return float(metrics[key])
 
 
+# Metrics known once the losses are measured (with training and cost numbers): a trial whose objectives
+# are all among these skips greedy generation and drift. Any other name (a per-cap or drift metric, or a
+# typo that the first trial will report) gets the full evaluation.
+LOSS_SIDE_METRICS = frozenset({
+    "eval_loss", "eval_ppl", "train_eval_loss", "train_ppl", "generalization_gap",
+    "train_loss_final", "train_s", "train_tokens", "tokens_per_s", "peak_mem_mb", "trainable_params",
+    "total_params", "steps", "padding_share", "adapter_bytes", "eval_s", "eval_tokens", "total_s", "cost",
+    "loss_spikes", "grad_norm_median", "grad_norm_max", "steps_to_90pct_drop", "loss_first", "loss_final",
+    "loss_best", "final_minus_best",
+})
+
+
+def needs_full_eval(sweep: SweepSpec | None) -> bool:
+    """Whether trials must generate: `evaluate: full`, or an objective the losses alone do not give."""
+    if sweep is None or sweep.evaluate == "full":
+        return True
+    return any(o.metric not in LOSS_SIDE_METRICS for o in sweep.objective)
+
+
 def pruning_hook(p, pruner: PrunerSpec, report: Callable[[float, int], bool]) -> Callable[[Any, int], bool]:
     """train_lora's `should_stop`: every `every` steps, the held-out loss goes to `report(loss, step)`,
     which answers whether to stop (Optuna: trial.report then trial.should_prune)."""
@@ -352,8 +371,10 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
         rs = run.with_seed(seed)
         hook = pruning_hook(p, pruner, report) if report is not None and i == 0 and pruner.name != "none" else None
         label = name if len(seeds) == 1 else f"{name} (seed {seed})"
-        status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, should_stop=hook)
-        rid = run_id(p, rs)
+        full = needs_full_eval(exp.sweep)
+        status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, should_stop=hook,
+                                       full_eval=full)
+        rid = run_id(p, rs, full)
         ids.append(rid)
         records.append(store.get(rid))
         reused += was_reused
