@@ -42,3 +42,14 @@ runs:
     assert (folder / "model.safetensors").is_file()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), a.adapter_path)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == a.metrics["trainable_params"]
+
+
+def test_converted_builtin_model_is_a_plain_fp32_checkpoint():
+    import json
+
+    from loralab.models import CACHE_FORMAT, builtin_model_dir
+
+    folder = builtin_model_dir()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config  # else transformers.Trainer refuses to train it
+    assert json.loads((folder / "loralab.json").read_text())["format"] == CACHE_FORMAT

