@@ -500,3 +500,17 @@ def test_dataset_is_frozen(builtin):
     ds = Dataset("n", builtin[:1], builtin[1:2], "0" * 12, None)
     with pytest.raises(AttributeError):
         ds.name = "other"  # type: ignore[misc]
+
+
+def test_end_token_is_found_once_per_tokenizer_and_again_when_its_template_changes(monkeypatch):
+    import loralab.data as data_mod
+
+    tok = _make_tokenizer()
+    calls = []
+    real = data_mod._template_end_token
+    monkeypatch.setattr(data_mod, "_template_end_token", lambda t: calls.append(1) or real(t))
+    ex = Example(id="x", instruction="Say hi.", output="Hi.")
+    first = [encode_example(tok, ex, None, 64) for _ in range(3)]
+    assert len(calls) == 1 and first[0] == first[2]
+    tok.chat_template = None  # the plain fallback: the end token is eos now
+    assert end_token_id(tok) == tok.eos_token_id and len(calls) == 2

@@ -19,6 +19,7 @@ import json
 import random
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -487,7 +488,22 @@ def first_sentence(doc: str) -> str | None:
 def end_token_id(tokenizer: Any) -> int:
     """The token that ends an assistant turn: what responses are trained to end with and what
     generation stops on. The chat template's own end-of-turn token when it has one (`<|im_end|>`
-    for SmolLM, `<|eot_id|>` for Llama 3, which differ from eos in some models), else eos."""
+    for SmolLM, `<|eot_id|>` for Llama 3, which differ from eos in some models), else eos.
+
+    Found once per tokenizer and chat template: encoding a data set asks for it per example."""
+    key = (getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token_id", None))
+    cached = _END_IDS.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    end = _find_end_token_id(tokenizer)
+    _END_IDS[tokenizer] = (key, end)
+    return end
+
+
+_END_IDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, int]]" = weakref.WeakKeyDictionary()
+
+
+def _find_end_token_id(tokenizer: Any) -> int:
     template_end = _template_end_token(tokenizer)
     if template_end is not None:
         return template_end

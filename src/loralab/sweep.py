@@ -367,11 +367,11 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
     pruner = exp.sweep.resolved_pruner if exp.sweep else PrunerSpec(name="none")
     ids, records, reused = [], [], 0
     seeds = exp.seeds_for(run)
+    full = needs_full_eval(exp.sweep)
     for i, seed in enumerate(seeds):
         rs = run.with_seed(seed)
         hook = pruning_hook(p, pruner, report) if report is not None and i == 0 and pruner.name != "none" else None
         label = name if len(seeds) == 1 else f"{name} (seed {seed})"
-        full = needs_full_eval(exp.sweep)
         status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, should_stop=hook,
                                        full_eval=full)
         rid = run_id(p, rs, full)
