@@ -94,7 +94,7 @@ def main() -> None:
         print(json.dumps({"mode": "plain", "wall_s": round(time.perf_counter() - t0, 1), "best": best}), flush=True)
         return
     strategy = os.environ.get("STRATEGY", "grid")
-    pruner = os.environ.get("PRUNER", "{name: successive_halving, every: 8}")
+    pruner = os.environ.get("PRUNER", "{name: successive_halving, every: 4, eval_examples: 16}")
     budget = os.environ.get("BUDGET", "{trials: 12}")
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "sweep.yaml"

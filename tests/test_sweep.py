@@ -210,6 +210,73 @@ pruner: {name: median, every: 2, startup_trials: 1}
     assert list(study.trials[1].intermediate_values) == [2]  # reported once, then pruned
 
 
+@pytest.mark.parametrize("pruner, planned, steps", [
+    ({"name": "successive_halving", "every": 8}, 64, [8, 32]),  # Optuna's rungs: 8 x 4^k
+    ({"name": "successive_halving", "every": 4, "reduction_factor": 2}, 64, [4, 8, 16, 32]),
+    ({"name": "hyperband", "every": 8}, 64, [8, 24]),  # reduction factor 3 by default
+    ({"name": "median", "every": 8}, 64, [8, 16, 24, 32, 40, 48, 56]),
+    ({"name": "median", "every": 8, "warmup_steps": 20}, 64, [24, 32, 40, 48, 56]),
+    ({"name": "median", "every": 10}, 10, []),  # nothing left to save at the last step
+    ({"name": "none"}, 64, []),
+])
+def test_the_held_out_loss_is_measured_only_where_the_pruner_decides(pruner, planned, steps):
+    from loralab.spec import PrunerSpec
+    from loralab.sweep import decision_steps
+
+    assert decision_steps(PrunerSpec(**pruner), planned) == steps
+
+
+def test_a_pruned_trial_stores_the_loss_its_pruner_measured_without_measuring_again(tiny_neox, tmp_path, monkeypatch):
+    from loralab import train
+
+    calls = []
+    real = train.eval_losses
+    monkeypatch.setattr(train, "eval_losses", lambda model, ex, **kw: calls.append(len(ex)) or real(model, ex, **kw))
+    f = sweep_file(tmp_path, tiny_neox, """
+strategy: grid
+seed: 1
+space:
+  train.learning_rate: [2.0e-2, 1.0e-7]
+pruner: {name: successive_halving, every: 2, reduction_factor: 2}
+""", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    good, bad = result.trials
+    assert (good.status, bad.status) == ("finished", "pruned")
+    study = optuna.load_study(study_name="sw", storage=f"sqlite:///{tmp_path / 'ws' / 'optuna.db'}")
+    assert list(study.trials[0].intermediate_values) == [2, 4, 8]  # rungs only, not every 2 steps
+    reported = study.trials[1].intermediate_values
+    rec = Store(tmp_path / "ws").get(bad.run_ids[0])
+    assert rec.metrics["eval_loss"] == reported[rec.metrics["pruned_step"]] == rec.metrics["pruned_loss"]
+    assert rec.metrics["pruned_loss_examples"] == 4
+    # Trial 0: 3 rungs + the final held-out loss (an eval_loss objective needs no training probe);
+    # trial 1: its rungs only.
+    assert len(calls) == 3 + 1 + len(reported)
+    finished = Store(tmp_path / "ws").get(good.run_ids[0]).metrics
+    assert "eval_loss" in finished and "generalization_gap" not in finished
+
+
+def test_a_trial_pruned_on_a_subset_keeps_that_loss_and_pays_for_no_whole_set_evaluation(tiny_neox, tmp_path,
+                                                                                           monkeypatch):
+    from loralab import train
+
+    calls = []
+    real = train.eval_losses
+    monkeypatch.setattr(train, "eval_losses", lambda model, ex, **kw: calls.append(len(ex)) or real(model, ex, **kw))
+    f = sweep_file(tmp_path, tiny_neox, """
+strategy: grid
+seed: 1
+space:
+  train.learning_rate: [2.0e-2, 1.0e-7]
+pruner: {name: successive_halving, every: 2, reduction_factor: 2, eval_examples: 2}
+""", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    good, bad = run_sweep(load_experiment(f), workspace=tmp_path / "ws").trials
+    assert (good.status, bad.status) == ("finished", "pruned")
+    m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
+    assert "eval_loss" not in m and m["pruned_loss_examples"] == 2 and math.isfinite(m["pruned_loss"])
+    # Rungs on 2 examples; the finished trial's final loss on all 4; nothing more for the pruned one.
+    assert calls == [2, 2, 2, 4] + [2] * sum(1 for rung in (2, 4, 8) if rung <= m["pruned_step"])
+
+
 def test_trials_budget_is_respected_and_a_rerun_counts_nothing_twice(tiny_neox, tmp_path):
     sweep = "strategy: random\nspace: {{train.learning_rate: {{low: 1.0e-4, high: 1.0e-2, log: true}}}}\n" \
             "pruner: {{name: none}}\nbudget: {{trials: {n}}}"
@@ -399,15 +466,17 @@ def test_cli_sweep_without_a_sweep_section_exits_2(tiny_neox, tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
-def test_unmeasured_throughput_is_estimated_from_this_machines_matmul_rate(tmp_path):
+def test_unmeasured_throughput_is_estimated_from_this_machines_matmul_rate(tmp_path, monkeypatch):
+    from loralab import sweep
     from loralab.sweep import TRAIN_EFFICIENCY, _throughput, matmul_flops
 
     flops = matmul_flops(256, 3)
     assert 1e8 < flops < 1e14  # FLOP/s of any CPU or GPU this runs on
+    monkeypatch.setattr(sweep, "matmul_flops", lambda *a, **k: 5e10)  # timing-free check of the formula
     tps, source, eval_s = _throughput(tmp_path, "fp", n_params=10**6)
     assert source.startswith("estimated") and eval_s is None
-    # tokens/s = efficiency x FLOP/s / (4 x params); the two measurements differ a little in time.
-    assert 0.2 < tps / (TRAIN_EFFICIENCY * flops / 4e6) < 5
+    assert tps == pytest.approx(TRAIN_EFFICIENCY * 5e10 / 4e6)  # efficiency x FLOP/s / (4 x params)
+    assert "50 GFLOP/s" in source
 
 
 @pytest.mark.parametrize("sweep, full", [
@@ -431,7 +500,7 @@ def test_a_loss_objective_trial_skips_generation_and_is_not_reused_by_a_full_run
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     (trial,) = result.trials
     rec = Store(tmp_path / "ws").get(trial.run_ids[0])
-    assert rec.status == "finished" and "eval_loss" in rec.metrics and "train_eval_loss" in rec.metrics
+    assert rec.status == "finished" and "eval_loss" in rec.metrics and "train_eval_loss" not in rec.metrics
     assert not any(k.startswith("rouge_l") for k in rec.metrics) and rec.samples[0]["outputs"] == {}
     # The same settings with `evaluate: full` are another run: it generates, and nothing is reused.
     g = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [4]}\nobjective: {metric: eval_loss}\nevaluate: full",
@@ -439,3 +508,26 @@ def test_a_loss_objective_trial_skips_generation_and_is_not_reused_by_a_full_run
     (full,) = run_sweep(load_experiment(g), workspace=tmp_path / "ws").trials
     assert full.run_ids != trial.run_ids
     assert "rouge_l@4" in Store(tmp_path / "ws").get(full.run_ids[0]).metrics
+
+
+def test_validate_describes_the_sweep_it_would_run():
+    from loralab.sweep import describe
+
+    exp = parse("sweep:\n  strategy: grid\n  space: {lora.r: [4, 8, 16], lora.alpha: {ratio_of: lora.r, values: [1, 2]}}\n"
+                "  pruner: {name: successive_halving, every: 4}\n  budget: {minutes: 10}")
+    text = "\n".join(describe(exp.sweep))
+    assert "a grid of 6 point(s)" in text and "lora.alpha (= 1, 2 x lora.r)" in text
+    assert "successive_halving, held-out loss at steps 4 x 4^k" in text
+    assert "eval_loss (minimize); trials measure the losses only" in text and "budget: minutes 10" in text
+    exp = parse("sweep: {space: {generate.max_new_tokens: [32, 64]}, objective: {metric: rouge_l}, budget: {trials: 3}}")
+    text = "\n".join(describe(exp.sweep))
+    assert "rouge_l (maximize)" in text and "losses only" not in text and "every 10 steps" in text
+
+
+@pytest.mark.parametrize("objective, probe", [
+    ("eval_loss", False), ("generalization_gap", True), ("train_ppl", True), ("rouge_l", True)])
+def test_trials_measure_the_training_probe_only_when_the_objective_needs_it(objective, probe):
+    from loralab.sweep import needs_probe
+
+    exp = parse(f"sweep:\n  space: {{lora.r: [4]}}\n  budget: {{trials: 1}}\n  objective: {{metric: {objective}}}\n")
+    assert needs_probe(exp.sweep) is probe

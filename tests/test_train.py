@@ -80,3 +80,34 @@ def test_eval_loss_counts_response_tokens_only(tiny_llama):
     # Batch size must not change a token-weighted mean.
     assert eval_loss(model, enc, pad_id=tok.pad_token_id, batch_size=1) == pytest.approx(
         eval_loss(model, enc, pad_id=tok.pad_token_id, batch_size=8), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_neox"])
+def test_projecting_only_response_positions_gives_the_full_logits_loss_and_gradients(arch, request):
+    from loralab import train
+
+    folder = request.getfixturevalue(arch)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = fresh(folder)
+    with torch.no_grad():  # LoRA B starts at zero: give it weights so its gradients are not trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    # Different lengths (right padding) and one example with no response token at all.
+    batch = encoded(tok)[:3] + [Encoded(input_ids=[5, 6, 7], labels=[IGNORE] * 3, prompt_len=3)]
+    b = collate(batch, pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    inner = type(model.get_base_model())
+    assert train._takes_logits_to_keep(model)
+    results = []
+    for fast in (True, False):
+        train._KEEPS[inner] = fast
+        model.zero_grad()
+        sums, counts = train.token_losses(model, b)
+        sums.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((sums.detach(), counts, grads))
+    train._KEEPS.pop(inner)
+    (s1, c1, g1), (s2, c2, g2) = results
+    assert c1.tolist() == c2.tolist() and c1.tolist()[-1] == 0
+    assert torch.allclose(s1, s2, rtol=1e-5, atol=1e-5) and s1[-1] == 0
+    assert all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6) for n in g1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import LoralabError, Problem, SpecError
+from .errors import LoralabError, ModelError, Problem, SpecError
 from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment
-from .store import DEFAULT_WORKSPACE, RunRecord, Store
+if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
+    from .store import RunRecord, Store
 
 
 def load(path: str | Path) -> Experiment:
@@ -42,35 +44,63 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     if problems:
         raise SpecError(f"{path}: data file missing", problems)
     notes = []
-    config = _local_config(exp)
-    if config is None:
+    layers = _local_layers(exp)
+    if layers is None:
         notes.append("LoRA target modules not checked: the model is not available locally yet "
                      "(they are checked before training starts)")
     else:
         from .models import resolve_target_modules
 
-        model = _meta_model(config, exp)
         for run in exp.resolved_runs:
-            _, note = resolve_target_modules(model, run.lora.target_modules, where=f"runs.{run.name}.lora.target_modules")
+            _, note = resolve_target_modules(layers, run.lora.target_modules, where=f"runs.{run.name}.lora.target_modules")
             if note and f"note: {note}" not in notes:
                 notes.append(f"note: {note}")
-        notes.append(f"LoRA target modules checked against {getattr(config, 'model_type', 'the model')}'s layers")
+        notes.append(f"LoRA target modules checked against {layers.model_type}'s layers")
+    if exp.sweep is not None:
+        from .sweep import describe
+
+        notes.extend(describe(exp.sweep))
     return exp, notes
 
 
-def _local_config(exp: Experiment):
-    """The model's config when it is on disk (cached built-in or local folder); None otherwise."""
-    from .models import BUILTIN_CACHE_NAME, cache_dir
+def _local_layers(exp: Experiment):
+    """The model's layer names when it is on disk (cached built-in or local folder); None otherwise.
+
+    Read from loralab's record of an earlier load when there is one (no torch import: validate
+    stays under a second), else from a weightless model built from the config."""
+    from .models import BUILTIN_CACHE_NAME, cache_dir, cached_layers, layers_of, remember_layers
 
     if exp.model.name == BUILTIN_MODEL:
         folder = cache_dir() / "models" / BUILTIN_CACHE_NAME
     else:
         folder = exp.resolve_path(exp.model.name)
+        if folder.is_dir():
+            from .models import _check_local_folder
+
+            _check_local_folder(folder)  # no config, no weights, pickle weights only: what `run` would refuse
     if not (folder / "config.json").is_file():
         return None
+    layers = cached_layers(folder)
+    if layers is None:
+        layers = layers_of(_meta_model(_read_config(folder, exp), exp))
+        if not exp.model.trust_remote_code:
+            remember_layers(folder, layers)
+    return layers
+
+
+def _read_config(folder: Path, exp: Experiment):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
+    except ValueError as err:
+        from .models import remote_code_error
+
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(exp.model.name) from None
+        raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
+                         [Problem("model.name", "transformers cannot read this config.json", exp.model.name,
+                                  "check config.json (model_type): the folder must be written by save_pretrained")]) from None
 
 
 def _meta_model(config, exp: Experiment):
@@ -102,11 +132,73 @@ def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool
     return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run)
 
 
+def doctor(workspace: str | Path | None = None, repair: bool = False):
+    """Check a workspace for what crashes leave behind (and repair it); returns a doctor.Checkup."""
+    from .doctor import check_workspace
+
+    return check_workspace(workspace_path(workspace), repair=repair)
+
+
+def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat", out: str | Path | None = None,
+           workspace: str | Path | None = None, repeats: int | None = None, train: bool = False, console=None):
+    """Write the ablation of run `a` vs run `b` of an experiment file as an experiment file of its own:
+    one knob at a time from a toward b (`ofat`), or a two-level fractional factorial (`factorial`).
+
+    `train`: also run it (runs already stored, a and b among them, are reused). Returns an ablate.Plan:
+    `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
+    from .store import Store
+
+    from .ablate import plan, write_plan
+    from .runner import resolve_workspace
+
+    exp = with_repeats(file if isinstance(file, Experiment) else load_experiment(file), repeats)
+    ws = resolve_workspace(exp, workspace)
+    stored = {}  # endpoints that are not runs of the file (sweep trials) come from the workspace
+    if (ws / "loralab.db").is_file():
+        store = Store(ws, create=False)
+        try:
+            stored = {r.name: r for r in store.list(exp.name) if r.kind == "lora"}
+        finally:
+            store.close()
+    p = plan(exp, a, b, design, workspace=ws, records=stored)
+    write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
+    if train:
+        p.result = run(load_experiment(p.path), workspace=ws, console=console)
+    return p
+
+
+def report(targets: str | Path | list, *, out: str | Path, workspace: str | Path | None = None,
+           metric: str | None = None, samples: int = 4, goal: str | None = None):
+    """Write report.md (plots in plots/) and report.html (one self-contained file) into `out`.
+
+    `targets`: one experiment file (its runs, sweep trials and ablations as stored), or run names or ids.
+    Returns a report.Written (paths, and the report's content as `report`)."""
+    from . import report as rep
+
+    targets = [targets] if isinstance(targets, (str, Path)) else list(targets)
+    if not targets:
+        raise SpecError("nothing to report", [Problem("FILE | RUN", "missing", None, "give an experiment file or run names", False)])
+    first = Path(str(targets[0]))
+    if first.suffix in (".yaml", ".yml") or first.is_file():
+        if len(targets) > 1:
+            raise SpecError("report takes one experiment file, or run names, not both",
+                            [Problem("FILE | RUN", "more than a file", [str(t) for t in targets],
+                                     "give one experiment file, or only run names or ids")])
+        src = rep.from_file(load_experiment(first), workspace)
+    else:
+        src = rep.from_runs([str(t) for t in targets], workspace)
+    return rep.write(rep.build(src, metric=metric, samples=samples, goal=goal), out)
+
+
 def workspace_path(workspace: str | Path | None = None) -> Path:
+    from .store import DEFAULT_WORKSPACE
+
     return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
 
 
 def open_store(workspace: str | Path | None = None) -> Store:
+    from .store import Store
+
     return Store(workspace_path(workspace), create=False)
 
 
@@ -161,4 +253,4 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     return row.verdicts[0]
 
 
-__all__ = ["difference", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]
+__all__ = ["ablate", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

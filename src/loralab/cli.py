@@ -43,13 +43,54 @@ def _guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _ctrl_c():
+                return fn(*args, **kwargs)
         except LoralabError as err:
             _fail(err)
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted: the current run is marked interrupted; finished runs are kept.[/yellow]")
             raise typer.Exit(130)
+        except Exception as err:  # a damaged workspace database: a message, not a traceback (other errors are bugs)
+            if not type(err).__module__.startswith(("sqlalchemy", "sqlite3")):
+                raise
+            from .store import DEFAULT_WORKSPACE, storage_error
+
+            full = storage_error(err, Path(kwargs.get("workspace") or DEFAULT_WORKSPACE))
+            if full is None:
+                raise
+            _fail(full)
     return wrapper
+
+
+class _ctrl_c:
+    """The first Ctrl-C raises KeyboardInterrupt as usual, so the current run is marked interrupted
+    and finished runs are kept; a second one, while that cleanup runs, ends the process at once
+    (the default action of SIGINT, even inside native code)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        # Only the main thread may set handlers; and a SIGINT ignored by the parent (nohup, `&`) stays ignored.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._first)
+        return self
+
+    @staticmethod
+    def _first(signum, frame):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.stderr.write("\nStopping: marking the current run interrupted (Ctrl-C again to quit at once).\n")
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _split(only: Optional[str]) -> Optional[list[str]]:
@@ -211,6 +252,116 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
         sys.stdout.write(to_markdown(c))
     else:
         console.print(render(c))
+
+
+@app.command()
+@_guard
+def doctor(workspace: Optional[Path] = WorkspaceOpt,
+           repair: bool = typer.Option(False, "--repair", help="Fix what was found (runs held by a live process are left alone)"),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output")):
+    """Check that the workspace database and the files on disk agree; find what a crash left behind."""
+    from . import api
+
+    report = api.doctor(workspace, repair=repair)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        for f in report.findings:
+            mark = "[green]repaired[/green]" if f.repaired else ("[cyan]note[/cyan]" if f.severity == "note" else "[red]problem[/red]")
+            console.print(f"{mark} {f.kind}: {_escape(f.where)}: {_escape(f.problem)}. "
+                          f"{'Done' if f.repaired else 'Fix'}: {_escape(f.repair)}", highlight=False, soft_wrap=True)
+        left = len(report.problems)
+        summary = (f"{report.runs} run(s), {report.folders} folder(s), {report.trials} sweep trial(s) checked in "
+                   f"{report.workspace}: ")
+        if left:
+            fixable = not repair and any(f.repairable for f in report.problems)
+            console.print(summary + f"[red]{left} problem(s)[/red]" + ("; `loralab doctor --repair` fixes what it can" if fixable else ""),
+                          highlight=False)
+        else:
+            console.print(summary + "[green]OK[/green]", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def ablate(file: Path = typer.Argument(..., metavar="FILE", help="Experiment YAML file that declares (or swept) both runs"),
+           a: str = typer.Argument(..., metavar="A", help="The run to start from"),
+           b: str = typer.Argument(..., metavar="B", help="The run to move toward"),
+           design: str = typer.Option("ofat", "--design", help="ofat: one knob at a time from A toward B; "
+                                      "factorial: a two-level fractional factorial over the differing knobs"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the plan (default: WORKSPACE/ablations/NAME.yaml)"),
+           train: bool = typer.Option(False, "--run", help="Train the plan now (runs already stored, A and B among them, are reused)"),
+           repeats: Optional[int] = RepeatsOpt,
+           workspace: Optional[Path] = WorkspaceOpt):
+    """Which knob did it? Write (and with --run, train) the runs that credit each differing knob."""
+    from . import api
+
+    plan = api.ablate(file, a, b, design=design, out=out, workspace=workspace, repeats=repeats, train=train,
+                      console=console if train else None)
+    for line in plan.summary():
+        console.print(_escape(line), highlight=False)
+    console.print(f"Wrote {plan.path}", highlight=False)
+    if plan.result is None:
+        console.print(f"Run it: loralab run {plan.path}   (then: loralab report {file})", highlight=False)
+        return
+    _show_effects(plan)
+    console.print(f"The report credits each knob: loralab report {file}", highlight=False)
+    if plan.result.failed:
+        raise typer.Exit(1)
+
+
+def _show_effects(plan) -> None:
+    """Each knob's own effect on the headline metrics, from the ablation's runs: one row per knob and metric."""
+    from rich.table import Table
+
+    from .ablate import knob_effects
+    from .comparison import caps_of, fmt_value
+    from .findings import fmt_of, headline_metrics, interval, label_of, testable
+
+    groups = [g for name, g in plan.result.groups().items() if name != "base"]
+    caps = caps_of([r for g in groups for r in g])
+    metrics = [m for m in headline_metrics(caps) if any(m in r.metrics for g in groups for r in g)]
+    ev = plan.experiment.evaluation
+    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence, resamples=ev.bootstrap_resamples)
+               if testable(e.verdict)]
+    if not effects:
+        console.print("No knob's effect has an interval yet (one seed of per-run numbers): use --repeats 3.")
+        return
+    t = Table(title=f"Each knob on its own ({ev.confidence:.0%} CI)", title_justify="left")
+    for col, just in (("knob", "left"), ("change", "left"), ("metric", "left"), ("effect", "right"), ("verdict", "left")):
+        t.add_column(col, justify=just)
+    for e in effects:
+        t.add_row(_escape(e.knob), _escape(f"{fmt_value(e.low)} → {fmt_value(e.high)}"), _escape(label_of(e.metric)),
+                  interval(e.verdict, fmt_of(e.metric)), e.verdict.label,
+                  style=None if e.verdict.label == "within noise" else "bold")
+    console.print(t)
+
+
+@app.command()
+@_guard
+def report(targets: List[str] = typer.Argument(..., metavar="FILE | RUN...", help="An experiment file, or runs by name or id"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, plots/ and report.html (default: reports/NAME)"),
+           workspace: Optional[Path] = WorkspaceOpt,
+           metric: Optional[str] = typer.Option(None, "--metric", help="What the TL;DR ranks by, e.g. rouge_l@100 (default: eval_loss, or the sweep's objective)"),
+           samples: int = typer.Option(4, "--samples", min=0, help="Eval prompts shown side by side"),
+           goal: Optional[str] = typer.Option(None, "--goal", help="The goal, in one sentence (default: the file's leading comment)")):
+    """Write what the runs showed, from the evidence, as report.md and one self-contained report.html."""
+    import re
+
+    from . import api
+
+    if out is None:
+        stem = Path(targets[0]).stem if targets[0].endswith((".yaml", ".yml")) else "-".join(targets)
+        out = Path("reports") / (re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem)[:80] or "report")
+    written = api.report(targets, out=out, workspace=workspace, metric=metric, samples=samples, goal=goal)
+    for note in written.report.notes:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(note)}", highlight=False)
+    console.print("[bold]TL;DR[/bold]")
+    for line in written.report.tldr.sentences:
+        console.print(f"  {_escape(line)}", highlight=False)
+    console.print(f"Wrote {written.markdown} ({len(written.plots)} plots in {written.markdown.parent / 'plots'}) "
+                  f"and {written.html}", highlight=False)
 
 
 def main() -> None:

@@ -292,8 +292,8 @@ def _load_hf(spec: DataSpec, base_dir: Path) -> tuple[list[Example], list[Exampl
         first = (str(err).strip().splitlines() or [""])[0]
         raise DataError(f"data.hf: cannot load dataset '{spec.hf}': {type(err).__name__}: {_clip(first, 200)}",
                         [Problem("data.hf", f"cannot load ({type(err).__name__})", spec.hf,
-                                 "check the id and hf_config, the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), "
-                                 "or give a folder written by Dataset.save_to_disk")]) from None
+                                 "check the id, hf_config and that every split has rows, the network (HF_HUB_OFFLINE / "
+                                 "HF_DATASETS_OFFLINE), or give a folder written by Dataset.save_to_disk")]) from None
 
     def rows(split_ds: Any, split: str) -> list[Example]:
         where = f"{spec.hf}[{split}]"
@@ -560,6 +560,27 @@ def prompt_ids(tokenizer: Any, instruction: str, system_prompt: str | None) -> l
         return _as_ids(out)
     text = (PLAIN_SYSTEM.format(system=system_prompt) if system_prompt else "") + PLAIN_PROMPT.format(instruction=instruction)
     return _as_ids(tokenizer(text))
+
+
+def check_lengths(tokenizer: Any, dataset: Dataset, limit: int, limit_where: str) -> None:
+    """Raise DataError naming every example (file:line) whose prompt + answer + end token is longer
+    than `limit` tokens: `encode_example` would cut its answer, so the run would learn not to stop."""
+    long = []
+    for ex in dataset.train + dataset.eval:
+        n = len(prompt_ids(tokenizer, ex.instruction, dataset.system_prompt)) + len(
+            _as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1
+        if n > limit:
+            long.append((ex, n))
+    if not long:
+        return
+    need = max(n for _, n in long)
+    fix = (f"raise {limit_where} to at least {need}, shorten or remove the example, "
+           "or set data.truncate: true to cut such examples (their answers lose the end token)")
+    problems = [Problem(ex.id, f"example is {n} tokens, longer than {limit_where} ({limit})", n, fix)
+                for ex, n in long[:_MAX_LISTED_PROBLEMS]]
+    if len(long) > len(problems):
+        problems.append(Problem(dataset.name, f"... and {len(long) - len(problems)} more", None, "", False))
+    raise DataError(f"{dataset.name}: {len(long)} example(s) longer than {limit_where} ({limit} tokens)", problems)
 
 
 def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, max_seq_len: int) -> Encoded:

@@ -55,3 +55,10 @@ class ModelError(LoralabError):
 
 class RunNotFound(LoralabError):
     """A run name or id that the workspace does not hold."""
+
+
+class WorkspaceError(LoralabError):
+    """The workspace cannot be written or read: disk full, read-only, a file where a folder should be,
+    a database that is not loralab's. Not the input's fault, so exit code 1, as for a failed run."""
+
+    exit_code = 1

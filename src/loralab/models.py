@@ -159,6 +159,14 @@ def _check_local_folder(folder: Path) -> None:
                          [Problem("model.name", "no *.safetensors file", str(folder), "save the model with save_pretrained first")])
 
 
+def remote_code_error(name: str) -> ModelError:
+    """The model needs Python code from its own folder or repository, which loralab does not run unasked."""
+    return ModelError(f"model {name!r} ships its own Python code, which is not run unless the experiment asks for it",
+                      [Problem("model.trust_remote_code", "the model needs its own code (config auto_map)", name,
+                               f"only if you trust that code, write `model: {{name: {name}, trust_remote_code: true}}`; "
+                               "otherwise use a model that transformers supports natively")])
+
+
 def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = print) -> tuple[str, str]:
     """Return (path or hub id to load, fingerprint)."""
     if spec.name == BUILTIN_MODEL:
@@ -195,7 +203,13 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         tok = AutoTokenizer.from_pretrained(ref, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if Path(ref).is_dir():
+            raise ModelError(f"cannot load model folder {ref}: {text}",
+                             [Problem("model.name", "transformers cannot load this folder", spec.name,
+                                      "check its config.json (model_type) and weights: it must be written by save_pretrained")]) from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelError(
             f"cannot load model {spec.name!r}: {text}",
@@ -213,10 +227,53 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     model.to(dev)
     model.eval()
     arch = getattr(model.config, "model_type", type(model).__name__)
+    if Path(ref).is_dir() and not spec.trust_remote_code:
+        remember_layers(Path(ref), layers_of(model))
     n_params = sum(p.numel() for p in model.parameters())
     return BaseModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
                                                    "device": str(dev)})
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """What LoRA target checks need to know of a model: its type and its Linear layer names."""
+
+    model_type: str
+    linear: tuple[str, ...]
+
+
+def layers_of(model) -> ModelLayers:
+    return ModelLayers(getattr(model.config, "model_type", type(model).__name__), tuple(linear_module_names(model)))
+
+
+def _layers_cache(folder: Path) -> Path:
+    return cache_dir() / "layers" / f"{_folder_fingerprint(folder)}.json"
+
+
+def cached_layers(folder: Path) -> ModelLayers | None:
+    """The layer names recorded for this exact folder (same files, same config) by an earlier load,
+    so `loralab validate` checks targets without importing torch. None when not recorded, or when
+    the model ships its own code (its layers may depend on code loralab has not been allowed to run)."""
+    try:
+        if "auto_map" in json.loads((folder / "config.json").read_text()):
+            return None
+        d = json.loads(_layers_cache(folder).read_text())
+        return ModelLayers(d["model_type"], tuple(d["linear"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_layers(folder: Path, layers: ModelLayers) -> None:
+    """Record a folder's layer names; best effort (a read-only cache only costs speed)."""
+    try:
+        path = _layers_cache(folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"model_type": layers.model_type, "linear": list(layers.linear)}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def linear_module_names(model) -> list[str]:
@@ -240,7 +297,8 @@ def resolve_target_modules(model, requested: list[str], where: str = "lora.targe
     """
     if requested == ["all-linear"] or requested == "all-linear":
         return "all-linear", None
-    available = linear_module_names(model)
+    layers = model if isinstance(model, ModelLayers) else layers_of(model)
+    available = list(layers.linear)
     out: list[str] = []
     notes = []
     missing = []
@@ -252,7 +310,7 @@ def resolve_target_modules(model, requested: list[str], where: str = "lora.targe
             group = next((g for g in QKV_ALIASES if all(n in available for n in g)), None)
             if group is not None:
                 out.extend(group)
-                notes.append(f"`{name}` is not a layer of this {getattr(model.config, 'model_type', 'model')} model; "
+                notes.append(f"`{name}` is not a layer of this {layers.model_type} model; "
                              f"using its attention projections {', '.join(group)} instead")
                 continue
         missing.append(name)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, SpecError
+from .faults import fault_point
 from .progress import Reporter
-from .spec import Experiment, RunSpec, check_data_paths, config_hash
-from .store import DEFAULT_WORKSPACE, RunRecord, Store
+from .spec import Experiment, RunSpec, TrainSpec, check_data_paths, config_hash
+from .store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
 
@@ -89,11 +90,11 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     if problems:
         raise SpecError(f"{exp.source or 'experiment'}: data file missing", problems)
     dataset = data_mod.load_data(exp.data, exp.base_dir)
-    rep.log(f"Data: {dataset.name}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
+    rep.log(f"Data: {_plain(dataset.name)}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
             f"(fingerprint {dataset.fingerprint})")
     t0 = time.perf_counter()
     base = load_base_model(exp.model, exp.base_dir, exp.device, log=rep.log)
-    rep.log(f"Model: {base.name} ({base.arch}, {base.info['params'] / 1e6:.1f} M parameters) on {base.device} "
+    rep.log(f"Model: {_plain(base.name)} ({base.arch}, {base.info['params'] / 1e6:.1f} M parameters) on {base.device} "
             f"in {base.info['dtype']}, loaded in {time.perf_counter() - t0:.1f} s")
     base.info["load_s"] = round(time.perf_counter() - t0, 2)
     targets, notes = {}, []
@@ -105,6 +106,8 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     for note in notes:
         rep.log(f"Note: {note}.")
     tok = base.tokenizer
+    if not exp.data.truncate:
+        data_mod.check_lengths(tok, dataset, *_shortest_max_seq_len(exp, runs))
     end_id = data_mod.end_token_id(tok)
     eval_max_len = max(r.train.max_seq_len for r in exp.resolved_runs)
     eval_encoded = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.eval]
@@ -123,7 +126,26 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
                     train_probe, reference_tokens, drift_prompts)
 
 
-def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True) -> str:
+def _shortest_max_seq_len(exp: Experiment, runs: list[RunSpec]) -> tuple[int, str]:
+    """The smallest max_seq_len any run (or sweep trial) will train with, and where it is set."""
+    options = [(r.train.max_seq_len, "defaults.train.max_seq_len" if r.name not in exp.runs
+                else f"runs.{r.name}.train.max_seq_len") for r in runs]
+    knob = exp.sweep.space.get("train.max_seq_len") if exp.sweep else None
+    if knob is not None:
+        low = min(v for v in knob.values if isinstance(v, (int, float))) if knob.values else knob.low
+        if low is not None:
+            options.append((int(low), "sweep.space.train.max_seq_len"))
+    return min(options) if options else (TrainSpec().max_seq_len, "train.max_seq_len")
+
+
+def _plain(text: object) -> str:
+    """User or model text inside a log line: shown as written, never read as rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
     """A hash of what determines the results: resolved config (seed included), model, data, evaluation.
 
     A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
@@ -133,6 +155,8 @@ def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True) -> str:
               "evaluation": p.exp.evaluation.model_dump(exclude={"confidence", "bootstrap_resamples"})}
     if not full_eval:
         common["evaluation"] = {**common["evaluation"], "loss_only": True}
+    if not probe:  # no training-probe loss (nor generalization gap) either
+        common["evaluation"] = {**common["evaluation"], "train_probe": False}
     if run is None:
         return "base-" + config_hash({"kind": "base", **common})
     return config_hash({"kind": "lora", **common, "lora": run.lora.model_dump(), "train": run.train.model_dump(),
@@ -140,10 +164,11 @@ def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True) -> str:
 
 
 def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
-             full: bool = True) -> tuple[dict, list, dict]:
+             full: bool = True, probe: bool = True) -> tuple[dict, list, dict]:
     """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
     its prefixes), per-example quality and verbosity, and drift from the base model.
-    `full=False` stops after the losses (what a loss objective needs)."""
+    `full=False` stops after the losses (what a loss objective needs); `probe=False` (only with
+    full=False) skips the training-probe loss too, when not even the generalization gap is asked for."""
     from .generate import at_cap, generate_greedy
     from .metrics import example_metrics, perplexity, summarize_examples
     from .train import eval_losses
@@ -152,15 +177,18 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     caps = p.exp.eval_caps
     t0 = time.perf_counter()
     loss, per_example_loss = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
-    train_loss = eval_losses(model, p.train_probe, pad_id=tok.pad_token_id)[0] if p.train_probe else float("nan")
+    probed = p.train_probe if probe or full else []
+    train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
     t1 = time.perf_counter()
+    fault_point("evaluate")
     if not full:
         samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
                    for ex, l_ in zip(p.dataset.eval, per_example_loss)]
-        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss), "train_eval_loss": train_loss,
-                   "train_ppl": perplexity(train_loss), "generalization_gap": loss - train_loss,
-                   "eval_s": round(t1 - t0, 2),
-                   "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + p.train_probe)}
+        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_s": round(t1 - t0, 2),
+                   "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + probed)}
+        if probed:
+            metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
+                            "generalization_gap": loss - train_loss})
         return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
     with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
         gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
@@ -247,22 +275,24 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     try:
         # -- the untrained model, once, as the reference point of every table -------------------
         bid = run_id(p, None)
-        done = store.get(bid)
-        if done and done.status == "finished" and not force:
-            store.alias(exp.name, "base", bid)
-            result.skipped.append("base")
-            rep.log(f"base: finished earlier ({bid}), reused")
-        else:
-            store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(p, None),
-                        model=model_info, data=data_info, env=env)
-            try:
-                metrics, samples, timings = evaluate(p.base.model, p, "base", rep, gen_batch)
-            except KeyboardInterrupt:
-                store.mark(bid, "interrupted")
-                raise
-            _add_cost(metrics, p)
-            store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
-            rep.log(_one_line("base", metrics, p.exp.eval_caps))
+        with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
+            done = store.get(bid)
+            if done and done.status == "finished" and not force:
+                store.alias(exp.name, "base", bid)
+                result.skipped.append("base")
+                rep.log(f"base: finished earlier ({bid}), reused")
+            else:
+                store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(p, None),
+                            model=model_info, data=data_info, env=env)
+                try:
+                    metrics, samples, timings = evaluate(p.base.model, p, "base", rep, gen_batch)
+                except KeyboardInterrupt:
+                    store.mark(bid, "interrupted")
+                    raise
+                _add_cost(metrics, p)
+                store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
+                rep.log(_one_line("base", metrics, p.exp.eval_caps))
+        fault_point("run.stored")
         result.records.append(store.get(bid))
         result.records[-1].name = "base"
 
@@ -279,6 +309,8 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                 rec = store.get(run_id(p, rs))
                 rec.name, rec.seed = run.name, seed
                 result.records.append(rec)
+    except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
+        raise storage_error(err, ws) or err
     finally:
         store.close()
     return result
@@ -292,7 +324,7 @@ def reusable(done: RunRecord) -> bool:
 
 def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
               reporter: Reporter | None = None, should_stop=None, force: bool = False,
-              env: dict | None = None, full_eval: bool = True) -> tuple[str, bool]:
+              env: dict | None = None, full_eval: bool = True, probe: bool = True) -> tuple[str, bool]:
     """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
 
     Returns (status, reused). A plain function of the prepared model, the run and the store, so a
@@ -302,17 +334,20 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
     from . import environment
 
     rep = reporter or Reporter()
-    rid = run_id(p, run, full_eval)
-    done = store.get(rid)
-    if done is not None and not force and reusable(done):
-        store.alias(experiment, run.name, rid, run.train.seed)
-        rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")
-        return done.status, True
-    model_info, data_info = _describe(p)
-    env = env or environment.record(str(p.base.device))
-    status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
-                        model_info, data_info, env, run.generate.batch_size, should_stop=should_stop,
-                        full_eval=full_eval)
+    rid = run_id(p, run, full_eval, probe)
+    # Another process training the same run (a second `loralab run`, a parallel sweep): wait, then reuse it.
+    with store.run_lock(rid, on_wait=lambda: rep.log(f"{label or run.name}: another process is training it; waiting")):
+        done = store.get(rid)
+        if done is not None and not force and reusable(done):
+            store.alias(experiment, run.name, rid, run.train.seed)
+            rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")
+            return done.status, True
+        model_info, data_info = _describe(p)
+        env = env or environment.record(str(p.base.device))
+        status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
+                            model_info, data_info, env, run.generate.batch_size, should_stop=should_stop,
+                            full_eval=full_eval, probe=probe)
+    fault_point("run.stored")
     return status, False
 
 
@@ -330,7 +365,7 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
 
 def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
                experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
-               should_stop=None, full_eval: bool = True) -> str:
+               should_stop=None, full_eval: bool = True, probe: bool = True) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -346,6 +381,7 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
     tok = p.base.tokenizer
     peft_model = None
     run_dir = store.run_dir(rid)
+    reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
         train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
         set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
@@ -357,7 +393,8 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         steps = plan_steps(len(train_enc), run.train)
         with rep.task(f"train {label}", total=steps, unit="steps") as update:
             res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, monitor=DivergenceMonitor(),
-                             on_step=lambda step, total, loss: update(loss=loss), should_stop=should_stop)
+                             on_step=lambda step, total, loss: _stepped(reached, step, update, loss), should_stop=should_stop)
+        reached["trained"] = True
         train_metrics = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
                          "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
                          "peak_mem_mb": round(res.peak_mem_mb, 1), "trainable_params": res.trainable_params,
@@ -376,25 +413,34 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
             rep.log(f"[yellow]{label}: {text}[/yellow]")
             return "diverged"
-        if res.stopped:  # pruned: keep the eval loss where it stopped, skip generation, count what was saved
+        if res.stopped:  # pruned: keep the loss its pruner judged, skip generation, count what was saved
             t0 = time.perf_counter()
-            loss = eval_loss(peft_model, p.eval_encoded, pad_id=tok.pad_token_id)
+            seen = getattr(should_stop, "loss_at", lambda step: None)(res.steps)  # (loss, examples, whole set?)
+            if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
+                losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
+                said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
+            else:
+                loss = seen[0] if seen is not None else eval_loss(peft_model, p.eval_encoded, pad_id=tok.pad_token_id)
+                losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
+                          "pruned_loss_examples": len(p.eval_encoded)}
+                said = f"eval loss {loss:.4f}"
             saved = steps - res.steps
-            metrics = {**train_metrics, "eval_loss": loss, "eval_ppl": perplexity(loss),
-                       "eval_s": round(time.perf_counter() - t0, 2), "pruned_step": res.steps, "saved_steps": saved,
-                       "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at this run's own seconds per step
+            metrics = {**train_metrics, **losses, "eval_s": round(time.perf_counter() - t0, 2), "pruned_step": res.steps,
+                       "saved_steps": saved, "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at its own s/step
             _add_cost(metrics, p)
-            text = f"pruned at step {res.steps} of {steps} (eval loss {loss:.4f}); {saved} steps not trained"
+            text = f"pruned at step {res.steps} of {steps} ({said}); {saved} steps not trained"
             store.finish(rid, metrics=metrics, curves=res.curve, samples=[], timings={"train_s": round(res.wall_s, 2)},
                          adapter_path=None, status="pruned", error=text)
             rep.log(f"{label}: {text}")
             return "pruned"
-        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval)
+        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval, probe=probe)
         metrics.update(train_metrics)
         tmp = run_dir / "adapter.tmp"
         final = run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
         peft_model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
+        fault_point("adapter.save")
+        _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
@@ -408,10 +454,28 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         store.mark(rid, "interrupted")
         raise
     except Exception as err:  # one broken run must not stop the others
-        store.mark(rid, "failed", "".join(traceback.format_exception(err))[-4000:])
-        rep.log(f"[red]{label}: failed: {type(err).__name__}: {err}[/red]")
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
+        shutil.rmtree(run_dir / "adapter.tmp", ignore_errors=True)
+        full = storage_error(err, store.root)
+        if full is not None:  # every later run would fail the same way: stop, and say why
+            try:
+                store.mark(rid, "failed", str(full))
+            except Exception:
+                pass  # the database is on the same full disk; the row stays `running`, which doctor reports
+            raise full from None
+        trace = "".join(traceback.format_exception(err))[-4000:]
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            where = "evaluation" if reached["trained"] else f"training step {reached['step'] + 1}"
+            reason = (f"out of memory in {where} ({type(err).__name__}). Fix: lower train.batch_size "
+                      f"({run.train.batch_size}) or train.max_seq_len ({run.train.max_seq_len}) and raise "
+                      f"train.gradient_accumulation to keep the effective batch; in evaluation, lower "
+                      f"generate.batch_size ({run.generate.batch_size})")
+            store.mark(rid, "failed", f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
+            rep.log(f"[red]{label}: {_plain(reason)}[/red]")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return "failed"
+        store.mark(rid, "failed", trace)
+        rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
         return "failed"
     finally:
         if peft_model is not None:
@@ -422,3 +486,23 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                         delattr(p.base.model, attr)
                     except AttributeError:
                         pass
+
+
+def _stepped(reached: dict, step: int, update, loss: float) -> None:
+    """train_lora's per-step callback: the progress bar, the step an error would strike after, a fault point."""
+    reached["step"] = step
+    update(loss=loss)
+    fault_point("train.step")
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk (a rename alone may reach the disk first)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

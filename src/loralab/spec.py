@@ -20,7 +20,7 @@ from .errors import Problem, SpecError
 
 BUILTIN_MODEL = "builtin:smollm2-135m"
 RESERVED_RUN_NAMES = {"base"}  # the untrained model is stored as run "base"
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # "+": ablation runs such as A+lr
 
 
 class _Strict(BaseModel):
@@ -108,6 +108,9 @@ class DataSpec(_Strict):
     input_field: str | None = "input"  # appended to the instruction when present and non-empty
     output_field: str = "output"
     system_prompt: str | None = None  # None: the chat template's own default
+    # Off: an example longer than train.max_seq_len is an error, because cutting it trains an answer
+    # that never ends (the end token is what is cut). On: such examples are cut.
+    truncate: bool = False
     train_size: int | None = Field(None, gt=0, description="cap on training examples")
     eval_size: int | None = Field(None, gt=0, description="cap on eval examples")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -247,6 +250,12 @@ class PrunerSpec(_Strict):
     startup_trials: int = Field(2, ge=0)
     warmup_steps: int = Field(0, ge=0, description="no pruning before this step")
     eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
+    reduction_factor: int | None = Field(None, ge=2, description="successive_halving / hyperband: keep 1 in this many "
+                                         "trials per rung (default: Optuna's, 4 and 3)")
+
+    @property
+    def resolved_reduction_factor(self) -> int:
+        return self.reduction_factor or (3 if self.name == "hyperband" else 4)
 
 
 class BudgetSpec(_Strict):
@@ -296,7 +305,8 @@ class Defaults(_Strict):
 class Experiment(_Strict):
     """A validated experiment file."""
 
-    name: str = "experiment"
+    # Names the study and the runs' group (`loralab show NAME/run`), and may name files: never a path.
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+ -]{0,127}$")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -379,6 +389,7 @@ _FIXES = {
     "list_type": "write a list, e.g. [a, b]",
     "too_short": "give at least one value",
     "string_type": "write text",
+    "string_pattern_mismatch": "use letters, digits, spaces, '_', '-', '.' or '+', starting with a letter or digit",
 }
 
 
@@ -404,7 +415,8 @@ def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: 
         if e["type"] == "extra_forbidden":
             ctx["allowed"] = _allowed_keys(model, loc) or "see the docs"
         fix = _FIXES.get(e["type"], "").format(**{k: ctx.get(k, "") for k in ("gt", "ge", "lt", "le", "expected", "allowed")}) if e["type"] in _FIXES else ""
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = {"extra_forbidden": "unknown key", "string_pattern_mismatch": "not a plain name (it names the study and the "
+               "runs' group, and may name files: no '/', no leading '.')"}.get(e["type"], e["msg"])
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         where = path or "(file)"
@@ -439,6 +451,35 @@ def _line_index(text: str) -> dict[str, int]:
     return index
 
 
+def _duplicate_keys(text: str) -> list[Problem]:
+    """Keys given twice in one mapping: YAML keeps the last silently, so a run declared twice would
+    quietly replace the first."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    out = []
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                p = f"{path}.{k.value}" if path else str(k.value)
+                line = k.start_mark.line + 1
+                if k.value in first and k.value != "<<":
+                    out.append(Problem(f"{p} (line {line})", f"duplicate key, first given on line {first[k.value]}",
+                                       k.value, "give each key once (rename one of the runs, or merge the two entries)"))
+                first.setdefault(k.value, line)
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, f"{path}.{i}")
+
+    if root is not None:
+        walk(root, "")
+    return out
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
@@ -458,7 +499,7 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: the file must be a mapping of keys (model, data, defaults, runs, …)",
                         [Problem("(file)", "top level is not a mapping", type(raw).__name__, "start with keys such as `model:` and `runs:`")])
-    problems: list[Problem] = []
+    problems: list[Problem] = _duplicate_keys(text) if text else []
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as err:
@@ -476,7 +517,7 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
         name_s = str(name)
         if not RUN_NAME.match(name_s) or name_s in RESERVED_RUN_NAMES:
             problems.append(Problem(f"runs.{name_s}", "invalid run name", name_s,
-                                    "use letters, digits, '_', '-' or '.', starting with a letter or digit; 'base' is reserved for the untrained model"))
+                                    "use letters, digits, '_', '-', '.' or '+', starting with a letter or digit; 'base' is reserved for the untrained model"))
             continue
         override = override if isinstance(override, dict) else {}
         parts: dict[str, Any] = {}
@@ -520,7 +561,14 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: no such experiment file", [Problem(str(p), "file not found", str(p), "check the path", False)])
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        where = f"{p}:{line}"
+        raise SpecError(f"{where}: not UTF-8 text", [Problem(where, "not UTF-8 text", data[err.start:err.start + 8],
+                                                            "save the file as UTF-8")]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, String, Text, create_engine, event, select
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .errors import Problem, RunNotFound
+from .errors import Problem, RunNotFound, WorkspaceError
+from .faults import fault_point
+from .locks import file_lock, is_locked
 
 DB_NAME = "loralab.db"
+LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
 SCHEMA_VERSION = 2  # PRAGMA user_version; bump when tables change
 DEFAULT_WORKSPACE = "loralab-workspace"
 
@@ -117,21 +121,25 @@ class Store:
             raise RunNotFound(f"no loralab workspace at {self.root}",
                               [Problem("workspace", "no loralab.db in this folder", str(self.root),
                                        "run an experiment first, or pass --workspace DIR")])
-        if create:
-            (self.root / "runs").mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{db}", future=True)
+        try:
+            if create:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(f"sqlite:///{db}", future=True)
 
-        @event.listens_for(self.engine, "connect")
-        def _pragmas(conn, _):  # WAL: readers never block the writer; wait on locks instead of failing
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn, _):  # WAL: readers never block the writer; wait on locks instead of failing
+                cur = conn.cursor()
+                cur.execute("PRAGMA busy_timeout=30000")  # first: switching to WAL itself may wait on a lock
+                cur.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives a power cut too; one fsync per run written costs nothing next to training
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
 
-        with self.engine.connect() as conn:
-            version = conn.exec_driver_sql("PRAGMA user_version").scalar()
-            has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+            with self.engine.connect() as conn:
+                version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+                has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+        except (OSError, DatabaseError) as err:
+            raise storage_error(err, self.root, opening=True) or err from None
         if has_tables and version != SCHEMA_VERSION:
             self.engine.dispose()
             raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
@@ -139,9 +147,15 @@ class Store:
                               [Problem("workspace", "incompatible database schema", str(self.root / DB_NAME),
                                        "use a new --workspace folder, or the loralab version that wrote it")])
         if create:
-            _Base.metadata.create_all(self.engine)
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                # Two processes starting on a new workspace would both find no tables and both create them.
+                with file_lock(self.root / LOCKS / "schema.lock"):
+                    _Base.metadata.create_all(self.engine)
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except (OSError, DatabaseError) as err:
+                self.engine.dispose()
+                raise storage_error(err, self.root, opening=True) or err from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -150,6 +164,18 @@ class Store:
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
+
+    def lock_path(self, run_id: str) -> Path:
+        return self.root / LOCKS / f"{run_id}.lock"
+
+    def run_lock(self, run_id: str, *, blocking: bool = True, on_wait=None):
+        """Held while a run is trained or repaired: a second process wanting the same run waits,
+        then finds it stored; a `running` row whose lock is free was left by a dead process."""
+        return file_lock(self.lock_path(run_id), blocking=blocking, on_wait=on_wait)
+
+    def in_progress(self, run_id: str) -> bool:
+        """Whether a live process holds the run's lock (is training or storing it now)."""
+        return is_locked(self.lock_path(run_id))
 
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
               data: dict, env: dict, seed: int | None = None) -> None:
@@ -174,6 +200,8 @@ class Store:
             row.metrics, row.curves, row.samples, row.timings = metrics, curves, samples, timings
             row.adapter_path, row.error = adapter_path, error
             row.status = status
+            s.flush()
+            fault_point("store.finish")  # a crash here rolls the whole result back: never finished without metrics
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         assert status in STATUSES
@@ -182,6 +210,19 @@ class Store:
             if row is not None:
                 row.status = status
                 row.error = error
+
+    def set_adapter_path(self, run_id: str, path: str | None) -> None:
+        """Point a run at its adapter again (a workspace moved or copied elsewhere keeps absolute paths)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(RunRow, run_id)
+            if row is not None:
+                row.adapter_path = path
+
+    def drop_alias(self, experiment: str, name: str, seed: int | None) -> None:
+        with Session(self.engine) as s, s.begin():
+            a = s.get(AliasRow, (experiment, name, -1 if seed is None else seed))
+            if a is not None:
+                s.delete(a)
 
     def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
         with Session(self.engine) as s, s.begin():
@@ -202,6 +243,17 @@ class Store:
         with Session(self.engine) as s:
             row = s.get(RunRow, run_id)
             return RunRecord.from_row(row) if row else None
+
+    def all_runs(self) -> list[RunRecord]:
+        """Every run row once, named as stored (no alias join): what `loralab doctor` checks."""
+        with Session(self.engine) as s:
+            return [RunRecord.from_row(row) for row in s.scalars(select(RunRow).order_by(RunRow.id))]
+
+    def alias_rows(self) -> list[tuple[str, str, int | None, str]]:
+        """(experiment, name, seed, run id) of every name in the workspace."""
+        with Session(self.engine) as s:
+            return [(a.experiment, a.name, None if a.seed == -1 else a.seed, a.run_id)
+                    for a in s.scalars(select(AliasRow))]
 
     def list(self, experiment: str | None = None) -> list[RunRecord]:
         """Every run, one record per (experiment, name) alias, newest first."""
@@ -240,3 +292,32 @@ class Store:
         raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
                           [Problem("run", "unknown run name or id", ref,
                                    f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])
+
+
+
+def storage_error(err: BaseException, root: Path, opening: bool = False) -> WorkspaceError | None:
+    """The user-facing error for a failure of the disk or database under the workspace, or None
+    when `err` is something else (a bug, a bad tensor) that should surface as it is. `opening`:
+    the workspace folder itself is being created, so a missing or non-folder path is its fault too."""
+    import errno as errno_mod
+
+    from sqlalchemy.exc import DatabaseError as SADatabaseError
+
+    kept = "; finished runs are kept, and a run cut short is not stored as finished"
+    text = str(getattr(err, "orig", None) or err)
+    low = text.lower()
+    if isinstance(err, OSError) and err.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT) or (
+            isinstance(err, SADatabaseError) and "disk is full" in low):
+        what, fix = "the disk is full", "free some space (or use a --workspace on another disk) and run the same command again" + kept
+    elif isinstance(err, OSError) and err.errno in (errno_mod.EROFS, errno_mod.EACCES, errno_mod.EPERM) or (
+            isinstance(err, SADatabaseError) and any(m in low for m in ("readonly database", "unable to open database"))):
+        what, fix = "the workspace is not writable", "use a --workspace folder you can write to" + kept
+    elif opening and isinstance(err, OSError) and err.errno in (errno_mod.ENOTDIR, errno_mod.EEXIST, errno_mod.ENOENT):
+        what, fix = "the workspace path is not a folder loralab can create", "give --workspace a folder (new or existing), not a file"
+    elif isinstance(err, SADatabaseError) and any(m in low for m in ("not a database", "malformed", "disk i/o error")):
+        what, fix = f"{DB_NAME} is not a readable loralab database", ("restore it from a backup, or use another "
+                                                                       "--workspace (`loralab doctor` says more)")
+    else:
+        return None
+    return WorkspaceError(f"workspace {root}: {what} ({text.splitlines()[0] if text else type(err).__name__})",
+                          [Problem("workspace", what, str(root), fix)])

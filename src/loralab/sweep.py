@@ -10,8 +10,9 @@ same command again after a crash, Ctrl-C or kill -9 continues it:
 - a trial left RUNNING by a dead process is marked FAIL (user attr status=interrupted, not counted)
   and its parameters are enqueued, so the same configuration runs next.
 
-This assumes one sweep process per study at a time; a distributed executor would need Optuna's
-heartbeat (RDBStorage(heartbeat_interval=...)) to tell dead trials from busy ones.
+Several sweep processes may share a study: each trial records its owner process (host, pid, start
+time), only trials whose owner is gone are recovered, and the next trial is picked under a workspace
+lock, so two processes never take the same grid point (see locks.py and docs/reliability.md).
 
 Pruning judges trials by held-out loss every `pruner.every` steps, whatever the objective: it is the
 one signal available mid-training. A pruned run is stored with status `pruned`, its eval loss at the
@@ -132,6 +133,28 @@ class Space:
         for d in self.dims:
             points += [{**first, d.param: v} for v in d.edges()[1:]]
         return [self.knobs(pt) for pt in points]
+
+
+def describe(sweep: SweepSpec) -> list[str]:
+    """What a sweep section will do, in words (for `loralab validate`); needs no model."""
+    space = Space(sweep)
+    n = len(space.expand()) if is_grid(sweep) else None
+    knobs = ", ".join(d.path + (f" (= {', '.join(f'{v:g}' for v in d.knob.values)} x {d.knob.ratio_of})"
+                                if d.knob.ratio_of else "") for d in space.dims)
+    lines = [f"sweep: strategy {sweep.strategy}" + (f", a grid of {n} point(s)" if n is not None else "")
+             + f"; knobs {knobs}"]
+    lines.append("  objective: " + ", ".join(f"{o.metric} ({o.resolved_direction})" for o in sweep.objective)
+                 + ("" if needs_full_eval(sweep) else "; trials measure the losses only (no generation)"))
+    pr = sweep.resolved_pruner
+    if pr.name != "none":
+        where = (f"at steps {pr.every} x {pr.resolved_reduction_factor}^k" if pr.name in ("successive_halving", "hyperband")
+                 else f"every {pr.every} steps")
+        lines.append(f"  pruner: {pr.name}, held-out loss {where}"
+                     + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else ""))
+    budget = sweep.budget.model_dump(exclude_none=True)
+    lines.append("  budget: " + (", ".join(f"{k} {v:g}" for k, v in budget.items()) if budget
+                                 else "none (a grid stops when every point is done)"))
+    return lines
 
 
 def start_sections(defaults: dict, override: dict | None) -> dict[str, dict]:
@@ -325,6 +348,14 @@ LOSS_SIDE_METRICS = frozenset({
 })
 
 
+PROBE_METRICS = frozenset({"train_eval_loss", "train_ppl", "generalization_gap"})
+
+
+def needs_probe(sweep: SweepSpec | None) -> bool:
+    """Whether trials must also measure the loss on training examples (a generalization-gap objective)."""
+    return needs_full_eval(sweep) or any(o.metric in PROBE_METRICS for o in sweep.objective)
+
+
 def needs_full_eval(sweep: SweepSpec | None) -> bool:
     """Whether trials must generate: `evaluate: full`, or an objective the losses alone do not give."""
     if sweep is None or sweep.evaluate == "full":
@@ -332,19 +363,50 @@ def needs_full_eval(sweep: SweepSpec | None) -> bool:
     return any(o.metric not in LOSS_SIDE_METRICS for o in sweep.objective)
 
 
-def pruning_hook(p, pruner: PrunerSpec, report: Callable[[float, int], bool]) -> Callable[[Any, int], bool]:
-    """train_lora's `should_stop`: every `every` steps, the held-out loss goes to `report(loss, step)`,
-    which answers whether to stop (Optuna: trial.report then trial.should_prune)."""
-    from .train import eval_loss
+def decision_steps(pruner: PrunerSpec, planned: int) -> list[int]:
+    """The steps where the pruner can decide, so the held-out loss is measured only there.
 
-    examples = p.eval_encoded[: pruner.eval_examples]
+    Successive halving and Hyperband judge a trial only at their rungs, `every` x reduction_factor^k
+    steps (Optuna's rungs with min_resource = `every`); a loss measured between rungs would be
+    paid for and ignored. The median pruner decides at every report after its warm-up."""
+    if pruner.name == "none":
+        return []
+    if pruner.name in ("successive_halving", "hyperband"):
+        out, step = [], pruner.every
+        while step < planned:
+            out.append(step)
+            step *= pruner.resolved_reduction_factor
+        return out
+    return [s for s in range(pruner.every, planned, pruner.every) if s >= pruner.warmup_steps]
 
-    def should_stop(model, step: int) -> bool:
-        if step % pruner.every:
+
+class PruningHook:
+    """train_lora's `should_stop`: at each decision step the held-out loss goes to `report(loss, step)`,
+    which answers whether to stop (Optuna: trial.report then trial.should_prune).
+
+    It remembers what it measured, so a pruned run stores the loss it was judged on instead of
+    paying for another evaluation."""
+
+    def __init__(self, p, pruner: PrunerSpec, report: Callable[[float, int], bool], planned: int):
+        self.p, self.report = p, report
+        self.examples = p.eval_encoded[: pruner.eval_examples]
+        self.whole = len(self.examples) == len(p.eval_encoded)
+        self.steps = set(decision_steps(pruner, planned))
+        self.measured: dict[int, float] = {}
+
+    def __call__(self, model, step: int) -> bool:
+        from .train import eval_loss
+
+        if step not in self.steps:
             return False
-        return report(eval_loss(model, examples, pad_id=p.base.tokenizer.pad_token_id), step)
+        self.measured[step] = eval_loss(model, self.examples, pad_id=self.p.base.tokenizer.pad_token_id)
+        return self.report(self.measured[step], step)
 
-    return should_stop
+    def loss_at(self, step: int) -> tuple[float, int, bool] | None:
+        """(loss, eval examples it covers, whether that is the whole eval set) measured at `step`."""
+        if step not in self.measured:
+            return None
+        return self.measured[step], len(self.examples), self.whole
 
 
 def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
@@ -356,6 +418,7 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
     diverged or failed first seed ends the configuration there."""
     from .models import resolve_target_modules
     from .runner import run_id, train_run
+    from .train import plan_steps
 
     rep = reporter or Reporter()
     try:
@@ -367,14 +430,15 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
     pruner = exp.sweep.resolved_pruner if exp.sweep else PrunerSpec(name="none")
     ids, records, reused = [], [], 0
     seeds = exp.seeds_for(run)
-    full = needs_full_eval(exp.sweep)
+    full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
     for i, seed in enumerate(seeds):
         rs = run.with_seed(seed)
-        hook = pruning_hook(p, pruner, report) if report is not None and i == 0 and pruner.name != "none" else None
+        hook = (PruningHook(p, pruner, report, plan_steps(len(p.dataset.train), rs.train))
+                if report is not None and i == 0 and pruner.name != "none" else None)
         label = name if len(seeds) == 1 else f"{name} (seed {seed})"
         status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, should_stop=hook,
-                                       full_eval=full)
-        rid = run_id(p, rs, full)
+                                       full_eval=full, probe=probe)
+        rid = run_id(p, rs, full, probe)
         ids.append(rid)
         records.append(store.get(rid))
         reused += was_reused
@@ -506,6 +570,15 @@ def _grid_sampler_class():
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
+        def unstarted(self, study) -> bool:
+            """Whether a grid point is neither done nor being run (by this or another process)."""
+            from optuna.trial import TrialState
+
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            taken = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs
+                     and (t.state.is_finished() or t.state == TrialState.RUNNING)}
+            return len(taken) < len(self._all_grids)
+
         def point(self, grid_id: int) -> dict:
             """The parameters of a grid id (the grid as the parent class shuffled it)."""
             return dict(zip(self._param_names, self._all_grids[grid_id]))
@@ -523,9 +596,10 @@ def _make_pruner(spec: PrunerSpec):
     if spec.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.warmup_steps)
     if spec.name == "successive_halving":  # the resource is training steps; the first rung at `every`
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.every)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.every,
+                                                      reduction_factor=spec.resolved_reduction_factor)
     if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=spec.every)
+        return optuna.pruners.HyperbandPruner(min_resource=spec.every, reduction_factor=spec.resolved_reduction_factor)
     return optuna.pruners.NopPruner()
 
 
@@ -547,9 +621,10 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     return study
 
 
-def recover_interrupted(study, space: Space, rep: Reporter) -> list[int]:
+def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None) -> list[int]:
     """Trials left RUNNING by a process that died: mark them FAIL (status interrupted, not counted)
-    and enqueue their parameters, once, so the same configuration runs next.
+    and enqueue their parameters, once, so the same configuration runs next. `alive(trial)` tells a
+    trial another sweep process is still running (left alone) from a dead one; None: all are dead.
 
     A process killed between `ask` and the last `suggest` leaves some parameters unset: a grid trial
     still knows its grid point (the grid counts it as visited, so it must be re-enqueued); any other
@@ -559,6 +634,8 @@ def recover_interrupted(study, space: Space, rep: Reporter) -> list[int]:
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if alive is not None and alive(t):
+            continue
         # Through the storage: optuna.Trial(study, id) would run the sampler's before_trial, and a
         # grid trial killed before it got its grid point would then take (and waste) one.
         def set_attr(key: str, value: Any, t=t) -> None:
@@ -625,25 +702,51 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                                "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": p.base.fingerprint,
                                "data": p.dataset.fingerprint})
     result = SweepResult(ws, exp.name, url)
+    from .locks import file_lock, process_alive, process_identity
+    from .store import LOCKS
+
+    owner = process_identity()
+
+    def alive(t) -> bool:
+        return process_alive(t.user_attrs.get("owner"))
+
+    def study_lock():  # creating the study, recovering and asking: one process of this workspace at a time
+        return file_lock(ws / LOCKS / f"study-{config_hash([url, exp.name])}.lock")
+
+    waited = False
     try:
-        study = open_study(exp, url, space, fingerprint)
-        recover_interrupted(study, space, rep)
+        with study_lock():
+            study = open_study(exp, url, space, fingerprint)
+            recover_interrupted(study, space, rep, alive)
         per_hour = exp.cost.per_hour if exp.cost else None
         sign = {"minimize": 1.0, "maximize": -1.0}[sw.directions[0]]  # pruners read the loss in the objective's sense
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
         while True:
-            trials = study.get_trials(deepcopy=False)
-            reason = budget_reason(trials, sw, per_hour)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
-                reason = "every grid point done"
+            with study_lock():
+                trials = study.get_trials(deepcopy=False)
+                reason = budget_reason(trials, sw, per_hour)
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
+                    reason = "every grid point done"
+                # The last grid points are being run by other processes: wait for them rather than repeat one.
+                busy = reason is None and is_grid(sw) and not waiting and not study.sampler.unstarted(study)
+                if not reason and not busy:
+                    trial = study.ask()
+                    trial.set_user_attr("owner", owner)
+                    params = {d.param: d.suggest(trial) for d in space.dims}
+                    knobs = space.knobs(params)
+                    trial.set_user_attr("knobs", knobs)
             if reason:
                 result.stopped = reason
                 break
-            trial = study.ask()
-            params = {d.param: d.suggest(trial) for d in space.dims}
-            knobs = space.knobs(params)
-            trial.set_user_attr("knobs", knobs)
+            if busy:
+                if not waited:
+                    rep.log("Waiting for another sweep process to finish the last grid point(s).")
+                    waited = True
+                time.sleep(1.0)
+                with study_lock():
+                    recover_interrupted(study, space, rep, alive)  # in case that process died meanwhile
+                continue
             name = f"trial-{trial.number:04d}"
 
             def report(loss: float, step: int, trial=trial) -> bool:

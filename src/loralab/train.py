@@ -89,14 +89,39 @@ def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> dict
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed next-token cross-entropy over response tokens, and their token counts.
 
-    Sums (not per-batch means) let gradient accumulation and eval weight every token alike.
+    Sums (not per-batch means) let gradient accumulation and eval weight every token alike. Only
+    positions that predict a response token go through the vocabulary projection: on short-answer
+    data that skips most of the LM head and softmax (~15% of a step's FLOPs on the built-in model).
     """
+    target = batch["labels"][:, 1:]
+    counted = target != IGNORE
+    if _takes_logits_to_keep(model):
+        keep = torch.nn.functional.pad(counted, (0, 1))  # position t predicts token t + 1
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        per_token = torch.nn.functional.cross_entropy(out.logits.float(), target[counted], reduction="none")
+        rows = counted.nonzero()[:, 0]
+        sums = torch.zeros(target.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+        return sums, counted.sum(dim=1)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
-    target = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return per_token.view(target.shape).sum(dim=1), (target != IGNORE).sum(dim=1)
+    return per_token.view(target.shape).sum(dim=1), counted.sum(dim=1)
+
+
+_KEEPS: dict[type, bool] = {}
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any PEFT wrapper accepts a boolean `logits_to_keep` mask
+    (transformers >= 4.55 models do; custom remote code may not)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(inner)
+    if cls not in _KEEPS:
+        _KEEPS[cls] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _KEEPS[cls]
 
 
 def plan_steps(n_examples: int, spec: TrainSpec) -> int:
@@ -135,7 +160,9 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     total = sum(p.numel() for p in model.parameters())
     steps = plan_steps(len(examples), spec)
     warmup = spec.warmup_steps or int(round(spec.warmup_ratio * steps))
-    opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # One fused kernel for all LoRA tensors instead of a loop of small ops (~6 ms a step on CPU).
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
     sched = get_scheduler(spec.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
     batches = micro_batches(len(examples), spec)
     curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}

@@ -1,0 +1,228 @@
+"""Issue 7's numbers: training throughput against this machine's limit (P2), batched generation
+against a one-prompt-at-a-time loop (P3), and start-up times (P4). Run by hand, not in CI:
+
+    .venv/bin/python benchmarks/perf.py all        # or: train | generate | startup
+    REPEATS=5 .venv/bin/python benchmarks/perf.py train
+
+Each figure is the median of REPEATS (default 3) measurements; every line printed is JSON.
+Runs on CUDA when present (fp32/bf16 chosen as loralab chooses); the GPU check is
+benchmarks/gpu_throughput.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPEATS = int(os.environ.get("REPEATS", 3))
+DATA = {"builtin": "stdlib-docstrings", "train_size": 128, "eval_size": 32}
+
+
+def emit(**kw) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def setup(device: str = "auto"):
+    from loralab.data import encode_example, load_data
+    from loralab.models import load_base_model
+    from loralab.spec import DataSpec, ModelSpec
+
+    base = load_base_model(ModelSpec(name="builtin:smollm2-135m"), Path.cwd(), device=device, log=lambda s: None)
+    ds = load_data(DataSpec(**DATA), Path.cwd())
+    enc = lambda exs: [encode_example(base.tokenizer, e, ds.system_prompt, 512) for e in exs]  # noqa: E731
+    return base, ds, enc(ds.train), enc(ds.eval)
+
+
+def matmul_flops(n: int, dtype=None, device="cpu", repeats: int = 10) -> float:
+    """The fp32 (or `dtype`) matmul rate at n x n: the ceiling the training loop is measured against."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def shape_flops(model, rows: int, dtype, device: str, repeats: int = 5) -> float:
+    """The matmul rate on this model's own shapes at `rows` tokens per step (each Linear forward, and
+    its input-gradient product in backward): what GEMM achieves here for batches this small."""
+    import torch
+
+    shapes = {}
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes[(mod.in_features, mod.out_features)] = shapes.get((mod.in_features, mod.out_features), 0) + 1
+    flops = seconds = 0.0
+    for (fan_in, fan_out), count in shapes.items():
+        w = torch.randn(fan_out, fan_in, dtype=dtype, device=device)
+        x, g = torch.randn(rows, fan_in, dtype=dtype, device=device), torch.randn(rows, fan_out, dtype=dtype, device=device)
+        x @ w.T, g @ w
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            x @ w.T  # forward
+            g @ w  # backward, gradient of the input (the frozen weight gets none)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        seconds += (time.perf_counter() - t0) * count
+        flops += 2 * 2 * rows * fan_in * fan_out * repeats * count
+    return flops / seconds
+
+
+def plain_loop_tokens_per_s(model, train, pad_id: int, steps: int) -> float:
+    """The loop most people write: labels into the model (logits at every position), AdamW."""
+    import torch
+
+    from loralab.train import collate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    model.train()
+    seen, t0 = 0, None
+    for step in range(steps):
+        if step == 4:  # warm-up steps excluded, as for loralab's loop below
+            seen, t0 = 0, time.perf_counter()
+        batch = collate(train[2 * step: 2 * step + 2], pad_id, next(model.parameters()).device)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += int(batch["attention_mask"].sum())
+    model.eval()
+    return seen / (time.perf_counter() - t0)
+
+
+def bench_train() -> None:
+    """P2: the seed's run A (r 4, alpha 8, dropout 0.05, q/k/v, batch 2) for one epoch of 128 examples."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.spec import TrainSpec
+    from loralab.train import train_lora
+
+    base, ds, train, _ = setup()
+    dev = base.device
+    flops = statistics.median(max(matmul_flops(n, base.dtype, dev.type) for n in (1024, 2048)) for _ in range(REPEATS))
+    n_params = base.info["params"]
+    limit = flops / (4 * n_params)  # tokens/s if every FLOP of a frozen-base step ran at the matmul rate
+    steps = len(train) // 2
+    ours, plain, padding = [], [], []
+    for rep in range(REPEATS):
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
+        torch.manual_seed(rep)
+        model = get_peft_model(base.model, cfg)
+        res = train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps, seed=rep),
+                         pad_id=base.tokenizer.pad_token_id)
+        c = res.curve  # steady state: from step 5 on
+        ours.append((c["tokens"][-1] - c["tokens"][3]) / (c["seconds"][-1] - c["seconds"][3]))
+        padding.append(res.padding_share)
+        base.model = model.unload()
+        model = get_peft_model(base.model, cfg)
+        plain.append(plain_loop_tokens_per_s(model, train, base.tokenizer.pad_token_id, min(steps, 40)))
+        base.model = model.unload()
+        emit(bench="P2-repeat", repeat=rep, loralab_tokens_per_s=round(ours[-1], 1), plain_tokens_per_s=round(plain[-1], 1))
+    tps, ptps = statistics.median(ours), statistics.median(plain)
+    rows = round(2 * statistics.fmean(len(e.input_ids) for e in train))
+    small = statistics.median(shape_flops(base.model, rows, base.dtype, dev.type) for _ in range(REPEATS))
+    emit(bench="P2 training throughput", device=str(dev), dtype=base.info["dtype"], threads=torch.get_num_threads(),
+         matmul_gflops=round(flops / 1e9, 1), params_m=round(n_params / 1e6, 1), limit_tokens_per_s=round(limit, 1),
+         loralab_tokens_per_s=round(tps, 1), loralab_fraction_of_limit=round(tps / limit, 3),
+         plain_loop_tokens_per_s=round(ptps, 1), plain_fraction_of_limit=round(ptps / limit, 3),
+         padding_share=round(statistics.median(padding), 4), repeats=REPEATS,
+         rows_per_step=rows, matmul_gflops_at_model_shapes=round(small / 1e9, 1),
+         limit_at_model_shapes_tokens_per_s=round(small / (4 * n_params), 1),
+         loralab_fraction_of_shape_limit=round(tps / (small / (4 * n_params)), 3))
+
+
+def bench_generate() -> None:
+    """P3: greedy generation of the 32 eval answers at cap 64, batched (loralab) vs one prompt at a time."""
+    import torch
+
+    from loralab.data import end_token_id
+    from loralab.generate import generate_greedy
+
+    base, ds, _, evals = setup()
+    tok, model = base.tokenizer, base.model
+    prompts = [e.input_ids[: e.prompt_len] for e in evals]
+    end = end_token_id(tok)
+    kw = dict(eos_token_ids=[end], pad_token_id=tok.pad_token_id)
+    batched, single = [], []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        gens = generate_greedy(model, prompts, 64, batch_size=16, **kw)
+        batched.append((sum(len(g.tokens) for g in gens), time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        n = 0
+        with torch.inference_mode():
+            for p in prompts:  # the plain way: model.generate per prompt
+                out = model.generate(torch.tensor([p], device=base.device), max_new_tokens=64, do_sample=False,
+                                     eos_token_id=end, pad_token_id=tok.pad_token_id)
+                n += out.shape[1] - len(p) - int(out[0, -1].item() == end)
+        single.append((n, time.perf_counter() - t0))
+    rate = lambda xs: statistics.median(t / s for t, s in xs)  # noqa: E731
+    emit(bench="P3 generation", prompts=len(prompts), cap=64, batch_size=16,
+         batched_tokens=batched[0][0], batched_s=round(statistics.median(s for _, s in batched), 2),
+         batched_tokens_per_s=round(rate(batched), 1), one_at_a_time_tokens=single[0][0],
+         one_at_a_time_s=round(statistics.median(s for _, s in single), 2),
+         one_at_a_time_tokens_per_s=round(rate(single), 1), speedup=round(rate(batched) / rate(single), 2),
+         repeats=REPEATS)
+
+
+MODEL_READY = """
+import time
+t0 = time.perf_counter()
+from pathlib import Path
+from loralab.models import load_base_model
+from loralab.spec import ModelSpec
+b = load_base_model(ModelSpec(name="builtin:smollm2-135m"), Path.cwd(), log=lambda s: None)
+print(time.perf_counter() - t0)
+"""
+
+
+def bench_startup() -> None:
+    """P4: wall time of whole processes, as a user sees them (the cached built-in model)."""
+    exe = [sys.executable, "-m", "loralab.cli"]
+    seed = str(Path(__file__).resolve().parent.parent / "examples" / "seed-report.yaml")
+    subprocess.run(exe + ["validate", seed], check=True, capture_output=True)  # records the model's layers once
+
+    def wall(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    def inner(code: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                    text=True).stdout.strip().splitlines()[-1])
+
+    runs = max(REPEATS, 5)
+    emit(bench="P4 start-up", repeats=runs,
+         help_s=round(statistics.median(wall(exe + ["--help"]) for _ in range(runs)), 3),
+         validate_s=round(statistics.median(wall(exe + ["validate", seed]) for _ in range(runs)), 3),
+         model_ready_s=round(statistics.median(inner(MODEL_READY) for _ in range(runs)), 2),
+         python_bare_s=round(statistics.median(wall([sys.executable, "-c", "pass"]) for _ in range(runs)), 3))
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    emit(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
+         date=time.strftime("%Y-%m-%d"))
+    for name, fn in (("startup", bench_startup), ("train", bench_train), ("generate", bench_generate)):
+        if what in (name, "all"):
+            fn()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""What we learned: sentences written from measured effects by explicit rules, never by judgement.
+
+The rules, each unit-tested:
+1. An effect is stated only when its confidence interval excludes zero, with the numbers it rests on
+   (the change, its interval, how the interval was computed, how many seeds, which runs).
+2. An interval that contains zero reads "no measurable effect of X on Y within N seeds", with the
+   interval, so a reader sees how large an effect could still hide in it.
+3. Without an interval (one seed of a per-run number) nothing is claimed: the sentence says why.
+4. Two compared runs that differ in more than one trained knob are a confound: no knob is credited
+   with their difference until an ablation measures each knob on its own; then each gets its effect.
+5. Common beliefs (the seed report's among them) are checked against the effects: supported,
+   contradicted, not shown (within noise), or not tested here.
+6. The TL;DR names the best run on the chosen metric, and the cheapest run within noise of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ablate import Effect, differing
+from .comparison import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, QUALITY_CAP, STABILITY_ROWS, VERBOSITY_CAP, Comparison,
+                         _verdict, fmt_value, fmt_verdict, knobs)
+from .stats import Estimate, Verdict, mean_ci
+from .store import RunRecord
+
+_ROWS = {key: (label, fmt) for key, label, fmt in
+         LOSS_ROWS + QUALITY_CAP + VERBOSITY_CAP + DRIFT_ROWS + STABILITY_ROWS + COST_ROWS}
+
+
+def label_of(metric: str) -> str:
+    base, _, cap = metric.partition("@")
+    label = _ROWS.get(base, (base, ""))[0]
+    return f"{label} @{cap}" if cap else label
+
+
+def fmt_of(metric: str) -> str:
+    return _ROWS.get(metric.partition("@")[0], ("", "f3"))[1]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A metric the report follows per knob; `better` says which way is good (None: neither)."""
+
+    topic: str  # quality, verbosity, drift, stability, time, money
+    metric: str  # "{cap}" stands for the largest eval cap
+    better: str | None
+
+
+HEADLINES = (
+    Headline("quality", "eval_loss", "lower"),
+    Headline("quality", "rouge_l@{cap}", "higher"),
+    Headline("quality", "generalization_gap", "lower"),  # eval - train loss: overfitting
+    Headline("verbosity", "mean_tokens@{cap}", None),
+    Headline("verbosity", "cap_hit_rate@{cap}", None),
+    # Drift on general prompts is what a task adapter should not cause: lower is better.
+    Headline("drift", "drift_kl", "lower"),
+    Headline("stability", "loss_spikes", "lower"),
+    Headline("stability", "steps_to_90pct_drop", "lower"),  # fewer steps: adapts faster
+    Headline("time", "total_s", "lower"),
+    Headline("money", "cost", "lower"),
+)
+CAP_METRICS = ("rouge_l", "mean_tokens", "cap_hit_rate", "repeated_3gram")  # what a larger cap can change
+# Other metrics' good direction, for the colors of the tables (headlines carry their own).
+BETTER = {"eval_ppl": "lower", "chrf": "higher", "token_f1": "higher",
+          "exact_match": "higher", "repeated_3gram": "lower", "drift_agreement": "higher", "train_s": "lower",
+          "eval_s": "lower", "tokens_per_s": "higher", "peak_mem_mb": "lower"}
+
+
+def headline_metrics(caps: list[int]) -> list[str]:
+    out = []
+    for h in HEADLINES:
+        if "{cap}" in h.metric:
+            if caps:
+                out.append(h.metric.format(cap=max(caps)))
+        else:
+            out.append(h.metric)
+    return out
+
+
+def better_of(metric: str) -> str | None:
+    base = metric.partition("@")[0]
+    for h in HEADLINES:
+        if h.metric.partition("@")[0] == base:
+            return h.better
+    return BETTER.get(base)
+
+
+def topic_of(metric: str) -> str:
+    base = metric.partition("@")[0]
+    return next((h.topic for h in HEADLINES if h.metric.partition("@")[0] == base), "other")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One sentence of "What we learned" and the verdict it states."""
+
+    kind: str  # effect | null | untested | confound | plan | credit | belief | importance
+    text: str
+    verdict: str  # higher / lower / within noise / untested / confounded / credited / supported / contradicted / not shown / not tested
+    knob: str | None = None
+    metric: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules 1-3: one knob's effect
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _move(e: Effect) -> str:
+    lo, hi = _num(e.low), _num(e.high)
+    verb = "changing" if lo is None or hi is None else ("raising" if hi > lo else "lowering")
+    return f"{verb} {e.knob} from {fmt_value(e.low)} to {fmt_value(e.high)}"
+
+
+def decimals(values: list[float], fmt: str) -> int:
+    """The compare table's decimals for `fmt`, or more, so the largest value keeps two significant
+    digits: a real but small effect must not read as 0.000."""
+    base = {"f0": 0, "f1": 1, "f2": 2, "int": 0, "pct": 1, "money": 4}.get(fmt, 3)
+    big = max((abs(x) for x in values if x is not None and math.isfinite(x)), default=0.0)
+    if big == 0.0:
+        return base
+    return min(8, max(base, 1 - math.floor(math.log10(big))))
+
+
+def number(x: float, fmt: str, places: int | None = None, sign: bool = False) -> str:
+    """A number in the metric's unit: percentages as points, money and floats with enough decimals."""
+    if fmt == "pct":
+        x *= 100
+    d = decimals([x], fmt) if places is None else places
+    return f"{x:{'+' if sign else ''},.{d}f}" if fmt == "int" else f"{x:{'+' if sign else ''}.{d}f}"
+
+
+def interval(v: Verdict, fmt: str) -> str:
+    """'+0.123 [+0.050, +0.200]': the change and its interval, as the compare table shows them (with
+    more decimals when they would hide the effect); percentages in points (pp)."""
+    if fmt not in ("f0", "f1", "f2", "f3", "f4", "money", "pct", "int"):
+        return fmt_verdict(v, fmt).removesuffix(" " + v.label)
+    scale = 100 if fmt == "pct" else 1
+    d = decimals([v.diff * scale, v.lo * scale, v.hi * scale], fmt)
+    unit = " pp" if fmt == "pct" else ""
+    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(v.lo, fmt, d, True)}, {number(v.hi, fmt, d, True)}]")
+
+
+def testable(v: Verdict | None) -> bool:
+    return v is not None and not (math.isnan(v.lo) or math.isnan(v.hi))
+
+
+def _evidence(e: Effect, level: float) -> str:
+    how = (f"paired bootstrap over {e.verdict.n} eval examples" if e.method == "paired"
+           else f"Welch interval across {e.seeds} seeds per side")
+    seeds = f"{e.seeds} seed{'s' if e.seeds != 1 else ''}"
+    return f"{level:.0%} CI, {how}, {seeds}; {e.source}"
+
+
+def effect_finding(e: Effect, level: float = 0.95) -> Finding:
+    """Rules 1-3 for one knob on one metric."""
+    label, fmt, v = label_of(e.metric), fmt_of(e.metric), e.verdict
+    if not testable(v):
+        why = ("one seed per run gives a per-run number no interval: train with `repeats: 3`"
+               if e.method in ("", "welch") or v is None else "too few eval examples for an interval")
+        return Finding("untested", f"The effect of {_move(e)} on {label} was not tested: {why} ({e.source}).",
+                       "untested", e.knob, e.metric)
+    assert v is not None
+    if v.label == "within noise":
+        text = (f"No measurable effect of {e.knob} ({fmt_value(e.low)} → {fmt_value(e.high)}) on {label} within "
+                f"{e.seeds} seed{'s' if e.seeds != 1 else ''}: {interval(v, fmt)} ({_evidence(e, level)}).")
+        return Finding("null", text, "within noise", e.knob, e.metric)
+    scale = 100 if fmt == "pct" else 1
+    size = f"{number(abs(v.diff), fmt, decimals([v.diff * scale, v.lo * scale, v.hi * scale], fmt))}" \
+           f"{' points' if fmt == 'pct' else ''}"  # as many decimals as its interval shows
+    rel = ""
+    if e.reference and fmt != "pct" and math.isfinite(e.reference):
+        pct = 100 * v.diff / abs(e.reference)
+        rel = f"{pct:+.0f}%; " if abs(pct) >= 10 else f"{pct:+.1f}%; " if abs(pct) >= 1 else f"{pct:+.2g}%; "
+    better = better_of(e.metric)
+    judged = "" if better is None else (" (better)" if v.label == better else " (worse)")
+    text = (f"{_move(e).capitalize()} {'raised' if v.label == 'higher' else 'lowered'} {label} by {size}{judged}: "
+            f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).")
+    if e.method == "paired" and e.seeds == 1:
+        text += " One seed: the interval covers eval examples, not training randomness."
+    return Finding("effect", text, v.label, e.knob, e.metric)
+
+
+def effect_findings(effects: list[Effect], level: float = 0.95) -> list[Finding]:
+    """Stated effects one by one; the nulls of one knob folded into one sentence, each with its numbers."""
+    out, nulls, untested = [], {}, {}
+    for e in effects:
+        f = effect_finding(e, level)
+        if f.kind == "effect":
+            out.append(f)
+        elif f.kind == "null":
+            nulls.setdefault((e.knob, _key(e.low), _key(e.high), e.source), []).append(e)
+        else:
+            untested.setdefault((e.knob, e.source), []).append(e)
+    for (knob, _, _, source), es in nulls.items():
+        e0 = es[0]
+        parts = "; ".join(f"{label_of(e.metric)} {interval(e.verdict, fmt_of(e.metric))}" for e in es)
+        how = ("paired bootstrap over eval examples" if all(e.method == "paired" for e in es)
+               else "paired bootstrap over eval examples, or Welch across seeds for per-run numbers")
+        text = (f"No measurable effect of {knob} ({fmt_value(e0.low)} → {fmt_value(e0.high)}) within "
+                f"{e0.seeds} seed{'s' if e0.seeds != 1 else ''} on: {parts} ({level:.0%} CI, {how}; {source}).")
+        out.append(Finding("null", text, "within noise", knob, ",".join(e.metric for e in es)))
+    for (knob, source), es in untested.items():
+        labels = ", ".join(label_of(e.metric) for e in es)
+        out.append(Finding("untested", f"Not tested for {knob} ({source}): {labels}: one seed per run gives per-run "
+                           "numbers no interval; train with `repeats: 3`.", "untested", knob,
+                           ",".join(e.metric for e in es)))
+    return out
+
+
+def _key(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 4: confounds, and their credit once an ablation ran
+
+
+@dataclass
+class Confound:
+    """Run `b` against reference `a` when they differ in more than one knob."""
+
+    a: str
+    b: str
+    trained: list[str]  # lora.* / train.* knobs that differ
+    eval_only: list[str]  # generate.* knobs that differ (every row compares both at the same cap)
+    verdicts: dict[str, Verdict | None] = field(default_factory=dict)  # headline metric -> b vs a
+
+
+def find_confounds(c: Comparison, metrics: list[str]) -> list[Confound]:
+    """Each verdict column of the comparison ("B vs A") whose runs differ in more than one trained knob."""
+    firsts = [g[0] for g in c.groups]
+    trained_idx = [i for i, r in enumerate(firsts) if r.kind != "base"]
+    if len(trained_idx) < 2:
+        return []
+    ref = trained_idx[0]
+    out = []
+    for col, i in enumerate(trained_idx[1:]):
+        d = [k for k in differing(knobs(firsts[ref]), knobs(firsts[i])) if k != "train.seed"]
+        trained = [k for k in d if not k.startswith("generate.")]
+        if len(trained) < 2:  # a generate.* knob plays no part at a fixed cap: one trained knob is creditable
+            continue
+        conf = Confound(c.runs[ref], c.runs[i], trained, [k for k in d if k.startswith("generate.")])
+        for m in metrics:
+            try:
+                conf.verdicts[m] = c.row(m).verdicts[col]
+            except KeyError:
+                pass
+        out.append(conf)
+    return out
+
+
+def confound_findings(conf: Confound, effects: list[Effect], level: float = 0.95,
+                      plan_text: str | None = None) -> list[Finding]:
+    """The confound sentence, then for each metric on which b differs from a, each knob's own share."""
+    n = len(conf.trained) + len(conf.eval_only)
+    differs = {m: v for m, v in conf.verdicts.items() if testable(v) and v.label != "within noise"}
+    what = "; ".join(f"{label_of(m)} {interval(v, fmt_of(m))}" for m, v in differs.items())
+    text = (f"{conf.a} and {conf.b} differ in {n} knobs ({', '.join(conf.trained + conf.eval_only)}), so no single "
+            f"knob can be credited with {conf.b}'s differences from {conf.a}"
+            + (f" ({what}; {level:.0%} CI)" if what else " (none of its headline differences is outside the noise)")
+            + ".")
+    if conf.eval_only and conf.trained:
+        text += (f" {', '.join(conf.eval_only)} plays no part in them: every row compares both runs at the same cap; "
+                 "its own effect is read from the stored answers at each cap.")
+    out = [Finding("confound", text, "confounded")]
+    measured = {k for k in conf.trained if any(e.knob == k and testable(e.verdict) for e in effects)}
+    missing = [k for k in conf.trained if k not in measured]
+    if missing:
+        plan = plan_text or f"`loralab ablate FILE {conf.a} {conf.b} --design ofat`"
+        out.append(Finding("plan", f"Not yet measured on its own: {', '.join(missing)}. The ablation plan: {plan}.",
+                           "confounded"))
+    for m, v in differs.items():
+        parts, total = [], 0.0
+        for k in conf.trained:
+            e = _best_effect(effects, k, m)
+            if e is None:
+                continue
+            total += e.verdict.diff
+            parts.append(f"{k} {interval(e.verdict, fmt_of(m))} ({_judged(e.verdict.label, m)})")
+        if not parts:
+            continue
+        fmt = fmt_of(m)
+        text = (f"Credit for {conf.b}'s {label_of(m)} vs {conf.a} ({interval(v, fmt)}), each knob on its own: "
+                + "; ".join(parts) + ".")
+        if not missing:
+            d = decimals([total, v.diff], fmt)
+            text += (f" Together {number(total, fmt, d, True)} of {number(v.diff, fmt, d, True)}"
+                     f"{' pp' if fmt == 'pct' else ''}; the rest is interaction between knobs, or noise.")
+        out.append(Finding("credit", text, "credited", None, m))
+    return out
+
+
+def _judged(label: str, metric: str) -> str:
+    """'lower, better': the direction and, when the metric has a good direction, what it means."""
+    better = better_of(metric)
+    if label == "within noise" or better is None:
+        return label
+    return f"{label}, {'better' if label == better else 'worse'}"
+
+
+_DESIGN_RANK = {"factorial": 0, "pair": 1, "cap": 2}
+
+
+def _best_effect(effects: list[Effect], knob: str, metric: str) -> Effect | None:
+    """The effect of a knob on a metric from the strongest design available (factorial, then pairs)."""
+    cands = [e for e in effects if e.knob == knob and e.metric == metric and testable(e.verdict)]
+    return min(cands, key=lambda e: _DESIGN_RANK.get(e.design, 9)) if cands else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 5: common beliefs
+
+
+@dataclass(frozen=True)
+class Belief:
+    """A claim a practitioner may hold: raising `knob` moves `metric` in direction `expect`."""
+
+    claim: str
+    knob: str
+    metric: str  # a metric key without the cap (per-cap metrics match at any cap)
+    expect: str  # "higher" or "lower", when the knob is raised
+    source: str = "common belief"
+
+
+BELIEFS = (
+    Belief("A higher learning rate trains faster", "train.learning_rate", "steps_to_90pct_drop", "lower", "the seed report"),
+    Belief("... but is less stable", "train.learning_rate", "loss_spikes", "higher", "the seed report"),
+    Belief("A higher learning rate reaches a lower loss in the same steps", "train.learning_rate", "eval_loss", "lower"),
+    Belief("A larger max_new_tokens makes answers more verbose", "generate.max_new_tokens", "mean_tokens", "higher",
+           "the seed report"),
+    Belief("... with a risk of drift: more repetition", "generate.max_new_tokens", "repeated_3gram", "higher",
+           "the seed report"),
+    Belief("A larger rank r fits the task better", "lora.r", "eval_loss", "lower"),
+    Belief("A larger rank r costs more time", "lora.r", "total_s", "higher"),
+    Belief("A larger alpha moves the model further from the base", "lora.alpha", "drift_kl", "higher"),
+    Belief("More dropout reduces overfitting", "lora.dropout", "generalization_gap", "lower"),
+)
+
+
+def belief_finding(b: Belief, effects: list[Effect], level: float = 0.95) -> Finding:
+    """Supported / contradicted when an effect's interval excludes zero; not shown when it does not."""
+    cands = [e for e in effects if e.knob == b.knob and e.metric.partition("@")[0] == b.metric and testable(e.verdict)]
+    if not cands:
+        return Finding("belief", f"\u201c{b.claim}\u201d ({b.source}): not tested here: no measured effect of {b.knob} "
+                       f"on {label_of(b.metric)}.", "not tested", b.knob, b.metric)
+    e = min(cands, key=lambda e: _DESIGN_RANK.get(e.design, 9))
+    v = e.verdict
+    lo, hi = _num(e.low), _num(e.high)
+    raised = lo is None or hi is None or hi > lo
+    fmt = fmt_of(e.metric)
+    numbers = f"{_move(e)}: {label_of(e.metric)} {interval(v, fmt)} ({level:.0%} CI, {e.seeds} seed{'s' if e.seeds != 1 else ''}; {e.source})"
+    if v.label == "within noise":
+        verdict = "not shown"
+        text = f"\u201c{b.claim}\u201d ({b.source}): not shown here, within noise: {numbers}."
+    else:
+        went = v.label if raised else {"higher": "lower", "lower": "higher"}[v.label]
+        verdict = "supported" if went == b.expect else "contradicted"
+        text = f"\u201c{b.claim}\u201d ({b.source}): {verdict}: {numbers}."
+    return Finding("belief", text, verdict, b.knob, e.metric)
+
+
+def belief_findings(effects: list[Effect], level: float = 0.95, beliefs=BELIEFS) -> list[Finding]:
+    return [belief_finding(b, effects, level) for b in beliefs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: which knobs mattered
+
+
+def importance_findings(importances: dict[str, dict[str, float]], n_trials: int) -> list[Finding]:
+    """Optuna's parameter importances per objective: which knob mattered, not in which direction, no interval."""
+    out = []
+    for objective, imp in importances.items():
+        if not imp:
+            continue
+        ranked = sorted(imp.items(), key=lambda kv: -kv[1])
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in ranked)
+        out.append(Finding("importance",
+                           f"In the sweep's {n_trials} completed trials, {ranked[0][0]} mattered most for "
+                           f"{label_of(objective)} (Optuna parameter importance: {parts}). Importance ranks knobs; "
+                           "it gives no direction and no interval.", "importance", ranked[0][0], objective))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 6: the TL;DR
+
+
+@dataclass
+class Pick:
+    name: str
+    estimate: Estimate
+    seconds: Estimate | None
+    money: Estimate | None
+    vs_best: Verdict | None = None
+
+
+@dataclass
+class TLDR:
+    metric: str
+    better: str
+    best: Pick | None
+    cheapest: Pick | None  # the cheapest run within noise of the best (may be the best itself)
+    within_noise: list[str] = field(default_factory=list)
+    base: Estimate | None = None
+    currency: str | None = None
+    sentences: list[str] = field(default_factory=list)
+
+
+def _est(group: list[RunRecord], key: str, level: float) -> Estimate | None:
+    vals = [r.metrics[key] for r in group if _num(r.metrics.get(key)) is not None]
+    return mean_ci(vals, level) if vals else None
+
+
+def _pm(e: Estimate, fmt: str) -> str:
+    from .comparison import fmt_estimate
+
+    text = fmt_estimate(e, fmt)
+    return text + (f" ({e.n} seeds)" if e.n > 1 else " (1 seed)")
+
+
+def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: str | None = None, level: float = 0.95,
+         resamples: int = 5000, currency: str | None = None) -> TLDR:
+    """The best finished run on `metric`, and the cheapest run whose difference from it is within noise.
+
+    Cost is time per run (train + eval seconds), or money when a price per hour is set."""
+    better = better or better_of(metric) or "lower"
+    base = next((g for g in groups if g and g[0].kind == "base"), None)
+    runs = [g for g in groups if g and g[0].kind == "lora" and all(r.status == "finished" for r in g)
+            and _est(g, metric, level) is not None]
+    out = TLDR(metric, better, None, None, base=_est(base, metric, level) if base else None, currency=currency)
+    if not runs:
+        out.sentences.append(f"No finished run measured {label_of(metric)}: nothing to recommend yet.")
+        return out
+    sign = 1 if better == "lower" else -1
+    best = min(runs, key=lambda g: sign * _est(g, metric, level).mean)
+
+    def pick(g, vs=None) -> Pick:
+        return Pick(g[0].name, _est(g, metric, level), _est(g, "total_s", level), _est(g, "cost", level), vs)
+
+    out.best = pick(best)
+    close = [out.best]
+    for g in runs:
+        if g is best:
+            continue
+        v = _verdict(metric, best, g, level, resamples)
+        if testable(v) and v.label == "within noise":
+            close.append(pick(g, v))
+    out.within_noise = [p.name for p in close[1:]]
+
+    def price(p: Pick) -> float:
+        e = p.money if p.money is not None else p.seconds
+        return e.mean if e is not None else math.inf
+
+    out.cheapest = min(close, key=price)
+    fmt = fmt_of(metric)
+    label = label_of(metric)
+    s = f"Best {label}: {out.best.name}, {_pm(out.best.estimate, fmt)}, at {_cost(out.best, currency)} per run"
+    if out.base is not None:
+        s += f"; the untrained base: {fmt_value(out.base.mean, fmt)}"
+    out.sentences.append(s + ".")
+    if out.cheapest is out.best:
+        others = f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of it, " \
+                 "but not cheaper)" if out.within_noise else " (no other run is within noise of it)"
+        out.sentences.append(f"Cheapest within noise of the best: {out.best.name} itself{others}.")
+    else:
+        c = out.cheapest
+        saved = ""
+        if price(out.best) not in (0, math.inf) and price(c) != math.inf:
+            saved = f", {100 * (1 - price(c) / price(out.best)):.0f}% less"
+        out.sentences.append(f"Cheapest within noise of the best: {c.name}, {_pm(c.estimate, fmt)}; "
+                             f"{interval(c.vs_best, fmt)} vs {out.best.name}, within noise ({level:.0%} CI); "
+                             f"{_cost(c, currency)} per run{saved}.")
+    return out
+
+
+def _cost(p: Pick, currency: str | None) -> str:
+    parts = []
+    if p.seconds is not None:
+        parts.append(f"{p.seconds.mean:.0f} s")
+    if p.money is not None:
+        parts.append(f"{p.money.mean:.4f} {currency or ''}".strip())
+    return " and ".join(parts) or "unknown cost"

@@ -1,0 +1,268 @@
+"""Bad input, as a table: every case must give one message that names the place (file:line or field
+path), the value and the fix, exit with code 2, and write nothing to the workspace.
+
+docs/reliability.md lists the same cases with the message each one gets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loralab.cli import app
+
+MODEL = "@MODEL@"  # replaced by the tiny model's folder
+HEAD = f"name: bad\nmodel: {MODEL}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 2}}\nevaluation: {{drift: false}}\n"
+RUN = "runs:\n  A: {lora: {r: 2}, train: {max_steps: 2}, generate: {max_new_tokens: 4}}\n"
+
+
+def exp(body: str = RUN, data: str | None = None, head: str = HEAD) -> str:
+    if data is not None:
+        head = head.replace("{builtin: stdlib-docstrings, train_size: 8, eval_size: 2}", data)
+    return head + body
+
+
+def jsonl(*rows) -> str:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+
+
+OK = {"instruction": "Say hi.", "output": "Hi."}
+SWEEP = "sweep:\n  strategy: grid\n  space: {space}\n"
+
+
+@dataclass
+class Case:
+    id: str
+    files: dict[str, str | bytes]  # written into the test's folder; "exp.yaml" is the experiment
+    args: list[str]  # after the command name; "exp.yaml" and "-w ws" are added for run/validate/sweep
+    needles: list[str]  # each must appear in the one error message
+    command: str = "run"
+    existing_workspace: bool = False  # the command reads a finished workspace, which must stay as it was
+    setup: str | None = None  # name of a function below that adds what plain text cannot
+
+
+CASES = [
+    # -- the experiment file ------------------------------------------------------------------
+    Case("unknown top-level key", {"exp.yaml": exp() + "modle: x\n"}, [],
+         ["modle (line 7)", "unknown key", "'x'", "Fix: remove it or check its spelling; allowed here: name, model"]),
+    Case("unknown nested key", {"exp.yaml": exp("runs:\n  A: {lora: {rank: 4}}\n")}, [],
+         ["runs.A.lora.rank (line 6)", "unknown key", "(got 4)", "allowed here: r, alpha, dropout"]),
+    Case("wrong type", {"exp.yaml": exp("runs:\n  A: {train: {batch_size: two}}\n")}, [],
+         ["runs.A.train.batch_size (line 6)", "'two'", "Fix: use a whole number"]),
+    Case("rank 0", {"exp.yaml": exp("runs:\n  A: {lora: {r: 0}}\n")}, [],
+         ["runs.A.lora.r (line 6)", "(got 0)", "Fix: use a value above 0"]),
+    Case("alpha 0", {"exp.yaml": exp("runs:\n  A: {lora: {alpha: 0}}\n")}, [],
+         ["runs.A.lora.alpha (line 6)", "(got 0)", "Fix: use a value above 0"]),
+    Case("alpha < 0 in defaults", {"exp.yaml": exp("defaults:\n  lora: {alpha: -8}\n" + RUN)}, [],
+         ["defaults.lora.alpha (line 6)", "(got -8)", "Fix: use a value above 0"]),
+    Case("dropout 1", {"exp.yaml": exp("runs:\n  A: {lora: {dropout: 1.0}}\n")}, [],
+         ["runs.A.lora.dropout (line 6)", "(got 1.0)", "Fix: use a value below 1"]),
+    Case("learning rate 2", {"exp.yaml": exp("runs:\n  A: {train: {learning_rate: 2}}\n")}, [],
+         ["runs.A.train.learning_rate (line 6)", "(got 2)", "Fix: use a value below 1"]),
+    Case("negative max_steps", {"exp.yaml": exp("runs:\n  A: {train: {max_steps: -5}}\n")}, [],
+         ["runs.A.train.max_steps (line 6)", "(got -5)", "Fix: use a value above 0"]),
+    Case("empty run list", {"exp.yaml": exp("runs: {}\n")}, [],
+         ["runs (line 5)", "no runs declared", "Fix: add at least one named run"]),
+    Case("duplicate run names", {"exp.yaml": exp("runs:\n  A: {lora: {r: 2}}\n  B: {}\n  A: {lora: {r: 4}}\n")}, [],
+         ["runs.A (line 8)", "duplicate key, first given on line 6", "(got 'A')", "Fix: give each key once"]),
+    Case("run name escaping the workspace", {"exp.yaml": exp("runs:\n  ../x: {}\n")}, [],
+         ["runs.../x", "invalid run name", "(got '../x')", "Fix: use letters, digits"]),
+    Case("reserved run name", {"exp.yaml": exp("runs:\n  base: {}\n")}, [],
+         ["runs.base", "(got 'base')", "'base' is reserved"]),
+    Case("experiment name with a path", {"exp.yaml": "name: ../../etc/x\n" + exp().split("\n", 1)[1]}, [],
+         ["name (line 1)", "not a plain name", "(got '../../etc/x')", "Fix: use letters, digits"]),
+    Case("unknown device", {"exp.yaml": exp() + "device: gpu\n"}, [],
+         ["device (line 7)", "(got 'gpu')", "Fix: use one of 'auto', 'cpu' or 'cuda'"]),
+    Case("both warmups", {"exp.yaml": exp("runs:\n  A: {train: {warmup_steps: 2, warmup_ratio: 0.1}}\n")}, [],
+         ["runs.A.train (line 6)", "set warmup_steps or warmup_ratio, not both"]),
+    Case("seeds repeated", {"exp.yaml": exp() + "seeds: [0, 0]\n"}, [],
+         ["(file)", "seeds must be different from each other"]),
+    Case("YAML syntax", {"exp.yaml": exp("runs:\n  A: {lora: {r: 4}\n  B: {}\n")}, [],
+         ["exp.yaml:7", "not valid YAML", "Fix: check indentation and colons near that line"]),
+    Case("experiment file not UTF-8", {"exp.yaml": exp().encode() + b"# caf\xe9\n"}, [],
+         ["exp.yaml:7", "not UTF-8 text", "(got b'\\xe9\\n')", "Fix: save the file as UTF-8"]),
+    Case("top level not a mapping", {"exp.yaml": "- A\n- B\n"}, [],
+         ["(file)", "top level is not a mapping", "(got 'list')", "Fix: start with keys such as `model:`"]),
+    Case("experiment file missing", {}, [], ["exp.yaml", "file not found", "Fix: check the path"]),
+    Case("sweep: empty choice", {"exp.yaml": exp() + SWEEP.format(space="{lora.r: []}")}, [],
+         ["sweep.space.lora.r (line 9)", "no choices to try: give at least one value", "(got [])"], command="sweep"),
+    Case("sweep: linked knob pointing nowhere",
+         {"exp.yaml": exp() + SWEEP.format(space="{lora.r: [2], lora.alpha: {ratio_of: lora.rank, values: [1, 2]}}")}, [],
+         ["sweep.space.lora.alpha.ratio_of (line 9)", "(got 'lora.rank')", "Fix: add lora.rank to sweep.space"],
+         command="sweep"),
+    Case("sweep: unknown knob", {"exp.yaml": exp() + SWEEP.format(space="{lora.rank: [2, 4]}")}, [],
+         ["sweep.space.lora.rank (line 9)", "unknown knob", "Fix: use a field of lora, train or generate"], command="sweep"),
+    Case("sweep: no sweep section", {"exp.yaml": exp()}, [],
+         ["sweep", "missing", "Fix: add `sweep: {space:"], command="sweep"),
+    # -- data ---------------------------------------------------------------------------------
+    Case("data file missing", {"exp.yaml": exp(data="{path: nowhere.jsonl}")}, [],
+         ["data.path", "file not found", "(got 'nowhere.jsonl')", "Fix: give a JSONL or CSV file"]),
+    Case("data file empty", {"exp.yaml": exp(data="{path: d.jsonl}"), "d.jsonl": "\n\n"}, [],
+         ["data.path", "empty file", "d.jsonl", "Fix: add one example per line"]),
+    Case("broken JSON line", {"exp.yaml": exp(data="{path: d.jsonl}"), "d.jsonl": jsonl(OK, OK, '{"instruction": "x", "output": }', OK)}, [],
+         ["d.jsonl:3", "not valid JSON (Expecting value at column 32)", "'{\"instruction\": \"x\", \"output\": }'",
+          "Fix: write one JSON object per line"]),
+    Case("missing field", {"exp.yaml": exp(data="{path: d.jsonl}"), "d.jsonl": jsonl(OK, {"instruction": "x", "answer": "y"}, OK)}, [],
+         ["d.jsonl:2", "row has no field 'output'", "(got ['answer', 'instruction'])", "Fix: add 'output' to every row"]),
+    Case("empty field", {"exp.yaml": exp(data="{path: d.jsonl}"), "d.jsonl": jsonl(OK, {"instruction": "x", "output": " "}, OK)}, [],
+         ["d.jsonl:2", "field 'output' must be non-empty text", "(got ' ')", "Fix: give 'output' a text value"]),
+    Case("data not UTF-8", {"exp.yaml": exp(data="{path: d.jsonl}"),
+                            "d.jsonl": jsonl(OK).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n'}, [],
+         ["d.jsonl:2", "not UTF-8 text", "(got b'\\xe9\", \"out')", "Fix: save the file as UTF-8"]),
+    Case("CSV row with extra cells", {"exp.yaml": exp(data="{path: d.csv}"), "d.csv": "instruction,output\na,b\nc,d,e\n"}, [],
+         ["d.csv:3", "row has 3 cells but the header has 2", "(got ['e'])", "Fix: quote cells that contain commas"]),
+    Case("unknown data file type", {"exp.yaml": exp(data="{path: d.txt}"), "d.txt": "hello\n"}, [],
+         ["data.path", "unknown file type", "(got '.txt')", "Fix: use .jsonl"]),
+    Case("too few examples to split", {"exp.yaml": exp(data="{path: d.jsonl}"), "d.jsonl": jsonl(OK)}, [],
+         ["data.eval_fraction", "the eval split would be empty", "(got 1)", "Fix: add examples, or give a separate eval set"]),
+    Case("eval file empty", {"exp.yaml": exp(data="{path: d.jsonl, eval_path: e.jsonl}"), "d.jsonl": jsonl(OK, OK), "e.jsonl": ""}, [],
+         ["data.eval_path", "empty file", "e.jsonl", "Fix: add one example per line"]),
+    Case("eval split empty (datasets folder)", {"exp.yaml": exp(data="{hf: ds, eval_split: test}"),
+                                                "ds/train.jsonl": jsonl(OK, OK), "ds/test.jsonl": ""}, [],
+         ["data.hf", "cannot load (ValueError)", "\"test\" corresponds to no data", "(got 'ds')",
+          "Fix: check the id, hf_config and that every split has rows"]),
+    Case("example longer than max_seq_len",
+         {"exp.yaml": exp("runs:\n  A: {train: {max_seq_len: 64, max_steps: 2}}\n", data="{path: d.jsonl}"),
+          "d.jsonl": jsonl(OK, OK, {"instruction": "Say it all.", "output": "word " * 80}, OK, OK)}, [],
+         ["d.jsonl:3", "example is", "tokens, longer than runs.A.train.max_seq_len (64)",
+          "Fix: raise runs.A.train.max_seq_len to at least", "data.truncate: true"]),
+    # -- models -------------------------------------------------------------------------------
+    Case("unknown model id, offline", {"exp.yaml": exp().replace(MODEL, "nobody-xyz/no-such-model")}, [],
+         ["model.name", "(got 'nobody-xyz/no-such-model')", "HF_HUB_OFFLINE=1", "Fix: download it where there is network"]),
+    Case("model folder without weights", {"exp.yaml": exp().replace(MODEL, "nw")}, [],
+         ["model.name", "no *.safetensors file", "nw'", "Fix: save the model with save_pretrained first"], setup="no_weights"),
+    Case("model folder with pickle weights only", {"exp.yaml": exp().replace(MODEL, "pk")}, [],
+         ["model.name", "refusing to load pickle weights (they can run code)", "pk'", "Fix: convert them to safetensors"],
+         setup="pickle_only"),
+    Case("model folder without config", {"exp.yaml": exp().replace(MODEL, "empty"), "empty/README.md": "hi\n"}, [],
+         ["model.name", "not a transformers model folder", "empty'", "Fix: give a folder saved with save_pretrained"]),
+    Case("model folder missing", {"exp.yaml": exp().replace(MODEL, "./nope")}, [],
+         ["model.name", "folder not found", "(got './nope')", "Fix: check the path"]),
+    Case("unknown built-in model", {"exp.yaml": exp().replace(MODEL, "builtin:gpt-9")}, [],
+         ["model.name", "unknown built-in model", "(got 'builtin:gpt-9')", "Fix: use builtin:smollm2-135m"]),
+    Case("model needing its own code", {"exp.yaml": exp().replace(MODEL, "evil")}, [],
+         ["model.trust_remote_code", "(got 'evil')", "Fix: only if you trust that code"], setup="remote_code"),
+    Case("target modules matching nothing", {"exp.yaml": exp("runs:\n  A: {lora: {target_modules: [attn_out]}}\n")}, [],
+         ["runs.A.lora.target_modules", "no linear layer has this name", "(got 'attn_out')", "Fix: use some of: dense"]),
+    Case("validate: target modules matching nothing", {"exp.yaml": exp("runs:\n  A: {lora: {target_modules: [attn_out]}}\n")}, [],
+         ["runs.A.lora.target_modules", "(got 'attn_out')", "Fix: use some of: dense"], command="validate"),
+    Case("validate: model folder with pickle weights only", {"exp.yaml": exp().replace(MODEL, "pk")}, [],
+         ["model.name", "refusing to load pickle weights", "Fix: convert them to safetensors"],
+         command="validate", setup="pickle_only"),
+    # -- the command line ---------------------------------------------------------------------
+    Case("--only names an unknown run", {"exp.yaml": exp()}, ["--only", "A,Z"],
+         ["--only", "unknown run", "(got 'Z')", "Fix: use some of: A"]),
+    Case("--repeats with the file's seeds", {"exp.yaml": exp() + "seeds: [0, 1]\n"}, ["--repeats", "3"],
+         ["--repeats", "the file lists its seeds", "(got 3)", "Fix: drop --repeats or the file's seeds"]),
+    Case("compare a run that does not exist", {}, ["A", "Z"],
+         ["run", "unknown run name or id", "(got 'Z')", "Fix: use one of: A, base"], command="compare", existing_workspace=True),
+    Case("show a run that does not exist", {}, ["Z"],
+         ["run", "unknown run name or id", "(got 'Z')", "Fix: use one of: A, base"], command="show", existing_workspace=True),
+    Case("ls without a workspace", {}, [], ["workspace", "no loralab.db in this folder", "Fix: run an experiment first"],
+         command="ls"),
+    Case("doctor without a workspace", {}, [], ["workspace", "no loralab.db in this folder", "Fix: run an experiment first"],
+         command="doctor"),
+]
+
+
+# -- setups that need more than text files ---------------------------------------------------
+
+
+def no_weights(tmp: Path, model: Path) -> None:
+    folder = tmp / "nw"
+    folder.mkdir()
+    for f in model.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (folder / f.name).write_bytes(f.read_bytes())
+
+
+def pickle_only(tmp: Path, model: Path) -> None:
+    no_weights(tmp, model)
+    (tmp / "nw").rename(tmp / "pk")
+    (tmp / "pk" / "pytorch_model.bin").write_bytes(b"not even read")
+
+
+def remote_code(tmp: Path, model: Path) -> None:
+    write_remote_code_model(tmp / "evil", model, tmp / "PWNED")
+
+
+def write_remote_code_model(folder: Path, model: Path, marker: Path) -> None:
+    """A model folder whose config needs its own Python code, which would create `marker` if it ever ran."""
+    folder.mkdir()
+    for f in model.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evilnet", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n" \
+           "class EvilConfig(PretrainedConfig):\n    model_type = 'evilnet'\n"
+    (folder / "configuration_evil.py").write_text(code)
+    (folder / "modeling_evil.py").write_text(code)
+
+
+SETUPS = {f.__name__: f for f in (no_weights, pickle_only, remote_code)}
+
+
+# -- the test ---------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_workspace(tiny_neox, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    (tmp / "exp.yaml").write_text(exp().replace(MODEL, str(tiny_neox)))
+    out = CliRunner().invoke(app, ["run", str(tmp / "exp.yaml"), "-w", str(tmp / "ws")])
+    assert out.exit_code == 0, out.output
+    return tmp / "ws"
+
+
+def test_there_are_at_least_30_cases_with_unique_names():
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gets_one_clear_message_exit_2_and_writes_nothing(case, tmp_path, tiny_neox, request, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default workspace would land here: it must not appear either
+    for name, content in case.files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content.replace(MODEL, str(tiny_neox)))
+        else:
+            path.write_bytes(content.replace(MODEL.encode(), str(tiny_neox).encode()))
+    if case.setup:
+        SETUPS[case.setup](tmp_path, tiny_neox)
+    if case.existing_workspace:
+        ws = request.getfixturevalue("finished_workspace")
+        before = snapshot(ws)
+    else:
+        ws = tmp_path / "ws"
+    args = [case.command]
+    if case.command in ("run", "validate", "sweep"):
+        args.append(str(tmp_path / "exp.yaml"))
+    args += case.args
+    if case.command != "validate":
+        args += ["-w", str(ws)]
+    before_files = sorted(p.name for p in tmp_path.iterdir())
+    out = CliRunner().invoke(app, args)
+    text = out.output
+    assert out.exit_code == 2, text
+    assert text.count("error:") == 1 and "Traceback" not in text, text
+    for needle in case.needles:
+        assert needle in text, f"{needle!r} not in:\n{text}"
+    if case.existing_workspace:
+        assert snapshot(ws) == before  # read, never written (not even a -wal file left behind)
+    else:
+        assert not ws.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == before_files  # no default workspace either
