@@ -184,16 +184,26 @@ budget: {trials: 3}
     assert study.trials[0].params["train.learning_rate"] == seq[0]["train.learning_rate"]
 
 
+def good_and_bad_lr(tmp_path: Path, model: Path, pruner: str) -> Path:
+    """Two learning rates, a good one first (grid seed 1 orders them so), 12 steps each."""
+    return sweep_file(tmp_path, model, f"strategy: grid\nseed: 1\nspace:\n  train.learning_rate: [2.0e-2, 1.0e-7]\n"
+                      f"pruner: {pruner}", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+
+
+def count_eval_losses(monkeypatch) -> list[int]:
+    """Record how many examples each held-out loss measurement covers."""
+    from loralab import train
+
+    calls: list[int] = []
+    real = train.eval_losses
+    monkeypatch.setattr(train, "eval_losses", lambda model, ex, **kw: calls.append(len(ex)) or real(model, ex, **kw))
+    return calls
+
+
 def test_median_pruner_stops_a_far_too_low_learning_rate_early(tiny_neox, tmp_path):
     # Grid seed 1 runs the good learning rate first (Optuna shuffles the grid with the seed); with
     # one startup trial the median rule then judges the second trial at step 2 against the first.
-    f = sweep_file(tmp_path, tiny_neox, """
-strategy: grid
-seed: 1
-space:
-  train.learning_rate: [2.0e-2, 1.0e-7]
-pruner: {name: median, every: 2, startup_trials: 1}
-""", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: median, every: 2, startup_trials: 1}")
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     good, bad = result.trials
     assert good.knobs == {"train.learning_rate": 2e-2} and good.status == "finished"
@@ -227,18 +237,8 @@ def test_the_held_out_loss_is_measured_only_where_the_pruner_decides(pruner, pla
 
 
 def test_a_pruned_trial_stores_the_loss_its_pruner_measured_without_measuring_again(tiny_neox, tmp_path, monkeypatch):
-    from loralab import train
-
-    calls = []
-    real = train.eval_losses
-    monkeypatch.setattr(train, "eval_losses", lambda model, ex, **kw: calls.append(len(ex)) or real(model, ex, **kw))
-    f = sweep_file(tmp_path, tiny_neox, """
-strategy: grid
-seed: 1
-space:
-  train.learning_rate: [2.0e-2, 1.0e-7]
-pruner: {name: successive_halving, every: 2, reduction_factor: 2}
-""", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    calls = count_eval_losses(monkeypatch)
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2}")
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     good, bad = result.trials
     assert (good.status, bad.status) == ("finished", "pruned")
@@ -257,18 +257,8 @@ pruner: {name: successive_halving, every: 2, reduction_factor: 2}
 
 def test_a_trial_pruned_on_a_subset_keeps_that_loss_and_pays_for_no_whole_set_evaluation(tiny_neox, tmp_path,
                                                                                            monkeypatch):
-    from loralab import train
-
-    calls = []
-    real = train.eval_losses
-    monkeypatch.setattr(train, "eval_losses", lambda model, ex, **kw: calls.append(len(ex)) or real(model, ex, **kw))
-    f = sweep_file(tmp_path, tiny_neox, """
-strategy: grid
-seed: 1
-space:
-  train.learning_rate: [2.0e-2, 1.0e-7]
-pruner: {name: successive_halving, every: 2, reduction_factor: 2, eval_examples: 2}
-""", extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    calls = count_eval_losses(monkeypatch)
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2, eval_examples: 2}")
     good, bad = run_sweep(load_experiment(f), workspace=tmp_path / "ws").trials
     assert (good.status, bad.status) == ("finished", "pruned")
     m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
