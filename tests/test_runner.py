@@ -272,6 +272,7 @@ def test_markdown_cells_cannot_break_the_table(seed_run):
     from loralab.comparison import Comparison, _md_cell, to_markdown
 
     assert _md_cell("a | b\nc") == "a \\| b c"
+    assert _md_cell("a\r\nb\rc") == "a b c"  # a bare carriage return breaks a table row too
     _, result, _, _ = seed_run
     a = result.records[1]
     a.name = "A|<script>"

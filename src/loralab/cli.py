@@ -22,7 +22,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
-WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder [default: the file's `workspace:`, else ./loralab-workspace]")
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the file's `workspace:`, else ./loralab-workspace)")
 
 
 def _fail(err: LoralabError) -> None:

@@ -277,9 +277,13 @@ def render(c: Comparison, title: str = "Main differences"):
     return t
 
 
+# Everything that ends a line for a Markdown renderer (so ends a table row): \r too, not only \n.
+LINE_BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
 def _md_cell(text: str) -> str:
-    """Markdown table cells must not break the table: escape pipes, fold newlines."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Markdown table cells must not break the table: escape pipes, fold line breaks."""
+    return LINE_BREAKS.sub(" ", text.replace("\\", "\\\\").replace("|", "\\|"))
 
 
 def to_markdown(c: Comparison) -> str:

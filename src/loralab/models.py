@@ -190,7 +190,6 @@ def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = 
 def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
                     log: Callable[[str], None] = print) -> BaseModel:
     """Load tokenizer and model, safetensors only, on the chosen device."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref, fingerprint = resolve_model(spec, base_dir, log)

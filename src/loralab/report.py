@@ -706,7 +706,6 @@ class Md(str):
 
 # What can change a Markdown line's structure: code and emphasis marks, an underscore at a word's edge
 # (inside a word, as in learning_rate, it is text), and the bracket pairs that make links and images.
-_LINE_BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")  # shown as \ufffd, as a decoder shows bad bytes
 _MD_SPECIAL = re.compile(r"[`*~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=[(\[])")
 
@@ -714,8 +713,7 @@ _MD_SPECIAL = re.compile(r"[`*~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=[(\[])"
 def md_text(value: Any) -> str:
     """Any value as Markdown text that renders as itself: no raw HTML, links, images, emphasis, code
     or table breaks (pipes escaped, newlines folded, as comparison's table cells)."""
-    text = _LINE_BREAKS.sub(" ", str(value))  # \r ends a Markdown line too, not only \n
-    text = _CONTROL.sub("\ufffd", _md_cell(text))
+    text = _CONTROL.sub("\ufffd", _md_cell(str(value)))
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
 
