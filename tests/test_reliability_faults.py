@@ -315,7 +315,17 @@ def test_kill_9_during_a_sweep_then_the_same_command_finishes_it(fault, when, fo
 # --- Ctrl-C ---------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_marks_the_current_run_interrupted_exits_130_and_a_rerun_finishes(tiny_neox, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler, as in a terminal. A suite started in the background (`&`, nohup)
+    inherits SIGINT ignored, and the CLI rightly leaves an ignored SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_marks_the_current_run_interrupted_exits_130_and_a_rerun_finishes(tiny_neox, tmp_path, monkeypatch,
+                                                                                   sigint_handled):
     f, ws = write(tmp_path, tiny_neox), tmp_path / "ws"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # so the CLI installs its own
     monkeypatch.setenv("LORALAB_FAULT", "train.step:sigint@6")  # a real SIGINT to this process while B trains
@@ -330,7 +340,7 @@ def test_ctrl_c_marks_the_current_run_interrupted_exits_130_and_a_rerun_finishes
     assert statuses(ws) == {"base": "finished", "A": "finished", "B": "finished"}
 
 
-def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_native_code(tiny_neox, tmp_path):
+def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_native_code(tiny_neox, tmp_path, sigint_handled):
     f, ws = write(tmp_path, tiny_neox), tmp_path / "ws"
     proc = Proc(tmp_path, "run", f, "-w", ws, fault="train.step:wait@6", gate=tmp_path / "never")
     proc.until(lambda: statuses(ws).get("B") == "running", "B started")
