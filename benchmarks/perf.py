@@ -39,23 +39,6 @@ def setup(device: str = "auto"):
     return base, ds, enc(ds.train), enc(ds.eval)
 
 
-def matmul_flops(n: int, dtype=None, device="cpu", repeats: int = 10) -> float:
-    """The fp32 (or `dtype`) matmul rate at n x n: the ceiling the training loop is measured against."""
-    import torch
-
-    dtype = dtype or torch.float32
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
-
-
 def shape_flops(model, rows: int, dtype, device: str, repeats: int = 5) -> float:
     """The matmul rate on this model's own shapes at `rows` tokens per step (each Linear forward, and
     its input-gradient product in backward): what GEMM achieves here for batches this small."""
@@ -111,11 +94,12 @@ def bench_train() -> None:
     from peft import LoraConfig, get_peft_model
 
     from loralab.spec import TrainSpec
+    from loralab.sweep import matmul_flops
     from loralab.train import train_lora
 
     base, ds, train, _ = setup()
     dev = base.device
-    flops = statistics.median(max(matmul_flops(n, base.dtype, dev.type) for n in (1024, 2048)) for _ in range(REPEATS))
+    flops = statistics.median(max(matmul_flops(n, 10, base.dtype, dev.type) for n in (1024, 2048)) for _ in range(REPEATS))
     n_params = base.info["params"]
     limit = flops / (4 * n_params)  # tokens/s if every FLOP of a frozen-base step ran at the matmul rate
     steps = len(train) // 2

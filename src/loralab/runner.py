@@ -181,24 +181,20 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
     t1 = time.perf_counter()
     fault_point("evaluate")
+    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
+               for ex, l_ in zip(p.dataset.eval, per_example_loss)]
+    metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+    if probed or full:
+        metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
+                        "generalization_gap": loss - train_loss})
     if not full:
-        samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
-                   for ex, l_ in zip(p.dataset.eval, per_example_loss)]
-        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_s": round(t1 - t0, 2),
-                   "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + probed)}
-        if probed:
-            metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
-                            "generalization_gap": loss - train_loss})
+        metrics.update({"eval_s": round(t1 - t0, 2), "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + probed)})
         return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
     with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
         gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
                                pad_token_id=tok.pad_token_id, batch_size=batch_size,
                                progress=lambda n: update(advance=n))
     t2 = time.perf_counter()
-    metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "train_eval_loss": train_loss,
-                               "train_ppl": perplexity(train_loss), "generalization_gap": loss - train_loss}
-    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
-               for ex, l_ in zip(p.dataset.eval, per_example_loss)]
     for cap in caps:
         rows = []
         for s, g, ex, ref_n in zip(samples, gens, p.dataset.eval, p.reference_tokens):
@@ -224,7 +220,7 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     elif p.drift_prompts:
         metrics.update({"drift_kl": 0.0, "drift_agreement": 1.0})  # the base model, by definition
     generated = sum(len(g.tokens) for g in gens)
-    eval_tokens = sum(len(e.input_ids) for e in p.eval_encoded + p.train_probe) + generated
+    eval_tokens = sum(len(e.input_ids) for e in p.eval_encoded + probed) + generated
     timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "drift_s": round(drift_s, 2),
                "generated_tokens": generated,
                "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}

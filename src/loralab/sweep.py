@@ -135,6 +135,10 @@ class Space:
         return [self.knobs(pt) for pt in points]
 
 
+def _budget_text(budget: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in budget.items())
+
+
 def describe(sweep: SweepSpec) -> list[str]:
     """What a sweep section will do, in words (for `loralab validate`); needs no model."""
     space = Space(sweep)
@@ -152,7 +156,7 @@ def describe(sweep: SweepSpec) -> list[str]:
         lines.append(f"  pruner: {pr.name}, held-out loss {where}"
                      + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else ""))
     budget = sweep.budget.model_dump(exclude_none=True)
-    lines.append("  budget: " + (", ".join(f"{k} {v:g}" for k, v in budget.items()) if budget
+    lines.append("  budget: " + (_budget_text(budget) if budget
                                  else "none (a grid stops when every point is done)"))
     return lines
 
@@ -842,17 +846,21 @@ def _throughput(ws: Path, model_fingerprint: str, n_params: int) -> tuple[float,
                  f"parameters) x {TRAIN_EFFICIENCY:.0%}; no finished run of this model in the workspace yet"), None
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate (FLOP/s), the ceiling for training throughput on CPU."""
+def matmul_flops(n: int = 1024, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
+    """This machine's matmul rate (FLOP/s; fp32 unless `dtype`), the ceiling for training throughput."""
     import time
 
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b  # warm-up
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
@@ -891,7 +899,7 @@ def make_plan(exp: Experiment, p, ws: Path, space: Space) -> SweepPlan:
         n = sw.budget.trials
         total = n * per_trial[0] if n else None
         lines.append(f"Dry run of sweep {exp.name!r}: strategy {sw.strategy}, budget "
-                     + ", ".join(f"{k} {v:g}" for k, v in budget.items()) + "; nothing is trained or written.")
+                     + _budget_text(budget) + "; nothing is trained or written.")
         lines.append(f"  Per trial at the start settings: ~{tokens[0]:,} train tokens x {seeds} seed(s) "
                      f"= about {per_trial[0]:.1f} s")
     lines.append(f"  Throughput {tps:,.0f} train tokens/s ({source}){eval_note}.")
