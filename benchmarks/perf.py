@@ -118,6 +118,7 @@ def bench_train() -> None:
         plain.append(plain_loop_tokens_per_s(model, train, base.tokenizer.pad_token_id, min(steps, 40)))
         base.model = model.unload()
         emit(bench="P2-repeat", repeat=rep, loralab_tokens_per_s=round(ours[-1], 1), plain_tokens_per_s=round(plain[-1], 1))
+    gemm = gemm_bound(base, train, cfg)
     tps, ptps = statistics.median(ours), statistics.median(plain)
     rows = round(2 * statistics.fmean(len(e.input_ids) for e in train))
     small = statistics.median(shape_flops(base.model, rows, base.dtype, dev.type) for _ in range(REPEATS))
@@ -128,7 +129,32 @@ def bench_train() -> None:
          padding_share=round(statistics.median(padding), 4), repeats=REPEATS,
          rows_per_step=rows, matmul_gflops_at_model_shapes=round(small / 1e9, 1),
          limit_at_model_shapes_tokens_per_s=round(small / (4 * n_params), 1),
-         loralab_fraction_of_shape_limit=round(tps / (small / (4 * n_params)), 3))
+         loralab_fraction_of_shape_limit=round(tps / (small / (4 * n_params)), 3),
+         gemm_share_of_step=round(gemm["share"], 3), gemm_only_tokens_per_s=round(gemm["tokens_per_s"], 1),
+         gemm_only_fraction_of_limit=round(gemm["tokens_per_s"] / limit, 3))
+
+
+def gemm_bound(base, train, cfg, steps: int = 16) -> dict:
+    """The ceiling of loralab's loop as it runs here: tokens/s if the matrix products (their own
+    time, from the profiler) were all a step did and everything else cost nothing."""
+    import torch
+    from peft import get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+
+    from loralab.spec import TrainSpec
+    from loralab.train import train_lora
+
+    model = get_peft_model(base.model, cfg)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if base.device.type == "cuda" else [])) as prof:
+        res = train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps),
+                         pad_id=base.tokenizer.pad_token_id)
+    base.model = model.unload()
+    events = prof.key_averages()
+    on_device = base.device.type == "cuda"
+    own = lambda e: (e.self_device_time_total if on_device else e.self_cpu_time_total)  # noqa: E731
+    gemm_us = sum(own(e) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    total_us = sum(own(e) for e in events)
+    return {"share": gemm_us / total_us, "tokens_per_s": res.tokens / (gemm_us / 1e6)}
 
 
 def bench_generate() -> None:
@@ -176,6 +202,11 @@ print(time.perf_counter() - t0)
 """
 
 
+# What transformers 5 imports for any of its models: the modeling stack pulls in torch._dynamo
+# (masking_utils) and torch.distributed.tensor (sharding utilities) unconditionally.
+LLAMA_STACK = "from transformers import LlamaForCausalLM, PreTrainedTokenizerFast; LlamaForCausalLM.__mro__"
+
+
 def bench_startup() -> None:
     """P4: wall time of whole processes, as a user sees them (the cached built-in model)."""
     exe = [sys.executable, "-m", "loralab.cli"]
@@ -196,6 +227,9 @@ def bench_startup() -> None:
          help_s=round(statistics.median(wall(exe + ["--help"]) for _ in range(runs)), 3),
          validate_s=round(statistics.median(wall(exe + ["validate", seed]) for _ in range(runs)), 3),
          model_ready_s=round(statistics.median(inner(MODEL_READY) for _ in range(runs)), 2),
+         # The floor under model_ready: importing the libraries alone, before loralab does anything.
+         import_torch_s=round(statistics.median(wall([sys.executable, "-c", "import torch"]) for _ in range(runs)), 2),
+         import_llama_stack_s=round(statistics.median(wall([sys.executable, "-c", LLAMA_STACK]) for _ in range(runs)), 2),
          python_bare_s=round(statistics.median(wall([sys.executable, "-c", "pass"]) for _ in range(runs)), 3))
 
 

@@ -111,3 +111,72 @@ def test_projecting_only_response_positions_gives_the_full_logits_loss_and_gradi
     assert c1.tolist() == c2.tolist() and c1.tolist()[-1] == 0
     assert torch.allclose(s1, s2, rtol=1e-5, atol=1e-5) and s1[-1] == 0
     assert all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6) for n in g1)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_neox"])
+def test_packed_batches_give_each_example_the_padded_loss_and_gradients(arch, request):
+    from loralab import train
+
+    folder = request.getfixturevalue(arch)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = fresh(folder)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    model.eval()  # no dropout: both layouts must see the same network
+    assert train.packs_examples_apart(model)
+    # Different lengths, and a last example whose first token is a response token: the seam between
+    # examples must not become a target.
+    batch = encoded(tok)[:3] + [Encoded(input_ids=[5, 6, 7], labels=[5, 6, 7], prompt_len=0)]
+    results = []
+    for pack in (True, False):
+        b = collate(batch, pad_id=tok.pad_token_id, device=torch.device("cpu"), pack=pack)
+        assert ("attention_mask" in b) != pack
+        model.zero_grad()
+        sums, counts = train.token_losses(model, b)
+        sums.sum().backward()
+        results.append((sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (s1, c1, g1), (s2, c2, g2) = results
+    assert c1.tolist() == c2.tolist() and c1.tolist()[-1] == 2  # tokens 6 and 7; token 5 starts the example
+    assert torch.allclose(s1, s2, rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6) for n in g1)
+
+
+def test_packing_puts_examples_in_one_row_with_restarting_positions():
+    a = Encoded(input_ids=[5, 6, 7], labels=[IGNORE, 6, 7], prompt_len=1)
+    b = Encoded(input_ids=[8, 9], labels=[8, 9], prompt_len=0)
+    batch = collate([a, b], pad_id=0, device=torch.device("cpu"), pack=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]  # 7 must not predict 8
+    assert batch["example"].tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_a_model_that_lets_packed_examples_see_each_other_gets_padding(tiny_llama, monkeypatch):
+    from loralab import train
+
+    model = fresh(tiny_llama)
+    real_forward = model.get_base_model().forward
+
+    def leaky(*args, position_ids=None, **kw):  # ignores position_ids: one causal mask over the whole row
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(model.get_base_model(), "forward", leaky)
+    monkeypatch.setattr(train, "_PACKS", {})
+    assert not train.packs_examples_apart(model)
+    assert not train.Batcher(model, 0, torch.device("cpu")).packs([10, 12])
+
+
+def test_batcher_packs_only_when_it_costs_less_than_padding(tiny_llama):
+    from loralab import train
+
+    batcher = train.Batcher(fresh(tiny_llama), 0, torch.device("cpu"))
+    assert batcher.can_pack
+    assert batcher.packs([10, 30])  # a third of the padded row would be padding
+    assert not batcher.packs([30, 30])  # no padding to save, and a 4x attention block
+    assert not batcher.packs([30])
+    batcher.per_token, batcher.per_pair = 1000, 1  # linear layers dominate: even a little padding is worth saving
+    assert batcher.packs([28, 30])  # 58 x 1000 + 58^2 < 2 x 30 x 1000 + 2 x 30^2
+    batcher.per_pair = 1000  # attention dominates: one big block loses to padding
+    assert not batcher.packs([28, 30])

@@ -72,8 +72,20 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and of the loss."""
+def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device, pack: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad a batch (padding masked out of attention and loss), or pack it into one row.
+
+    Packed: the examples follow each other with their positions restarting at 0, which transformers
+    turns into a block-causal mask (each example attends only to itself) and no padding at all;
+    `example` says which example each position belongs to.
+    """
+    if pack:
+        ids = [t for e in batch for t in e.input_ids]
+        labels = [IGNORE if i == 0 else x for e in batch for i, x in enumerate(e.labels)]  # no target across a seam
+        pos = [i for e in batch for i in range(len(e.input_ids))]
+        which = [k for k, e in enumerate(batch) for _ in e.input_ids]
+        row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+        return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(pos), "example": row(which)}
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -86,6 +98,14 @@ def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> dict
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, padding tokens) of a collated batch."""
+    if "attention_mask" not in batch:
+        return batch["input_ids"].numel(), 0
+    real = int(batch["attention_mask"].sum())
+    return real, batch["attention_mask"].numel() - real
+
+
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed next-token cross-entropy over response tokens, and their token counts.
 
@@ -95,14 +115,19 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     """
     target = batch["labels"][:, 1:]
     counted = target != IGNORE
-    if _takes_logits_to_keep(model):
+    packed = "example" in batch
+    if packed or _takes_logits_to_keep(model):
         keep = torch.nn.functional.pad(counted, (0, 1))  # position t predicts token t + 1
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        where = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
+        out = model(input_ids=batch["input_ids"], **where, logits_to_keep=keep, use_cache=False)
         per_token = torch.nn.functional.cross_entropy(out.logits.float(), target[counted], reduction="none")
-        rows = counted.nonzero()[:, 0]
-        sums = torch.zeros(target.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
-        return sums, counted.sum(dim=1)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if packed:
+            rows, n = batch["example"][:, 1:][counted], int(batch["example"][0, -1]) + 1
+        else:
+            rows, n = counted.nonzero()[:, 0], target.size(0)
+        sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+        return sums, torch.bincount(rows, minlength=n)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits[:, :-1, :].float()
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none")
@@ -122,6 +147,69 @@ def _takes_logits_to_keep(model) -> bool:
     if cls not in _KEEPS:
         _KEEPS[cls] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     return _KEEPS[cls]
+
+
+class Batcher:
+    """Collates batches for one model: packed into one row when the model keeps packed examples
+    apart and packing costs less than padding, else right-padded.
+
+    Packing removes padding from every matmul but makes attention one (sum of lengths)^2 block
+    instead of batch x (longest)^2, so each batch takes whichever layout costs fewer FLOPs.
+    """
+
+    def __init__(self, model, pad_id: int, device: torch.device):
+        self.pad_id, self.device = pad_id, device
+        cfg = getattr(model, "config", None)
+        hidden, layers = getattr(cfg, "hidden_size", None), getattr(cfg, "num_hidden_layers", None)
+        self.can_pack = bool(hidden and layers) and packs_examples_apart(model)
+        if self.can_pack:
+            self.per_token = 2 * sum(p.numel() for p in model.parameters())  # linear layers, forward
+            self.per_pair = 4 * hidden * layers  # scores and weighted values, every (query, key) pair
+
+    def packs(self, lengths: Sequence[int]) -> bool:
+        if not self.can_pack or len(lengths) < 2:
+            return False
+        total, width, n = sum(lengths), max(lengths), len(lengths)
+        packed = total * self.per_token + total * total * self.per_pair
+        padded = n * width * self.per_token + n * width * width * self.per_pair
+        return packed < padded
+
+    def __call__(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_id, self.device, pack=self.packs([len(e.input_ids) for e in batch]))
+
+
+_PACKS: dict[tuple, bool] = {}
+
+
+def packs_examples_apart(model) -> bool:
+    """Whether the model keeps examples packed in one row apart (restarting `position_ids` must
+    give each its own block-causal attention, as transformers' mask utilities do): checked once
+    per model class and attention implementation on 8 tokens, in eval mode so no dropout runs."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (type(inner), getattr(getattr(inner, "config", None), "_attn_implementation", None))
+    if key not in _PACKS:
+        _PACKS[key] = _check_packing(model)
+    return _PACKS[key]
+
+
+def _check_packing(model) -> bool:
+    if not _takes_logits_to_keep(model):
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(3, 11, device=device) % int(getattr(model.config, "vocab_size", 11))
+    pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            alone = model(input_ids=ids[None, 5:], use_cache=False).logits[0].float()
+            packed = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0, 5:].float()
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16/fp16 round more
+        return bool((alone - packed).abs().max() <= tol * (float(alone.abs().max()) + 1e-6))
+    except Exception:  # a model that rejects position_ids or packed input simply gets padding
+        return False
+    finally:
+        model.train(was_training)
 
 
 def plan_steps(n_examples: int, spec: TrainSpec) -> int:
@@ -165,6 +253,7 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
     sched = get_scheduler(spec.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
     batches = micro_batches(len(examples), spec)
+    to_batch = Batcher(model, pad_id, device)
     curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
     seen = padded = 0
     diverged = None
@@ -177,13 +266,13 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             n_target = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for b in micro for e in b)
             step_loss = 0.0
             for b in micro:
-                batch = collate(b, pad_id, device)
+                batch = to_batch(b)
                 loss_sum = token_losses(model, batch)[0].sum()
                 (loss_sum / max(n_target, 1)).backward()
                 step_loss += loss_sum.item()
-                real = int(batch["attention_mask"].sum())
+                real, pads = batch_tokens(batch)
                 seen += real
-                padded += batch["attention_mask"].numel() - real
+                padded += pads
             max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = sched.get_last_lr()[0]
@@ -221,9 +310,10 @@ def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: 
     total, count = 0.0, 0
     per_example = [float("nan")] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    to_batch = Batcher(model, pad_id, device)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        sums, counts = token_losses(model, collate([examples[j] for j in idx], pad_id, device))
+        sums, counts = token_losses(model, to_batch([examples[j] for j in idx]))
         for j, s_, n in zip(idx, sums.tolist(), counts.tolist()):
             per_example[j] = s_ / n if n else float("nan")
             total += s_
