@@ -1,5 +1,7 @@
-"""Issue 7's numbers: training throughput against this machine's limit (P2), batched generation
-against a one-prompt-at-a-time loop (P3), and start-up times (P4). Run by hand, not in CI:
+"""Issue 7's numbers: training throughput against this machine's limit (P2: loralab's loop packed and
+padded, a plain loop, and the ceiling its matrix products alone allow), batched generation against
+a one-prompt-at-a-time loop (P3), and start-up times with the libraries' import floor (P4). Run by
+hand, not in CI:
 
     .venv/bin/python benchmarks/perf.py all        # or: train | generate | startup
     REPEATS=5 .venv/bin/python benchmarks/perf.py train
@@ -11,6 +13,7 @@ benchmarks/gpu_throughput.sh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -93,9 +96,7 @@ def bench_train() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loralab.spec import TrainSpec
     from loralab.sweep import matmul_flops
-    from loralab.train import train_lora
 
     base, ds, train, _ = setup()
     dev = base.device
@@ -103,21 +104,18 @@ def bench_train() -> None:
     n_params = base.info["params"]
     limit = flops / (4 * n_params)  # tokens/s if every FLOP of a frozen-base step ran at the matmul rate
     steps = len(train) // 2
-    ours, plain, padding = [], [], []
-    for rep in range(REPEATS):
-        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
-        torch.manual_seed(rep)
-        model = get_peft_model(base.model, cfg)
-        res = train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps, seed=rep),
-                         pad_id=base.tokenizer.pad_token_id)
-        c = res.curve  # steady state: from step 5 on
-        ours.append((c["tokens"][-1] - c["tokens"][3]) / (c["seconds"][-1] - c["seconds"][3]))
-        padding.append(res.padding_share)
-        base.model = model.unload()
+    ours, unpacked, plain, padding = [], [], [], []
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"])
+    for rep in range(REPEATS):  # the three loops interleaved, so each repeat sees the machine alike
+        tps, share = loralab_tokens_per_s(base, train, cfg, rep, steps)
+        ours.append(tps)
+        padding.append(share)
+        unpacked.append(loralab_tokens_per_s(base, train, cfg, rep, steps, pack=False)[0])
         model = get_peft_model(base.model, cfg)
         plain.append(plain_loop_tokens_per_s(model, train, base.tokenizer.pad_token_id, min(steps, 40)))
         base.model = model.unload()
-        emit(bench="P2-repeat", repeat=rep, loralab_tokens_per_s=round(ours[-1], 1), plain_tokens_per_s=round(plain[-1], 1))
+        emit(bench="P2-repeat", repeat=rep, loralab_tokens_per_s=round(ours[-1], 1),
+             loralab_padded_tokens_per_s=round(unpacked[-1], 1), plain_tokens_per_s=round(plain[-1], 1))
     gemm = gemm_bound(base, train, cfg)
     tps, ptps = statistics.median(ours), statistics.median(plain)
     rows = round(2 * statistics.fmean(len(e.input_ids) for e in train))
@@ -127,6 +125,8 @@ def bench_train() -> None:
          loralab_tokens_per_s=round(tps, 1), loralab_fraction_of_limit=round(tps / limit, 3),
          plain_loop_tokens_per_s=round(ptps, 1), plain_fraction_of_limit=round(ptps / limit, 3),
          padding_share=round(statistics.median(padding), 4), repeats=REPEATS,
+         loralab_padded_tokens_per_s=round(statistics.median(unpacked), 1),
+         padded_padding_share=round(padding_share(train, steps), 4),
          rows_per_step=rows, matmul_gflops_at_model_shapes=round(small / 1e9, 1),
          limit_at_model_shapes_tokens_per_s=round(small / (4 * n_params), 1),
          loralab_fraction_of_shape_limit=round(tps / (small / (4 * n_params)), 3),
@@ -134,26 +134,60 @@ def bench_train() -> None:
          gemm_only_fraction_of_limit=round(gemm["tokens_per_s"] / limit, 3))
 
 
+def loralab_tokens_per_s(base, train, cfg, seed: int, steps: int, pack: bool = True) -> tuple[float, float]:
+    """loralab's loop on the seed's run A: steady-state tokens/s (from step 5) and its padding share;
+    pack=False forces right-padded batches, to measure what packing gains."""
+    from unittest import mock
+
+    import torch
+    from peft import get_peft_model
+
+    from loralab import train as loop
+    from loralab.spec import TrainSpec
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base.model, cfg)
+    with mock.patch.object(loop.Batcher, "packs", lambda self, lengths: False) if not pack else contextlib.nullcontext():
+        res = loop.train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps, seed=seed),
+                              pad_id=base.tokenizer.pad_token_id)
+    base.model = model.unload()
+    c = res.curve
+    return (c["tokens"][-1] - c["tokens"][3]) / (c["seconds"][-1] - c["seconds"][3]), res.padding_share
+
+
+def padding_share(train, steps: int) -> float:
+    """The padding right-padded batches of the seed's order would carry (what packing removes)."""
+    from loralab.spec import TrainSpec
+    from loralab.train import micro_batches
+
+    batches = micro_batches(len(train), TrainSpec(batch_size=2))
+    real = pad = 0
+    for _ in range(steps):
+        lengths = [len(train[i].input_ids) for i in next(batches)]
+        real += sum(lengths)
+        pad += len(lengths) * max(lengths) - sum(lengths)
+    return pad / (real + pad)
+
+
 def gemm_bound(base, train, cfg, steps: int = 16) -> dict:
     """The ceiling of loralab's loop as it runs here: tokens/s if the matrix products (their own
     time, from the profiler) were all a step did and everything else cost nothing."""
-    import torch
     from peft import get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
     from loralab.spec import TrainSpec
     from loralab.train import train_lora
 
+    if base.device.type != "cpu":  # CPU only: on a GPU the products' time is a kernel timeline question
+        return {"share": float("nan"), "tokens_per_s": float("nan")}
     model = get_peft_model(base.model, cfg)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if base.device.type == "cuda" else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         res = train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps),
                          pad_id=base.tokenizer.pad_token_id)
     base.model = model.unload()
     events = prof.key_averages()
-    on_device = base.device.type == "cuda"
-    own = lambda e: (e.self_device_time_total if on_device else e.self_cpu_time_total)  # noqa: E731
-    gemm_us = sum(own(e) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
-    total_us = sum(own(e) for e in events)
+    gemm_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    total_us = sum(e.self_cpu_time_total for e in events)
     return {"share": gemm_us / total_us, "tokens_per_s": res.tokens / (gemm_us / 1e6)}
 
 
@@ -204,7 +238,16 @@ print(time.perf_counter() - t0)
 
 # What transformers 5 imports for any of its models: the modeling stack pulls in torch._dynamo
 # (masking_utils) and torch.distributed.tensor (sharding utilities) unconditionally.
-LLAMA_STACK = "from transformers import LlamaForCausalLM, PreTrainedTokenizerFast; LlamaForCausalLM.__mro__"
+LLAMA_STACK = """
+import time
+t0 = time.perf_counter()
+from transformers import LlamaForCausalLM
+LlamaForCausalLM.__mro__
+print(time.perf_counter() - t0)
+"""
+
+
+IMPORT_TORCH = "import time; t0 = time.perf_counter(); import torch; print(time.perf_counter() - t0)"
 
 
 def bench_startup() -> None:
@@ -228,8 +271,8 @@ def bench_startup() -> None:
          validate_s=round(statistics.median(wall(exe + ["validate", seed]) for _ in range(runs)), 3),
          model_ready_s=round(statistics.median(inner(MODEL_READY) for _ in range(runs)), 2),
          # The floor under model_ready: importing the libraries alone, before loralab does anything.
-         import_torch_s=round(statistics.median(wall([sys.executable, "-c", "import torch"]) for _ in range(runs)), 2),
-         import_llama_stack_s=round(statistics.median(wall([sys.executable, "-c", LLAMA_STACK]) for _ in range(runs)), 2),
+         import_torch_s=round(statistics.median(inner(IMPORT_TORCH) for _ in range(runs)), 2),
+         import_llama_stack_s=round(statistics.median(inner(LLAMA_STACK) for _ in range(runs)), 2),
          python_bare_s=round(statistics.median(wall([sys.executable, "-c", "pass"]) for _ in range(runs)), 3))
 
 
