@@ -134,9 +134,9 @@ def bench_train() -> None:
          gemm_only_fraction_of_limit=round(gemm["tokens_per_s"] / limit, 3))
 
 
-def loralab_tokens_per_s(base, train, cfg, seed: int, steps: int, pack: bool = True) -> tuple[float, float]:
-    """loralab's loop on the seed's run A: steady-state tokens/s (from step 5) and its padding share;
-    pack=False forces right-padded batches, to measure what packing gains."""
+def train_run_a(base, train, cfg, seed: int, steps: int, pack: bool = True):
+    """loralab's loop on the seed's run A, the base model restored after; pack=False forces
+    right-padded batches, to measure what packing gains."""
     from unittest import mock
 
     import torch
@@ -151,6 +151,12 @@ def loralab_tokens_per_s(base, train, cfg, seed: int, steps: int, pack: bool = T
         res = loop.train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps, seed=seed),
                               pad_id=base.tokenizer.pad_token_id)
     base.model = model.unload()
+    return res
+
+
+def loralab_tokens_per_s(base, train, cfg, seed: int, steps: int, pack: bool = True) -> tuple[float, float]:
+    """Steady-state tokens/s (from step 5) of `train_run_a`, and its padding share."""
+    res = train_run_a(base, train, cfg, seed, steps, pack)
     c = res.curve
     return (c["tokens"][-1] - c["tokens"][3]) / (c["seconds"][-1] - c["seconds"][3]), res.padding_share
 
@@ -172,19 +178,12 @@ def padding_share(train, steps: int) -> float:
 def gemm_bound(base, train, cfg, steps: int = 16) -> dict:
     """The ceiling of loralab's loop as it runs here: tokens/s if the matrix products (their own
     time, from the profiler) were all a step did and everything else cost nothing."""
-    from peft import get_peft_model
     from torch.profiler import ProfilerActivity, profile
-
-    from loralab.spec import TrainSpec
-    from loralab.train import train_lora
 
     if base.device.type != "cpu":  # CPU only: on a GPU the products' time is a kernel timeline question
         return {"share": float("nan"), "tokens_per_s": float("nan")}
-    model = get_peft_model(base.model, cfg)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        res = train_lora(model, train, TrainSpec(learning_rate=2e-4, batch_size=2, max_steps=steps),
-                         pad_id=base.tokenizer.pad_token_id)
-    base.model = model.unload()
+        res = train_run_a(base, train, cfg, seed=0, steps=steps)
     events = prof.key_averages()
     gemm_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
     total_us = sum(e.self_cpu_time_total for e in events)
@@ -225,29 +224,17 @@ def bench_generate() -> None:
          repeats=REPEATS)
 
 
+# Each snippet runs in a fresh process, timed from its first import (`inner` adds the timing).
 MODEL_READY = """
-import time
-t0 = time.perf_counter()
 from pathlib import Path
 from loralab.models import load_base_model
 from loralab.spec import ModelSpec
 b = load_base_model(ModelSpec(name="builtin:smollm2-135m"), Path.cwd(), log=lambda s: None)
-print(time.perf_counter() - t0)
 """
-
-
+IMPORT_TORCH = "import torch"
 # What transformers 5 imports for any of its models: the modeling stack pulls in torch._dynamo
 # (masking_utils) and torch.distributed.tensor (sharding utilities) unconditionally.
-LLAMA_STACK = """
-import time
-t0 = time.perf_counter()
-from transformers import LlamaForCausalLM
-LlamaForCausalLM.__mro__
-print(time.perf_counter() - t0)
-"""
-
-
-IMPORT_TORCH = "import time; t0 = time.perf_counter(); import torch; print(time.perf_counter() - t0)"
+LLAMA_STACK = "from transformers import LlamaForCausalLM\nLlamaForCausalLM.__mro__"
 
 
 def bench_startup() -> None:
@@ -262,7 +249,8 @@ def bench_startup() -> None:
         return time.perf_counter() - t0
 
     def inner(code: str) -> float:
-        return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+        timed = f"import time\nt0 = time.perf_counter()\n{code}\nprint(time.perf_counter() - t0)"
+        return float(subprocess.run([sys.executable, "-c", timed], check=True, capture_output=True,
                                     text=True).stdout.strip().splitlines()[-1])
 
     runs = max(REPEATS, 5)

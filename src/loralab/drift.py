@@ -151,7 +151,7 @@ def _log_probs(model, input_ids, attention_mask, row_index, col_index) -> torch.
     Selecting before the softmax keeps the float32 copy small; half-precision logits would make a small
     KL mostly rounding noise.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return torch.log_softmax(logits[row_index.to(logits.device), col_index.to(logits.device)].float(), dim=-1)
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .data import Encoded
+from .generate import eval_mode
 from .spec import TrainSpec
 
 IGNORE = -100
@@ -142,11 +143,16 @@ def _takes_logits_to_keep(model) -> bool:
     (transformers >= 4.55 models do; custom remote code may not)."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     cls = type(inner)
     if cls not in _KEEPS:
         _KEEPS[cls] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     return _KEEPS[cls]
+
+
+def _unwrapped(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class Batcher:
@@ -185,7 +191,7 @@ def packs_examples_apart(model) -> bool:
     """Whether the model keeps examples packed in one row apart (restarting `position_ids` must
     give each its own block-causal attention, as transformers' mask utilities do): checked once
     per model class and attention implementation on 8 tokens, in eval mode so no dropout runs."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     key = (type(inner), getattr(getattr(inner, "config", None), "_attn_implementation", None))
     if key not in _PACKS:
         _PACKS[key] = _check_packing(model)
@@ -198,18 +204,14 @@ def _check_packing(model) -> bool:
     device = next(model.parameters()).device
     ids = torch.arange(3, 11, device=device) % int(getattr(model.config, "vocab_size", 11))
     pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=device)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             alone = model(input_ids=ids[None, 5:], use_cache=False).logits[0].float()
             packed = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0, 5:].float()
-        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16/fp16 round more
-        return bool((alone - packed).abs().max() <= tol * (float(alone.abs().max()) + 1e-6))
     except Exception:  # a model that rejects position_ids or packed input simply gets padding
         return False
-    finally:
-        model.train(was_training)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16/fp16 round more
+    return bool((alone - packed).abs().max() <= tol * (float(alone.abs().max()) + 1e-6))
 
 
 def plan_steps(n_examples: int, spec: TrainSpec) -> int:
@@ -305,20 +307,18 @@ def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: 
     """Held-out cross-entropy under teacher forcing: the token-weighted mean, and each example's
     own mean (for paired comparisons between runs on the same examples)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     per_example = [float("nan")] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     to_batch = Batcher(model, pad_id, device)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        sums, counts = token_losses(model, to_batch([examples[j] for j in idx]))
-        for j, s_, n in zip(idx, sums.tolist(), counts.tolist()):
-            per_example[j] = s_ / n if n else float("nan")
-            total += s_
-            count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            sums, counts = token_losses(model, to_batch([examples[j] for j in idx]))
+            for j, s_, n in zip(idx, sums.tolist(), counts.tolist()):
+                per_example[j] = s_ / n if n else float("nan")
+                total += s_
+                count += n
     return (total / count if count else float("nan")), per_example
 
 
