@@ -18,7 +18,7 @@ from loralab.cli import app
 from loralab.store import RunRow, Store
 
 import chromium
-from test_runner import SEED_RUNS, experiment
+from test_runner import SEED_RUNS, diverging_experiment, experiment
 
 cli = CliRunner()
 SECTIONS = ["1. Goal and setup", "2. Runs", "3. Main differences", "4. Confounds", "5. Effects",
@@ -194,13 +194,7 @@ def test_cli_report_and_its_errors(reported):
 
 
 def test_report_with_a_diverged_run(tmp_path):
-    from tiny import make_tiny_model
-
-    model = make_tiny_model(tmp_path / "wild", arch="gpt_neox", initializer_range=1.0)  # as test_runner's divergence
-    runs = SEED_RUNS.replace("learning_rate: 2.0e-4, batch_size: 2, epochs: 1", "learning_rate: 0.9, batch_size: 1, max_steps: 40")
-    runs = runs.replace("r: 4, alpha: 8, dropout: 0.05, target_modules: [query_key_value]",
-                        "r: 4, alpha: 64, dropout: 0.05, target_modules: all-linear")
-    exp_path = experiment(tmp_path, model, runs, data="{builtin: stdlib-docstrings, train_size: 40, eval_size: 4}")
+    exp_path = diverging_experiment(tmp_path)
     loralab.run(loralab.load(exp_path), workspace=tmp_path / "ws")
     w = api.report(exp_path, out=tmp_path / "out", workspace=tmp_path / "ws")
     rows = {row["name"]: row for row in w.report.runs.rows}

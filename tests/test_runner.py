@@ -242,16 +242,22 @@ def test_repeats_pool_seeds_into_means_with_intervals(tiny_neox, tmp_path):
     assert [r.seed for r in store.group("B")] == [0, 1]
 
 
-def test_a_diverging_run_stops_early_is_diagnosed_and_the_next_run_completes(tmp_path):
+def diverging_experiment(tmp_path: Path) -> Path:
+    """A file whose run A must diverge on any CPU, B not: A's update is scaled by alpha/r = 16384 with
+    no gradient clipping, so its logits leave any range that a kernel's rounding could keep finite or
+    small (lr 0.9 with alpha/r 16 diverged with AVX2 kernels and not with AVX-512 ones)."""
     from tiny import make_tiny_model
 
-    # Large initial weights let the logits (and so the loss) blow up; the default tiny model's
-    # layer norms and small frozen output head keep any learning rate from diverging.
     model = make_tiny_model(tmp_path / "wild", arch="gpt_neox", initializer_range=1.0)
-    runs = SEED_RUNS.replace("learning_rate: 2.0e-4, batch_size: 2, epochs: 1", "learning_rate: 0.9, batch_size: 1, max_steps: 40")
+    runs = SEED_RUNS.replace("learning_rate: 2.0e-4, batch_size: 2, epochs: 1",
+                             "learning_rate: 0.9, batch_size: 1, max_steps: 40, max_grad_norm: null")
     runs = runs.replace("r: 4, alpha: 8, dropout: 0.05, target_modules: [query_key_value]",
-                        "r: 4, alpha: 64, dropout: 0.05, target_modules: all-linear")
-    exp = loralab.load(experiment(tmp_path, model, runs, data="{builtin: stdlib-docstrings, train_size: 40, eval_size: 4}"))
+                        "r: 4, alpha: 65536, dropout: 0.05, target_modules: all-linear")
+    return experiment(tmp_path, model, runs, data="{builtin: stdlib-docstrings, train_size: 40, eval_size: 4}")
+
+
+def test_a_diverging_run_stops_early_is_diagnosed_and_the_next_run_completes(tmp_path):
+    exp = loralab.load(diverging_experiment(tmp_path))
     result = loralab.run(exp, workspace=tmp_path / "ws")
     a, b = result.records[1], result.records[2]
     assert result.diverged == ["A"]
@@ -262,7 +268,7 @@ def test_a_diverging_run_stops_early_is_diagnosed_and_the_next_run_completes(tmp
     # Stopped at the step that went bad, with every step before it finite.
     assert len(losses) == step and all(math.isfinite(x) for x in losses[:-1])
     assert not math.isfinite(losses[-1]) or sum(losses[-5:]) / 5 > 2 * losses[0]
-    assert "learning_rate 0.9" in a.error and "alpha/r = 16" in a.error and "last good loss" in a.error
+    assert "learning_rate 0.9" in a.error and "alpha/r = 16384" in a.error and "last good loss" in a.error
     assert a.adapter_path is None
     again = run_experiment(exp, workspace=tmp_path / "ws")
     assert again.skipped == ["base", "A", "B"]  # a diverged run is an outcome, not retried
