@@ -31,11 +31,13 @@ from .stats import Verdict, compare_paired, mean_ci
 from .store import RunRecord
 
 DESIGNS = ("ofat", "factorial")
+HOLDS = ("alpha/r", "alpha")  # what stays fixed when lora.r moves: the update scale (default) or alpha
+SCALE = "lora.alpha/r"  # LoRA's update scale, a knob of its own when alpha/r is held
 TRAINED_SECTIONS = ("lora", "train")  # what changes the trained adapter; generate.* only changes evaluation
 MAX_NAME = 64  # spec.RUN_NAME's limit
 # Short names for run names such as "A+lr"; other knobs use their key ("A+dropout").
 SHORT = {"train.learning_rate": "lr", "train.gradient_accumulation": "grad_accum", "train.max_seq_len": "seq_len",
-         "train.weight_decay": "wd", "lora.target_modules": "targets"}
+         "train.weight_decay": "wd", "lora.target_modules": "targets", SCALE: "scale"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,9 +49,25 @@ def run_knobs(run: RunSpec) -> dict[str, Any]:
     return {f"{s}.{k}": v for s in KNOB_SECTIONS for k, v in getattr(run, s).model_dump().items()}
 
 
-def trained_knobs(flat: dict[str, Any]) -> dict[str, Any]:
-    """The knobs that shape the adapter (lora.*, train.* but the seed: seeds are repeats, not a knob)."""
-    return {k: v for k, v in flat.items() if k.split(".")[0] in TRAINED_SECTIONS and k != "train.seed"}
+def trained_knobs(flat: dict[str, Any], hold: str = "alpha/r") -> dict[str, Any]:
+    """The knobs that shape the adapter (lora.*, train.* but the seed: seeds are repeats, not a knob).
+
+    `hold="alpha/r"` (the default) reads LoRA's update scale alpha/r as the knob in place of alpha, so
+    r moving with alpha at a constant ratio is one knob (capacity), and alpha at a fixed r is the scale:
+    the effect of r is then not also the effect of a smaller update. `hold="alpha"`: the knobs as set."""
+    out = {}
+    for k, v in flat.items():
+        if k.split(".")[0] not in TRAINED_SECTIONS or k == "train.seed":
+            continue
+        if k == "lora.alpha" and hold == "alpha/r" and _num(v) and _num(flat.get("lora.r")):
+            out[SCALE] = round(float(v) / float(flat["lora.r"]), 12)
+        else:
+            out[k] = v
+    return out
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -138,6 +156,7 @@ class Plan:
     path: Path | None = None
     text: str = ""
     result: Any = None  # runner.ExperimentResult once trained
+    hold: str = "alpha/r"  # what stayed fixed when r moved
 
     @property
     def new_runs(self) -> list[PlannedRun]:
@@ -153,24 +172,36 @@ class Plan:
                  f"{', '.join(self.knobs) or 'none'}."]
         lines.append(f"{n} new run(s) x {s} seed(s) = {n * s} training run(s); {self.a} and {self.b} are reused "
                      "when already in the workspace.")
+        lines.append(hold_sentence(self.hold, "lora.r" in self.knobs))
         if self.eval_only:
             lines.append(f"{', '.join(self.eval_only)}: nothing to train, every cap comes from one generation; "
                          "the report compares the stored answers at each cap.")
         return lines
 
 
+def hold_sentence(hold: str, r_moves: bool = True) -> str:
+    """Which of alpha and alpha/r stays fixed when r moves, in words (the plan and the report say it)."""
+    if hold == "alpha":
+        return ("Where lora.r moves, alpha stays as set (`--hold alpha`), so the update scale alpha/r moves with it: "
+                "r's effect includes a change of scale." if r_moves else "alpha held as set (`--hold alpha`).")
+    return ("Where lora.r moves, alpha moves with it so alpha/r stays (r's effect is capacity, not update scale); "
+            "lora.alpha/r is a knob of its own. `--hold alpha` keeps alpha fixed instead." if r_moves else
+            "alpha is read as the update scale alpha/r (lora.alpha/r).")
+
+
 def roman(n: int) -> str:
     return {3: "III", 4: "IV", 5: "V", 6: "VI"}.get(n, str(n))
 
 
-def experiment_name(exp_name: str, a: str, b: str, design: str) -> str:
-    """The ablation experiment's name; the report finds a file's ablations by it."""
-    return f"{exp_name}.{a}-vs-{b}.{design}"
+def experiment_name(exp_name: str, a: str, b: str, design: str, hold: str = "alpha/r") -> str:
+    """The ablation experiment's name; the report finds a file's ablations by it. Holding alpha trains
+    other middle runs under the same names, so it is an experiment of its own."""
+    return f"{exp_name}.{a}-vs-{b}.{design}" + ("-hold-alpha" if hold == "alpha" else "")
 
 
 def ablation_of(exp_name: str, candidate: str) -> tuple[str, str, str] | None:
     """(a, b, design) when `candidate` names an ablation of experiment `exp_name`, else None."""
-    m = re.fullmatch(re.escape(exp_name) + r"\.(.+)-vs-(.+)\.(" + "|".join(DESIGNS) + ")", candidate)
+    m = re.fullmatch(re.escape(exp_name) + r"\.(.+)-vs-(.+)\.(" + "|".join(DESIGNS) + ")(?:-hold-alpha)?", candidate)
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
@@ -190,12 +221,16 @@ def endpoint(exp: Experiment, ref: str, records: dict[str, RunRecord] | None = N
 
 
 def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Path,
-         records: dict[str, RunRecord] | None = None) -> Plan:
+         records: dict[str, RunRecord] | None = None, hold: str = "alpha/r") -> Plan:
     """The runs that credit each knob on which A and B differ, and the experiment file that trains them
     (each run with the experiment's seeds: api.with_repeats changes them first, as `--repeats` does).
 
     `records`: stored runs of the experiment by name, for endpoints that are not in the file (trials).
-    `workspace`: written into the file, so running it from any folder reuses the runs stored there."""
+    `workspace`: written into the file, so running it from any folder reuses the runs stored there.
+    `hold`: what stays fixed when r moves: alpha/r (alpha moves with r; the default) or alpha."""
+    if hold not in HOLDS:
+        raise SpecError(f"unknown --hold {hold!r}", [Problem("--hold", "not a knob that can be held", hold,
+                                                              f"use one of: {', '.join(HOLDS)}")])
     if design not in DESIGNS:
         raise SpecError(f"unknown ablation design {design!r}",
                         [Problem("--design", "unknown design", design, f"use one of: {', '.join(DESIGNS)}")])
@@ -203,9 +238,8 @@ def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Pa
         raise SpecError("an ablation needs two different runs", [Problem("runs", "the same run twice", a, "name two runs, e.g. A B")])
     ra, rb = endpoint(exp, a, records), endpoint(exp, b, records)
     ka, kb = run_knobs(ra), run_knobs(rb)
-    diff = differing(ka, kb)
-    moved = [k for k in diff if k.split(".")[0] in TRAINED_SECTIONS and k != "train.seed"]
-    eval_only = [k for k in diff if k.split(".")[0] not in TRAINED_SECTIONS]
+    moved = differing(trained_knobs(ka, hold), trained_knobs(kb, hold))
+    eval_only = [k for k in differing(ka, kb) if k.split(".")[0] not in TRAINED_SECTIONS]
     if not moved:
         raise SpecError(f"{a} and {b} train the same adapter: nothing to ablate",
                         [Problem("runs", "no lora or train knob differs", f"{a} vs {b}",
@@ -227,18 +261,25 @@ def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Pa
             name = f"{a}+" + "+".join(short_name(k) for k in at_b)
             if len(name) > MAX_NAME:
                 name = f"{a}+run{i:02d}"
-            runs.append(PlannedRun(name, at_b, _moved(ra, rb, at_b, middle_generate, name)))
-    name = experiment_name(exp.name, a, b, design)
-    text = plan_yaml(exp, name, runs, workspace, design, a, b, moved, eval_only)
+            runs.append(PlannedRun(name, at_b, _moved(ra, rb, at_b, middle_generate, name, hold)))
+    name = experiment_name(exp.name, a, b, design, hold)
+    text = plan_yaml(exp, name, runs, workspace, design, a, b, moved, eval_only, hold)
     return Plan(design, a, b, moved, eval_only, runs, parse_experiment(yaml.safe_load(text), None, text),
-                exp.seeds_for(ra), resolution(rows) if design == "factorial" else None, text=text)
+                exp.seeds_for(ra), resolution(rows) if design == "factorial" else None, text=text, hold=hold)
 
 
-def _moved(ra: RunSpec, rb: RunSpec, at_b: list[str], generate, name: str) -> RunSpec:
+def _moved(ra: RunSpec, rb: RunSpec, at_b: list[str], generate, name: str, hold: str = "alpha/r") -> RunSpec:
+    """A's settings with the knobs `at_b` at B's values; with alpha/r held, alpha follows r at the
+    scale the run ends up with (A's, or B's when the scale itself moved)."""
     parts = {s: getattr(ra, s).model_dump() for s in TRAINED_SECTIONS}
     for k in at_b:
+        if k == SCALE:
+            continue
         s, key = k.split(".", 1)
         parts[s][key] = getattr(rb, s).model_dump()[key]
+    if hold == "alpha/r":
+        scale = (rb if SCALE in at_b else ra).lora
+        parts["lora"]["alpha"] = float(scale.alpha) / scale.r * parts["lora"]["r"]
     return RunSpec(name=name, **{s: type(getattr(ra, s)).model_validate(parts[s]) for s in TRAINED_SECTIONS},
                    generate=generate)
 
@@ -248,7 +289,7 @@ def _flow(d: dict) -> str:
 
 
 def plan_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace: Path, design: str,
-              a: str, b: str, moved: list[str], eval_only: list[str]) -> str:
+              a: str, b: str, moved: list[str], eval_only: list[str], hold: str = "alpha/r") -> str:
     """The plan as an experiment file: every run written out in full (a reader sees each knob), with a
     comment saying which knobs it moved. Paths are absolute, so the file works from any folder."""
     model = {**exp.model.model_dump(exclude_defaults=True), "name": exp.model.name}
@@ -266,7 +307,8 @@ def plan_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace: Pat
             f"# {'One-knob-at-a-time' if design == 'ofat' else 'Two-level factorial'} ablation of "
             f"{a} vs {b} from {exp.source or exp.name}, written by `loralab ablate`. Runs already in the",
             "# workspace (the same settings, model and data) are reused, not trained again.",
-            f"# Trained knobs that differ: {', '.join(moved)}."]
+            f"# Trained knobs that differ: {', '.join(moved)}.",
+            f"# {hold_sentence(hold, 'lora.r' in moved)}"]
     if eval_only:
         head.append(f"# Not trained: {', '.join(eval_only)} (every cap comes from one generation; the report "
                     "compares the stored caps).")
@@ -286,9 +328,10 @@ def plan_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace: Pat
     if exp.cost is not None:
         doc["cost"] = exp.cost.model_dump()
     lines = head + [yaml.safe_dump(doc, sort_keys=False, width=10**6, default_flow_style=None).rstrip(), "runs:"]
-    ka = run_knobs(runs[0].spec)
+    ka = trained_knobs(run_knobs(runs[0].spec), hold)
     for r in runs:
-        moved_text = ", ".join(f"{k}: {_show(ka[k])} -> {_show(run_knobs(r.spec)[k])}" for k in r.at_b)
+        kr = trained_knobs(run_knobs(r.spec), hold)
+        moved_text = ", ".join(f"{k}: {_show(ka[k])} -> {_show(kr[k])}" for k in r.at_b)
         lines.append(f"  # {moved_text}" if r.at_b else f"  # {a} as in {exp.source or exp.name}")
         lines.append(f'  "{r.name}":')  # quoted: a name such as `on` or `1e3` stays text
         for s in KNOB_SECTIONS:

@@ -140,11 +140,13 @@ def doctor(workspace: str | Path | None = None, repair: bool = False):
 
 
 def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat", out: str | Path | None = None,
-           workspace: str | Path | None = None, repeats: int | None = None, train: bool = False, console=None):
+           workspace: str | Path | None = None, repeats: int | None = None, train: bool = False, console=None,
+           hold: str = "alpha/r"):
     """Write the ablation of run `a` vs run `b` of an experiment file as an experiment file of its own:
     one knob at a time from a toward b (`ofat`), or a two-level fractional factorial (`factorial`).
 
-    `train`: also run it (runs already stored, a and b among them, are reused). Returns an ablate.Plan:
+    `train`: also run it (runs already stored, a and b among them, are reused). `hold`: what stays fixed
+    when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an ablate.Plan:
     `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
     from .store import Store
 
@@ -160,7 +162,7 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
             stored = {r.name: r for r in store.list(exp.name) if r.kind == "lora"}
         finally:
             store.close()
-    p = plan(exp, a, b, design, workspace=ws, records=stored)
+    p = plan(exp, a, b, design, workspace=ws, records=stored, hold=hold)
     write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
     if train:
         p.result = run(load_experiment(p.path), workspace=ws, console=console)

@@ -292,13 +292,15 @@ def ablate(file: Path = typer.Argument(..., metavar="FILE", help="Experiment YAM
                                       "factorial: a two-level fractional factorial over the differing knobs"),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the plan (default: WORKSPACE/ablations/NAME.yaml)"),
            train: bool = typer.Option(False, "--run", help="Train the plan now (runs already stored, A and B among them, are reused)"),
+           hold: str = typer.Option("alpha/r", "--hold", help="What stays fixed when r moves: alpha/r (alpha follows r, "
+                                    "so r's effect is not a change of update scale) or alpha"),
            repeats: Optional[int] = RepeatsOpt,
            workspace: Optional[Path] = WorkspaceOpt):
     """Which knob did it? Write (and with --run, train) the runs that credit each differing knob."""
     from . import api
 
     plan = api.ablate(file, a, b, design=design, out=out, workspace=workspace, repeats=repeats, train=train,
-                      console=console if train else None)
+                      console=console if train else None, hold=hold)
     for line in plan.summary():
         console.print(_escape(line), highlight=False)
     console.print(f"Wrote {plan.path}", highlight=False)

@@ -176,13 +176,13 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     tok = p.base.tokenizer
     caps = p.exp.eval_caps
     t0 = time.perf_counter()
-    loss, per_example_loss = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
+    loss, per_example_loss, loss_tokens = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
     probed = p.train_probe if probe or full else []
     train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
     t1 = time.perf_counter()
     fault_point("evaluate")
-    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "outputs": {}}
-               for ex, l_ in zip(p.dataset.eval, per_example_loss)]
+    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
+                "outputs": {}} for ex, l_, n in zip(p.dataset.eval, per_example_loss, loss_tokens)]
     metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     if probed or full:
         metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),

@@ -303,12 +303,15 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
 
 
 @torch.inference_mode()
-def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8) -> tuple[float, list[float]]:
-    """Held-out cross-entropy under teacher forcing: the token-weighted mean, and each example's
-    own mean (for paired comparisons between runs on the same examples)."""
+def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8
+                ) -> tuple[float, list[float], list[int]]:
+    """Held-out cross-entropy under teacher forcing: the token-weighted mean, each example's own mean
+    (for paired comparisons between runs on the same examples) and each example's scored tokens (so a
+    comparison weighs examples as the token-weighted mean does)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     per_example = [float("nan")] * len(examples)
+    tokens = [0] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     to_batch = Batcher(model, pad_id, device)
     with eval_mode(model):
@@ -317,9 +320,10 @@ def eval_losses(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: 
             sums, counts = token_losses(model, to_batch([examples[j] for j in idx]))
             for j, s_, n in zip(idx, sums.tolist(), counts.tolist()):
                 per_example[j] = s_ / n if n else float("nan")
+                tokens[j] = int(n)
                 total += s_
                 count += n
-    return (total / count if count else float("nan")), per_example
+    return (total / count if count else float("nan")), per_example, tokens
 
 
 def eval_loss(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int = 8) -> float:
