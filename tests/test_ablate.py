@@ -49,17 +49,29 @@ def test_ofat_rows():
 
 def test_ofat_plan_of_the_seed_example_is_a_runnable_file(tmp_path):
     exp = loralab.load(api.example_path("seed-report.yaml"))
-    p = plan(exp, "A", "B", "ofat", workspace=tmp_path / "ws")
+    # A (r 4, alpha 8) and B (r 8, alpha 16) have the same update scale alpha/r = 2: by default alpha
+    # follows r, so r is one knob and no alpha run is needed.
+    default = plan(exp, "A", "B", "ofat", workspace=tmp_path / "ws")
+    assert default.knobs == ["lora.r", "lora.dropout", "train.learning_rate"]
+    assert [r.name for r in default.runs] == ["A", "A+r", "A+dropout", "A+lr", "B"]
+    a_r = default.runs[1].spec.lora
+    assert (a_r.r, a_r.alpha) == (8, 16.0)  # alpha/r kept at A's 2
+    assert "alpha moves with it so alpha/r stays" in " ".join(default.summary())
+    # Asked to hold alpha: r and alpha are two knobs, as set.
+    p = plan(exp, "A", "B", "ofat", workspace=tmp_path / "ws", hold="alpha")
     assert p.knobs == ["lora.r", "lora.alpha", "lora.dropout", "train.learning_rate"]
     assert p.eval_only == ["generate.max_new_tokens"]  # not trained: every cap comes from one generation
     assert [r.name for r in p.runs] == ["A", "A+r", "A+alpha", "A+dropout", "A+lr", "B"]
+    assert (p.runs[1].spec.lora.r, p.runs[1].spec.lora.alpha) == (8, 8.0)
+    assert p.experiment.name == "seed-report.A-vs-B.ofat-hold-alpha"
+    assert ablation_of("seed-report", p.experiment.name) == ("A", "B", "ofat")
     from loralab.ablate import write_plan
 
     path = write_plan(p, tmp_path / "plan.yaml")
     text = path.read_text()
     assert text.startswith(f"# Run it:  loralab run {path}\n")
     again = loralab.load(path)  # a valid experiment file
-    assert again.name == "seed-report.A-vs-B.ofat" == experiment_name("seed-report", "A", "B", "ofat")
+    assert again.name == "seed-report.A-vs-B.ofat-hold-alpha" == experiment_name("seed-report", "A", "B", "ofat", "alpha")
     assert again.run("A") == exp.run("A") and again.run("B") == exp.run("B")  # same settings: same run ids
     assert again.eval_caps == exp.eval_caps and again.workspace == str(tmp_path / "ws")
     ka = run_knobs(exp.run("A"))
@@ -73,7 +85,7 @@ def test_ofat_plan_of_the_seed_example_is_a_runnable_file(tmp_path):
 
 def test_factorial_plan_trains_six_new_runs(tmp_path):
     exp = api.with_repeats(loralab.load(api.example_path("seed-report.yaml")), 3)
-    p = plan(exp, "A", "B", "factorial", workspace=tmp_path)
+    p = plan(exp, "A", "B", "factorial", workspace=tmp_path, hold="alpha")
     assert len(p.runs) == 8 and len(p.new_runs) == 6 and p.resolution == 4 and p.seeds == [0, 1, 2]
     assert "A+r+alpha" in [r.name for r in p.runs]
     assert "resolution IV" in p.summary()[0] and "6 new run(s) x 3 seed(s) = 18 training run(s)" in p.summary()[1]
@@ -160,7 +172,7 @@ def test_ablate_run_reuses_a_and_b_and_trains_one_knob_at_a_time(ablated):
     assert "base: finished earlier" in out.output and "A (seed 1): finished earlier" in out.output
     assert "B (seed 0): finished earlier" in out.output
     store_runs = loralab.list_runs(tmp / "ws", experiment="seed.A-vs-B.ofat")
-    assert sorted({r.name for r in store_runs}) == ["A", "A+alpha", "A+dropout", "A+lr", "A+r", "B", "base"]
+    assert sorted({r.name for r in store_runs}) == ["A", "A+dropout", "A+lr", "A+r", "B", "base"]
     ids = {r.name: r.id for r in first.records if r.seed in (None, 0)}
     assert {r.id for r in store_runs if r.name == "A" and r.seed == 0} == {ids["A"]}  # the very same run
     assert "Each knob on its own" in out.output and "train.learning_rate" in out.output

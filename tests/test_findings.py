@@ -65,7 +65,7 @@ def test_a_strong_effect_is_stated_with_its_numbers():
     assert f.kind == "effect" and f.verdict == "lower"
     assert f.text.startswith("Raising train.learning_rate from 0.0002 to 0.0005 lowered eval loss by 0.500 (better)")
     # It cites its interval, how it was computed, the seeds and the runs.
-    assert interval(e.verdict, "f4") in f.text and "paired bootstrap over 24 eval examples, 3 seeds; A+lr vs A" in f.text
+    assert interval(e.verdict, "f4") in f.text and "95% CI over 3 seeds and 24 eval examples; A+lr vs A" in f.text
     assert "-25%" in f.text  # relative to A's eval loss of about 2.0
 
 
@@ -86,7 +86,8 @@ def test_no_interval_no_claim():
     one = group("A", seeds=(0,), per_run={"loss_spikes": 0.0})
     other = group("A+lr", seeds=(0,), train={"learning_rate": 5e-4}, per_run={"loss_spikes": 3.0})
     e = only(knob_effects([one, other], ["loss_spikes"]), "train.learning_rate", "loss_spikes")
-    assert e.verdict is None  # one seed each of a per-run number: nothing to test
+    # One seed each of a per-run number: nothing to test; the difference is kept, with the reason.
+    assert e.verdict.label == "untested" and e.verdict.diff == 3.0 and "one seed" in e.verdict.note
     f = effect_finding(e)
     assert f.kind == "untested" and "not tested" in f.text and "repeats: 3" in f.text
 
@@ -94,7 +95,8 @@ def test_no_interval_no_claim():
 def test_one_seed_paired_effects_carry_a_caveat():
     one, other = group("A", seeds=(0,)), group("A+lr", seeds=(0,), loss_shift=-0.5, train={"learning_rate": 5e-4})
     f = effect_finding(only(knob_effects([one, other], ["eval_loss"]), "train.learning_rate"))
-    assert f.kind == "effect" and "One seed: the interval covers eval examples, not training randomness." in f.text
+    assert f.kind == "effect" and "One seed: the interval covers eval examples, not training randomness" in f.text
+    assert "seed noise unmeasured with one seed" in f.text
 
 
 def test_a_confound_credits_no_knob_until_each_is_measured():

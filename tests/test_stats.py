@@ -7,15 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from loralab import stats
-from loralab.stats import (
-    Estimate,
-    Verdict,
-    compare_paired,
-    mean_ci,
-    paired_bootstrap,
-    welch_diff,
-)
+from loralab.stats import Estimate, Side, compare_runs, estimate, mean_ci
 
 NAN = math.nan
 # Student t quantiles (t-table values, to the digits scipy gives).
@@ -81,146 +73,15 @@ def test_estimate_is_frozen():
         Estimate(1.0, 0.0, 2.0, 3).mean = 5.0
 
 
-# --- paired_bootstrap -------------------------------------------------------------------------------
+# --- compare_runs: per-run numbers (one value per seed): a Welch interval ---------------------------
 
 
-def test_paired_bootstrap_of_identical_runs_is_exactly_zero():
-    a = list(np.random.default_rng(0).uniform(size=50))
-    assert paired_bootstrap(a, list(a)) == (0.0, 0.0, 0.0)
+_next_seed = iter(range(1000, 10**6))
 
 
-def test_paired_bootstrap_of_a_constant_difference_has_no_width():
-    assert paired_bootstrap([0.0, 1.0, 0.5], [1.0, 2.0, 1.5]) == (1.0, 1.0, 1.0)
-
-
-def test_paired_bootstrap_of_two_pairs_by_hand():
-    # Differences 0 and 1: resampled means are 0, 0.5, 1 with chance 1/4, 1/2, 1/4, so the 2.5% and 97.5%
-    # points of 5000 resamples fall inside the runs of 0s and 1s.
-    assert paired_bootstrap([0.0, 0.0], [0.0, 1.0]) == (0.5, 0.0, 1.0)
-
-
-def test_paired_bootstrap_drops_pairs_with_nan_on_either_side():
-    assert paired_bootstrap([0.0, NAN, 0.0, 1.0], [0.0, 5.0, 1.0, NAN]) == (0.5, 0.0, 1.0)
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "expected"),
-    [
-        ([0.2], [0.5], (0.3, NAN, NAN)),  # one pair: a difference but no spread
-        ([], [], (NAN, NAN, NAN)),
-        ([NAN, 1.0], [1.0, NAN], (NAN, NAN, NAN)),  # nothing left after dropping NaN pairs
-    ],
-)
-def test_paired_bootstrap_with_too_few_pairs(a, b, expected):
-    assert all(_same(got, want) for got, want in zip(paired_bootstrap(a, b), expected))
-
-
-def test_paired_bootstrap_rejects_unpaired_lengths():
-    with pytest.raises(ValueError, match="same examples"):
-        paired_bootstrap([1.0, 2.0], [1.0])
-
-
-@pytest.mark.parametrize(("kwargs", "match"), [({"level": 1.0}, "level"), ({"n_resamples": 0}, "n_resamples")])
-def test_paired_bootstrap_rejects_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        paired_bootstrap([0.0, 1.0], [1.0, 1.0], **kwargs)
-
-
-def _shifted(shift: float, n: int = 200, seed: int = 1):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(0.5, 0.2, n)
-    return list(a), list(a + shift + rng.normal(0.0, 0.1, n))
-
-
-def test_paired_bootstrap_is_seeded():
-    a, b = _shifted(0.0)
-    assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)
-    assert paired_bootstrap(a, b, seed=3)[1] != paired_bootstrap(a, b, seed=4)[1]
-    assert paired_bootstrap(a, b, seed=3)[0] == paired_bootstrap(a, b, seed=4)[0]  # the point estimate is not random
-
-
-def test_paired_bootstrap_interval_matches_normal_theory_for_many_examples():
-    # For 400 differences the percentile interval is close to mean +- 1.96 * sd / sqrt(n).
-    rng = np.random.default_rng(2)
-    d = rng.normal(0.1, 1.0, 400)
-    diff, lo, hi = paired_bootstrap([0.0] * 400, list(d))
-    half = 1.959964 * d.std() / math.sqrt(400)
-    assert diff == pytest.approx(d.mean())
-    assert lo == pytest.approx(d.mean() - half, abs=0.1 * half)
-    assert hi == pytest.approx(d.mean() + half, abs=0.1 * half)
-    narrow = paired_bootstrap([0.0] * 400, list(d), level=0.5)
-    assert narrow[2] - narrow[1] == pytest.approx(2 * 0.674490 * d.std() / math.sqrt(400), rel=0.1)
-
-
-def test_paired_bootstrap_in_chunks_keeps_the_count_of_resamples(monkeypatch):
-    monkeypatch.setattr(stats, "_CHUNK_CELLS", 6)  # 3 resamples of 2 pairs per chunk; 5000 is not a multiple
-    assert paired_bootstrap([0.0, 0.0], [0.0, 1.0]) == (0.5, 0.0, 1.0)
-    rng = np.random.default_rng(2)
-    d = rng.normal(0.1, 1.0, 400)
-    monkeypatch.setattr(stats, "_CHUNK_CELLS", 1000)  # 2 resamples per chunk
-    diff, lo, hi = paired_bootstrap([0.0] * 400, list(d), n_resamples=2001)
-    half = 1.959964 * d.std() / math.sqrt(400)
-    assert lo == pytest.approx(d.mean() - half, abs=0.15 * half)
-    assert hi == pytest.approx(d.mean() + half, abs=0.15 * half)
-
-
-def test_paired_bootstrap_swapping_runs_mirrors_the_interval():
-    a, b = _shifted(0.05)
-    diff, lo, hi = paired_bootstrap(a, b)
-    assert paired_bootstrap(b, a) == (pytest.approx(-diff), pytest.approx(-hi), pytest.approx(-lo))
-
-
-# --- compare_paired ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("shift", "label"), [(1.0, "higher"), (-1.0, "lower"), (0.05, "higher")])
-def test_compare_paired_names_a_clear_shift(shift, label):
-    a, b = _shifted(shift)
-    v = compare_paired("rouge_l", a, b)
-    assert (v.metric, v.n, v.label) == ("rouge_l", 200, label)
-    assert v.diff == pytest.approx(np.mean(np.array(b) - np.array(a)))
-    assert v.diff == pytest.approx(shift, abs=0.03)  # noise sd 0.1 / sqrt(200) = 0.007
-    assert (v.lo > 0) if shift > 0 else (v.hi < 0)
-
-
-def test_compare_paired_pairing_sees_a_shift_that_separate_intervals_miss():
-    a, b = _shifted(0.05)  # example spread 0.2 swamps the 0.05 shift unless the pairs are compared
-    ea, eb = mean_ci(a), mean_ci(b)
-    assert ea.hi > eb.lo  # separate intervals overlap
-    assert compare_paired("chrf", a, b).label == "higher"
-
-
-def test_compare_paired_pure_noise_is_within_noise():
-    rng = np.random.default_rng(5)
-    a = rng.uniform(size=200)
-    noise = rng.normal(0.0, 0.1, 100)
-    b = a + np.concatenate([noise, -noise])  # differences average exactly 0
-    v = compare_paired("token_f1", list(a), list(b))
-    assert v.diff == pytest.approx(0.0, abs=1e-12)
-    assert v.lo < 0 < v.hi and v.label == "within noise"
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "label"),
-    [
-        ([0.3, 0.3], [0.3, 0.3], "within noise"),  # (0, 0, 0): 0 is inside the closed interval
-        ([0.0, 0.0], [1.0, 1.0], "higher"),  # every pair agrees: zero width, but all above 0
-        ([0.0], [1.0], "within noise"),  # one pair: no interval, so no claim
-        ([], [], "within noise"),
-    ],
-)
-def test_compare_paired_edge_labels(a, b, label):
-    assert compare_paired("m", a, b).label == label
-
-
-def test_compare_paired_passes_keywords_and_counts_kept_pairs():
-    a, b = [0.0, NAN, 0.0, 1.0], [0.0, 5.0, 1.0, NAN]
-    v = compare_paired("exact_match", a, b, seed=7, n_resamples=2000, level=0.9)
-    assert v == Verdict("exact_match", 0.5, 0.0, 1.0, 2, "within noise")
-    assert (v.diff, v.lo, v.hi) == paired_bootstrap(a, b, seed=7, n_resamples=2000, level=0.9)
-
-
-# --- welch_diff -------------------------------------------------------------------------------------
+def per_run(values, seeds=None, fixed=False) -> Side:
+    """One value per seed; fresh seeds unless given, so two sides are not paired by accident."""
+    return Side([[v] for v in values], seeds if seeds is not None else [next(_next_seed) for _ in values], fixed)
 
 
 @pytest.mark.parametrize(
@@ -236,9 +97,9 @@ def test_compare_paired_passes_keywords_and_counts_kept_pairs():
         ([1.0, 1.0], [3.0, 3.0, 3.0], 2.0, 0.0, 5),  # no spread: zero width at the difference
     ],
 )
-def test_welch_diff_by_hand(a, b, diff, half, n):
-    v = welch_diff("train_s", a, b)
-    assert (v.metric, v.n) == ("train_s", n)
+def test_per_run_numbers_get_a_welch_interval_by_hand(a, b, diff, half, n):
+    v = compare_runs("train_s", per_run(a), per_run(b))
+    assert (v.metric, v.n, v.method) == ("train_s", n, "seeds")
     assert (v.diff, v.lo, v.hi) == (pytest.approx(diff), pytest.approx(diff - half), pytest.approx(diff + half))
 
 
@@ -251,38 +112,152 @@ def test_welch_diff_by_hand(a, b, diff, half, n):
         ([1.0, 1.0], [1.0, 1.0], "within noise"),  # (0, 0, 0)
     ],
 )
-def test_welch_diff_labels(a, b, label):
-    assert welch_diff("m", a, b).label == label
+def test_per_run_labels(a, b, label):
+    assert compare_runs("m", per_run(a), per_run(b)).label == label
 
 
-def test_welch_diff_level():
-    v = welch_diff("m", [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], level=0.5)  # t(0.75, 4) = 0.740697
+def test_level_sets_the_t_quantile():
+    v = compare_runs("m", per_run([1.0, 2.0, 3.0]), per_run([4.0, 5.0, 6.0]), level=0.5)  # t(0.75, 4) = 0.740697
     assert v.hi - v.diff == pytest.approx(0.740697 * math.sqrt(2 / 3), abs=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "diff", "n"),
-    [([1.0], [2.0, 3.0], 1.5, 3), ([1.0, NAN], [2.0, 3.0], 1.5, 3), ([], [2.0, 3.0], NAN, 2), ([], [], NAN, 0)],
-)
-def test_welch_diff_with_fewer_than_two_values_a_side_has_no_interval(a, b, diff, n):
-    v = welch_diff("m", a, b)
-    assert _same(v.diff, diff) and math.isnan(v.lo) and math.isnan(v.hi)
-    assert (v.n, v.label) == (n, "within noise")
+def test_one_seed_each_of_a_per_run_number_is_untested_and_says_why():
+    v = compare_runs("m", per_run([1.0]), per_run([3.0]))
+    assert v.diff == 2.0 and math.isnan(v.lo) and math.isnan(v.hi)
+    assert v.label == "untested" and "one seed" in v.note and "repeats: 3" in v.note
 
 
-def test_welch_diff_rejects_bad_level():
+def test_one_seed_on_one_side_borrows_the_other_sides_seed_noise_and_says_so():
+    # a: 3 seeds, variance 1; b: one seed. b's seed variance is taken as a's: se^2 = 1/3 + 1/1, df 2.
+    v = compare_runs("m", per_run([1.0, 2.0, 3.0]), per_run([10.0]))
+    assert v.diff == 8.0 and v.hi - v.diff == pytest.approx(T_975_DF2 * math.sqrt(4 / 3))
+    assert "taken as the other's" in v.note and v.label == "higher"
+
+
+def test_against_the_fixed_base_only_the_trained_side_has_seed_noise():
+    # The base is evaluated once, greedily: no seed noise. One-sample t on b: se^2 = 1/3, df 2.
+    v = compare_runs("m", per_run([5.0], fixed=True), per_run([1.0, 2.0, 3.0]))
+    assert v.diff == -3.0 and v.hi - v.diff == pytest.approx(T_975_DF2 / math.sqrt(3))
+    assert v.label == "lower" and v.note == ""
+
+
+@pytest.mark.parametrize(("a", "b"), [([], [2.0, 3.0]), ([NAN], [2.0]), ([], [])])
+def test_nothing_measured_on_a_side_is_untested(a, b):
+    assert compare_runs("m", per_run(a), per_run(b)).label == "untested"
+
+
+def test_rejects_bad_level_and_unpaired_examples():
     with pytest.raises(ValueError, match="level"):
-        welch_diff("m", [1.0, 2.0], [1.0, 2.0], level=1.5)
+        compare_runs("m", per_run([1.0, 2.0]), per_run([1.0, 2.0]), level=1.5)
+    with pytest.raises(ValueError, match="same examples"):
+        compare_runs("m", Side([[1.0, 2.0]]), Side([[1.0, 2.0, 3.0]]))
 
 
-# --- _resampled_means -------------------------------------------------------------------------------
+# --- compare_runs: per-example metrics, seeds and eval examples ---------------------------------------
 
 
-@pytest.mark.parametrize(("chunk_cells", "n_resamples"), [(2_000_000, 5000), (6, 5000), (6, 7), (1, 4), (6, 1)])
-def test_resampled_means_gives_exactly_n_resamples_of_the_pairs(monkeypatch, chunk_cells, n_resamples):
-    monkeypatch.setattr(stats, "_CHUNK_CELLS", chunk_cells)  # 6 cells: 3 resamples of 2 pairs per chunk
-    means = stats._resampled_means(np.array([0.0, 1.0]), n_resamples, np.random.default_rng(0))
-    assert means.shape == (n_resamples,)
-    assert set(means.tolist()) <= {0.0, 0.5, 1.0}  # each is the mean of 2 draws from {0, 1}
-    if n_resamples >= 5000:  # 0.5 has chance 1/2: 2500 +- 35 expected
-        assert 2300 < np.count_nonzero(means == 0.5) < 2700
+def test_identical_runs_differ_by_exactly_zero():
+    a = np.random.default_rng(0).uniform(size=(3, 50))
+    v = compare_runs("m", Side(a, [0, 1, 2]), Side(a.copy(), [0, 1, 2]))
+    assert (v.diff, v.lo, v.hi, v.label) == (0.0, 0.0, 0.0, "within noise")
+
+
+def test_one_seed_each_covers_examples_only_and_says_so():
+    # Per-example differences 1, 2, 3, 4 (one seed each): mean 2.5, sd 1.291, se 0.6455, df 3.
+    v = compare_runs("m", Side([[0.0, 0.0, 0.0, 0.0]], [0]), Side([[1.0, 2.0, 3.0, 4.0]], [0]))
+    assert v.diff == 2.5 and v.hi - v.diff == pytest.approx(3.182446305284263 * math.sqrt(5 / 3) / 2)
+    assert v.method == "examples" and "seed noise unmeasured" in v.note and v.label == "higher"
+
+
+def test_seed_and_example_components_by_hand():
+    # Two seeds x two examples, unpaired seeds. a = [[0, 2], [2, 4]]: seed values 1, 3 (var 2);
+    # b = [[1, 1], [1, 1]]: no spread. Column means a: 1, 3; b: 1, 1 -> d = 0, -2 around -1:
+    # v_ex = 2/1 * (1/4 * 1 + 1/4 * 1) = 1, less the seed-by-example residuals (0: both are additive).
+    # Seed part: 2/2 + 0 = 1 (df 1). Total 2; df = 2^2 / (1/1 + 1/1) = 2.
+    v = compare_runs("m", Side([[0.0, 2.0], [2.0, 4.0]], [0, 1]), Side([[1.0, 1.0], [1.0, 1.0]], [5, 6]))
+    from scipy import stats as st
+
+    assert v.diff == -1.0 and v.method == "seeds+examples"
+    assert v.hi - v.diff == pytest.approx(float(st.t.ppf(0.975, 2)) * math.sqrt(2.0))
+
+
+def test_shared_seeds_are_paired_seed_by_seed():
+    # b = a + 1 + a small seed-specific shift: pairing cancels a's large seed spread.
+    a = np.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]])
+    b = a + 1.0 + np.array([[0.1], [-0.1], [0.0]])
+    paired = compare_runs("m", Side(a, [0, 1, 2]), Side(b, [0, 1, 2]))
+    unpaired = compare_runs("m", Side(a, [0, 1, 2]), Side(b, [3, 4, 5]))
+    assert paired.label == "higher" and unpaired.label == "within noise"
+    assert paired.diff == pytest.approx(1.0) == unpaired.diff
+
+
+def test_weights_make_the_difference_token_weighted():
+    # Example 1 weighs 3 tokens, example 2 one: the weighted mean of the differences (1, 5) is 2.
+    v = compare_runs("eval_loss", Side([[0.0, 0.0]]), Side([[1.0, 5.0]]), [3, 1])
+    assert v.diff == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("floor", "label"), [(None, "higher"), (0.5, "higher"), (2.0, "negligible")])
+def test_a_practical_floor_reads_negligible_inside_it(floor, label):
+    # 1.0 +- ~0.29: outside 0, inside +-2.
+    v = compare_runs("m", per_run([0.0, 0.1, 0.2, -0.1, -0.2]), per_run([1.0, 1.1, 1.2, 0.9, 0.8]), floor=floor)
+    assert v.label == label
+
+
+def test_estimate_of_one_run_holds_seeds_and_examples():
+    a = np.array([[1.0, 3.0], [3.0, 5.0]])  # additive: seed values 2, 4; column means 2, 4
+    e = estimate(Side(a, [0, 1]))
+    # seed part var(2, 4)/2 = 1 (df 1); example part 2 * ((2-3)^2 + (4-3)^2)/4 = 1 (df 1) -> total 2, df 2.
+    assert e.mean == 3.0 and e.hi - e.mean == pytest.approx(T_975_DF2 * math.sqrt(2.0)) and e.n == 2
+    assert math.isnan(estimate(per_run([1.0])).lo)  # one seed of a per-run number: no interval
+
+
+# --- calibration: identical settings, different seeds, many times ------------------------------------
+
+
+def _false_alarms(reps: int, k: int, n: int, seed_sd: float, noise_sd: float, example_sd: float, *,
+                  paired: bool = False, weighted: bool = False, effect: float = 0.0, seed: int = 0) -> float:
+    """The share of `reps` simulated pairs of runs called different. Each run: a value per seed and
+    example = example difficulty (shared) + the seed's shift + seed-by-example noise (+ effect for b).
+    Paired: b's seeds are a's (the seed shifts correlate, 0.5)."""
+    rng = np.random.default_rng(seed)
+    called = 0
+    for _ in range(reps):
+        difficulty = rng.normal(0, example_sd, n)
+        ua = rng.normal(0, seed_sd, k)
+        ub = 0.5 * ua + math.sqrt(0.75) * rng.normal(0, seed_sd, k) if paired else rng.normal(0, seed_sd, k)
+        a = difficulty + ua[:, None] + rng.normal(0, noise_sd, (k, n))
+        b = difficulty + ub[:, None] + rng.normal(0, noise_sd, (k, n)) + effect
+        seeds_b = list(range(k)) if paired else list(range(10, 10 + k))
+        w = rng.integers(3, 30, n) if weighted else None
+        called += compare_runs("m", Side(a, list(range(k))), Side(b, seeds_b), w).label in ("higher", "lower")
+    return called / reps
+
+
+# Nominal 5%; 600 seeded repetitions have a binomial sd of 0.9 points: the tolerance is 3 points.
+@pytest.mark.parametrize(
+    ("k", "n", "seed_sd", "noise_sd", "example_sd", "paired", "weighted"),
+    [
+        (3, 32, 0.02, 0.1, 0.5, False, False),  # seeds and noise both matter
+        (3, 32, 0.05, 0.01, 0.5, False, False),  # seed noise dominates: example-only intervals fail here
+        (3, 32, 0.0, 0.1, 0.5, False, True),  # no seed shift at all, token-weighted
+        (2, 32, 0.02, 0.1, 0.5, True, False),  # two shared seeds, paired
+        (5, 8, 0.02, 0.3, 0.5, False, False),  # few examples
+        (3, 200, 0.01, 0.2, 1.0, True, True),
+    ],
+)
+def test_identical_settings_are_called_different_at_most_at_the_nominal_level(k, n, seed_sd, noise_sd, example_sd,
+                                                                                paired, weighted):
+    assert _false_alarms(600, k, n, seed_sd, noise_sd, example_sd, paired=paired, weighted=weighted) <= 0.05 + 0.03
+
+
+def test_an_example_only_interval_would_fail_calibration():
+    # The reason for the seed component: with seed noise dominant, intervals over examples alone (one
+    # seed each) call most identical-settings pairs different.
+    assert _false_alarms(300, 1, 32, 0.05, 0.01, 0.5) > 0.5
+
+
+def test_a_real_effect_of_six_standard_errors_is_found():
+    # Seed sd 0.05 over 3 seeds a side: se of the difference ~0.041 with about 4 degrees of freedom
+    # (t 2.78); an effect of 0.25 is found nearly always.
+    assert _false_alarms(200, 3, 32, 0.05, 0.01, 0.5, effect=0.25) > 0.9

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from .comparison import KNOB_SECTIONS, _norm, _per_example, _verdict, knobs
+from .comparison import KNOB_SECTIONS, _by_seed, _norm, _per_example, _verdict, floor_of, knobs
 from .errors import Problem, SpecError
 from .spec import Experiment, RunSpec, parse_experiment
-from .stats import Verdict, compare_paired, mean_ci
+from .stats import Side, Verdict, compare_runs, mean_ci
 from .store import RunRecord
 
 DESIGNS = ("ofat", "factorial")
@@ -367,9 +367,10 @@ class Effect:
     verdict: Verdict | None  # None: nothing to test (e.g. one seed each of a per-run metric)
     seeds: int  # seeds behind each side's runs (the fewest)
     reference: float | None  # the metric's mean on the low side, to read the size of the change
-    method: str  # "paired" (bootstrap over eval examples) | "welch" (across seeds) | "" (untested)
+    method: str  # what the interval covers: "seeds+examples" | "examples" (one seed) | "seeds" | "" (untested)
     source: str  # which runs it comes from, in words
     design: str  # "pair" | "factorial" | "cap"
+    note: str = ""  # what else moved with the knob (r: alpha and alpha/r), in words
 
 
 @dataclass
@@ -382,20 +383,30 @@ class Design:
     rows: list[tuple[int, ...]]
     resolution: int | None
     runs: list[str] = field(default_factory=list)
+    hold: str = "alpha/r"  # how alpha was read: as the scale alpha/r, or as set
 
 
-def _trained(group: list[RunRecord]) -> dict[str, Any]:
-    return trained_knobs(knobs(group[0]))
+def _trained(group: list[RunRecord], hold: str = "alpha/r") -> dict[str, Any]:
+    return trained_knobs(knobs(group[0]), hold)
 
 
 def find_design(groups: list[list[RunRecord]]) -> Design | None:
-    """The runs as a two-level orthogonal design (balanced, uncorrelated columns), if they are one.
+    """The runs as a two-level orthogonal design (balanced, uncorrelated columns), if they are one:
+    read with alpha/r as a knob (a default factorial plan), else with alpha as set (`--hold alpha`).
 
     Levels are read against the first run (its value is `low`). Needs at least two knobs and four runs:
     fewer is a pair or a line, which single-knob pairs already answer."""
+    for hold in HOLDS:
+        design = _design(groups, hold)
+        if design is not None:
+            return design
+    return None
+
+
+def _design(groups: list[list[RunRecord]], hold: str) -> Design | None:
     if len(groups) < 4:
         return None
-    tk = [_trained(g) for g in groups]
+    tk = [_trained(g, hold) for g in groups]
     varying = differing_any(tk)
     if len(varying) < 2:
         return None
@@ -416,7 +427,7 @@ def find_design(groups: list[list[RunRecord]]) -> Design | None:
         for j in range(i + 1, len(varying)):
             if sum(s[i] * s[j] for s in signs):
                 return None
-    return Design(varying, low, high, rows, resolution(rows), [g[0].name for g in groups])
+    return Design(varying, low, high, rows, resolution(rows), [g[0].name for g in groups], hold)
 
 
 def differing_any(dicts: list[dict[str, Any]]) -> list[str]:
@@ -426,10 +437,9 @@ def differing_any(dicts: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({_norm(d.get(k)) for d in dicts}) > 1]
 
 
-def _method(v: Verdict | None, ref: list[RunRecord], other: list[RunRecord], key: str) -> str:
-    if v is None:
-        return ""
-    return "paired" if _per_example(ref, key) is not None and _per_example(other, key) is not None else "welch"
+def _method(v: Verdict | None) -> str:
+    """What the effect's interval covers (stats.compare_runs); "" when there is none."""
+    return "" if v is None or v.label == "untested" else v.method
 
 
 def _mean(group: list[RunRecord], key: str) -> float | None:
@@ -439,10 +449,14 @@ def _mean(group: list[RunRecord], key: str) -> float | None:
 
 
 def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: float = 0.95,
-                 resamples: int = 5000) -> list[Effect]:
+                 resamples: int = 5000, floors: dict[str, float] | None = None) -> list[Effect]:
     """Each trained knob's effect on each metric, from the runs given (finished ones; the first is the
     reference): a two-level orthogonal design's main effects when the runs form one, else every pair of
-    runs that differ in exactly one trained knob (the earlier run is the low side)."""
+    runs that differ in exactly one trained knob (the earlier run is the low side).
+
+    Knobs are read with alpha/r in place of alpha (trained_knobs): r moving with alpha at one ratio is
+    r's effect. A pair that moves r at a fixed alpha also moves the scale; it is still credited to r, and
+    the effect says so (`note`), since that is the change the user made."""
     groups = [g for g in groups if g and g[0].kind == "lora" and all(r.status == "finished" for r in g)]
     out: list[Effect] = []
     design = find_design(groups)
@@ -457,14 +471,19 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             if design.resolution == 3:
                 src += "; aliased with two-knob interactions"
             for m in metrics:
-                v = _verdict(m, minus, plus, level, resamples)
+                v = _verdict(m, minus, plus, level, resamples, floors)
                 out.append(Effect(k, design.low[k], design.high[k], m, v, seeds, _mean(minus, m),
-                                  _method(v, minus, plus, m), src, "factorial"))
+                                  _method(v), src, "factorial", "" if k != "lora.r" else
+                                  "alpha held as set, so alpha/r moved with r" if design.hold == "alpha" else
+                                  "alpha moved with r, alpha/r held"))
         return out
     seen: set[tuple] = set()
     tk = [_trained(g) for g in groups]
     for i, j in itertools.combinations(range(len(groups)), 2):
         d = differing(tk[i], tk[j])
+        if sorted(d) == ["lora.alpha/r", "lora.r"] and _norm(knobs(groups[i][0]).get("lora.alpha")) == \
+                _norm(knobs(groups[j][0]).get("lora.alpha")):
+            d = ["lora.r"]  # r moved at a fixed alpha: the user's one knob, with its change of scale noted
         if len(d) != 1:
             continue
         k = d[0]
@@ -474,20 +493,35 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
         seen.add(key)
         lo, hi = groups[i], groups[j]
         for m in metrics:
-            v = _verdict(m, lo, hi, level, resamples)
+            v = _verdict(m, lo, hi, level, resamples, floors)
             out.append(Effect(k, tk[i][k], tk[j][k], m, v, min(len(lo), len(hi)), _mean(lo, m),
-                              _method(v, lo, hi, m), f"{hi[0].name} vs {lo[0].name}", "pair"))
+                              _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", _scale_note(k, lo[0], hi[0])))
     return out
 
 
+def _scale_note(knob: str, low: RunRecord, high: RunRecord) -> str:
+    """For r's effect: what happened to alpha and the update scale alpha/r meanwhile, in words."""
+    if knob != "lora.r":
+        return ""
+    a, b = knobs(low), knobs(high)
+    sa, sb = (trained_knobs(x).get(SCALE) for x in (a, b))
+    if sa is None or sb is None:
+        return ""
+    if _norm(sa) == _norm(sb):
+        return f"alpha moved with r, alpha/r kept at {sa:g}"
+    return f"alpha held at {a.get('lora.alpha'):g}, so alpha/r moved too: {sa:g} → {sb:g}"
+
+
 def cap_effects(group: list[RunRecord], caps: list[int], bases: list[str], *, level: float = 0.95,
-                resamples: int = 5000) -> list[Effect]:
+                resamples: int = 5000, floors: dict[str, float] | None = None) -> list[Effect]:
     """generate.max_new_tokens from the smallest cap to the largest: the same answers, cut at each cap
     (greedy decoding makes the smaller cap a prefix), so the difference is paired per eval example and
-    needs no extra training. Metric keys are named at the larger cap."""
+    per seed, and needs no extra training. Metric keys are named at the larger cap."""
     if len(caps) < 2 or not group:
         return []
     lo, hi = min(caps), max(caps)
+    group = _by_seed(group)
+    seeds = [r.seed for r in group]
     out = []
     for base in bases:
         a, b = _per_example(group, f"{base}@{lo}"), _per_example(group, f"{base}@{hi}")
@@ -496,7 +530,10 @@ def cap_effects(group: list[RunRecord], caps: list[int], bases: list[str], *, le
         ids = [i for i in a if i in b]
         if not ids:
             continue
-        v = compare_paired(f"{base}@{hi}", [a[i] for i in ids], [b[i] for i in ids], n_resamples=resamples, level=level)
+        rows_a = [[a[i][s] for i in ids] for s in range(len(group))]
+        rows_b = [[b[i][s] for i in ids] for s in range(len(group))]
+        v = compare_runs(f"{base}@{hi}", Side(rows_a, seeds), Side(rows_b, seeds), level=level,
+                         floor=floor_of(f"{base}@{hi}", floors))
         out.append(Effect("generate.max_new_tokens", lo, hi, f"{base}@{hi}", v, len(group), _mean(group, f"{base}@{lo}"),
-                          "paired", f"{group[0].name}'s answers at cap {lo} vs {hi} (one generation)", "cap"))
+                          v.method, f"{group[0].name}'s answers at cap {lo} vs {hi} (one generation)", "cap"))
     return out

@@ -15,36 +15,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stats import Estimate, Verdict, compare_paired, mean_ci, welch_diff
+import numpy as np
+
+
+from .metric_table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
+                           STABILITY_ROWS, VERBOSITY_CAP)
+from .stats import Estimate, Side, Verdict, compare_runs, estimate, mean_ci, verdict_label
 from .store import RunRecord
 
 KNOB_SECTIONS = ("lora", "train", "generate")
-
-# (metric key, label, format). Per-cap keys get "@cap" appended.
-LOSS_ROWS = [("eval_loss", "eval loss", "f4"), ("eval_ppl", "eval perplexity", "f2"),
-             ("train_eval_loss", "loss on training examples", "f4"),
-             ("generalization_gap", "eval − train loss (overfitting)", "f4")]
-QUALITY_CAP = [("rouge_l", "ROUGE-L", "f3"), ("chrf", "chrF", "f3"), ("token_f1", "token F1", "f3"),
-               ("exact_match", "exact match", "pct")]
-VERBOSITY_CAP = [("mean_tokens", "mean tokens", "f1"), ("median_tokens", "median tokens", "f1"),
-                 ("p90_tokens", "p90 tokens", "f1"), ("length_ratio", "length / reference", "f2"),
-                 ("cap_hit_rate", "hit the cap", "pct"), ("stop_rate", "stopped on its own", "pct"),
-                 ("repeated_3gram", "repeated 3-grams", "pct"), ("distinct_2", "distinct 2-grams", "pct")]
-DRIFT_ROWS = [("drift_kl", "KL from base (nats/token)", "f4"), ("drift_agreement", "same answer as base", "pct")]
-STABILITY_ROWS = [("loss_spikes", "loss spikes", "f1"), ("grad_norm_median", "grad norm median", "f3"),
-                  ("grad_norm_max", "grad norm max", "f3"), ("steps_to_90pct_drop", "steps to 90% of loss drop", "f1"),
-                  ("loss_final", "final train loss", "f4"), ("final_minus_best", "final − best train loss", "f4"),
-                  ("diverged_step", "diverged at step", "f0")]
-COST_ROWS = [("train_s", "train time (s)", "f1"), ("eval_s", "eval time (s)", "f1"), ("total_s", "total time (s)", "f1"),
-             ("tokens_per_s", "train tokens/s", "f1"), ("train_tokens", "train tokens", "int"),
-             ("peak_mem_mb", "peak memory (MB)", "f0"), ("trainable_params", "trainable params", "int"),
-             ("adapter_bytes", "adapter size (bytes)", "int"), ("cost", "cost", "money")]
-
-# Per-example keys behind per-cap metrics (samples[i]["outputs"][cap]["metrics"][key]).
-PER_EXAMPLE = {"rouge_l": "rouge_l", "chrf": "chrf", "token_f1": "token_f1", "exact_match": "exact_match",
-               "mean_tokens": "tokens", "length_ratio": "length_ratio", "cap_hit_rate": "hit_cap",
-               "stop_rate": "stopped", "repeated_3gram": "repeated_3gram", "distinct_2": "distinct_2"}
-
 
 def knobs(rec: RunRecord) -> dict[str, Any]:
     """A run's settings as flat `section.key` pairs (base has none: it is the untrained model)."""
@@ -81,7 +60,27 @@ class Comparison:
     knobs: dict[str, list[Any]] = field(default_factory=dict)
     sections: list[tuple[str, list[Row]]] = field(default_factory=list)
     verdict_columns: list[str] = field(default_factory=list)  # "B vs A"
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (reference, other) behind each column
     currency: str | None = None
+    floors: dict[str, float] = field(default_factory=dict)  # evaluation.min_effect
+
+    def column(self, ref: str, other: str) -> int | None:
+        """The verdict column of `other` against `ref`, if the table has one."""
+        for col, (i, j) in enumerate(self.pairs):
+            if (self.runs[i], self.runs[j]) == (ref, other):
+                return col
+        return None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the intervals leave out or assume, once each (shown under the table)."""
+        out: list[str] = []
+        for _, rows in self.sections:
+            for r in rows:
+                for v in r.verdicts:
+                    if v is not None and v.note and v.note not in out:
+                        out.append(v.note)
+        return out
 
     @property
     def statuses(self) -> list[str]:
@@ -100,7 +99,7 @@ class Comparison:
 
         def ver(v: Verdict | None):
             return None if v is None else {"diff": _num(v.diff), "lo": _num(v.lo), "hi": _num(v.hi), "n": v.n,
-                                           "verdict": v.label}
+                                           "verdict": v.label, "interval_covers": v.method, "note": v.note or None}
 
         out: dict[str, Any] = {
             "runs": [{"name": n, "ids": [r.id for r in g], "seeds": [r.seed for r in g],
@@ -125,50 +124,159 @@ def _status(group: list[RunRecord]) -> str:
     return statuses[0] if len(statuses) == 1 else "/".join(statuses)
 
 
-def _per_example(group: list[RunRecord], key: str) -> dict[str, float] | None:
-    """Each eval example's value of `key`, averaged over the group's seeds (None when not stored)."""
-    if "@" in key:
-        base, cap = key.split("@")
-        field_ = PER_EXAMPLE.get(base)
-        if field_ is None:
+def _getter(key: str):
+    """How to read `key` off one stored eval sample, or None when it is not measured per example."""
+    if key == "eval_loss":
+        return lambda s: s.get("loss")
+    base, _, cap = key.partition("@")
+    field_ = PER_EXAMPLE.get(base) if cap else None
+    if field_ is None:
+        return None
+    return lambda s: ((s.get("outputs") or {}).get(cap) or {}).get("metrics", {}).get(field_)
+
+
+def _per_example(group: list[RunRecord], key: str) -> dict[str, list[float]] | None:
+    """Each eval example's values of `key`, one per seed of the group (None when not stored per
+    example by every seed: then the run-level numbers are compared instead)."""
+    get = _getter(key)
+    if get is None:
+        return None
+    out: dict[str, list[float]] = {}
+    for i, r in enumerate(group):
+        found = {s["id"]: get(s) for s in r.samples if get(s) is not None}
+        if not found:
             return None
-        get = lambda s: ((s.get("outputs") or {}).get(cap) or {}).get("metrics", {}).get(field_)  # noqa: E731
-    elif key == "eval_loss":
-        get = lambda s: s.get("loss")  # noqa: E731
-    else:
-        return None
-    sums: dict[str, list[float]] = {}
-    for r in group:
-        for s in r.samples:
-            v = get(s)
-            if v is not None:
-                sums.setdefault(s["id"], []).append(float(v))
-    if not sums:
-        return None
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+        for sid, v in found.items():
+            if i == 0:
+                out[sid] = [float(v)]
+            elif sid in out and len(out[sid]) == i:
+                out[sid].append(float(v))
+        out = {sid: v for sid, v in out.items() if len(v) == i + 1}
+    return out or None
 
 
-def _verdict(key: str, ref: list[RunRecord], other: list[RunRecord], level: float, resamples: int) -> Verdict | None:
-    a, b = _per_example(ref, key), _per_example(other, key)
-    if a is not None and b is not None:
-        ids = [i for i in a if i in b]
+def _weights(group: list[RunRecord], key: str, ids: list[str]) -> list[float] | None:
+    """Eval loss is a token-weighted mean: each example weighs its scored tokens (None: unweighted,
+    for other metrics, and for runs stored before token counts were kept)."""
+    if key != "eval_loss":
+        return None
+    tokens = {s["id"]: s.get("loss_tokens") for s in group[0].samples}
+    if any(not isinstance(tokens.get(i), (int, float)) for i in ids):
+        return None
+    return [float(tokens[i]) for i in ids]
+
+
+def _by_seed(group: list[RunRecord]) -> list[RunRecord]:
+    return sorted(group, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+
+
+def _values(group: list[RunRecord], key: str) -> list[float]:
+    return [float(r.metrics[key]) for r in group if isinstance(r.metrics.get(key), (int, float))
+            and not isinstance(r.metrics.get(key), bool) and not math.isnan(r.metrics[key])]
+
+
+def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[float] | None, str] | None:
+    """The groups as stats.Side rows over the same examples (per-example metrics) or one value per
+    seed (per-run metrics); the weights; and how the examples are weighed, in words."""
+    groups = [_by_seed(g) for g in groups]
+    per = [_per_example(g, key) for g in groups]
+    if all(p is not None for p in per):
+        ids = [i for i in per[0] if all(i in p for p in per[1:])]
         if ids:
-            return compare_paired(key, [a[i] for i in ids], [b[i] for i in ids], n_resamples=resamples, level=level)
-    va = [r.metrics[key] for r in ref if isinstance(r.metrics.get(key), (int, float))]
-    vb = [r.metrics[key] for r in other if isinstance(r.metrics.get(key), (int, float))]
-    if len(va) >= 2 and len(vb) >= 2:
-        return welch_diff(key, va, vb, level=level)
-    return None
+            weights = _weights(groups[0], key, ids)
+            sides = [Side([[p[i][s] for i in ids] for s in range(len(g))], [r.seed for r in g], g[0].kind == "base")
+                     for g, p in zip(groups, per)]
+            how = "" if key != "eval_loss" else ("token-weighted" if weights else
+                                                 "per-example mean, unweighted: these runs stored no token counts")
+            return sides, weights, how
+    sides = []
+    for g in groups:
+        kept = [r for r in g if _values([r], key)]
+        if not kept:
+            return None
+        sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], g[0].kind == "base"))
+    return sides, None, ""
+
+
+def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
+    """Perplexity is exp(eval loss): its verdict is the loss verdict carried through exp at A's loss,
+    so the two can never disagree."""
+    e = math.exp
+    return Verdict("eval_ppl", e(loss_a + v.diff) - e(loss_a), e(loss_a + v.lo) - e(loss_a),
+                   e(loss_a + v.hi) - e(loss_a), v.n, v.label, v.method,
+                   "; ".join(x for x in (v.note, "from the eval-loss interval (perplexity = exp(loss))") if x))
+
+
+def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
+    """A metric's min_effect floor: by its full key (rouge_l@50), else by its name (rouge_l)."""
+    floors = floors or {}
+    return floors.get(key, floors.get(key.partition("@")[0]))
+
+
+def _verdict(key: str, ref: list[RunRecord], other: list[RunRecord], level: float, resamples: int = 0,
+             floors: dict[str, float] | None = None) -> Verdict | None:
+    """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
+    None when either run has no value of the metric."""
+    if key == "eval_ppl":
+        v = _verdict("eval_loss", ref, other, level, resamples, floors)
+        cell = cell_estimate("eval_loss", ref, level)
+        if v is None or cell is None:
+            return None
+        p = _ppl_of(v, cell.mean)
+        return p if floor_of(key, floors) is None else \
+            Verdict(p.metric, p.diff, p.lo, p.hi, p.n, verdict_label(p.lo, p.hi, floor_of(key, floors)), p.method, p.note)
+    found = _sides(key, [ref, other])
+    if found is None:
+        return None
+    (a, b), weights, how = found
+    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
+    if how and "unweighted" in how:
+        return Verdict(v.metric, v.diff, v.lo, v.hi, v.n, v.label, v.method, "; ".join(x for x in (v.note, how) if x))
+    return v
+
+
+def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | None:
+    """A run's value of `key` with the interval of stats.estimate (seeds and eval examples). Eval
+    perplexity is exp of the eval-loss cell, interval included, so the two rows always agree."""
+    if key == "eval_ppl":
+        e = cell_estimate("eval_loss", group, level)
+        return None if e is None else Estimate(math.exp(e.mean), math.exp(e.lo) if not math.isnan(e.lo) else math.nan,
+                                               math.exp(e.hi) if not math.isnan(e.hi) else math.nan, e.n)
+    vals = _values(group, key)
+    if not vals:
+        return None
+    found = _sides(key, [group])
+    if found is None:
+        return mean_ci(vals, level)
+    (side,), weights, _ = found
+    e = estimate(side, weights, level)
+    # The stored value is the one the run reported (token-weighted over every example it scored); the
+    # interval is centred on it so a cell never shows another number than `loralab show`.
+    return Estimate(float(np.mean(vals)), e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), e.n)
+
+
+def verdict_pairs(groups: list[list[RunRecord]]) -> list[tuple[int, int]]:
+    """Which runs each verdict column compares, (reference, other): every trained run against the
+    untrained base when it is there (did fine-tuning help at all?), then every other trained run against
+    the first one."""
+    base = next((i for i, g in enumerate(groups) if g[0].kind == "base"), None)
+    trained = [i for i, g in enumerate(groups) if g[0].kind != "base"]
+    pairs = [(base, i) for i in trained] if base is not None else []
+    return pairs + [(trained[0], i) for i in trained[1:]]
 
 
 def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = False, level: float = 0.95,
-            resamples: int = 5000) -> Comparison:
-    """Build the comparison of runs (each a list of its seeds' records; a bare record is one seed)."""
+            resamples: int = 5000, floors: dict[str, float] | None = None) -> Comparison:
+    """Build the comparison of runs (each a list of its seeds' records; a bare record is one seed).
+    `floors`: min_effect per metric (default: the first trained run's `evaluation.min_effect`)."""
     groups = [g if isinstance(g, list) else [g] for g in groups]
     c = Comparison(runs=[g[0].name for g in groups], groups=groups)
     firsts = [g[0] for g in groups]
     per_run = [knobs(r) for r in firsts]
     trained = [(i, k) for i, (r, k) in enumerate(zip(firsts, per_run)) if r.kind != "base"]
+    if floors is None:
+        floors = next(((r.config.get("evaluation") or {}).get("min_effect") or {} for r in firsts if r.kind != "base"), {})
+    c.floors = dict(floors)
     keys: list[str] = []
     for _, k in trained:
         keys += [x for x in k if x not in keys and x != "train.seed"]
@@ -180,9 +288,8 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
     seeds = [[r.seed for r in g] for g in groups]
     if any(len(s) > 1 for s in seeds) or all_knobs:
         c.knobs["seeds"] = [None if g[0].kind == "base" else s for g, s in zip(groups, seeds)]
-    ref_index = trained[0][0] if trained else None
-    others = [i for i, _ in trained[1:]]
-    c.verdict_columns = [f"{c.runs[i]} vs {c.runs[ref_index]}" for i in others]
+    c.pairs = verdict_pairs(groups)
+    c.verdict_columns = [f"{c.runs[j]} vs {c.runs[i]}" for i, j in c.pairs]
     cost = next((r.config.get("cost") for r in firsts if r.config.get("cost")), None)
     c.currency = cost.get("currency") if cost else None
 
@@ -190,13 +297,10 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
         out = []
         for key, label, fmt in spec:
             k = f"{key}@{cap}" if cap is not None else key
-            cells = []
-            for g in groups:
-                vals = [r.metrics[k] for r in g if isinstance(r.metrics.get(k), (int, float)) and not isinstance(r.metrics.get(k), bool)]
-                cells.append(mean_ci(vals, level) if vals else None)
+            cells = [cell_estimate(k, g, level) for g in groups]
             if all(x is None for x in cells):
                 continue
-            verdicts = [_verdict(k, groups[ref_index], groups[i], level, resamples) for i in others]
+            verdicts = [_verdict(k, groups[i], groups[j], level, resamples, floors) for i, j in c.pairs]
             out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
         return out
 
@@ -251,7 +355,26 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     unit = " pp" if fmt == "pct" else ""
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
     d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
-    return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}"
+    if v.label == "untested":
+        return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no interval: 1 seed)"
+    mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
+    return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}{mark}"
+
+
+def legend(c: Comparison) -> list[str]:
+    """What the table's numbers are, in sentences, under it: the rule, then what an interval leaves out."""
+    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, which holds seed-to-seed and eval-example "
+           "noise; eval loss is token-weighted, as stored. Verdicts: the difference, its interval (paired by eval "
+           "example, and by seed where both runs used the same seeds) and `higher`/`lower` only when it excludes 0."]
+    if c.floors:
+        out.append("`negligible`: the interval sits inside the smallest difference that matters (evaluation.min_effect: "
+                   + ", ".join(f"{k} {v:g}" for k, v in c.floors.items()) + ").")
+    return out + [n[0].upper() + n[1:] + "." for n in c.notes]
+
+
+def _level(c: Comparison) -> str:
+    ev = next(((g[0].config.get("evaluation") or {}) for g in c.groups if g[0].kind != "base"), {})
+    return f"{ev.get('confidence', 0.95):.0%}"
 
 
 def render(c: Comparison, title: str = "Main differences"):
@@ -268,6 +391,8 @@ def render(c: Comparison, title: str = "Main differences"):
     pad = [""] * len(c.verdict_columns)
     for key, vals in c.knobs.items():
         t.add_row(escape(key), *[escape(fmt_value(v)) for v in vals], *pad)
+    t.caption = escape(" ".join(legend(c)))
+    t.caption_justify = "left"
     for title_, rows in c.sections:
         t.add_section()
         t.add_row(f"[italic]{title_}[/italic]", *[""] * (len(c.runs) + len(pad)))
@@ -300,4 +425,4 @@ def to_markdown(c: Comparison) -> str:
             cells = [r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
                      *[fmt_verdict(v, r.fmt) for v in r.verdicts]]
             lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + " ".join(legend(c)) + "\n"

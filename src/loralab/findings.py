@@ -114,7 +114,7 @@ def _num(v: Any) -> float | None:
 def _move(e: Effect) -> str:
     lo, hi = _num(e.low), _num(e.high)
     verb = "changing" if lo is None or hi is None else ("raising" if hi > lo else "lowering")
-    return f"{verb} {e.knob} from {fmt_value(e.low)} to {fmt_value(e.high)}"
+    return f"{verb} {e.knob} from {fmt_value(e.low)} to {fmt_value(e.high)}" + (f" ({e.note})" if e.note else "")
 
 
 def decimals(values: list[float], fmt: str) -> int:
@@ -150,11 +150,15 @@ def testable(v: Verdict | None) -> bool:
     return v is not None and not (math.isnan(v.lo) or math.isnan(v.hi))
 
 
+def covers(method: str, n: int, seeds: int) -> str:
+    """What an interval holds, in words (stats.compare_runs's methods)."""
+    return {"seeds+examples": f"over {seeds} seeds and {n} eval examples",
+            "examples": f"over {n} eval examples; seed noise unmeasured with one seed",
+            "seeds": f"across {seeds} seeds per side"}.get(method, "no interval")
+
+
 def _evidence(e: Effect, level: float) -> str:
-    how = (f"paired bootstrap over {e.verdict.n} eval examples" if e.method == "paired"
-           else f"Welch interval across {e.seeds} seeds per side")
-    seeds = f"{e.seeds} seed{'s' if e.seeds != 1 else ''}"
-    return f"{level:.0%} CI, {how}, {seeds}; {e.source}"
+    return f"{level:.0%} CI {covers(e.method, e.verdict.n, e.seeds)}; {e.source}"
 
 
 def effect_finding(e: Effect, level: float = 0.95) -> Finding:
@@ -162,7 +166,7 @@ def effect_finding(e: Effect, level: float = 0.95) -> Finding:
     label, fmt, v = label_of(e.metric), fmt_of(e.metric), e.verdict
     if not testable(v):
         why = ("one seed per run gives a per-run number no interval: train with `repeats: 3`"
-               if e.method in ("", "welch") or v is None else "too few eval examples for an interval")
+               if v is None or v.n < 4 or e.seeds < 2 else "too few eval examples for an interval")
         return Finding("untested", f"The effect of {_move(e)} on {label} was not tested: {why} ({e.source}).",
                        "untested", e.knob, e.metric)
     assert v is not None
@@ -181,8 +185,8 @@ def effect_finding(e: Effect, level: float = 0.95) -> Finding:
     judged = "" if better is None else (" (better)" if v.label == better else " (worse)")
     text = (f"{_move(e).capitalize()} {'raised' if v.label == 'higher' else 'lowered'} {label} by {size}{judged}: "
             f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).")
-    if e.method == "paired" and e.seeds == 1:
-        text += " One seed: the interval covers eval examples, not training randomness."
+    if e.method == "examples":
+        text += " One seed: the interval covers eval examples, not training randomness (`repeats: 3` measures it)."
     return Finding("effect", text, v.label, e.knob, e.metric)
 
 
@@ -200,8 +204,9 @@ def effect_findings(effects: list[Effect], level: float = 0.95) -> list[Finding]
     for (knob, _, _, source), es in nulls.items():
         e0 = es[0]
         parts = "; ".join(f"{label_of(e.metric)} {interval(e.verdict, fmt_of(e.metric))}" for e in es)
-        how = ("paired bootstrap over eval examples" if all(e.method == "paired" for e in es)
-               else "paired bootstrap over eval examples, or Welch across seeds for per-run numbers")
+        how = "; ".join(dict.fromkeys(f"{label_of(e.metric)} {covers(e.method, e.verdict.n, e.seeds)}"
+                                      if len({x.method for x in es}) > 1 else covers(e.method, e.verdict.n, e.seeds)
+                                      for e in es))
         text = (f"No measurable effect of {knob} ({fmt_value(e0.low)} → {fmt_value(e0.high)}) within "
                 f"{e0.seeds} seed{'s' if e0.seeds != 1 else ''} on: {parts} ({level:.0%} CI, {how}; {source}).")
         out.append(Finding("null", text, "within noise", knob, ",".join(e.metric for e in es)))

@@ -22,7 +22,7 @@ from typing import Any
 from .errors import Problem, SpecError
 from .faults import fault_point
 from .progress import Reporter
-from .spec import Experiment, RunSpec, TrainSpec, check_data_paths, config_hash
+from .spec import ANALYSIS_ONLY, Experiment, RunSpec, TrainSpec, check_data_paths, config_hash
 from .store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -152,7 +152,7 @@ def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool
     `loralab run` of the same settings does not reuse it without its generation metrics."""
     common = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "eval_caps": p.exp.eval_caps,
               "eval_max_len": p.eval_max_len, "system_prompt": p.dataset.system_prompt,
-              "evaluation": p.exp.evaluation.model_dump(exclude={"confidence", "bootstrap_resamples"})}
+              "evaluation": p.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)}
     if not full_eval:
         common["evaluation"] = {**common["evaluation"], "loss_only": True}
     if not probe:  # no training-probe loss (nor generalization gap) either

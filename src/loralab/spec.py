@@ -154,6 +154,11 @@ class CostSpec(_Strict):
     currency: str = "USD"
 
 
+# Evaluation settings that change how results are read, not what is measured: left out of run ids, so
+# changing them reuses every stored run.
+ANALYSIS_ONLY = {"confidence", "bootstrap_resamples", "min_effect"}
+
+
 class EvaluationSpec(_Strict):
     """What is measured beyond quality on the eval set."""
 
@@ -165,6 +170,23 @@ class EvaluationSpec(_Strict):
     train_loss_examples: int | None = Field(None, ge=0)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     bootstrap_resamples: int = Field(5000, ge=100)
+    # The smallest difference worth acting on, per metric (in its own unit; a share such as exact_match
+    # as a fraction: 0.02 is 2 points). An interval inside (-floor, +floor) reads "negligible".
+    min_effect: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("min_effect")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        from .metric_table import metric_bases
+
+        known = metric_bases()
+        for key, floor in v.items():
+            if key.partition("@")[0] not in known:
+                raise ValueError(f"min_effect names no stored metric: {str(key)[:40]!r}; use one of: "
+                                 f"{', '.join(sorted(known))}")
+            if not (isinstance(floor, (int, float)) and 0 <= floor < float("inf")):
+                raise ValueError(f"min_effect.{key} must be a finite number >= 0, got {floor!r}")
+        return v
 
 
 Scalar = bool | int | float | str | None  # what Optuna can store as a categorical choice

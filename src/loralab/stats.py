@@ -1,16 +1,15 @@
-"""Uncertainty: a mean across seeds with its interval, and paired comparisons of two runs on the same
-eval examples, so "better" is only said when the difference is larger than the noise."""
+"""Uncertainty: a run's value and the difference between two runs, each with an interval that holds
+every source of noise the runs have (seeds and eval examples), so "better" is said only when the
+difference is larger than the noise, and "negligible" when it is smaller than what matters."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-
-_CHUNK_CELLS = 2_000_000  # resampled indices held at once in paired_bootstrap (~16 MB of int64)
-
 
 @dataclass(frozen=True)
 class Estimate:
@@ -51,104 +50,175 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> Estimate:
 
 @dataclass(frozen=True)
 class Verdict:
-    """How run b compares with run a on one metric: mean(b - a), its interval and a word for it."""
+    """How run b compares with run a on one metric: mean(b) - mean(a), its interval and a word for it."""
 
     metric: str
     diff: float
     lo: float
     hi: float
-    n: int
-    label: str  # "higher" / "lower" (b relative to a) when the interval excludes 0, else "within noise"
+    n: int  # eval examples behind a per-example metric, else the seeds on both sides
+    # "higher" / "lower" (b relative to a) when the interval excludes 0; "negligible" when it sits inside
+    # the metric's min_effect floor; "within noise" when it holds 0; "untested" when there is no interval.
+    label: str
+    method: str = ""  # what the interval covers: "seeds+examples", "examples", "seeds" (see compare_runs)
+    note: str = ""  # what it leaves out or assumes, in words ("" when nothing)
 
 
-def _paired_diffs(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
-    if len(a) != len(b):
-        raise ValueError(f"paired values need the same examples on both sides; got {len(a)} and {len(b)}")
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    keep = ~(np.isnan(x) | np.isnan(y))
-    return y[keep] - x[keep]
+@dataclass(frozen=True)
+class Side:
+    """One run's measurements: a row per seed, each the per-example values (or one per-run value).
+
+    `seeds` names the rows, so two runs trained with the same seeds are paired seed by seed. `fixed`:
+    the run has no seed noise by construction (the untrained base model, evaluated once, greedily)."""
+
+    rows: Sequence[Sequence[float]]
+    seeds: Sequence[Any] = ()
+    fixed: bool = False
 
 
-def paired_bootstrap(
-    a: Sequence[float],
-    b: Sequence[float],
-    *,
-    n_resamples: int = 5000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """mean(b - a) over examples with a percentile bootstrap interval.
-
-    Paired because both runs answer the same examples: example difficulty cancels out, so far smaller
-    differences are detectable than with two separate intervals. Pairs with a NaN on either side are
-    dropped. Returns (diff, lo, hi): lo = hi = diff when every difference is the same (e.g. identical
-    runs: (0, 0, 0)); NaN bounds for a single pair; all NaN for none. Seeded, so reports reproduce.
-    """
-    _check_level(level)
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    d = _paired_diffs(a, b)
-    n = len(d)
-    if n == 0:
-        return (math.nan, math.nan, math.nan)
-    diff = float(d.mean())
-    if n == 1:
-        return (diff, math.nan, math.nan)
-    if np.all(d == d[0]):
-        return (float(d[0]),) * 3  # no spread; also skips float noise in resampled means
-    means = _resampled_means(d, n_resamples, np.random.default_rng(seed))
-    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return (diff, float(lo), float(hi))
-
-
-def _resampled_means(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of `n_resamples` resamples of d with replacement; vectorised, in chunks of rows so a large
-    eval set never needs all n_resamples x len(d) indices in memory at once."""
-    n = len(d)
-    rows = max(1, _CHUNK_CELLS // n)
-    return np.concatenate([
-        d[rng.integers(0, n, size=(min(rows, n_resamples - start), n))].mean(axis=1)
-        for start in range(0, n_resamples, rows)
-    ])
-
-
-def compare_paired(metric: str, a: Sequence[float], b: Sequence[float], **kw) -> Verdict:
-    """`paired_bootstrap` turned into a word; keywords go to it.
-
-    An interval that cannot be computed (NaN bounds, fewer than 2 pairs) reads "within noise": no
-    evidence of a difference.
-    """
-    diff, lo, hi = paired_bootstrap(a, b, **kw)
-    return Verdict(metric, diff, lo, hi, len(_paired_diffs(a, b)), _label(lo, hi))
-
-
-def _label(lo: float, hi: float) -> str:
+def verdict_label(lo: float, hi: float, floor: float | None = None) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "untested"
+    if floor is not None and floor > 0 and -floor < lo and hi < floor:
+        return "negligible"  # whatever the sign, smaller than the smallest difference worth acting on
     if lo > 0:
         return "higher"
     if hi < 0:
         return "lower"
-    return "within noise"  # lo <= 0 <= hi, or NaN bounds
+    return "within noise"
 
 
-def welch_diff(metric: str, a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Verdict:
-    """mean(b) - mean(a) with a Welch t interval, for per-run numbers (one value per seed) that have no
-    examples to pair: unequal variances allowed, since a knob can make one run much noisier.
+def _resid_var(rows: np.ndarray) -> float:
+    """Seed-by-example noise of one run: the variance left after seed and example means (two-way
+    ANOVA residual). It sits in both the seed spread and the per-example spread; counted once."""
+    k, n = rows.shape
+    r = rows - rows.mean(axis=1, keepdims=True) - rows.mean(axis=0, keepdims=True) + rows.mean()
+    return float((r**2).sum() / ((k - 1) * (n - 1)))
 
-    NaN values are dropped; n counts the values used on both sides. Fewer than 2 on a side: NaN bounds
-    ("within noise"). No spread on either side: a zero-width interval at the difference.
-    """
+
+def _interval(diff: float, comps: list[tuple[float, int]], level: float) -> tuple[float, float]:
+    """diff ± t * sqrt(sum of variance components), with Welch-Satterthwaite degrees of freedom: the
+    right width for the 2-5 seeds a sweep affords, where a normal interval is too narrow."""
+    var = sum(c for c, _ in comps)
+    if var <= 0:
+        return diff, diff
+    df = var**2 / sum(c**2 / d for c, d in comps if c > 0)
+    from scipy import stats as scipy_stats  # lazy: ~1 s to import, too slow for every CLI start
+
+    half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(var)
+    return diff - half, diff + half
+
+
+def _matrices(a: Side, b: Side | None, weights) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Both sides as seeds x examples, keeping the examples every row measured; normalised weights."""
+    A = _rows(a.rows)
+    B = None if b is None else _rows(b.rows)
+    if B is not None and A.size and B.size and B.shape[1] != A.shape[1]:
+        raise ValueError(f"both sides need rows over the same examples; got {A.shape[1]} and {B.shape[1]}")
+    if A.size == 0 or (B is not None and B.size == 0):
+        return np.empty((0, 0)), (None if B is None else np.empty((0, 0))), np.empty(0)
+    bad = np.isnan(A).any(axis=0) | (np.isnan(B).any(axis=0) if B is not None else False)
+    w = np.ones(A.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    keep = ~bad & (w > 0)
+    w = w[keep]
+    return A[:, keep], (None if B is None else B[:, keep]), (w / w.sum() if w.size else w)
+
+
+def _rows(rows) -> np.ndarray:
+    """Seeds x examples; a per-run metric (one value per seed) loses its NaN seeds (failed runs)."""
+    x = np.atleast_2d(np.asarray(rows, dtype=float)).reshape(len(rows), -1) if len(rows) else np.empty((0, 0))
+    return x[~np.isnan(x[:, 0])] if x.shape[1] == 1 else x
+
+
+def _seed_var(values: np.ndarray, fixed: bool) -> float | None:
+    """The variance of one seed's run-level value; 0 for a fixed run; None when unmeasured (1 seed)."""
+    if fixed:
+        return 0.0
+    return float(values.var(ddof=1)) if len(values) >= 2 else None
+
+
+def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None = None, *, level: float = 0.95,
+                 floor: float | None = None) -> Verdict:
+    """mean(b) - mean(a), where each run's value is the (weighted) mean over eval examples averaged over
+    its seeds, with an interval that holds both sources of noise the runs have:
+
+    - seeds (initialisation, data order, dropout): the spread of each seed's run-level value, paired
+      seed by seed when both runs were trained with the same seeds (they share the random streams);
+    - eval examples (another eval set would give other numbers): the spread of the per-example
+      differences, less the seed-by-example noise already counted with the seeds.
+
+    A variance-components (random seed, random example) interval with Satterthwaite t degrees of freedom;
+    per-run metrics (one value per seed) have the seed part only, a Welch interval. One seed a side: a
+    seed spread measured on the other side is assumed for it (said in `note`); one seed on both sides:
+    examples only, and `note` says seed noise is unmeasured. `floor`: the smallest difference worth acting
+    on; an interval inside (-floor, floor) is "negligible". `weights`: per-example weights (answer tokens,
+    so eval loss is token-weighted as its stored value is)."""
     _check_level(level)
-    x = np.array([v for v in a if not math.isnan(v)], dtype=float)
-    y = np.array([v for v in b if not math.isnan(v)], dtype=float)
-    n = len(x) + len(y)
-    diff = float(y.mean() - x.mean()) if len(x) and len(y) else math.nan
-    if len(x) < 2 or len(y) < 2:
-        return Verdict(metric, diff, math.nan, math.nan, n, _label(math.nan, math.nan))
-    va, vb = float(x.var(ddof=1)) / len(x), float(y.var(ddof=1)) / len(y)  # squared standard errors
-    if va + vb == 0:
-        return Verdict(metric, diff, diff, diff, n, _label(diff, diff))
-    from scipy import stats as scipy_stats  # lazy, as in mean_ci
+    A, B, w = _matrices(a, b, weights)
+    k, m, n = A.shape[0], B.shape[0], A.shape[1]
+    if n == 0 or k == 0 or m == 0:
+        return Verdict(metric, math.nan, math.nan, math.nan, 0, "untested", "", "nothing measured on both sides")
+    X, Y = A @ w, B @ w  # each seed's run-level value
+    diff = float(Y.mean() - X.mean())
+    count = n if n > 1 else k + m
+    comps: list[tuple[float, int]] = []
+    notes: list[str] = []
+    measured = []  # sides whose seed spread was measured on their own seeds
+    if not (a.fixed or b.fixed) and k == m >= 2 and list(a.seeds) == list(b.seeds) and len(a.seeds) == k:
+        comps.append((float((Y - X).var(ddof=1)) / k, k - 1))  # paired: shared seeds cancel what they share
+        measured = [A, B]
+    else:
+        va, vb = _seed_var(X, a.fixed), _seed_var(Y, b.fixed)
+        if (va is None) != (vb is None) and not (a.fixed or b.fixed):
+            # One seed on one side: its seed noise is assumed to be the other side's, one estimate for
+            # both (so one component, with the measured side's degrees of freedom).
+            v, df, rows = (vb, m - 1, B) if va is None else (va, k - 1, A)
+            comps.append((v * (1 / k + 1 / m), df))
+            measured.append(rows)
+            one = "first" if va is None else "second"
+            notes.append(f"one seed for the {one} run: its seed noise taken as the other's ({max(k, m)} seeds)")
+        elif va is None or vb is None:
+            if n == 1:
+                return Verdict(metric, diff, math.nan, math.nan, count, "untested", "",
+                               "one seed: a per-run number has no interval; `repeats: 3` measures seed noise")
+            notes.append("seed noise unmeasured (one seed): the interval covers eval examples only; "
+                         "`repeats: 3` measures it")
+        else:
+            for v, rows, fixed in ((va, A, a.fixed), (vb, B, b.fixed)):
+                if not fixed:
+                    comps.append((v / len(rows), len(rows) - 1))
+                    measured.append(rows)
+    if n >= 2:
+        d = B.mean(axis=0) - A.mean(axis=0)
+        v_ex = n / (n - 1) * float(np.sum(w**2 * (d - w @ d) ** 2))
+        sw2 = float(np.sum(w**2))
+        v_ex -= sum(_resid_var(r) / r.shape[0] * sw2 for r in measured)
+        comps.append((max(v_ex, 0.0), n - 1))
+    lo, hi = _interval(diff, comps, level)
+    method = "seeds" if n == 1 else "examples" if len(comps) == 1 else "seeds+examples"
+    return Verdict(metric, diff, lo, hi, count, verdict_label(lo, hi, floor), method, "; ".join(notes))
 
-    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))  # Welch-Satterthwaite
-    half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(va + vb)
-    return Verdict(metric, diff, diff - half, diff + half, n, _label(diff - half, diff + half))
+
+def estimate(metric_rows: Side, weights: Sequence[float] | None = None, level: float = 0.95) -> Estimate:
+    """One run's value (the weighted mean over examples, averaged over seeds) with an interval from the
+    same two sources as compare_runs: seeds, and eval examples. One seed of a per-run number: no interval."""
+    _check_level(level)
+    A, _, w = _matrices(metric_rows, None, weights)
+    k, n = A.shape
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    X = A @ w
+    mean = float(X.mean())
+    comps = []
+    if k >= 2 and not metric_rows.fixed:
+        comps.append((float(X.var(ddof=1)) / k, k - 1))
+    elif n == 1:
+        return Estimate(mean, math.nan, math.nan, k)
+    if n >= 2:
+        c = A.mean(axis=0)
+        v_ex = n / (n - 1) * float(np.sum(w**2 * (c - w @ c) ** 2))
+        if k >= 2:
+            v_ex -= _resid_var(A) / k * float(np.sum(w**2))
+        comps.append((max(v_ex, 0.0), n - 1))
+    lo, hi = _interval(mean, comps, level)
+    return Estimate(mean, lo, hi, k)
