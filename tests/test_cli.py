@@ -83,7 +83,7 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox):
     assert list(cmp["sections"]) == ["quality", "verbosity", "drift", "stability", "cost"]
 
     md = invoke("compare", "base", "A", "B", "-w", ws, "--markdown").output
-    assert md.startswith("|  | base | A | B | B vs A |") and "| **quality** |" in md and "| lora.r | — | 4 | 8 |  |" in md
+    assert md.startswith("|  | base | A | B | A vs base | B vs base | B vs A |") and "| **quality** |" in md and "| lora.r | — | 4 | 8 |  |  |  |" in md
 
     out = invoke("compare", "A", "Z", "-w", ws)
     assert out.exit_code == 2 and "'Z'" in out.output and "use one of" in out.output

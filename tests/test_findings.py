@@ -8,8 +8,9 @@ import pytest
 
 from loralab.ablate import Effect, knob_effects
 from loralab.comparison import compare
-from loralab.findings import (BELIEFS, Belief, Confound, belief_finding, confound_findings, decimals, effect_finding,
-                              effect_findings, find_confounds, importance_findings, interval, tldr)
+from loralab.findings import (BELIEFS, Belief, Confound, Importance, belief_finding, confound_findings, decimals,
+                              effect_finding, effect_findings, find_confounds, importance_findings, interval,
+                              min_trials_for_importance, tldr)
 from loralab.stats import Verdict
 from loralab.store import RunRecord
 
@@ -108,7 +109,8 @@ def test_a_confound_credits_no_knob_until_each_is_measured():
     assert conf.verdicts["eval_loss"].label == "lower"
     found = confound_findings(conf, [], plan_text="`loralab ablate x.yaml A B --design ofat`")
     assert found[0].kind == "confound" and found[0].verdict == "confounded"
-    assert found[0].text.startswith("A and B differ in 3 knobs (lora.r, train.learning_rate, generate.max_new_tokens), "
+    assert found[0].text.startswith("A and B differ in 3 knobs (lora.r (alpha held at 8, so alpha/r moved too: 2 → 1), "
+                                    "train.learning_rate, generate.max_new_tokens), "
                                     "so no single knob can be credited with B's differences from A (eval loss -0.600")
     assert "generate.max_new_tokens plays no part in them" in found[0].text
     assert found[1].kind == "plan" and "lora.r, train.learning_rate" in found[1].text and "ablate x.yaml" in found[1].text
@@ -192,10 +194,21 @@ def test_tldr_with_nothing_finished():
     assert "nothing to recommend" in tldr([group("base", kind="base")], "eval_loss").sentences[0]
 
 
-def test_importance_sentence_ranks_knobs_and_disclaims_direction():
-    [f] = importance_findings({"eval_loss": {"lora.r": 0.2, "train.learning_rate": 0.8}}, 12)
-    assert f.text.startswith("In the sweep's 12 completed trials, train.learning_rate mattered most for eval loss")
-    assert "train.learning_rate 80%, lora.r 20%" in f.text and "no direction and no interval" in f.text
+def test_importance_sentence_ranks_knobs_with_their_spread_and_disclaims_direction():
+    clear = {"eval_loss": [Importance("lora.r", 0.2, 0.1, 0.3), Importance("train.learning_rate", 0.8, 0.7, 0.9)]}
+    [f] = importance_findings(clear, 20, 50)
+    assert f.text.startswith("In the sweep's 20 completed trials, train.learning_rate mattered most for eval loss")
+    assert "train.learning_rate 80% [70%, 90%], lora.r 20% [10%, 30%]" in f.text and "no direction" in f.text
+    assert "50 bootstrap resamples of the trials; pruned trials left out" in f.text
+    # Overlapping ranges: no knob is named the most important.
+    close = {"eval_loss": [Importance("lora.r", 0.45, 0.2, 0.7), Importance("train.learning_rate", 0.55, 0.3, 0.8)]}
+    [f] = importance_findings(close, 20, 50)
+    assert "no knob clearly mattered most" in f.text and f.knob is None
+
+
+@pytest.mark.parametrize(("knobs", "need"), [(1, 16), (2, 16), (3, 24), (5, 40)])
+def test_importance_needs_eight_trials_a_knob(knobs, need):
+    assert min_trials_for_importance(knobs) == need
 
 
 @pytest.mark.parametrize("values, fmt, expected", [

@@ -94,11 +94,15 @@ def test_compare_shows_exactly_the_five_differing_knobs(seed_run):
     assert [title for title, _ in c.sections] == ["quality", "verbosity", "drift", "stability", "cost"]
     keys = [r.key for _, rows in c.sections for r in rows]
     assert keys[0] == "eval_loss" and "rouge_l@5" in keys and "cap_hit_rate@10" in keys and "tokens_per_s" in keys
-    assert c.verdict_columns == ["B vs A"]
-    # One seed each: per-example metrics still get a paired bootstrap verdict over the eval examples.
-    v = c.row("eval_loss").verdicts[0]
-    assert v is not None and v.lo <= v.diff <= v.hi and v.n == 4
-    assert c.row("train_s").verdicts == [None]  # one seed per run: no interval for per-run numbers
+    # Each trained run against the untrained base first, then B against A.
+    assert c.verdict_columns == ["A vs base", "B vs base", "B vs A"] and c.column("A", "B") == 2
+    # One seed each: per-example metrics still get a verdict over the eval examples, marked as such.
+    v = c.row("eval_loss").verdicts[2]
+    assert v is not None and v.lo <= v.diff <= v.hi and v.n == 4 and v.method == "examples"
+    assert "seed noise unmeasured" in v.note
+    # One seed per run: no interval for per-run numbers, and the reason is given.
+    [_, _, t] = c.row("train_s").verdicts
+    assert t.label == "untested" and "one seed" in t.note
 
 
 def test_difference_answers_is_b_different_from_a(seed_run):
@@ -106,8 +110,11 @@ def test_difference_answers_is_b_different_from_a(seed_run):
     v = loralab.difference("A", "B", "eval_loss", workspace=tmp / "ws")
     a, b = result.records[1], result.records[2]
     per_a = {s["id"]: s["loss"] for s in a.samples}
-    diffs = [s["loss"] - per_a[s["id"]] for s in b.samples]
-    assert v.diff == pytest.approx(sum(diffs) / len(diffs))  # mean of the paired per-example differences
+    tokens = {s["id"]: s["loss_tokens"] for s in a.samples}
+    diffs = [(s["loss"] - per_a[s["id"]]) * tokens[s["id"]] for s in b.samples]
+    # The token-weighted mean of the paired per-example differences: the difference of the stored eval losses.
+    assert v.diff == pytest.approx(sum(diffs) / sum(tokens.values()))
+    assert v.diff == pytest.approx(b.metrics["eval_loss"] - a.metrics["eval_loss"])
     assert v.lo <= v.diff <= v.hi and v.label in ("higher", "lower", "within noise")
     assert (v.label == "within noise") == (v.lo <= 0 <= v.hi)
     with pytest.raises(SpecError, match="no metric"):
@@ -235,7 +242,8 @@ def test_repeats_pool_seeds_into_means_with_intervals(tiny_neox, tmp_path):
     est = c.row("eval_loss").cells[1]
     assert est.n == 2 and est.lo < est.mean < est.hi
     assert c.knobs["seeds"] == [None, [0, 1], [0, 1]]
-    assert c.row("train_s").verdicts[0] is not None  # two seeds each: a Welch interval for per-run numbers
+    # Two seeds each: an interval for per-run numbers across seeds.
+    assert c.row("train_s").verdicts[c.column("A", "B")].method == "seeds"
     assert c.currency == "EUR"
     # The store gives back the whole group by name.
     store = Store(tmp_path / "ws")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import yaml
 from .comparison import KNOB_SECTIONS, _by_seed, _norm, _per_example, _verdict, floor_of, knobs
 from .errors import Problem, SpecError
 from .spec import Experiment, RunSpec, parse_experiment
-from .stats import Side, Verdict, compare_runs, mean_ci
+from .stats import Side, Verdict, adjust_for_multiplicity, compare_runs, mean_ci
 from .store import RunRecord
 
 DESIGNS = ("ofat", "factorial")
@@ -68,6 +68,15 @@ def trained_knobs(flat: dict[str, Any], hold: str = "alpha/r") -> dict[str, Any]
 
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def moved_knobs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The trained knobs that differ between two runs' flat settings, alpha read as alpha/r; r moved at a
+    fixed alpha counts as the one knob the user moved (r), its change of scale said by scale_note."""
+    d = differing(trained_knobs(a), trained_knobs(b))
+    if SCALE in d and "lora.r" in d and _norm(a.get("lora.alpha")) == _norm(b.get("lora.alpha")):
+        d.remove(SCALE)
+    return d
 
 
 def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -470,8 +479,8 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             src = f"main effect over {n} runs ({kind} of {len(design.knobs)} knobs)"
             if design.resolution == 3:
                 src += "; aliased with two-knob interactions"
-            for m in metrics:
-                v = _verdict(m, minus, plus, level, resamples, floors)
+            vs = adjust_for_multiplicity([_verdict(m, minus, plus, level, resamples, floors) for m in metrics], level)
+            for m, v in zip(metrics, vs):
                 out.append(Effect(k, design.low[k], design.high[k], m, v, seeds, _mean(minus, m),
                                   _method(v), src, "factorial", "" if k != "lora.r" else
                                   "alpha held as set, so alpha/r moved with r" if design.hold == "alpha" else
@@ -480,10 +489,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
     seen: set[tuple] = set()
     tk = [_trained(g) for g in groups]
     for i, j in itertools.combinations(range(len(groups)), 2):
-        d = differing(tk[i], tk[j])
-        if sorted(d) == ["lora.alpha/r", "lora.r"] and _norm(knobs(groups[i][0]).get("lora.alpha")) == \
-                _norm(knobs(groups[j][0]).get("lora.alpha")):
-            d = ["lora.r"]  # r moved at a fixed alpha: the user's one knob, with its change of scale noted
+        d = moved_knobs(knobs(groups[i][0]), knobs(groups[j][0]))
         if len(d) != 1:
             continue
         k = d[0]
@@ -492,14 +498,14 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             continue
         seen.add(key)
         lo, hi = groups[i], groups[j]
-        for m in metrics:
-            v = _verdict(m, lo, hi, level, resamples, floors)
+        vs = adjust_for_multiplicity([_verdict(m, lo, hi, level, resamples, floors) for m in metrics], level)
+        for m, v in zip(metrics, vs):
             out.append(Effect(k, tk[i][k], tk[j][k], m, v, min(len(lo), len(hi)), _mean(lo, m),
-                              _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", _scale_note(k, lo[0], hi[0])))
+                              _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", scale_note(k, lo[0], hi[0])))
     return out
 
 
-def _scale_note(knob: str, low: RunRecord, high: RunRecord) -> str:
+def scale_note(knob: str, low: RunRecord, high: RunRecord) -> str:
     """For r's effect: what happened to alpha and the update scale alpha/r meanwhile, in words."""
     if knob != "lora.r":
         return ""
@@ -523,7 +529,7 @@ def cap_effects(group: list[RunRecord], caps: list[int], bases: list[str], *, le
     group = _by_seed(group)
     seeds = [r.seed for r in group]
     out = []
-    for base in bases:
+    for base in bases:  # one family: the cap's effects on each metric
         a, b = _per_example(group, f"{base}@{lo}"), _per_example(group, f"{base}@{hi}")
         if a is None or b is None:
             continue
@@ -536,4 +542,5 @@ def cap_effects(group: list[RunRecord], caps: list[int], bases: list[str], *, le
                          floor=floor_of(f"{base}@{hi}", floors))
         out.append(Effect("generate.max_new_tokens", lo, hi, f"{base}@{hi}", v, len(group), _mean(group, f"{base}@{lo}"),
                           v.method, f"{group[0].name}'s answers at cap {lo} vs {hi} (one generation)", "cap"))
-    return out
+    adjusted = adjust_for_multiplicity([e.verdict for e in out], level)
+    return [replace(e, verdict=v) for e, v in zip(out, adjusted)]

@@ -242,17 +242,19 @@ def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: boo
 def difference(a: str, b: str, metric: str, workspace: str | Path | None = None):
     """Is run `b` different from run `a` on `metric` (e.g. "rouge_l@50", "eval_loss", "drift_kl")?
 
-    Returns a stats.Verdict: mean(b - a), its confidence interval and "higher", "lower" or
-    "within noise"; None when there is nothing to test (one seed each of a per-run metric).
+    Returns a stats.Verdict: mean(b - a), its confidence interval (seeds and eval examples) and
+    "higher", "lower", "within noise", "negligible" (inside evaluation.min_effect) or "untested" (one
+    seed each of a per-run metric: no interval; `note` says why).
     """
+    from .comparison import _verdict
+
     c = compare([a, b], workspace)
-    try:
-        row = c.row(metric)
-    except KeyError:
-        keys = sorted(r.key for _, rows in c.sections for r in rows)
+    keys = sorted(r.key for _, rows in c.sections for r in rows)
+    if metric not in keys:
         raise SpecError(f"no metric {metric!r} in runs {a} and {b}",
-                        [Problem("metric", "unknown metric", metric, f"use one of: {', '.join(keys)}")]) from None
-    return row.verdicts[0]
+                        [Problem("metric", "unknown metric", metric, f"use one of: {', '.join(keys)}")])
+    ev = c.groups[-1][0].config.get("evaluation") or {}
+    return _verdict(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
 
 
 __all__ = ["ablate", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

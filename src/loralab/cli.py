@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +19,10 @@ from .errors import LoralabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declare LoRA runs in YAML, train them with PEFT, measure and compare them.")
-console = Console()
+# Piped to a file or a log, a table wrapped at rich's default 80 columns is unreadable (one row over
+# many lines): outside a terminal, without COLUMNS set, tables get room.
+PIPED_WIDTH = 200
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
 err_console = Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")

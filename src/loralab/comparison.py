@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 
 from .metric_table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
                            STABILITY_ROWS, VERBOSITY_CAP)
-from .stats import Estimate, Side, Verdict, compare_runs, estimate, mean_ci, verdict_label
+from .stats import MULTIPLE, Estimate, Side, Verdict, adjust_for_multiplicity, compare_runs, estimate, mean_ci, verdict_label
 from .store import RunRecord
 
 KNOB_SECTIONS = ("lora", "train", "generate")
@@ -78,8 +78,9 @@ class Comparison:
         for _, rows in self.sections:
             for r in rows:
                 for v in r.verdicts:
-                    if v is not None and v.note and v.note not in out:
-                        out.append(v.note)
+                    for part in (v.note.split("; ") if v is not None and v.note else []):
+                        if part not in out:
+                            out.append(part)
         return out
 
     @property
@@ -202,9 +203,8 @@ def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
     """Perplexity is exp(eval loss): its verdict is the loss verdict carried through exp at A's loss,
     so the two can never disagree."""
     e = math.exp
-    return Verdict("eval_ppl", e(loss_a + v.diff) - e(loss_a), e(loss_a + v.lo) - e(loss_a),
-                   e(loss_a + v.hi) - e(loss_a), v.n, v.label, v.method,
-                   "; ".join(x for x in (v.note, "from the eval-loss interval (perplexity = exp(loss))") if x))
+    return replace(v, metric="eval_ppl", diff=e(loss_a + v.diff) - e(loss_a), lo=e(loss_a + v.lo) - e(loss_a),
+                   hi=e(loss_a + v.hi) - e(loss_a))
 
 
 def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
@@ -223,15 +223,14 @@ def _verdict(key: str, ref: list[RunRecord], other: list[RunRecord], level: floa
         if v is None or cell is None:
             return None
         p = _ppl_of(v, cell.mean)
-        return p if floor_of(key, floors) is None else \
-            Verdict(p.metric, p.diff, p.lo, p.hi, p.n, verdict_label(p.lo, p.hi, floor_of(key, floors)), p.method, p.note)
+        return p if floor_of(key, floors) is None else replace(p, label=verdict_label(p.lo, p.hi, floor_of(key, floors)))
     found = _sides(key, [ref, other])
     if found is None:
         return None
     (a, b), weights, how = found
     v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
     if how and "unweighted" in how:
-        return Verdict(v.metric, v.diff, v.lo, v.hi, v.n, v.label, v.method, "; ".join(x for x in (v.note, how) if x))
+        return replace(v, note="; ".join(x for x in (v.note, how) if x))
     return v
 
 
@@ -311,6 +310,10 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
                         ("stability", rows_for(STABILITY_ROWS)), ("cost", rows_for(COST_ROWS))):
         if rows:
             c.sections.append((title, rows))
+    rows = [r for _, rs in c.sections for r in rs]
+    for col in range(len(c.pairs)):  # each verdict column is one family of questions
+        for r, v in zip(rows, adjust_for_multiplicity([r.verdicts[col] for r in rows], level)):
+            r.verdicts[col] = v
     return c
 
 
@@ -342,7 +345,7 @@ def fmt_estimate(e: Estimate | None, fmt: str, currency: str | None = None) -> s
     if e is None:
         return "—"
     text = fmt_value(e.mean, fmt, currency)
-    if e.n > 1 and not math.isnan(e.hi):
+    if not math.isnan(e.hi):
         half = (e.hi - e.lo) / 2
         text += " ± " + (fmt_value(half, fmt) if fmt not in ("int", "money") else f"{half:.3g}")
     return text
@@ -356,8 +359,9 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
     d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
     if v.label == "untested":
-        return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no interval: 1 seed)"
+        return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no CI)"
     mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
+    mark += "*" if MULTIPLE in v.note else ""
     return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}{mark}"
 
 

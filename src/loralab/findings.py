@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ablate import Effect, differing
+from .ablate import Effect, differing, moved_knobs, scale_note
 from .comparison import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, QUALITY_CAP, STABILITY_ROWS, VERBOSITY_CAP, Comparison,
                          _verdict, fmt_value, fmt_verdict, knobs)
 from .stats import Estimate, Verdict, mean_ci
@@ -223,6 +223,100 @@ def _key(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# The first findings: each run against the untrained base, and what its training curves show
+
+
+def base_findings(c: Comparison, metrics: list[str]) -> list[Finding]:
+    """Did fine-tuning beat the untrained base? Each trained run against base on the headline metrics,
+    better and worse named with their intervals (the comparison's "vs base" columns)."""
+    out = []
+    for col, (i, j) in enumerate(c.pairs):
+        if c.groups[i][0].kind != "base":
+            continue
+        parts: dict[str, list[str]] = {"better": [], "worse": [], "changed": [], "within noise": [], "untested": []}
+        for m in metrics:
+            try:
+                v = c.row(m).verdicts[col]
+            except KeyError:
+                continue
+            if v is None:
+                continue
+            word = _judged(v.label, m).split(", ")[-1] if v.label in ("higher", "lower") else v.label
+            word = {"higher": "changed", "lower": "changed", "negligible": "within noise"}.get(word, word)
+            parts[word].append(f"{label_of(m)} {interval(v, fmt_of(m))}" if testable(v) else label_of(m))
+        said = [f"{k} on {'; '.join(v)}" for k, v in parts.items() if v and k != "untested"]
+        if not said:
+            continue
+        verdict = "worse" if parts["worse"] and not parts["better"] else "better" if parts["better"] and not \
+            parts["worse"] else "mixed"
+        text = f"{c.runs[j]} against the untrained base: " + "; ".join(said) + "."
+        if parts["untested"]:
+            text += f" Not tested (one seed): {', '.join(parts['untested'])}."
+        out.append(Finding("base", text, verdict, None, None))
+    return out
+
+
+def training_findings(groups: list[list[RunRecord]], level: float = 0.95) -> list[Finding]:
+    """What the training curves say: a loss still falling at the last step (train longer), measured as
+    the slope of the training loss over the last half of the steps, with its interval across seeds (or,
+    with one seed, from the regression itself: steps are not independent, so it is optimistic)."""
+    import numpy as np
+
+    out = []
+    for g in groups:
+        if g[0].kind == "base" or not all(r.status == "finished" for r in g):
+            continue
+        slopes, ses, n = [], [], 0
+        for r in g:
+            loss = [x for x in (r.curves.get("loss") or []) if x is not None and math.isfinite(x)]
+            if len(loss) < 8:
+                continue
+            tail = np.array(loss[len(loss) // 2:])
+            n = len(tail)
+            x = np.arange(n, dtype=float)
+            slope, icept = np.polyfit(x, tail, 1)
+            resid = tail - (slope * x + icept)
+            slopes.append(float(slope))
+            ses.append(math.sqrt(float(resid @ resid) / (n - 2) / float(((x - x.mean()) ** 2).sum())))
+        if not slopes:
+            continue
+        if len(slopes) >= 2:
+            e = mean_ci(slopes, level)
+            how = f"across {len(slopes)} seeds"
+        else:
+            from scipy import stats as scipy_stats
+
+            half = float(scipy_stats.t.ppf((1 + level) / 2, n - 2)) * ses[0]
+            e = Estimate(slopes[0], slopes[0] - half, slopes[0] + half, 1)
+            how = "one seed, from the regression (optimistic: steps are not independent)"
+        if e.hi < 0:
+            d = decimals([e.mean, e.lo, e.hi], "f3")
+            out.append(Finding("training", f"{g[0].name}'s training loss was still falling at its last step: "
+                               f"{e.mean:+.{d}f} per step [{e.lo:+.{d}f}, {e.hi:+.{d}f}] over the last {n} steps "
+                               f"({level:.0%} CI {how}). Training longer may lower it further.", "still falling",
+                               None, "loss_final"))
+    return out
+
+
+def gap_findings(c: Comparison, level: float = 0.95) -> list[Finding]:
+    """Overfitting: a run whose eval − train loss gap is larger than its reference's, with the interval."""
+    try:
+        row = c.row("generalization_gap")
+    except KeyError:
+        return []
+    out = []
+    for col, (i, j) in enumerate(c.pairs):
+        v = row.verdicts[col]
+        if c.groups[i][0].kind == "base" or v is None or v.label != "higher":
+            continue
+        a, b = row.cells[i], row.cells[j]
+        out.append(Finding("gap", f"{c.runs[j]} overfits more than {c.runs[i]}: the eval − train loss gap grew from "
+                           f"{a.mean:.3f} to {b.mean:.3f}, {interval(v, 'f4')} ({level:.0%} CI). It fits its "
+                           "training examples better than new ones.", "higher", None, "generalization_gap"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Rule 4: confounds, and their credit once an ablation ran
 
 
@@ -235,6 +329,7 @@ class Confound:
     trained: list[str]  # lora.* / train.* knobs that differ
     eval_only: list[str]  # generate.* knobs that differ (every row compares both at the same cap)
     verdicts: dict[str, Verdict | None] = field(default_factory=dict)  # headline metric -> b vs a
+    note: str = ""  # what moved with r (alpha, alpha/r), in words
 
 
 def find_confounds(c: Comparison, metrics: list[str]) -> list[Confound]:
@@ -245,15 +340,18 @@ def find_confounds(c: Comparison, metrics: list[str]) -> list[Confound]:
         return []
     ref = trained_idx[0]
     out = []
-    for col, i in enumerate(trained_idx[1:]):
-        d = [k for k in differing(knobs(firsts[ref]), knobs(firsts[i])) if k != "train.seed"]
+    for i in trained_idx[1:]:
+        col = c.column(c.runs[ref], c.runs[i])
+        d = moved_knobs(knobs(firsts[ref]), knobs(firsts[i]))
+        d += [k for k in differing(knobs(firsts[ref]), knobs(firsts[i])) if k.startswith("generate.")]
         trained = [k for k in d if not k.startswith("generate.")]
         if len(trained) < 2:  # a generate.* knob plays no part at a fixed cap: one trained knob is creditable
             continue
-        conf = Confound(c.runs[ref], c.runs[i], trained, [k for k in d if k.startswith("generate.")])
+        conf = Confound(c.runs[ref], c.runs[i], trained, [k for k in d if k.startswith("generate.")],
+                        note=scale_note("lora.r", firsts[ref], firsts[i]) if "lora.r" in trained else "")
         for m in metrics:
             try:
-                conf.verdicts[m] = c.row(m).verdicts[col]
+                conf.verdicts[m] = c.row(m).verdicts[col] if col is not None else None
             except KeyError:
                 pass
         out.append(conf)
@@ -266,7 +364,8 @@ def confound_findings(conf: Confound, effects: list[Effect], level: float = 0.95
     n = len(conf.trained) + len(conf.eval_only)
     differs = {m: v for m, v in conf.verdicts.items() if testable(v) and v.label != "within noise"}
     what = "; ".join(f"{label_of(m)} {interval(v, fmt_of(m))}" for m, v in differs.items())
-    text = (f"{conf.a} and {conf.b} differ in {n} knobs ({', '.join(conf.trained + conf.eval_only)}), so no single "
+    names = [f"{k} ({conf.note})" if k == "lora.r" and conf.note else k for k in conf.trained + conf.eval_only]
+    text = (f"{conf.a} and {conf.b} differ in {n} knobs ({', '.join(names)}), so no single "
             f"knob can be credited with {conf.b}'s differences from {conf.a}"
             + (f" ({what}; {level:.0%} CI)" if what else " (none of its headline differences is outside the noise)")
             + ".")
@@ -378,19 +477,44 @@ def belief_findings(effects: list[Effect], level: float = 0.95, beliefs=BELIEFS)
 # Sweeps: which knobs mattered
 
 
-def importance_findings(importances: dict[str, dict[str, float]], n_trials: int) -> list[Finding]:
-    """Optuna's parameter importances per objective: which knob mattered, not in which direction, no interval."""
+@dataclass(frozen=True)
+class Importance:
+    """One knob's parameter importance for one objective: the value on all completed trials, and its
+    spread (5th-95th percentile) across bootstrap resamples of those trials."""
+
+    knob: str
+    value: float
+    lo: float
+    hi: float
+
+
+def importance_findings(importances: dict[str, list[Importance]], n_trials: int, resamples: int = 0) -> list[Finding]:
+    """Which knob mattered for each objective, with how far resampling the trials moves each number.
+    A knob is named "mattered most" only when its lowest resampled importance is above every other
+    knob's highest; otherwise the ranking is within the spread and the sentence says so."""
     out = []
     for objective, imp in importances.items():
         if not imp:
             continue
-        ranked = sorted(imp.items(), key=lambda kv: -kv[1])
-        parts = ", ".join(f"{k} {v:.0%}" for k, v in ranked)
+        ranked = sorted(imp, key=lambda x: -x.value)
+        parts = ", ".join(f"{x.knob} {x.value:.0%} [{x.lo:.0%}, {x.hi:.0%}]" for x in ranked)
+        top, rest = ranked[0], ranked[1:]
+        clear = all(top.lo > x.hi for x in rest)
+        lead = (f"{top.knob} mattered most for {label_of(objective)}" if clear else
+                f"no knob clearly mattered most for {label_of(objective)} (the resampled ranges overlap)")
         out.append(Finding("importance",
-                           f"In the sweep's {n_trials} completed trials, {ranked[0][0]} mattered most for "
-                           f"{label_of(objective)} (Optuna parameter importance: {parts}). Importance ranks knobs; "
-                           "it gives no direction and no interval.", "importance", ranked[0][0], objective))
+                           f"In the sweep's {n_trials} completed trials, {lead}: Optuna parameter importance {parts} "
+                           f"(5-95% range over {resamples} bootstrap resamples of the trials; pruned trials left out). "
+                           "Importance ranks knobs; it gives no direction.", "importance", top.knob if clear else None,
+                           objective))
     return out
+
+
+def min_trials_for_importance(n_knobs: int) -> int:
+    """Completed trials before importances are shown: 8 per searched knob, 16 at least. Optuna's default
+    evaluator (PED-ANOVA) contrasts the best 10% of trials with the rest; with fewer, that best set is
+    one or two trials and the importances swing from one resample of the trials to the next."""
+    return max(16, 8 * n_knobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +555,9 @@ def _pm(e: Estimate, fmt: str) -> str:
 
 
 def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: str | None = None, level: float = 0.95,
-         resamples: int = 5000, currency: str | None = None) -> TLDR:
-    """The best finished run on `metric`, and the cheapest run whose difference from it is within noise.
+         resamples: int = 5000, currency: str | None = None, floors: dict[str, float] | None = None) -> TLDR:
+    """The best finished run on `metric`, and the cheapest run whose difference from it is within noise
+    (or negligible) and that is measurably cheaper (`_cheaper`).
 
     Cost is time per run (train + eval seconds), or money when a price per hour is set."""
     better = better or better_of(metric) or "lower"
@@ -454,35 +579,62 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     for g in runs:
         if g is best:
             continue
-        v = _verdict(metric, best, g, level, resamples)
-        if testable(v) and v.label == "within noise":
+        v = _verdict(metric, best, g, level, resamples, floors)
+        if testable(v) and v.label in ("within noise", "negligible"):
             close.append(pick(g, v))
     out.within_noise = [p.name for p in close[1:]]
-
-    def price(p: Pick) -> float:
-        e = p.money if p.money is not None else p.seconds
-        return e.mean if e is not None else math.inf
-
-    out.cheapest = min(close, key=price)
+    by_name = {g[0].name: g for g in runs}
+    cost_key = "cost" if any(p.money is not None for p in close) else "total_s"
+    cheaper = []
+    for p in close[1:]:
+        claim = _cheaper(by_name[out.best.name], by_name[p.name], cost_key, level, currency)
+        if claim is not None:
+            cheaper.append((p, claim))
     fmt = fmt_of(metric)
     label = label_of(metric)
     s = f"Best {label}: {out.best.name}, {_pm(out.best.estimate, fmt)}, at {_cost(out.best, currency)} per run"
     if out.base is not None:
         s += f"; the untrained base: {fmt_value(out.base.mean, fmt)}"
     out.sentences.append(s + ".")
-    if out.cheapest is out.best:
-        others = f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of it, " \
-                 "but not cheaper)" if out.within_noise else " (no other run is within noise of it)"
+    if not cheaper:
+        out.cheapest = out.best
+        if out.within_noise:
+            others = (f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of it, "
+                      "but not measurably cheaper)")
+        else:
+            others = " (no other run is within noise of it)"
         out.sentences.append(f"Cheapest within noise of the best: {out.best.name} itself{others}.")
-    else:
-        c = out.cheapest
-        saved = ""
-        if price(out.best) not in (0, math.inf) and price(c) != math.inf:
-            saved = f", {100 * (1 - price(c) / price(out.best)):.0f}% less"
-        out.sentences.append(f"Cheapest within noise of the best: {c.name}, {_pm(c.estimate, fmt)}; "
-                             f"{interval(c.vs_best, fmt)} vs {out.best.name}, within noise ({level:.0%} CI); "
-                             f"{_cost(c, currency)} per run{saved}.")
+        return out
+    c, claim = min(cheaper, key=lambda pc: pc[1][0])
+    out.cheapest = c
+    out.sentences.append(f"Cheapest within noise of the best: {c.name}, {_pm(c.estimate, fmt)}; "
+                         f"{interval(c.vs_best, fmt)} vs {out.best.name}, {c.vs_best.label} ({level:.0%} CI); "
+                         f"{_cost(c, currency)} per run, {claim[1]}.")
     return out
+
+
+def _cheaper(best: list[RunRecord], other: list[RunRecord], key: str, level: float,
+             currency: str | None) -> tuple[float, str] | None:
+    """(relative cost, sentence) when `other` is measurably cheaper than `best`, else None.
+
+    Wall time (or money) needs the noise rule like any metric: a time difference is claimed only when its
+    interval across seeds excludes zero. With one seed a run, wall time is not compared (machine load moves
+    it: the same work took 158 s and 811 s on one busy machine); the tokens processed, which load does not
+    move, are compared instead."""
+    v = _verdict(key, best, other, level)
+    mb = _est(best, key, level)
+    if v is not None and testable(v) and mb is not None and mb.mean:
+        if v.label != "lower":
+            return None
+        unit = "s" if key == "total_s" else (currency or "")
+        return (1 + v.diff / mb.mean, f"{-v.diff / mb.mean:.0%} less {'time' if key == 'total_s' else 'money'}: "
+                f"{v.diff:+.3g} {unit} [{v.lo:+.3g}, {v.hi:+.3g}] ({level:.0%} CI across seeds)".replace("  ", " "))
+    work = [_est(g, "train_tokens", level) for g in (best, other)]
+    if any(w is None for w in work) or not work[0].mean or work[1].mean >= work[0].mean:
+        return None
+    share = work[1].mean / work[0].mean
+    return (share, f"{1 - share:.0%} fewer tokens trained ({work[1].mean:,.0f} vs {work[0].mean:,.0f}); wall time "
+                   "is not compared with one seed a run: machine load moves it")
 
 
 def _cost(p: Pick, currency: str | None) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22"]
@@ -47,15 +47,18 @@ def inline_svg(svg: str, prefix: str) -> str:
     return re.sub(r'<svg([^>]*?) width="[^"]+" height="[^"]+"', r'<svg\1 class="plot" role="img"', text, count=1)
 
 
-def pareto_front(points: Sequence[tuple[float, float]], better: str = "lower") -> list[int]:
-    """Indices of the points no other point beats: cheaper or as cheap (x, lower is better) and
-    better or as good on quality (y, `better` says which way), strictly better in one. Sorted by x.
-    Points with a NaN coordinate are never on the front."""
+def pareto_front(points: Sequence[tuple[float, float]], better: str = "lower",
+                 beats: Callable[[int, int], bool] | None = None) -> list[int]:
+    """Indices of the points no other point beats. By default j beats i when it is cheaper or as cheap
+    (x, lower is better) and better or as good on quality (y, `better` says which way), strictly better
+    in one; `beats(j, i)` replaces that rule (the report's: by the noise rule). Sorted by x. Points with
+    a NaN coordinate are never on the front."""
     sign = 1.0 if better == "lower" else -1.0
     pts = [(i, x, sign * y) for i, (x, y) in enumerate(points) if not (math.isnan(x) or math.isnan(y))]
     front = []
     for i, x, y in pts:
-        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, x2, y2 in pts if j != i)
+        dominated = any(beats(j, i) if beats is not None else (x2 <= x and y2 <= y) and (x2 < x or y2 < y)
+                        for j, x2, y2 in pts if j != i)
         if not dominated:
             front.append((x, y, i))
     return [i for _, _, i in sorted(front)]
@@ -160,8 +163,8 @@ class Point:
 
 
 def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, level: float = 0.95,
-                    colors: dict[str, str] | None = None) -> Plot:
-    front = pareto_front([(p.x, p.y) for p in points], better)
+                    colors: dict[str, str] | None = None, beats: Callable[[int, int], bool] | None = None) -> Plot:
+    front = pareto_front([(p.x, p.y) for p in points], better, beats)
 
     def draw(fig):
         ax = fig.add_subplot()
@@ -180,7 +183,9 @@ def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, l
 
     return _plot("quality-vs-cost", "Quality against cost",
                  f"Each finished run: {quality} against its cost per run, with {level:.0%} intervals across seeds. "
-                 "The dotted line joins the Pareto front: runs no other run beats on both.", draw)
+                 "The dotted line joins the Pareto front: runs no other run beats"
+                 + (" (beating: better on quality or cost with an interval that excludes zero, and not worse on the "
+                    "other)." if beats is not None else " on both."), draw)
 
 
 @dataclass

@@ -20,11 +20,10 @@ from . import ablate as ablate_mod
 from . import findings as fnd
 from . import plots as plots_mod
 from .ablate import Effect
-from .comparison import (Comparison, _md_cell, _norm, caps_of, compare, fmt_estimate, fmt_value, fmt_verdict, knobs,
-                         to_markdown)
+from .comparison import (Comparison, _md_cell, _norm, _verdict, caps_of, cell_estimate, compare, fmt_estimate, fmt_value,
+                         fmt_verdict, knobs, legend, to_markdown)
 from .errors import Problem, RunNotFound, SpecError
 from .spec import Experiment
-from .stats import mean_ci
 from .store import DB_NAME, DONE, RunRecord, Store
 
 DEFAULT_SAMPLES = 4
@@ -307,7 +306,7 @@ class EffectMatrix:
 
 
 def verdict_class(label: str, metric: str) -> str:
-    if label == "within noise":
+    if label in ("within noise", "negligible"):
         return "noise"
     if label not in ("higher", "lower"):
         return "untested"
@@ -327,7 +326,8 @@ class Report:
     confounds: list[fnd.Finding]
     effects: list[Effect]
     matrix: EffectMatrix
-    importances: dict[str, dict[str, float]]
+    importances: dict[str, list[fnd.Importance]]
+    legend: list[str]
     plots: list[plots_mod.Plot]
     samples: list[Sample]
     caps: list[int]
@@ -390,7 +390,8 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     caps = caps_of(records)
     present = {k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))}
     metric = resolve_metric(metric, src, caps, present)
-    c = compare(chosen, level=level, resamples=resamples)
+    floors = ev.get("min_effect") or {}
+    c = compare(chosen, level=level, resamples=resamples, floors=floors)
     currency = c.currency
     headline = [m for m in fnd.headline_metrics(caps) if m in present]
 
@@ -398,10 +399,11 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     # then the caps. One effect per knob change and metric.
     effects: list[Effect] = []
     for _, groups in src.ablations:
-        effects += ablate_mod.knob_effects(groups, headline, level=level, resamples=resamples)
-    effects += ablate_mod.knob_effects(_trained(chosen), headline, level=level, resamples=resamples)
+        effects += ablate_mod.knob_effects(groups, headline, level=level, resamples=resamples, floors=floors)
+    effects += ablate_mod.knob_effects(_trained(chosen), headline, level=level, resamples=resamples, floors=floors)
     if ref is not None and _finished(ref):
-        effects += ablate_mod.cap_effects(ref, caps, list(fnd.CAP_METRICS), level=level, resamples=resamples)
+        effects += ablate_mod.cap_effects(ref, caps, list(fnd.CAP_METRICS), level=level, resamples=resamples,
+                                          floors=floors)
     effects = _unique_effects(effects)
 
     confounds = fnd.find_confounds(c, headline)
@@ -409,20 +411,22 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     for conf in confounds:
         conf_findings += fnd.confound_findings(conf, effects, level, _plan_text(src, conf.a, conf.b))
 
-    importances = _importances(src)
+    importances = _importances(src, resamples)
     n_complete = _n_complete(src.study)
-    learned = ([f for f in conf_findings if f.kind != "plan"] + fnd.effect_findings(_ordered(effects), level)
-               + fnd.importance_findings(importances, n_complete))
+    # The Confounds section states the confounds and their credit; what we learned does not repeat them.
+    learned = (fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
+               + fnd.training_findings(_trained(chosen), level) + fnd.effect_findings(_ordered(effects), level)
+               + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES))
     beliefs = fnd.belief_findings(effects, level)
     pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
-    tl = fnd.tldr(pool, metric, level=level, resamples=resamples, currency=currency)
+    tl = fnd.tldr(pool, metric, level=level, resamples=resamples, currency=currency, floors=floors)
 
     return Report(
         title=src.title, goal=goal or src.goal or _default_goal(chosen),
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), level=level,
         setup=_setup(src, records, currency), runs=_runs_table(chosen, everything, metric, level),
         comparison=c, confounds=conf_findings, effects=effects,
-        matrix=effect_matrix(effects), importances=importances,
+        matrix=effect_matrix(effects), importances=importances, legend=legend(c),
         plots=_plots(chosen, everything, effects, caps, metric, level, currency, headline),
         samples=_samples(chosen, samples, caps), caps=caps, learned=learned, beliefs=beliefs, tldr=tl,
         notes=list(src.notes), metric=metric)
@@ -469,23 +473,49 @@ def _plan_text(src: Sources, a: str, b: str) -> str:
             f"({kind}), and averages each effect over the others")
 
 
-def _importances(src: Sources) -> dict[str, dict[str, float]]:
-    """Optuna's parameter importances per objective (empty when too few trials completed)."""
-    study = src.study
-    if study is None or _n_complete(study) < 2:
-        return {}
-    import optuna
+IMPORTANCE_RESAMPLES = 50  # bootstrap resamples of the trials behind each importance's range
 
+
+def _importances(src: Sources, resamples: int = IMPORTANCE_RESAMPLES) -> dict[str, list[fnd.Importance]]:
+    """Optuna's parameter importances per objective, each with its 5-95% range over bootstrap resamples
+    of the completed trials; none (and a note saying why) below fnd.min_trials_for_importance."""
+    study = src.study
+    if study is None:
+        return {}
+    import numpy as np
+    import optuna
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    knobs_ = sorted({k for t in done for k in t.params})
+    need = fnd.min_trials_for_importance(len(knobs_))
+    if len(done) < need:
+        src.notes.append(f"Parameter importances not shown: {len(done)} completed trial(s), and {need} are needed for "
+                         f"{len(knobs_)} searched knob(s) (8 per knob, 16 at least: below that the importance of each "
+                         f"knob swings from one resample of the trials to the next)"
+                         + (f"; {pruned} pruned trial(s) do not count" if pruned else "") + ".")
+        return {}
     out = {}
     objectives = [o.metric for o in src.experiment.sweep.objective] if src.experiment and src.experiment.sweep else ["objective"]
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(done), len(done)) for _ in range(resamples)]
     for i, name in enumerate(objectives):
+        target = (lambda t, i=i: t.values[i]) if len(objectives) > 1 else None
         try:
-            imp = optuna.importance.get_param_importances(
-                study, target=(lambda t, i=i: t.values[i]) if len(objectives) > 1 else None)
+            full = optuna.importance.get_param_importances(study, target=target, params=knobs_)
+            spread: dict[str, list[float]] = {k: [] for k in full}
+            for idx in draws:
+                resampled = optuna.create_study(directions=study.directions)
+                resampled.add_trials([done[j] for j in idx])
+                for k, v in optuna.importance.get_param_importances(resampled, target=target, params=knobs_).items():
+                    spread[k].append(float(v))
         except (ValueError, RuntimeError) as err:
             src.notes.append(f"Parameter importances for {name} not computed: {err}")
             continue
-        out[name] = {k: float(v) for k, v in imp.items()}
+        out[name] = [fnd.Importance(k, float(v), float(np.percentile(spread[k], 5)) if spread[k] else math.nan,
+                                    float(np.percentile(spread[k], 95)) if spread[k] else math.nan)
+                     for k, v in full.items()]
     return out
 
 
@@ -570,7 +600,7 @@ def _runs_table(chosen, everything, metric: str, level: float) -> RunsTable:
                      "seeds": "—" if g[0].kind == "base" else ", ".join(str(r.seed) for r in g),
                      "status": _status(g),
                      "values": ["—" if g[0].kind == "base" else fmt_value(k.get(c)) for c in cols],
-                     "metric": fmt_estimate(mean_ci(vals, level), fnd.fmt_of(metric)) if vals else "—"})
+                     "metric": fmt_estimate(cell_estimate(metric, g, level), fnd.fmt_of(metric)) if vals else "—"})
     return RunsTable(cols, rows, shared, fnd.label_of(metric))
 
 
@@ -654,27 +684,35 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
                                       hi if band else None, _status(g).split(" ")[0]))
     if curves:
         out.append(plots_mod.loss_curves(curves, colors))
-    points = []
+    points, behind = [], []
     cost_key = "cost" if any("cost" in r.metrics for g in trained for r in g) else "total_s"
     for g in trained:
         if not _finished(g):
             continue
-        q = [r.metrics[metric] for r in g if isinstance(r.metrics.get(metric), (int, float))]
-        x = [r.metrics[cost_key] for r in g if isinstance(r.metrics.get(cost_key), (int, float))]
-        if q and x:
-            eq, ex = mean_ci(q, level), mean_ci(x, level)
+        eq, ex = cell_estimate(metric, g, level), cell_estimate(cost_key, g, level)
+        if eq is not None and ex is not None:
             points.append(plots_mod.Point(g[0].name, ex.mean, eq.mean, _half(ex), _half(eq)))
+            behind.append(g)
+    better = fnd.better_of(metric) or "lower"
+
+    def beats(j: int, i: int) -> bool:
+        """The noise rule for the Pareto front: j beats i when it is better on quality or cheaper with an
+        interval that excludes zero, and not worse on the other."""
+        q, x = _verdict(metric, behind[i], behind[j], level), _verdict(cost_key, behind[i], behind[j], level)
+        worse = {"lower": "higher", "higher": "lower"}[better]
+        q_label, x_label = (q.label if q else "untested"), (x.label if x else "untested")
+        return (q_label == better or x_label == "lower") and q_label != worse and x_label != "higher"
+
     if points:
         cost_label = f"cost per run ({currency})" if cost_key == "cost" else "time per run (s, train + eval)"
-        out.append(plots_mod.quality_vs_cost(points, fnd.label_of(metric), cost_label, fnd.better_of(metric) or "lower",
-                                             level, colors))
+        out.append(plots_mod.quality_vs_cost(points, fnd.label_of(metric), cost_label, better, level, colors, beats))
     if len(caps) >= 2:
         series = []
         for g in chosen:
             means, errs = [], []
             for c in caps:
                 vals = [r.metrics.get(f"mean_tokens@{c}") for r in g if isinstance(r.metrics.get(f"mean_tokens@{c}"), (int, float))]
-                e = mean_ci(vals, level) if vals else None
+                e = cell_estimate(f"mean_tokens@{c}", g, level) if vals else None
                 means.append(e.mean if e else float("nan"))
                 errs.append(_half(e) if e else 0.0)
             if any(math.isfinite(m) for m in means):
@@ -685,10 +723,12 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
         es = [e for e in effects if e.metric == m and fnd.testable(e.verdict)]
         if not es:
             continue
-        bars = [plots_mod.Bar(f"{e.knob} {fmt_value(e.low)} → {fmt_value(e.high)}", e.verdict.diff, e.verdict.lo,
-                              e.verdict.hi, verdict_class(e.verdict.label, m)) for e in es]
+        scale = 100 if fnd.fmt_of(m) == "pct" else 1  # shares in percentage points, as the tables show them
+        bars = [plots_mod.Bar(f"{e.knob} {fmt_value(e.low)} → {fmt_value(e.high)}", scale * e.verdict.diff,
+                              scale * e.verdict.lo, scale * e.verdict.hi, verdict_class(e.verdict.label, m)) for e in es]
         slug = re.sub(r"[^a-z0-9]+", "-", m.lower()).strip("-")
-        out.append(plots_mod.effect_forest(slug, fnd.label_of(m), bars, fnd.better_of(m)))
+        out.append(plots_mod.effect_forest(slug, fnd.label_of(m) + (" (points)" if scale == 100 else ""), bars,
+                                           fnd.better_of(m)))
     return out
 
 

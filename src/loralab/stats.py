@@ -62,6 +62,7 @@ class Verdict:
     label: str
     method: str = ""  # what the interval covers: "seeds+examples", "examples", "seeds" (see compare_runs)
     note: str = ""  # what it leaves out or assumes, in words ("" when nothing)
+    p: float = math.nan  # two-sided p-value of "no difference", from the same t approximation as the interval
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,18 @@ def _resid_var(rows: np.ndarray) -> float:
     return float((r**2).sum() / ((k - 1) * (n - 1)))
 
 
-def _interval(diff: float, comps: list[tuple[float, int]], level: float) -> tuple[float, float]:
+def _interval(diff: float, comps: list[tuple[float, int]], level: float) -> tuple[float, float, float]:
     """diff ± t * sqrt(sum of variance components), with Welch-Satterthwaite degrees of freedom: the
-    right width for the 2-5 seeds a sweep affords, where a normal interval is too narrow."""
+    right width for the 2-5 seeds a sweep affords, where a normal interval is too narrow. Also the
+    two-sided p-value of a zero difference under the same t."""
     var = sum(c for c, _ in comps)
     if var <= 0:
-        return diff, diff
+        return diff, diff, (1.0 if diff == 0 else 0.0)
     df = var**2 / sum(c**2 / d for c, d in comps if c > 0)
     from scipy import stats as scipy_stats  # lazy: ~1 s to import, too slow for every CLI start
 
     half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(var)
-    return diff - half, diff + half
+    return diff - half, diff + half, float(2 * scipy_stats.t.sf(abs(diff) / math.sqrt(var), df))
 
 
 def _matrices(a: Side, b: Side | None, weights) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -180,9 +182,10 @@ def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None 
         elif va is None or vb is None:
             if n == 1:
                 return Verdict(metric, diff, math.nan, math.nan, count, "untested", "",
-                               "one seed: a per-run number has no interval; `repeats: 3` measures seed noise")
-            notes.append("seed noise unmeasured (one seed): the interval covers eval examples only; "
-                         "`repeats: 3` measures it")
+                               "no CI: one seed a run gives a per-run number no interval, and `repeats: 3` measures seed "
+                               "noise")
+            notes.append("seed noise unmeasured (one seed): the interval covers eval examples only, "
+                         "and `repeats: 3` measures it")
         else:
             for v, rows, fixed in ((va, A, a.fixed), (vb, B, b.fixed)):
                 if not fixed:
@@ -194,9 +197,41 @@ def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None 
         sw2 = float(np.sum(w**2))
         v_ex -= sum(_resid_var(r) / r.shape[0] * sw2 for r in measured)
         comps.append((max(v_ex, 0.0), n - 1))
-    lo, hi = _interval(diff, comps, level)
+    lo, hi, p = _interval(diff, comps, level)
     method = "seeds" if n == 1 else "examples" if len(comps) == 1 else "seeds+examples"
-    return Verdict(metric, diff, lo, hi, count, verdict_label(lo, hi, floor), method, "; ".join(notes))
+    return Verdict(metric, diff, lo, hi, count, verdict_label(lo, hi, floor), method, "; ".join(notes), p)
+
+
+def adjust_for_multiplicity(verdicts: Sequence[Verdict | None], level: float = 0.95) -> list[Verdict | None]:
+    """One table asks many questions at once: at 5% each, some of thirty metrics would read "higher" or
+    "lower" for two runs that differ only in their seeds. Benjamini-Hochberg over the verdicts given (one
+    family: a verdict column, or one knob's effects) keeps the share of false calls at 1 - level, and
+    under no real difference at all, the chance of any call. A difference its own interval excludes but
+    the family does not keep reads "within noise", and its note says why."""
+    from dataclasses import replace
+
+    tested = [(i, v) for i, v in enumerate(verdicts) if v is not None and v.label in ("higher", "lower", "within noise")
+              and not math.isnan(v.p)]
+    m = len(tested)
+    if m <= 1:
+        return list(verdicts)
+    alpha = 1 - level
+    ranked = sorted(tested, key=lambda iv: iv[1].p)
+    keep = 0  # the largest rank k with p_(k) <= k * alpha / m
+    for k, (_, v) in enumerate(ranked, start=1):
+        if v.p <= k * alpha / m:
+            keep = k
+    kept = {i for i, _ in ranked[:keep]}
+    out = list(verdicts)
+    for i, v in tested:
+        if v.label in ("higher", "lower") and i not in kept:
+            out[i] = replace(v, label="within noise", note="; ".join(x for x in (v.note, MULTIPLE) if x))
+    return out
+
+
+# The note of a verdict adjust_for_multiplicity turned to "within noise" (one sentence for the legend).
+MULTIPLE = ("*: its own interval excludes 0, but not once the other questions of its column are counted "
+            "(Benjamini-Hochberg): within noise")
 
 
 def estimate(metric_rows: Side, weights: Sequence[float] | None = None, level: float = 0.95) -> Estimate:
@@ -220,5 +255,5 @@ def estimate(metric_rows: Side, weights: Sequence[float] | None = None, level: f
         if k >= 2:
             v_ex -= _resid_var(A) / k * float(np.sum(w**2))
         comps.append((max(v_ex, 0.0), n - 1))
-    lo, hi = _interval(mean, comps, level)
+    lo, hi, _ = _interval(mean, comps, level)
     return Estimate(mean, lo, hi, k)
