@@ -9,8 +9,8 @@ import pytest
 from loralab.ablate import Effect, knob_effects
 from loralab.comparison import compare
 from loralab.findings import (BELIEFS, Belief, Confound, Importance, belief_finding, confound_findings, decimals,
-                              effect_finding, effect_findings, find_confounds, importance_findings, interval,
-                              min_trials_for_importance, tldr)
+                              effect_finding, effect_findings, find_confounds, gap_findings, importance_findings,
+                              interval, min_trials_for_importance, tldr, training_findings, base_findings)
 from loralab.stats import Verdict
 from loralab.store import RunRecord
 
@@ -182,7 +182,21 @@ def test_tldr_picks_the_cheapest_run_within_noise_of_the_best():
     assert t.best.name == "B" and t.cheapest.name == "C" and t.within_noise == ["C"]
     assert t.sentences[0].startswith("Best eval loss: B, 1.5") and "the untrained base: 3.0" in t.sentences[0]
     assert t.sentences[1].startswith("Cheapest within noise of the best: C, ") and "within noise" in t.sentences[1]
-    assert "124 s per run, 38% less" in t.sentences[1]  # seeds 3-5 take 123-125 s, B 200-202 s
+    # Seeds 3-5 take 123-125 s, B's 200-202 s: cheaper by an interval across seeds that excludes zero.
+    assert "124 s per run, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
+
+
+def test_tldr_claims_no_saving_from_one_wall_time_each():
+    """One seed a run: wall time is one measurement each, which machine load moves; the TL;DR compares the
+    tokens trained instead, and says so."""
+    best = group("B", loss_shift=-0.5, seeds=(0,), seconds=800, per_run={"train_tokens": 2000})
+    same_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=150, per_run={"train_tokens": 2000})
+    t = tldr([best, same_work], "eval_loss", resamples=500)
+    assert t.cheapest is t.best and "within noise of it, but not measurably cheaper" in t.sentences[1]
+    less_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=900, per_run={"train_tokens": 1000})
+    t = tldr([best, less_work], "eval_loss", resamples=500)
+    assert t.cheapest.name == "C" and "50% fewer tokens trained" in t.sentences[1]
+    assert "wall time is not compared with one seed a run" in t.sentences[1]
 
 
 def test_tldr_when_the_best_is_also_the_cheapest():
@@ -226,3 +240,32 @@ def test_confound_sentence_when_nothing_differs_beyond_noise():
     conf = Confound("A", "B", ["lora.r", "train.learning_rate"], [], {"eval_loss": Verdict("eval_loss", 0.01, -0.02, 0.04, 24, "within noise")})
     text = confound_findings(conf, [])[0].text
     assert "none of its headline differences is outside the noise" in text
+
+
+def test_each_run_is_compared_with_the_base_first():
+    base = group("base", kind="base", loss_shift=0.5, per_run={"drift_kl": 0.0})
+    better = group("A", per_run={"drift_kl": lambda seed: 0.1 + 0.001 * seed})
+    [f] = base_findings(compare([base, better], resamples=500), ["eval_loss", "drift_kl"])
+    assert f.kind == "base" and f.verdict == "mixed"
+    assert f.text.startswith("A against the untrained base: better on eval loss -0.5")
+    assert "worse on KL from base (nats/token) +0.1" in f.text
+
+
+def test_a_growing_eval_train_gap_is_a_finding():
+    a = group("A", per_run={"generalization_gap": lambda seed: 0.12 + 0.01 * seed})
+    b = group("B", lora={"r": 8}, seeds=(3, 4, 5), per_run={"generalization_gap": lambda seed: 0.70 + 0.01 * seed})
+    [f] = gap_findings(compare([a, b], resamples=500))
+    assert f.text.startswith("B overfits more than A: the eval − train loss gap grew from 0.130 to 0.740")
+    assert gap_findings(compare([b, a], resamples=500)) == []  # a smaller gap is no overfitting finding
+
+
+@pytest.mark.parametrize(("slope", "said"), [(-0.02, True), (0.0, False), (0.01, False)])
+def test_a_loss_still_falling_at_the_end_says_train_longer(slope, said):
+    runs = group("A")
+    for r in runs:  # 40 steps, flat then a straight line with small wiggles
+        r.curves = {"loss": [3.0 + slope * i + 0.01 * math.sin(7 * i + r.seed) for i in range(40)]}
+    found = training_findings([runs])
+    assert bool(found) == said
+    if said:
+        assert found[0].text.startswith("A's training loss was still falling at its last step: -0.020 per step [")
+        assert "across 3 seeds" in found[0].text and "Training longer may lower it further" in found[0].text

@@ -261,3 +261,39 @@ def test_a_real_effect_of_six_standard_errors_is_found():
     # Seed sd 0.05 over 3 seeds a side: se of the difference ~0.041 with about 4 degrees of freedom
     # (t 2.78); an effect of 0.25 is found nearly always.
     assert _false_alarms(200, 3, 32, 0.05, 0.01, 0.5, effect=0.25) > 0.9
+
+
+# --- many questions at once -------------------------------------------------------------------------
+
+
+def test_benjamini_hochberg_keeps_what_survives_the_family_by_hand():
+    from loralab.stats import MULTIPLE, Verdict, adjust_for_multiplicity
+
+    def v(p: float, label: str = "higher") -> Verdict:
+        return Verdict("m", 1.0, 0.5, 1.5, 10, label, "seeds", "", p)
+
+    # m = 4, alpha 0.05: thresholds 0.0125, 0.025, 0.0375, 0.05. Sorted p: 0.001, 0.02, 0.04, 0.3:
+    # 0.02 <= 0.025 keeps rank 2; 0.04 > 0.0375: the third is dropped even though 0.04 < 0.05.
+    out = adjust_for_multiplicity([v(0.04), v(0.001), v(0.3, "within noise"), v(0.02)])
+    assert [x.label for x in out] == ["within noise", "higher", "within noise", "higher"]
+    assert MULTIPLE in out[0].note and out[2].note == ""  # only a dropped call says why
+    assert adjust_for_multiplicity([v(0.04)]) == [v(0.04)]  # one question: nothing to adjust
+    assert adjust_for_multiplicity([None, v(0.001)])[0] is None
+
+
+def test_a_table_of_identical_runs_calls_nothing_in_most_families():
+    """Twenty metrics per table, identical settings: without the adjustment about two in three tables
+    would call something; with it, at most the nominal 5% (+3 points for 300 seeded tables)."""
+    from loralab.stats import adjust_for_multiplicity
+
+    rng = np.random.default_rng(1)
+    tables_with_a_call = raw_calls = 0
+    for _ in range(300):
+        verdicts = []
+        for _ in range(20):
+            a, b = rng.normal(0, 1, (3, 16)), rng.normal(0, 1, (3, 16))
+            verdicts.append(compare_runs("m", Side(a, [0, 1, 2]), Side(b, [5, 6, 7])))
+        raw_calls += any(v.label in ("higher", "lower") for v in verdicts)
+        tables_with_a_call += any(v.label in ("higher", "lower") for v in adjust_for_multiplicity(verdicts))
+    assert raw_calls / 300 > 0.4
+    assert tables_with_a_call / 300 <= 0.05 + 0.03

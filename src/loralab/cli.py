@@ -171,7 +171,8 @@ def _show_comparison(result, exp) -> None:
 
     ev = exp.evaluation
     console.print()
-    console.print(render(compare(list(result.groups().values()), level=ev.confidence, resamples=ev.bootstrap_resamples)))
+    console.print(render(compare(list(result.groups().values()), level=ev.confidence, resamples=ev.bootstrap_resamples,
+                                 floors=ev.min_effect)))
 
 
 @app.command("ls")
@@ -329,8 +330,8 @@ def _show_effects(plan) -> None:
     caps = caps_of([r for g in groups for r in g])
     metrics = [m for m in headline_metrics(caps) if any(m in r.metrics for g in groups for r in g)]
     ev = plan.experiment.evaluation
-    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence, resamples=ev.bootstrap_resamples)
-               if testable(e.verdict)]
+    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence, resamples=ev.bootstrap_resamples,
+                                       floors=ev.min_effect) if testable(e.verdict)]
     if not effects:
         console.print("No knob's effect has an interval yet (one seed of per-run numbers): use --repeats 3.")
         return
@@ -340,7 +341,7 @@ def _show_effects(plan) -> None:
     for e in effects:
         t.add_row(_escape(e.knob), _escape(f"{fmt_value(e.low)} → {fmt_value(e.high)}"), _escape(label_of(e.metric)),
                   interval(e.verdict, fmt_of(e.metric)), e.verdict.label,
-                  style=None if e.verdict.label == "within noise" else "bold")
+                  style=None if e.verdict.label in ("within noise", "negligible") else "bold")
     console.print(t)
 
 

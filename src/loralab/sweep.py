@@ -522,6 +522,7 @@ class SweepResult:
     saved_s: float = 0.0
     cost: float | None = None
     plan: SweepPlan | None = None
+    close_to_best: list[int] = field(default_factory=list)  # finished trials within noise of the best
 
 
 def _counts(t) -> bool:
@@ -791,9 +792,36 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
             reused = f", reused {tr.reused} stored run(s)" if tr.reused else ""
             rep.log(f"trial {trial.number}: {_fmt(knobs)} -> {tr.status}: {what} ({spent:.1f} s{reused})")
         _finish(result, study, space, sw, per_hour, exp, rep)
+        result.close_to_best = _close_to_best(result, store, exp, rep)
     finally:
         store.close()
     return result
+
+
+def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
+    """The finished trials whose objective is within noise of the best trial's, by the report's rule
+    (an interval over seeds and eval examples): the best mean alone can be a lucky seed."""
+    from .comparison import _verdict
+
+    sw = exp.sweep
+    if len(sw.objective) != 1 or not result.best:
+        return []
+    runs = {r.id: r for r in store.list(exp.name) if r.status == "finished"}
+    groups = {t.number: [runs[i] for i in t.run_ids if i in runs] for t in result.trials if t.status == "finished"}
+    best = groups.get(result.best[0].number)
+    if not best:
+        return []
+    key = sw.objective[0].metric
+    if key not in best[0].metrics and "@" not in key:
+        key = f"{key}@{max(best[0].config['generate']['max_new_tokens'])}"
+    level = exp.evaluation.confidence
+    close = [n for n, g in groups.items() if g and n != result.best[0].number
+             and (v := _verdict(key, best, g, level, floors=exp.evaluation.min_effect)) is not None
+             and v.label in ("within noise", "negligible")]
+    if close:
+        rep.log(f"Within noise of the best ({level:.0%} intervals over seeds and eval examples): "
+                + ", ".join(f"trial {n}" for n in sorted(close)) + ". `loralab report` compares them.")
+    return sorted(close)
 
 
 def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: float | None, exp: Experiment,
