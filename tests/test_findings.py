@@ -58,7 +58,7 @@ def only(effects, knob, metric="eval_loss"):
 
 
 def test_a_strong_effect_is_stated_with_its_numbers():
-    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"], resamples=2000)
+    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"])
     e = only(effects, "train.learning_rate")
     assert (e.low, e.high, e.design, e.source) == (2e-4, 5e-4, "pair", "A+lr vs A")
     assert e.verdict.diff == pytest.approx(-0.5) and e.verdict.hi < 0
@@ -71,7 +71,7 @@ def test_a_strong_effect_is_stated_with_its_numbers():
 
 
 def test_a_null_effect_reads_no_measurable_effect_within_n_seeds():
-    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"], resamples=2000)
+    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"])
     e = only(effects, "lora.dropout")
     assert e.verdict.lo < 0 < e.verdict.hi  # seeds 3-5 against 0-2: noise only
     f = effect_finding(e)
@@ -102,7 +102,7 @@ def test_one_seed_paired_effects_carry_a_caveat():
 
 def test_a_confound_credits_no_knob_until_each_is_measured():
     b = group("B", loss_shift=-0.6, lora={"r": 8}, train={"learning_rate": 5e-4}, gen={"max_new_tokens": [100]})
-    c = compare([A, b], resamples=2000)
+    c = compare([A, b])
     [conf] = find_confounds(c, ["eval_loss"])
     assert (conf.a, conf.b) == ("A", "B")
     assert conf.trained == ["lora.r", "train.learning_rate"] and conf.eval_only == ["generate.max_new_tokens"]
@@ -118,7 +118,7 @@ def test_a_confound_credits_no_knob_until_each_is_measured():
 
     # The one-knob-at-a-time runs: r alone does nothing, lr alone does most of it.
     a_r = group("A+r", lora={"r": 8}, seeds=(3, 4, 5))
-    effects = knob_effects([A, a_r, A_LR], ["eval_loss"], resamples=2000)
+    effects = knob_effects([A, a_r, A_LR], ["eval_loss"])
     found = confound_findings(conf, effects)
     assert [f.kind for f in found] == ["confound", "credit"]  # nothing left unmeasured: no plan line
     credit = found[1].text
@@ -129,18 +129,18 @@ def test_a_confound_credits_no_knob_until_each_is_measured():
 
 
 def test_runs_differing_in_one_knob_are_no_confound():
-    assert find_confounds(compare([A, A_LR], resamples=500), ["eval_loss"]) == []
+    assert find_confounds(compare([A, A_LR]), ["eval_loss"]) == []
     # One trained knob and a cap: every row compares both runs at the same cap, so lr takes the credit.
     lr_and_cap = group("B", loss_shift=-0.5, train={"learning_rate": 5e-4}, gen={"max_new_tokens": [100]})
-    assert find_confounds(compare([A, lr_and_cap], resamples=500), ["eval_loss"]) == []
-    [e] = knob_effects([A, lr_and_cap], ["eval_loss"], resamples=500)
+    assert find_confounds(compare([A, lr_and_cap]), ["eval_loss"]) == []
+    [e] = knob_effects([A, lr_and_cap], ["eval_loss"])
     assert e.knob == "train.learning_rate" and e.verdict.label == "lower"
 
 
 def test_find_confounds_ignores_the_base_and_the_seed():
     base = group("base", kind="base")
     b = group("B", seeds=(7, 8, 9), train={"learning_rate": 5e-4})  # other seeds, one knob
-    assert find_confounds(compare([base, A, b], resamples=500), ["eval_loss"]) == []
+    assert find_confounds(compare([base, A, b]), ["eval_loss"]) == []
 
 
 def _effect(knob, low, high, metric, diff, lo, hi, label, design="pair"):
@@ -178,7 +178,7 @@ def test_tldr_picks_the_cheapest_run_within_noise_of_the_best():
     best = group("B", loss_shift=-0.50, lora={"r": 8}, seconds=200)
     close = group("C", loss_shift=-0.50, lora={"r": 16}, seeds=(3, 4, 5), seconds=120)  # B but for noise, cheaper
     cheap_bad = group("D", loss_shift=+0.30, lora={"r": 2}, seconds=50)  # cheapest, clearly worse
-    t = tldr([group("base", kind="base", loss_shift=1.0), best, close, cheap_bad], "eval_loss", resamples=2000)
+    t = tldr([group("base", kind="base", loss_shift=1.0), best, close, cheap_bad], "eval_loss")
     assert t.best.name == "B" and t.cheapest.name == "C" and t.within_noise == ["C"]
     assert t.sentences[0].startswith("Best eval loss: B, 1.5") and "the untrained base: 3.0" in t.sentences[0]
     assert t.sentences[1].startswith("Cheapest within noise of the best: C, ") and "within noise" in t.sentences[1]
@@ -191,16 +191,16 @@ def test_tldr_claims_no_saving_from_one_wall_time_each():
     tokens trained instead, and says so."""
     best = group("B", loss_shift=-0.5, seeds=(0,), seconds=800, per_run={"train_tokens": 2000})
     same_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=150, per_run={"train_tokens": 2000})
-    t = tldr([best, same_work], "eval_loss", resamples=500)
+    t = tldr([best, same_work], "eval_loss")
     assert t.cheapest is t.best and "within noise of it, but not measurably cheaper" in t.sentences[1]
     less_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=900, per_run={"train_tokens": 1000})
-    t = tldr([best, less_work], "eval_loss", resamples=500)
+    t = tldr([best, less_work], "eval_loss")
     assert t.cheapest.name == "C" and "50% fewer tokens trained" in t.sentences[1]
     assert "wall time is not compared with one seed a run" in t.sentences[1]
 
 
 def test_tldr_when_the_best_is_also_the_cheapest():
-    t = tldr([A_LR, group("D", loss_shift=0.3, lora={"r": 2}, seconds=300)], "eval_loss", resamples=500)
+    t = tldr([A_LR, group("D", loss_shift=0.3, lora={"r": 2}, seconds=300)], "eval_loss")
     assert t.cheapest is t.best and "A+lr itself (no other run is within noise of it)" in t.sentences[1]
 
 
@@ -245,7 +245,7 @@ def test_confound_sentence_when_nothing_differs_beyond_noise():
 def test_each_run_is_compared_with_the_base_first():
     base = group("base", kind="base", loss_shift=0.5, per_run={"drift_kl": 0.0})
     better = group("A", per_run={"drift_kl": lambda seed: 0.1 + 0.001 * seed})
-    [f] = base_findings(compare([base, better], resamples=500), ["eval_loss", "drift_kl"])
+    [f] = base_findings(compare([base, better]), ["eval_loss", "drift_kl"])
     assert f.kind == "base" and f.verdict == "mixed"
     assert f.text.startswith("A against the untrained base: better on eval loss -0.5")
     assert "worse on KL from base (nats/token) +0.1" in f.text
@@ -254,9 +254,9 @@ def test_each_run_is_compared_with_the_base_first():
 def test_a_growing_eval_train_gap_is_a_finding():
     a = group("A", per_run={"generalization_gap": lambda seed: 0.12 + 0.01 * seed})
     b = group("B", lora={"r": 8}, seeds=(3, 4, 5), per_run={"generalization_gap": lambda seed: 0.70 + 0.01 * seed})
-    [f] = gap_findings(compare([a, b], resamples=500))
+    [f] = gap_findings(compare([a, b]))
     assert f.text.startswith("B overfits more than A: the eval − train loss gap grew from 0.130 to 0.740")
-    assert gap_findings(compare([b, a], resamples=500)) == []  # a smaller gap is no overfitting finding
+    assert gap_findings(compare([b, a])) == []  # a smaller gap is no overfitting finding
 
 
 @pytest.mark.parametrize(("slope", "said"), [(-0.02, True), (0.0, False), (0.01, False)])

@@ -458,7 +458,7 @@ def _mean(group: list[RunRecord], key: str) -> float | None:
 
 
 def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: float = 0.95,
-                 resamples: int = 5000, floors: dict[str, float] | None = None) -> list[Effect]:
+                 floors: dict[str, float] | None = None) -> list[Effect]:
     """Each trained knob's effect on each metric, from the runs given (finished ones; the first is the
     reference): a two-level orthogonal design's main effects when the runs form one, else every pair of
     runs that differ in exactly one trained knob (the earlier run is the low side).
@@ -479,7 +479,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             src = f"main effect over {n} runs ({kind} of {len(design.knobs)} knobs)"
             if design.resolution == 3:
                 src += "; aliased with two-knob interactions"
-            vs = adjust_for_multiplicity([_verdict(m, minus, plus, level, resamples, floors) for m in metrics], level)
+            vs = adjust_for_multiplicity([_verdict(m, minus, plus, level, floors) for m in metrics], level)
             for m, v in zip(metrics, vs):
                 out.append(Effect(k, design.low[k], design.high[k], m, v, seeds, _mean(minus, m),
                                   _method(v), src, "factorial", "" if k != "lora.r" else
@@ -498,7 +498,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             continue
         seen.add(key)
         lo, hi = groups[i], groups[j]
-        vs = adjust_for_multiplicity([_verdict(m, lo, hi, level, resamples, floors) for m in metrics], level)
+        vs = adjust_for_multiplicity([_verdict(m, lo, hi, level, floors) for m in metrics], level)
         for m, v in zip(metrics, vs):
             out.append(Effect(k, tk[i][k], tk[j][k], m, v, min(len(lo), len(hi)), _mean(lo, m),
                               _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", scale_note(k, lo[0], hi[0])))
@@ -519,7 +519,7 @@ def scale_note(knob: str, low: RunRecord, high: RunRecord) -> str:
 
 
 def cap_effects(group: list[RunRecord], caps: list[int], bases: list[str], *, level: float = 0.95,
-                resamples: int = 5000, floors: dict[str, float] | None = None) -> list[Effect]:
+                floors: dict[str, float] | None = None) -> list[Effect]:
     """generate.max_new_tokens from the smallest cap to the largest: the same answers, cut at each cap
     (greedy decoding makes the smaller cap a prefix), so the difference is paired per eval example and
     per seed, and needs no extra training. Metric keys are named at the larger cap."""

@@ -235,8 +235,7 @@ def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: boo
 
     groups = [get_group(r, workspace) for r in refs]
     ev = groups[-1][0].config.get("evaluation") or {}
-    return build(groups, all_knobs=all_knobs, level=ev.get("confidence", 0.95),
-                 resamples=ev.get("bootstrap_resamples", 5000))
+    return build(groups, all_knobs=all_knobs, level=ev.get("confidence", 0.95))
 
 
 def difference(a: str, b: str, metric: str, workspace: str | Path | None = None):

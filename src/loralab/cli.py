@@ -171,7 +171,7 @@ def _show_comparison(result, exp) -> None:
 
     ev = exp.evaluation
     console.print()
-    console.print(render(compare(list(result.groups().values()), level=ev.confidence, resamples=ev.bootstrap_resamples,
+    console.print(render(compare(list(result.groups().values()), level=ev.confidence,
                                  floors=ev.min_effect)))
 
 
@@ -330,7 +330,7 @@ def _show_effects(plan) -> None:
     caps = caps_of([r for g in groups for r in g])
     metrics = [m for m in headline_metrics(caps) if any(m in r.metrics for g in groups for r in g)]
     ev = plan.experiment.evaluation
-    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence, resamples=ev.bootstrap_resamples,
+    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence,
                                        floors=ev.min_effect) if testable(e.verdict)]
     if not effects:
         console.print("No knob's effect has an interval yet (one seed of per-run numbers): use --repeats 3.")

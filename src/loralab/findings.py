@@ -555,7 +555,7 @@ def _pm(e: Estimate, fmt: str) -> str:
 
 
 def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: str | None = None, level: float = 0.95,
-         resamples: int = 5000, currency: str | None = None, floors: dict[str, float] | None = None) -> TLDR:
+         currency: str | None = None, floors: dict[str, float] | None = None) -> TLDR:
     """The best finished run on `metric`, and the cheapest run whose difference from it is within noise
     (or negligible) and that is measurably cheaper (`_cheaper`).
 
@@ -579,7 +579,7 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     for g in runs:
         if g is best:
             continue
-        v = _verdict(metric, best, g, level, resamples, floors)
+        v = _verdict(metric, best, g, level, floors)
         if testable(v) and v.label in ("within noise", "negligible"):
             close.append(pick(g, v))
     out.within_noise = [p.name for p in close[1:]]

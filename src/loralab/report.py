@@ -386,12 +386,12 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     records = [r for g in everything for r in g]
     ref = next((g for g in chosen if g[0].kind == "lora"), None) or next(iter(_trained(everything)), None)
     ev = (ref or everything[0])[0].config.get("evaluation") or {}
-    level, resamples = ev.get("confidence", 0.95), ev.get("bootstrap_resamples", 5000)
+    level = ev.get("confidence", 0.95)
     caps = caps_of(records)
     present = {k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))}
     metric = resolve_metric(metric, src, caps, present)
     floors = ev.get("min_effect") or {}
-    c = compare(chosen, level=level, resamples=resamples, floors=floors)
+    c = compare(chosen, level=level, floors=floors)
     currency = c.currency
     headline = [m for m in fnd.headline_metrics(caps) if m in present]
 
@@ -399,10 +399,10 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     # then the caps. One effect per knob change and metric.
     effects: list[Effect] = []
     for _, groups in src.ablations:
-        effects += ablate_mod.knob_effects(groups, headline, level=level, resamples=resamples, floors=floors)
-    effects += ablate_mod.knob_effects(_trained(chosen), headline, level=level, resamples=resamples, floors=floors)
+        effects += ablate_mod.knob_effects(groups, headline, level=level, floors=floors)
+    effects += ablate_mod.knob_effects(_trained(chosen), headline, level=level, floors=floors)
     if ref is not None and _finished(ref):
-        effects += ablate_mod.cap_effects(ref, caps, list(fnd.CAP_METRICS), level=level, resamples=resamples,
+        effects += ablate_mod.cap_effects(ref, caps, list(fnd.CAP_METRICS), level=level,
                                           floors=floors)
     effects = _unique_effects(effects)
 
@@ -411,7 +411,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     for conf in confounds:
         conf_findings += fnd.confound_findings(conf, effects, level, _plan_text(src, conf.a, conf.b))
 
-    importances = _importances(src, resamples)
+    importances = _importances(src)
     n_complete = _n_complete(src.study)
     # The Confounds section states the confounds and their credit; what we learned does not repeat them.
     learned = (fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
@@ -419,7 +419,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
                + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES))
     beliefs = fnd.belief_findings(effects, level)
     pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
-    tl = fnd.tldr(pool, metric, level=level, resamples=resamples, currency=currency, floors=floors)
+    tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors)
 
     return Report(
         title=src.title, goal=goal or src.goal or _default_goal(chosen),
@@ -549,9 +549,13 @@ def _setup(src: Sources, records: list[RunRecord], currency: str | None) -> list
     ev = first.config.get("evaluation") or {}
     seeds = sorted({len(g) for g in group_by_name([r for r in records if r.kind == "lora"]).values()})
     out.append(("Evaluation", f"eval caps (max_new_tokens) {', '.join(map(str, caps_of(records))) or '—'}; "
-                              f"{ev.get('confidence', 0.95):.0%} confidence intervals; "
-                              f"{ev.get('bootstrap_resamples', 5000)} bootstrap resamples; seeds per run "
-                              f"{'/'.join(map(str, seeds)) or '—'}; drift {'on' if ev.get('drift', True) else 'off'}"))
+                              f"{ev.get('confidence', 0.95):.0%} confidence intervals over seeds and eval examples, "
+                              "each verdict column adjusted for its many questions (Benjamini-Hochberg); "
+                              + ("smallest differences that matter (min_effect): "
+                                 + ", ".join(f"{k} {v:g}" for k, v in ev["min_effect"].items()) + "; "
+                                 if ev.get("min_effect") else "")
+                              + f"seeds per run {'/'.join(map(str, seeds)) or '—'}; "
+                              f"drift {'on' if ev.get('drift', True) else 'off'}"))
     cost = first.config.get("cost")
     out.append(("Price", f"{cost['per_hour']:g} {cost.get('currency', '')} per hour" if cost else
                 "not set (add `cost: {per_hour: 2.5}` to the file to see money)"))
