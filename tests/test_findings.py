@@ -269,3 +269,14 @@ def test_a_loss_still_falling_at_the_end_says_train_longer(slope, said):
     if said:
         assert found[0].text.startswith("A's training loss was still falling at its last step: -0.020 per step [")
         assert "across 3 seeds" in found[0].text and "Training longer may lower it further" in found[0].text
+
+
+@pytest.mark.parametrize(("key", "better", "direction"), [
+    ("tokens_per_s", "higher", "maximize"),  # once "better higher" in the report and minimised by a sweep
+    ("rouge_l@50", "higher", "maximize"), ("eval_loss", "lower", "minimize"), ("mean_tokens@8", None, "minimize"),
+])
+def test_the_report_and_a_sweep_objective_read_one_direction(key, better, direction):
+    from loralab.findings import better_of
+    from loralab.spec import ObjectiveSpec
+
+    assert better_of(key) == better and ObjectiveSpec(metric=key).resolved_direction == direction

@@ -293,3 +293,11 @@ def test_markdown_cells_cannot_break_the_table(seed_run):
     md = to_markdown(compare([a]))
     header = md.splitlines()[0]
     assert header.count(" | ") == 1 and "A\\|<script>" in header and isinstance(compare([a]), Comparison)
+
+
+def test_every_stored_metric_has_a_row_in_the_metric_table(seed_run):
+    from loralab.metric_table import metric
+
+    _, result, _, _ = seed_run
+    keys = {k for r in result.records for k in r.metrics}
+    assert keys and not [k for k in keys if metric(k) is None]

@@ -20,52 +20,45 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ablate import Effect, differing, moved_knobs, scale_note
-from .comparison import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, QUALITY_CAP, STABILITY_ROWS, VERBOSITY_CAP, Comparison,
-                         _verdict, fmt_value, fmt_verdict, knobs)
+from .comparison import Comparison, _verdict, fmt_value, fmt_verdict, knobs
+from .metric_table import better_of as table_better
+from .metric_table import metric as table_metric
 from .stats import Estimate, Verdict, mean_ci
 from .store import RunRecord
 
-_ROWS = {key: (label, fmt) for key, label, fmt in
-         LOSS_ROWS + QUALITY_CAP + VERBOSITY_CAP + DRIFT_ROWS + STABILITY_ROWS + COST_ROWS}
-
-
 def label_of(metric: str) -> str:
     base, _, cap = metric.partition("@")
-    label = _ROWS.get(base, (base, ""))[0]
+    m = table_metric(base)
+    label = m.label if m else base
     return f"{label} @{cap}" if cap else label
 
 
 def fmt_of(metric: str) -> str:
-    return _ROWS.get(metric.partition("@")[0], ("", "f3"))[1]
+    m = table_metric(metric)
+    return m.fmt if m else "f3"
 
 
 @dataclass(frozen=True)
 class Headline:
-    """A metric the report follows per knob; `better` says which way is good (None: neither)."""
+    """A metric the report follows per knob (its good direction is the metric table's)."""
 
     topic: str  # quality, verbosity, drift, stability, time, money
     metric: str  # "{cap}" stands for the largest eval cap
-    better: str | None
 
 
 HEADLINES = (
-    Headline("quality", "eval_loss", "lower"),
-    Headline("quality", "rouge_l@{cap}", "higher"),
-    Headline("quality", "generalization_gap", "lower"),  # eval - train loss: overfitting
-    Headline("verbosity", "mean_tokens@{cap}", None),
-    Headline("verbosity", "cap_hit_rate@{cap}", None),
-    # Drift on general prompts is what a task adapter should not cause: lower is better.
-    Headline("drift", "drift_kl", "lower"),
-    Headline("stability", "loss_spikes", "lower"),
-    Headline("stability", "steps_to_90pct_drop", "lower"),  # fewer steps: adapts faster
-    Headline("time", "total_s", "lower"),
-    Headline("money", "cost", "lower"),
+    Headline("quality", "eval_loss"),
+    Headline("quality", "rouge_l@{cap}"),
+    Headline("quality", "generalization_gap"),  # eval - train loss: overfitting
+    Headline("verbosity", "mean_tokens@{cap}"),
+    Headline("verbosity", "cap_hit_rate@{cap}"),
+    Headline("drift", "drift_kl"),  # drift on general prompts is what a task adapter should not cause
+    Headline("stability", "loss_spikes"),
+    Headline("stability", "steps_to_90pct_drop"),  # fewer steps: adapts faster
+    Headline("time", "total_s"),
+    Headline("money", "cost"),
 )
 CAP_METRICS = ("rouge_l", "mean_tokens", "cap_hit_rate", "repeated_3gram")  # what a larger cap can change
-# Other metrics' good direction, for the colors of the tables (headlines carry their own).
-BETTER = {"eval_ppl": "lower", "chrf": "higher", "token_f1": "higher",
-          "exact_match": "higher", "repeated_3gram": "lower", "drift_agreement": "higher", "train_s": "lower",
-          "eval_s": "lower", "tokens_per_s": "higher", "peak_mem_mb": "lower"}
 
 
 def headline_metrics(caps: list[int]) -> list[str]:
@@ -80,11 +73,7 @@ def headline_metrics(caps: list[int]) -> list[str]:
 
 
 def better_of(metric: str) -> str | None:
-    base = metric.partition("@")[0]
-    for h in HEADLINES:
-        if h.metric.partition("@")[0] == base:
-            return h.better
-    return BETTER.get(base)
+    return table_better(metric)
 
 
 def topic_of(metric: str) -> str:

@@ -259,8 +259,9 @@ class ObjectiveSpec(_Strict):
 
     @property
     def resolved_direction(self) -> str:
-        higher_better = ("rouge_l", "chrf", "token_f1", "exact_match", "drift_agreement", "stop_rate", "distinct_2")
-        return self.direction or ("maximize" if self.metric.split("@")[0] in higher_better else "minimize")
+        from .metric_table import better_of
+
+        return self.direction or ("maximize" if better_of(self.metric) == "higher" else "minimize")
 
 
 class PrunerSpec(_Strict):

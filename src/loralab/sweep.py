@@ -34,6 +34,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .errors import Problem, SpecError
+from .metric_table import METRICS
 from .progress import Reporter
 from .spec import (_TOPICS, Experiment, KnobSpec, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash,
                    deep_merge)
@@ -343,13 +344,7 @@ def objective_value(metrics: dict, obj: ObjectiveSpec, run: RunSpec) -> float:
 # Metrics known once the losses are measured (with training and cost numbers): a trial whose objectives
 # are all among these skips greedy generation and drift. Any other name (a per-cap or drift metric, or a
 # typo that the first trial will report) gets the full evaluation.
-LOSS_SIDE_METRICS = frozenset({
-    "eval_loss", "eval_ppl", "train_eval_loss", "train_ppl", "generalization_gap",
-    "train_loss_final", "train_s", "train_tokens", "tokens_per_s", "peak_mem_mb", "trainable_params",
-    "total_params", "steps", "padding_share", "adapter_bytes", "eval_s", "eval_tokens", "total_s", "cost",
-    "loss_spikes", "grad_norm_median", "grad_norm_max", "steps_to_90pct_drop", "loss_first", "loss_final",
-    "loss_best", "final_minus_best",
-})
+LOSS_SIDE_METRICS = frozenset(m.key for m in METRICS if m.stage in ("training", "loss", "cost"))
 
 
 PROBE_METRICS = frozenset({"train_eval_loss", "train_ppl", "generalization_gap"})
