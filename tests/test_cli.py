@@ -59,7 +59,8 @@ def test_bad_file_exit_2_and_nothing_written(tmp_path, tiny_neox, runs, data, ne
     assert not (tmp_path / "ws").exists()
 
 
-def test_run_then_ls_show_compare(tmp_path, tiny_neox):
+def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
     p = experiment(tmp_path, tiny_neox)
     ws = tmp_path / "ws"
     out = invoke("run", p, "-w", ws)
@@ -84,6 +85,10 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox):
 
     md = invoke("compare", "base", "A", "B", "-w", ws, "--markdown").output
     assert md.startswith("|  | base | A | B | A vs base | B vs base | B vs A |") and "| **quality** |" in md and "| lora.r | — | 4 | 8 |  |  |  |" in md
+
+    # Piped (not a terminal), a table is not wrapped at 80 columns: one line per row.
+    table = invoke("compare", "base", "A", "B", "-w", ws).output.splitlines()
+    assert max(len(line) for line in table) > 120 and sum(line.startswith("│ eval loss ") for line in table) == 1
 
     out = invoke("compare", "A", "Z", "-w", ws)
     assert out.exit_code == 2 and "'Z'" in out.output and "use one of" in out.output

@@ -126,7 +126,7 @@ def test_model_and_user_text_is_printed_as_text_never_as_terminal_markup(tiny_ne
     store.finish(a.id, metrics=a.metrics, curves=a.curves, samples=samples, timings=a.timings, adapter_path=a.adapter_path)
     out = CliRunner().invoke(app, ["show", "A", "-w", str(ws), "--samples", "1"])
     assert out.exit_code == 0, out.output
-    assert out.output.count(HOSTILE) == 2  # prompt and output, literally: no style, link or swallowed tag
+    assert out.output.count(HOSTILE) == 2, out.output  # prompt and output, literally: no style, link or swallowed tag
 
 
 def test_an_error_text_holding_markup_does_not_break_the_run_loop(tiny_neox, tmp_path, monkeypatch):

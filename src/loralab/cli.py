@@ -13,16 +13,33 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from .errors import LoralabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declare LoRA runs in YAML, train them with PEFT, measure and compare them.")
-# Piped to a file or a log, a table wrapped at rich's default 80 columns is unreadable (one row over
-# many lines): outside a terminal, without COLUMNS set, tables get room.
 PIPED_WIDTH = 200
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
+
+
+class _Console(Console):
+    """Piped to a file or a log, a table wrapped at rich's default 80 columns is unreadable (one row
+    over many lines): outside a terminal, tables get 200 columns unless COLUMNS says otherwise (read at
+    each print, as rich does)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(PIPED_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
 err_console = Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
