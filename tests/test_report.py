@@ -105,7 +105,8 @@ def test_confound_is_named_and_each_knob_credited(reported):
     assert [f.kind for f in r.learned].count("confound") == 0  # stated once, in the Confounds section
     assert by_knob[("lora.r", "eval_loss")].note == "alpha moved with r, alpha/r kept at 2"
     md = reported[0].markdown.read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| metric | lora.r 4 → 8 |"))
+    header = next(line for line in md.splitlines()
+                  if line.startswith("| metric | lora.r 4 → 8 (alpha moved with r, alpha/r kept at 2) |"))
     assert "| train.learning_rate 0.0002 → 0.0005 | generate.max_new_tokens 5 → 10 |" in header
     row = [line for line in md.splitlines() if line.startswith("| eval loss |")][-1]  # the first: main differences
     assert interval(lr.verdict, "f4") in row and "A+lr vs A (2 seeds)" in md

@@ -435,7 +435,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
 def _unique_effects(effects: list[Effect]) -> list[Effect]:
     seen, out = set(), []
     for e in effects:
-        key = (e.knob, _norm(e.low), _norm(e.high), e.metric)
+        key = (e.knob, _norm(e.low), _norm(e.high), e.note, e.metric)  # r with alpha/r kept or alpha held: two effects
         if key not in seen:
             seen.add(key)
             out.append(e)
@@ -613,7 +613,8 @@ def effect_matrix(effects: list[Effect]) -> EffectMatrix:
     cells: dict[tuple, dict[str, tuple[str, str]]] = {}
     for e in effects:
         key = (e.knob, _norm(e.low), _norm(e.high), e.source)
-        columns.setdefault(key, EffectColumn(e.knob, f"{fmt_value(e.low)} → {fmt_value(e.high)}", e.source, e.seeds))
+        change = f"{fmt_value(e.low)} → {fmt_value(e.high)}" + (f" ({e.note})" if e.note else "")
+        columns.setdefault(key, EffectColumn(e.knob, change, e.source, e.seeds))
         v = e.verdict
         cells.setdefault(key, {})[e.metric] = ((fnd.interval(v, fnd.fmt_of(e.metric)), verdict_class(v.label, e.metric))
                                                if fnd.testable(v) else ("—", "untested"))
