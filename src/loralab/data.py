@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, ModelError, Problem
-from .spec import DataSpec, config_hash
+from .spec import DataSpec, config_hash, not_a_file
 
 BUILTIN_NAME = "stdlib-docstrings"
 # The builtin prompts are short; without a system message SmolLM's template injects its own
@@ -128,9 +128,10 @@ def _split(examples: list[Example], spec: DataSpec, name: str) -> tuple[list[Exa
 def _resolve(p: str, base_dir: Path, key: str) -> Path:
     q = Path(p).expanduser()
     q = q if q.is_absolute() else Path(base_dir) / q
-    if not q.is_file():
-        raise DataError(f"{key}: no such file: {q}",
-                        [Problem(key, "file not found", p, f"give a JSONL or CSV file; relative paths are read from {base_dir}")])
+    why = not_a_file(q)
+    if why is not None:
+        raise DataError(f"{key}: {why}: {q}",
+                        [Problem(key, why, p, f"give a JSONL or CSV file; relative paths are read from {base_dir}")])
     return q
 
 

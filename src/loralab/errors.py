@@ -5,6 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+MAX_VALUE_CHARS = 120  # a value shown in a message: enough to recognise it, never a page of text
+
+
+def shorten(value: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """The value's repr, cut in the middle when long: a hostile or huge input stays a one-line message."""
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure that contains itself
+        return "<a structure that contains itself>"
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} … {text[-half:]}"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with the user's input: where, what was given, and how to fix it."""
@@ -18,7 +33,7 @@ class Problem:
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}"
         if self.has_value:
-            text += f" (got {self.value!r})"
+            text += f" (got {shorten(self.value)})"
         if self.fix:
             text += f". Fix: {self.fix}"
         return text
