@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import LoralabError, ModelError, Problem, SpecError
-from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment
+from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment, surprises
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
     from .store import RunRecord, Store
 
@@ -43,7 +43,10 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     problems = check_data_paths(exp)
     if problems:
         raise SpecError(f"{path}: data file missing", problems)
-    notes = []
+    notes = [f"note: {n}" for n in surprises(exp)]
+    dataset = _local_data(exp)
+    if dataset is None:
+        notes.append("data not read: a Hugging Face hub dataset is read when training starts")
     layers = _local_layers(exp)
     if layers is None:
         notes.append("LoRA target modules not checked: the model is not available locally yet "
@@ -56,6 +59,15 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
             if note and f"note: {note}" not in notes:
                 notes.append(f"note: {note}")
         notes.append(f"LoRA target modules checked against {layers.model_type}'s layers")
+    if dataset is not None:
+        from .data import data_surprises
+        from .preflight import check_plan
+
+        check_plan(exp, exp.resolved_runs, len(dataset.train), layers)
+        notes.extend(f"note: {n}" for n in data_surprises(dataset))
+        if layers is not None and not exp.data.truncate:
+            _check_lengths(exp, dataset)
+        notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
     if exp.sweep is not None:
         from .sweep import describe
 
@@ -63,53 +75,44 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     return exp, notes
 
 
-def _local_layers(exp: Experiment):
-    """The model's layer names when it is on disk (cached built-in or local folder); None otherwise.
+def _local_data(exp: Experiment):
+    """The data set, read and split as `run` will, unless it lives on the Hugging Face hub (network)."""
+    from .data import load_data
 
-    Read from loralab's record of an earlier load when there is one (no torch import: validate
-    stays under a second), else from a weightless model built from the config."""
-    from .models import BUILTIN_CACHE_NAME, cache_dir, cached_layers, layers_of, remember_layers
-
-    if exp.model.name == BUILTIN_MODEL:
-        folder = cache_dir() / "models" / BUILTIN_CACHE_NAME
-    else:
-        folder = exp.resolve_path(exp.model.name)
-        if folder.is_dir():
-            from .models import _check_local_folder
-
-            _check_local_folder(folder)  # no config, no weights, pickle weights only: what `run` would refuse
-    if not (folder / "config.json").is_file():
+    if exp.data.hf and not exp.resolve_path(exp.data.hf).is_dir():
         return None
-    layers = cached_layers(folder)
-    if layers is None:
-        layers = layers_of(_meta_model(_read_config(folder, exp), exp))
-        if not exp.model.trust_remote_code:
-            remember_layers(folder, layers)
+    return load_data(exp.data, exp.base_dir)
+
+
+def _check_lengths(exp: Experiment, dataset) -> None:
+    """No example longer than the shortest max_seq_len; token counts recorded per model and data, so a
+    second validate loads no tokenizer."""
+    from .data import check_lengths
+    from .preflight import lengths_for, shortest_max_seq_len
+
+    from .models import local_folder
+
+    folder = local_folder(exp.model, exp.base_dir)
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
+
+    check_lengths(lengths_for(folder, dataset, tokenizer), dataset, *shortest_max_seq_len(exp, exp.resolved_runs))
+
+
+def _local_layers(exp: Experiment):
+    """The model's layers when it is on disk (cached built-in or local folder), its weights checked
+    against its config; None when it is not on disk yet."""
+    from .models import check_weights, local_folder, local_layers
+
+    folder = local_folder(exp.model, exp.base_dir)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    layers = local_layers(folder, exp.model)
+    check_weights(folder, layers, exp.model.name)
     return layers
-
-
-def _read_config(folder: Path, exp: Experiment):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
-    except ValueError as err:
-        from .models import remote_code_error
-
-        if "trust_remote_code" in str(err):
-            raise remote_code_error(exp.model.name) from None
-        raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
-                         [Problem("model.name", "transformers cannot read this config.json", exp.model.name,
-                                  "check config.json (model_type): the folder must be written by save_pretrained")]) from None
-
-
-def _meta_model(config, exp: Experiment):
-    """The model's module tree without allocating weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=exp.model.trust_remote_code)
 
 
 def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,

@@ -700,6 +700,16 @@ def load_experiment(path: str | Path) -> Experiment:
                                  "an experiment file nests a few levels: check the brackets", False)]) from None
 
 
+def surprises(exp: Experiment) -> list[str]:
+    """Settings that are valid but probably not what was meant: each worth one line, not an error."""
+    out = []
+    for run in exp.resolved_runs:
+        if {"epochs", "max_steps"} <= run.train.model_fields_set:
+            out.append(f"run {run.name}: train.epochs ({run.train.epochs:g}) and train.max_steps ({run.train.max_steps}) "
+                       "are both set; max_steps decides, epochs is ignored")
+    return out
+
+
 def check_data_paths(exp: Experiment) -> list[Problem]:
     """Files the experiment names must exist: checked before anything is trained or written."""
     problems = []
