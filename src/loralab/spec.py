@@ -565,7 +565,8 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     for name, override in (runs_raw or {}).items():
         name_s = str(name)
         if not is_run_name(name_s):
-            problems.append(Problem(f"runs.{shorten(name_s, 60)}", "invalid run name", name_s, RUN_NAME_RULE))
+            label = name_s if name_s.isprintable() and len(name_s) <= 60 else shorten(name_s, 60)
+            problems.append(Problem(f"runs.{label}", "invalid run name", name_s, RUN_NAME_RULE))
             continue
         override = override if isinstance(override, dict) else {}
         parts: dict[str, Any] = {}
@@ -662,8 +663,10 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     why = not_a_file(p)
     if why is not None:
-        raise SpecError(f"{p}: no experiment file there", [Problem(str(p), why, str(p),
-                                                                   "give the path of a YAML experiment file", False)])
+        missing = why == "file not found"
+        raise SpecError(f"{p}: " + ("no such experiment file" if missing else f"{why}, not an experiment file"),
+                        [Problem(str(p), why, str(p), "check the path" if missing else "give the path of a YAML experiment file",
+                                 False)])
     if p.stat().st_size > MAX_FILE_BYTES:
         raise SpecError(f"{p}: too large for an experiment file", [Problem(
             str(p), f"{p.stat().st_size:,} bytes, more than {MAX_FILE_BYTES:,}", str(p),
