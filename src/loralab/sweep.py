@@ -260,6 +260,9 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
             elif Dimension(path, knob).is_int and not (float(knob.low).is_integer() and float(knob.high).is_integer()):
                 problem(where, "an int range needs whole numbers", [knob.low, knob.high],
                         "use whole low/high, or `type: float`")
+            elif Dimension(path, knob).is_int and knob.step is not None and not float(knob.step).is_integer():
+                problem(f"{where}.step", "a whole-number knob needs a whole step", knob.step,
+                        f"use a step of 1 or more whole numbers (the knob takes whole values from {knob.low:g} to {knob.high:g})")
         if knob.ratio_of:
             target = sw.space.get(knob.ratio_of)
             if target is None or target.ratio_of:
@@ -276,6 +279,27 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
     if not grid and b.trials is None and b.minutes is None and b.money is None:
         problem("sweep.budget", f"strategy {sw.strategy} has no end", None,
                 "give budget.trials, budget.minutes or budget.money (only a grid ends by itself)", False)
+    if sw.storage is not None:
+        why, fix = storage_problem(sw.storage)
+        if why:
+            problem("sweep.storage", why, sw.storage, fix)
+    caps = {c for r in resolved for c in r.generate.max_new_tokens}
+    try:
+        caps |= set(make_run(start, {}, "start").generate.max_new_tokens) if start is not None else set()
+    except ValidationError:  # reported under defaults/runs
+        pass
+    cap_knob = sw.space.get("generate.max_new_tokens")
+    if cap_knob is not None and cap_knob.values:
+        caps |= {int(c) for c in cap_knob.values if isinstance(c, (int, float)) and not isinstance(c, bool)}
+    evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
+    known = recordable_metrics(sorted(caps), drift=evaluation.get("drift", True) is not False,
+                               cost=isinstance(raw.get("cost"), dict))
+    for i, o in enumerate(sw.objective):
+        if o.metric not in known:
+            near = sorted(k for k in known if "@" not in k)
+            problem(f"sweep.objective.{i}.metric" if len(sw.objective) > 1 else "sweep.objective",
+                    "no trial records this metric", o.metric,
+                    f"use one of: {', '.join(near)} (per-cap ones also as NAME@CAP, caps {sorted(caps) or [64]})")
     if len(sw.objective) > 1 and sw.pruner is not None and sw.pruner.name != "none":
         problem("sweep.pruner", "Optuna prunes only single-objective studies", sw.pruner.name,
                 "use `pruner: {name: none}` or one objective")
@@ -305,6 +329,40 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
                 problem(where, f"a trial would be invalid: {msg}", shown,
                         "narrow the space (or change the start settings) so every trial is a valid run")
     return out[:10]
+
+
+def storage_problem(url: str) -> tuple[str | None, str]:
+    """Why a `sweep.storage` URL cannot hold a study (unknown scheme, missing driver, missing folder), and the fix."""
+    from sqlalchemy.engine import make_url
+
+    fix = ("use sqlite:///PATH/optuna.db, or a server such as postgresql://user@host/db; "
+           "or leave sweep.storage out (optuna.db in the workspace)")
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except Exception as err:  # ArgumentError, NoSuchModuleError: not a URL SQLAlchemy knows
+        return f"not a database URL ({type(err).__name__}: {str(err).splitlines()[0][:120]})", fix
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        return f"the database driver is not installed ({err.name or err})", f"pip install {err.name or 'the driver'}, or {fix}"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            return f"folder {folder} does not exist", f"create it first, or {fix}"
+    return None, fix
+
+
+def recordable_metrics(caps: list[int], drift: bool, cost: bool) -> set[str]:
+    """Every metric key a finished trial stores, per-cap ones with and without their @cap."""
+    from .metrics import summarize_examples
+
+    per_cap = set(summarize_examples([])) - {"n"}
+    out = set(LOSS_SIDE_METRICS) - ({"cost"} if not cost else set())
+    out |= per_cap | {f"{k}@{c}" for k in per_cap for c in caps}
+    if drift:
+        out |= {"drift_kl", "drift_agreement"}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
