@@ -36,3 +36,58 @@ def test_the_cli_puts_the_sigterm_handler_back(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     CliRunner().invoke(app, ["validate", str(tmp_path / "missing.yaml")])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --- a sweep never counts a configuration twice ----------------------------------------------------
+
+TPE = """evaluation: {drift: false}
+defaults:
+  lora: {r: 2, target_modules: [query_key_value]}
+  train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 2}
+  generate: {max_new_tokens: 4}
+sweep:
+  strategy: tpe
+  space: {lora.r: [2, 4, 8], train.learning_rate: [1.0e-3, 1.0e-2]}
+  pruner: {name: none}
+  budget: {trials: BUDGET}
+"""
+
+
+def _complete(ws):
+    import optuna
+
+    study = optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}")
+    return [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+
+
+def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_already_has(tiny_neox, tmp_path):
+    from loralab.doctor import check_workspace
+    from loralab.spec import load_experiment
+    from loralab.store import Store
+    from loralab.sweep import run_sweep
+
+    f, ws = write(tmp_path, tiny_neox, TPE.replace("BUDGET", "5"), "sw"), tmp_path / "ws"
+    proc = Proc(tmp_path, "sweep", f, "-w", ws, fault="train.step@6")  # trial 2's 2nd step: kill -9
+    assert proc.wait() == -signal.SIGKILL, proc.output
+    assert len(_complete(ws)) == 2
+    result = run_sweep(load_experiment(f), workspace=ws)
+    done = _complete(ws)
+    points = [tuple(sorted(t.user_attrs["knobs"].items())) for t in done]
+    # Before the fix the resumed sampler re-proposed trial 0's and 1's points, "reused" them and counted
+    # them: 5 trials, 3 configurations.
+    assert len(done) == 5 and len(set(points)) == 5, points
+    assert all(t.user_attrs["reused"] == 0 for t in done)
+    assert sum(t.status == "finished" for t in result.trials) == 5  # duplicates are not shown as trials
+    runs = Store(ws).all_runs()
+    assert len(runs) == 5 and all(r.status == "finished" for r in runs)  # one finished run per complete trial
+    assert check_workspace(ws).findings == []
+
+
+def test_a_sweep_asked_for_more_trials_than_its_space_holds_stops_when_the_space_is_exhausted(tiny_neox, tmp_path):
+    from loralab.spec import load_experiment
+    from loralab.sweep import run_sweep
+
+    body = TPE.replace("BUDGET", "5").replace("{lora.r: [2, 4, 8], train.learning_rate: [1.0e-3, 1.0e-2]}", "{lora.r: [2, 4]}")
+    result = run_sweep(load_experiment(write(tmp_path, tiny_neox, body, "sw")), workspace=tmp_path / "ws")
+    assert "exhausted" in result.stopped
+    assert sorted(t.knobs["lora.r"] for t in result.trials) == [2, 4]  # each once, and the budget not filled with repeats

@@ -672,6 +672,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     sw = exp.sweep
     study = optuna.create_study(storage=url, sampler=_make_sampler(sw, space), pruner=_make_pruner(sw.resolved_pruner),
                                 study_name=exp.name, directions=sw.directions, load_if_exists=True)
+    done = len(study.get_trials(deepcopy=False))
+    if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
+        study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
     had = study.user_attrs.get("loralab_sweep")
     if had is None:
         study.set_user_attr("loralab_sweep", fingerprint)
@@ -717,6 +720,25 @@ def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any
     if out:
         rep.log(f"Resuming: trial(s) {', '.join(map(str, out))} were interrupted; their configurations run again.")
     return out
+
+
+# A sampler proposing only configurations already trained this many times in a row has run out of
+# new ones (a small discrete space): the sweep stops instead of asking for ever.
+MAX_REPEATED_PROPOSALS = 50
+
+
+def duplicate_of(trials: list, knobs: dict[str, Any], alive: Callable[[Any], bool]) -> int | None:
+    """The number of a trial that already has these knob values (finished, pruned, failed on its
+    own, or running in a live process), or None. Every trial the budget counts is a new configuration:
+    a resumed TPE sampler re-proposes its first points, and two processes may propose the same one."""
+    from optuna.trial import TrialState
+
+    for t in trials:
+        if t.user_attrs.get("knobs") != knobs or t.user_attrs.get("status") == "duplicate":
+            continue
+        if _counts(t) or (t.state == TrialState.RUNNING and alive(t)):
+            return t.number
+    return None
 
 
 def _fmt(knobs: dict[str, Any]) -> str:
@@ -776,6 +798,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         return file_lock(ws / LOCKS / f"study-{config_hash([url, exp.name])}.lock")
 
     waited = False
+    repeats = 0  # proposals in a row that repeated a configuration already trained
     try:
         with study_lock():
             study = open_study(exp, url, space, fingerprint)
@@ -798,6 +821,19 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                     params = {d.param: d.suggest(trial) for d in space.dims}
                     knobs = space.knobs(params)
                     trial.set_user_attr("knobs", knobs)
+                    twin = duplicate_of(trials, knobs, alive)
+                    if twin is not None:  # a configuration trained (or training) already: not a new trial
+                        trial.set_user_attr("status", "duplicate")
+                        trial.set_user_attr("duplicate_of", twin)
+                        study.tell(trial, state=TrialState.FAIL)
+                        repeats += 1
+                        if repeats >= MAX_REPEATED_PROPOSALS:
+                            reason = (f"the search space looks exhausted: the last {repeats} proposals were all "
+                                      "configurations already trained")
+                        else:
+                            continue
+                    else:
+                        repeats = 0
             if reason:
                 result.stopped = reason
                 break
@@ -857,7 +893,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
 def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: float | None, exp: Experiment,
             rep: Reporter) -> None:
     """Fill the result from the whole study and print the best configuration(s) and the compute."""
-    frozen = study.get_trials(deepcopy=False)
+    frozen = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") != "duplicate"]
     result.trials = [TrialSummary.from_frozen(t, space) for t in frozen]
     counted = [TrialSummary.from_frozen(t, space) for t in frozen if _counts(t)]
     result.spent_s = sum(t.spent_s for t in counted)
