@@ -91,3 +91,49 @@ def test_a_sweep_asked_for_more_trials_than_its_space_holds_stops_when_the_space
     result = run_sweep(load_experiment(write(tmp_path, tiny_neox, body, "sw")), workspace=tmp_path / "ws")
     assert "exhausted" in result.stopped
     assert sorted(t.knobs["lora.r"] for t in result.trials) == [2, 4]  # each once, and the budget not filled with repeats
+
+
+# --- a damaged row in a healthy database ------------------------------------------------------------
+
+DAMAGE = [
+    ("metrics not JSON", "metrics", "'{not json'"),
+    ("unknown status", "status", "'weird'"),
+    ("samples not a list", "samples", "'5'"),
+    ("config not JSON", "config", "'[1, 2'"),
+]
+
+
+@pytest.fixture(scope="module")
+def healthy(tiny_neox, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("healthy")
+    f = write(tmp, tiny_neox, "evaluation: {drift: false}\nruns:\n  A: {lora: {r: 2}, train: {max_steps: 2}, "
+              "generate: {max_new_tokens: 4}}\n")
+    assert CliRunner().invoke(app, ["run", str(f), "-w", str(tmp / "ws")]).exit_code == 0
+    return tmp / "ws"
+
+
+@pytest.mark.parametrize("column, value", [(c, v) for _, c, v in DAMAGE], ids=[i for i, _, _ in DAMAGE])
+def test_a_damaged_row_is_listed_reported_by_doctor_and_never_repaired_by_deleting_its_adapter(healthy, tmp_path,
+                                                                                              column, value):
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    ws = tmp_path / "ws"
+    shutil.copytree(healthy, ws)
+    with closing(sqlite3.connect(ws / "loralab.db")) as conn:
+        conn.execute(f"UPDATE runs SET {column} = {value} WHERE name = 'A'")
+        conn.commit()
+    (run_dir,) = [p for p in (ws / "runs").iterdir()]
+    files = sorted(str(p.relative_to(ws)) for p in run_dir.rglob("*"))
+    ls = CliRunner().invoke(app, ["ls", "-w", str(ws), "--json"])
+    assert ls.exit_code == 0 and '"status": "damaged"' in ls.output, ls.output
+    for args in (["show", "A"], ["compare", "base", "A"]):
+        out = CliRunner().invoke(app, [*args, "-w", str(ws)])
+        assert out.exit_code == 1 and out.output.count("error:") == 1 and "Traceback" not in out.output, out.output
+        assert "its database row is damaged" in out.output and "Fix:" in out.output
+    for args in (["doctor"], ["doctor", "--repair"]):
+        out = CliRunner().invoke(app, [*args, "-w", str(ws)])
+        assert out.exit_code == 1 and "problem damaged-row" in out.output and column in out.output, out.output
+    assert sorted(str(p.relative_to(ws)) for p in run_dir.rglob("*")) == files  # the adapter is still there
+    assert CliRunner().invoke(app, ["show", "base", "-w", str(ws)]).exit_code == 0  # the healthy row still reads

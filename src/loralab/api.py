@@ -225,7 +225,7 @@ def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
     """A run with all its seeds (a list of one when the run has a single seed)."""
     store = open_store(workspace)
     try:
-        return store.group(ref)
+        return store.readable_group(ref)
     finally:
         store.close()
 

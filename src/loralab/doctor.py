@@ -28,7 +28,8 @@ STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the swe
 class Finding:
     """One thing wrong (or worth knowing) about the workspace."""
 
-    kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, database, trial, trial-run
+    kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, damaged-row, database,
+    # trial, trial-run
     where: str  # the run (experiment/name and id), a path, or study/trial
     problem: str
     repair: str  # what --repair does, or how to fix it by hand
@@ -116,6 +117,11 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
         if store.in_progress(rec.id):
             continue  # a live process is training or storing it
         folder = store.run_dir(rec.id)
+        if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
+            out.findings.append(Finding("damaged-row", where(rec), "its database row cannot be read: " + "; ".join(rec.damaged),
+                                        f"run its experiment again, which trains and stores it anew; its files in {folder} "
+                                        "are kept", repairable=False))
+            continue
         if rec.status == "running":
             f = Finding("interrupted", where(rec), "left `running` by a process that stopped without finishing it "
                         "(kill -9, crash, power cut or full disk)",

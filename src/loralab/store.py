@@ -7,11 +7,13 @@ folder is complete on disk, so a crash or Ctrl-C never leaves a finished run wit
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, Text, create_engine, event, select
+import json
+
+from sqlalchemy import DateTime, String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -36,6 +38,35 @@ def _now() -> dt.datetime:
 
 class _Base(DeclarativeBase):
     pass
+
+
+class Damaged:
+    """A column value that cannot be read back (not JSON): kept as its raw text, so one bad row is
+    reported by `loralab doctor` instead of crashing every command that lists runs."""
+
+    def __init__(self, raw: object):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Damaged({str(self.raw)[:40]!r})"
+
+
+class JSON(TypeDecorator):
+    """JSON in a text column, as SQLAlchemy's JSON stores it on SQLite, read leniently (see Damaged)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(value)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            return Damaged(value)
 
 
 class RunRow(_Base):
@@ -96,15 +127,29 @@ class RunRecord:
     created_at: str
     updated_at: str
 
+    damaged: list[str] = field(default_factory=list)  # what of its row cannot be read (see `loralab doctor`)
+
     @classmethod
     def from_row(cls, row: RunRow, name: str | None = None) -> "RunRecord":
-        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind, status=row.status,
-                   seed=row.seed,
-                   config=row.config or {}, model=row.model or {}, data=row.data or {}, metrics=row.metrics or {},
-                   curves=row.curves or {}, samples=row.samples or [], env=row.env or {}, timings=row.timings or {},
+        damaged = []
+
+        def read(col: str, empty: Any) -> Any:
+            v = getattr(row, col)
+            ok = isinstance(v, type(empty))
+            if v is not None and not ok:
+                damaged.append(f"{col} is not " + ("readable JSON" if isinstance(v, Damaged) else f"a JSON {type(empty).__name__}"))
+            return v if ok else empty
+
+        fields = {c: read(c, {}) for c in ("config", "model", "data", "metrics", "curves", "env", "timings")}
+        fields["samples"] = read("samples", [])
+        status = row.status
+        if status not in STATUSES:
+            damaged.append(f"status {str(status)[:40]!r} is not one of {', '.join(STATUSES)}")
+        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind,
+                   status="damaged" if damaged else status, seed=row.seed, **fields,
                    adapter_path=row.adapter_path, error=row.error,
                    created_at=row.created_at.isoformat(timespec="seconds") if row.created_at else "",
-                   updated_at=row.updated_at.isoformat(timespec="seconds") if row.updated_at else "")
+                   updated_at=row.updated_at.isoformat(timespec="seconds") if row.updated_at else "", damaged=damaged)
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "seed": self.seed, "experiment": self.experiment,
@@ -274,6 +319,17 @@ class Store:
         """One run: the first seed of `group(ref)`."""
         return self.group(ref, experiment)[0]
 
+    def readable_group(self, ref: str) -> list[RunRecord]:
+        """`group(ref)`, refusing a run whose row is damaged (what show and compare need to read)."""
+        group = self.group(ref)
+        bad = next((r for r in group if r.damaged), None)
+        if bad is not None:
+            raise WorkspaceError(f"run {ref!r} ({bad.id}) in workspace {self.root} cannot be read: {bad.damaged[0]}",
+                                 [Problem("run", "its database row is damaged", ref,
+                                          "`loralab doctor` reports it; run its experiment again, which trains "
+                                          "and stores it anew")])
+        return group
+
     def group(self, ref: str, experiment: str | None = None) -> list[RunRecord]:
         """A run by name with all its seeds (from the newest experiment using the name), by
         `experiment/name`, or one run by id prefix."""
@@ -281,6 +337,11 @@ class Store:
             experiment, ref = ref.rsplit("/", 1)
         runs = self.list(experiment)
         by_name = [r for r in runs if r.name == ref]
+        if not by_name and experiment is not None and not runs:  # `exp/name` of an experiment the workspace lacks
+            known = sorted({r.experiment for r in self.list()})
+            raise RunNotFound(f"no experiment {experiment!r} in workspace {self.root}",
+                              [Problem("run", "unknown experiment", f"{experiment}/{ref}",
+                                       f"use one of: {', '.join(known)}" if known else "run an experiment first")])
         if by_name:
             done = [r for r in by_name if r.status in DONE] or by_name
             exp = done[0].experiment  # newest first
@@ -288,7 +349,7 @@ class Store:
         by_id = {r.id: r for r in runs if r.id.startswith(ref)}
         if len(by_id) == 1:
             return [next(iter(by_id.values()))]
-        names = sorted({f"{r.name}" for r in runs})
+        names = sorted({f"{r.name}" for r in runs}) or sorted({r.name for r in self.list()})
         raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
                           [Problem("run", "unknown run name or id", ref,
                                    f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])
