@@ -164,7 +164,8 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
         finally:
             store.close()
     p = plan(exp, a, b, design, workspace=ws, records=stored)
-    write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
+    with _writable("--out", out or ws / "ablations"):
+        write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
     if train:
         p.result = run(load_experiment(p.path), workspace=ws, console=console)
     return p
@@ -190,7 +191,30 @@ def report(targets: str | Path | list, *, out: str | Path, workspace: str | Path
         src = rep.from_file(load_experiment(first), workspace)
     else:
         src = rep.from_runs([str(t) for t in targets], workspace)
-    return rep.write(rep.build(src, metric=metric, samples=samples, goal=goal), out)
+    built = rep.build(src, metric=metric, samples=samples, goal=goal)
+    with _writable("--out", out):
+        return rep.write(built, out)
+
+
+class _writable:
+    """An OSError while writing where the user pointed (`--out`) is their input's problem: one message, exit 2."""
+
+    def __init__(self, option: str, where: str | Path):
+        self.option, self.where = option, str(where)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        import errno
+
+        refused = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOENT)
+        if not isinstance(err, OSError) or err.errno not in refused:
+            return False  # disk full and friends: not the option's fault
+        why = err.strerror or type(err).__name__
+        raise SpecError(f"{self.option} {self.where}: cannot write there ({why})",
+                        [Problem(self.option, f"cannot write there ({why})", self.where,
+                                 "give a folder you can write to (or leave the option out for the default)")]) from None
 
 
 def workspace_path(workspace: str | Path | None = None) -> Path:
