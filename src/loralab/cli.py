@@ -265,6 +265,10 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
     from . import api
     from .comparison import render, to_markdown
 
+    twice = sorted({r for r in runs if runs.count(r) > 1})
+    if twice:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(', '.join(twice))} given more than once: a run compared with "
+                          "itself differs by nothing", highlight=False)
     c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
         _print_json(c.to_json())

@@ -172,7 +172,7 @@ def _read_file(path: Path, spec: DataSpec, key: str) -> list[Example]:
     text = _read_text(path)
     rows = _jsonl_rows(text, path.name) if kind == "jsonl" else _csv_rows(text, path.name)
     if not rows:
-        what = "empty file" if not text.strip() else ("empty file: only a header row" if kind == "csv" else "empty file: only blank lines")
+        what = "empty file" if not text else ("empty file: only a header row" if text.strip() and kind == "csv" else "empty file: only blank lines")
         raise DataError(f"{path.name}: the file has no examples",
                         [Problem(key, what, str(path), "add one example per line (JSONL) or per row (CSV)")])
     return _examples(rows, spec, path.name)

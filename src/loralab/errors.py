@@ -14,6 +14,8 @@ def shorten(value: object, limit: int = MAX_VALUE_CHARS) -> str:
         text = repr(value)
     except RecursionError:  # a structure that contains itself
         return "<a structure that contains itself>"
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        return f"<a number of about {value.bit_length() * 3 // 10 if isinstance(value, int) else '?'} digits>"
     if len(text) <= limit:
         return text
     half = (limit - 5) // 2

@@ -432,7 +432,7 @@ _FIXES = {
     "string_type": "write text",
     "string_pattern_mismatch": "use 1 to 128 ASCII letters, digits, spaces, '_', '-', '.' or '+', starting with a letter or digit",
     "finite_number": "use a finite number (`.inf` and `.nan` cannot be trained with)",
-    "model_type": "write a mapping of settings, e.g. `{lora: {r: 8}}`, or `{}` for the defaults",
+    "model_type": "write a mapping of settings, e.g. `{{lora: {{r: 8}}}}`, or `{{}}` for the defaults",
     "too_long": "give at most {max_length}",
 }
 
@@ -690,6 +690,10 @@ def load_experiment(path: str | Path) -> Experiment:
         raise SpecError(f"{p}: nested too deeply to read",
                         [Problem(str(p), "lists or mappings nested hundreds of levels deep", None,
                                  "an experiment file nests a few levels: check the brackets", False)]) from None
+    except ValueError as err:  # PyYAML's int() of a number with thousands of digits
+        raise SpecError(f"{p}: a value cannot be read: {str(err).split(';')[0]}",
+                        [Problem(str(p), "a number far too long to be a setting", None,
+                                 "check the file for a pasted blob of digits", False)]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"{p}:{mark.line + 1}" if mark else str(p)
