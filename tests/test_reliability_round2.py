@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loralab.cli import app
-from test_reliability_faults import Proc, statuses, write
+from test_reliability_faults import Proc, no_process_left_behind, statuses, write  # noqa: F401 (an autouse fixture)
 
 
 # --- SIGTERM ---------------------------------------------------------------------------------------
@@ -137,3 +137,33 @@ def test_a_damaged_row_is_listed_reported_by_doctor_and_never_repaired_by_deleti
         assert out.exit_code == 1 and "problem damaged-row" in out.output and column in out.output, out.output
     assert sorted(str(p.relative_to(ws)) for p in run_dir.rglob("*")) == files  # the adapter is still there
     assert CliRunner().invoke(app, ["show", "base", "-w", str(ws)]).exit_code == 0  # the healthy row still reads
+
+
+# --- silent surprises get one line ----------------------------------------------------------------
+
+ROWS = "".join(f'{{"instruction": "Say {w}.", "output": "{w}."}}\n' for w in ("hi", "yes", "no", "ok"))
+NOTES = [
+    ("epochs and max_steps both set", "runs:\n  A: {train: {epochs: 3, max_steps: 2}}\n", "{builtin: stdlib-docstrings, train_size: 8, eval_size: 2}",
+     "train.epochs (3) and train.max_steps (2) are both set; max_steps decides, epochs is ignored"),
+    ("eval data identical to training data", "runs:\n  A: {train: {max_steps: 2}}\n", "{path: d.jsonl, eval_path: d.jsonl}",
+     "every eval example (4) is also a training example"),
+    ("eval data overlapping training data", "runs:\n  A: {train: {max_steps: 2}}\n", "{path: d.jsonl, eval_path: e.jsonl}",
+     "1 of 2 eval examples are also training examples"),
+]
+
+
+@pytest.mark.parametrize("body, data, note", [n[1:] for n in NOTES], ids=[n[0] for n in NOTES])
+def test_valid_but_surprising_settings_get_one_note_from_validate_and_run(body, data, note, tiny_neox, tmp_path):
+    (tmp_path / "d.jsonl").write_text(ROWS)
+    (tmp_path / "e.jsonl").write_text(ROWS.splitlines()[0] + '\n{"instruction": "Say new.", "output": "New."}\n')
+    f = tmp_path / "n.yaml"
+    f.write_text(f"name: n\nmodel: {tiny_neox}\ndata: {data}\nevaluation: {{drift: false}}\n{body}")
+    out = CliRunner().invoke(app, ["validate", str(f)], env={"COLUMNS": "300"})
+    assert out.exit_code == 0 and out.output.count(note) == 1, out.output
+    ran = CliRunner().invoke(app, ["run", str(f), "-w", str(tmp_path / "ws")], env={"COLUMNS": "300"})
+    assert ran.exit_code == 0 and ran.output.count(note) == 1, ran.output
+
+
+def test_comparing_a_run_with_itself_says_so(healthy):
+    out = CliRunner().invoke(app, ["compare", "A", "A", "-w", str(healthy)])
+    assert out.exit_code == 0 and "A given more than once" in out.output, out.output
