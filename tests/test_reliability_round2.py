@@ -100,6 +100,8 @@ DAMAGE = [
     ("unknown status", "status", "'weird'"),
     ("samples not a list", "samples", "'5'"),
     ("config not JSON", "config", "'[1, 2'"),
+    ("a time that is not a time", "updated_at", "'garbage'"),
+    ("a seed that is not a number", "seed", "'x'"),
 ]
 
 

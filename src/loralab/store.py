@@ -13,7 +13,7 @@ from typing import Any
 
 import json
 
-from sqlalchemy import DateTime, String, Text, TypeDecorator, create_engine, event, select
+from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -69,6 +69,24 @@ class JSON(TypeDecorator):
             return Damaged(value)
 
 
+class When(TypeDecorator):
+    """A UTC time in a text column, in SQLAlchemy's own SQLite format, read leniently (see Damaged)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, dt.datetime) else value
+
+    def process_result_value(self, value, dialect):
+        if value is None or isinstance(value, dt.datetime):
+            return value
+        try:
+            return dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return Damaged(value)
+
+
 class RunRow(_Base):
     __tablename__ = "runs"
 
@@ -88,8 +106,8 @@ class RunRow(_Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(When, default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
 
 
 class AliasRow(_Base):
@@ -101,7 +119,7 @@ class AliasRow(_Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     seed: Mapped[int] = mapped_column(primary_key=True, default=-1)  # -1: base (no seed)
     run_id: Mapped[str] = mapped_column(String(32), index=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
 
 
 @dataclass
@@ -142,14 +160,22 @@ class RunRecord:
 
         fields = {c: read(c, {}) for c in ("config", "model", "data", "metrics", "curves", "env", "timings")}
         fields["samples"] = read("samples", [])
+        seed = row.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            damaged.append(f"seed {str(seed)[:40]!r} is not a whole number")
+            seed = None
+        when = {}
+        for col in ("created_at", "updated_at"):
+            v = getattr(row, col)
+            if isinstance(v, Damaged):
+                damaged.append(f"{col} {str(v.raw)[:40]!r} is not a time")
+            when[col] = v.isoformat(timespec="seconds") if isinstance(v, dt.datetime) else ""
         status = row.status
         if status not in STATUSES:
             damaged.append(f"status {str(status)[:40]!r} is not one of {', '.join(STATUSES)}")
         return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind,
-                   status="damaged" if damaged else status, seed=row.seed, **fields,
-                   adapter_path=row.adapter_path, error=row.error,
-                   created_at=row.created_at.isoformat(timespec="seconds") if row.created_at else "",
-                   updated_at=row.updated_at.isoformat(timespec="seconds") if row.updated_at else "", damaged=damaged)
+                   status="damaged" if damaged else status, seed=seed, **fields,
+                   adapter_path=row.adapter_path, error=row.error, **when, damaged=damaged)
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "seed": self.seed, "experiment": self.experiment,
