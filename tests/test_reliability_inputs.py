@@ -226,6 +226,10 @@ CASES = [
         ("sweep: .nan among the choices", {"exp.yaml": exp() + SWEEP.format(space="{train.learning_rate: [1e-3, .nan]}")}, [],
          ["sweep.space.train.learning_rate", "finite number", "Fix:"], "sweep", None),
         # -- plans that cannot finish
+        ("sweep: a grid of 110,000 points", {"exp.yaml": exp() + SWEEP.format(space="{" + ", ".join(
+            f"{k}: {list(range(1, n + 1))}" for k, n in (("lora.r", 11), ("train.max_steps", 10), ("train.batch_size", 10),
+                                                         ("generate.batch_size", 10), ("train.gradient_accumulation", 10))) + "}")}, [],
+         ["sweep.space (line 9)", "a grid of 110,000 points", "Fix: keep a grid under 100,000 points"], "sweep", None),
         ("epochs 1e12", {"exp.yaml": exp("runs:\n  A: {train: {epochs: 1.0e12}}\n")}, [],
          ["runs.A.train.epochs", "optimizer steps", "(got 1000000000000.0)", "Fix: lower it"], "run", None),
         ("warmup far above the planned steps", {"exp.yaml": exp("runs:\n  A: {train: {max_steps: 2, warmup_steps: 1000}}\n")}, [],

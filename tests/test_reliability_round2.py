@@ -149,6 +149,10 @@ NOTES = [
      "train.epochs (3) and train.max_steps (2) are both set; max_steps decides, epochs is ignored"),
     ("eval data identical to training data", "runs:\n  A: {train: {max_steps: 2}}\n", "{path: d.jsonl, eval_path: d.jsonl}",
      "every eval example (4) is also a training example"),
+    ("two runs with the same settings", "runs:\n  A: {train: {max_steps: 2}}\n  B: {train: {max_steps: 2}}\n",
+     "{builtin: stdlib-docstrings, train_size: 8, eval_size: 2}", "runs A and B have the same settings"),
+    ("eval_fraction with an eval file", "runs:\n  A: {train: {max_steps: 2}}\n", "{path: d.jsonl, eval_path: e.jsonl, eval_fraction: 0.3}",
+     "data.eval_fraction (0.3) is ignored"),
     ("eval data overlapping training data", "runs:\n  A: {train: {max_steps: 2}}\n", "{path: d.jsonl, eval_path: e.jsonl}",
      "1 of 2 eval examples are also training examples"),
 ]

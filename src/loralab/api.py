@@ -43,6 +43,10 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     problems = check_data_paths(exp)
     if problems:
         raise SpecError(f"{path}: data file missing", problems)
+    if exp.device == "cuda":  # what `run` would refuse: asked for a GPU that is not there
+        from .models import pick_device
+
+        pick_device("cuda")
     notes = [f"note: {n}" for n in surprises(exp)]
     dataset = _local_data(exp)
     if dataset is None:

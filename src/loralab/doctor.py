@@ -79,7 +79,13 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
         if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
             return out
         _check_runs(store, out, repair)
-        _check_studies(store, out)
+        try:
+            _check_studies(store, out)
+        except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
+            out.findings.append(Finding("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
+                                        f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
+                                        "restore optuna.db from a backup, or move it away and run the sweep again "
+                                        "(finished runs are reused)", repairable=False))
         return out
     except DatabaseError as err:
         raise storage_error(err, store.root) or err from None

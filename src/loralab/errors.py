@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+MAX_HEAD_CHARS = 300
+MAX_PROBLEMS = 25  # listed in one message; the rest counted
 MAX_VALUE_CHARS = 120  # a value shown in a message: enough to recognise it, never a page of text
 
 
@@ -52,9 +54,14 @@ class LoralabError(Exception):
 
     def __str__(self) -> str:
         head = super().__str__()
+        if len(head) > MAX_HEAD_CHARS:  # a head may quote the input: keep the message to a screen
+            head = head[:MAX_HEAD_CHARS - 1] + "…"
         if not self.problems:
             return head
-        lines = [head] + [f"  - {p}" for p in self.problems]
+        shown = self.problems[:MAX_PROBLEMS]
+        lines = [head] + [f"  - {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  - … and {len(self.problems) - len(shown)} more")
         return "\n".join(lines)
 
 

@@ -710,10 +710,19 @@ def load_experiment(path: str | Path) -> Experiment:
 def surprises(exp: Experiment) -> list[str]:
     """Settings that are valid but probably not what was meant: each worth one line, not an error."""
     out = []
+    first: dict[str, str] = {}
     for run in exp.resolved_runs:
+        same = config_hash([run.lora.model_dump(), run.train.model_dump(), run.generate.model_dump()])
+        if same in first:
+            out.append(f"runs {first[same]} and {run.name} have the same settings: {run.name} is {first[same]} again "
+                       "(stored once, reported twice)")
+        first.setdefault(same, run.name)
         if {"epochs", "max_steps"} <= run.train.model_fields_set:
             out.append(f"run {run.name}: train.epochs ({run.train.epochs:g}) and train.max_steps ({run.train.max_steps}) "
                        "are both set; max_steps decides, epochs is ignored")
+    if "eval_fraction" in exp.data.model_fields_set and (exp.data.eval_path or exp.data.eval_split):
+        out.append(f"data.eval_fraction ({exp.data.eval_fraction:g}) is ignored: the eval set is "
+                   + ("data.eval_path" if exp.data.eval_path else "data.eval_split"))
     return out
 
 

@@ -188,6 +188,10 @@ class Store:
     def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root)
         db = self.root / DB_NAME
+        if not create and self.root.exists() and not self.root.is_dir():
+            raise RunNotFound(f"workspace {self.root} is a file, not a folder",
+                              [Problem("workspace", "a file, not a folder", str(self.root),
+                                       "pass --workspace the folder loralab created (it holds loralab.db)")])
         if not create and not db.is_file():
             raise RunNotFound(f"no loralab workspace at {self.root}",
                               [Problem("workspace", "no loralab.db in this folder", str(self.root),

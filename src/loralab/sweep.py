@@ -46,6 +46,7 @@ STRATEGIES = {"grid": "GridSampler", "random": "RandomSampler", "tpe": "TPESampl
               "qmc": "QMCSampler", "gp": "GPSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler",
               "bruteforce": "BruteForceSampler"}
 _NOT_STANDALONE = {"BaseSampler", "BaseGASampler", "PartialFixedSampler"}  # need another sampler or are abstract
+MAX_GRID_POINTS = 100_000  # a grid beyond this would never finish, and Optuna builds its list of points first
 MAX_CHECKED_POINTS = 5000  # trial configs validated when the file is loaded (a grid beyond this is checked at its corners)
 
 
@@ -311,6 +312,10 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
         return out
     space = Space(sw)
     n_grid = math.prod(len(d.knob.values) for d in space.dims) if grid else 0
+    if n_grid > MAX_GRID_POINTS:  # Optuna's grid lists every point up front: memory and time before trial 0
+        problem("sweep.space", f"a grid of {n_grid:,} points", n_grid,
+                f"keep a grid under {MAX_GRID_POINTS:,} points, or use strategy tpe or random with budget.trials")
+        return out
     points = space.expand() if grid and n_grid <= MAX_CHECKED_POINTS else space.corners()
     seen: set[str] = set()
     for pt in points:
