@@ -207,6 +207,10 @@ CASES = [
          "run", "unrelated_weights"),
         ("weights missing half the tensors", {"exp.yaml": exp().replace(MODEL, "bm")}, [],
          ["model.name", "tensor(s) missing from the weights", "Fix: save the whole model again"], "run", "half_weights"),
+        ("config.json not JSON", {"exp.yaml": exp().replace(MODEL, "bm")}, [],
+         ["model.name", "transformers cannot read this config.json", "Fix: check config.json"], "run", "config_not_json"),
+        ("tokenizer.json broken", {"exp.yaml": exp().replace(MODEL, "bm")}, [],
+         ["model.name", "transformers cannot load this tokenizer", "Fix: check tokenizer.json"], "run", "broken_tokenizer"),
         ("model path is a file", {"exp.yaml": exp().replace(MODEL, "./weights.bin"), "weights.bin": "x"}, [],
          ["model.name", "not a folder", "(got './weights.bin')", "Fix: give the folder save_pretrained wrote"], "run", None),
         ("sweep: fractional step of a whole-number knob",
@@ -372,8 +376,18 @@ def half_weights(tmp: Path, model: Path) -> None:
     save_file({k: tensors[k] for k in sorted(tensors)[: len(tensors) // 2]}, str(w))
 
 
+def config_not_json(tmp: Path, model: Path) -> None:
+    _bad_model(tmp, model)
+    (tmp / "bm" / "config.json").write_text("{not json")
+
+
+def broken_tokenizer(tmp: Path, model: Path) -> None:
+    _bad_model(tmp, model)
+    (tmp / "bm" / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')
+
+
 SETUPS = {f.__name__: f for f in (no_weights, pickle_only, remote_code, truncated_weights, garbage_weights, wider_config,
-                                  unrelated_weights, half_weights)}
+                                  unrelated_weights, half_weights, config_not_json, broken_tokenizer)}
 
 
 # -- the test ---------------------------------------------------------------------------------

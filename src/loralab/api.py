@@ -98,12 +98,10 @@ def _check_lengths(exp: Experiment, dataset) -> None:
 
     folder = local_folder(exp.model, exp.base_dir)
 
-    def tokenizer():
-        from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
-
-    check_lengths(lengths_for(folder, dataset, tokenizer), dataset, *shortest_max_seq_len(exp, exp.resolved_runs))
+    check_lengths(lengths_for(folder, dataset, lambda: load_tokenizer(folder, exp.model)), dataset,
+                  *shortest_max_seq_len(exp, exp.resolved_runs))
 
 
 def _local_layers(exp: Experiment):

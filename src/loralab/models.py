@@ -217,13 +217,17 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     hf_logging.disable_progress_bar()  # a one-second load needs no bar of its own
     try:
-        tok = AutoTokenizer.from_pretrained(ref, **kwargs)
+        tok = load_tokenizer(Path(ref), spec) if Path(ref).is_dir() else AutoTokenizer.from_pretrained(ref, **kwargs)
         model, loading = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True,
                                                               output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as err:
+    except ModelError:
+        raise
+    except Exception as err:  # a local folder's broken tokenizer or config surfaces as anything from KeyError on
+        if not isinstance(err, (OSError, ValueError)) and not Path(ref).is_dir():
+            raise
         if "trust_remote_code" in str(err):
             raise remote_code_error(spec.name) from None
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         if Path(ref).is_dir():
             raise ModelError(f"cannot load model folder {ref}: {text}",
                              [Problem("model.name", "transformers cannot load this folder", spec.name,
@@ -302,12 +306,27 @@ def _read_config(folder: Path, spec: ModelSpec):
 
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-    except ValueError as err:
+    except Exception as err:  # not JSON, unknown model_type, a key of the wrong type: the folder's fault
         if "trust_remote_code" in str(err):
             raise remote_code_error(spec.name) from None
         raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
                          [Problem("model.name", "transformers cannot read this config.json", spec.name,
                                   "check config.json (model_type): the folder must be written by save_pretrained")]) from None
+
+
+def load_tokenizer(folder: Path, spec: ModelSpec):
+    """A local folder's tokenizer; a broken one is the folder's fault (one message), whatever it raises."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        raise ModelError(f"cannot load the tokenizer of model folder {folder}: {type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]}",
+                         [Problem("model.name", "transformers cannot load this tokenizer", spec.name,
+                                  "check tokenizer.json and tokenizer_config.json: save them with tokenizer.save_pretrained")]) from None
 
 
 def _meta_model(config, spec: ModelSpec):
