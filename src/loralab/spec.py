@@ -467,6 +467,10 @@ def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: 
             msg = msg[len("Value error, "):]
         if "; fix: " in msg:  # a validator's own fix
             msg, fix = msg.split("; fix: ", 1)
+        if e["type"] == "model_type" and path.startswith("sweep.space."):
+            fix = "give a list of choices, e.g. [4, 8, 16], or a range such as {low: 1.0e-5, high: 1.0e-3, log: true}"
+        elif e["type"] == "model_type" and _allowed_keys(model, loc + ("",)):
+            fix = f"write a mapping of its settings ({_allowed_keys(model, loc + ('',))})"
         where = path or "(file)"
         if path in lines:
             where = f"{where} (line {lines[path]})"
