@@ -26,8 +26,7 @@ import yaml
 
 from .comparison import KNOB_SECTIONS, _norm, _per_example, _verdict, knobs
 from .errors import Problem, SpecError
-from .spec import config_hash
-from .spec import Experiment, RunSpec, parse_experiment
+from .spec import Experiment, RunSpec, config_hash, parse_experiment
 from .stats import Verdict, compare_paired, mean_ci
 from .store import RunRecord
 

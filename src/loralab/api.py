@@ -6,8 +6,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LoralabError, ModelError, Problem, SpecError
-from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment, surprises
+from .errors import LoralabError, Problem, SpecError
+from .spec import Experiment, check_data_paths, load_experiment, surprises
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
     from .store import RunRecord, Store
 
@@ -92,14 +92,10 @@ def _check_lengths(exp: Experiment, dataset) -> None:
     """No example longer than the shortest max_seq_len; token counts recorded per model and data, so a
     second validate loads no tokenizer."""
     from .data import check_lengths
+    from .models import load_tokenizer, local_folder
     from .preflight import lengths_for, shortest_max_seq_len
 
-    from .models import local_folder
-
     folder = local_folder(exp.model, exp.base_dir)
-
-    from .models import load_tokenizer
-
     check_lengths(lengths_for(folder, dataset, lambda: load_tokenizer(folder, exp.model)), dataset,
                   *shortest_max_seq_len(exp, exp.resolved_runs))
 

@@ -7,7 +7,6 @@ host overhead between steps.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
