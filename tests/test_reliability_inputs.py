@@ -262,6 +262,8 @@ CASES = [
          ["exp.yaml", "more than 1,000,000", "Fix: keep data in data files"], "run", None),
         ("a huge value is shown shortened", {"exp.yaml": exp("runs:\n  A: {lora: {rank: " + "x" * 5000 + "}}\n")}, [],
          ["runs.A.lora.rank (line 6)", "unknown key", " … "], "run", None),
+        ("a key of 1000 characters", {"exp.yaml": exp() + "k" * 1000 + ": 1\n"}, [],
+         ["kkkk…", "unknown key", "Fix: remove it or check its spelling"], "run", None),
         ("a number of 5000 digits", {"exp.yaml": exp("runs:\n  A: {lora: {r: " + "9" * 5000 + "}}\n")}, [],
          ["exp.yaml", "a number far too long to be a setting", "Fix: check the file"], "run", None),
         # -- messages that pointed the wrong way

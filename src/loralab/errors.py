@@ -35,7 +35,8 @@ class Problem:
     has_value: bool = True
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}"
+        where = self.where if len(self.where) <= MAX_VALUE_CHARS else self.where[:MAX_VALUE_CHARS - 1] + "…"
+        text = f"{where}: {self.message}"
         if self.has_value:
             text += f" (got {shorten(self.value)})"
         if self.fix:
