@@ -409,7 +409,7 @@ def objective_value(metrics: dict, obj: ObjectiveSpec, run: RunSpec) -> float:
 LOSS_SIDE_METRICS = frozenset({
     "eval_loss", "eval_ppl", "train_eval_loss", "train_ppl", "generalization_gap",
     "train_loss_final", "train_s", "train_tokens", "tokens_per_s", "peak_mem_mb", "trainable_params",
-    "total_params", "steps", "padding_share", "adapter_bytes", "eval_s", "eval_tokens", "total_s", "cost",
+    "total_params", "steps", "planned_steps", "padding_share", "adapter_bytes", "eval_s", "eval_tokens", "total_s", "cost",
     "loss_spikes", "grad_norm_median", "grad_norm_max", "steps_to_90pct_drop", "loss_first", "loss_final",
     "loss_best", "final_minus_best",
 })
