@@ -44,12 +44,15 @@ def test_sigterm_during_a_sweep_marks_the_trial_interrupted_and_the_same_command
     assert proc.wait(timeout=60) == 143, proc.output
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}")
     assert [(t.state.name, t.user_attrs.get("status")) for t in study.trials] == [("FAIL", "interrupted"), ("WAITING", None)]
-    assert statuses(ws) == {"trial-0000": "interrupted"}
+    from loralab.store import Store
+
+    assert [r.status for r in Store(ws).all_runs()] == ["interrupted"] and statuses(ws) == {}  # the FAIL trial names no run
     again = Proc(tmp_path, "sweep", f, "-w", ws, name="again")
     assert again.wait() == 0, again.output
     done = [t for t in optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}").trials
             if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["knobs"]["lora.r"] for t in done) == [2, 4, 8]
+    assert_study_and_runs_agree(ws)  # before the fix trial 0 was FAIL while `show sw/trial-0000` said finished
 
 
 def test_the_cli_puts_the_sigterm_handler_back(tmp_path):
@@ -59,6 +62,25 @@ def test_the_cli_puts_the_sigterm_handler_back(tmp_path):
 
 
 # --- a sweep never counts a configuration twice ----------------------------------------------------
+
+AGREE = {"COMPLETE": {"finished"}, "PRUNED": {"pruned", "diverged"}, "FAIL": {"failed"}}
+
+
+def assert_study_and_runs_agree(ws, experiment: str = "sw") -> None:
+    """Each trial's Optuna state matches the status of the run its name points at; an interrupted or
+    duplicate trial names no run (its configuration's run belongs to the trial that finished it)."""
+    import optuna
+
+    from loralab.store import Store
+
+    store = Store(ws)
+    named = {name: store.get(rid).status for exp_, name, _, rid in store.alias_rows() if exp_ == experiment}
+    for t in optuna.load_study(study_name=experiment, storage=f"sqlite:///{ws / 'optuna.db'}").trials:
+        status = named.get(f"trial-{t.number:04d}")
+        if t.user_attrs.get("status") in ("interrupted", "duplicate"):
+            assert status is None, (t.number, t.state.name, status)
+        else:
+            assert status in AGREE[t.state.name], (t.number, t.state.name, status)
 
 TPE = """evaluation: {drift: false}
 defaults:
@@ -100,6 +122,7 @@ def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_alread
     assert sum(t.status == "finished" for t in result.trials) == 5  # duplicates are not shown as trials
     runs = Store(ws).all_runs()
     assert len(runs) == 5 and all(r.status == "finished" for r in runs)  # one finished run per complete trial
+    assert_study_and_runs_agree(ws)
     assert check_workspace(ws).findings == []
 
 

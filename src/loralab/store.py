@@ -299,6 +299,12 @@ class Store:
             if a is not None:
                 s.delete(a)
 
+    def drop_aliases(self, experiment: str, name: str) -> None:
+        """Every seed of a name."""
+        with Session(self.engine) as s, s.begin():
+            for a in s.scalars(select(AliasRow).where(AliasRow.experiment == experiment, AliasRow.name == name)):
+                s.delete(a)
+
     def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             self._alias(s, experiment, name, run_id, seed)

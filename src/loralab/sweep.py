@@ -691,14 +691,16 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     return study
 
 
-def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None) -> list[int]:
+def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None,
+                        forget: Callable[[int], None] | None = None) -> list[int]:
     """Trials left RUNNING by a process that died: mark them FAIL (status interrupted, not counted)
     and enqueue their parameters, once, so the same configuration runs next. `alive(trial)` tells a
     trial another sweep process is still running (left alone) from a dead one; None: all are dead.
 
     A process killed between `ask` and the last `suggest` leaves some parameters unset: a grid trial
     still knows its grid point (the grid counts it as visited, so it must be re-enqueued); any other
-    strategy just samples a new point."""
+    strategy just samples a new point. `forget(number)` drops the trial's run names, so a FAIL trial
+    never names a run its retry finishes."""
     from optuna.trial import TrialState
 
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
@@ -721,6 +723,8 @@ def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any
             set_attr("knobs", space.knobs(params))
         set_attr("status", "interrupted")
         study.tell(t.number, state=TrialState.FAIL)
+        if forget is not None:
+            forget(t.number)
         out.append(t.number)
     if out:
         rep.log(f"Resuming: trial(s) {', '.join(map(str, out))} were interrupted; their configurations run again.")
@@ -799,6 +803,9 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     def alive(t) -> bool:
         return process_alive(t.user_attrs.get("owner"))
 
+    def forget(number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
+        store.drop_aliases(exp.name, f"trial-{number:04d}")
+
     def study_lock():  # creating the study, recovering and asking: one process of this workspace at a time
         return file_lock(ws / LOCKS / f"study-{config_hash([url, exp.name])}.lock")
 
@@ -807,7 +814,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     try:
         with study_lock():
             study = open_study(exp, url, space, fingerprint)
-            recover_interrupted(study, space, rep, alive)
+            recover_interrupted(study, space, rep, alive, forget)
         per_hour = exp.cost.per_hour if exp.cost else None
         sign = {"minimize": 1.0, "maximize": -1.0}[sw.directions[0]]  # pruners read the loss in the objective's sense
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
@@ -848,7 +855,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                     waited = True
                 time.sleep(1.0)
                 with study_lock():
-                    recover_interrupted(study, space, rep, alive)  # in case that process died meanwhile
+                    recover_interrupted(study, space, rep, alive, forget)  # in case that process died meanwhile
                 continue
             name = f"trial-{trial.number:04d}"
 
@@ -864,6 +871,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                 study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 trial.set_user_attr("status", "interrupted")
                 study.tell(trial, state=TrialState.FAIL)
+                forget(trial.number)
                 raise
             except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
                 trial.set_user_attr("status", "interrupted")
