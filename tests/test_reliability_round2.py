@@ -231,3 +231,22 @@ def test_a_second_tpe_sweep_joining_a_live_study_never_trains_the_point_the_firs
     points = [tuple(sorted(t.user_attrs["knobs"].items())) for t in done]
     assert len(points) == len(set(points)) >= 3, points  # the budget may be passed by one (two processes), never repeated
     assert all(t.user_attrs["reused"] == 0 for t in done)
+
+
+# --- names loralab makes itself ---------------------------------------------------------------------
+
+
+def test_ablate_accepts_long_run_names_and_lists_each_run_once(tiny_neox, tmp_path, healthy):
+    from loralab import api
+    from loralab.errors import SpecError
+
+    a, b = "a" * 64, "b" * 64
+    f = tmp_path / "long.yaml"
+    f.write_text(f"name: {'e' * 100}\nmodel: {tiny_neox}\nruns:\n  {a}: {{lora: {{r: 2, dropout: 0.0}}, train: {{max_steps: 2}}}}\n"
+                 f"  {b}: {{lora: {{r: 4, dropout: 0.1}}, train: {{max_steps: 3}}}}\n")
+    plan = api.ablate(f, a, b, workspace=tmp_path / "ws")  # names of its own within the limits the file checks
+    assert len(plan.runs) >= 4 and plan.path.is_file()
+    assert all(len(r.name) <= 64 for r in plan.runs) and len(plan.experiment.name) <= 128
+    with pytest.raises(SpecError) as info:  # the stored A of the healthy workspace is not listed a second time
+        api.ablate(write(tmp_path, tiny_neox, "runs:\n  A: {lora: {r: 2}}\n", "bad"), "A", "Z", workspace=healthy)
+    assert "use one of: A)" in str(info.value) or str(info.value).rstrip().endswith("use one of: A"), str(info.value)
