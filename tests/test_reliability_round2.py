@@ -250,3 +250,15 @@ def test_ablate_accepts_long_run_names_and_lists_each_run_once(tiny_neox, tmp_pa
     with pytest.raises(SpecError) as info:  # the stored A of the healthy workspace is not listed a second time
         api.ablate(write(tmp_path, tiny_neox, "runs:\n  A: {lora: {r: 2}}\n", "bad"), "A", "Z", workspace=healthy)
     assert "use one of: A)" in str(info.value) or str(info.value).rstrip().endswith("use one of: A"), str(info.value)
+
+
+def test_validate_refuses_device_cuda_where_run_would(tiny_neox, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    f = write(tmp_path, tiny_neox, "device: cuda\nruns:\n  A: {train: {max_steps: 2}}\n", "gpu")
+    for args in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 2 and "no CUDA device" in out.output and "Fix: use device: auto or cpu" in out.output, out.output
+    assert not (tmp_path / "ws").exists()
