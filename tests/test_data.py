@@ -290,9 +290,9 @@ def test_missing_file(tmp_path):
 def test_empty_file(tmp_path, content):
     _write(tmp_path / "d.jsonl", content)
     err = _data_error(DataSpec(path="d.jsonl"), tmp_path)
-    assert (err.problems[0].where, err.problems[0].message) == ("data.path", "empty file")
+    assert err.problems[0].where == "data.path" and err.problems[0].message.startswith("empty file")
     _write(tmp_path / "d.csv", "instruction,output\n")  # a header and no rows
-    assert _data_error(DataSpec(path="d.csv"), tmp_path).problems[0].message == "empty file"
+    assert _data_error(DataSpec(path="d.csv"), tmp_path).problems[0].message == "empty file: only a header row"
 
 
 def test_broken_json_line_names_the_line(tmp_path):

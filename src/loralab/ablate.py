@@ -26,7 +26,7 @@ import yaml
 
 from .comparison import KNOB_SECTIONS, _by_seed, _norm, _per_example, _verdict, floor_of, knobs
 from .errors import Problem, SpecError
-from .spec import Experiment, RunSpec, parse_experiment
+from .spec import Experiment, RunSpec, config_hash, parse_experiment
 from .stats import Side, Verdict, adjust_for_multiplicity, compare_runs, mean_ci
 from .store import RunRecord
 
@@ -35,6 +35,7 @@ HOLDS = ("alpha/r", "alpha")  # what stays fixed when lora.r moves: the update s
 SCALE = "lora.alpha/r"  # LoRA's update scale, a knob of its own when alpha/r is held
 TRAINED_SECTIONS = ("lora", "train")  # what changes the trained adapter; generate.* only changes evaluation
 MAX_NAME = 64  # spec.RUN_NAME's limit
+MAX_EXPERIMENT_NAME = 128  # spec.Experiment.name's limit
 # Short names for run names such as "A+lr"; other knobs use their key ("A+dropout").
 SHORT = {"train.learning_rate": "lr", "train.gradient_accumulation": "grad_accum", "train.max_seq_len": "seq_len",
          "train.weight_decay": "wd", "lora.target_modules": "targets", SCALE: "scale"}
@@ -204,8 +205,18 @@ def roman(n: int) -> str:
 
 def experiment_name(exp_name: str, a: str, b: str, design: str, hold: str = "alpha/r") -> str:
     """The ablation experiment's name; the report finds a file's ablations by it. Holding alpha trains
-    other middle runs under the same names, so it is an experiment of its own."""
-    return f"{exp_name}.{a}-vs-{b}.{design}" + ("-hold-alpha" if hold == "alpha" else "")
+    other middle runs under the same names, so it is an experiment of its own. Long run names are cut
+    (with a hash, so two cut names still differ) to keep it within the experiment name's 128 characters."""
+    suffix = design + ("-hold-alpha" if hold == "alpha" else "")
+    name = f"{exp_name}.{a}-vs-{b}.{suffix}"
+    if len(name) <= MAX_EXPERIMENT_NAME:
+        return name
+    room = max(12, (MAX_EXPERIMENT_NAME - min(len(exp_name), 60) - len(suffix) - 5) // 2)
+
+    def cut(x: str, n: int) -> str:
+        return x if len(x) <= n else f"{x[:n - 7]}-{config_hash(x)[:6]}"
+
+    return f"{cut(exp_name, 60)}.{cut(a, room)}-vs-{cut(b, room)}.{suffix}"
 
 
 def ablation_of(exp_name: str, candidate: str) -> tuple[str, str, str] | None:
@@ -223,7 +234,7 @@ def endpoint(exp: Experiment, ref: str, records: dict[str, RunRecord] | None = N
     rec = (records or {}).get(ref)
     if rec is not None and rec.kind == "lora":
         return RunSpec(name=ref, **{s: rec.config[s] for s in KNOB_SECTIONS})
-    names = [r.name for r in exp.resolved_runs] + sorted(records or {})
+    names = list(dict.fromkeys([r.name for r in exp.resolved_runs] + sorted(records or {})))  # a stored run of the file once
     raise SpecError(f"no run {ref!r} to ablate in {exp.source or exp.name}",
                     [Problem("run", "not a run of this file (nor a stored run of its experiment)", ref,
                              f"use one of: {', '.join(names)}")])
@@ -269,7 +280,7 @@ def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Pa
         else:
             name = f"{a}+" + "+".join(short_name(k) for k in at_b)
             if len(name) > MAX_NAME:
-                name = f"{a}+run{i:02d}"
+                name = f"{a[:MAX_NAME - 7]}+run{i:02d}"  # a long name of A must not make a name the file rejects
             runs.append(PlannedRun(name, at_b, _moved(ra, rb, at_b, middle_generate, name, hold)))
     name = experiment_name(exp.name, a, b, design, hold)
     text = plan_yaml(exp, name, runs, workspace, design, a, b, moved, eval_only, hold)

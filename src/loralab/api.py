@@ -6,8 +6,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LoralabError, ModelError, Problem, SpecError
-from .spec import BUILTIN_MODEL, Experiment, check_data_paths, load_experiment
+from .errors import LoralabError, Problem, SpecError
+from .spec import Experiment, check_data_paths, load_experiment, surprises
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
     from .store import RunRecord, Store
 
@@ -43,7 +43,14 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     problems = check_data_paths(exp)
     if problems:
         raise SpecError(f"{path}: data file missing", problems)
-    notes = []
+    if exp.device == "cuda":  # what `run` would refuse: asked for a GPU that is not there
+        from .models import pick_device
+
+        pick_device("cuda")
+    notes = [f"note: {n}" for n in surprises(exp)]
+    dataset = _local_data(exp)
+    if dataset is None:
+        notes.append("data not read: a Hugging Face hub dataset is read when training starts")
     layers = _local_layers(exp)
     if layers is None:
         notes.append("LoRA target modules not checked: the model is not available locally yet "
@@ -56,6 +63,15 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
             if note and f"note: {note}" not in notes:
                 notes.append(f"note: {note}")
         notes.append(f"LoRA target modules checked against {layers.model_type}'s layers")
+    if dataset is not None:
+        from .data import data_surprises
+        from .preflight import check_plan
+
+        check_plan(exp, exp.resolved_runs, len(dataset.train), layers)
+        notes.extend(f"note: {n}" for n in data_surprises(dataset))
+        if layers is not None and not exp.data.truncate:
+            _check_lengths(exp, dataset)
+        notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
     if exp.sweep is not None:
         from .sweep import describe
 
@@ -63,53 +79,38 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     return exp, notes
 
 
-def _local_layers(exp: Experiment):
-    """The model's layer names when it is on disk (cached built-in or local folder); None otherwise.
+def _local_data(exp: Experiment):
+    """The data set, read and split as `run` will, unless it lives on the Hugging Face hub (network)."""
+    from .data import load_data
 
-    Read from loralab's record of an earlier load when there is one (no torch import: validate
-    stays under a second), else from a weightless model built from the config."""
-    from .models import BUILTIN_CACHE_NAME, cache_dir, cached_layers, layers_of, remember_layers
-
-    if exp.model.name == BUILTIN_MODEL:
-        folder = cache_dir() / "models" / BUILTIN_CACHE_NAME
-    else:
-        folder = exp.resolve_path(exp.model.name)
-        if folder.is_dir():
-            from .models import _check_local_folder
-
-            _check_local_folder(folder)  # no config, no weights, pickle weights only: what `run` would refuse
-    if not (folder / "config.json").is_file():
+    if exp.data.hf and not exp.resolve_path(exp.data.hf).is_dir():
         return None
-    layers = cached_layers(folder)
-    if layers is None:
-        layers = layers_of(_meta_model(_read_config(folder, exp), exp))
-        if not exp.model.trust_remote_code:
-            remember_layers(folder, layers)
+    return load_data(exp.data, exp.base_dir)
+
+
+def _check_lengths(exp: Experiment, dataset) -> None:
+    """No example longer than the shortest max_seq_len; token counts recorded per model and data, so a
+    second validate loads no tokenizer."""
+    from .data import check_lengths
+    from .models import load_tokenizer, local_folder
+    from .preflight import lengths_for, shortest_max_seq_len
+
+    folder = local_folder(exp.model, exp.base_dir)
+    check_lengths(lengths_for(folder, dataset, lambda: load_tokenizer(folder, exp.model)), dataset,
+                  *shortest_max_seq_len(exp, exp.resolved_runs))
+
+
+def _local_layers(exp: Experiment):
+    """The model's layers when it is on disk (cached built-in or local folder), its weights checked
+    against its config; None when it is not on disk yet."""
+    from .models import check_weights, local_folder, local_layers
+
+    folder = local_folder(exp.model, exp.base_dir)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    layers = local_layers(folder, exp.model)
+    check_weights(folder, layers, exp.model.name)
     return layers
-
-
-def _read_config(folder: Path, exp: Experiment):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=exp.model.trust_remote_code)
-    except ValueError as err:
-        from .models import remote_code_error
-
-        if "trust_remote_code" in str(err):
-            raise remote_code_error(exp.model.name) from None
-        raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
-                         [Problem("model.name", "transformers cannot read this config.json", exp.model.name,
-                                  "check config.json (model_type): the folder must be written by save_pretrained")]) from None
-
-
-def _meta_model(config, exp: Experiment):
-    """The model's module tree without allocating weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=exp.model.trust_remote_code)
 
 
 def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
@@ -163,7 +164,8 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
         finally:
             store.close()
     p = plan(exp, a, b, design, workspace=ws, records=stored, hold=hold)
-    write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
+    with _writable("--out", out or ws / "ablations"):
+        write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
     if train:
         p.result = run(load_experiment(p.path), workspace=ws, console=console)
     return p
@@ -189,7 +191,30 @@ def report(targets: str | Path | list, *, out: str | Path, workspace: str | Path
         src = rep.from_file(load_experiment(first), workspace)
     else:
         src = rep.from_runs([str(t) for t in targets], workspace)
-    return rep.write(rep.build(src, metric=metric, samples=samples, goal=goal), out)
+    built = rep.build(src, metric=metric, samples=samples, goal=goal)
+    with _writable("--out", out):
+        return rep.write(built, out)
+
+
+class _writable:
+    """An OSError while writing where the user pointed (`--out`) is their input's problem: one message, exit 2."""
+
+    def __init__(self, option: str, where: str | Path):
+        self.option, self.where = option, str(where)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        import errno
+
+        refused = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOENT)
+        if not isinstance(err, OSError) or err.errno not in refused:
+            return False  # disk full and friends: not the option's fault
+        why = err.strerror or type(err).__name__
+        raise SpecError(f"{self.option} {self.where}: cannot write there ({why})",
+                        [Problem(self.option, f"cannot write there ({why})", self.where,
+                                 "give a folder you can write to (or leave the option out for the default)")]) from None
 
 
 def workspace_path(workspace: str | Path | None = None) -> Path:
@@ -224,7 +249,7 @@ def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
     """A run with all its seeds (a list of one when the run has a single seed)."""
     store = open_store(workspace)
     try:
-        return store.group(ref)
+        return store.readable_group(ref)
     finally:
         store.close()
 

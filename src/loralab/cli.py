@@ -57,8 +57,13 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Docker, Slurm and Kubernetes send): handled like Ctrl-C, so the current
+    run is marked interrupted, but the exit code is 143 (128 + 15), as for a process it ended."""
+
+
 def _guard(fn):
-    """Turn user errors into one message and exit code 2; Ctrl-C into exit code 130."""
+    """Turn user errors into one message and exit code 2; Ctrl-C into exit code 130, SIGTERM into 143."""
     import functools
 
     @functools.wraps(fn)
@@ -68,9 +73,10 @@ def _guard(fn):
                 return fn(*args, **kwargs)
         except LoralabError as err:
             _fail(err)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]Interrupted: the current run is marked interrupted; finished runs are kept.[/yellow]")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as err:
+            what = "Terminated (SIGTERM)" if isinstance(err, Terminated) else "Interrupted"
+            err_console.print(f"[yellow]{what}: the current run is marked interrupted; finished runs are kept.[/yellow]")
+            raise typer.Exit(143 if isinstance(err, Terminated) else 130)
         except Exception as err:  # a damaged workspace database: a message, not a traceback (other errors are bugs)
             if not type(err).__module__.startswith(("sqlalchemy", "sqlite3")):
                 raise
@@ -86,17 +92,29 @@ def _guard(fn):
 class _ctrl_c:
     """The first Ctrl-C raises KeyboardInterrupt as usual, so the current run is marked interrupted
     and finished runs are kept; a second one, while that cleanup runs, ends the process at once
-    (the default action of SIGINT, even inside native code)."""
+    (the default action of SIGINT, even inside native code). SIGTERM gets the same treatment."""
 
     def __enter__(self):
         import signal
         import threading
 
         self.previous = None
-        # Only the main thread may set handlers; and a SIGINT ignored by the parent (nohup, `&`) stays ignored.
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self.previous_term = None
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers
+        # A SIGINT ignored by the parent (nohup, `&`) stays ignored.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self.previous = signal.signal(signal.SIGINT, self._first)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # may be the plain int 0
+            self.previous_term = signal.signal(signal.SIGTERM, self._term)
         return self
+
+    @staticmethod
+    def _term(signum, frame):
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated
 
     @staticmethod
     def _first(signum, frame):
@@ -111,6 +129,8 @@ class _ctrl_c:
 
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+        if self.previous_term is not None:
+            signal.signal(signal.SIGTERM, self.previous_term)
         return False
 
 
@@ -267,6 +287,10 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
     from . import api
     from .comparison import render, to_markdown
 
+    twice = sorted({r for r in runs if runs.count(r) > 1})
+    if twice:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(', '.join(twice))} given more than once: a run compared with "
+                          "itself differs by nothing", highlight=False)
     c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
         _print_json(c.to_json())

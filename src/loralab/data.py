@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, ModelError, Problem
-from .spec import DataSpec, config_hash
+from .spec import DataSpec, config_hash, not_a_file
 
 BUILTIN_NAME = "stdlib-docstrings"
 # The builtin prompts are short; without a system message SmolLM's template injects its own
@@ -40,6 +40,19 @@ PLAIN_SYSTEM = "{system}\n\n"
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 _MAX_LISTED_PROBLEMS = 20  # a file broken on every line should not print thousands of lines
+
+
+class _NotJSON(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON does not allow them."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSON(name)
+
+
+def _loads(text: str) -> Any:
+    """json.loads, minus NaN and Infinity (which would train as the text "nan")."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,18 @@ def load_data(spec: DataSpec, base_dir: Path) -> Dataset:
     return Dataset(name, train, eval_, fingerprint(train, eval_, system_prompt), system_prompt)
 
 
+def data_surprises(dataset: Dataset) -> list[str]:
+    """Eval examples that are also training examples: the eval loss then measures memory, not generalisation."""
+    seen = {(e.instruction, e.output) for e in dataset.train}
+    both = sum((e.instruction, e.output) in seen for e in dataset.eval)
+    if not both:
+        return []
+    if both == len(dataset.eval):
+        return [f"every eval example ({both}) is also a training example (is data.eval_path the training file?): "
+                "eval loss will measure memory, not generalisation"]
+    return [f"{both} of {len(dataset.eval)} eval examples are also training examples: they flatter the eval loss"]
+
+
 def fingerprint(train: list[Example], eval_: list[Example], system_prompt: str | None) -> str:
     """12 hex chars that change whenever anything the model sees changes."""
     return config_hash({
@@ -128,9 +153,10 @@ def _split(examples: list[Example], spec: DataSpec, name: str) -> tuple[list[Exa
 def _resolve(p: str, base_dir: Path, key: str) -> Path:
     q = Path(p).expanduser()
     q = q if q.is_absolute() else Path(base_dir) / q
-    if not q.is_file():
-        raise DataError(f"{key}: no such file: {q}",
-                        [Problem(key, "file not found", p, f"give a JSONL or CSV file; relative paths are read from {base_dir}")])
+    why = not_a_file(q)
+    if why is not None:
+        raise DataError(f"{key}: {why}: {q}",
+                        [Problem(key, why, p, f"give a JSONL or CSV file; relative paths are read from {base_dir}")])
     return q
 
 
@@ -146,8 +172,9 @@ def _read_file(path: Path, spec: DataSpec, key: str) -> list[Example]:
     text = _read_text(path)
     rows = _jsonl_rows(text, path.name) if kind == "jsonl" else _csv_rows(text, path.name)
     if not rows:
+        what = "empty file" if not text else ("empty file: only a header row" if text.strip() and kind == "csv" else "empty file: only blank lines")
         raise DataError(f"{path.name}: the file has no examples",
-                        [Problem(key, "empty file", str(path), "add one example per line (JSONL) or per row (CSV)")])
+                        [Problem(key, what, str(path), "add one example per line (JSONL) or per row (CSV)")])
     return _examples(rows, spec, path.name)
 
 
@@ -177,10 +204,17 @@ def _jsonl_rows(text: str, name: str) -> list[_Row]:
             continue  # blank lines (a trailing newline, spacing) carry nothing
         where = f"{name}:{n}"
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
         except json.JSONDecodeError as err:
             problems.append(Problem(where, f"not valid JSON ({err.msg} at column {err.colno})", _clip(line),
                                     'write one JSON object per line, e.g. {"instruction": "...", "output": "..."}'))
+            continue
+        except RecursionError:
+            problems.append(Problem(where, "nested too deeply to read", _clip(line), "write one flat JSON object per line"))
+            continue
+        except _NotJSON as err:
+            problems.append(Problem(where, f"holds {err}, which JSON does not allow (it would train as the text "
+                                    f"'{str(err).lower()}')", _clip(line), "write the value as a quoted text, or drop the row"))
             continue
         if not isinstance(obj, dict):
             problems.append(Problem(where, "line is not a JSON object", _clip(line),
@@ -194,12 +228,16 @@ def _jsonl_rows(text: str, name: str) -> list[_Row]:
 def _is_json_array(text: str) -> bool:
     try:
         return isinstance(json.loads(text), list)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
 def _json_array_rows(text: str, name: str) -> list[_Row]:
-    items = json.loads(text)
+    try:
+        items = _loads(text)
+    except _NotJSON as err:
+        raise DataError(f"{name}: holds {err}", [Problem(name, f"holds {err}, which JSON does not allow", str(err),
+                                                         "write the value as a quoted text, or drop the item")]) from None
     rows, problems = [], []
     for i, obj in enumerate(items):
         where = f"{name}[{i}]"
@@ -562,15 +600,17 @@ def prompt_ids(tokenizer: Any, instruction: str, system_prompt: str | None) -> l
     return _as_ids(tokenizer(text))
 
 
-def check_lengths(tokenizer: Any, dataset: Dataset, limit: int, limit_where: str) -> None:
-    """Raise DataError naming every example (file:line) whose prompt + answer + end token is longer
-    than `limit` tokens: `encode_example` would cut its answer, so the run would learn not to stop."""
-    long = []
-    for ex in dataset.train + dataset.eval:
-        n = len(prompt_ids(tokenizer, ex.instruction, dataset.system_prompt)) + len(
-            _as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1
-        if n > limit:
-            long.append((ex, n))
+def example_lengths(tokenizer: Any, dataset: Dataset) -> list[int]:
+    """Tokens of prompt + answer + end token, per example of train then eval."""
+    return [len(prompt_ids(tokenizer, ex.instruction, dataset.system_prompt))
+            + len(_as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1 for ex in dataset.train + dataset.eval]
+
+
+def check_lengths(lengths: list[int], dataset: Dataset, limit: int, limit_where: str) -> None:
+    """Raise DataError naming every example (file:line) whose prompt + answer + end token (`lengths`,
+    from example_lengths) is longer than `limit` tokens: `encode_example` would cut its answer, so the
+    run would learn not to stop."""
+    long = [(ex, n) for ex, n in zip(dataset.train + dataset.eval, lengths) if n > limit]
     if not long:
         return
     need = max(n for _, n in long)

@@ -28,7 +28,8 @@ STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the swe
 class Finding:
     """One thing wrong (or worth knowing) about the workspace."""
 
-    kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, database, trial, trial-run
+    kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, damaged-row, database,
+    # trial, trial-run
     where: str  # the run (experiment/name and id), a path, or study/trial
     problem: str
     repair: str  # what --repair does, or how to fix it by hand
@@ -78,7 +79,13 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
         if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
             return out
         _check_runs(store, out, repair)
-        _check_studies(store, out)
+        try:
+            _check_studies(store, out)
+        except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
+            out.findings.append(Finding("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
+                                        f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
+                                        "restore optuna.db from a backup, or move it away and run the sweep again "
+                                        "(finished runs are reused)", repairable=False))
         return out
     except DatabaseError as err:
         raise storage_error(err, store.root) or err from None
@@ -116,6 +123,11 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
         if store.in_progress(rec.id):
             continue  # a live process is training or storing it
         folder = store.run_dir(rec.id)
+        if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
+            out.findings.append(Finding("damaged-row", where(rec), "its database row cannot be read: " + "; ".join(rec.damaged),
+                                        f"run its experiment again, which trains and stores it anew; its files in {folder} "
+                                        "are kept", repairable=False))
+            continue
         if rec.status == "running":
             f = Finding("interrupted", where(rec), "left `running` by a process that stopped without finishing it "
                         "(kill -9, crash, power cut or full disk)",

@@ -167,11 +167,12 @@ def remote_code_error(name: str) -> ModelError:
                                "otherwise use a model that transformers supports natively")])
 
 
-def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = print) -> tuple[str, str]:
-    """Return (path or hub id to load, fingerprint)."""
+def local_folder(spec: ModelSpec, base_dir: Path) -> Path | None:
+    """The model's local folder (the built-in's cache folder, converted or not), or None for a hub id.
+    Raises ModelError for what no later step could load: an unknown built-in, a missing or
+    unusable folder. What `validate` and `run` both check first."""
     if spec.name == BUILTIN_MODEL:
-        folder = builtin_model_dir(log)
-        return str(folder), "builtin-" + _folder_fingerprint(folder)
+        return cache_dir() / "models" / BUILTIN_CACHE_NAME
     if spec.name.startswith("builtin:"):
         raise ModelError(f"unknown built-in model {spec.name!r}",
                          [Problem("model.name", "unknown built-in model", spec.name, f"use {BUILTIN_MODEL}, a Hugging Face id or a local folder")])
@@ -180,10 +181,25 @@ def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = 
         local = base_dir / local
     if local.is_dir():
         _check_local_folder(local)
-        return str(local), "local-" + _folder_fingerprint(local)
+        return local
+    if local.exists():
+        raise ModelError(f"model path {local} is not a folder",
+                         [Problem("model.name", "not a folder", spec.name, "give the folder save_pretrained wrote (config.json "
+                                  "and *.safetensors), not a file in it")])
     if spec.name.startswith((".", "/", "~")):
         raise ModelError(f"model folder {local} does not exist",
                          [Problem("model.name", "folder not found", spec.name, "check the path (relative paths are read from the experiment file's folder)")])
+    return None
+
+
+def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = print) -> tuple[str, str]:
+    """Return (path or hub id to load, fingerprint)."""
+    if spec.name == BUILTIN_MODEL:
+        folder = builtin_model_dir(log)
+        return str(folder), "builtin-" + _folder_fingerprint(folder)
+    local = local_folder(spec, base_dir)
+    if local is not None:
+        return str(local), "local-" + _folder_fingerprint(local)
     return spec.name, f"hub-{spec.name}@{spec.revision or 'main'}"
 
 
@@ -193,18 +209,25 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref, fingerprint = resolve_model(spec, base_dir, log)
+    if Path(ref).is_dir():
+        check_weights(Path(ref), local_layers(Path(ref), spec), spec.name)
     dev, dtype = pick_device(device)
     from transformers.utils import logging as hf_logging
 
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     hf_logging.disable_progress_bar()  # a one-second load needs no bar of its own
     try:
-        tok = AutoTokenizer.from_pretrained(ref, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, **kwargs)
-    except (OSError, ValueError) as err:
+        tok = load_tokenizer(Path(ref), spec) if Path(ref).is_dir() else AutoTokenizer.from_pretrained(ref, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True,
+                                                              output_loading_info=True, **kwargs)
+    except ModelError:
+        raise
+    except Exception as err:  # a local folder's broken tokenizer or config surfaces as anything from KeyError on
+        if not isinstance(err, (OSError, ValueError)) and not Path(ref).is_dir():
+            raise
         if "trust_remote_code" in str(err):
             raise remote_code_error(spec.name) from None
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         if Path(ref).is_dir():
             raise ModelError(f"cannot load model folder {ref}: {text}",
                              [Problem("model.name", "transformers cannot load this folder", spec.name,
@@ -221,6 +244,11 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         with warnings.catch_warnings():  # it warns when HF_HUB_DISABLE_PROGRESS_BARS=1 keeps bars off anyway
             warnings.simplefilter("ignore", UserWarning)
             hf_logging.enable_progress_bar()
+    if loading.get("missing_keys"):  # transformers would start them from random values
+        missing = sorted(loading["missing_keys"])
+        raise ModelError(f"model {spec.name}: {len(missing)} tensor(s) missing from the weights",
+                         [Problem("model.name", f"{len(missing)} of the model's tensors are not in its weights, e.g. "
+                                  f"{missing[0]!r}", spec.name, "save the whole model again (save_pretrained)")])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev)
@@ -236,14 +264,133 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
 
 @dataclass(frozen=True)
 class ModelLayers:
-    """What LoRA target checks need to know of a model: its type and its Linear layer names."""
+    """What checks before training need to know of a model, read from its config without weights:
+    its type and Linear layer names (LoRA targets), each layer name's smallest width (the largest
+    useful rank), its context length, and every parameter's shape (to check the weights files)."""
 
     model_type: str
     linear: tuple[str, ...]
+    widths: dict[str, int] | None = None
+    context: int | None = None
+    params: dict[str, list[int]] | None = None
 
 
 def layers_of(model) -> ModelLayers:
-    return ModelLayers(getattr(model.config, "model_type", type(model).__name__), tuple(linear_module_names(model)))
+    import torch
+
+    widths: dict[str, int] = {}
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            leaf = full.rsplit(".", 1)[-1]
+            widths[leaf] = min(widths.get(leaf, 1 << 62), mod.in_features, mod.out_features)
+    cfg = model.config
+    context = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(getattr(cfg, k, None), int)), None)
+    return ModelLayers(getattr(cfg, "model_type", type(model).__name__), tuple(linear_module_names(model)), widths,
+                       context, {n: list(p.shape) for n, p in model.named_parameters()})
+
+
+def local_layers(folder: Path, spec: ModelSpec) -> ModelLayers:
+    """A local model's layers: recorded by an earlier load (no torch import), else read from a
+    weightless model built from its config."""
+    layers = cached_layers(folder)
+    if layers is None or layers.params is None:
+        layers = layers_of(_meta_model(_read_config(folder, spec), spec))
+        if not spec.trust_remote_code:
+            remember_layers(folder, layers)
+    return layers
+
+
+def _read_config(folder: Path, spec: ModelSpec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:  # not JSON, unknown model_type, a key of the wrong type: the folder's fault
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
+                         [Problem("model.name", "transformers cannot read this config.json", spec.name,
+                                  "check config.json (model_type): the folder must be written by save_pretrained")]) from None
+
+
+def load_tokenizer(folder: Path, spec: ModelSpec):
+    """A local folder's tokenizer; a broken one is the folder's fault (one message), whatever it raises."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        raise ModelError(f"cannot load the tokenizer of model folder {folder}: {type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]}",
+                         [Problem("model.name", "transformers cannot load this tokenizer", spec.name,
+                                  "check tokenizer.json and tokenizer_config.json: save them with tokenizer.save_pretrained")]) from None
+
+
+def _meta_model(config, spec: ModelSpec):
+    """The model's module tree without allocating weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers accepts but cannot build
+        raise ModelError(f"cannot build the model of config.json in {spec.name}: {str(err).splitlines()[0][:200]}",
+                         [Problem("model.name", "config.json does not describe a model transformers can build",
+                                  spec.name, "use the config.json saved with the weights (save_pretrained)")]) from None
+
+
+def check_weights(folder: Path, layers: ModelLayers, name: str) -> None:
+    """The folder's safetensors files must be readable (not corrupt or truncated) and hold the tensors
+    the config describes, at the config's shapes. Reads only the files' headers.
+
+    Names are compared after dropping the model's prefix ("model."); a checkpoint may name a tensor
+    differently from the module tree (transformers renames some on load), so a missing tensor is
+    judged by count: the weights must hold at least as many tensors as the model has parameters."""
+    from safetensors import safe_open
+
+    found: dict[str, list[int]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="np") as st:
+                for k in st.keys():
+                    found[k] = list(st.get_slice(k).get_shape())
+        except Exception as err:  # SafetensorError and friends: a damaged file, not a bug of ours
+            raise ModelError(f"model folder {folder}: {f.name} cannot be read: {str(err)[:200]}",
+                             [Problem("model.name", f"{f.name} is not a complete safetensors file (corrupt or truncated)",
+                                      name, "download or save the weights again (model.save_pretrained)")]) from None
+    if layers.params is None:
+        return
+
+    def plain(key: str) -> str:
+        return key.split(".", 1)[1] if key.split(".", 1)[0] in ("model", "transformer", "gpt_neox", "base_model") and "." in key else key
+
+    expected = {plain(k): v for k, v in layers.params.items()}
+    got = {plain(k): v for k, v in found.items()}
+    common = sorted(expected.keys() & got.keys())
+    wrong = [k for k in common if got[k] != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"model folder {folder}: the weights do not match config.json ({len(wrong)} tensor(s) differ)",
+                         [Problem("model.name", f"tensor {k} is {got[k]} in the weights but {expected[k]} by config.json"
+                                  + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""), name,
+                                  "use the config.json saved together with these weights")])
+    if not common:
+        example = next(iter(sorted(got)), None)
+        raise ModelError(f"model folder {folder}: the weights hold none of the model's {len(expected)} tensors",
+                         [Problem("model.name", f"no tensor of the model in the weights (they hold {len(got)} others"
+                                  + (f", e.g. {example!r}" if example else "") + ")", name,
+                                  "give the folder save_pretrained wrote for this model: training would start from "
+                                  "random weights")])
+    if len(got) < len(expected):
+        missing = sorted(expected.keys() - got.keys())
+        raise ModelError(f"model folder {folder}: the weights hold {len(got)} tensors, the model has {len(expected)}",
+                         [Problem("model.name", f"{len(expected) - len(got)} tensor(s) missing from the weights"
+                                  + (f", e.g. {missing[0]!r}" if missing else ""), name,
+                                  "save the whole model again (save_pretrained); a missing tensor would be random")])
 
 
 def _layers_cache(folder: Path) -> Path:
@@ -258,7 +405,7 @@ def cached_layers(folder: Path) -> ModelLayers | None:
         if "auto_map" in json.loads((folder / "config.json").read_text()):
             return None
         d = json.loads(_layers_cache(folder).read_text())
-        return ModelLayers(d["model_type"], tuple(d["linear"]))
+        return ModelLayers(d["model_type"], tuple(d["linear"]), d.get("widths"), d.get("context"), d.get("params"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -269,7 +416,8 @@ def remember_layers(folder: Path, layers: ModelLayers) -> None:
         path = _layers_cache(folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model_type": layers.model_type, "linear": list(layers.linear)}))
+        tmp.write_text(json.dumps({"model_type": layers.model_type, "linear": list(layers.linear), "widths": layers.widths,
+                                   "context": layers.context, "params": layers.params}))
         os.replace(tmp, path)
     except OSError:
         pass

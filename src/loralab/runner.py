@@ -22,7 +22,7 @@ from typing import Any
 from .errors import Problem, SpecError
 from .faults import fault_point
 from .progress import Reporter
-from .spec import ANALYSIS_ONLY, Experiment, RunSpec, TrainSpec, check_data_paths, config_hash
+from .spec import ANALYSIS_ONLY, Experiment, RunSpec, check_data_paths, config_hash, surprises
 from .store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -82,7 +82,8 @@ def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
 def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter | None = None) -> Prepared:
     """Load and check data, model and LoRA targets. Raises a LoralabError before anything is written."""
     from . import data as data_mod
-    from .models import load_base_model, resolve_target_modules
+    from .models import layers_of, load_base_model, resolve_target_modules
+    from .preflight import check_plan, remember_lengths, shortest_max_seq_len
 
     rep = reporter or Reporter()
     runs = select_runs(exp, only)
@@ -92,6 +93,8 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     dataset = data_mod.load_data(exp.data, exp.base_dir)
     rep.log(f"Data: {_plain(dataset.name)}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
             f"(fingerprint {dataset.fingerprint})")
+    for note in surprises(exp) + data_mod.data_surprises(dataset):
+        rep.log(f"Note: {_plain(note)}.")
     t0 = time.perf_counter()
     base = load_base_model(exp.model, exp.base_dir, exp.device, log=rep.log)
     rep.log(f"Model: {_plain(base.name)} ({base.arch}, {base.info['params'] / 1e6:.1f} M parameters) on {base.device} "
@@ -106,8 +109,13 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     for note in notes:
         rep.log(f"Note: {note}.")
     tok = base.tokenizer
+    layers = layers_of(base.model)
+    check_plan(exp, runs, len(dataset.train), layers)
     if not exp.data.truncate:
-        data_mod.check_lengths(tok, dataset, *_shortest_max_seq_len(exp, runs))
+        lengths = data_mod.example_lengths(tok, dataset)
+        if Path(base.path).is_dir():
+            remember_lengths(Path(base.path), dataset, lengths)  # so `validate` needs no tokenizer next time
+        data_mod.check_lengths(lengths, dataset, *shortest_max_seq_len(exp, runs))
     end_id = data_mod.end_token_id(tok)
     eval_max_len = max(r.train.max_seq_len for r in exp.resolved_runs)
     eval_encoded = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.eval]
@@ -124,18 +132,6 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
         drift_prompts = [data_mod.prompt_ids(tok, g["prompt"], None) for g in general]
     return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len,
                     train_probe, reference_tokens, drift_prompts)
-
-
-def _shortest_max_seq_len(exp: Experiment, runs: list[RunSpec]) -> tuple[int, str]:
-    """The smallest max_seq_len any run (or sweep trial) will train with, and where it is set."""
-    options = [(r.train.max_seq_len, "defaults.train.max_seq_len" if r.name not in exp.runs
-                else f"runs.{r.name}.train.max_seq_len") for r in runs]
-    knob = exp.sweep.space.get("train.max_seq_len") if exp.sweep else None
-    if knob is not None:
-        low = min(v for v in knob.values if isinstance(v, (int, float))) if knob.values else knob.low
-        if low is not None:
-            options.append((int(low), "sweep.space.train.max_seq_len"))
-    return min(options) if options else (TrainSpec().max_seq_len, "train.max_seq_len")
 
 
 def _plain(text: object) -> str:

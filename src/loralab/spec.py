@@ -9,22 +9,44 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, shorten
 
 BUILTIN_MODEL = "builtin:smollm2-135m"
 RESERVED_RUN_NAMES = {"base"}  # the untrained model is stored as run "base"
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # "+": ablation runs such as A+lr
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # "+": ablation runs such as A+lr; used with fullmatch
+RUN_NAME_RULE = ("use 1 to 64 ASCII letters, digits, '_', '-', '.' or '+', starting with a letter or digit; "
+                 "'base' is reserved for the untrained model")
+# The largest whole number a knob may hold: it must fit the store (SQLite INTEGER) and the seeding of
+# numpy (below 2**32) and torch; anything larger is a typo, not a plan.
+MAX_INT = 2**31 - 1
+MAX_SEED = MAX_INT
+MAX_FILE_BYTES = 1_000_000  # an experiment file is a page of settings; a bigger one is not one of ours
+MAX_YAML_NODES = 100_000  # after aliases are expanded: bounds the work on an alias bomb
+
+
+def is_run_name(name: str) -> bool:
+    return RUN_NAME.fullmatch(name) is not None and name not in RESERVED_RUN_NAMES
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` and `.nan` pass `gt=0`-style bounds (NaN compares false both ways).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, v: Any) -> Any:
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_INT:
+                raise ValueError(f"a whole number too large to store or train with; fix: use at most {MAX_INT}")
+        return v
 
 
 class LoraSpec(_Strict):
@@ -42,6 +64,15 @@ class LoraSpec(_Strict):
     @classmethod
     def _one_name_is_a_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if "all-linear" in v and len(v) > 1:
+            others = ", ".join(x for x in v if x != "all-linear")
+            raise ValueError(f"all-linear already means every linear layer, so it cannot be listed with {others}; "
+                             f"fix: write `target_modules: all-linear` alone, or list only layer names ([{others}])")
+        return v
 
     @model_validator(mode="after")
     def _default_alpha(self) -> "LoraSpec":
@@ -66,13 +97,20 @@ class TrainSpec(_Strict):
     ] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(512, ge=8)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainSpec":
         if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("set warmup_steps or warmup_ratio, not both")
+            raise ValueError("set warmup_steps or warmup_ratio, not both; fix: remove one of them")
         return self
+
+    def planned_steps(self, n_examples: int) -> int:
+        """Optimizer steps for the run: max_steps, else epochs over the data."""
+        if self.max_steps:
+            return self.max_steps
+        micro_per_epoch = math.ceil(n_examples / self.batch_size)
+        return max(1, math.ceil(self.epochs * micro_per_epoch / self.gradient_accumulation))
 
 
 class GenerateSpec(_Strict):
@@ -114,7 +152,7 @@ class DataSpec(_Strict):
     train_size: int | None = Field(None, gt=0, description="cap on training examples")
     eval_size: int | None = Field(None, gt=0, description="cap on eval examples")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = Field(0, ge=0, description="seed of the train/eval split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/eval split")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -169,7 +207,8 @@ class EvaluationSpec(_Strict):
     # Loss on training examples too, so overfitting shows as a train/eval gap. None: as many as eval.
     train_loss_examples: int | None = Field(None, ge=0)
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    bootstrap_resamples: int = Field(5000, ge=100)
+    # Read by nothing since intervals are analytic (docs/statistics.md); accepted so older files load.
+    bootstrap_resamples: int = Field(5000, ge=100, le=100_000)
     # The smallest difference worth acting on, per metric (in its own unit; a share such as exact_match
     # as a fraction: 0.02 is 2 points). An interval inside (-floor, +floor) reads "negligible".
     min_effect: dict[str, float] = Field(default_factory=dict)
@@ -216,9 +255,12 @@ class KnobSpec(_Strict):
         def num(x: Any) -> Any:
             if isinstance(x, str):
                 try:
-                    return float(x)
+                    f = float(x)
                 except ValueError:
                     return x
+                if not math.isfinite(f):
+                    raise ValueError(f"{x!r} is not a finite number; fix: use numbers such as 1e-4")
+                return f
             return x
 
         return None if v is None else [num(x) for x in v]
@@ -240,7 +282,7 @@ class KnobSpec(_Strict):
             if self.log and self.low <= 0:
                 raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
             if self.log and self.step is not None:
-                raise ValueError("`log` and `step` cannot be combined")
+                raise ValueError("`log` and `step` cannot be combined; fix: remove one of them")
         return self
 
 
@@ -293,7 +335,7 @@ class SweepSpec(_Strict):
     """An Optuna search over lora/train/generate knobs, starting from `defaults` or from one run."""
 
     strategy: str = Field("tpe", description="grid, random, tpe, or an Optuna sampler class name such as QMCSampler")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     start: str | None = Field(None, alias="from", description="a run of the file to start from; default: defaults")
     space: dict[str, KnobSpec] = Field(..., min_length=1)
     objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()], min_length=1, max_length=3)
@@ -338,7 +380,7 @@ class Experiment(_Strict):
     runs: dict[str, Defaults] = Field(default_factory=dict)
     # Each run is trained once per seed; metrics are then reported as mean and confidence interval.
     repeats: int = Field(1, ge=1, le=100)
-    seeds: list[int] | None = Field(None, min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1, max_length=100)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     cost: CostSpec | None = None
     sweep: SweepSpec | None = None
@@ -412,7 +454,10 @@ _FIXES = {
     "list_type": "write a list, e.g. [a, b]",
     "too_short": "give at least one value",
     "string_type": "write text",
-    "string_pattern_mismatch": "use letters, digits, spaces, '_', '-', '.' or '+', starting with a letter or digit",
+    "string_pattern_mismatch": "use 1 to 128 ASCII letters, digits, spaces, '_', '-', '.' or '+', starting with a letter or digit",
+    "finite_number": "use a finite number (`.inf` and `.nan` cannot be trained with)",
+    "model_type": "write a mapping of settings, e.g. `{{lora: {{r: 8}}}}`, or `{{}}` for the defaults",
+    "too_long": "give at most {max_length}",
 }
 
 
@@ -437,11 +482,19 @@ def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: 
         ctx = dict(e.get("ctx") or {})
         if e["type"] == "extra_forbidden":
             ctx["allowed"] = _allowed_keys(model, loc) or "see the docs"
-        fix = _FIXES.get(e["type"], "").format(**{k: ctx.get(k, "") for k in ("gt", "ge", "lt", "le", "expected", "allowed")}) if e["type"] in _FIXES else ""
+        fix = _FIXES.get(e["type"], "").format(**{k: ctx.get(k, "") for k in ("gt", "ge", "lt", "le", "expected", "allowed",
+                                                                               "max_length")}) if e["type"] in _FIXES else ""
         msg = {"extra_forbidden": "unknown key", "string_pattern_mismatch": "not a plain name (it names the study and the "
-               "runs' group, and may name files: no '/', no leading '.')"}.get(e["type"], e["msg"])
+               "runs' group, and may name files: no '/', no leading '.')",
+               "model_type": "not a mapping of settings"}.get(e["type"], e["msg"])
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if "; fix: " in msg:  # a validator's own fix
+            msg, fix = msg.split("; fix: ", 1)
+        if e["type"] == "model_type" and path.startswith("sweep.space."):
+            fix = "give a list of choices, e.g. [4, 8, 16], or a range such as {low: 1.0e-5, high: 1.0e-3, log: true}"
+        elif e["type"] == "model_type" and _allowed_keys(model, loc + ("",)):
+            fix = f"write a mapping of its settings ({_allowed_keys(model, loc + ('',))})"
         where = path or "(file)"
         if path in lines:
             where = f"{where} (line {lines[path]})"
@@ -517,8 +570,9 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     """Validate a parsed YAML document; raise SpecError listing every problem."""
     where = source or "experiment"
     lines = _line_index(text) if text else {}
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file (or comments only) would silently train every default on the built-in model
+        raise SpecError(f"{where}: the file is empty",
+                        [Problem("(file)", "no settings", None, "add at least `runs: {A: {}}` (see examples/ for a start)", False)])
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: the file must be a mapping of keys (model, data, defaults, runs, …)",
                         [Problem("(file)", "top level is not a mapping", type(raw).__name__, "start with keys such as `model:` and `runs:`")])
@@ -538,9 +592,9 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     seen_default_problems: set[str] = set()
     for name, override in (runs_raw or {}).items():
         name_s = str(name)
-        if not RUN_NAME.match(name_s) or name_s in RESERVED_RUN_NAMES:
-            problems.append(Problem(f"runs.{name_s}", "invalid run name", name_s,
-                                    "use letters, digits, '_', '-', '.' or '+', starting with a letter or digit; 'base' is reserved for the untrained model"))
+        if not is_run_name(name_s):
+            label = name_s if name_s.isprintable() and len(name_s) <= 60 else shorten(name_s, 60)
+            problems.append(Problem(f"runs.{label}", "invalid run name", name_s, RUN_NAME_RULE))
             continue
         override = override if isinstance(override, dict) else {}
         parts: dict[str, Any] = {}
@@ -579,11 +633,72 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     return exp
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a file ("file not found", "a folder, not a file", ...), or None when it can.
+
+    A FIFO or a device is never opened: reading one could block for ever or never end."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a file"
+    return "not a regular file"
+
+
+def _yaml_bomb(root: Any) -> str | None:
+    """Why a composed YAML document is unsafe to build: it contains itself through an alias, or its
+    aliases expand to more than MAX_YAML_NODES nodes. Node by node, each node once: linear in the text."""
+    def children(node: Any) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [x for kv in node.value for x in kv]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # entered, not finished: the path from the root to the current node
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_.discard(key)
+            size[key] = min(1 + sum(size[id(c)] for c in children(node)), MAX_YAML_NODES + 1)
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            return "an alias refers to a structure that contains it (a recursive alias)"
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in size)
+    if size[id(root)] > MAX_YAML_NODES:
+        return f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb)"
+    return None
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read, parse and validate an experiment file."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: no such experiment file", [Problem(str(p), "file not found", str(p), "check the path", False)])
+    why = not_a_file(p)
+    if why is not None:
+        missing = why == "file not found"
+        raise SpecError(f"{p}: " + ("no such experiment file" if missing else f"{why}, not an experiment file"),
+                        [Problem(str(p), why, str(p), "check the path" if missing else "give the path of a YAML experiment file",
+                                 False)])
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise SpecError(f"{p}: too large for an experiment file", [Problem(
+            str(p), f"{p.stat().st_size:,} bytes, more than {MAX_FILE_BYTES:,}", str(p),
+            "keep data in data files (data.path); the experiment file holds settings", False)])
     data = p.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -593,14 +708,50 @@ def load_experiment(path: str | Path) -> Experiment:
         raise SpecError(f"{where}: not UTF-8 text", [Problem(where, "not UTF-8 text", data[err.start:err.start + 8],
                                                             "save the file as UTF-8")]) from None
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        bomb = _yaml_bomb(root) if root is not None else None
+        if bomb:
+            raise SpecError(f"{p}: refusing to read the file: {bomb}",
+                            [Problem(str(p), bomb, None, "write the values out, without aliases (&name / *name)", False)])
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{p}: nested too deeply to read",
+                        [Problem(str(p), "lists or mappings nested hundreds of levels deep", None,
+                                 "an experiment file nests a few levels: check the brackets", False)]) from None
+    except ValueError as err:  # PyYAML's int() of a number with thousands of digits
+        raise SpecError(f"{p}: a value cannot be read: {str(err).split(';')[0]}",
+                        [Problem(str(p), "a number far too long to be a setting", None,
+                                 "check the file for a pasted blob of digits", False)]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"{p}:{mark.line + 1}" if mark else str(p)
         raise SpecError(f"{line}: not valid YAML: {getattr(err, 'problem', err)}",
                         [Problem(line, "YAML syntax error", None, "check indentation and colons near that line", False)]) from None
-    exp = parse_experiment(raw, str(p), text)
-    return exp
+    try:
+        return parse_experiment(raw, str(p), text)
+    except RecursionError:
+        raise SpecError(f"{p}: nested too deeply to read",
+                        [Problem(str(p), "lists or mappings nested too deep", None,
+                                 "an experiment file nests a few levels: check the brackets", False)]) from None
+
+
+def surprises(exp: Experiment) -> list[str]:
+    """Settings that are valid but probably not what was meant: each worth one line, not an error."""
+    out = []
+    first: dict[str, str] = {}
+    for run in exp.resolved_runs:
+        same = config_hash([run.lora.model_dump(), run.train.model_dump(), run.generate.model_dump()])
+        if same in first:
+            out.append(f"runs {first[same]} and {run.name} have the same settings: {run.name} is {first[same]} again "
+                       "(stored once, reported twice)")
+        first.setdefault(same, run.name)
+        if {"epochs", "max_steps"} <= run.train.model_fields_set:
+            out.append(f"run {run.name}: train.epochs ({run.train.epochs:g}) and train.max_steps ({run.train.max_steps}) "
+                       "are both set; max_steps decides, epochs is ignored")
+    if "eval_fraction" in exp.data.model_fields_set and (exp.data.eval_path or exp.data.eval_split):
+        out.append(f"data.eval_fraction ({exp.data.eval_fraction:g}) is ignored: the eval set is "
+                   + ("data.eval_path" if exp.data.eval_path else "data.eval_split"))
+    return out
 
 
 def check_data_paths(exp: Experiment) -> list[Problem]:
@@ -608,8 +759,9 @@ def check_data_paths(exp: Experiment) -> list[Problem]:
     problems = []
     for key in ("path", "eval_path"):
         v = getattr(exp.data, key)
-        if v and not exp.resolve_path(v).is_file():
-            problems.append(Problem(f"data.{key}", "file not found", v,
+        why = not_a_file(exp.resolve_path(v)) if v else None
+        if why is not None:
+            problems.append(Problem(f"data.{key}", why, v,
                                     f"give a JSONL or CSV file; relative paths are read from {exp.base_dir}"))
     return problems
 

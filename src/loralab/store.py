@@ -7,11 +7,13 @@ folder is complete on disk, so a crash or Ctrl-C never leaves a finished run wit
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, Text, create_engine, event, select
+import json
+
+from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -38,6 +40,53 @@ class _Base(DeclarativeBase):
     pass
 
 
+class Damaged:
+    """A column value that cannot be read back (not JSON): kept as its raw text, so one bad row is
+    reported by `loralab doctor` instead of crashing every command that lists runs."""
+
+    def __init__(self, raw: object):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Damaged({str(self.raw)[:40]!r})"
+
+
+class JSON(TypeDecorator):
+    """JSON in a text column, as SQLAlchemy's JSON stores it on SQLite, read leniently (see Damaged)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(value)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            return Damaged(value)
+
+
+class When(TypeDecorator):
+    """A UTC time in a text column, in SQLAlchemy's own SQLite format, read leniently (see Damaged)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, dt.datetime) else value
+
+    def process_result_value(self, value, dialect):
+        if value is None or isinstance(value, dt.datetime):
+            return value
+        try:
+            return dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return Damaged(value)
+
+
 class RunRow(_Base):
     __tablename__ = "runs"
 
@@ -57,8 +106,8 @@ class RunRow(_Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(When, default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
 
 
 class AliasRow(_Base):
@@ -70,7 +119,7 @@ class AliasRow(_Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     seed: Mapped[int] = mapped_column(primary_key=True, default=-1)  # -1: base (no seed)
     run_id: Mapped[str] = mapped_column(String(32), index=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
 
 
 @dataclass
@@ -96,15 +145,37 @@ class RunRecord:
     created_at: str
     updated_at: str
 
+    damaged: list[str] = field(default_factory=list)  # what of its row cannot be read (see `loralab doctor`)
+
     @classmethod
     def from_row(cls, row: RunRow, name: str | None = None) -> "RunRecord":
-        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind, status=row.status,
-                   seed=row.seed,
-                   config=row.config or {}, model=row.model or {}, data=row.data or {}, metrics=row.metrics or {},
-                   curves=row.curves or {}, samples=row.samples or [], env=row.env or {}, timings=row.timings or {},
-                   adapter_path=row.adapter_path, error=row.error,
-                   created_at=row.created_at.isoformat(timespec="seconds") if row.created_at else "",
-                   updated_at=row.updated_at.isoformat(timespec="seconds") if row.updated_at else "")
+        damaged = []
+
+        def read(col: str, empty: Any) -> Any:
+            v = getattr(row, col)
+            ok = isinstance(v, type(empty))
+            if v is not None and not ok:
+                damaged.append(f"{col} is not " + ("readable JSON" if isinstance(v, Damaged) else f"a JSON {type(empty).__name__}"))
+            return v if ok else empty
+
+        fields = {c: read(c, {}) for c in ("config", "model", "data", "metrics", "curves", "env", "timings")}
+        fields["samples"] = read("samples", [])
+        seed = row.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            damaged.append(f"seed {str(seed)[:40]!r} is not a whole number")
+            seed = None
+        when = {}
+        for col in ("created_at", "updated_at"):
+            v = getattr(row, col)
+            if isinstance(v, Damaged):
+                damaged.append(f"{col} {str(v.raw)[:40]!r} is not a time")
+            when[col] = v.isoformat(timespec="seconds") if isinstance(v, dt.datetime) else ""
+        status = row.status
+        if status not in STATUSES:
+            damaged.append(f"status {str(status)[:40]!r} is not one of {', '.join(STATUSES)}")
+        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind,
+                   status="damaged" if damaged else status, seed=seed, **fields,
+                   adapter_path=row.adapter_path, error=row.error, **when, damaged=damaged)
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "seed": self.seed, "experiment": self.experiment,
@@ -117,6 +188,10 @@ class Store:
     def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root)
         db = self.root / DB_NAME
+        if not create and self.root.exists() and not self.root.is_dir():
+            raise RunNotFound(f"workspace {self.root} is a file, not a folder",
+                              [Problem("workspace", "a file, not a folder", str(self.root),
+                                       "pass --workspace the folder loralab created (it holds loralab.db)")])
         if not create and not db.is_file():
             raise RunNotFound(f"no loralab workspace at {self.root}",
                               [Problem("workspace", "no loralab.db in this folder", str(self.root),
@@ -224,6 +299,12 @@ class Store:
             if a is not None:
                 s.delete(a)
 
+    def drop_aliases(self, experiment: str, name: str) -> None:
+        """Every seed of a name."""
+        with Session(self.engine) as s, s.begin():
+            for a in s.scalars(select(AliasRow).where(AliasRow.experiment == experiment, AliasRow.name == name)):
+                s.delete(a)
+
     def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             self._alias(s, experiment, name, run_id, seed)
@@ -274,6 +355,17 @@ class Store:
         """One run: the first seed of `group(ref)`."""
         return self.group(ref, experiment)[0]
 
+    def readable_group(self, ref: str) -> list[RunRecord]:
+        """`group(ref)`, refusing a run whose row is damaged (what show and compare need to read)."""
+        group = self.group(ref)
+        bad = next((r for r in group if r.damaged), None)
+        if bad is not None:
+            raise WorkspaceError(f"run {ref!r} ({bad.id}) in workspace {self.root} cannot be read: {bad.damaged[0]}",
+                                 [Problem("run", "its database row is damaged", ref,
+                                          "`loralab doctor` reports it; run its experiment again, which trains "
+                                          "and stores it anew")])
+        return group
+
     def group(self, ref: str, experiment: str | None = None) -> list[RunRecord]:
         """A run by name with all its seeds (from the newest experiment using the name), by
         `experiment/name`, or one run by id prefix."""
@@ -281,6 +373,11 @@ class Store:
             experiment, ref = ref.rsplit("/", 1)
         runs = self.list(experiment)
         by_name = [r for r in runs if r.name == ref]
+        if not by_name and experiment is not None and not runs:  # `exp/name` of an experiment the workspace lacks
+            known = sorted({r.experiment for r in self.list()})
+            raise RunNotFound(f"no experiment {experiment!r} in workspace {self.root}",
+                              [Problem("run", "unknown experiment", f"{experiment}/{ref}",
+                                       f"use one of: {', '.join(known)}" if known else "run an experiment first")])
         if by_name:
             done = [r for r in by_name if r.status in DONE] or by_name
             exp = done[0].experiment  # newest first
@@ -288,7 +385,7 @@ class Store:
         by_id = {r.id: r for r in runs if r.id.startswith(ref)}
         if len(by_id) == 1:
             return [next(iter(by_id.values()))]
-        names = sorted({f"{r.name}" for r in runs})
+        names = sorted({f"{r.name}" for r in runs}) or sorted({r.name for r in self.list()})
         raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
                           [Problem("run", "unknown run name or id", ref,
                                    f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])

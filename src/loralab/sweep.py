@@ -47,6 +47,7 @@ STRATEGIES = {"grid": "GridSampler", "random": "RandomSampler", "tpe": "TPESampl
               "qmc": "QMCSampler", "gp": "GPSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler",
               "bruteforce": "BruteForceSampler"}
 _NOT_STANDALONE = {"BaseSampler", "BaseGASampler", "PartialFixedSampler"}  # need another sampler or are abstract
+MAX_GRID_POINTS = 100_000  # a grid beyond this would never finish, and Optuna builds its list of points first
 MAX_CHECKED_POINTS = 5000  # trial configs validated when the file is loaded (a grid beyond this is checked at its corners)
 
 
@@ -261,6 +262,9 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
             elif Dimension(path, knob).is_int and not (float(knob.low).is_integer() and float(knob.high).is_integer()):
                 problem(where, "an int range needs whole numbers", [knob.low, knob.high],
                         "use whole low/high, or `type: float`")
+            elif Dimension(path, knob).is_int and knob.step is not None and not float(knob.step).is_integer():
+                problem(f"{where}.step", "a whole-number knob needs a whole step", knob.step,
+                        f"use a step of 1 or more whole numbers (the knob takes whole values from {knob.low:g} to {knob.high:g})")
         if knob.ratio_of:
             target = sw.space.get(knob.ratio_of)
             if target is None or target.ratio_of:
@@ -277,6 +281,27 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
     if not grid and b.trials is None and b.minutes is None and b.money is None:
         problem("sweep.budget", f"strategy {sw.strategy} has no end", None,
                 "give budget.trials, budget.minutes or budget.money (only a grid ends by itself)", False)
+    if sw.storage is not None:
+        why, fix = storage_problem(sw.storage)
+        if why:
+            problem("sweep.storage", why, sw.storage, fix)
+    caps = {c for r in resolved for c in r.generate.max_new_tokens}
+    try:
+        caps |= set(make_run(start, {}, "start").generate.max_new_tokens) if start is not None else set()
+    except ValidationError:  # reported under defaults/runs
+        pass
+    cap_knob = sw.space.get("generate.max_new_tokens")
+    if cap_knob is not None and cap_knob.values:
+        caps |= {int(c) for c in cap_knob.values if isinstance(c, (int, float)) and not isinstance(c, bool)}
+    evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
+    known = recordable_metrics(sorted(caps), drift=evaluation.get("drift", True) is not False,
+                               cost=isinstance(raw.get("cost"), dict))
+    for i, o in enumerate(sw.objective):
+        if o.metric not in known:
+            near = sorted(k for k in known if "@" not in k)
+            problem(f"sweep.objective.{i}.metric" if len(sw.objective) > 1 else "sweep.objective",
+                    "no trial records this metric", o.metric,
+                    f"use one of: {', '.join(near)} (per-cap ones also as NAME@CAP, caps {sorted(caps) or [64]})")
     if len(sw.objective) > 1 and sw.pruner is not None and sw.pruner.name != "none":
         problem("sweep.pruner", "Optuna prunes only single-objective studies", sw.pruner.name,
                 "use `pruner: {name: none}` or one objective")
@@ -288,6 +313,10 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
         return out
     space = Space(sw)
     n_grid = math.prod(len(d.knob.values) for d in space.dims) if grid else 0
+    if n_grid > MAX_GRID_POINTS:  # Optuna's grid lists every point up front: memory and time before trial 0
+        problem("sweep.space", f"a grid of {n_grid:,} points", n_grid,
+                f"keep a grid under {MAX_GRID_POINTS:,} points, or use strategy tpe or random with budget.trials")
+        return out
     points = space.expand() if grid and n_grid <= MAX_CHECKED_POINTS else space.corners()
     seen: set[str] = set()
     for pt in points:
@@ -306,6 +335,40 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
                 problem(where, f"a trial would be invalid: {msg}", shown,
                         "narrow the space (or change the start settings) so every trial is a valid run")
     return out[:10]
+
+
+def storage_problem(url: str) -> tuple[str | None, str]:
+    """Why a `sweep.storage` URL cannot hold a study (unknown scheme, missing driver, missing folder), and the fix."""
+    from sqlalchemy.engine import make_url
+
+    fix = ("use sqlite:///PATH/optuna.db, or a server such as postgresql://user@host/db; "
+           "or leave sweep.storage out (optuna.db in the workspace)")
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except Exception as err:  # ArgumentError, NoSuchModuleError: not a URL SQLAlchemy knows
+        return f"not a database URL ({type(err).__name__}: {str(err).splitlines()[0][:120]})", fix
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        return f"the database driver is not installed ({err.name or err})", f"pip install {err.name or 'the driver'}, or {fix}"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            return f"folder {folder} does not exist", f"create it first, or {fix}"
+    return None, fix
+
+
+def recordable_metrics(caps: list[int], drift: bool, cost: bool) -> set[str]:
+    """Every metric key a finished trial stores, per-cap ones with and without their @cap."""
+    from .metrics import summarize_examples
+
+    per_cap = set(summarize_examples([])) - {"n"}
+    out = set(LOSS_SIDE_METRICS) - ({"cost"} if not cost else set())
+    out |= per_cap | {f"{k}@{c}" for k in per_cap for c in caps}
+    if drift:
+        out |= {"drift_kl", "drift_agreement"}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +673,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     sw = exp.sweep
     study = optuna.create_study(storage=url, sampler=_make_sampler(sw, space), pruner=_make_pruner(sw.resolved_pruner),
                                 study_name=exp.name, directions=sw.directions, load_if_exists=True)
+    done = len(study.get_trials(deepcopy=False))
+    if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
+        study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
     had = study.user_attrs.get("loralab_sweep")
     if had is None:
         study.set_user_attr("loralab_sweep", fingerprint)
@@ -621,14 +687,16 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     return study
 
 
-def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None) -> list[int]:
+def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None,
+                        forget: Callable[[int], None] | None = None) -> list[int]:
     """Trials left RUNNING by a process that died: mark them FAIL (status interrupted, not counted)
     and enqueue their parameters, once, so the same configuration runs next. `alive(trial)` tells a
     trial another sweep process is still running (left alone) from a dead one; None: all are dead.
 
     A process killed between `ask` and the last `suggest` leaves some parameters unset: a grid trial
     still knows its grid point (the grid counts it as visited, so it must be re-enqueued); any other
-    strategy just samples a new point."""
+    strategy just samples a new point. `forget(number)` drops the trial's run names, so a FAIL trial
+    never names a run its retry finishes."""
     from optuna.trial import TrialState
 
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
@@ -651,10 +719,31 @@ def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any
             set_attr("knobs", space.knobs(params))
         set_attr("status", "interrupted")
         study.tell(t.number, state=TrialState.FAIL)
+        if forget is not None:
+            forget(t.number)
         out.append(t.number)
     if out:
         rep.log(f"Resuming: trial(s) {', '.join(map(str, out))} were interrupted; their configurations run again.")
     return out
+
+
+# A sampler proposing only configurations already trained this many times in a row has run out of
+# new ones (a small discrete space): the sweep stops instead of asking for ever.
+MAX_REPEATED_PROPOSALS = 50
+
+
+def duplicate_of(trials: list, knobs: dict[str, Any], alive: Callable[[Any], bool]) -> int | None:
+    """The number of a trial that already has these knob values (finished, pruned, failed on its
+    own, or running in a live process), or None. Every trial the budget counts is a new configuration:
+    a resumed TPE sampler re-proposes its first points, and two processes may propose the same one."""
+    from optuna.trial import TrialState
+
+    for t in trials:
+        if t.user_attrs.get("knobs") != knobs or t.user_attrs.get("status") == "duplicate":
+            continue
+        if _counts(t) or (t.state == TrialState.RUNNING and alive(t)):
+            return t.number
+    return None
 
 
 def _fmt(knobs: dict[str, Any]) -> str:
@@ -710,14 +799,18 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     def alive(t) -> bool:
         return process_alive(t.user_attrs.get("owner"))
 
+    def forget(number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
+        store.drop_aliases(exp.name, f"trial-{number:04d}")
+
     def study_lock():  # creating the study, recovering and asking: one process of this workspace at a time
         return file_lock(ws / LOCKS / f"study-{config_hash([url, exp.name])}.lock")
 
     waited = False
+    repeats = 0  # proposals in a row that repeated a configuration already trained
     try:
         with study_lock():
             study = open_study(exp, url, space, fingerprint)
-            recover_interrupted(study, space, rep, alive)
+            recover_interrupted(study, space, rep, alive, forget)
         per_hour = exp.cost.per_hour if exp.cost else None
         sign = {"minimize": 1.0, "maximize": -1.0}[sw.directions[0]]  # pruners read the loss in the objective's sense
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
@@ -736,6 +829,19 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                     params = {d.param: d.suggest(trial) for d in space.dims}
                     knobs = space.knobs(params)
                     trial.set_user_attr("knobs", knobs)
+                    twin = duplicate_of(trials, knobs, alive)
+                    if twin is not None:  # a configuration trained (or training) already: not a new trial
+                        trial.set_user_attr("status", "duplicate")
+                        trial.set_user_attr("duplicate_of", twin)
+                        study.tell(trial, state=TrialState.FAIL)
+                        repeats += 1
+                        if repeats >= MAX_REPEATED_PROPOSALS:
+                            reason = (f"the search space looks exhausted: the last {repeats} proposals were all "
+                                      "configurations already trained")
+                        else:
+                            continue
+                    else:
+                        repeats = 0
             if reason:
                 result.stopped = reason
                 break
@@ -745,7 +851,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                     waited = True
                 time.sleep(1.0)
                 with study_lock():
-                    recover_interrupted(study, space, rep, alive)  # in case that process died meanwhile
+                    recover_interrupted(study, space, rep, alive, forget)  # in case that process died meanwhile
                 continue
             name = f"trial-{trial.number:04d}"
 
@@ -761,6 +867,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                 study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 trial.set_user_attr("status", "interrupted")
                 study.tell(trial, state=TrialState.FAIL)
+                forget(trial.number)
                 raise
             except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
                 trial.set_user_attr("status", "interrupted")
@@ -822,7 +929,7 @@ def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -
 def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: float | None, exp: Experiment,
             rep: Reporter) -> None:
     """Fill the result from the whole study and print the best configuration(s) and the compute."""
-    frozen = study.get_trials(deepcopy=False)
+    frozen = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") != "duplicate"]
     result.trials = [TrialSummary.from_frozen(t, space) for t in frozen]
     counted = [TrialSummary.from_frozen(t, space) for t in frozen if _counts(t)]
     result.spent_s = sum(t.spent_s for t in counted)

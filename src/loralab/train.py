@@ -7,7 +7,6 @@ host overhead between steps.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -216,10 +215,7 @@ def _check_packing(model) -> bool:
 
 def plan_steps(n_examples: int, spec: TrainSpec) -> int:
     """Optimizer steps for the run: max_steps, else epochs over the data."""
-    if spec.max_steps:
-        return spec.max_steps
-    micro_per_epoch = math.ceil(n_examples / spec.batch_size)
-    return max(1, math.ceil(spec.epochs * micro_per_epoch / spec.gradient_accumulation))
+    return spec.planned_steps(n_examples)
 
 
 def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
