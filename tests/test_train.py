@@ -180,3 +180,28 @@ def test_batcher_packs_only_when_it_costs_less_than_padding(tiny_llama):
     assert batcher.packs([28, 30])  # 58 x 1000 + 58^2 < 2 x 30 x 1000 + 2 x 30^2
     batcher.per_pair = 1000  # attention dominates: one big block loses to padding
     assert not batcher.packs([28, 30])
+
+
+class Recorder:
+    """A step hook that writes down what it saw and stops at `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.stop_at, self.seen = stop_at, []
+
+    def after_step(self, step):
+        self.seen.append((step.step, step.total, step.loss, step.lr, step.model.training))
+        return f"enough at {step.step}" if step.step == self.stop_at else None
+
+
+def test_step_hooks_see_every_step_in_order_and_the_first_stop_wins(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    first, second = Recorder(stop_at=3), Recorder()
+    res = train_lora(fresh(tiny_llama), encoded(tok), TrainSpec(learning_rate=1e-3, batch_size=2, max_steps=8),
+                     pad_id=tok.pad_token_id, hooks=[first, second])
+    assert [s[0] for s in first.seen] == [1, 2, 3] and all(s[1] == 8 and s[4] for s in first.seen)
+    assert [s[0] for s in second.seen] == [1, 2]  # not asked once an earlier hook stopped the run
+    assert res.steps == 3 and res.stopped_by is first and res.stop_reason == "enough at 3"
+    assert [s[2] for s in first.seen] == res.curve["loss"]  # the losses the curve records
+    whole = train_lora(fresh(tiny_llama), encoded(tok), TrainSpec(learning_rate=1e-3, batch_size=2, max_steps=4),
+                       pad_id=tok.pad_token_id, hooks=[Recorder()])
+    assert whole.steps == 4 and whole.stopped_by is None and whole.stop_reason is None

@@ -38,6 +38,13 @@ def fault_point(name: str) -> None:
             _trigger(name, one.strip())
 
 
+class StepFault:
+    """The `train.step` point as a training step hook (train.StepHook): after every optimizer step."""
+
+    def after_step(self, step) -> None:
+        fault_point("train.step")
+
+
 def reset() -> None:
     """Forget the visits counted so far (tests that inject faults in-process start from zero)."""
     _hits.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, SpecError
-from .faults import fault_point
+from .faults import StepFault, fault_point
 from .progress import Reporter
 from .spec import ANALYSIS_ONLY, Experiment, RunSpec, check_data_paths, config_hash, surprises
 from .store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
@@ -315,13 +315,14 @@ def reusable(done: RunRecord) -> bool:
 
 
 def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
-              reporter: Reporter | None = None, should_stop=None, force: bool = False,
+              reporter: Reporter | None = None, pruning=None, force: bool = False,
               env: dict | None = None, full_eval: bool = True, probe: bool = True) -> tuple[str, bool]:
     """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
 
     Returns (status, reused). A plain function of the prepared model, the run and the store, so a
     sweep trial, or a worker in another process with its own `prepare`, runs exactly this code.
-    `should_stop(model, step)` is handed to train.train_lora (a pruner); stopping stores `pruned`.
+    `pruning` (a sweep.PruningHook) is one of the training's step hooks; when it stops training the run
+    is stored `pruned`, with the loss the pruner judged.
     """
     from . import environment
 
@@ -337,7 +338,7 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
         model_info, data_info = _describe(p)
         env = env or environment.record(str(p.base.device))
         status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
-                            model_info, data_info, env, run.generate.batch_size, should_stop=should_stop,
+                            model_info, data_info, env, run.generate.batch_size, pruning=pruning,
                             full_eval=full_eval, probe=probe)
     fault_point("run.stored")
     return status, False
@@ -357,7 +358,7 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
 
 def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
                experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
-               should_stop=None, full_eval: bool = True, probe: bool = True) -> str:
+               pruning=None, full_eval: bool = True, probe: bool = True) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -384,8 +385,9 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
             peft_model = get_peft_model(p.base.model, lcfg)
         steps = plan_steps(len(train_enc), run.train)
         with rep.task(f"train {label}", total=steps, unit="steps") as update:
-            res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, monitor=DivergenceMonitor(),
-                             on_step=lambda step, total, loss: _stepped(reached, step, update, loss), should_stop=should_stop)
+            monitor = DivergenceMonitor()
+            hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
+            res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks)
         reached["trained"] = True
         train_metrics = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
                          "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
@@ -393,21 +395,21 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                          "total_params": res.total_params, "steps": res.steps, "planned_steps": steps,
                          "padding_share": round(res.padding_share, 4)}
         train_metrics.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
-        if res.diverged:
-            d = res.diverged
+        if res.stopped_by is monitor:
             blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
-            metrics = {**train_metrics, "diverged_step": d["step"], "last_good_loss": d["last_good_loss"],
-                       "eval_s": 0.0, "saved_steps": steps - d["step"]}
+            metrics = {**train_metrics, "diverged_step": res.steps, "last_good_loss": monitor.last_good_loss,
+                       "eval_s": 0.0, "saved_steps": steps - res.steps}
             _add_cost(metrics, p)
-            text = (f"diverged: {d['reason']}; last good loss {d['last_good_loss']} at step {d['last_good_step']}. "
-                    f"Most likely: {' '.join(blame)}")
+            text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
+                    f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
             store.finish(rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
             rep.log(f"[yellow]{label}: {text}[/yellow]")
             return "diverged"
-        if res.stopped:  # pruned: keep the loss its pruner judged, skip generation, count what was saved
+        if res.stopped_by is not None and res.stopped_by is pruning:
+            # pruned: keep the loss its pruner judged, skip generation, count what was saved
             t0 = time.perf_counter()
-            seen = getattr(should_stop, "loss_at", lambda step: None)(res.steps)  # (loss, examples, whole set?)
+            seen = pruning.loss_at(res.steps)  # (loss, examples, whole set?)
             if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
                 losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
                 said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
@@ -480,11 +482,15 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                         pass
 
 
-def _stepped(reached: dict, step: int, update, loss: float) -> None:
-    """train_lora's per-step callback: the progress bar, the step an error would strike after, a fault point."""
-    reached["step"] = step
-    update(loss=loss)
-    fault_point("train.step")
+class _Progress:
+    """A training step hook: the progress bar, and the step an error would strike after."""
+
+    def __init__(self, reached: dict, update):
+        self.reached, self.update = reached, update
+
+    def after_step(self, step) -> None:
+        self.reached["step"] = step.step
+        self.update(loss=step.loss)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -146,6 +146,10 @@ class DivergenceMonitor:
         self._recent: deque[float] = deque(maxlen=window)
         self._updates = 0
 
+    def after_step(self, step) -> str | None:
+        """The step hook (train.StepHook): the reason the run diverged, or None."""
+        return self.update(step.step, step.loss)
+
     def update(self, step: int, loss: float) -> str | None:
         """Feed one optimizer step's loss; the reason the run diverged, or None to go on."""
         if self.reason is not None:

@@ -443,8 +443,8 @@ def decision_steps(pruner: PrunerSpec, planned: int) -> list[int]:
 
 
 class PruningHook:
-    """train_lora's `should_stop`: at each decision step the held-out loss goes to `report(loss, step)`,
-    which answers whether to stop (Optuna: trial.report then trial.should_prune).
+    """A training step hook (train.StepHook): at each decision step the held-out loss goes to
+    `report(loss, step)`, which answers whether to stop (Optuna: trial.report then trial.should_prune).
 
     It remembers what it measured, so a pruned run stores the loss it was judged on instead of
     paying for another evaluation."""
@@ -456,13 +456,14 @@ class PruningHook:
         self.steps = set(decision_steps(pruner, planned))
         self.measured: dict[int, float] = {}
 
-    def __call__(self, model, step: int) -> bool:
+    def after_step(self, step) -> str | None:
         from .train import eval_loss
 
-        if step not in self.steps:
-            return False
-        self.measured[step] = eval_loss(model, self.examples, pad_id=self.p.base.tokenizer.pad_token_id)
-        return self.report(self.measured[step], step)
+        if step.step not in self.steps or step.step >= step.total:  # the last step is judged by the objective
+            return None
+        loss = eval_loss(step.model, self.examples, pad_id=self.p.base.tokenizer.pad_token_id)
+        self.measured[step.step] = loss
+        return f"pruned at step {step.step}" if self.report(loss, step.step) else None
 
     def loss_at(self, step: int) -> tuple[float, int, bool] | None:
         """(loss, eval examples it covers, whether that is the whole eval set) measured at `step`."""
@@ -498,7 +499,7 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str,
         hook = (PruningHook(p, pruner, report, plan_steps(len(p.dataset.train), rs.train))
                 if report is not None and i == 0 and pruner.name != "none" else None)
         label = name if len(seeds) == 1 else f"{name} (seed {seed})"
-        status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, should_stop=hook,
+        status, was_reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, pruning=hook,
                                        full_eval=full, probe=probe)
         rid = run_id(p, rs, full, probe)
         ids.append(rid)

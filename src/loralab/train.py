@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -32,8 +32,28 @@ class TrainResult:
     trainable_params: int
     total_params: int
     padding_share: float  # padding tokens / all tokens in the batches
-    diverged: dict | None = None  # reason, step, last_good_loss, last_good_step
-    stopped: bool = False  # `should_stop` ended training before the planned steps (a pruned sweep trial)
+    stopped_by: "StepHook | None" = None  # the hook that ended training before the planned steps
+    stop_reason: str | None = None  # what it said
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step hook sees: one optimizer step, just applied."""
+
+    step: int  # 1-based
+    total: int  # planned steps
+    loss: float  # mean loss per target token over the step's micro-batches
+    grad_norm: float
+    lr: float
+    model: Any  # the model being trained (a hook may evaluate it; it must leave model.training as it was)
+
+
+class StepHook(Protocol):
+    """Watches training one optimizer step at a time: progress, divergence, pruning, fault points and
+    trackers are all step hooks. Implement `after_step`: return a short reason to stop training now
+    (the run is then diverged, pruned, ... as the hook's owner decides), or None to go on."""
+
+    def after_step(self, step: Step) -> str | None: ...
 
 
 class PeakMemory:
@@ -228,14 +248,12 @@ def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
 
 
 def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
-               on_step: Callable[[int, int, float], None] | None = None, monitor=None,
-               should_stop: Callable[[object, int], bool] | None = None) -> TrainResult:
+               hooks: Sequence[StepHook] = ()) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place.
 
-    `monitor` (a stability.DivergenceMonitor) sees every step's loss and can stop the run early.
-    `should_stop(model, step)`, asked after each update but the last, lets a sweep's pruner end a
-    trial that is clearly worse than others (it may measure the eval loss; model.training is kept).
-    """
+    After every optimizer step each hook sees the step (in order); the first that names a reason to
+    stop ends training there (a diverged loss, a pruned sweep trial): TrainResult says which and why.
+    A stopped run's adapter is never stored, so an update made from a non-finite loss does no harm."""
     from transformers import get_scheduler
 
     if not examples:
@@ -254,8 +272,7 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     to_batch = Batcher(model, pad_id, device)
     curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
     seen = padded = 0
-    diverged = None
-    stopped = False
+    stopped_by, stop_reason = None, None
     model.train()
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -277,23 +294,21 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             loss = step_loss / max(n_target, 1)
             for k, v in zip(curve, (step, loss, grad_norm, lr, seen, time.perf_counter() - t0)):
                 curve[k].append(v)
-            reason = monitor.update(step, loss) if monitor is not None else None
-            if reason:  # stop before a bad update reaches the weights; the rest of the experiment goes on
-                diverged = {"reason": reason, "step": step, "last_good_loss": monitor.last_good_loss,
-                            "last_good_step": monitor.last_good_step}
-                opt.zero_grad(set_to_none=True)
-                break
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            if on_step:
-                on_step(step, steps, loss)
-            if should_stop is not None and step < steps and should_stop(model, step):
-                stopped = True
+            done = Step(step, steps, loss, grad_norm, lr, model)
+            for hook in hooks:
+                stop_reason = hook.after_step(done)
+                if stop_reason:
+                    stopped_by = hook
+                    break
+            if stopped_by is not None:
                 break
     wall = time.perf_counter() - t0
     model.eval()
-    return TrainResult(steps=len(curve["step"]), curve=curve, diverged=diverged, stopped=stopped, tokens=seen, wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
+    return TrainResult(steps=len(curve["step"]), curve=curve, stopped_by=stopped_by, stop_reason=stop_reason, tokens=seen,
+                       wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
                        peak_mem_mb=mem.mb, trainable_params=trainable, total_params=total,
                        padding_share=padded / (seen + padded) if seen + padded else 0.0)
 
