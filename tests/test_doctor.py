@@ -15,7 +15,7 @@ from loralab.cli import app
 from loralab.doctor import check_workspace
 from loralab.locks import process_identity
 from loralab.runner import run_experiment
-from loralab.spec import load_experiment
+from loralab.loading import load_experiment
 from loralab.store import Store
 
 EXP = """name: doc

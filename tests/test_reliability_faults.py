@@ -29,7 +29,7 @@ from loralab import faults
 from loralab.cli import app
 from loralab.doctor import adapter_complete, check_workspace
 from loralab.runner import run_experiment
-from loralab.spec import load_experiment
+from loralab.loading import load_experiment
 from loralab.store import Store
 from loralab.sweep import run_sweep
 

@@ -104,7 +104,7 @@ def _complete(ws):
 
 def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_already_has(tiny_neox, tmp_path):
     from loralab.doctor import check_workspace
-    from loralab.spec import load_experiment
+    from loralab.loading import load_experiment
     from loralab.store import Store
     from loralab.sweep import run_sweep
 
@@ -127,7 +127,7 @@ def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_alread
 
 
 def test_a_sweep_asked_for_more_trials_than_its_space_holds_stops_when_the_space_is_exhausted(tiny_neox, tmp_path):
-    from loralab.spec import load_experiment
+    from loralab.loading import load_experiment
     from loralab.sweep import run_sweep
 
     body = TPE.replace("BUDGET", "5").replace("{lora.r: [2, 4, 8], train.learning_rate: [1.0e-3, 1.0e-2]}", "{lora.r: [2, 4]}")

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from loralab.errors import SpecError
-from loralab.spec import GenerateSpec, LoraSpec, load_experiment, parse_experiment
+from loralab.loading import load_experiment, parse_experiment
+from loralab.spec import GenerateSpec, LoraSpec
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 from loralab.cli import app
 from loralab.errors import SpecError
 from loralab.runner import prepare
-from loralab.spec import load_experiment, parse_experiment
+from loralab.loading import load_experiment, parse_experiment
 from loralab.store import Store
-from loralab.sweep import Space, make_run, run_sweep, run_trial
+from loralab.search_space import Space, make_run
+from loralab.sweep import run_sweep, run_trial
 
 BASE = """
 evaluation: {drift: false}
@@ -231,7 +232,7 @@ def test_median_pruner_stops_a_far_too_low_learning_rate_early(tiny_neox, tmp_pa
 ])
 def test_the_held_out_loss_is_measured_only_where_the_pruner_decides(pruner, planned, steps):
     from loralab.spec import PrunerSpec
-    from loralab.sweep import decision_steps
+    from loralab.pruning import decision_steps
 
     assert decision_steps(PrunerSpec(**pruner), planned) == steps
 
@@ -481,7 +482,7 @@ def test_unmeasured_throughput_is_estimated_from_this_machines_matmul_rate(tmp_p
     ("objective: {metric: eval_loss}\nevaluate: full", True),
 ])
 def test_trials_generate_only_when_the_objective_needs_it(sweep, full):
-    from loralab.sweep import needs_full_eval
+    from loralab.search_space import needs_full_eval
 
     exp = parse(f"sweep:\n  space: {{lora.r: [4]}}\n  budget: {{trials: 1}}\n" + "".join(f"  {x}\n" for x in sweep.splitlines()))
     assert needs_full_eval(exp.sweep) is full
@@ -503,7 +504,7 @@ def test_a_loss_objective_trial_skips_generation_and_is_not_reused_by_a_full_run
 
 
 def test_validate_describes_the_sweep_it_would_run():
-    from loralab.sweep import describe
+    from loralab.search_space import describe
 
     exp = parse("sweep:\n  strategy: grid\n  space: {lora.r: [4, 8, 16], lora.alpha: {ratio_of: lora.r, values: [1, 2]}}\n"
                 "  pruner: {name: successive_halving, every: 4}\n  budget: {minutes: 10}")
@@ -519,7 +520,7 @@ def test_validate_describes_the_sweep_it_would_run():
 @pytest.mark.parametrize("objective, probe", [
     ("eval_loss", False), ("generalization_gap", True), ("train_ppl", True), ("rouge_l", True)])
 def test_trials_measure_the_training_probe_only_when_the_objective_needs_it(objective, probe):
-    from loralab.sweep import needs_probe
+    from loralab.search_space import needs_probe
 
     exp = parse(f"sweep:\n  space: {{lora.r: [4]}}\n  budget: {{trials: 1}}\n  objective: {{metric: {objective}}}\n")
     assert needs_probe(exp.sweep) is probe

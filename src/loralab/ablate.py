@@ -26,7 +26,8 @@ import yaml
 
 from .comparison import KNOB_SECTIONS, _by_seed, _norm, _per_example, _verdict, floor_of, knobs
 from .errors import Problem, SpecError
-from .spec import Experiment, RunSpec, config_hash, parse_experiment
+from .loading import parse_experiment
+from .spec import Experiment, RunSpec, config_hash
 from .stats import Side, Verdict, adjust_for_multiplicity, compare_runs, mean_ci
 from .store import RunRecord
 

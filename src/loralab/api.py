@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import LoralabError, Problem, SpecError
-from .spec import Experiment, check_data_paths, load_experiment, surprises
+from .loading import check_data_paths, load_experiment, surprises
+from .spec import Experiment
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
     from .store import RunRecord, Store
 
@@ -73,7 +74,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
             _check_lengths(exp, dataset)
         notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
     if exp.sweep is not None:
-        from .sweep import describe
+        from .search_space import describe
 
         notes.extend(describe(exp.sweep))
     return exp, notes
@@ -218,9 +219,9 @@ class _writable:
 
 
 def workspace_path(workspace: str | Path | None = None) -> Path:
-    from .store import DEFAULT_WORKSPACE
+    from .store import workspace_path as resolve
 
-    return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+    return resolve(workspace)
 
 
 def open_store(workspace: str | Path | None = None) -> Store:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, ModelError, Problem
-from .spec import DataSpec, config_hash, not_a_file
+from .loading import not_a_file
+from .spec import DataSpec, config_hash
 
 BUILTIN_NAME = "stdlib-docstrings"
 # The builtin prompts are short; without a system message SmolLM's template injects its own

@@ -33,7 +33,7 @@ def checked_runs(exp: Experiment, runs: list[RunSpec]) -> list[RunSpec]:
     """The runs to check: those given, and a sweep's trials at the edges of its space."""
     out = list(runs)
     if exp.sweep is not None:
-        from .sweep import Space, experiment_start, make_run
+        from .search_space import Space, experiment_start, make_run
 
         start = experiment_start(exp)
         out += [make_run(start, pt, f"trial{i}") for i, pt in enumerate(Space(exp.sweep).corners())]

@@ -232,7 +232,7 @@ def _best_trials(study, limit: int = 3) -> list[str]:
 def from_runs(refs: list[str], workspace: str | Path | None = None) -> Sources:
     """Chosen runs by name or id, seeds pooled; the untrained base of the first run's experiment is
     added in front when it is stored, as the reference point of every table."""
-    from .api import workspace_path
+    from .store import workspace_path
 
     ws = workspace_path(workspace)
     store = _open(ws)

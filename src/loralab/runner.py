@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, SpecError
+from .execute import ExecutorFactory, Job, Outcome
 from .faults import StepFault, fault_point
 from .progress import Reporter
-from .spec import ANALYSIS_ONLY, Experiment, RunSpec, check_data_paths, config_hash, surprises
+from .loading import check_data_paths, surprises
+from .spec import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
 from .store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -45,6 +47,18 @@ class Prepared:
     reference_tokens: list[int]  # token length of each eval reference (verbosity ratio)
     drift_prompts: list[list[int]]
     drift_base: list | None = None  # the base model's greedy answers on drift prompts, computed once
+
+    def targets_for(self, run: RunSpec) -> Any:
+        """The target modules given to PEFT for a run: the file's runs as resolved when prepared, any
+        other run (a sweep trial) resolved against the base model (with no adapter on it)."""
+        if run.name in self.targets and run.lora.target_modules == self._spec_targets(run.name):
+            return self.targets[run.name]
+        from .models import resolve_target_modules
+
+        return resolve_target_modules(self.base.model, run.lora.target_modules)[0]
+
+    def _spec_targets(self, name: str) -> list[str] | None:
+        return next((r.lora.target_modules for r in self.runs if r.name == name), None)
 
 
 @dataclass
@@ -156,7 +170,7 @@ def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool
     if run is None:
         return "base-" + config_hash({"kind": "base", **common})
     return config_hash({"kind": "lora", **common, "lora": run.lora.model_dump(), "train": run.train.model_dump(),
-                        "generate": run.generate.model_dump(), "targets": p.targets[run.name]})
+                        "generate": run.generate.model_dump(), "targets": p.targets_for(run)})
 
 
 def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
@@ -239,7 +253,7 @@ def _run_config(p: Prepared, run: RunSpec | None) -> dict:
                            "cost": p.exp.cost.model_dump() if p.exp.cost else None}
     if run is not None:
         cfg.update({"lora": run.lora.model_dump(), "train": run.train.model_dump(),
-                    "generate": run.generate.model_dump(), "resolved_target_modules": p.targets[run.name]})
+                    "generate": run.generate.model_dump(), "resolved_target_modules": p.targets_for(run)})
     return cfg
 
 
@@ -252,8 +266,10 @@ def _add_cost(metrics: dict, p: Prepared) -> None:
 
 
 def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
-                   force: bool = False, reporter: Reporter | None = None) -> ExperimentResult:
-    """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`)."""
+                   force: bool = False, reporter: Reporter | None = None,
+                   executor: ExecutorFactory | None = None) -> ExperimentResult:
+    """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`).
+    Each seed of each run is a job for `executor(prepared, store, reporter)` (default: LocalExecutor)."""
     from . import environment
 
     rep = reporter or Reporter()
@@ -288,24 +304,53 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
         result.records.append(store.get(bid))
         result.records[-1].name = "base"
 
+        worker = (executor or LocalExecutor)(p, store, rep)
         for run in p.runs:
             for seed in exp.seeds_for(run):
                 rs = run.with_seed(seed)
                 label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
-                status, reused = train_run(p, rs, store, experiment=exp.name, label=label, reporter=rep, force=force,
-                                           env=env)
-                if reused:
+                out = worker.run(Job(exp, rs, label, force=force))
+                if out.reused:
                     result.skipped.append(label)
-                elif status in ("failed", "diverged"):
-                    getattr(result, status).append(label)
-                rec = store.get(run_id(p, rs))
+                elif out.status in ("failed", "diverged"):
+                    getattr(result, out.status).append(label)
+                rec = store.get(out.run_id)
                 rec.name, rec.seed = run.name, seed
                 result.records.append(rec)
+        worker.close()
     except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
         raise storage_error(err, ws) or err
     finally:
         store.close()
     return result
+
+
+@dataclass
+class LocalExecutor:
+    """The default executor (execute.Executor): each job runs in this process, one after the other, on
+    the prepared base model, which every job leaves without an adapter."""
+
+    prepared: Prepared
+    store: Store
+    reporter: Reporter = field(default_factory=Reporter)
+    env: dict | None = None
+
+    def run(self, job: Job) -> Outcome:
+        hook = None
+        if job.pruning is not None:
+            from .pruning import PruningHook, optuna_reporter
+            from .train import plan_steps
+
+            planned = plan_steps(len(self.prepared.dataset.train), job.run.train)
+            spec = job.experiment.sweep.resolved_pruner
+            hook = PruningHook(self.prepared, spec, optuna_reporter(job.pruning, spec), planned)
+        status, reused = train_run(self.prepared, job.run, self.store, experiment=job.experiment.name,
+                                   label=job.label or job.run.name, reporter=self.reporter, pruning=hook,
+                                   force=job.force, env=self.env, full_eval=job.full_eval, probe=job.probe)
+        return Outcome(run_id(self.prepared, job.run, job.full_eval, job.probe), status, reused)
+
+    def close(self) -> None:
+        pass
 
 
 def reusable(done: RunRecord) -> bool:
@@ -321,7 +366,7 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
 
     Returns (status, reused). A plain function of the prepared model, the run and the store, so a
     sweep trial, or a worker in another process with its own `prepare`, runs exactly this code.
-    `pruning` (a sweep.PruningHook) is one of the training's step hooks; when it stops training the run
+    `pruning` (a pruning.PruningHook) is one of the training's step hooks; when it stops training the run
     is stored `pruned`, with the loss the pruner judged.
     """
     from . import environment
@@ -379,7 +424,7 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
         set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
         lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                          target_modules=p.targets[run.name], bias=run.lora.bias, task_type="CAUSAL_LM")
+                          target_modules=p.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
         with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(p.base.model, lcfg)

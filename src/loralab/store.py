@@ -32,6 +32,11 @@ STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed"
 DONE = ("finished", "diverged", "pruned")
 
 
+def workspace_path(workspace: str | Path | None = None) -> Path:
+    """A workspace folder as given, else ./loralab-workspace, absolute."""
+    return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
