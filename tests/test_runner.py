@@ -315,8 +315,7 @@ runs:
 SMALL_DATA = "{builtin: stdlib-docstrings, train_size: 4, eval_size: 2}"
 
 
-@pytest.fixture
-def no_training(monkeypatch):
+def refuse_training(monkeypatch) -> list:
     """train.train_lora replaced by one that counts calls and fails: a run that trains ends `failed`."""
     import loralab.train as train_mod
 
@@ -328,6 +327,11 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(train_mod, "train_lora", refuse)
     return calls
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    return refuse_training(monkeypatch)
 
 
 def one_run(tmp_path: Path, model: Path, caps: str = "[5]", batch: int = 16) -> "loralab.Experiment":
@@ -422,3 +426,17 @@ def schema_version(ws: Path) -> int:
 
     with sqlite3.connect(ws / "loralab.db") as conn:
         return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def test_a_diverged_adapter_is_not_trained_again_for_a_new_cap(tmp_path, monkeypatch):
+    path = diverging_experiment(tmp_path)
+    first = run_experiment(loralab.load(path), workspace=tmp_path / "ws")
+    assert first.diverged == ["A"]
+    no_training = refuse_training(monkeypatch)
+    path.write_text(path.read_text().replace("max_new_tokens: 5}", "max_new_tokens: [5, 6]}"))
+    again = run_experiment(loralab.load(path), workspace=tmp_path / "ws")
+    a, b = again.records[1], again.records[2]
+    assert no_training == [] and again.diverged == ["A"] and b.status == "finished"
+    assert a.id != first.records[1].id and a.timings["train_reused_from"] == first.records[1].id
+    assert a.metrics["diverged_step"] == first.records[1].metrics["diverged_step"] and a.error == first.records[1].error
+    assert "rouge_l@6" in b.metrics
