@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from typer.testing import CliRunner
 
 import loralab
+from loralab.cli import app
 from loralab.comparison import compare
 from loralab.errors import LoralabError, ModelError, SpecError
 from loralab.progress import Reporter
@@ -367,6 +369,8 @@ def test_adding_a_cap_evaluates_the_stored_adapter_and_trains_nothing(trained_on
     assert no_training == [] and again.failed == [] and again.skipped == []
     assert_evaluated_from(a, trained_once)
     assert "rouge_l@7" in a.metrics and "rouge_l@5" in a.metrics and set(a.samples[0]["outputs"]) == {"5", "7"}
+    shown = CliRunner().invoke(app, ["show", "A", "-w", str(tmp_path / "ws")], terminal_width=200)
+    assert shown.exit_code == 0 and f"trained as run {trained_once.id}" in shown.output
     # The new row is stored like any other: a rerun of the same file takes it as it is.
     third = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=tmp_path / "ws")
     assert third.skipped == ["base", "A"] and third.records[1].id == a.id
