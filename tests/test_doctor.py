@@ -187,3 +187,20 @@ def test_a_damaged_database_is_reported_not_read(ws):
     assert "restore" in out.output and "--repair` fixes" not in out.output
     ls = CliRunner().invoke(app, ["ls", "-w", str(ws)])
     assert ls.exit_code == 1 and "not a readable loralab database" in ls.output and "Traceback" not in ls.output
+
+
+def test_a_schema_2_workspace_passes_before_and_after_its_migration(ws):
+    import sqlite3
+
+    from tiny import downgrade_to_schema_2
+
+    downgrade_to_schema_2(ws / "loralab.db")
+    out = doctor(ws)  # doctor reads schema 2 as it is
+    assert out.exit_code == 0 and "OK" in out.output
+    Store(ws).close()  # opened for writing: migrated in place
+    with sqlite3.connect(ws / "loralab.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        filled = conn.execute("SELECT count(*) FROM runs WHERE kind = 'lora' AND adapter_id IS NOT NULL").fetchone()[0]
+    assert filled == 2  # A and B: their adapters are found for a later evaluation-only run
+    report = json.loads(doctor(ws, "--json").output)
+    assert report["ok"] is True and report["findings"] == []

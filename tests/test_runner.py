@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from typer.testing import CliRunner
 
 import loralab
+from loralab.cli import app
 from loralab.comparison import compare
 from loralab.errors import LoralabError, ModelError, SpecError
 from loralab.progress import Reporter
@@ -301,3 +303,144 @@ def test_every_stored_metric_has_a_row_in_the_metric_table(seed_run):
     _, result, _, _ = seed_run
     keys = {k for r in result.records for k in r.metrics}
     assert keys and not [k for k in keys if metric(k) is None]
+
+
+# -- adapter identity: evaluation settings re-evaluate stored adapters, they never retrain ------------
+
+ONE_RUN = """evaluation: {{drift: false}}
+runs:
+  A:
+    lora: {{r: 4, alpha: 8, target_modules: [query_key_value]}}
+    train: {{learning_rate: 2.0e-4, batch_size: 2, max_steps: 2}}
+    generate: {{max_new_tokens: {caps}, batch_size: {batch}}}
+"""
+SMALL_DATA = "{builtin: stdlib-docstrings, train_size: 4, eval_size: 2}"
+
+
+def refuse_training(monkeypatch) -> list:
+    """train.train_lora replaced by one that counts calls and fails: a run that trains ends `failed`."""
+    import loralab.train as train_mod
+
+    calls = []
+
+    def refuse(*args, **kw):
+        calls.append(1)
+        raise AssertionError("trained, but only the evaluation changed")
+
+    monkeypatch.setattr(train_mod, "train_lora", refuse)
+    return calls
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    return refuse_training(monkeypatch)
+
+
+def one_run(tmp_path: Path, model: Path, caps: str = "[5]", batch: int = 16) -> "loralab.Experiment":
+    return loralab.load(experiment(tmp_path, model, ONE_RUN.format(caps=caps, batch=batch), name="ident",
+                                   data=SMALL_DATA))
+
+
+@pytest.fixture
+def trained_once(tiny_neox, tmp_path):
+    """A workspace holding run A trained and evaluated at cap 5."""
+    first = run_experiment(one_run(tmp_path, tiny_neox), workspace=tmp_path / "ws")
+    assert first.records[1].status == "finished"
+    return first.records[1]
+
+
+def assert_evaluated_from(rec, trained) -> None:
+    """`rec` is a new row whose adapter is `trained`'s, evaluated anew, its training carried over."""
+    assert rec.status == "finished" and rec.id != trained.id
+    assert rec.timings["train_reused_from"] == trained.id and rec.timings["train_s"] == 0.0
+    for key in ("steps", "train_s", "train_loss_final", "trainable_params", "adapter_bytes"):
+        assert rec.metrics[key] == trained.metrics[key]
+    assert rec.curves == trained.curves
+    assert rec.metrics["total_s"] == pytest.approx(rec.metrics["train_s"] + rec.metrics["eval_s"], abs=0.02)
+    # The same weights, evaluated the same way: the same loss (the adapter was loaded, not trained again).
+    assert rec.metrics["eval_loss"] == pytest.approx(trained.metrics["eval_loss"], rel=1e-6)
+    folder = Path(rec.adapter_path)
+    assert folder.parent.name == rec.id and (folder / "adapter_model.safetensors").is_file()
+
+
+def test_adding_a_cap_evaluates_the_stored_adapter_and_trains_nothing(trained_once, tiny_neox, tmp_path, no_training):
+    again = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=tmp_path / "ws")
+    a = again.records[1]
+    assert no_training == [] and again.failed == [] and again.skipped == []
+    assert_evaluated_from(a, trained_once)
+    assert "rouge_l@7" in a.metrics and "rouge_l@5" in a.metrics and set(a.samples[0]["outputs"]) == {"5", "7"}
+    shown = CliRunner().invoke(app, ["show", "A", "-w", str(tmp_path / "ws")], terminal_width=200)
+    assert shown.exit_code == 0 and f"trained as run {trained_once.id}" in shown.output
+    # The new row is stored like any other: a rerun of the same file takes it as it is.
+    third = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=tmp_path / "ws")
+    assert third.skipped == ["base", "A"] and third.records[1].id == a.id
+
+
+def test_changing_generate_batch_size_evaluates_the_stored_adapter_and_trains_nothing(trained_once, tiny_neox,
+                                                                                      tmp_path, no_training):
+    again = run_experiment(one_run(tmp_path, tiny_neox, batch=1), workspace=tmp_path / "ws")
+    assert no_training == [] and again.failed == []
+    assert_evaluated_from(again.records[1], trained_once)
+
+
+def test_evaluating_a_stored_adapter_leaves_the_base_model_bare(trained_once, tiny_neox, tmp_path, no_training):
+    from loralab.runner import prepare, train_run
+
+    exp = one_run(tmp_path, tiny_neox, caps="[6]")
+    p = prepare(exp)
+    before = {k: v.clone() for k, v in p.base.model.state_dict().items()}
+    store = Store(tmp_path / "ws")
+    try:
+        status, reused = train_run(p, exp.run("A"), store, experiment=exp.name)
+    finally:
+        store.close()
+    assert (status, reused) == ("finished", False) and no_training == []
+    assert not hasattr(p.base.model, "peft_config") and not any("lora" in n for n, _ in p.base.model.named_modules())
+    after = p.base.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_force_retrains_even_when_the_adapter_is_stored(trained_once, tiny_neox, tmp_path, no_training):
+    again = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=tmp_path / "ws", force=True)
+    assert no_training == [1] and again.failed == ["A"]
+
+
+def test_an_old_workspace_is_migrated_in_place_and_its_adapters_are_evaluated_not_retrained(trained_once, tiny_neox,
+                                                                                            tmp_path, no_training):
+    from loralab.doctor import check_workspace
+    from tiny import downgrade_to_schema_2
+
+    ws = tmp_path / "ws"
+    downgrade_to_schema_2(ws / "loralab.db")
+    old = Store(ws, create=False)  # read-only commands (ls, show, report, doctor) read schema 2 as it is
+    try:
+        assert {r.name: r.status for r in old.list()} == {"base": "finished", "A": "finished"}
+    finally:
+        old.close()
+    assert check_workspace(ws).ok and schema_version(ws) == 2
+    again = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=ws)
+    assert schema_version(ws) == 3 and no_training == [] and again.failed == []
+    assert_evaluated_from(again.records[1], trained_once)
+    report = check_workspace(ws)
+    assert report.ok and report.findings == [] and report.runs == 4
+
+
+def schema_version(ws: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(ws / "loralab.db") as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def test_a_diverged_adapter_is_not_trained_again_for_a_new_cap(tmp_path, monkeypatch):
+    path = diverging_experiment(tmp_path)
+    first = run_experiment(loralab.load(path), workspace=tmp_path / "ws")
+    assert first.diverged == ["A"]
+    no_training = refuse_training(monkeypatch)
+    path.write_text(path.read_text().replace("max_new_tokens: 5}", "max_new_tokens: [5, 6]}"))
+    again = run_experiment(loralab.load(path), workspace=tmp_path / "ws")
+    a, b = again.records[1], again.records[2]
+    assert no_training == [] and again.diverged == ["A"] and b.status == "finished"
+    assert a.id != first.records[1].id and a.timings["train_reused_from"] == first.records[1].id
+    assert a.metrics["diverged_step"] == first.records[1].metrics["diverged_step"] and a.error == first.records[1].error
+    assert "rouge_l@6" in b.metrics

@@ -126,3 +126,18 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def downgrade_to_schema_2(db: Path) -> None:
+    """Make a workspace database what loralab wrote before adapter ids (schema 2): the runs table
+    without its adapter_id column and index, user_version 2."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("DROP INDEX ix_runs_adapter_id")
+        conn.execute("ALTER TABLE runs DROP COLUMN adapter_id")
+        conn.execute("PRAGMA user_version=2")
+        conn.commit()
+    finally:
+        conn.close()

@@ -260,6 +260,9 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
             console.print("[red]" + _escape(last) + "[/red]")
         if r.adapter_path:
             console.print(f"  adapter: {r.adapter_path}", highlight=False)
+        if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
+            console.print(f"  trained as run {r.timings['train_reused_from']}; this run only evaluated its adapter",
+                          highlight=False)
     console.print(f"model {rec.model.get('name')} ({rec.model.get('fingerprint')}), data {rec.data.get('name')} "
                   f"({rec.data.get('fingerprint')}), device {rec.config.get('device')} {rec.config.get('dtype')}", highlight=False)
     console.print(render(compare([group], all_knobs=True), title="Settings and outcomes"))

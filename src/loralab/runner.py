@@ -5,7 +5,8 @@ Order of work, so that bad input writes nothing and a crash loses no finished ru
 2. only then open the workspace;
 3. evaluate the untrained model once as run `base`;
 4. per run: add a fresh adapter to the one loaded base model, train, evaluate, save the adapter,
-   store the run as finished, and remove the adapter again.
+   store the run as finished, and remove the adapter again. When the same adapter is stored (only
+   caps, evaluation or generation settings differ), load it and evaluate it instead of training.
 """
 
 from __future__ import annotations
@@ -155,22 +156,32 @@ def _plain(text: object) -> str:
     return escape(str(text))
 
 
+def adapter_id(p: Prepared, run: RunSpec) -> str:
+    """What the run's adapter is: the same function of its settings that its stored row gets
+    (store.adapter_identity), so a stored adapter is found by the settings that would train it."""
+    from .store import adapter_identity
+
+    return adapter_identity(_run_config(p, run), *_describe(p))
+
+
 def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
-    """A hash of what determines the results: resolved config (seed included), model, data, evaluation.
+    """One stored run: an adapter (adapter_id) evaluated one way (caps, evaluation and generation
+    settings). Adding a cap or changing generate.batch_size makes new run ids of the same adapters,
+    which are evaluated again, not retrained (train_run).
 
     A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
     `loralab run` of the same settings does not reuse it without its generation metrics."""
-    common = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "eval_caps": p.exp.eval_caps,
-              "eval_max_len": p.eval_max_len, "system_prompt": p.dataset.system_prompt,
-              "evaluation": p.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)}
+    evaluation = p.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)
     if not full_eval:
-        common["evaluation"] = {**common["evaluation"], "loss_only": True}
+        evaluation["loss_only"] = True
     if not probe:  # no training-probe loss (nor generalization gap) either
-        common["evaluation"] = {**common["evaluation"], "train_probe": False}
-    if run is None:
-        return "base-" + config_hash({"kind": "base", **common})
-    return config_hash({"kind": "lora", **common, "lora": run.lora.model_dump(), "train": run.train.model_dump(),
-                        "generate": run.generate.model_dump(), "targets": p.targets_for(run)})
+        evaluation["train_probe"] = False
+    how = {"eval_caps": p.exp.eval_caps, "eval_max_len": p.eval_max_len, "evaluation": evaluation}
+    if run is None:  # the untrained model: what it is and how it is evaluated
+        what = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "system_prompt": p.dataset.system_prompt,
+                "device": str(p.base.device).split(":")[0], "dtype": p.base.info["dtype"]}
+        return "base-" + config_hash({"kind": "base", **what, **how})
+    return config_hash({"adapter": adapter_id(p, run), **how, "generate": run.generate.model_dump()})
 
 
 def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
@@ -364,6 +375,8 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
               env: dict | None = None, full_eval: bool = True, probe: bool = True) -> tuple[str, bool]:
     """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
 
+    When only the evaluation differs from a stored run (a new cap, another generate.batch_size), the
+    stored adapter is evaluated and nothing is trained; that is new work, so `reused` is False.
     Returns (status, reused). A plain function of the prepared model, the run and the store, so a
     sweep trial, or a worker in another process with its own `prepare`, runs exactly this code.
     `pruning` (a pruning.PruningHook) is one of the training's step hooks; when it stops training the run
@@ -382,15 +395,93 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
             return done.status, True
         model_info, data_info = _describe(p)
         env = env or environment.record(str(p.base.device))
+        source = None if force else stored_adapter(store, adapter_id(p, run))
         status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
                             model_info, data_info, env, run.generate.batch_size, pruning=pruning,
-                            full_eval=full_eval, probe=probe)
+                            full_eval=full_eval, probe=probe, source=source)
     fault_point("run.stored")
     return status, False
 
 
 def _adapter_ok(rec: RunRecord) -> bool:
     return bool(rec.adapter_path) and (Path(rec.adapter_path) / "adapter_config.json").is_file()
+
+
+def stored_adapter(store: Store, aid: str | None) -> RunRecord | None:
+    """A stored run of the adapter `aid` whose training a new evaluation can take: finished with its
+    adapter on disk, else diverged (it would diverge again; there is nothing to evaluate)."""
+    if aid is None:
+        return None
+    runs = store.adapter_runs(aid)
+    return next((r for r in runs if r.status == "finished" and _adapter_ok(r)),
+                next((r for r in runs if r.status == "diverged"), None))
+
+
+def _evaluate_stored(p: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
+                     rep: Reporter, gen_batch: int, full_eval: bool, probe: bool) -> str:
+    """Store run `rid` from the adapter `source` trained: its training metrics, curves and training
+    time are carried over, the evaluation is measured anew. Called by _train_one after store.start,
+    inside its error handling (interrupt, full disk, failure).
+
+    Time and money: the row's metrics describe the configuration, so train_s is the adapter's and
+    total_s/cost = its training + this evaluation, comparable with any other run; its timings describe
+    this row's own work: train_s 0 and train_reused_from naming the run that paid for the training."""
+    from peft import PeftModel
+
+    from .metric_table import metric
+
+    reused = {"train_s": 0.0, "train_reused_from": source.id}
+    if source.status == "diverged":
+        metrics = {k: v for k, v in source.metrics.items() if k not in ("total_s", "cost")}
+        _add_cost(metrics, p)
+        store.finish(rid, metrics=metrics, curves=source.curves, samples=[], timings=reused, adapter_path=None,
+                     status="diverged", error=source.error)
+        rep.log(f"[yellow]{label}: diverged in training earlier ({source.id}); not trained again[/yellow]")
+        return "diverged"
+    run_dir = store.run_dir(rid)
+    tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The run's own copy first (hard links: no space), so a later forced retrain or repair of `source`,
+    # which replaces or removes its folder, leaves this run whole; doctor finds each adapter in its run's folder.
+    with store.run_lock(source.id):
+        _link_tree(Path(source.adapter_path), tmp)
+    peft_model = PeftModel.from_pretrained(p.base.model, tmp)
+    try:
+        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval, probe=probe)
+    finally:
+        _restore_base(p, peft_model)
+    metrics.update({k: v for k, v in source.metrics.items()
+                    if k == "adapter_bytes" or (metric(k) is not None and metric(k).stage == "training")})
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _add_cost(metrics, p)
+    store.finish(rid, metrics=metrics, curves=source.curves, samples=samples, timings={**timings, **reused},
+                 adapter_path=str(final))
+    rep.log(_one_line(label, metrics, p.exp.eval_caps) + f", adapter of {source.id} evaluated, not trained again")
+    return "finished"
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a folder's files into a new folder, copying where a link cannot be made (another disk)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def _restore_base(p: Prepared, peft_model) -> None:
+    """Take the LoRA layers out again: the prepared base model is shared by every run."""
+    p.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(p.base.model, attr):
+            try:
+                delattr(p.base.model, attr)
+            except AttributeError:
+                pass
 
 
 def _one_line(name: str, m: dict, caps: list[int]) -> str:
@@ -403,8 +494,9 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
 
 def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
                experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
-               pruning=None, full_eval: bool = True, probe: bool = True) -> str:
-    """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed)."""
+               pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
+    """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
+    With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
@@ -421,6 +513,9 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
     run_dir = store.run_dir(rid)
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
+        if source is not None:
+            reached["trained"] = True  # an out-of-memory error here is the evaluation's
+            return _evaluate_stored(p, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
         train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
         set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
         lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
@@ -518,13 +613,7 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         return "failed"
     finally:
         if peft_model is not None:
-            p.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
-            for attr in ("peft_config", "_hf_peft_config_loaded"):
-                if hasattr(p.base.model, attr):
-                    try:
-                        delattr(p.base.model, attr)
-                    except AttributeError:
-                        pass
+            _restore_base(p, peft_model)
 
 
 class _Progress:

@@ -15,7 +15,7 @@ import json
 
 from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DatabaseError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
 
 from .errors import Problem, RunNotFound, WorkspaceError
 from .faults import fault_point
@@ -23,7 +23,8 @@ from .locks import file_lock, is_locked
 
 DB_NAME = "loralab.db"
 LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump when tables change
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump when tables change (and add the step to _migrate)
+READABLE = (2, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
 DEFAULT_WORKSPACE = "loralab-workspace"
 
 STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed")
@@ -113,6 +114,9 @@ class RunRow(_Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(When, default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
+    # What the adapter is (see adapter_identity); schema 3. Deferred, so a schema-2 workspace opened
+    # read-only, which lacks the column, still reads: only Store.adapter_runs asks for it.
+    adapter_id: Mapped[str | None] = deferred(mapped_column(String(32), nullable=True, index=True))
 
 
 class AliasRow(_Base):
@@ -187,6 +191,44 @@ class RunRecord:
                 "kind": self.kind, "status": self.status, "updated_at": self.updated_at}
 
 
+def adapter_identity(config: Any, model: Any, data: Any) -> str | None:
+    """The id of a LoRA run's adapter, from what its row stores: base model, data, system prompt,
+    LoRA and train settings (seed included), resolved target modules, device kind and dtype (a CPU
+    fp32 adapter is not a GPU bf16 one). Eval caps and evaluation and generation settings are not
+    in it: runs that differ only there share one adapter, which is evaluated again, not retrained.
+    None when the row lacks a part (a damaged or hand-made row), so it is never taken for another."""
+    from .spec import config_hash  # here, not at the top: spec imports the sweep, which imports the runner
+
+    try:
+        parts = {"model": model["fingerprint"], "data": data["fingerprint"], "system_prompt": data.get("system_prompt"),
+                 "device": str(config["device"]).split(":")[0], "dtype": config["dtype"], "lora": config["lora"],
+                 "train": config["train"], "targets": config["resolved_target_modules"]}
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return "adapter-" + config_hash(parts)
+
+
+def _migrate(conn, version: int) -> None:
+    """Bring a schema-2 database to this version in place, in the caller's transaction.
+
+    2 -> 3: the runs table gains adapter_id, filled for old LoRA rows from their stored config, so their
+    adapters are evaluated again under new settings instead of retrained; a row whose config cannot
+    give it (damaged) keeps NULL and is simply never reused that way."""
+    if version == 2:
+        # pysqlite may commit DDL on its own: a crash after this line leaves schema 2 with the column, so check
+        if "adapter_id" not in {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(runs)")}:
+            conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN adapter_id VARCHAR(32)")
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_adapter_id ON runs (adapter_id)")
+        rows = conn.exec_driver_sql("SELECT id, config, model, data FROM runs WHERE kind = 'lora'").fetchall()
+        for rid, *cols in rows:
+            try:
+                aid = adapter_identity(*(json.loads(c) for c in cols))
+            except (TypeError, ValueError, RecursionError):
+                aid = None
+            if aid is not None:
+                conn.exec_driver_sql("UPDATE runs SET adapter_id = ? WHERE id = ?", (aid, rid))
+
+
 class Store:
     """All reads and writes of a workspace go through here."""
 
@@ -220,7 +262,7 @@ class Store:
                 has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
         except (OSError, DatabaseError) as err:
             raise storage_error(err, self.root, opening=True) or err from None
-        if has_tables and version != SCHEMA_VERSION:
+        if has_tables and version not in READABLE:
             self.engine.dispose()
             raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
                               f"this one reads {SCHEMA_VERSION})",
@@ -230,8 +272,11 @@ class Store:
             try:
                 # Two processes starting on a new workspace would both find no tables and both create them.
                 with file_lock(self.root / LOCKS / "schema.lock"):
-                    _Base.metadata.create_all(self.engine)
                     with self.engine.begin() as conn:
+                        version = conn.exec_driver_sql("PRAGMA user_version").scalar()  # again, under the lock
+                        if has_tables and version != SCHEMA_VERSION:
+                            _migrate(conn, version)
+                        _Base.metadata.create_all(conn)
                         conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
             except (OSError, DatabaseError) as err:
                 self.engine.dispose()
@@ -269,6 +314,7 @@ class Store:
             row.config, row.model, row.data, row.env = config, model, data, env
             row.metrics, row.curves, row.samples, row.timings = {}, {}, [], {}
             row.adapter_path, row.error = None, None
+            row.adapter_id = adapter_identity(config, model, data) if kind == "lora" else None
             self._alias(s, experiment, name, run_id, seed)
 
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
@@ -329,6 +375,13 @@ class Store:
         with Session(self.engine) as s:
             row = s.get(RunRow, run_id)
             return RunRecord.from_row(row) if row else None
+
+    def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
+        """Finished and diverged runs of one adapter (see adapter_identity), newest first."""
+        with Session(self.engine) as s:
+            q = (select(RunRow).where(RunRow.adapter_id == adapter_id, RunRow.status.in_(("finished", "diverged")))
+                 .order_by(RunRow.updated_at.desc()))
+            return [RunRecord.from_row(row) for row in s.scalars(q)]
 
     def all_runs(self) -> list[RunRecord]:
         """Every run row once, named as stored (no alias join): what `loralab doctor` checks."""
