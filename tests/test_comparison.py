@@ -133,3 +133,17 @@ def test_identical_settings_with_other_seeds_are_within_noise_on_every_metric(ti
     # Timings depend on the machine's load, not on the settings; everything the settings decide is within noise.
     assert not {k: v for k, v in called.items() if not k.endswith("_s") and k != "tokens_per_s"}, called
     assert c.row("eval_loss").verdicts[0].method == "seeds+examples"
+
+
+def test_the_base_is_a_fixed_point_for_its_scores_but_not_for_its_times():
+    base = [record("base", None, [3.0 + 0.3 * math.sin(i) for i in range(N)], TOKENS, kind="base",
+                   per_run={"eval_s": 40.0, "drift_kl": 0.0})]
+    a = run("A", 0.0, per_run={"eval_s": 80.0, "drift_kl": 0.1})
+    for r, dt in zip(a, (-1.0, 0.0, 1.0)):
+        r.metrics["eval_s"] += dt
+        r.metrics["drift_kl"] += dt / 100
+    c = compare([base, a])
+    drift, time_ = c.row("drift_kl").verdicts[0], c.row("eval_s").verdicts[0]
+    assert drift.note == "" and drift.method == "seeds"  # base drift is 0 by definition: one-sample interval
+    assert "seed noise taken as the other's" in time_.note  # one timing of the base: as noisy as A's
+    assert time_.hi - time_.lo > drift.hi - drift.lo

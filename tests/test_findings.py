@@ -280,3 +280,24 @@ def test_the_report_and_a_sweep_objective_read_one_direction(key, better, direct
     from loralab.spec import ObjectiveSpec
 
     assert better_of(key) == better and ObjectiveSpec(metric=key).resolved_direction == direction
+
+
+def test_a_larger_gap_below_zero_is_not_called_overfitting():
+    a = group("A", per_run={"generalization_gap": lambda seed: -0.30 + 0.01 * seed})
+    b = group("B", lora={"r": 8}, seeds=(3, 4, 5), per_run={"generalization_gap": lambda seed: -0.10 + 0.01 * seed})
+    [f] = gap_findings(compare([a, b]))
+    assert "overfits" not in f.text and "no sign of overfitting yet" in f.text
+
+
+def test_a_belief_about_alpha_is_tested_by_the_update_scale():
+    e = _effect("lora.alpha/r", 2.0, 4.0, "drift_kl", 0.02, 0.01, 0.03, "higher")
+    f = belief_finding(next(b for b in BELIEFS if b.knob == "lora.alpha"), [e])
+    assert f.verdict == "supported"
+
+
+def test_an_interval_the_family_does_not_keep_is_starred():
+    from loralab.stats import MULTIPLE
+
+    v = Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "within noise", "seeds+examples", MULTIPLE, 0.01)
+    assert interval(v, "f4").endswith("]*")
+    assert not interval(Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "higher"), "f4").endswith("*")

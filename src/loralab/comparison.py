@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 
+from .metric_table import metric
 from .metric_table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
                            STABILITY_ROWS, VERBOSITY_CAP)
 from .stats import MULTIPLE, Estimate, Side, Verdict, adjust_for_multiplicity, compare_runs, estimate, mean_ci, verdict_label
@@ -176,6 +177,13 @@ def _values(group: list[RunRecord], key: str) -> list[float]:
             and not isinstance(r.metrics.get(key), bool) and not math.isnan(r.metrics[key])]
 
 
+def _fixed(group: list[RunRecord], key: str) -> bool:
+    """The untrained base, evaluated once and greedily, has no seed noise: a fixed point. Not so its
+    times, which the machine's load moves like anyone's."""
+    m = metric(key)
+    return group[0].kind == "base" and not (m is not None and m.group == "cost")
+
+
 def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[float] | None, str] | None:
     """The groups as stats.Side rows over the same examples (per-example metrics) or one value per
     seed (per-run metrics); the weights; and how the examples are weighed, in words."""
@@ -185,7 +193,7 @@ def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[fl
         ids = [i for i in per[0] if all(i in p for p in per[1:])]
         if ids:
             weights = _weights(groups[0], key, ids)
-            sides = [Side([[p[i][s] for i in ids] for s in range(len(g))], [r.seed for r in g], g[0].kind == "base")
+            sides = [Side([[p[i][s] for i in ids] for s in range(len(g))], [r.seed for r in g], _fixed(g, key))
                      for g, p in zip(groups, per)]
             how = "" if key != "eval_loss" else ("token-weighted" if weights else
                                                  "per-example mean, unweighted: these runs stored no token counts")
@@ -195,7 +203,7 @@ def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[fl
         kept = [r for r in g if _values([r], key)]
         if not kept:
             return None
-        sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], g[0].kind == "base"))
+        sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], _fixed(g, key)))
     return sides, None, ""
 
 

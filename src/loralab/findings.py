@@ -23,7 +23,7 @@ from .ablate import Effect, differing, moved_knobs, scale_note
 from .comparison import Comparison, _verdict, fmt_value, fmt_verdict, knobs
 from .metric_table import better_of as table_better
 from .metric_table import metric as table_metric
-from .stats import Estimate, Verdict, mean_ci
+from .stats import MULTIPLE, Estimate, Verdict, mean_ci
 from .store import RunRecord
 
 def label_of(metric: str) -> str:
@@ -132,7 +132,8 @@ def interval(v: Verdict, fmt: str) -> str:
     scale = 100 if fmt == "pct" else 1
     d = decimals([v.diff * scale, v.lo * scale, v.hi * scale], fmt)
     unit = " pp" if fmt == "pct" else ""
-    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(v.lo, fmt, d, True)}, {number(v.hi, fmt, d, True)}]")
+    star = "*" if MULTIPLE in v.note else ""  # excludes 0 alone, not among its family's questions
+    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(v.lo, fmt, d, True)}, {number(v.hi, fmt, d, True)}]{star}")
 
 
 def testable(v: Verdict | None) -> bool:
@@ -187,16 +188,17 @@ def effect_findings(effects: list[Effect], level: float = 0.95) -> list[Finding]
         if f.kind == "effect":
             out.append(f)
         elif f.kind == "null":
-            nulls.setdefault((e.knob, _key(e.low), _key(e.high), e.source), []).append(e)
+            nulls.setdefault((e.knob, _key(e.low), _key(e.high), e.note, e.source), []).append(e)
         else:
             untested.setdefault((e.knob, e.source), []).append(e)
-    for (knob, _, _, source), es in nulls.items():
+    for (knob, _, _, note, source), es in nulls.items():
         e0 = es[0]
         parts = "; ".join(f"{label_of(e.metric)} {interval(e.verdict, fmt_of(e.metric))}" for e in es)
         how = "; ".join(dict.fromkeys(f"{label_of(e.metric)} {covers(e.method, e.verdict.n, e.seeds)}"
                                       if len({x.method for x in es}) > 1 else covers(e.method, e.verdict.n, e.seeds)
                                       for e in es))
-        text = (f"No measurable effect of {knob} ({fmt_value(e0.low)} → {fmt_value(e0.high)}) within "
+        text = (f"No measurable effect of {knob} ({fmt_value(e0.low)} → {fmt_value(e0.high)}"
+                + (f"; {note}" if note else "") + ") within "
                 f"{e0.seeds} seed{'s' if e0.seeds != 1 else ''} on: {parts} ({level:.0%} CI, {how}; {source}).")
         out.append(Finding("null", text, "within noise", knob, ",".join(e.metric for e in es)))
     for (knob, source), es in untested.items():
@@ -219,6 +221,8 @@ def base_findings(c: Comparison, metrics: list[str]) -> list[Finding]:
     """Did fine-tuning beat the untrained base? Each trained run against base on the headline metrics,
     better and worse named with their intervals (the comparison's "vs base" columns)."""
     out = []
+    # The base trains nothing: its times say nothing about fine-tuning, so they are not compared here.
+    metrics = [m for m in metrics if (table_metric(m) is None or table_metric(m).group != "cost")]
     for col, (i, j) in enumerate(c.pairs):
         if c.groups[i][0].kind != "base":
             continue
@@ -299,9 +303,15 @@ def gap_findings(c: Comparison, level: float = 0.95) -> list[Finding]:
         if c.groups[i][0].kind == "base" or v is None or v.label != "higher":
             continue
         a, b = row.cells[i], row.cells[j]
-        out.append(Finding("gap", f"{c.runs[j]} overfits more than {c.runs[i]}: the eval − train loss gap grew from "
-                           f"{a.mean:.3f} to {b.mean:.3f}, {interval(v, 'f4')} ({level:.0%} CI). It fits its "
-                           "training examples better than new ones.", "higher", None, "generalization_gap"))
+        if b.mean > 0:  # eval loss above the loss on training examples: it fits those better than new ones
+            text = (f"{c.runs[j]} overfits more than {c.runs[i]}: the eval − train loss gap grew from {a.mean:.3f} to "
+                    f"{b.mean:.3f}, {interval(v, 'f4')} ({level:.0%} CI). It fits its training examples better than "
+                    "new ones.")
+        else:  # both below zero: eval examples are easier than the training probe; no overfitting shown
+            text = (f"{c.runs[j]}'s eval − train loss gap is larger than {c.runs[i]}'s ({a.mean:.3f} → {b.mean:.3f}, "
+                    f"{interval(v, 'f4')}, {level:.0%} CI) but still below zero: its eval loss stays under its loss "
+                    "on training examples, so this is no sign of overfitting yet.")
+        out.append(Finding("gap", text, "higher", None, "generalization_gap"))
     return out
 
 
@@ -436,9 +446,14 @@ BELIEFS = (
 )
 
 
+# Raising alpha at a fixed r raises the update scale alpha/r: a belief about alpha is tested by either.
+KNOB_ALIASES = {"lora.alpha": ("lora.alpha", "lora.alpha/r")}
+
+
 def belief_finding(b: Belief, effects: list[Effect], level: float = 0.95) -> Finding:
     """Supported / contradicted when an effect's interval excludes zero; not shown when it does not."""
-    cands = [e for e in effects if e.knob == b.knob and e.metric.partition("@")[0] == b.metric and testable(e.verdict)]
+    knobs_ = KNOB_ALIASES.get(b.knob, (b.knob,))
+    cands = [e for e in effects if e.knob in knobs_ and e.metric.partition("@")[0] == b.metric and testable(e.verdict)]
     if not cands:
         return Finding("belief", f"\u201c{b.claim}\u201d ({b.source}): not tested here: no measured effect of {b.knob} "
                        f"on {label_of(b.metric)}.", "not tested", b.knob, b.metric)

@@ -27,6 +27,8 @@ from .spec import Experiment
 from .store import DB_NAME, DONE, RunRecord, Store
 
 DEFAULT_SAMPLES = 4
+STARRED = ("An interval marked * excludes 0 on its own, but not once the other questions asked of the same runs are "
+           "counted (Benjamini-Hochberg): within noise.")
 MAX_CURVES = 24  # loss curves drawn; a long sweep would be a tangle beyond this
 TRIAL = re.compile(r"^trial-\d{4,}$")
 
@@ -328,6 +330,7 @@ class Report:
     matrix: EffectMatrix
     importances: dict[str, list[fnd.Importance]]
     legend: list[str]
+    starred: str  # what an interval marked * means, when a finding shows one
     plots: list[plots_mod.Plot]
     samples: list[Sample]
     caps: list[int]
@@ -427,6 +430,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
         setup=_setup(src, records, currency), runs=_runs_table(chosen, everything, metric, level),
         comparison=c, confounds=conf_findings, effects=effects,
         matrix=effect_matrix(effects), importances=importances, legend=legend(c),
+        starred=STARRED if any("]*" in f.text for f in learned + beliefs + conf_findings) else "",
         plots=_plots(chosen, everything, effects, caps, metric, level, currency, headline),
         samples=_samples(chosen, samples, caps), caps=caps, learned=learned, beliefs=beliefs, tldr=tl,
         notes=list(src.notes), metric=metric)
