@@ -497,123 +497,183 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
                pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
-
-    from .data import encode_example
-    from .stability import DivergenceMonitor, diagnose, stability_summary
-    from .metrics import perplexity
-    from .train import eval_loss, plan_steps, train_lora
-
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(p, run),
                 model=model_info, data=data_info, env=env, seed=seed)
-    tok = p.base.tokenizer
     peft_model = None
-    run_dir = store.run_dir(rid)
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(p, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
-        train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
-        set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
-        lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                          target_modules=p.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
-        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = get_peft_model(p.base.model, lcfg)
-        steps = plan_steps(len(train_enc), run.train)
-        with rep.task(f"train {label}", total=steps, unit="steps") as update:
-            monitor = DivergenceMonitor()
-            hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
-            res = train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks)
+        peft_model = _with_lora(p, run)
+        res, monitor = _train(p, run, peft_model, label, rep, reached, pruning)
         reached["trained"] = True
-        train_metrics = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2),
-                         "train_tokens": res.tokens, "tokens_per_s": round(res.tokens_per_s, 1),
-                         "peak_mem_mb": round(res.peak_mem_mb, 1), "trainable_params": res.trainable_params,
-                         "total_params": res.total_params, "steps": res.steps, "planned_steps": steps,
-                         "padding_share": round(res.padding_share, 4)}
-        train_metrics.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
+        done = _Done(p, run, label, rid, store, rep, peft_model, res)
         if res.stopped_by is monitor:
-            blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
-            metrics = {**train_metrics, "diverged_step": res.steps, "last_good_loss": monitor.last_good_loss,
-                       "eval_s": 0.0, "saved_steps": steps - res.steps}
-            _add_cost(metrics, p)
-            text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
-                    f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
-            store.finish(rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
-                         timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
-            rep.log(f"[yellow]{label}: {text}[/yellow]")
-            return "diverged"
+            return done.diverged(monitor)
         if res.stopped_by is not None and res.stopped_by is pruning:
-            # pruned: keep the loss its pruner judged, skip generation, count what was saved
-            t0 = time.perf_counter()
-            seen = pruning.loss_at(res.steps)  # (loss, examples, whole set?)
-            if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
-                losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
-                said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
-            else:
-                loss = seen[0] if seen is not None else eval_loss(peft_model, p.eval_encoded, pad_id=tok.pad_token_id)
-                losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
-                          "pruned_loss_examples": len(p.eval_encoded)}
-                said = f"eval loss {loss:.4f}"
-            saved = steps - res.steps
-            metrics = {**train_metrics, **losses, "eval_s": round(time.perf_counter() - t0, 2), "pruned_step": res.steps,
-                       "saved_steps": saved, "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at its own s/step
-            _add_cost(metrics, p)
-            text = f"pruned at step {res.steps} of {steps} ({said}); {saved} steps not trained"
-            store.finish(rid, metrics=metrics, curves=res.curve, samples=[], timings={"train_s": round(res.wall_s, 2)},
-                         adapter_path=None, status="pruned", error=text)
-            rep.log(f"{label}: {text}")
-            return "pruned"
-        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval, probe=probe)
-        metrics.update(train_metrics)
-        tmp = run_dir / "adapter.tmp"
-        final = run_dir / "adapter"
+            return done.pruned(pruning)
+        return done.finished(gen_batch, full_eval, probe)
+    except KeyboardInterrupt:
+        store.mark(rid, "interrupted")
+        raise
+    except Exception as err:  # one broken run must not stop the others
+        return _failed(err, run, label, rid, store, rep, reached)
+    finally:
+        if peft_model is not None:
+            _restore_base(p, peft_model)
+
+
+def _with_lora(p: Prepared, run: RunSpec):
+    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
+    lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
+                      target_modules=p.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(p.base.model, lcfg)
+
+
+def _train(p: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning):
+    """The training loop with its step hooks: divergence, progress, the fault point, and the pruner."""
+    from .data import encode_example
+    from .stability import DivergenceMonitor
+    from .train import plan_steps, train_lora
+
+    tok = p.base.tokenizer
+    train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
+    with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
+        monitor = DivergenceMonitor()
+        hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
+        return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks), monitor
+
+
+@dataclass
+class _Done:
+    """A trained run, stored by how its training ended: diverged, pruned, or finished (evaluated, with
+    its adapter fsynced on disk before the row says so)."""
+
+    p: Prepared
+    run: RunSpec
+    label: str
+    rid: str
+    store: Store
+    rep: Reporter
+    model: Any  # the PEFT model
+    res: Any  # train.TrainResult
+
+    @property
+    def planned(self) -> int:
+        from .train import plan_steps
+
+        return plan_steps(len(self.p.dataset.train), self.run.train)
+
+    def train_metrics(self) -> dict:
+        from .stability import stability_summary
+
+        res = self.res
+        out = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2), "train_tokens": res.tokens,
+               "tokens_per_s": round(res.tokens_per_s, 1), "peak_mem_mb": round(res.peak_mem_mb, 1),
+               "trainable_params": res.trainable_params, "total_params": res.total_params, "steps": res.steps,
+               "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
+        out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
+        return out
+
+    def diverged(self, monitor) -> str:
+        from .stability import diagnose
+
+        run, res = self.run, self.res
+        blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
+        metrics = {**self.train_metrics(), "diverged_step": res.steps, "last_good_loss": monitor.last_good_loss,
+                   "eval_s": 0.0, "saved_steps": self.planned - res.steps}
+        _add_cost(metrics, self.p)
+        text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
+                f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
+        self.store.finish(self.rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
+                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
+        self.rep.log(f"[yellow]{self.label}: {text}[/yellow]")
+        return "diverged"
+
+    def pruned(self, pruning) -> str:
+        """Keep the loss its pruner judged, skip generation, count what was saved."""
+        from .metrics import perplexity
+        from .train import eval_loss
+
+        p, res = self.p, self.res
+        t0 = time.perf_counter()
+        seen = pruning.loss_at(res.steps)  # (loss, examples, whole set?)
+        if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
+            losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
+            said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
+        else:
+            loss = seen[0] if seen is not None else eval_loss(self.model, p.eval_encoded,
+                                                              pad_id=p.base.tokenizer.pad_token_id)
+            losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
+                      "pruned_loss_examples": len(p.eval_encoded)}
+            said = f"eval loss {loss:.4f}"
+        saved = self.planned - res.steps
+        metrics = {**self.train_metrics(), **losses, "eval_s": round(time.perf_counter() - t0, 2),
+                   "pruned_step": res.steps, "saved_steps": saved,
+                   "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at its own seconds per step
+        _add_cost(metrics, p)
+        text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
+        self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
+                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="pruned", error=text)
+        self.rep.log(f"{self.label}: {text}")
+        return "pruned"
+
+    def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
+        p, res = self.p, self.res
+        metrics, samples, timings = evaluate(self.model, p, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
+        metrics.update(self.train_metrics())
+        run_dir = self.store.run_dir(self.rid)
+        tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
+        self.model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
         fault_point("adapter.save")
         _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
         _add_cost(metrics, p)
-        store.finish(rid, metrics=metrics, curves=res.curve, samples=samples,
-                     timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
-        rep.log(_one_line(label, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in {res.wall_s:.0f} s "
-                f"({res.tokens_per_s:.0f} tokens/s)")
+        self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=samples,
+                          timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
+        self.rep.log(_one_line(self.label, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in "
+                     f"{res.wall_s:.0f} s ({res.tokens_per_s:.0f} tokens/s)")
         return "finished"
-    except KeyboardInterrupt:
-        store.mark(rid, "interrupted")
-        raise
-    except Exception as err:  # one broken run must not stop the others
-        shutil.rmtree(run_dir / "adapter.tmp", ignore_errors=True)
-        full = storage_error(err, store.root)
-        if full is not None:  # every later run would fail the same way: stop, and say why
-            try:
-                store.mark(rid, "failed", str(full))
-            except Exception:
-                pass  # the database is on the same full disk; the row stays `running`, which doctor reports
-            raise full from None
-        trace = "".join(traceback.format_exception(err))[-4000:]
-        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-            where = "evaluation" if reached["trained"] else f"training step {reached['step'] + 1}"
-            reason = (f"out of memory in {where} ({type(err).__name__}). Fix: lower train.batch_size "
-                      f"({run.train.batch_size}) or train.max_seq_len ({run.train.max_seq_len}) and raise "
-                      f"train.gradient_accumulation to keep the effective batch; in evaluation, lower "
-                      f"generate.batch_size ({run.generate.batch_size})")
-            store.mark(rid, "failed", f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
-            rep.log(f"[red]{label}: {_plain(reason)}[/red]")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return "failed"
-        store.mark(rid, "failed", trace)
-        rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
+
+
+def _failed(err: Exception, run: RunSpec, label: str, rid: str, store: Store, rep: Reporter, reached: dict) -> str:
+    """A run that raised: marked failed with its traceback (out of memory: with the knobs to turn); a full
+    disk stops the experiment, since every later run would fail the same way."""
+    import torch
+
+    shutil.rmtree(store.run_dir(rid) / "adapter.tmp", ignore_errors=True)
+    full = storage_error(err, store.root)
+    if full is not None:
+        try:
+            store.mark(rid, "failed", str(full))
+        except Exception:
+            pass  # the database is on the same full disk; the row stays `running`, which doctor reports
+        raise full from None
+    trace = "".join(traceback.format_exception(err))[-4000:]
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        where = "evaluation" if reached["trained"] else f"training step {reached['step'] + 1}"
+        reason = (f"out of memory in {where} ({type(err).__name__}). Fix: lower train.batch_size "
+                  f"({run.train.batch_size}) or train.max_seq_len ({run.train.max_seq_len}) and raise "
+                  f"train.gradient_accumulation to keep the effective batch; in evaluation, lower "
+                  f"generate.batch_size ({run.generate.batch_size})")
+        store.mark(rid, "failed", f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
+        rep.log(f"[red]{label}: {_plain(reason)}[/red]")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return "failed"
-    finally:
-        if peft_model is not None:
-            _restore_base(p, peft_model)
+    store.mark(rid, "failed", trace)
+    rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
+    return "failed"
 
 
 class _Progress:

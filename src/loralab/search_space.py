@@ -187,20 +187,27 @@ def sampler_class_name(strategy: str) -> str:
 # Validation (called by loading.parse_experiment, so every problem is reported with the others)
 
 
+class _Problems(list):
+    """Problems of a sweep section, each with the YAML line of its key (or of its section when missing)."""
+
+    def __init__(self, lines: dict[str, int]):
+        super().__init__()
+        self.lines = lines
+
+    def __call__(self, path: str, message: str, value: Any, fix: str, has_value: bool = True) -> None:
+        parents = [path[:i] for i in range(len(path), 0, -1) if i == len(path) or path[i] == "."]
+        line = next((self.lines[q] for q in parents if q in self.lines), None)
+        self.append(Problem(path + (f" (line {line})" if line else ""), message, value, fix, has_value))
+
+
 def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> list[Problem]:
-    """Problems the sweep schema alone cannot see: knob paths, links, strategy, budget, and whether
-    every trial config is a valid run. Schema errors were already reported by the Experiment model."""
+    """Problems the sweep schema alone cannot see: knob paths, links, strategy, budget, objectives, and
+    whether every trial config is a valid run. Schema errors were already reported by the Experiment model."""
     try:
         sw = SweepSpec.model_validate(raw["sweep"])
     except ValidationError:
         return []
-    out: list[Problem] = []
-
-    def problem(path: str, message: str, value: Any, fix: str, has_value: bool = True) -> None:
-        parents = [path[:i] for i in range(len(path), 0, -1) if i == len(path) or path[i] == "."]
-        line = next((lines[q] for q in parents if q in lines), None)  # a missing key: its section's line
-        out.append(Problem(path + (f" (line {line})" if line else ""), message, value, fix, has_value))
-
+    problem = _Problems(lines)
     runs_raw = raw.get("runs") if isinstance(raw.get("runs"), dict) else {}
     defaults_raw = raw.get("defaults") if isinstance(raw.get("defaults"), dict) else {}
     names = [r.name for r in resolved]
@@ -215,6 +222,17 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
         sampler_class_name(sw.strategy)
     except LookupError as err:
         problem("sweep.strategy", "unknown strategy", sw.strategy, str(err))
+    _check_knobs(sw, problem)
+    _check_budget(sw, raw, problem)
+    _check_objectives(sw, raw, resolved, start, problem)
+    if problem or start is None:
+        return list(problem)
+    _check_points(sw, start, problem)
+    return list(problem)[:10]
+
+
+def _check_knobs(sw: SweepSpec, problem: _Problems) -> None:
+    """Each knob: a field of lora/train/generate, searchable, with choices or a range its type allows."""
     grid = is_grid(sw)
     topics = "; ".join(f"{t}: {', '.join(m.model_fields)}" for t, m in _TOPICS.items())
     for path, knob in sw.space.items():
@@ -251,6 +269,11 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
                 problem(f"{where}.ratio_of", "ratio_of needs a numeric knob", knob.ratio_of, "link to a number such as lora.r")
             if not numeric:
                 problem(where, "only a numeric knob can be a ratio of another", path, "give it a list of choices")
+
+
+def _check_budget(sw: SweepSpec, raw: dict, problem: _Problems) -> None:
+    """A budget that ends the search (only a grid ends by itself), a price for money, a usable storage."""
+    grid = is_grid(sw)
     b = sw.budget
     if b.money is not None and not isinstance(raw.get("cost"), dict):
         problem("sweep.budget.money", "a money budget needs a price", b.money,
@@ -262,6 +285,10 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
         why, fix = storage_problem(sw.storage)
         if why:
             problem("sweep.storage", why, sw.storage, fix)
+
+
+def _check_objectives(sw: SweepSpec, raw: dict, resolved: list[RunSpec], start: dict | None, problem: _Problems) -> None:
+    """Every objective a metric some trial records (at the caps the file evaluates), pruning single-objective."""
     caps = {c for r in resolved for c in r.generate.max_new_tokens}
     try:
         caps |= set(make_run(start, {}, "start").generate.max_new_tokens) if start is not None else set()
@@ -282,18 +309,21 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
     if len(sw.objective) > 1 and sw.pruner is not None and sw.pruner.name != "none":
         problem("sweep.pruner", "Optuna prunes only single-objective studies", sw.pruner.name,
                 "use `pruner: {name: none}` or one objective")
-    if out or start is None:
-        return out
+
+
+def _check_points(sw: SweepSpec, start: dict, problem: _Problems) -> None:
+    """Every trial a valid run (a grid's points, or a range's corners); a grid that could never finish."""
     try:
         make_run(start, {}, "start")
     except ValidationError:  # the start settings themselves are wrong: already reported under defaults/runs
-        return out
+        return
+    grid = is_grid(sw)
     space = Space(sw)
     n_grid = math.prod(len(d.knob.values) for d in space.dims) if grid else 0
     if n_grid > MAX_GRID_POINTS:  # Optuna's grid lists every point up front: memory and time before trial 0
         problem("sweep.space", f"a grid of {n_grid:,} points", n_grid,
                 f"keep a grid under {MAX_GRID_POINTS:,} points, or use strategy tpe or random with budget.trials")
-        return out
+        return
     points = space.expand() if grid and n_grid <= MAX_CHECKED_POINTS else space.corners()
     seen: set[str] = set()
     for pt in points:
@@ -311,7 +341,6 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
                 shown = ", ".join(f"{k}={v}" for k, v in pt.items())
                 problem(where, f"a trial would be invalid: {msg}", shown,
                         "narrow the space (or change the start settings) so every trial is a valid run")
-    return out[:10]
 
 
 def storage_problem(url: str) -> tuple[str | None, str]:
