@@ -120,59 +120,8 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
         return f"{', '.join(sorted(names.get(rec.id, []))) or rec.name} [{rec.id}]"
 
     for rec in rows:
-        if store.in_progress(rec.id):
-            continue  # a live process is training or storing it
-        folder = store.run_dir(rec.id)
-        if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
-            out.findings.append(Finding("damaged-row", where(rec), "its database row cannot be read: " + "; ".join(rec.damaged),
-                                        f"run its experiment again, which trains and stores it anew; its files in {folder} "
-                                        "are kept", repairable=False))
-            continue
-        if rec.status == "running":
-            f = Finding("interrupted", where(rec), "left `running` by a process that stopped without finishing it "
-                        "(kill -9, crash, power cut or full disk)",
-                        "mark it interrupted and remove its unfinished files; the next `loralab run` trains it again")
-            out.findings.append(f)
-            if repair:
-                f.repaired = _repair_run(store, rec.id, "interrupted", "left running by a process that died "
-                                         "(found by loralab doctor)", remove=True)
-            continue
-        if rec.status == "finished":
-            if "eval_loss" not in rec.metrics:
-                f = Finding("no-metrics", where(rec), "marked finished but has no metrics",
-                            "mark it failed; the next `loralab run` trains it again")
-                out.findings.append(f)
-                if repair:
-                    f.repaired = _repair_run(store, rec.id, "failed", "finished without metrics (found by loralab doctor)",
-                                             remove=True)
-                continue
-            local = folder / "adapter"  # where the runner always saves it
-            if rec.kind == "lora" and not (rec.adapter_path and Path(rec.adapter_path).resolve() == local.resolve()
-                                           and adapter_complete(local)):
-                if adapter_complete(local):
-                    f = Finding("moved", where(rec), f"its adapter path {rec.adapter_path} is not this workspace's "
-                                "(the workspace was moved or copied)", f"point the run at {local}")
-                    out.findings.append(f)
-                    if repair:
-                        store.set_adapter_path(rec.id, str(local))
-                        f.repaired = True
-                    rec.adapter_path = str(local)  # so the adapter is not taken for a leftover below
-                else:
-                    f = Finding("no-adapter", where(rec), f"finished, but its adapter {rec.adapter_path} is missing "
-                                "or incomplete", "mark it failed; the next `loralab run` trains it again")
-                    out.findings.append(f)
-                    if repair:
-                        f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "
-                                                 "loralab doctor)", remove=True)
-                    continue
-        leftovers = _leftovers(rec, folder)
-        if leftovers:
-            f = Finding("leftovers", where(rec), f"{rec.status} run has files no finished result uses: "
-                        + ", ".join(p.name for p in leftovers), "remove them")
-            out.findings.append(f)
-            if repair:
-                f.repaired = _remove(store, rec.id, leftovers)
-
+        if not store.in_progress(rec.id):  # else a live process is training or storing it
+            _check_run(store, rec, where(rec), out, repair)
     for path in folders:
         if path.name in by_id or store.in_progress(path.name):
             continue
@@ -181,7 +130,6 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
         out.findings.append(f)
         if repair:
             f.repaired = _remove(store, path.name, [path])
-
     for experiment, name, seed, rid in aliases:
         if rid not in by_id:
             f = Finding("stale-alias", f"{experiment}/{name}", f"points at run {rid}, which the database does not hold",
@@ -190,6 +138,68 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
             if repair:
                 store.drop_alias(experiment, name, seed)
                 f.repaired = True
+
+
+def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: bool) -> None:
+    """One run's row against its folder: damaged, left running, finished without metrics or adapter, moved,
+    or with leftover files."""
+    folder = store.run_dir(rec.id)
+    if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
+        out.findings.append(Finding("damaged-row", where, "its database row cannot be read: " + "; ".join(rec.damaged),
+                                    f"run its experiment again, which trains and stores it anew; its files in {folder} "
+                                    "are kept", repairable=False))
+        return
+    if rec.status == "running":
+        f = Finding("interrupted", where, "left `running` by a process that stopped without finishing it "
+                    "(kill -9, crash, power cut or full disk)",
+                    "mark it interrupted and remove its unfinished files; the next `loralab run` trains it again")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _repair_run(store, rec.id, "interrupted", "left running by a process that died "
+                                     "(found by loralab doctor)", remove=True)
+        return
+    if rec.status == "finished" and not _check_finished(store, rec, where, folder, out, repair):
+        return
+    leftovers = _leftovers(rec, folder)
+    if leftovers:
+        f = Finding("leftovers", where, f"{rec.status} run has files no finished result uses: "
+                    + ", ".join(p.name for p in leftovers), "remove them")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _remove(store, rec.id, leftovers)
+
+
+def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out: Checkup, repair: bool) -> bool:
+    """A finished run has metrics and its complete adapter in this workspace; False when it is not
+    finished after all (then nothing else about it is checked)."""
+    if "eval_loss" not in rec.metrics:
+        f = Finding("no-metrics", where, "marked finished but has no metrics",
+                    "mark it failed; the next `loralab run` trains it again")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _repair_run(store, rec.id, "failed", "finished without metrics (found by loralab doctor)",
+                                     remove=True)
+        return False
+    local = folder / "adapter"  # where the runner always saves it
+    if rec.kind != "lora" or (rec.adapter_path and Path(rec.adapter_path).resolve() == local.resolve()
+                              and adapter_complete(local)):
+        return True
+    if adapter_complete(local):
+        f = Finding("moved", where, f"its adapter path {rec.adapter_path} is not this workspace's "
+                    "(the workspace was moved or copied)", f"point the run at {local}")
+        out.findings.append(f)
+        if repair:
+            store.set_adapter_path(rec.id, str(local))
+            f.repaired = True
+        rec.adapter_path = str(local)  # so the adapter is not taken for a leftover
+        return True
+    f = Finding("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
+                "or incomplete", "mark it failed; the next `loralab run` trains it again")
+    out.findings.append(f)
+    if repair:
+        f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "
+                                 "loralab doctor)", remove=True)
+    return False
 
 
 def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .errors import Problem, SpecError
-from .execute import ExecutorFactory, Job, Pruning
+from .execute import Executor, ExecutorFactory, Job, Pruning
 from .pruning import make_pruner
 from .progress import Reporter
 from .search_space import (Space, _budget_text, experiment_start, is_grid, make_run, needs_full_eval, needs_probe,
@@ -339,7 +339,6 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     reporter)` (default runner.LocalExecutor: a fresh adapter trained, evaluated, stored and removed).
     Running it again continues the study (see the module docstring)."""
     import optuna
-    from optuna.trial import TrialState
 
     from .runner import prepare, resolve_workspace
     from .store import Store
@@ -366,113 +365,149 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
                                "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": p.base.fingerprint,
                                "data": p.dataset.fingerprint})
     result = SweepResult(ws, exp.name, url)
-    from .locks import file_lock, process_alive, process_identity
     from .runner import LocalExecutor
-    from .store import LOCKS
 
-    worker = (executor or LocalExecutor)(p, store, rep)  # every seed of every trial is a job for it
-
-    owner = process_identity()
-
-    def alive(t) -> bool:
-        return process_alive(t.user_attrs.get("owner"))
-
-    def forget(number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
-        store.drop_aliases(exp.name, f"trial-{number:04d}")
-
-    def study_lock():  # creating the study, recovering and asking: one process of this workspace at a time
-        return file_lock(ws / LOCKS / f"study-{config_hash([url, exp.name])}.lock")
-
-    waited = False
-    repeats = 0  # proposals in a row that repeated a configuration already trained
+    loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(p, store, rep))
     try:
-        with study_lock():
-            study = open_study(exp, url, space, fingerprint)
-            recover_interrupted(study, space, rep, alive, forget)
-        per_hour = exp.cost.per_hour if exp.cost else None
-        sign = {"minimize": 1.0, "maximize": -1.0}[sw.directions[0]]  # pruners read the loss in the objective's sense
+        with loop.study_lock():
+            loop.study = open_study(exp, url, space, fingerprint)
+            recover_interrupted(loop.study, space, rep, loop.alive, loop.forget)
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
         while True:
-            with study_lock():
+            reason, busy, proposal = loop.propose()
+            if reason:
+                result.stopped = reason
+                break
+            if busy:
+                loop.wait_for_others()
+                continue
+            result.ran.append(loop.execute(p, *proposal))
+        _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
+        loop.worker.close()
+        result.close_to_best = _close_to_best(result, store, exp, rep)
+    finally:
+        store.close()
+    return result
+
+
+class _Loop:
+    """The sweep's ask -> execute -> tell loop, one trial at a time, shared safely with other processes:
+    proposals are made under a workspace lock, a trial records its owner, and a trial left by a dead
+    owner is recovered (run again), never taken over while its owner lives."""
+
+    def __init__(self, exp: Experiment, space: Space, store, url: str, ws: Path, rep: Reporter, worker: Executor):
+        from .locks import process_identity
+
+        self.exp, self.sw, self.space, self.store, self.url, self.ws, self.rep = exp, exp.sweep, space, store, url, ws, rep
+        self.worker = worker  # every seed of every trial is a job for it
+        self.owner = process_identity()
+        self.study = None
+        self.per_hour = exp.cost.per_hour if exp.cost else None
+        self.sign = {"minimize": 1.0, "maximize": -1.0}[self.sw.directions[0]]  # pruners read the loss in the objective's sense
+        self.repeats = 0  # proposals in a row that repeated a configuration already trained
+        self.waited = False
+
+    def alive(self, t) -> bool:
+        from .locks import process_alive
+
+        return process_alive(t.user_attrs.get("owner"))
+
+    def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
+        self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
+
+    def study_lock(self):  # creating the study, recovering and asking: one process of this workspace at a time
+        from .locks import file_lock
+        from .store import LOCKS
+
+        return file_lock(self.ws / LOCKS / f"study-{config_hash([self.url, self.exp.name])}.lock")
+
+    def propose(self) -> tuple[str | None, bool, tuple | None]:
+        """(why the sweep ends, whether to wait for other processes, (trial, params, knobs) to run)."""
+        from optuna.trial import TrialState
+
+        sw, study = self.sw, self.study
+        while True:
+            with self.study_lock():
                 trials = study.get_trials(deepcopy=False)
-                reason = budget_reason(trials, sw, per_hour)
+                reason = budget_reason(trials, sw, self.per_hour)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
                     reason = "every grid point done"
                 # The last grid points are being run by other processes: wait for them rather than repeat one.
                 busy = reason is None and is_grid(sw) and not waiting and not study.sampler.unstarted(study)
-                if not reason and not busy:
-                    trial = study.ask()
-                    trial.set_user_attr("owner", owner)
-                    params = {d.param: d.suggest(trial) for d in space.dims}
-                    knobs = space.knobs(params)
-                    trial.set_user_attr("knobs", knobs)
-                    twin = duplicate_of(trials, knobs, alive)
-                    if twin is not None:  # a configuration trained (or training) already: not a new trial
-                        trial.set_user_attr("status", "duplicate")
-                        trial.set_user_attr("duplicate_of", twin)
-                        study.tell(trial, state=TrialState.FAIL)
-                        repeats += 1
-                        if repeats >= MAX_REPEATED_PROPOSALS:
-                            reason = (f"the search space looks exhausted: the last {repeats} proposals were all "
-                                      "configurations already trained")
-                        else:
-                            continue
-                    else:
-                        repeats = 0
-            if reason:
-                result.stopped = reason
-                break
-            if busy:
-                if not waited:
-                    rep.log("Waiting for another sweep process to finish the last grid point(s).")
-                    waited = True
-                time.sleep(1.0)
-                with study_lock():
-                    recover_interrupted(study, space, rep, alive, forget)  # in case that process died meanwhile
-                continue
-            name = f"trial-{trial.number:04d}"
+                if reason or busy:
+                    return reason, busy, None
+                trial = study.ask()
+                trial.set_user_attr("owner", self.owner)
+                params = {d.param: d.suggest(trial) for d in self.space.dims}
+                knobs = self.space.knobs(params)
+                trial.set_user_attr("knobs", knobs)
+                twin = duplicate_of(trials, knobs, self.alive)
+                if twin is None:
+                    self.repeats = 0
+                    return None, False, (trial, params, knobs)
+                # A configuration trained (or training) already: not a new trial.
+                trial.set_user_attr("status", "duplicate")
+                trial.set_user_attr("duplicate_of", twin)
+                study.tell(trial, state=TrialState.FAIL)
+                self.repeats += 1
+                if self.repeats >= MAX_REPEATED_PROPOSALS:
+                    return (f"the search space looks exhausted: the last {self.repeats} proposals were all "
+                            "configurations already trained"), False, None
 
-            t0 = time.perf_counter()
-            try:
-                tr = run_trial(p, exp, knobs, store, name=name, reporter=rep, executor=worker,
-                               pruning=Pruning(url, exp.name, trial.number, sign) if len(sw.objective) == 1 else None)
-            except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
-                study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-                trial.set_user_attr("status", "interrupted")
-                study.tell(trial, state=TrialState.FAIL)
-                forget(trial.number)
-                raise
-            except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
-                trial.set_user_attr("status", "interrupted")
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            spent = time.perf_counter() - t0
-            for k, v in {"status": tr.status, "run_ids": tr.run_ids, "spent_s": round(spent, 3), "reused": tr.reused,
-                         "steps": tr.steps, "planned_steps": tr.planned_steps, "saved_steps": tr.saved_steps,
-                         "saved_s": tr.saved_s}.items():
-                trial.set_user_attr(k, v)
-            if tr.status == "finished":
-                study.tell(trial, tr.values)
-                what = _values_text(sw, tr.values)
-            elif tr.status in ("pruned", "diverged"):  # stopped early because it was bad: Optuna's PRUNED
-                study.tell(trial, state=TrialState.PRUNED)
-                what = (f"pruned at step {tr.steps}/{tr.planned_steps}, saved {tr.saved_steps} steps (~{tr.saved_s:.1f} s)"
-                        if tr.status == "pruned" else f"diverged at step {tr.steps}")
-            else:
-                if tr.error:
-                    trial.set_user_attr("error", tr.error[-2000:])
-                study.tell(trial, state=TrialState.FAIL)
-                what = "failed" + (f": {tr.error.strip().splitlines()[-1]}" if tr.error else "")
-            result.ran.append(trial.number)
-            reused = f", reused {tr.reused} stored run(s)" if tr.reused else ""
-            rep.log(f"trial {trial.number}: {_fmt(knobs)} -> {tr.status}: {what} ({spent:.1f} s{reused})")
-        _finish(result, study, space, sw, per_hour, exp, rep)
-        worker.close()
-        result.close_to_best = _close_to_best(result, store, exp, rep)
-    finally:
-        store.close()
-    return result
+    def wait_for_others(self) -> None:
+        if not self.waited:
+            self.rep.log("Waiting for another sweep process to finish the last grid point(s).")
+            self.waited = True
+        time.sleep(1.0)
+        with self.study_lock():
+            recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)  # in case it died meanwhile
+
+    def execute(self, p, trial, params: dict, knobs: dict) -> int:
+        """Run one trial's jobs and tell Optuna how it ended; returns the trial's number."""
+        from optuna.trial import TrialState
+
+        exp, study = self.exp, self.study
+        t0 = time.perf_counter()
+        try:
+            pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
+            tr = run_trial(p, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
+                           executor=self.worker, pruning=pruning)
+        except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
+            study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            self.forget(trial.number)
+            raise
+        except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        spent = time.perf_counter() - t0
+        for k, v in {"status": tr.status, "run_ids": tr.run_ids, "spent_s": round(spent, 3), "reused": tr.reused,
+                     "steps": tr.steps, "planned_steps": tr.planned_steps, "saved_steps": tr.saved_steps,
+                     "saved_s": tr.saved_s}.items():
+            trial.set_user_attr(k, v)
+        what = self.tell(trial, tr)
+        reused = f", reused {tr.reused} stored run(s)" if tr.reused else ""
+        self.rep.log(f"trial {trial.number}: {_fmt(knobs)} -> {tr.status}: {what} ({spent:.1f} s{reused})")
+        return trial.number
+
+    def tell(self, trial, tr: TrialRuns) -> str:
+        """Optuna's state for how the trial's runs ended (loralab's status kept as a user attr); a phrase."""
+        from optuna.trial import TrialState
+
+        if tr.status == "finished":
+            self.study.tell(trial, tr.values)
+            return _values_text(self.sw, tr.values)
+        if tr.status in ("pruned", "diverged"):  # stopped early because it was bad: Optuna's PRUNED
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return (f"pruned at step {tr.steps}/{tr.planned_steps}, saved {tr.saved_steps} steps (~{tr.saved_s:.1f} s)"
+                    if tr.status == "pruned" else f"diverged at step {tr.steps}")
+        if tr.error:
+            trial.set_user_attr("error", tr.error[-2000:])
+        self.study.tell(trial, state=TrialState.FAIL)
+        return "failed" + (f": {tr.error.strip().splitlines()[-1]}" if tr.error else "")
 
 
 def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
