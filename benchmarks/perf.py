@@ -32,9 +32,9 @@ def emit(**kw) -> None:
 
 
 def setup(device: str = "auto"):
-    from loralab.data import encode_example, load_data
-    from loralab.models import load_base_model
-    from loralab.spec import DataSpec, ModelSpec
+    from loralab.engine.data import encode_example, load_data
+    from loralab.engine.models import load_base_model
+    from loralab.config.schema import DataSpec, ModelSpec
 
     base = load_base_model(ModelSpec(name="builtin:smollm2-135m"), Path.cwd(), device=device, log=lambda s: None)
     ds = load_data(DataSpec(**DATA), Path.cwd())
@@ -71,7 +71,7 @@ def plain_loop_tokens_per_s(model, train, pad_id: int, steps: int) -> float:
     """The loop most people write: labels into the model (logits at every position), AdamW."""
     import torch
 
-    from loralab.train import collate
+    from loralab.engine.train import collate
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -96,7 +96,7 @@ def bench_train() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loralab.sweep import matmul_flops
+    from loralab.sweep.study import matmul_flops
 
     base, ds, train, _ = setup()
     dev = base.device
@@ -142,8 +142,8 @@ def train_run_a(base, train, cfg, seed: int, steps: int, pack: bool = True):
     import torch
     from peft import get_peft_model
 
-    from loralab import train as loop
-    from loralab.spec import TrainSpec
+    from loralab.engine import train as loop
+    from loralab.config.schema import TrainSpec
 
     torch.manual_seed(seed)
     model = get_peft_model(base.model, cfg)
@@ -163,8 +163,8 @@ def loralab_tokens_per_s(base, train, cfg, seed: int, steps: int, pack: bool = T
 
 def padding_share(train, steps: int) -> float:
     """The padding right-padded batches of the seed's order would carry (what packing removes)."""
-    from loralab.spec import TrainSpec
-    from loralab.train import micro_batches
+    from loralab.config.schema import TrainSpec
+    from loralab.engine.train import micro_batches
 
     batches = micro_batches(len(train), TrainSpec(batch_size=2))
     real = pad = 0
@@ -194,8 +194,8 @@ def bench_generate() -> None:
     """P3: greedy generation of the 32 eval answers at cap 64, batched (loralab) vs one prompt at a time."""
     import torch
 
-    from loralab.data import end_token_id
-    from loralab.generate import generate_greedy
+    from loralab.engine.data import end_token_id
+    from loralab.engine.generate import generate_greedy
 
     base, ds, _, evals = setup()
     tok, model = base.tokenizer, base.model
@@ -227,8 +227,8 @@ def bench_generate() -> None:
 # Each snippet runs in a fresh process, timed from its first import (`inner` adds the timing).
 MODEL_READY = """
 from pathlib import Path
-from loralab.models import load_base_model
-from loralab.spec import ModelSpec
+from loralab.engine.models import load_base_model
+from loralab.config.schema import ModelSpec
 b = load_base_model(ModelSpec(name="builtin:smollm2-135m"), Path.cwd(), log=lambda s: None)
 """
 IMPORT_TORCH = "import torch"

@@ -30,10 +30,10 @@ def plain_point(r: int, lr: float) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from loralab.data import encode_example, load_data
-    from loralab.models import builtin_model_dir
-    from loralab.spec import DataSpec
-    from loralab.train import eval_loss
+    from loralab.engine.data import encode_example, load_data
+    from loralab.engine.models import builtin_model_dir
+    from loralab.config.schema import DataSpec
+    from loralab.engine.train import eval_loss
 
     t0 = time.perf_counter()
     folder = builtin_model_dir()

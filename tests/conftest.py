@@ -12,9 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings fro
 # Tiny models: syncing threads costs far more than the math, 10-30x more on a busy 2-core CI box.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# tests/ mirrors src/loralab/ (tests/engine/test_train.py, ...); the helpers (tiny, chromium) and the
+# tests other tests build on (test_runner's files, test_findings' fabricated runs) import by name
+# from any folder.
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE)] + sorted(str(d) for d in HERE.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
 
 from tiny import make_tiny_model  # noqa: E402  (tests/ is on sys.path: it holds this conftest)
 

@@ -17,7 +17,7 @@ def test_builtin_model_trains_a_few_steps(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loralab.models import builtin_model_dir
+    from loralab.engine.models import builtin_model_dir
 
     p = tmp_path / "smoke.yaml"
     p.write_text("""
@@ -47,7 +47,7 @@ runs:
 def test_converted_builtin_model_is_a_plain_fp32_checkpoint():
     import json
 
-    from loralab.models import CACHE_FORMAT, builtin_model_dir
+    from loralab.engine.models import CACHE_FORMAT, builtin_model_dir
 
     folder = builtin_model_dir()
     config = json.loads((folder / "config.json").read_text())

@@ -27,11 +27,11 @@ from typer.testing import CliRunner
 
 from loralab import faults
 from loralab.cli import app
-from loralab.doctor import adapter_complete, check_workspace
-from loralab.runner import run_experiment
-from loralab.loading import load_experiment
-from loralab.store import Store
-from loralab.sweep import run_sweep
+from loralab.workspace.doctor import adapter_complete, check_workspace
+from loralab.execute.runner import run_experiment
+from loralab.config.loading import load_experiment
+from loralab.workspace.store import Store
+from loralab.sweep.study import run_sweep
 
 RUNS = """evaluation: {drift: false}
 runs:

@@ -44,7 +44,7 @@ def test_sigterm_during_a_sweep_marks_the_trial_interrupted_and_the_same_command
     assert proc.wait(timeout=60) == 143, proc.output
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}")
     assert [(t.state.name, t.user_attrs.get("status")) for t in study.trials] == [("FAIL", "interrupted"), ("WAITING", None)]
-    from loralab.store import Store
+    from loralab.workspace.store import Store
 
     assert [r.status for r in Store(ws).all_runs()] == ["interrupted"] and statuses(ws) == {}  # the FAIL trial names no run
     again = Proc(tmp_path, "sweep", f, "-w", ws, name="again")
@@ -71,7 +71,7 @@ def assert_study_and_runs_agree(ws, experiment: str = "sw") -> None:
     duplicate trial names no run (its configuration's run belongs to the trial that finished it)."""
     import optuna
 
-    from loralab.store import Store
+    from loralab.workspace.store import Store
 
     store = Store(ws)
     named = {name: store.get(rid).status for exp_, name, _, rid in store.alias_rows() if exp_ == experiment}
@@ -103,10 +103,10 @@ def _complete(ws):
 
 
 def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_already_has(tiny_neox, tmp_path):
-    from loralab.doctor import check_workspace
-    from loralab.loading import load_experiment
-    from loralab.store import Store
-    from loralab.sweep import run_sweep
+    from loralab.workspace.doctor import check_workspace
+    from loralab.config.loading import load_experiment
+    from loralab.workspace.store import Store
+    from loralab.sweep.study import run_sweep
 
     f, ws = write(tmp_path, tiny_neox, TPE.replace("BUDGET", "5"), "sw"), tmp_path / "ws"
     proc = Proc(tmp_path, "sweep", f, "-w", ws, fault="train.step@6")  # trial 2's 2nd step: kill -9
@@ -127,8 +127,8 @@ def test_a_killed_tpe_sweep_resumes_without_retraining_a_configuration_it_alread
 
 
 def test_a_sweep_asked_for_more_trials_than_its_space_holds_stops_when_the_space_is_exhausted(tiny_neox, tmp_path):
-    from loralab.loading import load_experiment
-    from loralab.sweep import run_sweep
+    from loralab.config.loading import load_experiment
+    from loralab.sweep.study import run_sweep
 
     body = TPE.replace("BUDGET", "5").replace("{lora.r: [2, 4, 8], train.learning_rate: [1.0e-3, 1.0e-2]}", "{lora.r: [2, 4]}")
     result = run_sweep(load_experiment(write(tmp_path, tiny_neox, body, "sw")), workspace=tmp_path / "ws")

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import loralab
 from loralab.cli import app
-from loralab.spec import ModelSpec
-from loralab.store import Store
+from loralab.config.schema import ModelSpec
+from loralab.workspace.store import Store
 
 from test_reliability_inputs import write_remote_code_model
 
@@ -78,7 +78,7 @@ def test_trust_remote_code_reaches_transformers_only_when_the_file_sets_it(model
                                                                             monkeypatch):
     import transformers
 
-    from loralab.models import load_base_model
+    from loralab.engine.models import load_base_model
 
     seen = {}
 
@@ -130,7 +130,7 @@ def test_model_and_user_text_is_printed_as_text_never_as_terminal_markup(tiny_ne
 
 
 def test_an_error_text_holding_markup_does_not_break_the_run_loop(tiny_neox, tmp_path, monkeypatch):
-    import loralab.train as train_mod
+    import loralab.engine.train as train_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"bad value {HOSTILE}")

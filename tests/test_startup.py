@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loralab.models import ModelLayers, cached_layers, remember_layers, resolve_target_modules
+from loralab.engine.models import ModelLayers, cached_layers, remember_layers, resolve_target_modules
 
 PROBE = """
 import sys

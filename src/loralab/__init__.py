@@ -15,9 +15,9 @@ _LAZY = {**{n: "api" for n in _API}, "Experiment": "spec", "LoralabError": "erro
 __all__ = [*_API, "Experiment", "LoralabError"]
 
 if TYPE_CHECKING:
-    from .api import compare, difference, example_path, get_run, list_runs, load, run, validate  # noqa: F401
-    from .errors import LoralabError  # noqa: F401
-    from .spec import Experiment  # noqa: F401
+    from loralab.api import compare, difference, example_path, get_run, list_runs, load, run, validate  # noqa: F401
+    from loralab.errors import LoralabError  # noqa: F401
+    from loralab.config.schema import Experiment  # noqa: F401
 
 
 def __getattr__(name: str):

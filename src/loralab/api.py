@@ -6,11 +6,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LoralabError, Problem, SpecError
-from .loading import check_data_paths, load_experiment, surprises
-from .spec import Experiment
+from loralab.errors import LoralabError, Problem, SpecError
+from loralab.config.loading import check_data_paths, load_experiment, surprises
+from loralab.config.schema import Experiment
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
-    from .store import RunRecord, Store
+    from loralab.workspace.store import RunRecord, Store
 
 
 def load(path: str | Path) -> Experiment:
@@ -45,7 +45,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     if problems:
         raise SpecError(f"{path}: data file missing", problems)
     if exp.device == "cuda":  # what `run` would refuse: asked for a GPU that is not there
-        from .models import pick_device
+        from loralab.engine.models import pick_device
 
         pick_device("cuda")
     notes = [f"note: {n}" for n in surprises(exp)]
@@ -57,7 +57,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
         notes.append("LoRA target modules not checked: the model is not available locally yet "
                      "(they are checked before training starts)")
     else:
-        from .models import resolve_target_modules
+        from loralab.engine.models import resolve_target_modules
 
         for run in exp.resolved_runs:
             _, note = resolve_target_modules(layers, run.lora.target_modules, where=f"runs.{run.name}.lora.target_modules")
@@ -65,8 +65,8 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
                 notes.append(f"note: {note}")
         notes.append(f"LoRA target modules checked against {layers.model_type}'s layers")
     if dataset is not None:
-        from .data import data_surprises
-        from .preflight import check_plan
+        from loralab.engine.data import data_surprises
+        from loralab.execute.preflight import check_plan
 
         check_plan(exp, exp.resolved_runs, len(dataset.train), layers)
         notes.extend(f"note: {n}" for n in data_surprises(dataset))
@@ -74,7 +74,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
             _check_lengths(exp, dataset)
         notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
     if exp.sweep is not None:
-        from .search_space import describe
+        from loralab.config.space import describe
 
         notes.extend(describe(exp.sweep))
     return exp, notes
@@ -82,7 +82,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
 
 def _local_data(exp: Experiment):
     """The data set, read and split as `run` will, unless it lives on the Hugging Face hub (network)."""
-    from .data import load_data
+    from loralab.engine.data import load_data
 
     if exp.data.hf and not exp.resolve_path(exp.data.hf).is_dir():
         return None
@@ -92,9 +92,9 @@ def _local_data(exp: Experiment):
 def _check_lengths(exp: Experiment, dataset) -> None:
     """No example longer than the shortest max_seq_len; token counts recorded per model and data, so a
     second validate loads no tokenizer."""
-    from .data import check_lengths
-    from .models import load_tokenizer, local_folder
-    from .preflight import lengths_for, shortest_max_seq_len
+    from loralab.engine.data import check_lengths
+    from loralab.engine.models import load_tokenizer, local_folder
+    from loralab.execute.preflight import lengths_for, shortest_max_seq_len
 
     folder = local_folder(exp.model, exp.base_dir)
     check_lengths(lengths_for(folder, dataset, lambda: load_tokenizer(folder, exp.model)), dataset,
@@ -104,7 +104,7 @@ def _check_lengths(exp: Experiment, dataset) -> None:
 def _local_layers(exp: Experiment):
     """The model's layers when it is on disk (cached built-in or local folder), its weights checked
     against its config; None when it is not on disk yet."""
-    from .models import check_weights, local_folder, local_layers
+    from loralab.engine.models import check_weights, local_folder, local_layers
 
     folder = local_folder(exp.model, exp.base_dir)
     if folder is None or not (folder / "config.json").is_file():
@@ -117,8 +117,8 @@ def _local_layers(exp: Experiment):
 def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
         force: bool = False, console=None):
     """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs)."""
-    from .progress import Reporter
-    from .runner import run_experiment
+    from loralab.progress import Reporter
+    from loralab.execute.runner import run_experiment
 
     return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console))
 
@@ -128,15 +128,15 @@ def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool
 
     Running it again continues the same study (finished trials kept, an interrupted one re-run).
     `dry_run`: print the trials and the estimated time, train and write nothing."""
-    from .progress import Reporter
-    from .sweep import run_sweep
+    from loralab.progress import Reporter
+    from loralab.sweep.study import run_sweep
 
     return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run)
 
 
 def doctor(workspace: str | Path | None = None, repair: bool = False):
     """Check a workspace for what crashes leave behind (and repair it); returns a doctor.Checkup."""
-    from .doctor import check_workspace
+    from loralab.workspace.doctor import check_workspace
 
     return check_workspace(workspace_path(workspace), repair=repair)
 
@@ -150,10 +150,10 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
     `train`: also run it (runs already stored, a and b among them, are reused). `hold`: what stays fixed
     when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an ablate.Plan:
     `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
-    from .store import Store
+    from loralab.workspace.store import Store
 
-    from .ablate import plan, write_plan
-    from .runner import resolve_workspace
+    from loralab.analysis.ablate import plan, write_plan
+    from loralab.execute.runner import resolve_workspace
 
     exp = with_repeats(file if isinstance(file, Experiment) else load_experiment(file), repeats)
     ws = resolve_workspace(exp, workspace)
@@ -178,7 +178,7 @@ def report(targets: str | Path | list, *, out: str | Path, workspace: str | Path
 
     `targets`: one experiment file (its runs, sweep trials and ablations as stored), or run names or ids.
     Returns a report.Written (paths, and the report's content as `report`)."""
-    from . import report as rep
+    from loralab.report import build as rep
 
     targets = [targets] if isinstance(targets, (str, Path)) else list(targets)
     if not targets:
@@ -219,13 +219,13 @@ class _writable:
 
 
 def workspace_path(workspace: str | Path | None = None) -> Path:
-    from .store import workspace_path as resolve
+    from loralab.workspace.store import workspace_path as resolve
 
     return resolve(workspace)
 
 
 def open_store(workspace: str | Path | None = None) -> Store:
-    from .store import Store
+    from loralab.workspace.store import Store
 
     return Store(workspace_path(workspace), create=False)
 
@@ -257,7 +257,7 @@ def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
 
 def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: bool = False):
     """The comparison of runs by name or id, seeds pooled (see loralab.compare.Comparison)."""
-    from .comparison import compare as build
+    from loralab.analysis.comparison import compare as build
 
     groups = [get_group(r, workspace) for r in refs]
     ev = groups[-1][0].config.get("evaluation") or {}
@@ -271,7 +271,7 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     "higher", "lower", "within noise", "negligible" (inside evaluation.min_effect) or "untested" (one
     seed each of a per-run metric: no interval; `note` says why).
     """
-    from .comparison import _verdict
+    from loralab.analysis.comparison import _verdict
 
     c = compare([a, b], workspace)
     keys = sorted(r.key for _, rows in c.sections for r in rows)
@@ -280,6 +280,60 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
                         [Problem("metric", "unknown metric", metric, f"use one of: {', '.join(keys)}")])
     ev = c.groups[-1][0].config.get("evaluation") or {}
     return _verdict(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
+
+
+def table(c, title: str = "Main differences"):
+    """A comparison as a rich Table (what `loralab compare` prints), its legend as the caption."""
+    from loralab.analysis.comparison import render
+
+    return render(c, title)
+
+
+def markdown(c) -> str:
+    """A comparison as a GitHub Markdown table with its legend (`loralab compare --markdown`)."""
+    from loralab.analysis.comparison import to_markdown
+
+    return to_markdown(c)
+
+
+def compare_groups(groups: list, *, evaluation=None, all_knobs: bool = False):
+    """The comparison of runs already in hand (each a list of its seeds' records), read with an
+    experiment's evaluation settings (confidence, min_effect) when given."""
+    from loralab.analysis.comparison import compare as build
+
+    if evaluation is None:
+        return build(groups, all_knobs=all_knobs)
+    return build(groups, all_knobs=all_knobs, level=evaluation.confidence, floors=evaluation.min_effect)
+
+
+def text_of(value) -> str:
+    """A stored value as the tables show it (lists joined, floats short, None as —)."""
+    from loralab.analysis.comparison import fmt_value
+
+    return fmt_value(value)
+
+
+def effects_of(plan) -> list[tuple[str, str, str, str, str]]:
+    """An ablation's measured effects on the headline metrics, one row per knob and metric:
+    (knob, change, metric, effect with its interval, verdict); only effects with an interval."""
+    from loralab.analysis.ablate import knob_effects
+    from loralab.analysis.comparison import caps_of, fmt_value
+    from loralab.analysis.findings import fmt_of, headline_metrics, interval, label_of, testable
+
+    groups = [g for name, g in plan.result.groups().items() if name != "base"]
+    caps = caps_of([r for g in groups for r in g])
+    metrics = [m for m in headline_metrics(caps) if any(m in r.metrics for g in groups for r in g)]
+    ev = plan.experiment.evaluation
+    return [(e.knob, f"{fmt_value(e.low)} → {fmt_value(e.high)}" + (f" ({e.note})" if e.note else ""),
+             label_of(e.metric), interval(e.verdict, fmt_of(e.metric)), e.verdict.label)
+            for e in knob_effects(groups, metrics, level=ev.confidence, floors=ev.min_effect) if testable(e.verdict)]
+
+
+def storage_problem(err: BaseException, workspace: str | Path | None):
+    """A damaged or full workspace database as a WorkspaceError with its fix, or None for other errors."""
+    from loralab.workspace.store import storage_error
+
+    return storage_error(err, workspace_path(workspace))
 
 
 __all__ = ["ablate", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console, ConsoleDimensions
 
-from .errors import LoralabError
+from loralab.api import LoralabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declare LoRA runs in YAML, train them with PEFT, measure and compare them.")
@@ -80,9 +80,9 @@ def _guard(fn):
         except Exception as err:  # a damaged workspace database: a message, not a traceback (other errors are bugs)
             if not type(err).__module__.startswith(("sqlalchemy", "sqlite3")):
                 raise
-            from .store import DEFAULT_WORKSPACE, storage_error
+            from loralab import api
 
-            full = storage_error(err, Path(kwargs.get("workspace") or DEFAULT_WORKSPACE))
+            full = api.storage_problem(err, kwargs.get("workspace"))
             if full is None:
                 raise
             _fail(full)
@@ -146,7 +146,7 @@ def _print_json(obj) -> None:
 @_guard
 def validate(file: Path = typer.Argument(..., help="Experiment YAML file")):
     """Check an experiment file without training anything."""
-    from .api import validate as api_validate
+    from loralab.api import validate as api_validate
 
     exp, notes = api_validate(file)
     console.print(f"[green]OK[/green] {file}: experiment {exp.name!r}, runs: "
@@ -163,7 +163,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         repeats: Optional[int] = RepeatsOpt,
         workspace: Optional[Path] = WorkspaceOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
-    from . import api
+    from loralab import api
 
     exp = api.with_repeats(api.load(file), repeats)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console)
@@ -180,7 +180,7 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
           workspace: Optional[Path] = WorkspaceOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
-    from . import api
+    from loralab import api
 
     api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console)
 
@@ -191,7 +191,7 @@ def demo(workspace: Optional[Path] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
          repeats: Optional[int] = RepeatsOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
-    from . import api
+    from loralab import api
 
     path = api.example_path("seed-report.yaml")
     console.print(f"Running {path.name}: the seed's Run A and Run B on the built-in SmolLM2-135M "
@@ -204,12 +204,10 @@ def demo(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def _show_comparison(result, exp) -> None:
-    from .comparison import compare, render
+    from loralab import api
 
-    ev = exp.evaluation
     console.print()
-    console.print(render(compare(list(result.groups().values()), level=ev.confidence,
-                                 floors=ev.min_effect)))
+    console.print(api.table(api.compare_groups(list(result.groups().values()), evaluation=exp.evaluation)))
 
 
 @app.command("ls")
@@ -219,7 +217,7 @@ def ls(workspace: Optional[Path] = WorkspaceOpt,
     """List the runs in the workspace."""
     from rich.table import Table
 
-    from . import api
+    from loralab import api
 
     records = api.list_runs(workspace)
     if as_json:
@@ -244,8 +242,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     """Show one run: config, metrics, timings and a few sample outputs."""
     from rich.table import Table
 
-    from . import api
-    from .comparison import compare, fmt_value, render
+    from loralab import api
 
     group = api.get_group(run_ref, workspace)
     rec = group[0]
@@ -265,7 +262,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
                           highlight=False)
     console.print(f"model {rec.model.get('name')} ({rec.model.get('fingerprint')}), data {rec.data.get('name')} "
                   f"({rec.data.get('fingerprint')}), device {rec.config.get('device')} {rec.config.get('dtype')}", highlight=False)
-    console.print(render(compare([group], all_knobs=True), title="Settings and outcomes"))
+    console.print(api.table(api.compare_groups([group], all_knobs=True), title="Settings and outcomes"))
     caps = sorted({int(c) for s in rec.samples for c in s.get("outputs", {})})
     if rec.samples and samples > 0 and caps:
         t = Table(title="Samples", title_justify="left", show_lines=True)
@@ -274,7 +271,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
         for cap in caps:
             t.add_column(f"output @{cap}")
         for s in rec.samples[:samples]:
-            outs = [fmt_value(s["outputs"].get(str(c), {}).get("text")) for c in caps]
+            outs = [api.text_of(s["outputs"].get(str(c), {}).get("text")) for c in caps]
             t.add_row(*[_escape(x) for x in (s["prompt"], s["reference"], *outs)])
         console.print(t)
 
@@ -287,8 +284,7 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
                 markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (for notes and reports)"),
                 all_knobs: bool = typer.Option(False, "--all-knobs", help="Show every knob, not only those that differ")):
     """Compare runs side by side: the knobs that differ, then the measured outcomes."""
-    from . import api
-    from .comparison import render, to_markdown
+    from loralab import api
 
     twice = sorted({r for r in runs if runs.count(r) > 1})
     if twice:
@@ -298,9 +294,9 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
     if as_json:
         _print_json(c.to_json())
     elif markdown:
-        sys.stdout.write(to_markdown(c))
+        sys.stdout.write(api.markdown(c))
     else:
-        console.print(render(c))
+        console.print(api.table(c))
 
 
 @app.command()
@@ -309,7 +305,7 @@ def doctor(workspace: Optional[Path] = WorkspaceOpt,
            repair: bool = typer.Option(False, "--repair", help="Fix what was found (runs held by a live process are left alone)"),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output")):
     """Check that the workspace database and the files on disk agree; find what a crash left behind."""
-    from . import api
+    from loralab import api
 
     report = api.doctor(workspace, repair=repair)
     if as_json:
@@ -346,7 +342,7 @@ def ablate(file: Path = typer.Argument(..., metavar="FILE", help="Experiment YAM
            repeats: Optional[int] = RepeatsOpt,
            workspace: Optional[Path] = WorkspaceOpt):
     """Which knob did it? Write (and with --run, train) the runs that credit each differing knob."""
-    from . import api
+    from loralab import api
 
     plan = api.ablate(file, a, b, design=design, out=out, workspace=workspace, repeats=repeats, train=train,
                       console=console if train else None, hold=hold)
@@ -366,26 +362,18 @@ def _show_effects(plan) -> None:
     """Each knob's own effect on the headline metrics, from the ablation's runs: one row per knob and metric."""
     from rich.table import Table
 
-    from .ablate import knob_effects
-    from .comparison import caps_of, fmt_value
-    from .findings import fmt_of, headline_metrics, interval, label_of, testable
+    from loralab import api
 
-    groups = [g for name, g in plan.result.groups().items() if name != "base"]
-    caps = caps_of([r for g in groups for r in g])
-    metrics = [m for m in headline_metrics(caps) if any(m in r.metrics for g in groups for r in g)]
-    ev = plan.experiment.evaluation
-    effects = [e for e in knob_effects(groups, metrics, level=ev.confidence,
-                                       floors=ev.min_effect) if testable(e.verdict)]
-    if not effects:
+    rows = api.effects_of(plan)
+    if not rows:
         console.print("No knob's effect has an interval yet (one seed of per-run numbers): use --repeats 3.")
         return
-    t = Table(title=f"Each knob on its own ({ev.confidence:.0%} CI)", title_justify="left")
+    t = Table(title=f"Each knob on its own ({plan.experiment.evaluation.confidence:.0%} CI)", title_justify="left")
     for col, just in (("knob", "left"), ("change", "left"), ("metric", "left"), ("effect", "right"), ("verdict", "left")):
         t.add_column(col, justify=just)
-    for e in effects:
-        t.add_row(_escape(e.knob), _escape(f"{fmt_value(e.low)} → {fmt_value(e.high)}"), _escape(label_of(e.metric)),
-                  interval(e.verdict, fmt_of(e.metric)), e.verdict.label,
-                  style=None if e.verdict.label in ("within noise", "negligible") else "bold")
+    for knob, change, metric, effect, verdict in rows:
+        t.add_row(_escape(knob), _escape(change), _escape(metric), effect, verdict,
+                  style=None if verdict in ("within noise", "negligible") else "bold")
     console.print(t)
 
 
@@ -400,7 +388,7 @@ def report(targets: List[str] = typer.Argument(..., metavar="FILE | RUN...", hel
     """Write what the runs showed, from the evidence, as report.md and one self-contained report.html."""
     import re
 
-    from . import api
+    from loralab import api
 
     if out is None:
         stem = Path(targets[0]).stem if targets[0].endswith((".yaml", ".yml")) else "-".join(targets)

@@ -1,0 +1,1 @@
+"""Reading stored runs: the comparison, ablation designs and effects, and the findings' rules."""

@@ -1,0 +1,440 @@
+"""The "Main differences" table: the knobs that differ between runs, then the outcomes side by side,
+grouped (quality, verbosity, drift, stability, cost), each as a mean with its confidence interval
+across seeds, and a verdict for each run against the first: the difference, its CI, and
+`within noise` when the CI contains zero.
+
+Metrics measured per eval example (quality, verbosity, eval loss) get a paired bootstrap over the
+examples (each example's value averaged over seeds); per-run metrics (drift, stability, cost) get a
+Welch interval across seeds when both runs have at least two.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+
+from loralab.metrics.table import metric
+from loralab.metrics.table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
+                           STABILITY_ROWS, VERBOSITY_CAP)
+from loralab.metrics.stats import MULTIPLE, Estimate, Side, Verdict, adjust_for_multiplicity, compare_runs, estimate, mean_ci, verdict_label
+from loralab.workspace.store import RunRecord
+
+KNOB_SECTIONS = ("lora", "train", "generate")
+
+def knobs(rec: RunRecord) -> dict[str, Any]:
+    """A run's settings as flat `section.key` pairs (base has none: it is the untrained model)."""
+    out: dict[str, Any] = {}
+    for section in KNOB_SECTIONS:
+        for k, v in (rec.config.get(section) or {}).items():
+            out[f"{section}.{k}"] = v
+    return out
+
+
+def caps_of(records: list[RunRecord]) -> list[int]:
+    caps = set()
+    for r in records:
+        for key in r.metrics:
+            m = re.match(r"^rouge_l@(\d+)$", key)
+            if m:
+                caps.add(int(m.group(1)))
+    return sorted(caps)
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    fmt: str
+    cells: list[Estimate | None]
+    verdicts: list[Verdict | None]  # one per verdict column
+
+
+@dataclass
+class Comparison:
+    runs: list[str]
+    groups: list[list[RunRecord]]
+    knobs: dict[str, list[Any]] = field(default_factory=dict)
+    sections: list[tuple[str, list[Row]]] = field(default_factory=list)
+    verdict_columns: list[str] = field(default_factory=list)  # "B vs A"
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (reference, other) behind each column
+    currency: str | None = None
+    floors: dict[str, float] = field(default_factory=dict)  # evaluation.min_effect
+
+    def column(self, ref: str, other: str) -> int | None:
+        """The verdict column of `other` against `ref`, if the table has one."""
+        for col, (i, j) in enumerate(self.pairs):
+            if (self.runs[i], self.runs[j]) == (ref, other):
+                return col
+        return None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the intervals leave out or assume, once each (shown under the table)."""
+        out: list[str] = []
+        for _, rows in self.sections:
+            for r in rows:
+                for v in r.verdicts:
+                    for part in (v.note.split("; ") if v is not None and v.note else []):
+                        if part not in out:
+                            out.append(part)
+        return out
+
+    @property
+    def statuses(self) -> list[str]:
+        return [_status(g) for g in self.groups]
+
+    def row(self, key: str) -> Row:
+        for _, rows in self.sections:
+            for r in rows:
+                if r.key == key:
+                    return r
+        raise KeyError(key)
+
+    def to_json(self) -> dict[str, Any]:
+        def est(e: Estimate | None):
+            return None if e is None else {"mean": _num(e.mean), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n}
+
+        def ver(v: Verdict | None):
+            return None if v is None else {"diff": _num(v.diff), "lo": _num(v.lo), "hi": _num(v.hi), "n": v.n,
+                                           "verdict": v.label, "interval_covers": v.method, "note": v.note or None}
+
+        out: dict[str, Any] = {
+            "runs": [{"name": n, "ids": [r.id for r in g], "seeds": [r.seed for r in g],
+                      "statuses": [r.status for r in g]} for n, g in zip(self.runs, self.groups)],
+            "knobs": self.knobs, "outcomes": {}, "verdicts": {}, "sections": {},
+        }
+        for title, rows in self.sections:
+            out["sections"][title] = [r.key for r in rows]
+            for r in rows:
+                out["outcomes"][r.key] = {n: est(c) for n, c in zip(self.runs, r.cells)}
+                if self.verdict_columns:
+                    out["verdicts"][r.key] = {col: ver(v) for col, v in zip(self.verdict_columns, r.verdicts)}
+        return out
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else x
+
+
+def _status(group: list[RunRecord]) -> str:
+    statuses = sorted({r.status for r in group})
+    return statuses[0] if len(statuses) == 1 else "/".join(statuses)
+
+
+def _getter(key: str):
+    """How to read `key` off one stored eval sample, or None when it is not measured per example."""
+    if key == "eval_loss":
+        return lambda s: s.get("loss")
+    base, _, cap = key.partition("@")
+    field_ = PER_EXAMPLE.get(base) if cap else None
+    if field_ is None:
+        return None
+    return lambda s: ((s.get("outputs") or {}).get(cap) or {}).get("metrics", {}).get(field_)
+
+
+def _per_example(group: list[RunRecord], key: str) -> dict[str, list[float]] | None:
+    """Each eval example's values of `key`, one per seed of the group (None when not stored per
+    example by every seed: then the run-level numbers are compared instead)."""
+    get = _getter(key)
+    if get is None:
+        return None
+    out: dict[str, list[float]] = {}
+    for i, r in enumerate(group):
+        found = {s["id"]: get(s) for s in r.samples if get(s) is not None}
+        if not found:
+            return None
+        for sid, v in found.items():
+            if i == 0:
+                out[sid] = [float(v)]
+            elif sid in out and len(out[sid]) == i:
+                out[sid].append(float(v))
+        out = {sid: v for sid, v in out.items() if len(v) == i + 1}
+    return out or None
+
+
+def _weights(group: list[RunRecord], key: str, ids: list[str]) -> list[float] | None:
+    """Eval loss is a token-weighted mean: each example weighs its scored tokens (None: unweighted,
+    for other metrics, and for runs stored before token counts were kept)."""
+    if key != "eval_loss":
+        return None
+    tokens = {s["id"]: s.get("loss_tokens") for s in group[0].samples}
+    if any(not isinstance(tokens.get(i), (int, float)) for i in ids):
+        return None
+    return [float(tokens[i]) for i in ids]
+
+
+def _by_seed(group: list[RunRecord]) -> list[RunRecord]:
+    return sorted(group, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+
+
+def _values(group: list[RunRecord], key: str) -> list[float]:
+    return [float(r.metrics[key]) for r in group if isinstance(r.metrics.get(key), (int, float))
+            and not isinstance(r.metrics.get(key), bool) and not math.isnan(r.metrics[key])]
+
+
+def _fixed(group: list[RunRecord], key: str) -> bool:
+    """The untrained base, evaluated once and greedily, has no seed noise: a fixed point. Not so its
+    times, which the machine's load moves like anyone's."""
+    m = metric(key)
+    return group[0].kind == "base" and not (m is not None and m.group == "cost")
+
+
+def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[float] | None, str] | None:
+    """The groups as stats.Side rows over the same examples (per-example metrics) or one value per
+    seed (per-run metrics); the weights; and how the examples are weighed, in words."""
+    groups = [_by_seed(g) for g in groups]
+    per = [_per_example(g, key) for g in groups]
+    if all(p is not None for p in per):
+        ids = [i for i in per[0] if all(i in p for p in per[1:])]
+        if ids:
+            weights = _weights(groups[0], key, ids)
+            sides = [Side([[p[i][s] for i in ids] for s in range(len(g))], [r.seed for r in g], _fixed(g, key))
+                     for g, p in zip(groups, per)]
+            how = "" if key != "eval_loss" else ("token-weighted" if weights else
+                                                 "per-example mean, unweighted: these runs stored no token counts")
+            return sides, weights, how
+    sides = []
+    for g in groups:
+        kept = [r for r in g if _values([r], key)]
+        if not kept:
+            return None
+        sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], _fixed(g, key)))
+    return sides, None, ""
+
+
+def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
+    """Perplexity is exp(eval loss): its verdict is the loss verdict carried through exp at A's loss,
+    so the two can never disagree."""
+    e = math.exp
+    return replace(v, metric="eval_ppl", diff=e(loss_a + v.diff) - e(loss_a), lo=e(loss_a + v.lo) - e(loss_a),
+                   hi=e(loss_a + v.hi) - e(loss_a))
+
+
+def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
+    """A metric's min_effect floor: by its full key (rouge_l@50), else by its name (rouge_l)."""
+    floors = floors or {}
+    return floors.get(key, floors.get(key.partition("@")[0]))
+
+
+def _verdict(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
+             floors: dict[str, float] | None = None) -> Verdict | None:
+    """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
+    None when either run has no value of the metric."""
+    if key == "eval_ppl":
+        v = _verdict("eval_loss", ref, other, level, floors)
+        cell = cell_estimate("eval_loss", ref, level)
+        if v is None or cell is None:
+            return None
+        p = _ppl_of(v, cell.mean)
+        return p if floor_of(key, floors) is None else replace(p, label=verdict_label(p.lo, p.hi, floor_of(key, floors)))
+    found = _sides(key, [ref, other])
+    if found is None:
+        return None
+    (a, b), weights, how = found
+    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
+    if how and "unweighted" in how:
+        return replace(v, note="; ".join(x for x in (v.note, how) if x))
+    return v
+
+
+def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | None:
+    """A run's value of `key` with the interval of stats.estimate (seeds and eval examples). Eval
+    perplexity is exp of the eval-loss cell, interval included, so the two rows always agree."""
+    if key == "eval_ppl":
+        e = cell_estimate("eval_loss", group, level)
+        return None if e is None else Estimate(math.exp(e.mean), math.exp(e.lo) if not math.isnan(e.lo) else math.nan,
+                                               math.exp(e.hi) if not math.isnan(e.hi) else math.nan, e.n)
+    vals = _values(group, key)
+    if not vals:
+        return None
+    found = _sides(key, [group])
+    if found is None:
+        return mean_ci(vals, level)
+    (side,), weights, _ = found
+    e = estimate(side, weights, level)
+    # The stored value is the one the run reported (token-weighted over every example it scored); the
+    # interval is centred on it so a cell never shows another number than `loralab show`.
+    return Estimate(float(np.mean(vals)), e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), e.n)
+
+
+def verdict_pairs(groups: list[list[RunRecord]]) -> list[tuple[int, int]]:
+    """Which runs each verdict column compares, (reference, other): every trained run against the
+    untrained base when it is there (did fine-tuning help at all?), then every other trained run against
+    the first one."""
+    base = next((i for i, g in enumerate(groups) if g[0].kind == "base"), None)
+    trained = [i for i, g in enumerate(groups) if g[0].kind != "base"]
+    pairs = [(base, i) for i in trained] if base is not None else []
+    return pairs + [(trained[0], i) for i in trained[1:]]
+
+
+def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = False, level: float = 0.95,
+            floors: dict[str, float] | None = None) -> Comparison:
+    """Build the comparison of runs (each a list of its seeds' records; a bare record is one seed).
+    `floors`: min_effect per metric (default: the first trained run's `evaluation.min_effect`)."""
+    groups = [g if isinstance(g, list) else [g] for g in groups]
+    c = Comparison(runs=[g[0].name for g in groups], groups=groups)
+    firsts = [g[0] for g in groups]
+    per_run = [knobs(r) for r in firsts]
+    trained = [(i, k) for i, (r, k) in enumerate(zip(firsts, per_run)) if r.kind != "base"]
+    if floors is None:
+        floors = next(((r.config.get("evaluation") or {}).get("min_effect") or {} for r in firsts if r.kind != "base"), {})
+    c.floors = dict(floors)
+    keys: list[str] = []
+    for _, k in trained:
+        keys += [x for x in k if x not in keys and x != "train.seed"]
+    for key in keys:
+        values = [k.get(key) for _, k in trained]
+        differ = any(_norm(v) != _norm(values[0]) for v in values)
+        if all_knobs or differ or len(trained) < 2:
+            c.knobs[key] = [k.get(key) if r.kind != "base" else None for r, k in zip(firsts, per_run)]
+    seeds = [[r.seed for r in g] for g in groups]
+    if any(len(s) > 1 for s in seeds) or all_knobs:
+        c.knobs["seeds"] = [None if g[0].kind == "base" else s for g, s in zip(groups, seeds)]
+    c.pairs = verdict_pairs(groups)
+    c.verdict_columns = [f"{c.runs[j]} vs {c.runs[i]}" for i, j in c.pairs]
+    cost = next((r.config.get("cost") for r in firsts if r.config.get("cost")), None)
+    c.currency = cost.get("currency") if cost else None
+
+    def rows_for(spec: list[tuple[str, str, str]], cap: int | None = None) -> list[Row]:
+        out = []
+        for key, label, fmt in spec:
+            k = f"{key}@{cap}" if cap is not None else key
+            cells = [cell_estimate(k, g, level) for g in groups]
+            if all(x is None for x in cells):
+                continue
+            verdicts = [_verdict(k, groups[i], groups[j], level, floors) for i, j in c.pairs]
+            out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
+        return out
+
+    caps = caps_of([r for g in groups for r in g])
+    quality = rows_for(LOSS_ROWS) + [r for cap in caps for r in rows_for(QUALITY_CAP, cap)]
+    verbosity = [r for cap in caps for r in rows_for(VERBOSITY_CAP, cap)]
+    for title, rows in (("quality", quality), ("verbosity", verbosity), ("drift", rows_for(DRIFT_ROWS)),
+                        ("stability", rows_for(STABILITY_ROWS)), ("cost", rows_for(COST_ROWS))):
+        if rows:
+            c.sections.append((title, rows))
+    rows = [r for _, rs in c.sections for r in rs]
+    for col in range(len(c.pairs)):  # each verdict column is one family of questions
+        for r, v in zip(rows, adjust_for_multiplicity([r.verdicts[col] for r in rows], level)):
+            r.verdicts[col] = v
+    return c
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def fmt_value(v: Any, fmt: str = "", currency: str | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, list):
+        return ", ".join(fmt_value(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if fmt == "pct":
+        return f"{100 * v:.0f}%"
+    if fmt == "int":
+        return f"{int(round(v)):,}"
+    if fmt == "money":
+        return f"{v:.4f} {currency or ''}".strip()
+    if fmt.startswith("f") and isinstance(v, (int, float)):
+        return f"{v:.{int(fmt[1:])}f}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def fmt_estimate(e: Estimate | None, fmt: str, currency: str | None = None) -> str:
+    if e is None:
+        return "—"
+    text = fmt_value(e.mean, fmt, currency)
+    if not math.isnan(e.hi):
+        half = (e.hi - e.lo) / 2
+        text += " ± " + (fmt_value(half, fmt) if fmt not in ("int", "money") else f"{half:.3g}")
+    return text
+
+
+def fmt_verdict(v: Verdict | None, fmt: str) -> str:
+    if v is None:
+        return ""
+    scale = 100 if fmt == "pct" else 1
+    unit = " pp" if fmt == "pct" else ""
+    spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
+    d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
+    if v.label == "untested":
+        return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no CI)"
+    mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
+    mark += "*" if MULTIPLE in v.note else ""
+    return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}{mark}"
+
+
+def legend(c: Comparison) -> list[str]:
+    """What the table's numbers are, in sentences, under it: the rule, then what an interval leaves out."""
+    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, which holds seed-to-seed and eval-example "
+           "noise; eval loss is token-weighted, as stored. Verdicts: the difference, its interval (paired by eval "
+           "example, and by seed where both runs used the same seeds) and `higher`/`lower` only when it excludes 0."]
+    if c.floors:
+        out.append("`negligible`: the interval sits inside the smallest difference that matters (evaluation.min_effect: "
+                   + ", ".join(f"{k} {v:g}" for k, v in c.floors.items()) + ").")
+    return out + [n[0].upper() + n[1:] + "." for n in c.notes]
+
+
+def _level(c: Comparison) -> str:
+    ev = next(((g[0].config.get("evaluation") or {}) for g in c.groups if g[0].kind != "base"), {})
+    return f"{ev.get('confidence', 0.95):.0%}"
+
+
+def render(c: Comparison, title: str = "Main differences"):
+    """A rich Table: knobs first, then outcomes by section, then verdict columns."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_lines=False)
+    t.add_column("", style="bold")
+    for name, status in zip(c.runs, c.statuses):
+        t.add_column(escape(name if status == "finished" else f"{name} ({status})"), justify="right")
+    for col in c.verdict_columns:
+        t.add_column(escape(col), justify="right")
+    pad = [""] * len(c.verdict_columns)
+    for key, vals in c.knobs.items():
+        t.add_row(escape(key), *[escape(fmt_value(v)) for v in vals], *pad)
+    t.caption = escape(" ".join(legend(c)))
+    t.caption_justify = "left"
+    for title_, rows in c.sections:
+        t.add_section()
+        t.add_row(f"[italic]{title_}[/italic]", *[""] * (len(c.runs) + len(pad)))
+        for r in rows:
+            t.add_row(r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
+                      *[fmt_verdict(v, r.fmt) for v in r.verdicts])
+    return t
+
+
+# Everything that ends a line for a Markdown renderer (so ends a table row): \r too, not only \n.
+LINE_BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _md_cell(text: str) -> str:
+    """Markdown table cells must not break the table: escape pipes, fold line breaks."""
+    return LINE_BREAKS.sub(" ", text.replace("\\", "\\\\").replace("|", "\\|"))
+
+
+def to_markdown(c: Comparison) -> str:
+    """The same table as `render`, as GitHub Markdown (for reports and BENCHMARKS.md)."""
+    head = [""] + [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
+    lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
+             "| --- |" + " ---: |" * (len(head) - 1)]
+    pad = [""] * len(c.verdict_columns)
+    for key, vals in c.knobs.items():
+        lines.append("| " + " | ".join(_md_cell(x) for x in [key, *[fmt_value(v) for v in vals], *pad]) + " |")
+    for title, rows in c.sections:
+        lines.append("| **" + title + "** |" + " |" * (len(head) - 1))
+        for r in rows:
+            cells = [r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
+                     *[fmt_verdict(v, r.fmt) for v in r.verdicts]]
+            lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n\n" + " ".join(legend(c)) + "\n"

@@ -1,0 +1,444 @@
+"""The experiment file's schema: pydantic models by topic, composed into one validated `Experiment`.
+
+Loading a file (every problem collected and reported at once, each with its field path, line, value
+and fix) is loading.py's; the sweep section's space and checks are search_space.py's."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_MODEL = "builtin:smollm2-135m"
+RESERVED_RUN_NAMES = {"base"}  # the untrained model is stored as run "base"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # "+": ablation runs such as A+lr; used with fullmatch
+RUN_NAME_RULE = ("use 1 to 64 ASCII letters, digits, '_', '-', '.' or '+', starting with a letter or digit; "
+                 "'base' is reserved for the untrained model")
+# The largest whole number a knob may hold: it must fit the store (SQLite INTEGER) and the seeding of
+# numpy (below 2**32) and torch; anything larger is a typo, not a plan.
+MAX_INT = 2**31 - 1
+MAX_SEED = MAX_INT
+MAX_FILE_BYTES = 1_000_000  # an experiment file is a page of settings; a bigger one is not one of ours
+MAX_YAML_NODES = 100_000  # after aliases are expanded: bounds the work on an alias bomb
+
+
+def is_run_name(name: str) -> bool:
+    return RUN_NAME.fullmatch(name) is not None and name not in RESERVED_RUN_NAMES
+
+
+class _Strict(BaseModel):
+    # allow_inf_nan=False: `.inf` and `.nan` pass `gt=0`-style bounds (NaN compares false both ways).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, v: Any) -> Any:
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_INT:
+                raise ValueError(f"a whole number too large to store or train with; fix: use at most {MAX_INT}")
+        return v
+
+
+class LoraSpec(_Strict):
+    """PEFT LoraConfig knobs."""
+
+    r: int = Field(8, gt=0, le=4096, description="LoRA rank")
+    # alpha = 2r when unset: common practice, keeps the update scale alpha/r = 2 as r changes.
+    alpha: float | None = Field(None, gt=0, description="lora_alpha; default 2 * r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="lora_dropout")
+    # `query_key_value` is GPT-NeoX naming; models without it get their own q/k/v projections.
+    target_modules: list[str] = Field(default_factory=lambda: ["query_key_value"], min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if "all-linear" in v and len(v) > 1:
+            others = ", ".join(x for x in v if x != "all-linear")
+            raise ValueError(f"all-linear already means every linear layer, so it cannot be listed with {others}; "
+                             f"fix: write `target_modules: all-linear` alone, or list only layer names ([{others}])")
+        return v
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> "LoraSpec":
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.r))
+        return self
+
+
+class TrainSpec(_Strict):
+    """Optimiser and schedule. One step = batch_size * gradient_accumulation examples."""
+
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    batch_size: int = Field(2, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+    ] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(512, ge=8)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainSpec":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both; fix: remove one of them")
+        return self
+
+    def planned_steps(self, n_examples: int) -> int:
+        """Optimizer steps for the run: max_steps, else epochs over the data."""
+        if self.max_steps:
+            return self.max_steps
+        micro_per_epoch = math.ceil(n_examples / self.batch_size)
+        return max(1, math.ceil(self.epochs * micro_per_epoch / self.gradient_accumulation))
+
+
+class GenerateSpec(_Strict):
+    """Greedy generation on the eval prompts. Every cap comes from one generation at the largest."""
+
+    max_new_tokens: list[int] = Field(default_factory=lambda: [64], min_length=1)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _one_cap_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_caps(cls, v: list[int]) -> list[int]:
+        if any(c <= 0 for c in v):
+            raise ValueError("every max_new_tokens must be > 0")
+        return sorted(set(v))
+
+
+class DataSpec(_Strict):
+    """Where examples come from. Exactly one of builtin, path, hf. Relative paths: the file's folder."""
+
+    builtin: Literal["stdlib-docstrings"] | None = None
+    path: str | None = Field(None, description="JSONL or CSV file (by suffix)")
+    eval_path: str | None = Field(None, description="separate eval file; else split from path")
+    hf: str | None = Field(None, description="Hugging Face dataset id or a save_to_disk folder")
+    hf_config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    instruction_field: str = "instruction"
+    input_field: str | None = "input"  # appended to the instruction when present and non-empty
+    output_field: str = "output"
+    system_prompt: str | None = None  # None: the chat template's own default
+    # Off: an example longer than train.max_seq_len is an error, because cutting it trains an answer
+    # that never ends (the end token is what is cut). On: such examples are cut.
+    truncate: bool = False
+    train_size: int | None = Field(None, gt=0, description="cap on training examples")
+    eval_size: int | None = Field(None, gt=0, description="cap on eval examples")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/eval split")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        given = [k for k in ("builtin", "path", "hf") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one data source, not {' and '.join(given)}")
+        if not given:
+            object.__setattr__(self, "builtin", "stdlib-docstrings")
+        return self
+
+
+class ModelSpec(_Strict):
+    """A base model: `builtin:smollm2-135m`, a Hugging Face id, or a local folder."""
+
+    name: str = BUILTIN_MODEL
+    revision: str | None = None
+    # Off unless asked: a hub repo's own Python code would run on this machine.
+    trust_remote_code: bool = False
+
+
+class RunSpec(_Strict):
+    """One fully resolved run: what is trained and how it is evaluated."""
+
+    name: str
+    lora: LoraSpec
+    train: TrainSpec
+    generate: GenerateSpec
+
+    def with_seed(self, seed: int) -> "RunSpec":
+        return self.model_copy(update={"train": self.train.model_copy(update={"seed": seed})})
+
+
+class CostSpec(_Strict):
+    """Turns measured hours into money: a cloud GPU's or your own machine's price per hour."""
+
+    per_hour: float = Field(..., gt=0)
+    currency: str = "USD"
+
+
+# Evaluation settings that change how results are read, not what is measured: left out of run ids, so
+# changing them reuses every stored run.
+ANALYSIS_ONLY = {"confidence", "bootstrap_resamples", "min_effect"}
+
+
+class EvaluationSpec(_Strict):
+    """What is measured beyond quality on the eval set."""
+
+    # Drift: KL(base || adapted) on general prompts that are not the task (shipped with loralab).
+    drift: bool = True
+    drift_prompts: int | None = Field(None, gt=0, description="use the first N general prompts")
+    drift_max_new_tokens: int = Field(32, gt=0)
+    # Loss on training examples too, so overfitting shows as a train/eval gap. None: as many as eval.
+    train_loss_examples: int | None = Field(None, ge=0)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # Read by nothing since intervals are analytic (docs/statistics.md); accepted so older files load.
+    bootstrap_resamples: int = Field(5000, ge=100, le=100_000)
+    # The smallest difference worth acting on, per metric (in its own unit; a share such as exact_match
+    # as a fraction: 0.02 is 2 points). An interval inside (-floor, +floor) reads "negligible".
+    min_effect: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("min_effect")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        from loralab.metrics.table import metric_bases
+
+        known = metric_bases()
+        for key, floor in v.items():
+            if key.partition("@")[0] not in known:
+                raise ValueError(f"min_effect names no stored metric: {str(key)[:40]!r}; use one of: "
+                                 f"{', '.join(sorted(known))}")
+            if not (isinstance(floor, (int, float)) and 0 <= floor < float("inf")):
+                raise ValueError(f"min_effect.{key} must be a finite number >= 0, got {floor!r}")
+        return v
+
+
+Scalar = bool | int | float | str | None  # what Optuna can store as a categorical choice
+
+
+class KnobSpec(_Strict):
+    """One dimension of a sweep: choices (`values` or a bare list), a range (`low`..`high`), or,
+    with `ratio_of`, a multiple of another knob (alpha = ratio * r keeps the update scale alpha/r)."""
+
+    values: list[Scalar] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample on a log scale: right for learning rates, which matter by factors
+    step: float | None = Field(None, gt=0)
+    type: Literal["int", "float"] | None = Field(None, description="default: the knob's own type")
+    ratio_of: str | None = Field(None, description="another knob of the space; the value is ratio * that knob")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_choices(cls, v: Any) -> Any:
+        return {"values": v} if isinstance(v, list) else v
+
+    @field_validator("values")
+    @classmethod
+    def _numbers_as_numbers(cls, v: list | None) -> list | None:
+        # YAML 1.1 reads `1e-4` as text; a choice that reads as a number is one.
+        def num(x: Any) -> Any:
+            if isinstance(x, str):
+                try:
+                    f = float(x)
+                except ValueError:
+                    return x
+                if not math.isfinite(f):
+                    raise ValueError(f"{x!r} is not a finite number; fix: use numbers such as 1e-4")
+                return f
+            return x
+
+        return None if v is None else [num(x) for x in v]
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "KnobSpec":
+        has_range = self.low is not None or self.high is not None
+        if self.values == []:
+            raise ValueError("no choices to try: give at least one value")
+        if self.values is not None and has_range:
+            raise ValueError("give `values` or `low`/`high`, not both")
+        if self.values is None and not has_range:
+            raise ValueError("give a list of choices, or `low:` and `high:`")
+        if has_range:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both `low` and `high`")
+            if self.low >= self.high:
+                raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
+            if self.log and self.step is not None:
+                raise ValueError("`log` and `step` cannot be combined; fix: remove one of them")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    """What a trial is judged by: a stored metric key such as eval_loss or rouge_l@64.
+
+    A per-cap metric without `@cap` (rouge_l) means the trial's own largest max_new_tokens."""
+
+    metric: str = "eval_loss"
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="default: maximize for quality scores, else minimize")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _string_is_metric(cls, v: Any) -> Any:
+        return {"metric": v} if isinstance(v, str) else v
+
+    @property
+    def resolved_direction(self) -> str:
+        from loralab.metrics.table import better_of
+
+        return self.direction or ("maximize" if better_of(self.metric) == "higher" else "minimize")
+
+
+class PrunerSpec(_Strict):
+    """Stop trials that are clearly worse than the others, judged by held-out loss every `every` steps."""
+
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    every: int = Field(10, gt=0, description="optimizer steps between intermediate eval losses")
+    # Median: no trial is pruned until this many have finished, so the median means something.
+    startup_trials: int = Field(2, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this step")
+    eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
+    reduction_factor: int | None = Field(None, ge=2, description="successive_halving / hyperband: keep 1 in this many "
+                                         "trials per rung (default: Optuna's, 4 and 3)")
+
+    @property
+    def resolved_reduction_factor(self) -> int:
+        return self.reduction_factor or (3 if self.name == "hyperband" else 4)
+
+
+class BudgetSpec(_Strict):
+    """When the sweep stops: whichever limit is reached first (checked between trials)."""
+
+    trials: int | None = Field(None, gt=0)
+    minutes: float | None = Field(None, gt=0)
+    money: float | None = Field(None, gt=0, description="in the currency of `cost:`, at cost.per_hour")
+
+
+class SweepSpec(_Strict):
+    """An Optuna search over lora/train/generate knobs, starting from `defaults` or from one run."""
+
+    strategy: str = Field("tpe", description="grid, random, tpe, or an Optuna sampler class name such as QMCSampler")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    start: str | None = Field(None, alias="from", description="a run of the file to start from; default: defaults")
+    space: dict[str, KnobSpec] = Field(..., min_length=1)
+    objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()], min_length=1, max_length=3)
+    pruner: PrunerSpec | None = Field(None, description="default: median for one objective, none for several")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna study; default: optuna.db in the workspace")
+    # auto: a trial measures what its objective needs (a loss objective skips greedy generation and
+    # drift, which cost about as much as training on a CPU); full: every trial gets every metric.
+    evaluate: Literal["auto", "full"] = "auto"
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _one_objective_is_a_list(cls, v: Any) -> Any:
+        return v if isinstance(v, list) else [v]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.resolved_direction for o in self.objective]
+
+    @property
+    def resolved_pruner(self) -> PrunerSpec:
+        # Optuna prunes only single-objective studies (Trial.report raises otherwise).
+        return self.pruner or PrunerSpec(name="median" if len(self.objective) == 1 else "none")
+
+
+class Defaults(_Strict):
+    lora: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    generate: dict[str, Any] = Field(default_factory=dict)
+
+
+class Experiment(_Strict):
+    """A validated experiment file."""
+
+    # Names the study and the runs' group (`loralab show NAME/run`), and may name files: never a path.
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+ -]{0,127}$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workspace: str | None = None
+    defaults: Defaults = Field(default_factory=Defaults)
+    runs: dict[str, Defaults] = Field(default_factory=dict)
+    # Each run is trained once per seed; metrics are then reported as mean and confidence interval.
+    repeats: int = Field(1, ge=1, le=100)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1, max_length=100)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    cost: CostSpec | None = None
+    sweep: SweepSpec | None = None
+    # Filled by load_experiment, not by the file.
+    resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _seeds_match_repeats(self) -> "Experiment":
+        if self.seeds is not None:
+            if "repeats" in self.model_fields_set and self.repeats != len(self.seeds):
+                raise ValueError(f"repeats is {self.repeats} but {len(self.seeds)} seeds are listed: give one of them")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError("seeds must be different from each other")
+        return self
+
+    def seeds_for(self, run: "RunSpec") -> list[int]:
+        """The seeds a run is trained with: `seeds`, else `repeats` seeds counting up from train.seed."""
+        if self.seeds is not None:
+            return list(self.seeds)
+        return [run.train.seed + i for i in range(self.repeats)]
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def resolve_path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else self.base_dir / q
+
+    @property
+    def eval_caps(self) -> list[int]:
+        """Every max_new_tokens cap any run asks for; generation runs once at the largest."""
+        caps = {c for r in self.resolved_runs for c in r.generate.max_new_tokens}
+        knob = self.sweep.space.get("generate.max_new_tokens") if self.sweep else None
+        if knob is not None and knob.values:  # every trial is measured at every cap, so runs stay comparable
+            caps |= {int(c) for c in knob.values if isinstance(c, (int, float)) and not isinstance(c, bool)}
+        return sorted(caps) or GenerateSpec().max_new_tokens
+
+    def run(self, name: str) -> RunSpec:
+        for r in self.resolved_runs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+_TOPICS: dict[str, type[BaseModel]] = {"lora": LoraSpec, "train": TrainSpec, "generate": GenerateSpec}
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of JSON-able data (run ids, fingerprints)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""Models, data, the training loop, generation and drift: where torch lives."""

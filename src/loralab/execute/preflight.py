@@ -1,0 +1,150 @@
+"""Checks that need the data and the model's shape, shared by `validate` and `run`: whatever validate
+passes must not fail later for a reason it could have seen (a plan that cannot finish, a rank above
+the layer width, a cap beyond the model's context, an example longer than max_seq_len).
+
+Cheap by design: plain arithmetic on the resolved runs, the number of training examples and what
+`models.ModelLayers` records of the model (read from its config, no weights loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import Problem, SpecError
+from loralab.config.schema import Experiment, RunSpec
+
+# A plan above this many optimizer steps is a typo (epochs: 1e12), not an experiment: a million
+# steps of even a tiny model take days.
+MAX_PLANNED_STEPS = 1_000_000
+
+
+def _where(exp: Experiment, run: RunSpec, section: str, name: str) -> str:
+    """Where a run's setting comes from: the sweep knob, the run's own entry, or the defaults."""
+    if run.name.startswith("trial") and exp.sweep and f"{section}.{name}" in exp.sweep.space:
+        return f"sweep.space.{section}.{name}"
+    if run.name in exp.runs:
+        return f"runs.{run.name}.{section}.{name}"
+    return f"defaults.{section}.{name}"
+
+
+def checked_runs(exp: Experiment, runs: list[RunSpec]) -> list[RunSpec]:
+    """The runs to check: those given, and a sweep's trials at the edges of its space."""
+    out = list(runs)
+    if exp.sweep is not None:
+        from loralab.config.space import Space, experiment_start, make_run
+
+        start = experiment_start(exp)
+        out += [make_run(start, pt, f"trial{i}") for i, pt in enumerate(Space(exp.sweep).corners())]
+    return out
+
+
+def plan_problems(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> list[Problem]:
+    """Plans that cannot finish or cannot mean what they say; `layers` (models.ModelLayers) or None
+    when the model is not on disk yet (then only the step counts are checked)."""
+    from loralab.engine.models import resolve_target_modules
+
+    out: list[Problem] = []
+    seen: set[str] = set()
+
+    def add(where: str, message: str, value: Any, fix: str) -> None:
+        if where not in seen:
+            seen.add(where)
+            out.append(Problem(where, message, value, fix))
+
+    context = layers.context if layers is not None else None
+    for run in checked_runs(exp, runs):
+        t = run.train
+        steps = t.planned_steps(n_train)
+        if steps > MAX_PLANNED_STEPS:
+            field = "max_steps" if t.max_steps else "epochs"
+            add(_where(exp, run, "train", field), f"plans {steps:,} optimizer steps ({n_train} training examples, "
+                f"batch {t.batch_size} x {t.gradient_accumulation}): more than {MAX_PLANNED_STEPS:,}, days of training",
+                t.max_steps or t.epochs, "lower it; set train.max_steps to say exactly how many steps to train")
+        if t.warmup_steps > steps:
+            add(_where(exp, run, "train", "warmup_steps"), f"above the {steps} planned steps: the learning rate would "
+                f"never reach {t.learning_rate:g}", t.warmup_steps, f"use at most {steps}, or warmup_ratio (a share of the steps)")
+        if context is not None:
+            for cap in run.generate.max_new_tokens:
+                if cap > context:
+                    add(_where(exp, run, "generate", "max_new_tokens"), f"above the model's context of {context} tokens",
+                        cap, f"use at most {context} (prompt and answer share the context)")
+            if t.max_seq_len > context:
+                add(_where(exp, run, "train", "max_seq_len"), f"above the model's context of {context} tokens", t.max_seq_len,
+                    f"use at most {context}")
+        if layers is not None and layers.widths:
+            try:
+                targets, _ = resolve_target_modules(layers, run.lora.target_modules)
+            except Exception:  # an unknown target: reported by the target check itself
+                targets = []
+            names = [n for n in layers.widths if n not in ("lm_head", "embed_out")] if targets == "all-linear" else targets
+            widths = [layers.widths[n] for n in names if n in layers.widths]
+            if widths and run.lora.r > min(widths):
+                add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
+                    "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
+    ev = exp.evaluation
+    if context is not None and ev.drift and ev.drift_max_new_tokens > context:
+        add("evaluation.drift_max_new_tokens", f"above the model's context of {context} tokens", ev.drift_max_new_tokens,
+            f"use at most {context}")
+    return out
+
+
+def check_plan(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> None:
+    problems = plan_problems(exp, runs, n_train, layers)
+    if problems:
+        n = len(problems)
+        raise SpecError(f"{exp.source or 'experiment'}: {n} plan{'s' if n > 1 else ''} that cannot run as written", problems)
+
+
+def shortest_max_seq_len(exp: Experiment, runs: list[RunSpec]) -> tuple[int, str]:
+    """The smallest max_seq_len any run (or sweep trial) will train with, and where it is set."""
+    from loralab.config.schema import TrainSpec
+
+    options = [(r.train.max_seq_len, "defaults.train.max_seq_len" if r.name not in exp.runs
+                else f"runs.{r.name}.train.max_seq_len") for r in runs]
+    knob = exp.sweep.space.get("train.max_seq_len") if exp.sweep else None
+    if knob is not None:
+        low = min(v for v in knob.values if isinstance(v, (int, float))) if knob.values else knob.low
+        if low is not None:
+            options.append((int(low), "sweep.space.train.max_seq_len"))
+    return min(options) if options else (TrainSpec().max_seq_len, "train.max_seq_len")
+
+
+def _lengths_file(model_folder: Path, dataset) -> Path:
+    from loralab.engine.models import _folder_fingerprint, cache_dir
+
+    return cache_dir() / "lengths" / f"{_folder_fingerprint(model_folder)}-{dataset.fingerprint}.json"
+
+
+def cached_lengths(model_folder: Path, dataset) -> list[int] | None:
+    """Example token lengths recorded for this model folder and data, so validate need not load a tokenizer."""
+    try:
+        lengths = json.loads(_lengths_file(model_folder, dataset).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(lengths, list) and len(lengths) == len(dataset.train) + len(dataset.eval)
+    return lengths if ok and all(isinstance(n, int) for n in lengths) else None
+
+
+def remember_lengths(model_folder: Path, dataset, lengths: list[int]) -> None:
+    """Best effort: a read-only cache only costs speed."""
+    try:
+        path = _lengths_file(model_folder, dataset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(lengths))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def lengths_for(model_folder: Path, dataset, tokenizer_loader) -> list[int]:
+    """Token lengths of every example: recorded, else measured with the tokenizer (and recorded)."""
+    from loralab.engine.data import example_lengths
+
+    lengths = cached_lengths(model_folder, dataset)
+    if lengths is None:
+        lengths = example_lengths(tokenizer_loader(), dataset)
+        remember_lengths(model_folder, dataset, lengths)
+    return lengths

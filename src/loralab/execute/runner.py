@@ -1,0 +1,700 @@
+"""Run an experiment: check everything first, then train and evaluate each run, storing as it goes.
+
+Order of work, so that bad input writes nothing and a crash loses no finished run:
+1. validate the selection, the data files, the data, the model and every run's LoRA targets;
+2. only then open the workspace;
+3. evaluate the untrained model once as run `base`;
+4. per run: add a fresh adapter to the one loaded base model, train, evaluate, save the adapter,
+   store the run as finished, and remove the adapter again. When the same adapter is stored (only
+   caps, evaluation or generation settings differ), load it and evaluate it instead of training.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import Problem, SpecError
+from loralab.execute.jobs import ExecutorFactory, Job, Outcome
+from loralab.faults import StepFault, fault_point
+from loralab.progress import Reporter
+from loralab.config.loading import check_data_paths, surprises
+from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
+from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
+
+SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
+
+
+@dataclass
+class Prepared:
+    """Everything loaded and checked before the workspace is touched."""
+
+    exp: Experiment
+    runs: list[RunSpec]
+    dataset: Any
+    base: Any  # models.BaseModel
+    targets: dict[str, Any]  # run name -> target modules given to PEFT
+    eval_encoded: list
+    eval_prompts: list[list[int]]
+    end_id: int
+    eval_max_len: int
+    train_probe: list  # encoded training examples whose loss is measured like eval's (overfitting gap)
+    reference_tokens: list[int]  # token length of each eval reference (verbosity ratio)
+    drift_prompts: list[list[int]]
+    drift_base: list | None = None  # the base model's greedy answers on drift prompts, computed once
+
+    def targets_for(self, run: RunSpec) -> Any:
+        """The target modules given to PEFT for a run: the file's runs as resolved when prepared, any
+        other run (a sweep trial) resolved against the base model (with no adapter on it)."""
+        if run.name in self.targets and run.lora.target_modules == self._spec_targets(run.name):
+            return self.targets[run.name]
+        from loralab.engine.models import resolve_target_modules
+
+        return resolve_target_modules(self.base.model, run.lora.target_modules)[0]
+
+    def _spec_targets(self, name: str) -> list[str] | None:
+        return next((r.lora.target_modules for r in self.runs if r.name == name), None)
+
+
+@dataclass
+class ExperimentResult:
+    workspace: Path
+    records: list[RunRecord]  # base first, then the runs in file order
+    skipped: list[str] = field(default_factory=list)  # already finished, reused
+    failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+
+    def groups(self) -> dict[str, list[RunRecord]]:
+        """Records by run name, all seeds of a run together, in file order."""
+        out: dict[str, list[RunRecord]] = {}
+        for r in self.records:
+            out.setdefault(r.name, []).append(r)
+        return out
+
+
+def resolve_workspace(exp: Experiment, workspace: str | Path | None) -> Path:
+    """--workspace wins; else the file's `workspace:` (relative to the current directory); else ./loralab-workspace."""
+    return Path(workspace or exp.workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
+def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
+    if not only:
+        return list(exp.resolved_runs)
+    names = [r.name for r in exp.resolved_runs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise SpecError("--only names runs the file does not declare",
+                        [Problem("--only", "unknown run", u, f"use some of: {', '.join(names)}") for u in unknown])
+    return [r for r in exp.resolved_runs if r.name in only]
+
+
+def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter | None = None) -> Prepared:
+    """Load and check data, model and LoRA targets. Raises a LoralabError before anything is written."""
+    from loralab.engine import data as data_mod
+    from loralab.engine.models import layers_of, load_base_model, resolve_target_modules
+    from loralab.execute.preflight import check_plan, remember_lengths, shortest_max_seq_len
+
+    rep = reporter or Reporter()
+    runs = select_runs(exp, only)
+    problems = check_data_paths(exp)
+    if problems:
+        raise SpecError(f"{exp.source or 'experiment'}: data file missing", problems)
+    dataset = data_mod.load_data(exp.data, exp.base_dir)
+    rep.log(f"Data: {_plain(dataset.name)}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
+            f"(fingerprint {dataset.fingerprint})")
+    for note in surprises(exp) + data_mod.data_surprises(dataset):
+        rep.log(f"Note: {_plain(note)}.")
+    t0 = time.perf_counter()
+    base = load_base_model(exp.model, exp.base_dir, exp.device, log=rep.log)
+    rep.log(f"Model: {_plain(base.name)} ({base.arch}, {base.info['params'] / 1e6:.1f} M parameters) on {base.device} "
+            f"in {base.info['dtype']}, loaded in {time.perf_counter() - t0:.1f} s")
+    base.info["load_s"] = round(time.perf_counter() - t0, 2)
+    targets, notes = {}, []
+    for r in runs:
+        targets[r.name], note = resolve_target_modules(base.model, r.lora.target_modules,
+                                                       where=f"runs.{r.name}.lora.target_modules")
+        if note and note not in notes:
+            notes.append(note)
+    for note in notes:
+        rep.log(f"Note: {note}.")
+    tok = base.tokenizer
+    layers = layers_of(base.model)
+    check_plan(exp, runs, len(dataset.train), layers)
+    if not exp.data.truncate:
+        lengths = data_mod.example_lengths(tok, dataset)
+        if Path(base.path).is_dir():
+            remember_lengths(Path(base.path), dataset, lengths)  # so `validate` needs no tokenizer next time
+        data_mod.check_lengths(lengths, dataset, *shortest_max_seq_len(exp, runs))
+    end_id = data_mod.end_token_id(tok)
+    eval_max_len = max(r.train.max_seq_len for r in exp.resolved_runs)
+    eval_encoded = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.eval]
+    eval_prompts = [data_mod.prompt_ids(tok, ex.instruction, dataset.system_prompt) for ex in dataset.eval]
+    ev = exp.evaluation
+    n_probe = len(dataset.eval) if ev.train_loss_examples is None else ev.train_loss_examples
+    train_probe = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.train[:n_probe]]
+    reference_tokens = [len(tok(ex.output, add_special_tokens=False)["input_ids"]) for ex in dataset.eval]
+    drift_prompts = []
+    if ev.drift:
+        from loralab.engine.drift import load_general_prompts
+
+        general = load_general_prompts()[: ev.drift_prompts]
+        drift_prompts = [data_mod.prompt_ids(tok, g["prompt"], None) for g in general]
+    return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len,
+                    train_probe, reference_tokens, drift_prompts)
+
+
+def _plain(text: object) -> str:
+    """User or model text inside a log line: shown as written, never read as rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def adapter_id(p: Prepared, run: RunSpec) -> str:
+    """What the run's adapter is: the same function of its settings that its stored row gets
+    (store.adapter_identity), so a stored adapter is found by the settings that would train it."""
+    from loralab.workspace.store import adapter_identity
+
+    return adapter_identity(_run_config(p, run), *_describe(p))
+
+
+def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
+    """One stored run: an adapter (adapter_id) evaluated one way (caps, evaluation and generation
+    settings). Adding a cap or changing generate.batch_size makes new run ids of the same adapters,
+    which are evaluated again, not retrained (train_run).
+
+    A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
+    `loralab run` of the same settings does not reuse it without its generation metrics."""
+    evaluation = p.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)
+    if not full_eval:
+        evaluation["loss_only"] = True
+    if not probe:  # no training-probe loss (nor generalization gap) either
+        evaluation["train_probe"] = False
+    how = {"eval_caps": p.exp.eval_caps, "eval_max_len": p.eval_max_len, "evaluation": evaluation}
+    if run is None:  # the untrained model: what it is and how it is evaluated
+        what = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "system_prompt": p.dataset.system_prompt,
+                "device": str(p.base.device).split(":")[0], "dtype": p.base.info["dtype"]}
+        return "base-" + config_hash({"kind": "base", **what, **how})
+    return config_hash({"adapter": adapter_id(p, run), **how, "generate": run.generate.model_dump()})
+
+
+def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
+             full: bool = True, probe: bool = True) -> tuple[dict, list, dict]:
+    """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
+    its prefixes), per-example quality and verbosity, and drift from the base model.
+    `full=False` stops after the losses (what a loss objective needs); `probe=False` (only with
+    full=False) skips the training-probe loss too, when not even the generalization gap is asked for."""
+    from loralab.engine.generate import at_cap, generate_greedy
+    from loralab.metrics.scores import example_metrics, perplexity, summarize_examples
+    from loralab.engine.train import eval_losses
+
+    tok = p.base.tokenizer
+    caps = p.exp.eval_caps
+    t0 = time.perf_counter()
+    loss, per_example_loss, loss_tokens = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
+    probed = p.train_probe if probe or full else []
+    train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
+    t1 = time.perf_counter()
+    fault_point("evaluate")
+    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
+                "outputs": {}} for ex, l_, n in zip(p.dataset.eval, per_example_loss, loss_tokens)]
+    metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+    if probed or full:
+        metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
+                        "generalization_gap": loss - train_loss})
+    if not full:
+        metrics.update({"eval_s": round(t1 - t0, 2), "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + probed)})
+        return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
+    with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
+        gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
+                               pad_token_id=tok.pad_token_id, batch_size=batch_size,
+                               progress=lambda n: update(advance=n))
+    t2 = time.perf_counter()
+    for cap in caps:
+        rows = []
+        for s, g, ex, ref_n in zip(samples, gens, p.dataset.eval, p.reference_tokens):
+            c = at_cap(g, cap)
+            text = tok.decode(c.tokens, skip_special_tokens=True).strip()
+            m = example_metrics(text, ex.output, c.tokens, ref_n, c.stopped, cap)
+            rows.append(m)
+            s["outputs"][str(cap)] = {"text": text[:SAMPLE_TEXT_LIMIT], "tokens": len(c.tokens), "stopped": c.stopped,
+                                      "metrics": m}
+        metrics.update({f"{k}@{cap}": v for k, v in summarize_examples(rows).items() if k != "n"})
+    drift_s = 0.0
+    if p.drift_prompts and hasattr(model, "disable_adapter"):
+        from loralab.engine.drift import base_answers, measure_drift
+
+        t3 = time.perf_counter()
+        dmax = p.exp.evaluation.drift_max_new_tokens
+        kw = dict(max_new_tokens=dmax, eos_token_ids=[p.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
+        if p.drift_base is None:  # the base model's answers, once per experiment
+            p.drift_base = base_answers(model, p.drift_prompts, **kw)
+        d = measure_drift(model, p.drift_prompts, base=p.drift_base, **kw)
+        metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
+        drift_s = time.perf_counter() - t3
+    elif p.drift_prompts:
+        metrics.update({"drift_kl": 0.0, "drift_agreement": 1.0})  # the base model, by definition
+    generated = sum(len(g.tokens) for g in gens)
+    eval_tokens = sum(len(e.input_ids) for e in p.eval_encoded + probed) + generated
+    timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "drift_s": round(drift_s, 2),
+               "generated_tokens": generated,
+               "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}
+    metrics["eval_s"] = round(time.perf_counter() - t0, 2)
+    metrics["eval_tokens"] = eval_tokens
+    return metrics, samples, timings
+
+
+def _describe(p: Prepared) -> tuple[dict, dict]:
+    b, d = p.base, p.dataset
+    model = {"name": b.name, "path": b.path, "fingerprint": b.fingerprint, "arch": b.arch, **b.info}
+    data = {"name": d.name, "fingerprint": d.fingerprint, "n_train": len(d.train), "n_eval": len(d.eval),
+            "system_prompt": d.system_prompt}
+    return model, data
+
+
+def _run_config(p: Prepared, run: RunSpec | None) -> dict:
+    cfg: dict[str, Any] = {"eval_caps": p.exp.eval_caps, "device": str(p.base.device), "dtype": p.base.info["dtype"],
+                           "evaluation": p.exp.evaluation.model_dump(),
+                           "cost": p.exp.cost.model_dump() if p.exp.cost else None}
+    if run is not None:
+        cfg.update({"lora": run.lora.model_dump(), "train": run.train.model_dump(),
+                    "generate": run.generate.model_dump(), "resolved_target_modules": p.targets_for(run)})
+    return cfg
+
+
+def _add_cost(metrics: dict, p: Prepared) -> None:
+    """Wall time in, money out: (train + eval seconds) x the price per hour, when one is set."""
+    total = metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
+    metrics["total_s"] = round(total, 2)
+    if p.exp.cost is not None:
+        metrics["cost"] = round(total / 3600 * p.exp.cost.per_hour, 6)
+
+
+def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
+                   force: bool = False, reporter: Reporter | None = None,
+                   executor: ExecutorFactory | None = None) -> ExperimentResult:
+    """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`).
+    Each seed of each run is a job for `executor(prepared, store, reporter)` (default: LocalExecutor)."""
+    from loralab import environment
+
+    rep = reporter or Reporter()
+    p = prepare(exp, only, rep)
+    ws = resolve_workspace(exp, workspace)
+    store = Store(ws)
+    env = environment.record(str(p.base.device))
+    model_info, data_info = _describe(p)
+    result = ExperimentResult(workspace=ws, records=[])
+    gen_batch = max(r.generate.batch_size for r in p.runs) if p.runs else 16
+    try:
+        # -- the untrained model, once, as the reference point of every table -------------------
+        bid = run_id(p, None)
+        with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
+            done = store.get(bid)
+            if done and done.status == "finished" and not force:
+                store.alias(exp.name, "base", bid)
+                result.skipped.append("base")
+                rep.log(f"base: finished earlier ({bid}), reused")
+            else:
+                store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(p, None),
+                            model=model_info, data=data_info, env=env)
+                try:
+                    metrics, samples, timings = evaluate(p.base.model, p, "base", rep, gen_batch)
+                except KeyboardInterrupt:
+                    store.mark(bid, "interrupted")
+                    raise
+                _add_cost(metrics, p)
+                store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
+                rep.log(_one_line("base", metrics, p.exp.eval_caps))
+        fault_point("run.stored")
+        result.records.append(store.get(bid))
+        result.records[-1].name = "base"
+
+        worker = (executor or LocalExecutor)(p, store, rep)
+        for run in p.runs:
+            for seed in exp.seeds_for(run):
+                rs = run.with_seed(seed)
+                label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
+                out = worker.run(Job(exp, rs, label, force=force))
+                if out.reused:
+                    result.skipped.append(label)
+                elif out.status in ("failed", "diverged"):
+                    getattr(result, out.status).append(label)
+                rec = store.get(out.run_id)
+                rec.name, rec.seed = run.name, seed
+                result.records.append(rec)
+        worker.close()
+    except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
+        raise storage_error(err, ws) or err
+    finally:
+        store.close()
+    return result
+
+
+@dataclass
+class LocalExecutor:
+    """The default executor (execute.Executor): each job runs in this process, one after the other, on
+    the prepared base model, which every job leaves without an adapter."""
+
+    prepared: Prepared
+    store: Store
+    reporter: Reporter = field(default_factory=Reporter)
+    env: dict | None = None
+
+    def run(self, job: Job) -> Outcome:
+        hook = None
+        if job.pruning is not None:
+            from loralab.sweep.pruning import PruningHook, optuna_reporter
+            from loralab.engine.train import plan_steps
+
+            planned = plan_steps(len(self.prepared.dataset.train), job.run.train)
+            spec = job.experiment.sweep.resolved_pruner
+            hook = PruningHook(self.prepared, spec, optuna_reporter(job.pruning, spec), planned)
+        status, reused = train_run(self.prepared, job.run, self.store, experiment=job.experiment.name,
+                                   label=job.label or job.run.name, reporter=self.reporter, pruning=hook,
+                                   force=job.force, env=self.env, full_eval=job.full_eval, probe=job.probe)
+        return Outcome(run_id(self.prepared, job.run, job.full_eval, job.probe), status, reused)
+
+    def close(self) -> None:
+        pass
+
+
+def reusable(done: RunRecord) -> bool:
+    """A stored run that a rerun takes as is: finished with its adapter on disk, or diverged
+    (an outcome, not an accident). Pruned runs are not: a pruner stopped them relative to others."""
+    return done.status == "diverged" or (done.status == "finished" and _adapter_ok(done))
+
+
+def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
+              reporter: Reporter | None = None, pruning=None, force: bool = False,
+              env: dict | None = None, full_eval: bool = True, probe: bool = True) -> tuple[str, bool]:
+    """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
+
+    When only the evaluation differs from a stored run (a new cap, another generate.batch_size), the
+    stored adapter is evaluated and nothing is trained; that is new work, so `reused` is False.
+    Returns (status, reused). A plain function of the prepared model, the run and the store, so a
+    sweep trial, or a worker in another process with its own `prepare`, runs exactly this code.
+    `pruning` (a pruning.PruningHook) is one of the training's step hooks; when it stops training the run
+    is stored `pruned`, with the loss the pruner judged.
+    """
+    from loralab import environment
+
+    rep = reporter or Reporter()
+    rid = run_id(p, run, full_eval, probe)
+    # Another process training the same run (a second `loralab run`, a parallel sweep): wait, then reuse it.
+    with store.run_lock(rid, on_wait=lambda: rep.log(f"{label or run.name}: another process is training it; waiting")):
+        done = store.get(rid)
+        if done is not None and not force and reusable(done):
+            store.alias(experiment, run.name, rid, run.train.seed)
+            rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")
+            return done.status, True
+        model_info, data_info = _describe(p)
+        env = env or environment.record(str(p.base.device))
+        source = None if force else stored_adapter(store, adapter_id(p, run))
+        status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
+                            model_info, data_info, env, run.generate.batch_size, pruning=pruning,
+                            full_eval=full_eval, probe=probe, source=source)
+    fault_point("run.stored")
+    return status, False
+
+
+def _adapter_ok(rec: RunRecord) -> bool:
+    return bool(rec.adapter_path) and (Path(rec.adapter_path) / "adapter_config.json").is_file()
+
+
+def stored_adapter(store: Store, aid: str | None) -> RunRecord | None:
+    """A stored run of the adapter `aid` whose training a new evaluation can take: finished with its
+    adapter on disk, else diverged (it would diverge again; there is nothing to evaluate)."""
+    if aid is None:
+        return None
+    runs = store.adapter_runs(aid)
+    return next((r for r in runs if r.status == "finished" and _adapter_ok(r)),
+                next((r for r in runs if r.status == "diverged"), None))
+
+
+def _evaluate_stored(p: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
+                     rep: Reporter, gen_batch: int, full_eval: bool, probe: bool) -> str:
+    """Store run `rid` from the adapter `source` trained: its training metrics, curves and training
+    time are carried over, the evaluation is measured anew. Called by _train_one after store.start,
+    inside its error handling (interrupt, full disk, failure).
+
+    Time and money: the row's metrics describe the configuration, so train_s is the adapter's and
+    total_s/cost = its training + this evaluation, comparable with any other run; its timings describe
+    this row's own work: train_s 0 and train_reused_from naming the run that paid for the training."""
+    from peft import PeftModel
+
+    from loralab.metrics.table import metric
+
+    reused = {"train_s": 0.0, "train_reused_from": source.id}
+    if source.status == "diverged":
+        metrics = {k: v for k, v in source.metrics.items() if k not in ("total_s", "cost")}
+        _add_cost(metrics, p)
+        store.finish(rid, metrics=metrics, curves=source.curves, samples=[], timings=reused, adapter_path=None,
+                     status="diverged", error=source.error)
+        rep.log(f"[yellow]{label}: diverged in training earlier ({source.id}); not trained again[/yellow]")
+        return "diverged"
+    run_dir = store.run_dir(rid)
+    tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The run's own copy first (hard links: no space), so a later forced retrain or repair of `source`,
+    # which replaces or removes its folder, leaves this run whole; doctor finds each adapter in its run's folder.
+    with store.run_lock(source.id):
+        _link_tree(Path(source.adapter_path), tmp)
+    peft_model = PeftModel.from_pretrained(p.base.model, tmp)
+    try:
+        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval, probe=probe)
+    finally:
+        _restore_base(p, peft_model)
+    metrics.update({k: v for k, v in source.metrics.items()
+                    if k == "adapter_bytes" or (metric(k) is not None and metric(k).stage == "training")})
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _add_cost(metrics, p)
+    store.finish(rid, metrics=metrics, curves=source.curves, samples=samples, timings={**timings, **reused},
+                 adapter_path=str(final))
+    rep.log(_one_line(label, metrics, p.exp.eval_caps) + f", adapter of {source.id} evaluated, not trained again")
+    return "finished"
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a folder's files into a new folder, copying where a link cannot be made (another disk)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def _restore_base(p: Prepared, peft_model) -> None:
+    """Take the LoRA layers out again: the prepared base model is shared by every run."""
+    p.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(p.base.model, attr):
+            try:
+                delattr(p.base.model, attr)
+            except AttributeError:
+                pass
+
+
+def _one_line(name: str, m: dict, caps: list[int]) -> str:
+    cap = max(caps)
+    text = f"{name}: eval loss {m['eval_loss']:.4f}"
+    if f"rouge_l@{cap}" in m:  # absent when only the losses were measured
+        text += f", ROUGE-L@{cap} {m[f'rouge_l@{cap}']:.3f}, mean tokens@{cap} {m[f'mean_tokens@{cap}']:.1f}"
+    return text
+
+
+def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
+               experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
+               pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
+    """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
+    With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
+    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(p, run),
+                model=model_info, data=data_info, env=env, seed=seed)
+    peft_model = None
+    reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
+    try:
+        if source is not None:
+            reached["trained"] = True  # an out-of-memory error here is the evaluation's
+            return _evaluate_stored(p, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
+        peft_model = _with_lora(p, run)
+        res, monitor = _train(p, run, peft_model, label, rep, reached, pruning)
+        reached["trained"] = True
+        done = _Done(p, run, label, rid, store, rep, peft_model, res)
+        if res.stopped_by is monitor:
+            return done.diverged(monitor)
+        if res.stopped_by is not None and res.stopped_by is pruning:
+            return done.pruned(pruning)
+        return done.finished(gen_batch, full_eval, probe)
+    except KeyboardInterrupt:
+        store.mark(rid, "interrupted")
+        raise
+    except Exception as err:  # one broken run must not stop the others
+        return _failed(err, run, label, rid, store, rep, reached)
+    finally:
+        if peft_model is not None:
+            _restore_base(p, peft_model)
+
+
+def _with_lora(p: Prepared, run: RunSpec):
+    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
+    lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
+                      target_modules=p.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(p.base.model, lcfg)
+
+
+def _train(p: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning):
+    """The training loop with its step hooks: divergence, progress, the fault point, and the pruner."""
+    from loralab.engine.data import encode_example
+    from loralab.metrics.stability import DivergenceMonitor
+    from loralab.engine.train import plan_steps, train_lora
+
+    tok = p.base.tokenizer
+    train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
+    with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
+        monitor = DivergenceMonitor()
+        hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
+        return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks), monitor
+
+
+@dataclass
+class _Done:
+    """A trained run, stored by how its training ended: diverged, pruned, or finished (evaluated, with
+    its adapter fsynced on disk before the row says so)."""
+
+    p: Prepared
+    run: RunSpec
+    label: str
+    rid: str
+    store: Store
+    rep: Reporter
+    model: Any  # the PEFT model
+    res: Any  # train.TrainResult
+
+    @property
+    def planned(self) -> int:
+        from loralab.engine.train import plan_steps
+
+        return plan_steps(len(self.p.dataset.train), self.run.train)
+
+    def train_metrics(self) -> dict:
+        from loralab.metrics.stability import stability_summary
+
+        res = self.res
+        out = {"train_loss_final": res.curve["loss"][-1], "train_s": round(res.wall_s, 2), "train_tokens": res.tokens,
+               "tokens_per_s": round(res.tokens_per_s, 1), "peak_mem_mb": round(res.peak_mem_mb, 1),
+               "trainable_params": res.trainable_params, "total_params": res.total_params, "steps": res.steps,
+               "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
+        out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
+        return out
+
+    def diverged(self, monitor) -> str:
+        from loralab.metrics.stability import diagnose
+
+        run, res = self.run, self.res
+        blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
+        metrics = {**self.train_metrics(), "diverged_step": res.steps, "last_good_loss": monitor.last_good_loss,
+                   "eval_s": 0.0, "saved_steps": self.planned - res.steps}
+        _add_cost(metrics, self.p)
+        text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
+                f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
+        self.store.finish(self.rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
+                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
+        self.rep.log(f"[yellow]{self.label}: {text}[/yellow]")
+        return "diverged"
+
+    def pruned(self, pruning) -> str:
+        """Keep the loss its pruner judged, skip generation, count what was saved."""
+        from loralab.metrics.scores import perplexity
+        from loralab.engine.train import eval_loss
+
+        p, res = self.p, self.res
+        t0 = time.perf_counter()
+        seen = pruning.loss_at(res.steps)  # (loss, examples, whole set?)
+        if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
+            losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
+            said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
+        else:
+            loss = seen[0] if seen is not None else eval_loss(self.model, p.eval_encoded,
+                                                              pad_id=p.base.tokenizer.pad_token_id)
+            losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
+                      "pruned_loss_examples": len(p.eval_encoded)}
+            said = f"eval loss {loss:.4f}"
+        saved = self.planned - res.steps
+        metrics = {**self.train_metrics(), **losses, "eval_s": round(time.perf_counter() - t0, 2),
+                   "pruned_step": res.steps, "saved_steps": saved,
+                   "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at its own seconds per step
+        _add_cost(metrics, p)
+        text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
+        self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
+                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="pruned", error=text)
+        self.rep.log(f"{self.label}: {text}")
+        return "pruned"
+
+    def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
+        p, res = self.p, self.res
+        metrics, samples, timings = evaluate(self.model, p, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
+        metrics.update(self.train_metrics())
+        run_dir = self.store.run_dir(self.rid)
+        tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
+        fault_point("adapter.save")
+        _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
+        _add_cost(metrics, p)
+        self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=samples,
+                          timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
+        self.rep.log(_one_line(self.label, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in "
+                     f"{res.wall_s:.0f} s ({res.tokens_per_s:.0f} tokens/s)")
+        return "finished"
+
+
+def _failed(err: Exception, run: RunSpec, label: str, rid: str, store: Store, rep: Reporter, reached: dict) -> str:
+    """A run that raised: marked failed with its traceback (out of memory: with the knobs to turn); a full
+    disk stops the experiment, since every later run would fail the same way."""
+    import torch
+
+    shutil.rmtree(store.run_dir(rid) / "adapter.tmp", ignore_errors=True)
+    full = storage_error(err, store.root)
+    if full is not None:
+        try:
+            store.mark(rid, "failed", str(full))
+        except Exception:
+            pass  # the database is on the same full disk; the row stays `running`, which doctor reports
+        raise full from None
+    trace = "".join(traceback.format_exception(err))[-4000:]
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        where = "evaluation" if reached["trained"] else f"training step {reached['step'] + 1}"
+        reason = (f"out of memory in {where} ({type(err).__name__}). Fix: lower train.batch_size "
+                  f"({run.train.batch_size}) or train.max_seq_len ({run.train.max_seq_len}) and raise "
+                  f"train.gradient_accumulation to keep the effective batch; in evaluation, lower "
+                  f"generate.batch_size ({run.generate.batch_size})")
+        store.mark(rid, "failed", f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
+        rep.log(f"[red]{label}: {_plain(reason)}[/red]")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return "failed"
+    store.mark(rid, "failed", trace)
+    rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
+    return "failed"
+
+
+class _Progress:
+    """A training step hook: the progress bar, and the step an error would strike after."""
+
+    def __init__(self, reached: dict, update):
+        self.reached, self.update = reached, update
+
+    def after_step(self, step) -> None:
+        self.reached["step"] = step.step
+        self.update(loss=step.loss)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk (a rename alone may reach the disk first)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

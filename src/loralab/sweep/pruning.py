@@ -1,0 +1,90 @@
+"""A sweep's pruner as a training step hook: at its decision steps it measures the held-out loss,
+reports it to the Optuna trial, and stops training when Optuna says the trial is clearly worse.
+
+Built from plain data (execute.Pruning: the study's storage, its name, the trial number), so a job
+that prunes can be pickled and run by any executor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from loralab.execute.jobs import Pruning
+from loralab.config.schema import PrunerSpec
+
+
+def decision_steps(pruner: PrunerSpec, planned: int) -> list[int]:
+    """The steps where the pruner can decide, so the held-out loss is measured only there.
+
+    Successive halving and Hyperband judge a trial only at their rungs, `every` x reduction_factor^k
+    steps (Optuna's rungs with min_resource = `every`); a loss measured between rungs would be
+    paid for and ignored. The median pruner decides at every report after its warm-up."""
+    if pruner.name == "none":
+        return []
+    if pruner.name in ("successive_halving", "hyperband"):
+        out, step = [], pruner.every
+        while step < planned:
+            out.append(step)
+            step *= pruner.resolved_reduction_factor
+        return out
+    return [s for s in range(pruner.every, planned, pruner.every) if s >= pruner.warmup_steps]
+
+
+class PruningHook:
+    """A training step hook (train.StepHook): at each decision step the held-out loss goes to
+    `report(loss, step)`, which answers whether to stop (Optuna: trial.report then trial.should_prune).
+
+    It remembers what it measured, so a pruned run stores the loss it was judged on instead of
+    paying for another evaluation."""
+
+    def __init__(self, p, pruner: PrunerSpec, report: Callable[[float, int], bool], planned: int):
+        self.p, self.report = p, report
+        self.examples = p.eval_encoded[: pruner.eval_examples]
+        self.whole = len(self.examples) == len(p.eval_encoded)
+        self.steps = set(decision_steps(pruner, planned))
+        self.measured: dict[int, float] = {}
+
+    def after_step(self, step) -> str | None:
+        from loralab.engine.train import eval_loss
+
+        if step.step not in self.steps or step.step >= step.total:  # the last step is judged by the objective
+            return None
+        loss = eval_loss(step.model, self.examples, pad_id=self.p.base.tokenizer.pad_token_id)
+        self.measured[step.step] = loss
+        return f"pruned at step {step.step}" if self.report(loss, step.step) else None
+
+    def loss_at(self, step: int) -> tuple[float, int, bool] | None:
+        """(loss, eval examples it covers, whether that is the whole eval set) measured at `step`."""
+        if step not in self.measured:
+            return None
+        return self.measured[step], len(self.examples), self.whole
+
+
+def make_pruner(spec: PrunerSpec):
+    """The Optuna pruner of a sweep's `pruner:` section."""
+    import optuna
+
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.warmup_steps)
+    if spec.name == "successive_halving":  # the resource is training steps; the first rung at `every`
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.every,
+                                                      reduction_factor=spec.resolved_reduction_factor)
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=spec.every, reduction_factor=spec.resolved_reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def optuna_reporter(ref: Pruning, spec: PrunerSpec) -> Callable[[float, int], bool]:
+    """report(loss, step) -> prune? for the trial `ref` names: Optuna's trial.report, then should_prune
+    with the sweep's pruner (`spec`)."""
+    import optuna
+
+    storage = optuna.storages.get_storage(ref.storage)
+    study = optuna.load_study(study_name=ref.study, storage=storage, pruner=make_pruner(spec))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(ref.study), ref.trial)
+    trial = optuna.trial.Trial(study, trial_id)
+
+    def report(loss: float, step: int) -> bool:
+        trial.report(ref.sign * loss, step)
+        return trial.should_prune()
+
+    return report

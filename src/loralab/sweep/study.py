@@ -1,0 +1,651 @@
+"""Sweeps: an Optuna search over lora/train/generate knobs that stops bad trials early and respects a budget.
+
+One trial is one configuration, trained once per seed (`repeats`) as ordinary runs of the workspace,
+so finished runs with the same resolved config are reused, and `loralab show/compare` read trials
+like any run. The study lives in an Optuna RDB storage (`optuna.db` in the workspace unless
+`sweep.storage` names another), so Optuna's own API and dashboard can inspect it, and running the
+same command again after a crash, Ctrl-C or kill -9 continues it:
+
+- trials that finished or were pruned are kept and counted against the budget once;
+- a trial left RUNNING by a dead process is marked FAIL (user attr status=interrupted, not counted)
+  and its parameters are enqueued, so the same configuration runs next.
+
+Several sweep processes may share a study: each trial records its owner process (host, pid, start
+time), only trials whose owner is gone are recovered, and the next trial is picked under a workspace
+lock, so two processes never take the same grid point (see locks.py and docs/reliability.md).
+
+Pruning judges trials by held-out loss every `pruner.every` steps, whatever the objective: it is the
+one signal available mid-training. A pruned run is stored with status `pruned`, its eval loss at the
+stop, and the steps (and estimated seconds) it did not spend.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from loralab.errors import Problem, SpecError
+from loralab.execute.jobs import Executor, ExecutorFactory, Job, Pruning
+from loralab.sweep.pruning import make_pruner
+from loralab.progress import Reporter
+from loralab.config.space import (Space, _budget_text, experiment_start, is_grid, make_run, needs_full_eval, needs_probe,
+                           objective_value, sampler_class_name)
+from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
+
+OPTUNA_DB = "optuna.db"
+# With nothing measured yet, --dry-run estimates train tokens/s as matmul FLOP/s / (4 x parameters)
+# (forward + input gradients through a frozen base) times this efficiency: a plain loop reached ~68%.
+TRAIN_EFFICIENCY = 0.68
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: a configuration, trained once per seed
+
+
+@dataclass
+class TrialRuns:
+    """What one configuration's runs came to; a plain function result a remote worker can return."""
+
+    status: str  # finished | pruned | diverged | failed
+    run_ids: list[str]
+    values: list[float] | None  # the objectives, each a mean over seeds (finished only)
+    reused: int  # runs taken from the store instead of trained
+    steps: int = 0  # of the first seed: where it stopped
+    planned_steps: int = 0
+    saved_steps: int = 0
+    saved_s: float = 0.0
+    error: str | None = None
+
+
+def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str, executor=None,
+              pruning: Pruning | None = None, reporter: Reporter | None = None) -> TrialRuns:
+    """Train, evaluate and store one configuration once per seed, each seed a job for `executor`
+    (default: runner.LocalExecutor on `p` and `store`).
+
+    `pruning` names the Optuna trial the first seed's intermediate eval loss is reported to; a pruned,
+    diverged or failed first seed ends the configuration there."""
+    from loralab.engine.models import resolve_target_modules
+    from loralab.execute.runner import LocalExecutor
+
+    rep = reporter or Reporter()
+    try:
+        run = make_run(experiment_start(exp), knobs, name)
+        resolve_target_modules(p.base.model, run.lora.target_modules, where=f"sweep: {name}.lora.target_modules")
+    except (ValidationError, SpecError, ValueError) as err:  # a point the file check could not foresee
+        return TrialRuns("failed", [], None, 0, error=f"invalid trial config: {err}")
+    executor = executor or LocalExecutor(p, store, rep)
+    pruner = exp.sweep.resolved_pruner if exp.sweep else PrunerSpec(name="none")
+    ids, records, reused = [], [], 0
+    seeds = exp.seeds_for(run)
+    full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
+    for i, seed in enumerate(seeds):
+        job = Job(exp, run.with_seed(seed), name if len(seeds) == 1 else f"{name} (seed {seed})", full, probe,
+                  pruning=pruning if i == 0 and pruner.name != "none" else None)
+        out = executor.run(job)
+        status = out.status
+        ids.append(out.run_id)
+        records.append(store.get(out.run_id))
+        reused += out.reused
+        if status != "finished":
+            break
+    first = records[0].metrics
+    out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)),
+                    planned_steps=int(first.get("planned_steps", 0)), saved_steps=int(first.get("saved_steps", 0)),
+                    saved_s=float(first.get("saved_s", 0.0)), error=records[-1].error)
+    if status == "finished":
+        objectives = exp.sweep.objective if exp.sweep else [ObjectiveSpec()]
+        out.values = [statistics.fmean(objective_value(r.metrics, o, run) for r in records) for o in objectives]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class TrialSummary:
+    """One trial of the study as stored in Optuna (params resolved to knob values)."""
+
+    number: int
+    state: str  # Optuna's: COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    status: str  # loralab's: finished, pruned, diverged, failed, interrupted, running, waiting
+    knobs: dict[str, Any]
+    values: list[float] | None
+    run_ids: list[str]
+    spent_s: float
+    saved_steps: int
+    saved_s: float
+
+    @classmethod
+    def from_frozen(cls, t, space: Space) -> "TrialSummary":
+        ua = t.user_attrs
+        knobs = ua.get("knobs")
+        if knobs is None:
+            try:
+                knobs = space.knobs(t.params)
+            except KeyError:
+                knobs = dict(t.params)
+        return cls(t.number, t.state.name, ua.get("status", t.state.name.lower()), knobs,
+                   list(t.values) if t.values is not None else None, list(ua.get("run_ids", [])),
+                   float(ua.get("spent_s", 0.0)), int(ua.get("saved_steps", 0)), float(ua.get("saved_s", 0.0)))
+
+
+@dataclass
+class SweepPlan:
+    """What --dry-run prints: the trials (a grid's full expansion) and the estimated time."""
+
+    strategy: str
+    points: list[dict[str, Any]] | None  # the grid, knob values resolved; None for other strategies
+    trials: int | None  # how many the sweep would run (grid size, capped by budget.trials)
+    seeds: int
+    train_tokens: list[int]  # per trial (grid) or [at the start settings]
+    tokens_per_s: float
+    throughput_from: str
+    eval_s: float | None
+    per_trial_s: list[float]
+    total_s: float | None
+    budget: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepResult:
+    workspace: Path
+    study_name: str
+    storage: str
+    trials: list[TrialSummary] = field(default_factory=list)  # every trial of the study, by number
+    ran: list[int] = field(default_factory=list)  # trial numbers this call ran
+    best: list[TrialSummary] = field(default_factory=list)  # the best trial, or the Pareto set
+    stopped: str = ""  # why the sweep ended
+    spent_s: float = 0.0  # trials counted against the budget, this and earlier sessions
+    saved_steps: int = 0
+    saved_s: float = 0.0
+    cost: float | None = None
+    plan: SweepPlan | None = None
+    close_to_best: list[int] = field(default_factory=list)  # finished trials within noise of the best
+
+
+def _counts(t) -> bool:
+    """Trials the budget counts: completed, pruned, or failed on their own (not interrupted)."""
+    from optuna.trial import TrialState
+
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed")
+
+
+def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None) -> str | None:
+    """Why no further trial may start, or None while the budget lasts."""
+    done = [t for t in trials if _counts(t)]
+    spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in done)
+    b = sweep.budget
+    if b.trials is not None and len(done) >= b.trials:
+        return f"budget of {b.trials} trials reached"
+    if b.minutes is not None and spent >= b.minutes * 60:
+        return f"time budget of {b.minutes:g} min reached ({spent / 60:.2f} min spent)"
+    if b.money is not None and per_hour is not None and spent / 3600 * per_hour >= b.money:
+        return f"money budget of {b.money:g} reached ({spent / 3600 * per_hour:.4f} spent)"
+    return None
+
+
+def storage_url(exp: Experiment, ws: Path) -> str:
+    return exp.sweep.storage if exp.sweep and exp.sweep.storage else f"sqlite:///{ws / OPTUNA_DB}"
+
+
+def _make_sampler(sweep: SweepSpec, space: Space):
+    import optuna
+
+    name = sampler_class_name(sweep.strategy)
+    if name == "GridSampler":
+        return _GridSampler(space.grid(), seed=sweep.seed)
+    try:
+        return getattr(optuna.samplers, name)(seed=sweep.seed)
+    except ImportError as err:  # CmaEsSampler and friends need an optional package
+        raise SpecError(f"sweep.strategy {sweep.strategy} needs a package that is not installed",
+                        [Problem("sweep.strategy", str(err), sweep.strategy,
+                                 "install it with pip, or use tpe or random")]) from None
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid, minus its `study.stop()` after the last point: that works only inside
+        `study.optimize`, and the sweep's ask/tell loop checks `is_exhausted` itself."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+        def unstarted(self, study) -> bool:
+            """Whether a grid point is neither done nor being run (by this or another process)."""
+            from optuna.trial import TrialState
+
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            taken = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs
+                     and (t.state.is_finished() or t.state == TrialState.RUNNING)}
+            return len(taken) < len(self._all_grids)
+
+        def point(self, grid_id: int) -> dict:
+            """The parameters of a grid id (the grid as the parent class shuffled it)."""
+            return dict(zip(self._param_names, self._all_grids[grid_id]))
+
+    return GridSampler
+
+
+def _GridSampler(search_space: dict, seed: int):
+    return _grid_sampler_class()(search_space, seed=seed)
+
+
+def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
+    """Create or load the experiment's study; refuse one made by a different sweep section."""
+    import optuna
+
+    sw = exp.sweep
+    study = optuna.create_study(storage=url, sampler=_make_sampler(sw, space), pruner=make_pruner(sw.resolved_pruner),
+                                study_name=exp.name, directions=sw.directions, load_if_exists=True)
+    done = len(study.get_trials(deepcopy=False))
+    if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
+        study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
+    had = study.user_attrs.get("loralab_sweep")
+    if had is None:
+        study.set_user_attr("loralab_sweep", fingerprint)
+    elif had != fingerprint:
+        raise SpecError(f"study {exp.name!r} in {url} was made by a different sweep (space, strategy, objective, "
+                        "seeds, model or data changed); its trials would not mean the same thing",
+                        [Problem("sweep", "changed since the study began", exp.name,
+                                 "give the experiment another `name:`, or use another workspace or sweep.storage")])
+    return study
+
+
+def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any], bool] | None = None,
+                        forget: Callable[[int], None] | None = None) -> list[int]:
+    """Trials left RUNNING by a process that died: mark them FAIL (status interrupted, not counted)
+    and enqueue their parameters, once, so the same configuration runs next. `alive(trial)` tells a
+    trial another sweep process is still running (left alone) from a dead one; None: all are dead.
+
+    A process killed between `ask` and the last `suggest` leaves some parameters unset: a grid trial
+    still knows its grid point (the grid counts it as visited, so it must be re-enqueued); any other
+    strategy just samples a new point. `forget(number)` drops the trial's run names, so a FAIL trial
+    never names a run its retry finishes."""
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if alive is not None and alive(t):
+            continue
+        # Through the storage: optuna.Trial(study, id) would run the sampler's before_trial, and a
+        # grid trial killed before it got its grid point would then take (and waste) one.
+        def set_attr(key: str, value: Any, t=t) -> None:
+            study._storage.set_trial_user_attr(t._trial_id, key, value)
+
+        params = t.system_attrs.get("fixed_params") or dict(t.params)
+        if len(params) < len(space.dims):
+            point = getattr(study.sampler, "point", None)
+            params = point(t.system_attrs["grid_id"]) if point and "grid_id" in t.system_attrs else None
+        if params is not None:
+            if t.number not in retried:
+                study.enqueue_trial(dict(params), user_attrs={"retry_of": t.number})
+            set_attr("knobs", space.knobs(params))
+        set_attr("status", "interrupted")
+        study.tell(t.number, state=TrialState.FAIL)
+        if forget is not None:
+            forget(t.number)
+        out.append(t.number)
+    if out:
+        rep.log(f"Resuming: trial(s) {', '.join(map(str, out))} were interrupted; their configurations run again.")
+    return out
+
+
+# A sampler proposing only configurations already trained this many times in a row has run out of
+# new ones (a small discrete space): the sweep stops instead of asking for ever.
+MAX_REPEATED_PROPOSALS = 50
+
+
+def duplicate_of(trials: list, knobs: dict[str, Any], alive: Callable[[Any], bool]) -> int | None:
+    """The number of a trial that already has these knob values (finished, pruned, failed on its
+    own, or running in a live process), or None. Every trial the budget counts is a new configuration:
+    a resumed TPE sampler re-proposes its first points, and two processes may propose the same one."""
+    from optuna.trial import TrialState
+
+    for t in trials:
+        if t.user_attrs.get("knobs") != knobs or t.user_attrs.get("status") == "duplicate":
+            continue
+        if _counts(t) or (t.state == TrialState.RUNNING and alive(t)):
+            return t.number
+    return None
+
+
+def _fmt(knobs: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
+
+
+def _values_text(sw: SweepSpec, values: list[float] | None) -> str:
+    if values is None:
+        return ""
+    return ", ".join(f"{o.metric} {v:.4f}" for o, v in zip(sw.objective, values))
+
+
+def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter: Reporter | None = None,
+              dry_run: bool = False, executor: ExecutorFactory | None = None) -> SweepResult:
+    """Search the file's `sweep:` space with Optuna within its budget; returns the whole study's
+    trials, the best configuration(s), and the compute spent and saved by pruning.
+
+    The base model is loaded once; each seed of each trial is a job for `executor(prepared, store,
+    reporter)` (default runner.LocalExecutor: a fresh adapter trained, evaluated, stored and removed).
+    Running it again continues the study (see the module docstring)."""
+    import optuna
+
+    from loralab.execute.runner import prepare, resolve_workspace
+    from loralab.workspace.store import Store
+
+    if exp.sweep is None:
+        raise SpecError(f"{exp.source or 'experiment'}: no `sweep:` section",
+                        [Problem("sweep", "missing", None, "add `sweep: {space: {lora.r: [4, 8]}, budget: {trials: 4}}`", False)])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one progress line per trial is ours
+    rep = reporter or Reporter()
+    sw = exp.sweep
+    space = Space(sw)
+    p = prepare(exp, reporter=rep)  # everything checked before the workspace is touched
+    ws = resolve_workspace(exp, workspace)
+    url = storage_url(exp, ws)
+    if dry_run:
+        plan = make_plan(exp, p, ws, space)
+        for line in plan.lines:
+            rep.log(line)
+        return SweepResult(ws, exp.name, url, plan=plan)
+    store = Store(ws)
+    start = experiment_start(exp)
+    fingerprint = config_hash({"space": {k: v.model_dump() for k, v in sw.space.items()}, "strategy": sw.strategy,
+                               "seed": sw.seed, "start": start, "objective": [o.model_dump() for o in sw.objective],
+                               "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": p.base.fingerprint,
+                               "data": p.dataset.fingerprint})
+    result = SweepResult(ws, exp.name, url)
+    from loralab.execute.runner import LocalExecutor
+
+    loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(p, store, rep))
+    try:
+        with loop.study_lock():
+            loop.study = open_study(exp, url, space, fingerprint)
+            recover_interrupted(loop.study, space, rep, loop.alive, loop.forget)
+        rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
+        while True:
+            reason, busy, proposal = loop.propose()
+            if reason:
+                result.stopped = reason
+                break
+            if busy:
+                loop.wait_for_others()
+                continue
+            result.ran.append(loop.execute(p, *proposal))
+        _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
+        loop.worker.close()
+        result.close_to_best = _close_to_best(result, store, exp, rep)
+    finally:
+        store.close()
+    return result
+
+
+class _Loop:
+    """The sweep's ask -> execute -> tell loop, one trial at a time, shared safely with other processes:
+    proposals are made under a workspace lock, a trial records its owner, and a trial left by a dead
+    owner is recovered (run again), never taken over while its owner lives."""
+
+    def __init__(self, exp: Experiment, space: Space, store, url: str, ws: Path, rep: Reporter, worker: Executor):
+        from loralab.workspace.locks import process_identity
+
+        self.exp, self.sw, self.space, self.store, self.url, self.ws, self.rep = exp, exp.sweep, space, store, url, ws, rep
+        self.worker = worker  # every seed of every trial is a job for it
+        self.owner = process_identity()
+        self.study = None
+        self.per_hour = exp.cost.per_hour if exp.cost else None
+        self.sign = {"minimize": 1.0, "maximize": -1.0}[self.sw.directions[0]]  # pruners read the loss in the objective's sense
+        self.repeats = 0  # proposals in a row that repeated a configuration already trained
+        self.waited = False
+
+    def alive(self, t) -> bool:
+        from loralab.workspace.locks import process_alive
+
+        return process_alive(t.user_attrs.get("owner"))
+
+    def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
+        self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
+
+    def study_lock(self):  # creating the study, recovering and asking: one process of this workspace at a time
+        from loralab.workspace.locks import file_lock
+        from loralab.workspace.store import LOCKS
+
+        return file_lock(self.ws / LOCKS / f"study-{config_hash([self.url, self.exp.name])}.lock")
+
+    def propose(self) -> tuple[str | None, bool, tuple | None]:
+        """(why the sweep ends, whether to wait for other processes, (trial, params, knobs) to run)."""
+        from optuna.trial import TrialState
+
+        sw, study = self.sw, self.study
+        while True:
+            with self.study_lock():
+                trials = study.get_trials(deepcopy=False)
+                reason = budget_reason(trials, sw, self.per_hour)
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
+                    reason = "every grid point done"
+                # The last grid points are being run by other processes: wait for them rather than repeat one.
+                busy = reason is None and is_grid(sw) and not waiting and not study.sampler.unstarted(study)
+                if reason or busy:
+                    return reason, busy, None
+                trial = study.ask()
+                trial.set_user_attr("owner", self.owner)
+                params = {d.param: d.suggest(trial) for d in self.space.dims}
+                knobs = self.space.knobs(params)
+                trial.set_user_attr("knobs", knobs)
+                twin = duplicate_of(trials, knobs, self.alive)
+                if twin is None:
+                    self.repeats = 0
+                    return None, False, (trial, params, knobs)
+                # A configuration trained (or training) already: not a new trial.
+                trial.set_user_attr("status", "duplicate")
+                trial.set_user_attr("duplicate_of", twin)
+                study.tell(trial, state=TrialState.FAIL)
+                self.repeats += 1
+                if self.repeats >= MAX_REPEATED_PROPOSALS:
+                    return (f"the search space looks exhausted: the last {self.repeats} proposals were all "
+                            "configurations already trained"), False, None
+
+    def wait_for_others(self) -> None:
+        if not self.waited:
+            self.rep.log("Waiting for another sweep process to finish the last grid point(s).")
+            self.waited = True
+        time.sleep(1.0)
+        with self.study_lock():
+            recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)  # in case it died meanwhile
+
+    def execute(self, p, trial, params: dict, knobs: dict) -> int:
+        """Run one trial's jobs and tell Optuna how it ended; returns the trial's number."""
+        from optuna.trial import TrialState
+
+        exp, study = self.exp, self.study
+        t0 = time.perf_counter()
+        try:
+            pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
+            tr = run_trial(p, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
+                           executor=self.worker, pruning=pruning)
+        except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
+            study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            self.forget(trial.number)
+            raise
+        except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        spent = time.perf_counter() - t0
+        for k, v in {"status": tr.status, "run_ids": tr.run_ids, "spent_s": round(spent, 3), "reused": tr.reused,
+                     "steps": tr.steps, "planned_steps": tr.planned_steps, "saved_steps": tr.saved_steps,
+                     "saved_s": tr.saved_s}.items():
+            trial.set_user_attr(k, v)
+        what = self.tell(trial, tr)
+        reused = f", reused {tr.reused} stored run(s)" if tr.reused else ""
+        self.rep.log(f"trial {trial.number}: {_fmt(knobs)} -> {tr.status}: {what} ({spent:.1f} s{reused})")
+        return trial.number
+
+    def tell(self, trial, tr: TrialRuns) -> str:
+        """Optuna's state for how the trial's runs ended (loralab's status kept as a user attr); a phrase."""
+        from optuna.trial import TrialState
+
+        if tr.status == "finished":
+            self.study.tell(trial, tr.values)
+            return _values_text(self.sw, tr.values)
+        if tr.status in ("pruned", "diverged"):  # stopped early because it was bad: Optuna's PRUNED
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return (f"pruned at step {tr.steps}/{tr.planned_steps}, saved {tr.saved_steps} steps (~{tr.saved_s:.1f} s)"
+                    if tr.status == "pruned" else f"diverged at step {tr.steps}")
+        if tr.error:
+            trial.set_user_attr("error", tr.error[-2000:])
+        self.study.tell(trial, state=TrialState.FAIL)
+        return "failed" + (f": {tr.error.strip().splitlines()[-1]}" if tr.error else "")
+
+
+def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
+    """The finished trials whose objective is within noise of the best trial's, by the report's rule
+    (an interval over seeds and eval examples): the best mean alone can be a lucky seed."""
+    from loralab.analysis.comparison import _verdict
+
+    sw = exp.sweep
+    if len(sw.objective) != 1 or not result.best:
+        return []
+    runs = {r.id: r for r in store.list(exp.name) if r.status == "finished"}
+    groups = {t.number: [runs[i] for i in t.run_ids if i in runs] for t in result.trials if t.status == "finished"}
+    best = groups.get(result.best[0].number)
+    if not best:
+        return []
+    key = sw.objective[0].metric
+    if key not in best[0].metrics and "@" not in key:
+        key = f"{key}@{max(best[0].config['generate']['max_new_tokens'])}"
+    level = exp.evaluation.confidence
+    close = [n for n, g in groups.items() if g and n != result.best[0].number
+             and (v := _verdict(key, best, g, level, floors=exp.evaluation.min_effect)) is not None
+             and v.label in ("within noise", "negligible")]
+    if close:
+        rep.log(f"Within noise of the best ({level:.0%} intervals over seeds and eval examples): "
+                + ", ".join(f"trial {n}" for n in sorted(close)) + ". `loralab report` compares them.")
+    return sorted(close)
+
+
+def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: float | None, exp: Experiment,
+            rep: Reporter) -> None:
+    """Fill the result from the whole study and print the best configuration(s) and the compute."""
+    frozen = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") != "duplicate"]
+    result.trials = [TrialSummary.from_frozen(t, space) for t in frozen]
+    counted = [TrialSummary.from_frozen(t, space) for t in frozen if _counts(t)]
+    result.spent_s = sum(t.spent_s for t in counted)
+    result.saved_steps = sum(t.saved_steps for t in counted)
+    result.saved_s = sum(t.saved_s for t in counted)
+    result.cost = result.spent_s / 3600 * per_hour if per_hour is not None else None
+    best_numbers = {t.number for t in study.best_trials}
+    result.best = [t for t in result.trials if t.number in best_numbers]
+    n = {s: sum(t.status == s for t in counted) for s in ("finished", "pruned", "diverged", "failed")}
+    rep.log(f"Sweep stopped: {result.stopped}. Trials: {n['finished']} finished, {n['pruned']} pruned, "
+            f"{n['diverged']} diverged, {n['failed']} failed.")
+    money = f" ({result.cost:.4f} {exp.cost.currency})" if result.cost is not None else ""
+    rep.log(f"Spent {result.spent_s / 60:.2f} min{money}; stopping trials early (pruned or diverged) saved "
+            f"{result.saved_steps} steps (~{result.saved_s:.1f} s).")
+    title = "Best configuration" if len(sw.objective) == 1 else f"Pareto set ({len(result.best)})"
+    for t in result.best:
+        rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} "
+                f"(loralab show {exp.name}/trial-{t.number:04d})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run: what would run, and about how long it would take
+
+
+def _throughput(ws: Path, model_fingerprint: str, n_params: int) -> tuple[float, str, float | None]:
+    """Train tokens/s and eval seconds measured by finished runs of this model in the workspace."""
+    from loralab.workspace.store import DB_NAME, Store
+
+    if (ws / DB_NAME).is_file():
+        store = Store(ws, create=False)
+        try:
+            runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
+                    and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
+        finally:
+            store.close()
+        runs = list({r.id: r for r in runs}.values())
+        if runs:
+            tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
+            return tps, f"measured: median of {len(runs)} finished run(s) in {ws}", statistics.median(
+                r.metrics.get("eval_s", 0.0) for r in runs)
+    flops = matmul_flops()
+    tps = TRAIN_EFFICIENCY * flops / (4 * n_params)
+    return tps, (f"estimated: {flops / 1e9:.0f} GFLOP/s fp32 matmul measured here / (4 x {n_params / 1e6:.0f} M "
+                 f"parameters) x {TRAIN_EFFICIENCY:.0%}; no finished run of this model in the workspace yet"), None
+
+
+def matmul_flops(n: int = 1024, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
+    """This machine's matmul rate (FLOP/s; fp32 unless `dtype`), the ceiling for training throughput."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def train_tokens(p, run: RunSpec) -> int:
+    """About how many non-padding tokens a run trains on: planned examples x their mean length."""
+    from loralab.engine.data import encode_example
+    from loralab.engine.train import plan_steps
+
+    tok = p.base.tokenizer
+    lengths = [len(encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len).input_ids)
+               for ex in p.dataset.train]
+    steps = plan_steps(len(lengths), run.train)
+    return int(steps * run.train.gradient_accumulation * min(run.train.batch_size, len(lengths)) * statistics.fmean(lengths))
+
+
+def make_plan(exp: Experiment, p, ws: Path, space: Space) -> SweepPlan:
+    sw = exp.sweep
+    start = experiment_start(exp)
+    seeds = len(exp.seeds_for(make_run(start, {}, "start")))
+    tps, source, eval_s = _throughput(ws, p.base.fingerprint, p.base.info["params"])
+    budget = sw.budget.model_dump(exclude_none=True)
+    points = space.expand() if is_grid(sw) else None
+    runs = [make_run(start, pt, "trial") for pt in points] if points is not None else [make_run(start, {}, "start")]
+    tokens = [train_tokens(p, r) for r in runs]
+    per_trial = [seeds * (t / tps + (eval_s or 0.0)) for t in tokens]
+    eval_note = f" + {eval_s:.1f} s eval per run" if eval_s is not None else " (eval time not included: not measured yet)"
+    lines = []
+    if points is not None:
+        n = min(len(points), sw.budget.trials or len(points))
+        total = sum(per_trial[:n])
+        lines.append(f"Dry run of sweep {exp.name!r}: grid of {len(points)} trial(s) x {seeds} seed(s)"
+                     + (f", budget runs the first {n}" if n < len(points) else "") + "; nothing is trained or written.")
+        for i, (pt, t) in enumerate(zip(points, tokens)):
+            lines.append(f"  {i + 1:>3}. {_fmt(pt)}  (~{t:,} train tokens)")
+    else:
+        n = sw.budget.trials
+        total = n * per_trial[0] if n else None
+        lines.append(f"Dry run of sweep {exp.name!r}: strategy {sw.strategy}, budget "
+                     + _budget_text(budget) + "; nothing is trained or written.")
+        lines.append(f"  Per trial at the start settings: ~{tokens[0]:,} train tokens x {seeds} seed(s) "
+                     f"= about {per_trial[0]:.1f} s")
+    lines.append(f"  Throughput {tps:,.0f} train tokens/s ({source}){eval_note}.")
+    if total is not None:
+        lines.append(f"  Estimated total: about {total / 60:.1f} min for {n} trial(s), before pruning saves any.")
+    if sw.budget.minutes is not None and per_trial[0] > 0:
+        lines.append(f"  budget.minutes {sw.budget.minutes:g} fits about {int(sw.budget.minutes * 60 // per_trial[0])} "
+                     "trial(s) at that rate.")
+    return SweepPlan(sw.strategy, points, n, seeds, tokens, tps, source, eval_s, per_trial, total, budget, lines)

@@ -1,0 +1,266 @@
+"""`loralab doctor`: does the workspace database agree with the files on disk, and did a crash leave
+anything behind? `--repair` fixes what can be fixed without retraining.
+
+A kill -9, a power cut or a full disk can leave: a run `running` with no process behind it, an
+adapter written but not recorded (or recorded but gone), temporary folders, folders of runs the
+database does not know, names pointing at nothing, and sweep trials still RUNNING. Each becomes a
+Finding saying where, what, and what the repair does. Runs that a live process holds (their lock is
+taken) are never touched, so doctor is safe to run next to a training process.
+
+The next `loralab run` or `loralab sweep` handles crashed work by itself (it retrains unfinished
+runs and resumes interrupted trials); doctor is for seeing that the workspace is sound, and for
+cleaning it up without running anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the sweep module for every check
+
+
+@dataclass
+class Finding:
+    """One thing wrong (or worth knowing) about the workspace."""
+
+    kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, damaged-row, database,
+    # trial, trial-run
+    where: str  # the run (experiment/name and id), a path, or study/trial
+    problem: str
+    repair: str  # what --repair does, or how to fix it by hand
+    severity: str = "problem"  # "note": nothing is wrong yet (a sweep to resume)
+    repaired: bool = False
+    repairable: bool = True  # by --repair; a damaged database is not
+
+
+@dataclass
+class Checkup:
+    workspace: Path
+    repair: bool
+    findings: list[Finding] = field(default_factory=list)
+    runs: int = 0
+    folders: int = 0
+    trials: int = 0
+
+    @property
+    def problems(self) -> list[Finding]:
+        """Problems still there (not repaired)."""
+        return [f for f in self.findings if f.severity == "problem" and not f.repaired]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"workspace": str(self.workspace), "ok": self.ok, "repair": self.repair, "runs": self.runs,
+                "folders": self.folders, "trials": self.trials, "findings": [asdict(f) for f in self.findings]}
+
+
+def adapter_complete(folder: Path) -> bool:
+    """A PEFT adapter as loralab writes it: config and safetensors weights (never a pickle)."""
+    return all((folder / f).is_file() for f in ADAPTER_FILES)
+
+
+def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
+    """Check (and with `repair`, fix) one workspace; raises RunNotFound when there is none."""
+    from sqlalchemy.exc import DatabaseError
+
+    from loralab.workspace.store import storage_error
+
+    store = Store(workspace, create=False)
+    try:
+        out = Checkup(Path(workspace), repair)
+        _check_database(store, out)
+        if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
+            return out
+        _check_runs(store, out, repair)
+        try:
+            _check_studies(store, out)
+        except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
+            out.findings.append(Finding("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
+                                        f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
+                                        "restore optuna.db from a backup, or move it away and run the sweep again "
+                                        "(finished runs are reused)", repairable=False))
+        return out
+    except DatabaseError as err:
+        raise storage_error(err, store.root) or err from None
+    finally:
+        store.close()
+
+
+def _check_database(store: Store, out: Checkup) -> None:
+    with store.engine.connect() as conn:
+        result = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+    if result != ["ok"]:
+        lines = [x for r in result for x in str(r).splitlines() if not x.startswith("***")]
+        out.findings.append(Finding("database", str(store.root / DB_NAME), "SQLite integrity check: " + "; ".join(lines[:3]),
+                                    "restore loralab.db from a backup, or try "
+                                    "`sqlite3 loralab.db .recover | sqlite3 fixed.db`", repairable=False))
+
+
+def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
+    runs_dir = store.root / "runs"
+    # Folders before rows: a run's row is written before its folder, so a folder seen here whose row
+    # is missing below is a real orphan, not a run that started in between.
+    folders = sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []
+    rows = store.all_runs()
+    names: dict[str, list[str]] = {}
+    aliases = store.alias_rows()
+    for experiment, name, seed, rid in aliases:
+        names.setdefault(rid, []).append(f"{experiment}/{name}" + (f" (seed {seed})" if seed is not None else ""))
+    out.runs, out.folders = len(rows), len(folders)
+    by_id = {r.id: r for r in rows}
+
+    def where(rec: RunRecord) -> str:
+        return f"{', '.join(sorted(names.get(rec.id, []))) or rec.name} [{rec.id}]"
+
+    for rec in rows:
+        if not store.in_progress(rec.id):  # else a live process is training or storing it
+            _check_run(store, rec, where(rec), out, repair)
+    for path in folders:
+        if path.name in by_id or store.in_progress(path.name):
+            continue
+        f = Finding("orphan", str(path), "no run in the database owns this " + ("folder" if path.is_dir() else "file"),
+                    "remove it")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _remove(store, path.name, [path])
+    for experiment, name, seed, rid in aliases:
+        if rid not in by_id:
+            f = Finding("stale-alias", f"{experiment}/{name}", f"points at run {rid}, which the database does not hold",
+                        "remove the name")
+            out.findings.append(f)
+            if repair:
+                store.drop_alias(experiment, name, seed)
+                f.repaired = True
+
+
+def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: bool) -> None:
+    """One run's row against its folder: damaged, left running, finished without metrics or adapter, moved,
+    or with leftover files."""
+    folder = store.run_dir(rec.id)
+    if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
+        out.findings.append(Finding("damaged-row", where, "its database row cannot be read: " + "; ".join(rec.damaged),
+                                    f"run its experiment again, which trains and stores it anew; its files in {folder} "
+                                    "are kept", repairable=False))
+        return
+    if rec.status == "running":
+        f = Finding("interrupted", where, "left `running` by a process that stopped without finishing it "
+                    "(kill -9, crash, power cut or full disk)",
+                    "mark it interrupted and remove its unfinished files; the next `loralab run` trains it again")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _repair_run(store, rec.id, "interrupted", "left running by a process that died "
+                                     "(found by loralab doctor)", remove=True)
+        return
+    if rec.status == "finished" and not _check_finished(store, rec, where, folder, out, repair):
+        return
+    leftovers = _leftovers(rec, folder)
+    if leftovers:
+        f = Finding("leftovers", where, f"{rec.status} run has files no finished result uses: "
+                    + ", ".join(p.name for p in leftovers), "remove them")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _remove(store, rec.id, leftovers)
+
+
+def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out: Checkup, repair: bool) -> bool:
+    """A finished run has metrics and its complete adapter in this workspace; False when it is not
+    finished after all (then nothing else about it is checked)."""
+    if "eval_loss" not in rec.metrics:
+        f = Finding("no-metrics", where, "marked finished but has no metrics",
+                    "mark it failed; the next `loralab run` trains it again")
+        out.findings.append(f)
+        if repair:
+            f.repaired = _repair_run(store, rec.id, "failed", "finished without metrics (found by loralab doctor)",
+                                     remove=True)
+        return False
+    local = folder / "adapter"  # where the runner always saves it
+    if rec.kind != "lora" or (rec.adapter_path and Path(rec.adapter_path).resolve() == local.resolve()
+                              and adapter_complete(local)):
+        return True
+    if adapter_complete(local):
+        f = Finding("moved", where, f"its adapter path {rec.adapter_path} is not this workspace's "
+                    "(the workspace was moved or copied)", f"point the run at {local}")
+        out.findings.append(f)
+        if repair:
+            store.set_adapter_path(rec.id, str(local))
+            f.repaired = True
+        rec.adapter_path = str(local)  # so the adapter is not taken for a leftover
+        return True
+    f = Finding("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
+                "or incomplete", "mark it failed; the next `loralab run` trains it again")
+    out.findings.append(f)
+    if repair:
+        f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "
+                                 "loralab doctor)", remove=True)
+    return False
+
+
+def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:
+    """Files under the run's folder that its stored result does not point at."""
+    if not folder.is_dir():
+        return []
+    keep = Path(rec.adapter_path) if rec.status == "finished" and rec.adapter_path else None
+    return [p for p in sorted(folder.iterdir()) if keep is None or p.resolve() != keep.resolve()]
+
+
+def _repair_run(store: Store, run_id: str, status: str, error: str, remove: bool) -> bool:
+    """Change a run's status under its lock (so no process starts it meanwhile) and drop its files."""
+    with store.run_lock(run_id, blocking=False) as taken:
+        if not taken:
+            return False
+        store.mark(run_id, status, error)
+        if remove:
+            shutil.rmtree(store.run_dir(run_id), ignore_errors=True)
+    return True
+
+
+def _remove(store: Store, run_id: str, paths: list[Path]) -> bool:
+    with store.run_lock(run_id, blocking=False) as taken:
+        if not taken:
+            return False
+        for p in paths:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    return True
+
+
+def _check_studies(store: Store, out: Checkup) -> None:
+    """Sweep trials of the workspace's own study database: interrupted ones, and complete ones whose
+    runs the workspace no longer holds as finished."""
+    db = store.root / STUDY_DB
+    if not db.is_file():
+        return
+    import optuna
+    from optuna.trial import TrialState
+
+    from loralab.workspace.locks import process_alive
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{db}"
+    for summary in optuna.get_all_study_summaries(storage=url, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=url)
+        for t in study.get_trials(deepcopy=False):
+            out.trials += 1
+            where = f"{summary.study_name}/trial-{t.number:04d}"
+            if t.state == TrialState.RUNNING and not process_alive(t.user_attrs.get("owner")):
+                out.findings.append(Finding("trial", where, "left RUNNING by a sweep process that stopped",
+                                            f"run `loralab sweep FILE` for experiment {summary.study_name!r}: it "
+                                            "marks the trial interrupted and runs its configuration again", "note"))
+            elif t.state == TrialState.COMPLETE:
+                for rid in t.user_attrs.get("run_ids", []):
+                    rec = store.get(rid)
+                    if rec is None or rec.status not in DONE:
+                        out.findings.append(Finding(
+                            "trial-run", where, f"complete in the study, but its run {rid} is "
+                            + ("missing" if rec is None else rec.status) + " in the workspace",
+                            "the trial's value stands; `loralab show` cannot show that run until it is trained "
+                            "again (same settings in a `loralab run` file)", "note"))

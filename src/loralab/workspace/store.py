@@ -1,0 +1,478 @@
+"""The workspace: an SQLite database of runs plus one folder per run for its adapter.
+
+A run becomes `finished` in the same transaction that writes its metrics, and only after its adapter
+folder is complete on disk, so a crash or Ctrl-C never leaves a finished run without results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import json
+
+from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
+
+from loralab.errors import Problem, RunNotFound, WorkspaceError
+from loralab.faults import fault_point
+from loralab.workspace.locks import file_lock, is_locked
+
+DB_NAME = "loralab.db"
+LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump when tables change (and add the step to _migrate)
+READABLE = (2, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
+DEFAULT_WORKSPACE = "loralab-workspace"
+
+STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed")
+# Terminal outcomes. A rerun reuses finished and diverged runs; a pruned run was stopped only
+# because other trials of its sweep did better, so a plain `loralab run` trains it in full.
+DONE = ("finished", "diverged", "pruned")
+
+
+def workspace_path(workspace: str | Path | None = None) -> Path:
+    """A workspace folder as given, else ./loralab-workspace, absolute."""
+    return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Damaged:
+    """A column value that cannot be read back (not JSON): kept as its raw text, so one bad row is
+    reported by `loralab doctor` instead of crashing every command that lists runs."""
+
+    def __init__(self, raw: object):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Damaged({str(self.raw)[:40]!r})"
+
+
+class JSON(TypeDecorator):
+    """JSON in a text column, as SQLAlchemy's JSON stores it on SQLite, read leniently (see Damaged)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(value)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            return Damaged(value)
+
+
+class When(TypeDecorator):
+    """A UTC time in a text column, in SQLAlchemy's own SQLite format, read leniently (see Damaged)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, dt.datetime) else value
+
+    def process_result_value(self, value, dialect):
+        if value is None or isinstance(value, dt.datetime):
+            return value
+        try:
+            return dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return Damaged(value)
+
+
+class RunRow(_Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    experiment: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))  # "base" or "lora"
+    seed: Mapped[int | None] = mapped_column(nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    model: Mapped[dict] = mapped_column(JSON, default=dict)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    curves: Mapped[dict] = mapped_column(JSON, default=dict)
+    samples: Mapped[list] = mapped_column(JSON, default=list)
+    env: Mapped[dict] = mapped_column(JSON, default=dict)  # package versions, machine, device
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)
+    adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(When, default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
+    # What the adapter is (see adapter_identity); schema 3. Deferred, so a schema-2 workspace opened
+    # read-only, which lacks the column, still reads: only Store.adapter_runs asks for it.
+    adapter_id: Mapped[str | None] = deferred(mapped_column(String(32), nullable=True, index=True))
+
+
+class AliasRow(_Base):
+    """A run name (and seed) in an experiment points at a run id; two names with one config share one run."""
+
+    __tablename__ = "aliases"
+
+    experiment: Mapped[str] = mapped_column(String(256), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seed: Mapped[int] = mapped_column(primary_key=True, default=-1)  # -1: base (no seed)
+    run_id: Mapped[str] = mapped_column(String(32), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
+
+
+@dataclass
+class RunRecord:
+    """A run as read from the store: plain data, detached from the database session."""
+
+    id: str
+    name: str
+    experiment: str
+    kind: str
+    status: str
+    seed: int | None
+    config: dict
+    model: dict
+    data: dict
+    metrics: dict
+    curves: dict
+    samples: list
+    env: dict
+    timings: dict
+    adapter_path: str | None
+    error: str | None
+    created_at: str
+    updated_at: str
+
+    damaged: list[str] = field(default_factory=list)  # what of its row cannot be read (see `loralab doctor`)
+
+    @classmethod
+    def from_row(cls, row: RunRow, name: str | None = None) -> "RunRecord":
+        damaged = []
+
+        def read(col: str, empty: Any) -> Any:
+            v = getattr(row, col)
+            ok = isinstance(v, type(empty))
+            if v is not None and not ok:
+                damaged.append(f"{col} is not " + ("readable JSON" if isinstance(v, Damaged) else f"a JSON {type(empty).__name__}"))
+            return v if ok else empty
+
+        fields = {c: read(c, {}) for c in ("config", "model", "data", "metrics", "curves", "env", "timings")}
+        fields["samples"] = read("samples", [])
+        seed = row.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            damaged.append(f"seed {str(seed)[:40]!r} is not a whole number")
+            seed = None
+        when = {}
+        for col in ("created_at", "updated_at"):
+            v = getattr(row, col)
+            if isinstance(v, Damaged):
+                damaged.append(f"{col} {str(v.raw)[:40]!r} is not a time")
+            when[col] = v.isoformat(timespec="seconds") if isinstance(v, dt.datetime) else ""
+        status = row.status
+        if status not in STATUSES:
+            damaged.append(f"status {str(status)[:40]!r} is not one of {', '.join(STATUSES)}")
+        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind,
+                   status="damaged" if damaged else status, seed=seed, **fields,
+                   adapter_path=row.adapter_path, error=row.error, **when, damaged=damaged)
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "seed": self.seed, "experiment": self.experiment,
+                "kind": self.kind, "status": self.status, "updated_at": self.updated_at}
+
+
+def adapter_identity(config: Any, model: Any, data: Any) -> str | None:
+    """The id of a LoRA run's adapter, from what its row stores: base model, data, system prompt,
+    LoRA and train settings (seed included), resolved target modules, device kind and dtype (a CPU
+    fp32 adapter is not a GPU bf16 one). Eval caps and evaluation and generation settings are not
+    in it: runs that differ only there share one adapter, which is evaluated again, not retrained.
+    None when the row lacks a part (a damaged or hand-made row), so it is never taken for another."""
+    from loralab.config.schema import config_hash  # here, not at the top: spec imports the sweep, which imports the runner
+
+    try:
+        parts = {"model": model["fingerprint"], "data": data["fingerprint"], "system_prompt": data.get("system_prompt"),
+                 "device": str(config["device"]).split(":")[0], "dtype": config["dtype"], "lora": config["lora"],
+                 "train": config["train"], "targets": config["resolved_target_modules"]}
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return "adapter-" + config_hash(parts)
+
+
+def _migrate(conn, version: int) -> None:
+    """Bring a schema-2 database to this version in place, in the caller's transaction.
+
+    2 -> 3: the runs table gains adapter_id, filled for old LoRA rows from their stored config, so their
+    adapters are evaluated again under new settings instead of retrained; a row whose config cannot
+    give it (damaged) keeps NULL and is simply never reused that way."""
+    if version == 2:
+        # pysqlite may commit DDL on its own: a crash after this line leaves schema 2 with the column, so check
+        if "adapter_id" not in {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(runs)")}:
+            conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN adapter_id VARCHAR(32)")
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_adapter_id ON runs (adapter_id)")
+        rows = conn.exec_driver_sql("SELECT id, config, model, data FROM runs WHERE kind = 'lora'").fetchall()
+        for rid, *cols in rows:
+            try:
+                aid = adapter_identity(*(json.loads(c) for c in cols))
+            except (TypeError, ValueError, RecursionError):
+                aid = None
+            if aid is not None:
+                conn.exec_driver_sql("UPDATE runs SET adapter_id = ? WHERE id = ?", (aid, rid))
+
+
+class Store:
+    """All reads and writes of a workspace go through here."""
+
+    def __init__(self, root: str | Path, create: bool = True):
+        self.root = Path(root)
+        db = self.root / DB_NAME
+        if not create and self.root.exists() and not self.root.is_dir():
+            raise RunNotFound(f"workspace {self.root} is a file, not a folder",
+                              [Problem("workspace", "a file, not a folder", str(self.root),
+                                       "pass --workspace the folder loralab created (it holds loralab.db)")])
+        if not create and not db.is_file():
+            raise RunNotFound(f"no loralab workspace at {self.root}",
+                              [Problem("workspace", "no loralab.db in this folder", str(self.root),
+                                       "run an experiment first, or pass --workspace DIR")])
+        try:
+            if create:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(f"sqlite:///{db}", future=True)
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn, _):  # WAL: readers never block the writer; wait on locks instead of failing
+                cur = conn.cursor()
+                cur.execute("PRAGMA busy_timeout=30000")  # first: switching to WAL itself may wait on a lock
+                cur.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives a power cut too; one fsync per run written costs nothing next to training
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
+
+            with self.engine.connect() as conn:
+                version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+                has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+        except (OSError, DatabaseError) as err:
+            raise storage_error(err, self.root, opening=True) or err from None
+        if has_tables and version not in READABLE:
+            self.engine.dispose()
+            raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
+                              f"this one reads {SCHEMA_VERSION})",
+                              [Problem("workspace", "incompatible database schema", str(self.root / DB_NAME),
+                                       "use a new --workspace folder, or the loralab version that wrote it")])
+        if create:
+            try:
+                # Two processes starting on a new workspace would both find no tables and both create them.
+                with file_lock(self.root / LOCKS / "schema.lock"):
+                    with self.engine.begin() as conn:
+                        version = conn.exec_driver_sql("PRAGMA user_version").scalar()  # again, under the lock
+                        if has_tables and version != SCHEMA_VERSION:
+                            _migrate(conn, version)
+                        _Base.metadata.create_all(conn)
+                        conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except (OSError, DatabaseError) as err:
+                self.engine.dispose()
+                raise storage_error(err, self.root, opening=True) or err from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def lock_path(self, run_id: str) -> Path:
+        return self.root / LOCKS / f"{run_id}.lock"
+
+    def run_lock(self, run_id: str, *, blocking: bool = True, on_wait=None):
+        """Held while a run is trained or repaired: a second process wanting the same run waits,
+        then finds it stored; a `running` row whose lock is free was left by a dead process."""
+        return file_lock(self.lock_path(run_id), blocking=blocking, on_wait=on_wait)
+
+    def in_progress(self, run_id: str) -> bool:
+        """Whether a live process holds the run's lock (is training or storing it now)."""
+        return is_locked(self.lock_path(run_id))
+
+    def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
+              data: dict, env: dict, seed: int | None = None) -> None:
+        """Mark a run as running (replacing any unfinished or forced earlier attempt)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(RunRow, run_id)
+            if row is None:
+                row = RunRow(id=run_id)
+                s.add(row)
+            row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, "running", seed
+            row.config, row.model, row.data, row.env = config, model, data, env
+            row.metrics, row.curves, row.samples, row.timings = {}, {}, [], {}
+            row.adapter_path, row.error = None, None
+            row.adapter_id = adapter_identity(config, model, data) if kind == "lora" else None
+            self._alias(s, experiment, name, run_id, seed)
+
+    def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
+               adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
+        """Store results and the terminal status in one transaction."""
+        assert status in DONE
+        with Session(self.engine) as s, s.begin():
+            row = s.get(RunRow, run_id)
+            row.metrics, row.curves, row.samples, row.timings = metrics, curves, samples, timings
+            row.adapter_path, row.error = adapter_path, error
+            row.status = status
+            s.flush()
+            fault_point("store.finish")  # a crash here rolls the whole result back: never finished without metrics
+
+    def mark(self, run_id: str, status: str, error: str | None = None) -> None:
+        assert status in STATUSES
+        with Session(self.engine) as s, s.begin():
+            row = s.get(RunRow, run_id)
+            if row is not None:
+                row.status = status
+                row.error = error
+
+    def set_adapter_path(self, run_id: str, path: str | None) -> None:
+        """Point a run at its adapter again (a workspace moved or copied elsewhere keeps absolute paths)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(RunRow, run_id)
+            if row is not None:
+                row.adapter_path = path
+
+    def drop_alias(self, experiment: str, name: str, seed: int | None) -> None:
+        with Session(self.engine) as s, s.begin():
+            a = s.get(AliasRow, (experiment, name, -1 if seed is None else seed))
+            if a is not None:
+                s.delete(a)
+
+    def drop_aliases(self, experiment: str, name: str) -> None:
+        """Every seed of a name."""
+        with Session(self.engine) as s, s.begin():
+            for a in s.scalars(select(AliasRow).where(AliasRow.experiment == experiment, AliasRow.name == name)):
+                s.delete(a)
+
+    def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
+        with Session(self.engine) as s, s.begin():
+            self._alias(s, experiment, name, run_id, seed)
+
+    @staticmethod
+    def _alias(s: Session, experiment: str, name: str, run_id: str, seed: int | None) -> None:
+        key = -1 if seed is None else seed
+        a = s.get(AliasRow, (experiment, name, key))
+        if a is None:
+            s.add(AliasRow(experiment=experiment, name=name, seed=key, run_id=run_id))
+        else:
+            a.run_id = run_id
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with Session(self.engine) as s:
+            row = s.get(RunRow, run_id)
+            return RunRecord.from_row(row) if row else None
+
+    def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
+        """Finished and diverged runs of one adapter (see adapter_identity), newest first."""
+        with Session(self.engine) as s:
+            q = (select(RunRow).where(RunRow.adapter_id == adapter_id, RunRow.status.in_(("finished", "diverged")))
+                 .order_by(RunRow.updated_at.desc()))
+            return [RunRecord.from_row(row) for row in s.scalars(q)]
+
+    def all_runs(self) -> list[RunRecord]:
+        """Every run row once, named as stored (no alias join): what `loralab doctor` checks."""
+        with Session(self.engine) as s:
+            return [RunRecord.from_row(row) for row in s.scalars(select(RunRow).order_by(RunRow.id))]
+
+    def alias_rows(self) -> list[tuple[str, str, int | None, str]]:
+        """(experiment, name, seed, run id) of every name in the workspace."""
+        with Session(self.engine) as s:
+            return [(a.experiment, a.name, None if a.seed == -1 else a.seed, a.run_id)
+                    for a in s.scalars(select(AliasRow))]
+
+    def list(self, experiment: str | None = None) -> list[RunRecord]:
+        """Every run, one record per (experiment, name) alias, newest first."""
+        with Session(self.engine) as s:
+            q = select(AliasRow, RunRow).join(RunRow, RunRow.id == AliasRow.run_id)
+            if experiment:
+                q = q.where(AliasRow.experiment == experiment)
+            rows = s.execute(q.order_by(RunRow.updated_at.desc(), AliasRow.name)).all()
+            out = []
+            for alias, row in rows:
+                rec = RunRecord.from_row(row, name=alias.name)
+                rec.experiment = alias.experiment
+                rec.seed = None if alias.seed == -1 else alias.seed
+                out.append(rec)
+            return out
+
+    def find(self, ref: str, experiment: str | None = None) -> RunRecord:
+        """One run: the first seed of `group(ref)`."""
+        return self.group(ref, experiment)[0]
+
+    def readable_group(self, ref: str) -> list[RunRecord]:
+        """`group(ref)`, refusing a run whose row is damaged (what show and compare need to read)."""
+        group = self.group(ref)
+        bad = next((r for r in group if r.damaged), None)
+        if bad is not None:
+            raise WorkspaceError(f"run {ref!r} ({bad.id}) in workspace {self.root} cannot be read: {bad.damaged[0]}",
+                                 [Problem("run", "its database row is damaged", ref,
+                                          "`loralab doctor` reports it; run its experiment again, which trains "
+                                          "and stores it anew")])
+        return group
+
+    def group(self, ref: str, experiment: str | None = None) -> list[RunRecord]:
+        """A run by name with all its seeds (from the newest experiment using the name), by
+        `experiment/name`, or one run by id prefix."""
+        if "/" in ref and experiment is None:
+            experiment, ref = ref.rsplit("/", 1)
+        runs = self.list(experiment)
+        by_name = [r for r in runs if r.name == ref]
+        if not by_name and experiment is not None and not runs:  # `exp/name` of an experiment the workspace lacks
+            known = sorted({r.experiment for r in self.list()})
+            raise RunNotFound(f"no experiment {experiment!r} in workspace {self.root}",
+                              [Problem("run", "unknown experiment", f"{experiment}/{ref}",
+                                       f"use one of: {', '.join(known)}" if known else "run an experiment first")])
+        if by_name:
+            done = [r for r in by_name if r.status in DONE] or by_name
+            exp = done[0].experiment  # newest first
+            return sorted((r for r in by_name if r.experiment == exp), key=lambda r: (r.seed is None, r.seed or 0))
+        by_id = {r.id: r for r in runs if r.id.startswith(ref)}
+        if len(by_id) == 1:
+            return [next(iter(by_id.values()))]
+        names = sorted({f"{r.name}" for r in runs}) or sorted({r.name for r in self.list()})
+        raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
+                          [Problem("run", "unknown run name or id", ref,
+                                   f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])
+
+
+
+def storage_error(err: BaseException, root: Path, opening: bool = False) -> WorkspaceError | None:
+    """The user-facing error for a failure of the disk or database under the workspace, or None
+    when `err` is something else (a bug, a bad tensor) that should surface as it is. `opening`:
+    the workspace folder itself is being created, so a missing or non-folder path is its fault too."""
+    import errno as errno_mod
+
+    from sqlalchemy.exc import DatabaseError as SADatabaseError
+
+    kept = "; finished runs are kept, and a run cut short is not stored as finished"
+    text = str(getattr(err, "orig", None) or err)
+    low = text.lower()
+    if isinstance(err, OSError) and err.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT) or (
+            isinstance(err, SADatabaseError) and "disk is full" in low):
+        what, fix = "the disk is full", "free some space (or use a --workspace on another disk) and run the same command again" + kept
+    elif isinstance(err, OSError) and err.errno in (errno_mod.EROFS, errno_mod.EACCES, errno_mod.EPERM) or (
+            isinstance(err, SADatabaseError) and any(m in low for m in ("readonly database", "unable to open database"))):
+        what, fix = "the workspace is not writable", "use a --workspace folder you can write to" + kept
+    elif opening and isinstance(err, OSError) and err.errno in (errno_mod.ENOTDIR, errno_mod.EEXIST, errno_mod.ENOENT):
+        what, fix = "the workspace path is not a folder loralab can create", "give --workspace a folder (new or existing), not a file"
+    elif isinstance(err, SADatabaseError) and any(m in low for m in ("not a database", "malformed", "disk i/o error")):
+        what, fix = f"{DB_NAME} is not a readable loralab database", ("restore it from a backup, or use another "
+                                                                       "--workspace (`loralab doctor` says more)")
+    else:
+        return None
+    return WorkspaceError(f"workspace {root}: {what} ({text.splitlines()[0] if text else type(err).__name__})",
+                          [Problem("workspace", what, str(root), fix)])

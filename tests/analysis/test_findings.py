@@ -1,0 +1,303 @@
+"""The rules behind "What we learned", on fabricated runs whose effects are known: a strong effect is
+stated with its numbers, a null effect reads "no measurable effect … within N seeds", a confound
+credits no knob until an ablation measures each, and the TL;DR picks the cheapest run within noise."""
+
+import math
+
+import pytest
+
+from loralab.analysis.ablate import Effect, knob_effects
+from loralab.analysis.comparison import compare
+from loralab.analysis.findings import (BELIEFS, Belief, Confound, Importance, belief_finding, confound_findings, decimals,
+                              effect_finding, effect_findings, find_confounds, gap_findings, importance_findings,
+                              interval, min_trials_for_importance, tldr, training_findings, base_findings)
+from loralab.metrics.stats import Verdict
+from loralab.workspace.store import RunRecord
+
+N_EXAMPLES = 24
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.05, "target_modules": ["q_proj"], "bias": "none"}
+TRAIN = {"learning_rate": 2e-4, "batch_size": 2, "epochs": 1.0, "seed": 0}
+GEN = {"max_new_tokens": [50], "batch_size": 16}
+
+
+def wobble(i: int, seed: int) -> float:
+    """Deterministic per-example, per-seed noise in [-0.1, 0.1]: examples differ, seeds differ."""
+    return 0.1 * math.sin(1.7 * i + 2.3 * seed + 0.5)
+
+
+def group(name: str, *, loss_shift: float = 0.0, seeds=(0, 1, 2), lora=None, train=None, gen=None,
+          seconds: float = 100.0, per_run: dict | None = None, kind: str = "lora") -> list[RunRecord]:
+    """A run with `seeds` records whose per-example eval loss is 2.0 + wobble + loss_shift."""
+    out = []
+    for seed in seeds:
+        samples = [{"id": f"ex{i}", "prompt": f"p{i}", "reference": f"r{i}",
+                    "loss": 2.0 + wobble(i, seed) + loss_shift, "outputs": {}} for i in range(N_EXAMPLES)]
+        mean_loss = sum(s["loss"] for s in samples) / N_EXAMPLES
+        metrics = {"eval_loss": mean_loss, "total_s": seconds + seed, "train_s": seconds - 10 + seed}
+        metrics.update({k: v(seed) if callable(v) else v for k, v in (per_run or {}).items()})
+        config = {} if kind == "base" else {"lora": {**LORA, **(lora or {})}, "train": {**TRAIN, **(train or {}), "seed": seed},
+                                            "generate": {**GEN, **(gen or {})}}
+        out.append(RunRecord(id=f"{name}-{seed}", name=name, experiment="fab", kind=kind, status="finished",
+                             seed=None if kind == "base" else seed, config=config, model={}, data={}, metrics=metrics,
+                             curves={}, samples=samples, env={}, timings={}, adapter_path=None, error=None,
+                             created_at="", updated_at=""))
+        if kind == "base":
+            break
+    return out
+
+
+A = group("A")
+A_LR = group("A+lr", loss_shift=-0.5, train={"learning_rate": 5e-4})  # a strong effect, same on every example
+A_DROP = group("A+dropout", loss_shift=0.0, lora={"dropout": 0.1}, seeds=(3, 4, 5))  # only noise differs
+
+
+def only(effects, knob, metric="eval_loss"):
+    found = [e for e in effects if e.knob == knob and e.metric == metric]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_strong_effect_is_stated_with_its_numbers():
+    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"])
+    e = only(effects, "train.learning_rate")
+    assert (e.low, e.high, e.design, e.source) == (2e-4, 5e-4, "pair", "A+lr vs A")
+    assert e.verdict.diff == pytest.approx(-0.5) and e.verdict.hi < 0
+    f = effect_finding(e)
+    assert f.kind == "effect" and f.verdict == "lower"
+    assert f.text.startswith("Raising train.learning_rate from 0.0002 to 0.0005 lowered eval loss by 0.500 (better)")
+    # It cites its interval, how it was computed, the seeds and the runs.
+    assert interval(e.verdict, "f4") in f.text and "95% CI over 3 seeds and 24 eval examples; A+lr vs A" in f.text
+    assert "-25%" in f.text  # relative to A's eval loss of about 2.0
+
+
+def test_a_null_effect_reads_no_measurable_effect_within_n_seeds():
+    effects = knob_effects([A, A_LR, A_DROP], ["eval_loss"])
+    e = only(effects, "lora.dropout")
+    assert e.verdict.lo < 0 < e.verdict.hi  # seeds 3-5 against 0-2: noise only
+    f = effect_finding(e)
+    assert f.kind == "null" and f.verdict == "within noise"
+    assert f.text.startswith("No measurable effect of lora.dropout (0.05 → 0.1) on eval loss within 3 seeds: ")
+    assert interval(e.verdict, "f4") in f.text
+    # Folded with the knob's other nulls into one sentence, still with every number.
+    folded = [x for x in effect_findings(effects) if x.kind == "null"]
+    assert len(folded) == 1 and "lora.dropout (0.05 → 0.1) within 3 seeds on: eval loss" in folded[0].text
+
+
+def test_no_interval_no_claim():
+    one = group("A", seeds=(0,), per_run={"loss_spikes": 0.0})
+    other = group("A+lr", seeds=(0,), train={"learning_rate": 5e-4}, per_run={"loss_spikes": 3.0})
+    e = only(knob_effects([one, other], ["loss_spikes"]), "train.learning_rate", "loss_spikes")
+    # One seed each of a per-run number: nothing to test; the difference is kept, with the reason.
+    assert e.verdict.label == "untested" and e.verdict.diff == 3.0 and "one seed" in e.verdict.note
+    f = effect_finding(e)
+    assert f.kind == "untested" and "not tested" in f.text and "repeats: 3" in f.text
+
+
+def test_one_seed_paired_effects_carry_a_caveat():
+    one, other = group("A", seeds=(0,)), group("A+lr", seeds=(0,), loss_shift=-0.5, train={"learning_rate": 5e-4})
+    f = effect_finding(only(knob_effects([one, other], ["eval_loss"]), "train.learning_rate"))
+    assert f.kind == "effect" and "One seed: the interval covers eval examples, not training randomness" in f.text
+    assert "seed noise unmeasured with one seed" in f.text
+
+
+def test_a_confound_credits_no_knob_until_each_is_measured():
+    b = group("B", loss_shift=-0.6, lora={"r": 8}, train={"learning_rate": 5e-4}, gen={"max_new_tokens": [100]})
+    c = compare([A, b])
+    [conf] = find_confounds(c, ["eval_loss"])
+    assert (conf.a, conf.b) == ("A", "B")
+    assert conf.trained == ["lora.r", "train.learning_rate"] and conf.eval_only == ["generate.max_new_tokens"]
+    assert conf.verdicts["eval_loss"].label == "lower"
+    found = confound_findings(conf, [], plan_text="`loralab ablate x.yaml A B --design ofat`")
+    assert found[0].kind == "confound" and found[0].verdict == "confounded"
+    assert found[0].text.startswith("A and B differ in 3 knobs (lora.r (alpha held at 8, so alpha/r moved too: 2 → 1), "
+                                    "train.learning_rate, generate.max_new_tokens), "
+                                    "so no single knob can be credited with B's differences from A (eval loss -0.600")
+    assert "generate.max_new_tokens plays no part in them" in found[0].text
+    assert found[1].kind == "plan" and "lora.r, train.learning_rate" in found[1].text and "ablate x.yaml" in found[1].text
+    assert not any(f.kind == "credit" for f in found)
+
+    # The one-knob-at-a-time runs: r alone does nothing, lr alone does most of it.
+    a_r = group("A+r", lora={"r": 8}, seeds=(3, 4, 5))
+    effects = knob_effects([A, a_r, A_LR], ["eval_loss"])
+    found = confound_findings(conf, effects)
+    assert [f.kind for f in found] == ["confound", "credit"]  # nothing left unmeasured: no plan line
+    credit = found[1].text
+    assert credit.startswith("Credit for B's eval loss vs A (-0.600 [")
+    assert "lora.r " in credit and "(within noise)" in credit and "train.learning_rate -0.500 [" in credit
+    assert "] (lower, better)" in credit  # lower eval loss is better
+    assert "Together -0.50" in credit and "the rest is interaction between knobs, or noise" in credit
+
+
+def test_runs_differing_in_one_knob_are_no_confound():
+    assert find_confounds(compare([A, A_LR]), ["eval_loss"]) == []
+    # One trained knob and a cap: every row compares both runs at the same cap, so lr takes the credit.
+    lr_and_cap = group("B", loss_shift=-0.5, train={"learning_rate": 5e-4}, gen={"max_new_tokens": [100]})
+    assert find_confounds(compare([A, lr_and_cap]), ["eval_loss"]) == []
+    [e] = knob_effects([A, lr_and_cap], ["eval_loss"])
+    assert e.knob == "train.learning_rate" and e.verdict.label == "lower"
+
+
+def test_find_confounds_ignores_the_base_and_the_seed():
+    base = group("base", kind="base")
+    b = group("B", seeds=(7, 8, 9), train={"learning_rate": 5e-4})  # other seeds, one knob
+    assert find_confounds(compare([base, A, b]), ["eval_loss"]) == []
+
+
+def _effect(knob, low, high, metric, diff, lo, hi, label, design="pair"):
+    return Effect(knob, low, high, metric, Verdict(metric, diff, lo, hi, 24, label), 3, 1.0, "paired", "X vs Y", design)
+
+
+@pytest.mark.parametrize("effect, verdict", [
+    # A higher learning rate reaching 90% of its drop in fewer steps: "trains faster" holds.
+    (_effect("train.learning_rate", 2e-4, 5e-4, "steps_to_90pct_drop", -8, -12, -4, "lower"), "supported"),
+    # Fewer steps when the learning rate went *down*: raising it would slow training, the belief fails.
+    (_effect("train.learning_rate", 5e-4, 2e-4, "steps_to_90pct_drop", -8, -12, -4, "lower"), "contradicted"),
+    (_effect("train.learning_rate", 2e-4, 5e-4, "steps_to_90pct_drop", 1, -3, 5, "within noise"), "not shown"),
+])
+def test_beliefs_are_checked_against_measured_effects(effect, verdict):
+    belief = BELIEFS[0]
+    assert belief.claim == "A higher learning rate trains faster" and belief.source == "the seed report"
+    f = belief_finding(belief, [effect])
+    assert f.kind == "belief" and f.verdict == verdict
+    assert f.text.startswith(f"\u201cA higher learning rate trains faster\u201d (the seed report): {verdict}")
+    assert interval(effect.verdict, "f1") in f.text
+
+
+def test_a_belief_without_a_measurement_is_not_tested():
+    f = belief_finding(Belief("More dropout reduces overfitting", "lora.dropout", "generalization_gap", "lower"), [])
+    assert f.verdict == "not tested" and "no measured effect of lora.dropout" in f.text
+
+
+def test_per_cap_beliefs_match_any_cap():
+    e = _effect("generate.max_new_tokens", 50, 100, "mean_tokens@100", 12.0, 9.0, 15.0, "higher", "cap")
+    f = belief_finding(next(b for b in BELIEFS if b.metric == "mean_tokens"), [e])
+    assert f.verdict == "supported" and "mean tokens @100 +12.0 [+9.0, +15.0]" in f.text
+
+
+def test_tldr_picks_the_cheapest_run_within_noise_of_the_best():
+    best = group("B", loss_shift=-0.50, lora={"r": 8}, seconds=200)
+    close = group("C", loss_shift=-0.50, lora={"r": 16}, seeds=(3, 4, 5), seconds=120)  # B but for noise, cheaper
+    cheap_bad = group("D", loss_shift=+0.30, lora={"r": 2}, seconds=50)  # cheapest, clearly worse
+    t = tldr([group("base", kind="base", loss_shift=1.0), best, close, cheap_bad], "eval_loss")
+    assert t.best.name == "B" and t.cheapest.name == "C" and t.within_noise == ["C"]
+    assert t.sentences[0].startswith("Best eval loss: B, 1.5") and "the untrained base: 3.0" in t.sentences[0]
+    assert t.sentences[1].startswith("Cheapest within noise of the best: C, ") and "within noise" in t.sentences[1]
+    # Seeds 3-5 take 123-125 s, B's 200-202 s: cheaper by an interval across seeds that excludes zero.
+    assert "124 s per run, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
+
+
+def test_tldr_claims_no_saving_from_one_wall_time_each():
+    """One seed a run: wall time is one measurement each, which machine load moves; the TL;DR compares the
+    tokens trained instead, and says so."""
+    best = group("B", loss_shift=-0.5, seeds=(0,), seconds=800, per_run={"train_tokens": 2000})
+    same_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=150, per_run={"train_tokens": 2000})
+    t = tldr([best, same_work], "eval_loss")
+    assert t.cheapest is t.best and "within noise of it, but not measurably cheaper" in t.sentences[1]
+    less_work = group("C", loss_shift=-0.49, seeds=(1,), lora={"r": 16}, seconds=900, per_run={"train_tokens": 1000})
+    t = tldr([best, less_work], "eval_loss")
+    assert t.cheapest.name == "C" and "50% fewer tokens trained" in t.sentences[1]
+    assert "wall time is not compared with one seed a run" in t.sentences[1]
+
+
+def test_tldr_when_the_best_is_also_the_cheapest():
+    t = tldr([A_LR, group("D", loss_shift=0.3, lora={"r": 2}, seconds=300)], "eval_loss")
+    assert t.cheapest is t.best and "A+lr itself (no other run is within noise of it)" in t.sentences[1]
+
+
+def test_tldr_with_nothing_finished():
+    assert "nothing to recommend" in tldr([group("base", kind="base")], "eval_loss").sentences[0]
+
+
+def test_importance_sentence_ranks_knobs_with_their_spread_and_disclaims_direction():
+    clear = {"eval_loss": [Importance("lora.r", 0.2, 0.1, 0.3), Importance("train.learning_rate", 0.8, 0.7, 0.9)]}
+    [f] = importance_findings(clear, 20, 50)
+    assert f.text.startswith("In the sweep's 20 completed trials, train.learning_rate mattered most for eval loss")
+    assert "train.learning_rate 80% [70%, 90%], lora.r 20% [10%, 30%]" in f.text and "no direction" in f.text
+    assert "50 bootstrap resamples of the trials; pruned trials left out" in f.text
+    # Overlapping ranges: no knob is named the most important.
+    close = {"eval_loss": [Importance("lora.r", 0.45, 0.2, 0.7), Importance("train.learning_rate", 0.55, 0.3, 0.8)]}
+    [f] = importance_findings(close, 20, 50)
+    assert "no knob clearly mattered most" in f.text and f.knob is None
+
+
+@pytest.mark.parametrize(("knobs", "need"), [(1, 16), (2, 16), (3, 24), (5, 40)])
+def test_importance_needs_eight_trials_a_knob(knobs, need):
+    assert min_trials_for_importance(knobs) == need
+
+
+@pytest.mark.parametrize("values, fmt, expected", [
+    ([-0.31, -0.36], "f4", 3),   # the compare table's 3 decimals are enough
+    ([0.0003, 0.0001], "f4", 5),  # a small effect keeps two significant digits
+    ([12.0, 3.0], "pct", 1),
+    ([1024.0], "int", 0),
+    ([0.0, 0.0], "f3", 3),
+])
+def test_decimals_never_hide_an_effect(values, fmt, expected):
+    assert decimals(values, fmt) == expected
+
+
+def test_confound_sentence_when_nothing_differs_beyond_noise():
+    conf = Confound("A", "B", ["lora.r", "train.learning_rate"], [], {"eval_loss": Verdict("eval_loss", 0.01, -0.02, 0.04, 24, "within noise")})
+    text = confound_findings(conf, [])[0].text
+    assert "none of its headline differences is outside the noise" in text
+
+
+def test_each_run_is_compared_with_the_base_first():
+    base = group("base", kind="base", loss_shift=0.5, per_run={"drift_kl": 0.0})
+    better = group("A", per_run={"drift_kl": lambda seed: 0.1 + 0.001 * seed})
+    [f] = base_findings(compare([base, better]), ["eval_loss", "drift_kl"])
+    assert f.kind == "base" and f.verdict == "mixed"
+    assert f.text.startswith("A against the untrained base: better on eval loss -0.5")
+    assert "worse on KL from base (nats/token) +0.1" in f.text
+
+
+def test_a_growing_eval_train_gap_is_a_finding():
+    a = group("A", per_run={"generalization_gap": lambda seed: 0.12 + 0.01 * seed})
+    b = group("B", lora={"r": 8}, seeds=(3, 4, 5), per_run={"generalization_gap": lambda seed: 0.70 + 0.01 * seed})
+    [f] = gap_findings(compare([a, b]))
+    assert f.text.startswith("B overfits more than A: the eval − train loss gap grew from 0.130 to 0.740")
+    assert gap_findings(compare([b, a])) == []  # a smaller gap is no overfitting finding
+
+
+@pytest.mark.parametrize(("slope", "said"), [(-0.02, True), (0.0, False), (0.01, False)])
+def test_a_loss_still_falling_at_the_end_says_train_longer(slope, said):
+    runs = group("A")
+    for r in runs:  # 40 steps, flat then a straight line with small wiggles
+        r.curves = {"loss": [3.0 + slope * i + 0.01 * math.sin(7 * i + r.seed) for i in range(40)]}
+    found = training_findings([runs])
+    assert bool(found) == said
+    if said:
+        assert found[0].text.startswith("A's training loss was still falling at its last step: -0.020 per step [")
+        assert "across 3 seeds" in found[0].text and "Training longer may lower it further" in found[0].text
+
+
+@pytest.mark.parametrize(("key", "better", "direction"), [
+    ("tokens_per_s", "higher", "maximize"),  # once "better higher" in the report and minimised by a sweep
+    ("rouge_l@50", "higher", "maximize"), ("eval_loss", "lower", "minimize"), ("mean_tokens@8", None, "minimize"),
+])
+def test_the_report_and_a_sweep_objective_read_one_direction(key, better, direction):
+    from loralab.analysis.findings import better_of
+    from loralab.config.schema import ObjectiveSpec
+
+    assert better_of(key) == better and ObjectiveSpec(metric=key).resolved_direction == direction
+
+
+def test_a_larger_gap_below_zero_is_not_called_overfitting():
+    a = group("A", per_run={"generalization_gap": lambda seed: -0.30 + 0.01 * seed})
+    b = group("B", lora={"r": 8}, seeds=(3, 4, 5), per_run={"generalization_gap": lambda seed: -0.10 + 0.01 * seed})
+    [f] = gap_findings(compare([a, b]))
+    assert "overfits" not in f.text and "no sign of overfitting yet" in f.text
+
+
+def test_a_belief_about_alpha_is_tested_by_the_update_scale():
+    e = _effect("lora.alpha/r", 2.0, 4.0, "drift_kl", 0.02, 0.01, 0.03, "higher")
+    f = belief_finding(next(b for b in BELIEFS if b.knob == "lora.alpha"), [e])
+    assert f.verdict == "supported"
+
+
+def test_an_interval_the_family_does_not_keep_is_starred():
+    from loralab.metrics.stats import MULTIPLE
+
+    v = Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "within noise", "seeds+examples", MULTIPLE, 0.01)
+    assert interval(v, "f4").endswith("]*")
+    assert not interval(Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "higher"), "f4").endswith("*")

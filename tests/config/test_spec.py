@@ -1,0 +1,134 @@
+"""The experiment file: merging, defaults, and every problem reported at once with path, line and fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loralab.errors import SpecError
+from loralab.config.loading import load_experiment, parse_experiment
+from loralab.config.schema import GenerateSpec, LoraSpec
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def problems_of(tmp_path, text) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_experiment(write(tmp_path, text))
+    return [str(p) for p in info.value.problems]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path):
+    exp = load_experiment(path)
+    assert exp.resolved_runs
+
+
+def test_seed_report_holds_the_seed_runs_exactly():
+    exp = load_experiment(Path(__file__).parents[2] / "examples" / "seed-report.yaml")
+    a, b = exp.run("A"), exp.run("B")
+    assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (4, 8, 0.05, ["query_key_value"])
+    assert (a.train.learning_rate, a.train.batch_size, a.train.epochs, a.generate.max_new_tokens) == (2e-4, 2, 1, [50])
+    assert (b.lora.r, b.lora.alpha, b.lora.dropout, b.lora.target_modules) == (8, 16, 0.10, ["query_key_value"])
+    assert (b.train.learning_rate, b.train.batch_size, b.train.epochs, b.generate.max_new_tokens) == (5e-4, 2, 1, [100])
+    assert exp.eval_caps == [50, 100]
+
+
+def test_runs_override_defaults_deeply(tmp_path):
+    exp = load_experiment(write(tmp_path, """
+defaults:
+  lora: {r: 4, dropout: 0.1}
+  train: {learning_rate: 1e-4, seed: 3}
+runs:
+  A: {}
+  B: {lora: {r: 16}, generate: {max_new_tokens: [20, 10, 20]}}
+"""))
+    a, b = exp.run("A"), exp.run("B")
+    assert a.lora.r == 4 and a.lora.alpha == 8  # alpha defaults to 2r
+    assert b.lora.r == 16 and b.lora.alpha == 32 and b.lora.dropout == 0.1
+    assert a.train.learning_rate == 1e-4 and b.train.seed == 3  # "1e-4" is a string to YAML 1.1, still a number here
+    assert b.generate.max_new_tokens == [10, 20]
+    assert exp.eval_caps == [10, 20, 64]
+
+
+def test_no_runs_key_gives_one_default_run(tmp_path):
+    exp = load_experiment(write(tmp_path, "defaults: {lora: {r: 2}}\n"))
+    assert [r.name for r in exp.resolved_runs] == ["default"] and exp.resolved_runs[0].lora.r == 2
+
+
+def test_all_problems_reported_at_once_with_path_line_value_and_fix(tmp_path):
+    found = problems_of(tmp_path, """name: bad
+data:
+  colour: red
+defaults:
+  lora: {r: 0, dropout: 1.5}
+  train: {learning_rate: fast}
+runs:
+  A: {}
+  B:
+    lora: {alpah: 3}
+""")
+    assert len(found) == 5, found
+    text = "\n".join(found)
+    assert "data.colour (line 3): unknown key (got 'red')" in text and "allowed here: builtin, path" in text
+    assert "defaults.lora.r (line 5)" in text and "(got 0)" in text and "use a value above 0" in text
+    assert "defaults.lora.dropout (line 5)" in text and "(got 1.5)" in text
+    assert "defaults.train.learning_rate (line 6)" in text and "(got 'fast')" in text and "use a number" in text
+    assert "runs.B.lora.alpah (line 10): unknown key" in text and "r, alpha, dropout" in text
+
+
+def test_problem_in_defaults_is_reported_once_not_per_run(tmp_path):
+    found = problems_of(tmp_path, "defaults: {lora: {r: -1}}\nruns: {A: {}, B: {}, C: {}}\n")
+    assert len(found) == 1 and found[0].startswith("defaults.lora.r")
+
+
+@pytest.mark.parametrize("text, where", [
+    ("runs: {A: {lora: {r: 0}}}", "runs.A.lora.r"),
+    ("runs: {A: {lora: {alpha: 0}}}", "runs.A.lora.alpha"),
+    ("runs: {A: {lora: {dropout: 1.0}}}", "runs.A.lora.dropout"),
+    ("runs: {A: {lora: {bias: some}}}", "runs.A.lora.bias"),
+    ("runs: {A: {train: {batch_size: 0}}}", "runs.A.train.batch_size"),
+    ("runs: {A: {train: {learning_rate: 2}}}", "runs.A.train.learning_rate"),
+    ("runs: {A: {train: {scheduler: zigzag}}}", "runs.A.train.scheduler"),
+    ("runs: {A: {train: {warmup_steps: 5, warmup_ratio: 0.1}}}", "runs.A.train"),
+    ("runs: {A: {generate: {max_new_tokens: 0}}}", "runs.A.generate.max_new_tokens"),
+    ("runs: {A: {generate: {max_new_tokens: many}}}", "runs.A.generate.max_new_tokens"),
+    ("runs: {'../x': {}}", "runs.../x"),
+    ("runs: {base: {}}", "runs.base"),
+    ("runs: {}", "runs"),
+    ("device: tpu", "device"),
+    ("data: {builtin: stdlib-docstrings, path: x.jsonl}", "data"),
+    ("model: {name: x, trust_remote: true}", "model.trust_remote"),
+])
+def test_bad_values_name_their_field(tmp_path, text, where):
+    found = problems_of(tmp_path, text)
+    assert any(p.startswith(where) for p in found), found
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_experiment(write(tmp_path, "runs:\n  A: {lora: {r: 4}\n  B: {}\n"))
+    assert "exp.yaml:" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_missing_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="no such experiment file"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_topic_models_round_trip():
+    lora = LoraSpec(r=4, target_modules="all-linear")
+    assert lora.target_modules == ["all-linear"] and lora.alpha == 8
+    assert LoraSpec.model_validate(lora.model_dump()) == lora
+    assert GenerateSpec(max_new_tokens=30).max_new_tokens == [30]
+
+
+def test_parse_rejects_non_mapping():
+    with pytest.raises(SpecError, match="mapping"):
+        parse_experiment(yaml.safe_load("- a\n- b\n"))

@@ -1,0 +1,91 @@
+"""Model loading (safetensors only, clear errors) and LoRA target resolution across architectures."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loralab.errors import ModelError
+from loralab.engine.models import linear_module_names, load_base_model, resolve_target_modules
+from loralab.config.schema import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def neox(tiny_neox):
+    return AutoModelForCausalLM.from_pretrained(tiny_neox)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama)
+
+
+def test_fused_name_kept_on_neox(neox):
+    assert resolve_target_modules(neox, ["query_key_value"]) == (["query_key_value"], None)
+
+
+def test_fused_name_mapped_on_llama_with_a_note(llama):
+    targets, note = resolve_target_modules(llama, ["query_key_value"])
+    assert targets == ["q_proj", "k_proj", "v_proj"]
+    assert "query_key_value" in note and "q_proj, k_proj, v_proj" in note
+
+
+def test_split_names_mapped_on_neox(neox):
+    targets, note = resolve_target_modules(neox, ["q_proj", "v_proj"])
+    assert targets == ["query_key_value"] and note
+
+
+def test_all_linear_passes_through(llama):
+    assert resolve_target_modules(llama, ["all-linear"]) == ("all-linear", None)
+
+
+def test_unknown_name_lists_the_models_layers(llama):
+    with pytest.raises(ModelError) as info:
+        resolve_target_modules(llama, ["q_proj", "attn_out"], where="runs.A.lora.target_modules")
+    text = str(info.value)
+    assert "runs.A.lora.target_modules" in text and "'attn_out'" in text
+    for name in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
+        assert name in text
+    assert "lm_head" not in text
+
+
+def test_linear_module_names(neox):
+    assert linear_module_names(neox) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+
+
+def test_local_folder_loads_in_fp32_on_cpu(tiny_llama, tmp_path):
+    bm = load_base_model(ModelSpec(name=str(tiny_llama)), tmp_path, device="cpu", log=lambda m: None)
+    assert bm.arch == "llama" and bm.dtype == torch.float32 and bm.device.type == "cpu"
+    assert bm.fingerprint.startswith("local-") and bm.tokenizer.pad_token_id is not None
+
+
+def test_pickle_only_folder_is_refused(tiny_llama, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_llama / "config.json").read_text())
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="pickle"):
+        load_base_model(ModelSpec(name=str(folder)), tmp_path, log=lambda m: None)
+
+
+def test_folder_without_weights(tiny_llama, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no weights"):
+        load_base_model(ModelSpec(name=str(folder)), tmp_path, log=lambda m: None)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError) as info:
+        load_base_model(ModelSpec(name="nobody/no-such-model-xyz"), tmp_path, log=lambda m: None)
+    assert "nobody/no-such-model-xyz" in str(info.value) and "local folder" in str(info.value)
+
+
+def test_missing_relative_folder(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_base_model(ModelSpec(name="./models/none"), tmp_path, log=lambda m: None)
+
+
+def test_unknown_builtin(tmp_path):
+    with pytest.raises(ModelError, match="unknown built-in"):
+        load_base_model(ModelSpec(name="builtin:gpt-9"), tmp_path, log=lambda m: None)

@@ -1,0 +1,202 @@
+"""The workspace store: status transitions, aliases, lookups."""
+
+import pytest
+
+from loralab.errors import RunNotFound
+from loralab.workspace.store import Store
+
+
+def start(store, rid, name, exp="e1"):
+    store.start(rid, name=name, experiment=exp, kind="lora", config={"lora": {"r": 4}}, model={}, data={}, env={})
+
+
+def test_a_run_is_finished_only_with_its_metrics(tmp_path):
+    s = Store(tmp_path / "ws")
+    start(s, "abc123", "A")
+    assert s.get("abc123").status == "running" and s.get("abc123").metrics == {}
+    s.finish("abc123", metrics={"eval_loss": 1.5}, curves={"loss": [2, 1]}, samples=[{"id": "x"}], timings={},
+             adapter_path="/a")
+    rec = s.get("abc123")
+    assert rec.status == "finished" and rec.metrics == {"eval_loss": 1.5} and rec.curves["loss"] == [2, 1]
+
+
+def test_restart_clears_old_results(tmp_path):
+    s = Store(tmp_path / "ws")
+    start(s, "abc123", "A")
+    s.finish("abc123", metrics={"eval_loss": 1.5}, curves={}, samples=[], timings={}, adapter_path=None)
+    start(s, "abc123", "A")
+    rec = s.get("abc123")
+    assert rec.status == "running" and rec.metrics == {}
+
+
+def test_find_by_name_experiment_and_id_prefix(tmp_path):
+    s = Store(tmp_path / "ws")
+    start(s, "aaa111", "A", "e1")
+    start(s, "bbb222", "A", "e2")
+    s.finish("aaa111", metrics={}, curves={}, samples=[], timings={}, adapter_path=None)
+    s.mark("bbb222", "interrupted")
+    assert s.find("A").id == "aaa111"  # the finished one wins
+    assert s.find("e2/A").id == "bbb222" and s.find("e2/A").status == "interrupted"
+    assert s.find("bbb").id == "bbb222"
+    with pytest.raises(RunNotFound, match="use one of: A"):
+        s.find("Z")
+
+
+def test_two_names_can_share_one_run(tmp_path):
+    s = Store(tmp_path / "ws")
+    start(s, "aaa111", "A")
+    s.alias("e1", "A2", "aaa111")
+    names = sorted(r.name for r in s.list())
+    assert names == ["A", "A2"] and {r.id for r in s.list()} == {"aaa111"}
+
+
+def test_reading_a_missing_workspace_is_a_clear_error(tmp_path):
+    with pytest.raises(RunNotFound, match="no loralab workspace"):
+        Store(tmp_path / "nothing", create=False)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_workspace_of_another_schema_is_refused(tmp_path):
+    import sqlite3
+
+    Store(tmp_path / "ws").close()
+    con = sqlite3.connect(tmp_path / "ws" / "loralab.db")
+    con.execute("PRAGMA user_version=1")
+    con.close()
+    with pytest.raises(RunNotFound, match="another loralab version"):
+        Store(tmp_path / "ws")
+
+
+def test_seeds_of_a_run_form_its_group(tmp_path):
+    s = Store(tmp_path / "ws")
+    for seed, rid in ((1, "s1"), (0, "s0")):
+        s.start(rid, name="A", experiment="e", kind="lora", config={}, model={}, data={}, env={}, seed=seed)
+        s.finish(rid, metrics={"x": seed}, curves={}, samples=[], timings={}, adapter_path=None)
+    assert [r.seed for r in s.group("A")] == [0, 1] and s.find("A").id == "s0"
+    assert [r.id for r in s.group("s1")] == ["s1"]  # an id prefix names one run
+
+
+# -- adapter identity and the schema 2 -> 3 migration ------------------------------------------------
+
+LORA_CONFIG = {"device": "cpu", "dtype": "float32", "eval_caps": [5], "evaluation": {"drift": True},
+               "lora": {"r": 4, "alpha": 8}, "train": {"learning_rate": 2e-4, "seed": 0},
+               "generate": {"max_new_tokens": [5], "batch_size": 16}, "resolved_target_modules": ["q_proj"]}
+MODEL = {"fingerprint": "local-abc"}
+DATA = {"fingerprint": "d1", "system_prompt": None}
+
+
+def with_(config: dict, **changes) -> dict:
+    return {**config, **changes}
+
+
+@pytest.mark.parametrize("changes, same", [
+    # Evaluation and generation settings: the same adapter, evaluated another way.
+    ({"eval_caps": [5, 7]}, True),
+    ({"generate": {"max_new_tokens": [5], "batch_size": 1}}, True),
+    ({"evaluation": {"drift": False}}, True),
+    ({"device": "cuda:0"}, False),  # results change with the device kind...
+    ({"dtype": "bfloat16"}, False),  # ...and the dtype: a CPU fp32 adapter is not a GPU bf16 one
+    ({"lora": {"r": 8, "alpha": 8}}, False),
+    ({"train": {"learning_rate": 2e-4, "seed": 1}}, False),
+    ({"resolved_target_modules": ["q_proj", "v_proj"]}, False),
+])
+def test_adapter_identity_holds_what_trains_the_adapter_only(changes, same):
+    from loralab.workspace.store import adapter_identity
+
+    base = adapter_identity(LORA_CONFIG, MODEL, DATA)
+    assert base is not None and (adapter_identity(with_(LORA_CONFIG, **changes), MODEL, DATA) == base) is same
+
+
+def test_adapter_identity_depends_on_model_data_and_device_kind_not_index():
+    from loralab.workspace.store import adapter_identity
+
+    aid = adapter_identity(LORA_CONFIG, MODEL, DATA)
+    assert adapter_identity(LORA_CONFIG, {"fingerprint": "local-xyz"}, DATA) != aid
+    assert adapter_identity(LORA_CONFIG, MODEL, {**DATA, "system_prompt": "Be brief."}) != aid
+    cuda = with_(LORA_CONFIG, device="cuda")
+    assert adapter_identity(with_(LORA_CONFIG, device="cuda:1"), MODEL, DATA) == adapter_identity(cuda, MODEL, DATA)
+    assert adapter_identity({"lora": {"r": 4}}, MODEL, DATA) is None  # a row lacking parts is never matched
+
+
+V2_RUNS = """CREATE TABLE runs (id VARCHAR(32) NOT NULL, name VARCHAR(128) NOT NULL, experiment VARCHAR(256) NOT NULL,
+    kind VARCHAR(16) NOT NULL, seed INTEGER, status VARCHAR(16) NOT NULL, config TEXT NOT NULL, model TEXT NOT NULL,
+    data TEXT NOT NULL, metrics TEXT NOT NULL, curves TEXT NOT NULL, samples TEXT NOT NULL, env TEXT NOT NULL,
+    timings TEXT NOT NULL, adapter_path TEXT, error TEXT, created_at VARCHAR NOT NULL, updated_at VARCHAR NOT NULL,
+    PRIMARY KEY (id));
+CREATE INDEX ix_runs_status ON runs (status);
+CREATE INDEX ix_runs_name ON runs (name);
+CREATE TABLE aliases (experiment VARCHAR(256) NOT NULL, name VARCHAR(128) NOT NULL, seed INTEGER NOT NULL,
+    run_id VARCHAR(32) NOT NULL, updated_at VARCHAR NOT NULL, PRIMARY KEY (experiment, name, seed));
+CREATE INDEX ix_aliases_run_id ON aliases (run_id);
+PRAGMA user_version=2;
+"""
+
+
+def v2_workspace(root) -> None:
+    """A workspace as schema 2 wrote it (its DDL verbatim): a finished LoRA run, a damaged one, the base."""
+    import json
+    import sqlite3
+
+    root.mkdir()
+    conn = sqlite3.connect(root / "loralab.db")
+    conn.executescript(V2_RUNS)
+    t = "2026-01-01 00:00:00.000000"
+    for rid, name, kind, config in (("aaa", "A", "lora", json.dumps(LORA_CONFIG)), ("bbb", "B", "lora", "{not json"),
+                                    ("base-c", "base", "base", json.dumps({"device": "cpu"}))):
+        conn.execute("INSERT INTO runs VALUES (?,?,'e1',?,0,'finished',?,?,?,'{\"eval_loss\": 1.0}','{}','[]','{}',"
+                     "'{}',NULL,NULL,?,?)", (rid, name, kind, config, json.dumps(MODEL), json.dumps(DATA), t, t))
+        conn.execute("INSERT INTO aliases VALUES ('e1', ?, 0, ?, ?)", (name, rid, t))
+    conn.commit()
+    conn.close()
+
+
+def stored_adapter_ids(root) -> dict:
+    import sqlite3
+
+    with sqlite3.connect(root / "loralab.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        return dict(conn.execute("SELECT id, adapter_id FROM runs"))
+
+
+def test_a_schema_2_workspace_reads_as_it_is_and_is_migrated_when_opened_for_writing(tmp_path):
+    import sqlite3
+
+    from loralab.workspace.store import adapter_identity
+
+    ws = tmp_path / "ws"
+    v2_workspace(ws)
+    read = Store(ws, create=False)
+    assert {r.name for r in read.list()} == {"A", "B", "base"} and read.get("aaa").metrics == {"eval_loss": 1.0}
+    read.close()
+    with sqlite3.connect(ws / "loralab.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # reading changed nothing
+    s = Store(ws)
+    aid = adapter_identity(LORA_CONFIG, MODEL, DATA)
+    # Old rows get their adapter id from their stored config; a row that cannot give one keeps NULL.
+    assert stored_adapter_ids(ws) == {"aaa": aid, "bbb": None, "base-c": None}
+    assert [r.id for r in s.adapter_runs(aid)] == ["aaa"] and s.get("bbb").damaged
+    s.close()
+    Store(ws).close()  # opening a migrated workspace again changes nothing
+    assert stored_adapter_ids(ws) == {"aaa": aid, "bbb": None, "base-c": None}
+
+
+def test_a_migration_cut_short_after_its_column_was_added_completes(tmp_path):
+    import sqlite3
+
+    ws = tmp_path / "ws"
+    v2_workspace(ws)
+    with sqlite3.connect(ws / "loralab.db") as conn:  # a crash after ALTER TABLE, before user_version=3
+        conn.execute("ALTER TABLE runs ADD COLUMN adapter_id VARCHAR(32)")
+    Store(ws).close()
+    assert stored_adapter_ids(ws)["aaa"] is not None
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    import sqlite3
+
+    ws = tmp_path / "ws"
+    v2_workspace(ws)
+    with sqlite3.connect(ws / "loralab.db") as conn:
+        conn.execute("PRAGMA user_version=4")
+    with pytest.raises(RunNotFound, match="schema 4"):
+        Store(ws, create=False)
