@@ -27,6 +27,24 @@ REPEATS = int(os.environ.get("REPEATS", 3))
 DATA = {"builtin": "stdlib-docstrings", "train_size": 128, "eval_size": 32}
 
 
+
+def matmul_flops(n: int = 1024, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
+    """This machine's matmul rate (FLOP/s; fp32 unless `dtype`), the ceiling for training throughput."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -96,7 +114,6 @@ def bench_train() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loralab.sweep.study import matmul_flops
 
     base, ds, train, _ = setup()
     dev = base.device

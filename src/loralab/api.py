@@ -148,7 +148,7 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
     one knob at a time from a toward b (`ofat`), or a two-level fractional factorial (`factorial`).
 
     `train`: also run it (runs already stored, a and b among them, are reused). `hold`: what stays fixed
-    when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an ablate.Plan:
+    when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an analysis.ablate.AblationPlan:
     `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
     from loralab.workspace.store import Store
 

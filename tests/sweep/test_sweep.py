@@ -447,8 +447,9 @@ space:
     assert [line.split("  (")[0] for line in lines if line[:2] in ("1.", "2.", "3.", "4.")] == [
         "1. lora.r=2 lora.alpha=2", "2. lora.r=2 lora.alpha=4", "3. lora.r=4 lora.alpha=4", "4. lora.r=4 lora.alpha=8"]
     assert "grid of 4 trial(s) x 1 seed(s)" in out.output
-    assert "train tokens/s (estimated:" in out.output and "GFLOP/s fp32 matmul" in out.output
-    assert "Estimated total: about" in out.output
+    # Nothing stored yet: training and a trial's evaluation are measured here, now, and both counted.
+    assert "train tokens/s (measured here now: 3 timed training steps" in out.output
+    assert "s eval per run" in out.output and "Estimated total: about" in out.output
     assert not (tmp_path / "ws").exists()
 
 
@@ -460,17 +461,20 @@ def test_cli_sweep_without_a_sweep_section_exits_2(tiny_neox, tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
-def test_unmeasured_throughput_is_estimated_from_this_machines_matmul_rate(tmp_path, monkeypatch):
-    from loralab.sweep import study as sweep
-    from loralab.sweep.study import TRAIN_EFFICIENCY, _throughput, matmul_flops
+def test_a_dry_run_measures_training_and_evaluation_here_and_leaves_the_base_bare(tiny_neox, tmp_path):
+    from loralab.config.space import experiment_start, make_run
+    from loralab.execute.runner import prepare
+    from loralab.sweep.study import _throughput, measure_here
 
-    flops = matmul_flops(256, 3)
-    assert 1e8 < flops < 1e14  # FLOP/s of any CPU or GPU this runs on
-    monkeypatch.setattr(sweep, "matmul_flops", lambda *a, **k: 5e10)  # timing-free check of the formula
-    tps, source, eval_s = _throughput(tmp_path, "fp", n_params=10**6)
-    assert source.startswith("estimated") and eval_s is None
-    assert tps == pytest.approx(TRAIN_EFFICIENCY * 5e10 / 4e6)  # efficiency x FLOP/s / (4 x params)
-    assert "50 GFLOP/s" in source
+    exp = load_experiment(sweep_file(tmp_path, tiny_neox, "strategy: random\nspace: {lora.r: [2, 4]}\nbudget: {trials: 2}"))
+    prepared = prepare(exp)
+    before = {k: v.clone() for k, v in prepared.base.model.state_dict().items()}
+    tps, source, eval_s = measure_here(exp, prepared, make_run(experiment_start(exp), {}, "start"))
+    assert tps > 0 and eval_s > 0 and source.startswith("measured here now")
+    assert "losses only" in source  # an eval_loss objective: its trials do not generate
+    after = prepared.base.model.state_dict()
+    assert after.keys() == before.keys() and all((after[k] == v).all() for k, v in before.items())  # no adapter left
+    assert _throughput(tmp_path / "nothing-stored", prepared.base.fingerprint) is None
 
 
 @pytest.mark.parametrize("sweep, full", [

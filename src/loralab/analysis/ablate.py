@@ -152,7 +152,7 @@ class PlannedRun:
 
 
 @dataclass
-class Plan:
+class AblationPlan:
     """An ablation of A toward B: the runs to train and the experiment file that trains them."""
 
     design: str
@@ -242,7 +242,7 @@ def endpoint(exp: Experiment, ref: str, records: dict[str, RunRecord] | None = N
 
 
 def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Path,
-         records: dict[str, RunRecord] | None = None, hold: str = "alpha/r") -> Plan:
+         records: dict[str, RunRecord] | None = None, hold: str = "alpha/r") -> AblationPlan:
     """The runs that credit each knob on which A and B differ, and the experiment file that trains them
     (each run with the experiment's seeds: api.with_repeats changes them first, as `--repeats` does).
 
@@ -284,8 +284,8 @@ def plan(exp: Experiment, a: str, b: str, design: str = "ofat", *, workspace: Pa
                 name = f"{a[:MAX_NAME - 7]}+run{i:02d}"  # a long name of A must not make a name the file rejects
             runs.append(PlannedRun(name, at_b, _moved(ra, rb, at_b, middle_generate, name, hold)))
     name = experiment_name(exp.name, a, b, design, hold)
-    text = plan_yaml(exp, name, runs, workspace, design, a, b, moved, eval_only, hold)
-    return Plan(design, a, b, moved, eval_only, runs, parse_experiment(yaml.safe_load(text), None, text),
+    text = ablation_yaml(exp, name, runs, workspace, design, a, b, moved, eval_only, hold)
+    return AblationPlan(design, a, b, moved, eval_only, runs, parse_experiment(yaml.safe_load(text), None, text),
                 exp.seeds_for(ra), resolution(rows) if design == "factorial" else None, text=text, hold=hold)
 
 
@@ -309,7 +309,7 @@ def _flow(d: dict) -> str:
     return yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10**6).strip()
 
 
-def plan_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace: Path, design: str,
+def ablation_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace: Path, design: str,
               a: str, b: str, moved: list[str], eval_only: list[str], hold: str = "alpha/r") -> str:
     """The plan as an experiment file: every run written out in full (a reader sees each knob), with a
     comment saying which knobs it moved. Paths are absolute, so the file works from any folder."""
@@ -364,7 +364,7 @@ def _show(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def write_plan(p: Plan, out: Path) -> Path:
+def write_plan(p: AblationPlan, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(p.text.replace("{path}", str(out), 1), encoding="utf-8")

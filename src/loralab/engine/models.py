@@ -119,7 +119,7 @@ def pick_device(preference: str = "auto"):
 
 
 @dataclass
-class BaseModel:
+class LoadedModel:
     """A loaded base model with what a run records about it."""
 
     model: Any
@@ -204,7 +204,7 @@ def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = 
 
 
 def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
-                    log: Callable[[str], None] = print) -> BaseModel:
+                    log: Callable[[str], None] = print) -> LoadedModel:
     """Load tokenizer and model, safetensors only, on the chosen device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,7 +257,7 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     if Path(ref).is_dir() and not spec.trust_remote_code:
         remember_layers(Path(ref), layers_of(model))
     n_params = sum(p.numel() for p in model.parameters())
-    return BaseModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
+    return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
                                                    "device": str(dev)})
 

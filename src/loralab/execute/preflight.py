@@ -40,7 +40,7 @@ def checked_runs(exp: Experiment, runs: list[RunSpec]) -> list[RunSpec]:
     return out
 
 
-def plan_problems(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> list[Problem]:
+def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> list[Problem]:
     """Plans that cannot finish or cannot mean what they say; `layers` (models.ModelLayers) or None
     when the model is not on disk yet (then only the step counts are checked)."""
     from loralab.engine.models import resolve_target_modules
@@ -91,7 +91,7 @@ def plan_problems(exp: Experiment, runs: list[RunSpec], n_train: int, layers: An
 
 
 def check_plan(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> None:
-    problems = plan_problems(exp, runs, n_train, layers)
+    problems = unfinishable(exp, runs, n_train, layers)
     if problems:
         n = len(problems)
         raise SpecError(f"{exp.source or 'experiment'}: {n} plan{'s' if n > 1 else ''} that cannot run as written", problems)

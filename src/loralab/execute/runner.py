@@ -38,7 +38,7 @@ class Prepared:
     exp: Experiment
     runs: list[RunSpec]
     dataset: Any
-    base: Any  # models.BaseModel
+    base: Any  # engine.models.LoadedModel
     targets: dict[str, Any]  # run name -> target modules given to PEFT
     eval_encoded: list
     eval_prompts: list[list[int]]
@@ -156,35 +156,35 @@ def _plain(text: object) -> str:
     return escape(str(text))
 
 
-def adapter_id(p: Prepared, run: RunSpec) -> str:
+def adapter_id(prepared: Prepared, run: RunSpec) -> str:
     """What the run's adapter is: the same function of its settings that its stored row gets
     (store.adapter_identity), so a stored adapter is found by the settings that would train it."""
     from loralab.workspace.store import adapter_identity
 
-    return adapter_identity(_run_config(p, run), *_describe(p))
+    return adapter_identity(_run_config(prepared, run), *_describe(prepared))
 
 
-def run_id(p: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
+def run_id(prepared: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
     """One stored run: an adapter (adapter_id) evaluated one way (caps, evaluation and generation
     settings). Adding a cap or changing generate.batch_size makes new run ids of the same adapters,
     which are evaluated again, not retrained (train_run).
 
     A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
     `loralab run` of the same settings does not reuse it without its generation metrics."""
-    evaluation = p.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)
+    evaluation = prepared.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)
     if not full_eval:
         evaluation["loss_only"] = True
     if not probe:  # no training-probe loss (nor generalization gap) either
         evaluation["train_probe"] = False
-    how = {"eval_caps": p.exp.eval_caps, "eval_max_len": p.eval_max_len, "evaluation": evaluation}
+    how = {"eval_caps": prepared.exp.eval_caps, "eval_max_len": prepared.eval_max_len, "evaluation": evaluation}
     if run is None:  # the untrained model: what it is and how it is evaluated
-        what = {"model": p.base.fingerprint, "data": p.dataset.fingerprint, "system_prompt": p.dataset.system_prompt,
-                "device": str(p.base.device).split(":")[0], "dtype": p.base.info["dtype"]}
+        what = {"model": prepared.base.fingerprint, "data": prepared.dataset.fingerprint, "system_prompt": prepared.dataset.system_prompt,
+                "device": str(prepared.base.device).split(":")[0], "dtype": prepared.base.info["dtype"]}
         return "base-" + config_hash({"kind": "base", **what, **how})
-    return config_hash({"adapter": adapter_id(p, run), **how, "generate": run.generate.model_dump()})
+    return config_hash({"adapter": adapter_id(prepared, run), **how, "generate": run.generate.model_dump()})
 
 
-def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
+def evaluate(model, prepared: Prepared, label: str, rep: Reporter, batch_size: int,
              full: bool = True, probe: bool = True) -> tuple[dict, list, dict]:
     """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
     its prefixes), per-example quality and verbosity, and drift from the base model.
@@ -194,31 +194,31 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     from loralab.metrics.scores import example_metrics, perplexity, summarize_examples
     from loralab.engine.train import eval_losses
 
-    tok = p.base.tokenizer
-    caps = p.exp.eval_caps
+    tok = prepared.base.tokenizer
+    caps = prepared.exp.eval_caps
     t0 = time.perf_counter()
-    loss, per_example_loss, loss_tokens = eval_losses(model, p.eval_encoded, pad_id=tok.pad_token_id)
-    probed = p.train_probe if probe or full else []
+    loss, per_example_loss, loss_tokens = eval_losses(model, prepared.eval_encoded, pad_id=tok.pad_token_id)
+    probed = prepared.train_probe if probe or full else []
     train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
     t1 = time.perf_counter()
     fault_point("evaluate")
     samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
-                "outputs": {}} for ex, l_, n in zip(p.dataset.eval, per_example_loss, loss_tokens)]
+                "outputs": {}} for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
     metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     if probed or full:
         metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
                         "generalization_gap": loss - train_loss})
     if not full:
-        metrics.update({"eval_s": round(t1 - t0, 2), "eval_tokens": sum(len(e.input_ids) for e in p.eval_encoded + probed)})
+        metrics.update({"eval_s": round(t1 - t0, 2), "eval_tokens": sum(len(e.input_ids) for e in prepared.eval_encoded + probed)})
         return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
-    with rep.task(f"generate {label}", total=len(p.eval_prompts), unit="prompts") as update:
-        gens = generate_greedy(model, p.eval_prompts, max(caps), eos_token_ids=[p.end_id],
+    with rep.task(f"generate {label}", total=len(prepared.eval_prompts), unit="prompts") as update:
+        gens = generate_greedy(model, prepared.eval_prompts, max(caps), eos_token_ids=[prepared.end_id],
                                pad_token_id=tok.pad_token_id, batch_size=batch_size,
                                progress=lambda n: update(advance=n))
     t2 = time.perf_counter()
     for cap in caps:
         rows = []
-        for s, g, ex, ref_n in zip(samples, gens, p.dataset.eval, p.reference_tokens):
+        for s, g, ex, ref_n in zip(samples, gens, prepared.dataset.eval, prepared.reference_tokens):
             c = at_cap(g, cap)
             text = tok.decode(c.tokens, skip_special_tokens=True).strip()
             m = example_metrics(text, ex.output, c.tokens, ref_n, c.stopped, cap)
@@ -227,21 +227,21 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
                                       "metrics": m}
         metrics.update({f"{k}@{cap}": v for k, v in summarize_examples(rows).items() if k != "n"})
     drift_s = 0.0
-    if p.drift_prompts and hasattr(model, "disable_adapter"):
+    if prepared.drift_prompts and hasattr(model, "disable_adapter"):
         from loralab.engine.drift import base_answers, measure_drift
 
         t3 = time.perf_counter()
-        dmax = p.exp.evaluation.drift_max_new_tokens
-        kw = dict(max_new_tokens=dmax, eos_token_ids=[p.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
-        if p.drift_base is None:  # the base model's answers, once per experiment
-            p.drift_base = base_answers(model, p.drift_prompts, **kw)
-        d = measure_drift(model, p.drift_prompts, base=p.drift_base, **kw)
+        dmax = prepared.exp.evaluation.drift_max_new_tokens
+        kw = dict(max_new_tokens=dmax, eos_token_ids=[prepared.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
+        if prepared.drift_base is None:  # the base model's answers, once per experiment
+            prepared.drift_base = base_answers(model, prepared.drift_prompts, **kw)
+        d = measure_drift(model, prepared.drift_prompts, base=prepared.drift_base, **kw)
         metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
         drift_s = time.perf_counter() - t3
-    elif p.drift_prompts:
+    elif prepared.drift_prompts:
         metrics.update({"drift_kl": 0.0, "drift_agreement": 1.0})  # the base model, by definition
     generated = sum(len(g.tokens) for g in gens)
-    eval_tokens = sum(len(e.input_ids) for e in p.eval_encoded + probed) + generated
+    eval_tokens = sum(len(e.input_ids) for e in prepared.eval_encoded + probed) + generated
     timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "drift_s": round(drift_s, 2),
                "generated_tokens": generated,
                "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}
@@ -250,30 +250,30 @@ def evaluate(model, p: Prepared, label: str, rep: Reporter, batch_size: int,
     return metrics, samples, timings
 
 
-def _describe(p: Prepared) -> tuple[dict, dict]:
-    b, d = p.base, p.dataset
+def _describe(prepared: Prepared) -> tuple[dict, dict]:
+    b, d = prepared.base, prepared.dataset
     model = {"name": b.name, "path": b.path, "fingerprint": b.fingerprint, "arch": b.arch, **b.info}
     data = {"name": d.name, "fingerprint": d.fingerprint, "n_train": len(d.train), "n_eval": len(d.eval),
             "system_prompt": d.system_prompt}
     return model, data
 
 
-def _run_config(p: Prepared, run: RunSpec | None) -> dict:
-    cfg: dict[str, Any] = {"eval_caps": p.exp.eval_caps, "device": str(p.base.device), "dtype": p.base.info["dtype"],
-                           "evaluation": p.exp.evaluation.model_dump(),
-                           "cost": p.exp.cost.model_dump() if p.exp.cost else None}
+def _run_config(prepared: Prepared, run: RunSpec | None) -> dict:
+    cfg: dict[str, Any] = {"eval_caps": prepared.exp.eval_caps, "device": str(prepared.base.device), "dtype": prepared.base.info["dtype"],
+                           "evaluation": prepared.exp.evaluation.model_dump(),
+                           "cost": prepared.exp.cost.model_dump() if prepared.exp.cost else None}
     if run is not None:
         cfg.update({"lora": run.lora.model_dump(), "train": run.train.model_dump(),
-                    "generate": run.generate.model_dump(), "resolved_target_modules": p.targets_for(run)})
+                    "generate": run.generate.model_dump(), "resolved_target_modules": prepared.targets_for(run)})
     return cfg
 
 
-def _add_cost(metrics: dict, p: Prepared) -> None:
+def _add_cost(metrics: dict, prepared: Prepared) -> None:
     """Wall time in, money out: (train + eval seconds) x the price per hour, when one is set."""
     total = metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
     metrics["total_s"] = round(total, 2)
-    if p.exp.cost is not None:
-        metrics["cost"] = round(total / 3600 * p.exp.cost.per_hour, 6)
+    if prepared.exp.cost is not None:
+        metrics["cost"] = round(total / 3600 * prepared.exp.cost.per_hour, 6)
 
 
 def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
@@ -284,16 +284,16 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     from loralab import environment
 
     rep = reporter or Reporter()
-    p = prepare(exp, only, rep)
+    prepared = prepare(exp, only, rep)
     ws = resolve_workspace(exp, workspace)
     store = Store(ws)
-    env = environment.record(str(p.base.device))
-    model_info, data_info = _describe(p)
+    env = environment.record(str(prepared.base.device))
+    model_info, data_info = _describe(prepared)
     result = ExperimentResult(workspace=ws, records=[])
-    gen_batch = max(r.generate.batch_size for r in p.runs) if p.runs else 16
+    gen_batch = max(r.generate.batch_size for r in prepared.runs) if prepared.runs else 16
     try:
         # -- the untrained model, once, as the reference point of every table -------------------
-        bid = run_id(p, None)
+        bid = run_id(prepared, None)
         with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
             done = store.get(bid)
             if done and done.status == "finished" and not force:
@@ -301,22 +301,22 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                 result.skipped.append("base")
                 rep.log(f"base: finished earlier ({bid}), reused")
             else:
-                store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(p, None),
+                store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(prepared, None),
                             model=model_info, data=data_info, env=env)
                 try:
-                    metrics, samples, timings = evaluate(p.base.model, p, "base", rep, gen_batch)
+                    metrics, samples, timings = evaluate(prepared.base.model, prepared, "base", rep, gen_batch)
                 except KeyboardInterrupt:
                     store.mark(bid, "interrupted")
                     raise
-                _add_cost(metrics, p)
+                _add_cost(metrics, prepared)
                 store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
-                rep.log(_one_line("base", metrics, p.exp.eval_caps))
+                rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
         fault_point("run.stored")
         result.records.append(store.get(bid))
         result.records[-1].name = "base"
 
-        worker = (executor or LocalExecutor)(p, store, rep)
-        for run in p.runs:
+        worker = (executor or LocalExecutor)(prepared, store, rep)
+        for run in prepared.runs:
             for seed in exp.seeds_for(run):
                 rs = run.with_seed(seed)
                 label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
@@ -370,7 +370,7 @@ def reusable(done: RunRecord) -> bool:
     return done.status == "diverged" or (done.status == "finished" and _adapter_ok(done))
 
 
-def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
+def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
               reporter: Reporter | None = None, pruning=None, force: bool = False,
               env: dict | None = None, full_eval: bool = True, probe: bool = True) -> tuple[str, bool]:
     """Train, evaluate and store one run (its seed is run.train.seed) unless an equal run is stored.
@@ -385,7 +385,7 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
     from loralab import environment
 
     rep = reporter or Reporter()
-    rid = run_id(p, run, full_eval, probe)
+    rid = run_id(prepared, run, full_eval, probe)
     # Another process training the same run (a second `loralab run`, a parallel sweep): wait, then reuse it.
     with store.run_lock(rid, on_wait=lambda: rep.log(f"{label or run.name}: another process is training it; waiting")):
         done = store.get(rid)
@@ -393,10 +393,10 @@ def train_run(p: Prepared, run: RunSpec, store: Store, *, experiment: str, label
             store.alias(experiment, run.name, rid, run.train.seed)
             rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")
             return done.status, True
-        model_info, data_info = _describe(p)
-        env = env or environment.record(str(p.base.device))
-        source = None if force else stored_adapter(store, adapter_id(p, run))
-        status = _train_one(p, run, run.train.seed, label or run.name, rid, store, rep, experiment,
+        model_info, data_info = _describe(prepared)
+        env = env or environment.record(str(prepared.base.device))
+        source = None if force else stored_adapter(store, adapter_id(prepared, run))
+        status = _train_one(prepared, run, run.train.seed, label or run.name, rid, store, rep, experiment,
                             model_info, data_info, env, run.generate.batch_size, pruning=pruning,
                             full_eval=full_eval, probe=probe, source=source)
     fault_point("run.stored")
@@ -417,7 +417,7 @@ def stored_adapter(store: Store, aid: str | None) -> RunRecord | None:
                 next((r for r in runs if r.status == "diverged"), None))
 
 
-def _evaluate_stored(p: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
+def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
                      rep: Reporter, gen_batch: int, full_eval: bool, probe: bool) -> str:
     """Store run `rid` from the adapter `source` trained: its training metrics, curves and training
     time are carried over, the evaluation is measured anew. Called by _train_one after store.start,
@@ -433,7 +433,7 @@ def _evaluate_stored(p: Prepared, run: RunSpec, source: RunRecord, label: str, r
     reused = {"train_s": 0.0, "train_reused_from": source.id}
     if source.status == "diverged":
         metrics = {k: v for k, v in source.metrics.items() if k not in ("total_s", "cost")}
-        _add_cost(metrics, p)
+        _add_cost(metrics, prepared)
         store.finish(rid, metrics=metrics, curves=source.curves, samples=[], timings=reused, adapter_path=None,
                      status="diverged", error=source.error)
         rep.log(f"[yellow]{label}: diverged in training earlier ({source.id}); not trained again[/yellow]")
@@ -445,20 +445,20 @@ def _evaluate_stored(p: Prepared, run: RunSpec, source: RunRecord, label: str, r
     # which replaces or removes its folder, leaves this run whole; doctor finds each adapter in its run's folder.
     with store.run_lock(source.id):
         _link_tree(Path(source.adapter_path), tmp)
-    peft_model = PeftModel.from_pretrained(p.base.model, tmp)
+    peft_model = PeftModel.from_pretrained(prepared.base.model, tmp)
     try:
-        metrics, samples, timings = evaluate(peft_model, p, label, rep, gen_batch, full=full_eval, probe=probe)
+        metrics, samples, timings = evaluate(peft_model, prepared, label, rep, gen_batch, full=full_eval, probe=probe)
     finally:
-        _restore_base(p, peft_model)
+        _restore_base(prepared, peft_model)
     metrics.update({k: v for k, v in source.metrics.items()
                     if k == "adapter_bytes" or (metric(k) is not None and metric(k).stage == "training")})
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _add_cost(metrics, p)
+    _add_cost(metrics, prepared)
     store.finish(rid, metrics=metrics, curves=source.curves, samples=samples, timings={**timings, **reused},
                  adapter_path=str(final))
-    rep.log(_one_line(label, metrics, p.exp.eval_caps) + f", adapter of {source.id} evaluated, not trained again")
+    rep.log(_one_line(label, metrics, prepared.exp.eval_caps) + f", adapter of {source.id} evaluated, not trained again")
     return "finished"
 
 
@@ -473,13 +473,13 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
-def _restore_base(p: Prepared, peft_model) -> None:
+def _restore_base(prepared: Prepared, peft_model) -> None:
     """Take the LoRA layers out again: the prepared base model is shared by every run."""
-    p.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
+    prepared.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
     for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(p.base.model, attr):
+        if hasattr(prepared.base.model, attr):
             try:
-                delattr(p.base.model, attr)
+                delattr(prepared.base.model, attr)
             except AttributeError:
                 pass
 
@@ -492,23 +492,23 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
     return text
 
 
-def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
+def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
                experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
                pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
-    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(p, run),
+    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(prepared, run),
                 model=model_info, data=data_info, env=env, seed=seed)
     peft_model = None
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
-            return _evaluate_stored(p, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
-        peft_model = _with_lora(p, run)
-        res, monitor = _train(p, run, peft_model, label, rep, reached, pruning)
+            return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
+        peft_model = _with_lora(prepared, run)
+        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning)
         reached["trained"] = True
-        done = _Done(p, run, label, rid, store, rep, peft_model, res)
+        done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
         if res.stopped_by is monitor:
             return done.diverged(monitor)
         if res.stopped_by is not None and res.stopped_by is pruning:
@@ -521,30 +521,30 @@ def _train_one(p: Prepared, run: RunSpec, seed: int, label: str, rid: str, store
         return _failed(err, run, label, rid, store, rep, reached)
     finally:
         if peft_model is not None:
-            _restore_base(p, peft_model)
+            _restore_base(prepared, peft_model)
 
 
-def _with_lora(p: Prepared, run: RunSpec):
+def _with_lora(prepared: Prepared, run: RunSpec):
     """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                      target_modules=p.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
+                      target_modules=prepared.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(p.base.model, lcfg)
+        return get_peft_model(prepared.base.model, lcfg)
 
 
-def _train(p: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning):
+def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning):
     """The training loop with its step hooks: divergence, progress, the fault point, and the pruner."""
     from loralab.engine.data import encode_example
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
 
-    tok = p.base.tokenizer
-    train_enc = [encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len) for ex in p.dataset.train]
+    tok = prepared.base.tokenizer
+    train_enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len) for ex in prepared.dataset.train]
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
         hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
@@ -556,7 +556,7 @@ class _Done:
     """A trained run, stored by how its training ended: diverged, pruned, or finished (evaluated, with
     its adapter fsynced on disk before the row says so)."""
 
-    p: Prepared
+    prepared: Prepared
     run: RunSpec
     label: str
     rid: str
@@ -569,7 +569,7 @@ class _Done:
     def planned(self) -> int:
         from loralab.engine.train import plan_steps
 
-        return plan_steps(len(self.p.dataset.train), self.run.train)
+        return plan_steps(len(self.prepared.dataset.train), self.run.train)
 
     def train_metrics(self) -> dict:
         from loralab.metrics.stability import stability_summary
@@ -589,7 +589,7 @@ class _Done:
         blame = diagnose(run.train.learning_rate, run.lora.r, run.lora.alpha)
         metrics = {**self.train_metrics(), "diverged_step": res.steps, "last_good_loss": monitor.last_good_loss,
                    "eval_s": 0.0, "saved_steps": self.planned - res.steps}
-        _add_cost(metrics, self.p)
+        _add_cost(metrics, self.prepared)
         text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
                 f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
         self.store.finish(self.rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
@@ -602,23 +602,23 @@ class _Done:
         from loralab.metrics.scores import perplexity
         from loralab.engine.train import eval_loss
 
-        p, res = self.p, self.res
+        prepared, res = self.prepared, self.res
         t0 = time.perf_counter()
         seen = pruning.loss_at(res.steps)  # (loss, examples, whole set?)
         if seen is not None and not seen[2]:  # judged on a subset: no whole-set loss is paid for a dropped trial
             losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
             said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
         else:
-            loss = seen[0] if seen is not None else eval_loss(self.model, p.eval_encoded,
-                                                              pad_id=p.base.tokenizer.pad_token_id)
+            loss = seen[0] if seen is not None else eval_loss(self.model, prepared.eval_encoded,
+                                                              pad_id=prepared.base.tokenizer.pad_token_id)
             losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
-                      "pruned_loss_examples": len(p.eval_encoded)}
+                      "pruned_loss_examples": len(prepared.eval_encoded)}
             said = f"eval loss {loss:.4f}"
         saved = self.planned - res.steps
         metrics = {**self.train_metrics(), **losses, "eval_s": round(time.perf_counter() - t0, 2),
                    "pruned_step": res.steps, "saved_steps": saved,
                    "saved_s": round(saved * res.wall_s / res.steps, 2)}  # at its own seconds per step
-        _add_cost(metrics, p)
+        _add_cost(metrics, prepared)
         text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
                           timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="pruned", error=text)
@@ -626,8 +626,8 @@ class _Done:
         return "pruned"
 
     def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
-        p, res = self.p, self.res
-        metrics, samples, timings = evaluate(self.model, p, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
+        prepared, res = self.prepared, self.res
+        metrics, samples, timings = evaluate(self.model, prepared, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
         metrics.update(self.train_metrics())
         run_dir = self.store.run_dir(self.rid)
         tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
@@ -638,10 +638,10 @@ class _Done:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
-        _add_cost(metrics, p)
+        _add_cost(metrics, prepared)
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=samples,
                           timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
-        self.rep.log(_one_line(self.label, metrics, p.exp.eval_caps) + f", trained {res.steps} steps in "
+        self.rep.log(_one_line(self.label, metrics, prepared.exp.eval_caps) + f", trained {res.steps} steps in "
                      f"{res.wall_s:.0f} s ({res.tokens_per_s:.0f} tokens/s)")
         return "finished"
 

@@ -138,7 +138,7 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
         groups = [kept for n, g in group_by_name([r for r in everything if r.experiment == name]).items()
                   if n != "base" and (kept := settled(g, src.notes))]
         src.ablations.append((f"{'one knob at a time' if design == 'ofat' else 'factorial'} ablation of {a} vs {b}",
-                              plan_order(groups, a, b)))
+                              ablation_order(groups, a, b)))
     src.reproduce = _commands(exp, src)
     if not src.chosen and not src.trials:
         raise RunNotFound(f"no runs of experiment {exp.name!r} in workspace {ws}",
@@ -161,7 +161,7 @@ def _commands(exp: Experiment, src: Sources) -> list[str]:
     return out + [f"loralab report {file}"]
 
 
-def plan_order(groups: list[list[RunRecord]], a: str, b: str) -> list[list[RunRecord]]:
+def ablation_order(groups: list[list[RunRecord]], a: str, b: str) -> list[list[RunRecord]]:
     """An ablation's runs as its plan lists them: A, then by how many knobs moved and which (in A's knob
     order), then B. Stored times cannot order them: runs trained in the same second tie."""
     start = next((g for g in groups if g[0].name == a), None)

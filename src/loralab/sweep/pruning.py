@@ -36,10 +36,10 @@ class PruningHook:
     It remembers what it measured, so a pruned run stores the loss it was judged on instead of
     paying for another evaluation."""
 
-    def __init__(self, p, pruner: PrunerSpec, report: Callable[[float, int], bool], planned: int):
-        self.p, self.report = p, report
-        self.examples = p.eval_encoded[: pruner.eval_examples]
-        self.whole = len(self.examples) == len(p.eval_encoded)
+    def __init__(self, prepared, pruner: PrunerSpec, report: Callable[[float, int], bool], planned: int):
+        self.prepared, self.report = prepared, report
+        self.examples = prepared.eval_encoded[: pruner.eval_examples]
+        self.whole = len(self.examples) == len(prepared.eval_encoded)
         self.steps = set(decision_steps(pruner, planned))
         self.measured: dict[int, float] = {}
 
@@ -48,7 +48,7 @@ class PruningHook:
 
         if step.step not in self.steps or step.step >= step.total:  # the last step is judged by the objective
             return None
-        loss = eval_loss(step.model, self.examples, pad_id=self.p.base.tokenizer.pad_token_id)
+        loss = eval_loss(step.model, self.examples, pad_id=self.prepared.base.tokenizer.pad_token_id)
         self.measured[step.step] = loss
         return f"pruned at step {step.step}" if self.report(loss, step.step) else None
 

@@ -38,9 +38,6 @@ from loralab.config.space import (Space, _budget_text, experiment_start, is_grid
 from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
 
 OPTUNA_DB = "optuna.db"
-# With nothing measured yet, --dry-run estimates train tokens/s as matmul FLOP/s / (4 x parameters)
-# (forward + input gradients through a frozen base) times this efficiency: a plain loop reached ~68%.
-TRAIN_EFFICIENCY = 0.68
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,10 +59,10 @@ class TrialRuns:
     error: str | None = None
 
 
-def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str, executor=None,
+def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: str, executor=None,
               pruning: Pruning | None = None, reporter: Reporter | None = None) -> TrialRuns:
     """Train, evaluate and store one configuration once per seed, each seed a job for `executor`
-    (default: runner.LocalExecutor on `p` and `store`).
+    (default: runner.LocalExecutor on `prepared` and `store`).
 
     `pruning` names the Optuna trial the first seed's intermediate eval loss is reported to; a pruned,
     diverged or failed first seed ends the configuration there."""
@@ -75,10 +72,10 @@ def run_trial(p, exp: Experiment, knobs: dict[str, Any], store, *, name: str, ex
     rep = reporter or Reporter()
     try:
         run = make_run(experiment_start(exp), knobs, name)
-        resolve_target_modules(p.base.model, run.lora.target_modules, where=f"sweep: {name}.lora.target_modules")
+        resolve_target_modules(prepared.base.model, run.lora.target_modules, where=f"sweep: {name}.lora.target_modules")
     except (ValidationError, SpecError, ValueError) as err:  # a point the file check could not foresee
         return TrialRuns("failed", [], None, 0, error=f"invalid trial config: {err}")
-    executor = executor or LocalExecutor(p, store, rep)
+    executor = executor or LocalExecutor(prepared, store, rep)
     pruner = exp.sweep.resolved_pruner if exp.sweep else PrunerSpec(name="none")
     ids, records, reused = [], [], 0
     seeds = exp.seeds_for(run)
@@ -136,7 +133,7 @@ class TrialSummary:
 
 
 @dataclass
-class SweepPlan:
+class DryRun:
     """What --dry-run prints: the trials (a grid's full expansion) and the estimated time."""
 
     strategy: str
@@ -166,7 +163,7 @@ class SweepResult:
     saved_steps: int = 0
     saved_s: float = 0.0
     cost: float | None = None
-    plan: SweepPlan | None = None
+    plan: DryRun | None = None
     close_to_best: list[int] = field(default_factory=list)  # finished trials within noise of the best
 
 
@@ -350,11 +347,11 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     rep = reporter or Reporter()
     sw = exp.sweep
     space = Space(sw)
-    p = prepare(exp, reporter=rep)  # everything checked before the workspace is touched
+    prepared = prepare(exp, reporter=rep)  # everything checked before the workspace is touched
     ws = resolve_workspace(exp, workspace)
     url = storage_url(exp, ws)
     if dry_run:
-        plan = make_plan(exp, p, ws, space)
+        plan = dry_run_plan(exp, prepared, ws, space)
         for line in plan.lines:
             rep.log(line)
         return SweepResult(ws, exp.name, url, plan=plan)
@@ -362,12 +359,12 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     start = experiment_start(exp)
     fingerprint = config_hash({"space": {k: v.model_dump() for k, v in sw.space.items()}, "strategy": sw.strategy,
                                "seed": sw.seed, "start": start, "objective": [o.model_dump() for o in sw.objective],
-                               "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": p.base.fingerprint,
-                               "data": p.dataset.fingerprint})
+                               "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": prepared.base.fingerprint,
+                               "data": prepared.dataset.fingerprint})
     result = SweepResult(ws, exp.name, url)
     from loralab.execute.runner import LocalExecutor
 
-    loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(p, store, rep))
+    loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(prepared, store, rep))
     try:
         with loop.study_lock():
             loop.study = open_study(exp, url, space, fingerprint)
@@ -381,7 +378,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
             if busy:
                 loop.wait_for_others()
                 continue
-            result.ran.append(loop.execute(p, *proposal))
+            result.ran.append(loop.execute(prepared, *proposal))
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
         loop.worker.close()
         result.close_to_best = _close_to_best(result, store, exp, rep)
@@ -463,7 +460,7 @@ class _Loop:
         with self.study_lock():
             recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)  # in case it died meanwhile
 
-    def execute(self, p, trial, params: dict, knobs: dict) -> int:
+    def execute(self, prepared, trial, params: dict, knobs: dict) -> int:
         """Run one trial's jobs and tell Optuna how it ended; returns the trial's number."""
         from optuna.trial import TrialState
 
@@ -471,7 +468,7 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
-            tr = run_trial(p, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
+            tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
                            executor=self.worker, pruning=pruning)
         except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
@@ -564,69 +561,91 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
 # Dry run: what would run, and about how long it would take
 
 
-def _throughput(ws: Path, model_fingerprint: str, n_params: int) -> tuple[float, str, float | None]:
-    """Train tokens/s and eval seconds measured by finished runs of this model in the workspace."""
+def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | None:
+    """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace."""
     from loralab.workspace.store import DB_NAME, Store
 
-    if (ws / DB_NAME).is_file():
-        store = Store(ws, create=False)
-        try:
-            runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
-                    and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
-        finally:
-            store.close()
-        runs = list({r.id: r for r in runs}.values())
-        if runs:
-            tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
-            return tps, f"measured: median of {len(runs)} finished run(s) in {ws}", statistics.median(
-                r.metrics.get("eval_s", 0.0) for r in runs)
-    flops = matmul_flops()
-    tps = TRAIN_EFFICIENCY * flops / (4 * n_params)
-    return tps, (f"estimated: {flops / 1e9:.0f} GFLOP/s fp32 matmul measured here / (4 x {n_params / 1e6:.0f} M "
-                 f"parameters) x {TRAIN_EFFICIENCY:.0%}; no finished run of this model in the workspace yet"), None
+    if not (ws / DB_NAME).is_file():
+        return None
+    store = Store(ws, create=False)
+    try:
+        runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
+                and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
+    finally:
+        store.close()
+    runs = list({r.id: r for r in runs}.values())
+    if not runs:
+        return None
+    tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
+    return tps, f"measured: median of {len(runs)} finished run(s) in {ws}", statistics.median(
+        r.metrics.get("eval_s", 0.0) for r in runs)
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
-    """This machine's matmul rate (FLOP/s; fp32 unless `dtype`), the ceiling for training throughput."""
-    import time
-
-    import torch
-
-    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
-    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+MEASURE_STEPS = 4  # a dry run with nothing stored trains this many steps (the first is warm-up, not timed)
+MEASURE_EXAMPLES = 4  # and evaluates this many eval examples (and drift prompts), scaled to the whole set
 
 
-def train_tokens(p, run: RunSpec) -> int:
+def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, float]:
+    """Train tokens/s and eval seconds per run, measured on this machine now: a throwaway adapter of the
+    start settings trains a few steps, and a trial's evaluation runs on a few eval examples (what its
+    objective needs: the losses only, or generation and drift too), scaled to the whole eval set.
+    Nothing is stored; the base model is left without the adapter."""
+    import dataclasses
+
+    from loralab.engine.train import train_lora
+    from loralab.execute.runner import _restore_base, _with_lora, evaluate
+
+    k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
+    spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})
+    model = _with_lora(prepared, run)
+    try:
+        from loralab.engine.data import encode_example
+
+        tok = prepared.base.tokenizer
+        enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len) for ex in prepared.dataset.train]
+        res = train_lora(model, enc, spec, pad_id=tok.pad_token_id)
+        timed = res.curve["seconds"][-1] - res.curve["seconds"][0]
+        tps = (res.curve["tokens"][-1] - res.curve["tokens"][0]) / timed if timed > 0 else res.tokens_per_s
+        small = dataclasses.replace(
+            prepared, dataset=dataclasses.replace(prepared.dataset, eval=prepared.dataset.eval[:k]),
+            eval_encoded=prepared.eval_encoded[:k], eval_prompts=prepared.eval_prompts[:k],
+            reference_tokens=prepared.reference_tokens[:k], train_probe=prepared.train_probe[:k],
+            drift_prompts=prepared.drift_prompts[:k], drift_base=None)
+        t0 = time.perf_counter()
+        evaluate(model, small, "dry run", Reporter(), run.generate.batch_size, full=needs_full_eval(exp.sweep),
+                 probe=needs_probe(exp.sweep))
+        eval_s = (time.perf_counter() - t0) * max(len(prepared.eval_encoded), 1) / max(k, 1)
+    finally:
+        _restore_base(prepared, model)
+    what = "losses, generation and drift" if needs_full_eval(exp.sweep) else "losses only"
+    return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, and a trial's "
+                 f"evaluation ({what}) on {k} eval example(s) scaled to {len(prepared.eval_encoded)}"), eval_s
+
+
+def train_tokens(prepared, run: RunSpec) -> int:
     """About how many non-padding tokens a run trains on: planned examples x their mean length."""
     from loralab.engine.data import encode_example
     from loralab.engine.train import plan_steps
 
-    tok = p.base.tokenizer
-    lengths = [len(encode_example(tok, ex, p.dataset.system_prompt, run.train.max_seq_len).input_ids)
-               for ex in p.dataset.train]
+    tok = prepared.base.tokenizer
+    lengths = [len(encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len).input_ids)
+               for ex in prepared.dataset.train]
     steps = plan_steps(len(lengths), run.train)
     return int(steps * run.train.gradient_accumulation * min(run.train.batch_size, len(lengths)) * statistics.fmean(lengths))
 
 
-def make_plan(exp: Experiment, p, ws: Path, space: Space) -> SweepPlan:
+def dry_run_plan(exp: Experiment, prepared, ws: Path, space: Space) -> DryRun:
     sw = exp.sweep
     start = experiment_start(exp)
     seeds = len(exp.seeds_for(make_run(start, {}, "start")))
-    tps, source, eval_s = _throughput(ws, p.base.fingerprint, p.base.info["params"])
+    measured = _throughput(ws, prepared.base.fingerprint)
+    tps, source, eval_s = measured or measure_here(exp, prepared, make_run(start, {}, "start"))
     budget = sw.budget.model_dump(exclude_none=True)
     points = space.expand() if is_grid(sw) else None
     runs = [make_run(start, pt, "trial") for pt in points] if points is not None else [make_run(start, {}, "start")]
-    tokens = [train_tokens(p, r) for r in runs]
-    per_trial = [seeds * (t / tps + (eval_s or 0.0)) for t in tokens]
-    eval_note = f" + {eval_s:.1f} s eval per run" if eval_s is not None else " (eval time not included: not measured yet)"
+    tokens = [train_tokens(prepared, r) for r in runs]
+    per_trial = [seeds * (t / tps + eval_s) for t in tokens]
+    eval_note = f" + {eval_s:.1f} s eval per run"
     lines = []
     if points is not None:
         n = min(len(points), sw.budget.trials or len(points))
@@ -648,4 +667,4 @@ def make_plan(exp: Experiment, p, ws: Path, space: Space) -> SweepPlan:
     if sw.budget.minutes is not None and per_trial[0] > 0:
         lines.append(f"  budget.minutes {sw.budget.minutes:g} fits about {int(sw.budget.minutes * 60 // per_trial[0])} "
                      "trial(s) at that rate.")
-    return SweepPlan(sw.strategy, points, n, seeds, tokens, tps, source, eval_s, per_trial, total, budget, lines)
+    return DryRun(sw.strategy, points, n, seeds, tokens, tps, source, eval_s, per_trial, total, budget, lines)

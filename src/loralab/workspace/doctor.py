@@ -4,7 +4,7 @@ anything behind? `--repair` fixes what can be fixed without retraining.
 A kill -9, a power cut or a full disk can leave: a run `running` with no process behind it, an
 adapter written but not recorded (or recorded but gone), temporary folders, folders of runs the
 database does not know, names pointing at nothing, and sweep trials still RUNNING. Each becomes a
-Finding saying where, what, and what the repair does. Runs that a live process holds (their lock is
+Issue saying where, what, and what the repair does. Runs that a live process holds (their lock is
 taken) are never touched, so doctor is safe to run next to a training process.
 
 The next `loralab run` or `loralab sweep` handles crashed work by itself (it retrains unfinished
@@ -25,7 +25,7 @@ STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the swe
 
 
 @dataclass
-class Finding:
+class Issue:
     """One thing wrong (or worth knowing) about the workspace."""
 
     kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, damaged-row, database,
@@ -42,13 +42,13 @@ class Finding:
 class Checkup:
     workspace: Path
     repair: bool
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Issue] = field(default_factory=list)
     runs: int = 0
     folders: int = 0
     trials: int = 0
 
     @property
-    def problems(self) -> list[Finding]:
+    def problems(self) -> list[Issue]:
         """Problems still there (not repaired)."""
         return [f for f in self.findings if f.severity == "problem" and not f.repaired]
 
@@ -82,7 +82,7 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
         try:
             _check_studies(store, out)
         except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
-            out.findings.append(Finding("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
+            out.findings.append(Issue("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
                                         f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
                                         "restore optuna.db from a backup, or move it away and run the sweep again "
                                         "(finished runs are reused)", repairable=False))
@@ -98,7 +98,7 @@ def _check_database(store: Store, out: Checkup) -> None:
         result = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
     if result != ["ok"]:
         lines = [x for r in result for x in str(r).splitlines() if not x.startswith("***")]
-        out.findings.append(Finding("database", str(store.root / DB_NAME), "SQLite integrity check: " + "; ".join(lines[:3]),
+        out.findings.append(Issue("database", str(store.root / DB_NAME), "SQLite integrity check: " + "; ".join(lines[:3]),
                                     "restore loralab.db from a backup, or try "
                                     "`sqlite3 loralab.db .recover | sqlite3 fixed.db`", repairable=False))
 
@@ -125,14 +125,14 @@ def _check_runs(store: Store, out: Checkup, repair: bool) -> None:
     for path in folders:
         if path.name in by_id or store.in_progress(path.name):
             continue
-        f = Finding("orphan", str(path), "no run in the database owns this " + ("folder" if path.is_dir() else "file"),
+        f = Issue("orphan", str(path), "no run in the database owns this " + ("folder" if path.is_dir() else "file"),
                     "remove it")
         out.findings.append(f)
         if repair:
             f.repaired = _remove(store, path.name, [path])
     for experiment, name, seed, rid in aliases:
         if rid not in by_id:
-            f = Finding("stale-alias", f"{experiment}/{name}", f"points at run {rid}, which the database does not hold",
+            f = Issue("stale-alias", f"{experiment}/{name}", f"points at run {rid}, which the database does not hold",
                         "remove the name")
             out.findings.append(f)
             if repair:
@@ -145,12 +145,12 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
     or with leftover files."""
     folder = store.run_dir(rec.id)
     if rec.damaged:  # never repaired by deleting: its adapter may be a finished run's only copy
-        out.findings.append(Finding("damaged-row", where, "its database row cannot be read: " + "; ".join(rec.damaged),
+        out.findings.append(Issue("damaged-row", where, "its database row cannot be read: " + "; ".join(rec.damaged),
                                     f"run its experiment again, which trains and stores it anew; its files in {folder} "
                                     "are kept", repairable=False))
         return
     if rec.status == "running":
-        f = Finding("interrupted", where, "left `running` by a process that stopped without finishing it "
+        f = Issue("interrupted", where, "left `running` by a process that stopped without finishing it "
                     "(kill -9, crash, power cut or full disk)",
                     "mark it interrupted and remove its unfinished files; the next `loralab run` trains it again")
         out.findings.append(f)
@@ -162,7 +162,7 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
         return
     leftovers = _leftovers(rec, folder)
     if leftovers:
-        f = Finding("leftovers", where, f"{rec.status} run has files no finished result uses: "
+        f = Issue("leftovers", where, f"{rec.status} run has files no finished result uses: "
                     + ", ".join(p.name for p in leftovers), "remove them")
         out.findings.append(f)
         if repair:
@@ -173,7 +173,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
     """A finished run has metrics and its complete adapter in this workspace; False when it is not
     finished after all (then nothing else about it is checked)."""
     if "eval_loss" not in rec.metrics:
-        f = Finding("no-metrics", where, "marked finished but has no metrics",
+        f = Issue("no-metrics", where, "marked finished but has no metrics",
                     "mark it failed; the next `loralab run` trains it again")
         out.findings.append(f)
         if repair:
@@ -185,7 +185,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
                               and adapter_complete(local)):
         return True
     if adapter_complete(local):
-        f = Finding("moved", where, f"its adapter path {rec.adapter_path} is not this workspace's "
+        f = Issue("moved", where, f"its adapter path {rec.adapter_path} is not this workspace's "
                     "(the workspace was moved or copied)", f"point the run at {local}")
         out.findings.append(f)
         if repair:
@@ -193,7 +193,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
             f.repaired = True
         rec.adapter_path = str(local)  # so the adapter is not taken for a leftover
         return True
-    f = Finding("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
+    f = Issue("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
                 "or incomplete", "mark it failed; the next `loralab run` trains it again")
     out.findings.append(f)
     if repair:
@@ -252,14 +252,14 @@ def _check_studies(store: Store, out: Checkup) -> None:
             out.trials += 1
             where = f"{summary.study_name}/trial-{t.number:04d}"
             if t.state == TrialState.RUNNING and not process_alive(t.user_attrs.get("owner")):
-                out.findings.append(Finding("trial", where, "left RUNNING by a sweep process that stopped",
+                out.findings.append(Issue("trial", where, "left RUNNING by a sweep process that stopped",
                                             f"run `loralab sweep FILE` for experiment {summary.study_name!r}: it "
                                             "marks the trial interrupted and runs its configuration again", "note"))
             elif t.state == TrialState.COMPLETE:
                 for rid in t.user_attrs.get("run_ids", []):
                     rec = store.get(rid)
                     if rec is None or rec.status not in DONE:
-                        out.findings.append(Finding(
+                        out.findings.append(Issue(
                             "trial-run", where, f"complete in the study, but its run {rid} is "
                             + ("missing" if rec is None else rec.status) + " in the workspace",
                             "the trial's value stands; `loralab show` cannot show that run until it is trained "
