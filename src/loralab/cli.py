@@ -40,7 +40,7 @@ class _Console(Console):
 
 
 console = _Console()
-err_console = Console(stderr=True)
+err_console = _Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the file's `workspace:`, else ./loralab-workspace)")
