@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -208,8 +209,6 @@ def adjust_for_multiplicity(verdicts: Sequence[Verdict | None], level: float = 0
     family: a verdict column, or one knob's effects) keeps the share of false calls at 1 - level, and
     under no real difference at all, the chance of any call. A difference its own interval excludes but
     the family does not keep reads "within noise", and its note says why."""
-    from dataclasses import replace
-
     tested = [(i, v) for i, v in enumerate(verdicts) if v is not None and v.label in ("higher", "lower", "within noise")
               and not math.isnan(v.p)]
     m = len(tested)
