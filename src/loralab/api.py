@@ -282,6 +282,14 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     return _verdict(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
 
 
+def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None) -> Path:
+    """A finished run's adapter in PEFT format (or, with `merge`, the base model with the adapter merged
+    in, safetensors and tokenizer), with a README.md model card, in folder `out`."""
+    from loralab.workspace.export import export as write
+
+    return write(get_run(ref, workspace), out, merge=merge)
+
+
 def table(c, title: str = "Main differences"):
     """A comparison as a rich Table (what `loralab compare` prints), its legend as the caption."""
     from loralab.analysis.comparison import render
@@ -336,4 +344,4 @@ def storage_problem(err: BaseException, workspace: str | Path | None):
     return storage_error(err, workspace_path(workspace))
 
 
-__all__ = ["ablate", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]
+__all__ = ["ablate", "export", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

@@ -379,6 +379,20 @@ def _show_effects(plan) -> None:
 
 @app.command()
 @_guard
+def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished run, by name or id"),
+           out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder"),
+           merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model (safetensors, "
+                                      "with its tokenizer) instead of writing the PEFT adapter folder"),
+           workspace: Optional[Path] = WorkspaceOpt):
+    """Write a run's adapter (or the merged model) with a model card, for others to load."""
+    from loralab import api
+
+    folder = api.export(run_ref, out, merge=merge, workspace=workspace)
+    console.print(f"Wrote {folder} ({'merged model' if merge else 'PEFT adapter'} and README.md)", highlight=False)
+
+
+@app.command()
+@_guard
 def report(targets: List[str] = typer.Argument(..., metavar="FILE | RUN...", help="An experiment file, or runs by name or id"),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, plots/ and report.html (default: reports/NAME)"),
            workspace: Optional[Path] = WorkspaceOpt,

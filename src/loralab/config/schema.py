@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 BUILTIN_MODEL = "builtin:smollm2-135m"
 RESERVED_RUN_NAMES = {"base"}  # the untrained model is stored as run "base"
@@ -45,6 +45,9 @@ class _Strict(BaseModel):
         return v
 
 
+VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio")
+
+
 class LoraSpec(_Strict):
     """PEFT LoraConfig knobs."""
 
@@ -55,6 +58,22 @@ class LoraSpec(_Strict):
     # `query_key_value` is GPT-NeoX naming; models without it get their own q/k/v projections.
     target_modules: list[str] = Field(default_factory=lambda: ["query_key_value"], min_length=1)
     bias: Literal["none", "all", "lora_only"] = "none"
+    # Variants (off by default). rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, so a larger
+    # rank is not a smaller update; DoRA learns a magnitude per output and the direction with LoRA;
+    # LoRA+ trains B with a learning rate `loraplus_lr_ratio` times A's (its paper suggests 2-16).
+    use_rslora: bool = False
+    use_dora: bool = False
+    loraplus_lr_ratio: float | None = Field(None, ge=1, le=1024, description="B's learning rate / A's (LoRA+)")
+
+    @model_serializer(mode="wrap")
+    def _variants_only_when_used(self, handler):
+        """A variant at its default is left out of the dump, so every run's stored settings, and the
+        adapter id that hashes them, stay what they were before the variants existed."""
+        out = handler(self)
+        for key in VARIANTS:
+            if key in out and out[key] == LoraSpec.model_fields[key].default:
+                del out[key]
+        return out
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -248,12 +248,13 @@ def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
 
 
 def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
-               hooks: Sequence[StepHook] = ()) -> TrainResult:
+               hooks: Sequence[StepHook] = (), loraplus_lr_ratio: float | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place.
 
     After every optimizer step each hook sees the step (in order); the first that names a reason to
     stop ends training there (a diverged loss, a pruned sweep trial): TrainResult says which and why.
-    A stopped run's adapter is never stored, so an update made from a non-finite loss does no harm."""
+    A stopped run's adapter is never stored, so an update made from a non-finite loss does no harm.
+    `loraplus_lr_ratio`: LoRA+, B's learning rate that many times A's (PEFT's LoRA+ optimizer)."""
     from transformers import get_scheduler
 
     if not examples:
@@ -266,7 +267,13 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
     warmup = spec.warmup_steps or int(round(spec.warmup_ratio * steps))
     # One fused kernel for all LoRA tensors instead of a loop of small ops (~6 ms a step on CPU).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
+    if loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
+                                        weight_decay=spec.weight_decay, **fused)
+    else:
+        opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
     sched = get_scheduler(spec.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
     batches = micro_batches(len(examples), spec)
     to_batch = Batcher(model, pad_id, device)

@@ -531,7 +531,8 @@ def _with_lora(prepared: Prepared, run: RunSpec):
 
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                      target_modules=prepared.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM")
+                      target_modules=prepared.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM",
+                      use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora)
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(prepared.base.model, lcfg)
@@ -548,7 +549,8 @@ def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Report
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
         hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
-        return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks), monitor
+        return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks,
+                          loraplus_lr_ratio=run.lora.loraplus_lr_ratio), monitor
 
 
 @dataclass

@@ -17,6 +17,7 @@ from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
 
+from loralab.config.schema import config_hash
 from loralab.errors import Problem, RunNotFound, WorkspaceError
 from loralab.faults import fault_point
 from loralab.workspace.locks import file_lock, is_locked
@@ -197,8 +198,6 @@ def adapter_identity(config: Any, model: Any, data: Any) -> str | None:
     fp32 adapter is not a GPU bf16 one). Eval caps and evaluation and generation settings are not
     in it: runs that differ only there share one adapter, which is evaluated again, not retrained.
     None when the row lacks a part (a damaged or hand-made row), so it is never taken for another."""
-    from loralab.config.schema import config_hash  # here, not at the top: spec imports the sweep, which imports the runner
-
     try:
         parts = {"model": model["fingerprint"], "data": data["fingerprint"], "system_prompt": data.get("system_prompt"),
                  "device": str(config["device"]).split(":")[0], "dtype": config["dtype"], "lora": config["lora"],
