@@ -89,3 +89,26 @@ def test_missing_relative_folder(tmp_path):
 def test_unknown_builtin(tmp_path):
     with pytest.raises(ModelError, match="unknown built-in"):
         load_base_model(ModelSpec(name="builtin:gpt-9"), tmp_path, log=lambda m: None)
+
+
+def test_a_users_gguf_file_is_converted_once_like_the_built_in(tmp_path, monkeypatch):
+    """`model: my.gguf` names a GGUF file: validate reads its header, and the first run converts it into
+    the cache (the same conversion as the built-in model's), named by the file, its size and time."""
+    from loralab.config.schema import ModelSpec
+    from loralab.engine import models
+
+    gguf = tmp_path / "my.gguf"
+    gguf.write_bytes(models.builtin_gguf_path().read_bytes()[:4096])  # a truncated GGUF: its header is cut
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        models.local_folder(ModelSpec(name="my.gguf"), tmp_path)
+    gguf.unlink()
+    gguf.symlink_to(models.builtin_gguf_path())
+    converted = []
+    monkeypatch.setattr(models, "convert_gguf", lambda src, target, what, log: converted.append((src, target)) or target)
+    monkeypatch.setattr(models, "_folder_fingerprint", lambda folder: "f")
+    ref, fingerprint = models.resolve_model(ModelSpec(name="my.gguf"), tmp_path)
+    [(src, target)] = converted
+    assert src == gguf and target == models.gguf_cache_dir(gguf) and ref == str(target)
+    assert target.parent == tmp_path / "cache" / "loralab" / "models" and target.name.startswith("gguf-my-")
+    assert fingerprint == "gguf-f"

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -63,23 +64,51 @@ def builtin_gguf_path() -> Path:
 
 
 def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
-    """Convert the shipped GGUF once to a safetensors folder in the cache; later calls just return it.
+    """The shipped GGUF, converted once to a safetensors folder in the cache."""
+    return convert_gguf(builtin_gguf_path(), cache_dir() / "models" / BUILTIN_CACHE_NAME, "the built-in model", log)
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a user's GGUF file is converted to: named by the file and its size and time, so an edited
+    file is converted again."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"gguf-{re.sub(r'[^A-Za-z0-9._-]+', '-', gguf.stem)[:60]}-{key}"
+
+
+def check_gguf(gguf: Path, name: str) -> None:
+    """A GGUF file's header must read (the cheap part of loading it): what `validate` checks."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(gguf)
+        arch = reader.fields.get("general.architecture")
+    except Exception as err:  # truncated, not a GGUF, or a version the reader does not know
+        raise ModelError(f"model file {gguf} is not a readable GGUF file",
+                         [Problem("model.name", f"unreadable GGUF ({type(err).__name__}: {str(err)[:120]})", name,
+                                  "give a complete .gguf file (llama.cpp format), or a folder saved with save_pretrained")]) from None
+    if arch is None:
+        raise ModelError(f"model file {gguf} names no architecture",
+                         [Problem("model.name", "GGUF without general.architecture", name,
+                                  "give a model GGUF converted by llama.cpp's convert scripts")])
+
+
+def convert_gguf(gguf: Path, target: Path, what: str, log: Callable[[str], None] = print) -> Path:
+    """Convert a GGUF file once to a safetensors folder; later calls just return it.
 
     transformers dequantizes GGUF on every load (~30 s) and refuses `save_pretrained` on a
     GGUF-loaded model, so the state dict is moved into a model built from the same config.
     """
-    target = cache_dir() / "models" / BUILTIN_CACHE_NAME
     stamp = target / "loralab.json"
     if (target / "model.safetensors").is_file() and stamp.is_file():
         if json.loads(stamp.read_text()).get("format") == CACHE_FORMAT:
             return target
-        log("The cached built-in model was made by an older loralab; converting it again.")
-    gguf = builtin_gguf_path()
+        log(f"The cached {what} was made by an older loralab; converting it again.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import torch
 
-    log(f"Converting the built-in model once ({gguf.name} -> {target}); later loads take about a second.")
+    log(f"Converting {what} once ({gguf.name} -> {target}); later loads take about a second.")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -103,6 +132,13 @@ def builtin_model_dir(log: Callable[[str], None] = print) -> Path:
     os.replace(tmp, target)
     log(f"Converted in {time.perf_counter() - t0:.1f} s.")
     return target
+
+
+def gguf_file(spec: ModelSpec, base_dir: Path) -> Path | None:
+    """The user's .gguf file the model names, if it names one."""
+    local = Path(spec.name).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    return local if local.suffix.lower() == ".gguf" and local.is_file() else None
 
 
 def pick_device(preference: str = "auto"):
@@ -179,6 +215,10 @@ def local_folder(spec: ModelSpec, base_dir: Path) -> Path | None:
     local = Path(spec.name).expanduser()
     if not local.is_absolute():
         local = base_dir / local
+    gguf = gguf_file(spec, base_dir)
+    if gguf is not None:  # converted on first use, like the built-in model
+        check_gguf(gguf, spec.name)
+        return gguf_cache_dir(gguf)
     if local.is_dir():
         _check_local_folder(local)
         return local
@@ -198,6 +238,10 @@ def resolve_model(spec: ModelSpec, base_dir: Path, log: Callable[[str], None] = 
         folder = builtin_model_dir(log)
         return str(folder), "builtin-" + _folder_fingerprint(folder)
     local = local_folder(spec, base_dir)
+    gguf = gguf_file(spec, base_dir)
+    if gguf is not None:
+        folder = convert_gguf(gguf, local, gguf.name, log)
+        return str(folder), "gguf-" + _folder_fingerprint(folder)
     if local is not None:
         return str(local), "local-" + _folder_fingerprint(local)
     return spec.name, f"hub-{spec.name}@{spec.revision or 'main'}"
