@@ -79,3 +79,46 @@ def test_variant_knobs_are_validated(tmp_path):
         loralab.load(f)
     text = str(info.value) + " ".join(str(p) for p in info.value.problems)
     assert "loraplus_lr_ratio" in text and "use_dora" in text
+
+
+@pytest.mark.parametrize("arch, preset, expected", [
+    ("llama", "attention", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("llama", "mlp", ["gate_proj", "up_proj", "down_proj"]),
+    ("gpt_neox", "attention", ["query_key_value", "dense"]),
+    ("gpt_neox", "mlp", ["dense_h_to_4h", "dense_4h_to_h"]),
+])
+def test_presets_resolve_per_architecture(tmp_path, arch, preset, expected):
+    from tiny import make_tiny_model
+
+    from loralab.engine.models import resolve_target_modules
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / arch, arch=arch))
+    targets, note = resolve_target_modules(model, [preset])
+    assert targets == expected and preset in note
+
+
+def test_layers_and_rank_pattern_place_the_adapters_and_are_stored(tiny_llama, tmp_path):
+    f = tmp_path / "where.yaml"
+    f.write_text(f"name: where\nmodel: {tiny_llama}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 "evaluation: {drift: false}\n" + RUN.format(variant="layers: [1], rank_pattern: {v_proj: 2}"))
+    exp = loralab.load(f)
+    rec = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "V")
+    assert rec.status == "finished" and rec.config["lora"]["layers"] == [1]
+    assert rec.config["resolved_target_modules"] == ["q_proj", "v_proj"]
+    from safetensors.torch import load_file
+
+    shapes = {k: tuple(v.shape) for k, v in load_file(f"{rec.adapter_path}/adapter_model.safetensors").items()}
+    assert all(".layers.1." in k for k in shapes)  # block 1 only
+    assert {v[0] for k, v in shapes.items() if "v_proj.lora_A" in k} == {2}  # rank 2 on v_proj
+    assert {v[0] for k, v in shapes.items() if "q_proj.lora_A" in k} == {4}  # r elsewhere
+
+
+def test_layers_beyond_the_model_are_refused_before_training(tiny_llama, tmp_path):
+    from loralab.errors import SpecError
+
+    f = tmp_path / "deep.yaml"
+    f.write_text(f"name: deep\nmodel: {tiny_llama}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 + RUN.format(variant="layers: [0, 7]"))
+    with pytest.raises(SpecError) as info:
+        loralab.validate(f)
+    assert "the model has 2 blocks (0 to 1)" in " ".join(str(p) for p in info.value.problems)

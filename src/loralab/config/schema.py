@@ -45,7 +45,7 @@ class _Strict(BaseModel):
         return v
 
 
-VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio")
+VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_pattern", "alpha_pattern")
 
 
 class LoraSpec(_Strict):
@@ -64,6 +64,11 @@ class LoraSpec(_Strict):
     use_rslora: bool = False
     use_dora: bool = False
     loraplus_lr_ratio: float | None = Field(None, ge=1, le=1024, description="B's learning rate / A's (LoRA+)")
+    # Where the adapters go beyond the module names: which blocks (0-based indices), and per-module
+    # ranks and alphas (PEFT's rank_pattern / alpha_pattern: a module name or regex -> value).
+    layers: list[Annotated[int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1)
+    rank_pattern: dict[str, Annotated[int, Field(gt=0, le=4096)]] | None = None
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
 
     @model_serializer(mode="wrap")
     def _variants_only_when_used(self, handler):

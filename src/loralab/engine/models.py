@@ -39,6 +39,17 @@ QKV_ALIASES: list[tuple[str, ...]] = [
     ("query", "key", "value"),  # BERT-style
 ]
 QKV_NAMES = {n for group in QKV_ALIASES for n in group}
+# Presets resolved per architecture: the attention projections (q/k/v in the model's spelling, and the
+# output projection), or the MLP's layers. all-linear is PEFT's own (every linear layer but the head).
+ATTENTION_OUT = ("o_proj", "out_proj", "dense", "Wo")  # Llama-style, OPT/BART, GPT-NeoX/Falcon, MPT
+MLP_ALIASES: list[tuple[str, ...]] = [
+    ("gate_proj", "up_proj", "down_proj"),  # Llama, Mistral, Qwen
+    ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
+    ("fc1", "fc2"),  # OPT, Phi
+    ("c_fc", "c_proj"),  # GPT-2 (its c_proj names the attention output too)
+    ("up_proj", "down_proj"),
+]
+PRESETS = ("attention", "mlp")
 
 
 def cache_dir() -> Path:
@@ -480,6 +491,14 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def _preset(name: str, available: list[str]) -> list[str]:
+    """The layers a preset names on a model with these linear layer names ([] when it has none)."""
+    if name == "mlp":
+        return list(next((g for g in MLP_ALIASES if all(n in available for n in g)), ()))
+    qkv = next((g for g in QKV_ALIASES if all(n in available for n in g)), ())
+    return list(qkv) + [n for n in ATTENTION_OUT if n in available][:1] if qkv else []
+
+
 def resolve_target_modules(model, requested: list[str], where: str = "lora.target_modules") -> tuple[list[str] | str, str | None]:
     """Map the requested names onto this model's layers.
 
@@ -494,7 +513,13 @@ def resolve_target_modules(model, requested: list[str], where: str = "lora.targe
     notes = []
     missing = []
     for name in requested:
-        if name in available:
+        if name in PRESETS:
+            found = _preset(name, available)
+            if found:
+                out.extend(found)
+                notes.append(f"`{name}` on this {layers.model_type} model: {', '.join(found)}")
+                continue
+        elif name in available:
             out.append(name)
             continue
         if name in QKV_NAMES:
@@ -509,7 +534,7 @@ def resolve_target_modules(model, requested: list[str], where: str = "lora.targe
         raise ModelError(
             f"{where}: {', '.join(repr(m) for m in missing)} matches no layer of the model",
             [Problem(where, "no linear layer has this name", missing[0] if len(missing) == 1 else missing,
-                     f"use some of: {', '.join(available)} (or all-linear)")],
+                     f"use some of: {', '.join(available)} (or the presets attention, mlp, all-linear)")],
         )
     seen: list[str] = []
     for n in out:

@@ -83,11 +83,25 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
             if widths and run.lora.r > min(widths):
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
+        blocks = _blocks(layers)
+        if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
+            add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
+                run.lora.layers, f"use block indices from 0 to {blocks - 1}")
     ev = exp.evaluation
     if context is not None and ev.drift and ev.drift_max_new_tokens > context:
         add("evaluation.drift_max_new_tokens", f"above the model's context of {context} tokens", ev.drift_max_new_tokens,
             f"use at most {context}")
     return out
+
+
+def _blocks(layers: Any | None) -> int | None:
+    """How many repeated blocks the model has, read off its parameter names (`...layers.11.mlp...`)."""
+    if layers is None or not layers.params:
+        return None
+    import re
+
+    found = [int(m.group(1)) for name in layers.params for m in [re.search(r"\.(\d+)\.", name)] if m]
+    return max(found) + 1 if found else None
 
 
 def check_plan(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any | None) -> None:

@@ -532,7 +532,9 @@ def _with_lora(prepared: Prepared, run: RunSpec):
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
                       target_modules=prepared.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM",
-                      use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora)
+                      use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora,
+                      layers_to_transform=run.lora.layers, rank_pattern=run.lora.rank_pattern or {},
+                      alpha_pattern=run.lora.alpha_pattern or {})
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(prepared.base.model, lcfg)
