@@ -231,6 +231,9 @@ pruner: {name: median, every: 2, startup_trials: 2}
     assert r.goal.startswith("Search lora.r, train.learning_rate (grid) for the best eval_loss")
     # Six trials, some pruned, for two knobs: too few for importances, and the report says so.
     assert r.importances == {} and not any(f.kind == "importance" for f in r.learned)
+    # r searched over [2, 4] only: the best trial's r is at an end whatever it is, and the report says so.
+    [edge] = [f for f in r.learned if f.kind == "edge"]
+    assert "sits at an edge of the space" in edge.text and "lora.r = " in edge.text
     note = next(n for n in r.notes if n.startswith("Parameter importances not shown"))
     assert "16 are needed for 2 searched knob(s)" in note and "pruned trial(s) do not count" in note
     assert w.html.read_text().count("<svg") >= 2

@@ -547,3 +547,29 @@ pruner: {name: none}
     assert best.knobs["train.learning_rate"] == 2e-2
     twin = next(t.number for t in result.trials if t.number != best.number and t.knobs["train.learning_rate"] == 2e-2)
     assert result.close_to_best == [twin]
+
+
+def test_space_auto_proposes_the_evidence_space_and_says_why(tiny_llama, tmp_path):
+    from loralab.config.schema import PRIOR_SPACE
+    from loralab.config.space import describe
+
+    exp = parse("sweep: {space: auto, budget: {trials: 3}}")
+    assert set(exp.sweep.space) == set(PRIOR_SPACE) and exp.sweep.from_priors
+    assert exp.sweep.space["train.learning_rate"].log and exp.sweep.space["lora.alpha"].ratio_of == "lora.r"
+    text = "\n".join(describe(exp.sweep))
+    assert "space: auto, proposed from published evidence (docs/priors.md)" in text
+    assert "LoRA Without Regret" in text and "alpha = 2r" in text and "every linear layer" in text
+    assert not parse("sweep: {space: {lora.r: [4, 8]}, budget: {trials: 2}}").sweep.from_priors
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    ({"lora.r": 8, "train.learning_rate": 1e-3}, ["lora.r = 8, the highest value searched (2 to 8)"]),
+    ({"lora.r": 4, "train.learning_rate": 1e-5}, ["train.learning_rate = 1e-05, the lowest value searched (1e-05 to 0.01)"]),
+    ({"lora.r": 4, "train.learning_rate": 1e-3}, []),
+])
+def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
+    from loralab.config.space import edges
+
+    exp = parse("sweep:\n  space:\n    lora.r: [2, 4, 8]\n    train.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
+                "  budget: {trials: 3}")
+    assert edges(Space(exp.sweep), knobs) == expected

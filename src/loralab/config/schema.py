@@ -351,6 +351,29 @@ class BudgetSpec(_Strict):
     money: float | None = Field(None, gt=0, description="in the currency of `cost:`, at cost.per_hour")
 
 
+# `space: auto`, each choice with its evidence (docs/priors.md has the citations):
+# - learning rate: LoRA's best is about 10x full fine-tuning's and roughly independent of rank ("LoRA
+#   Without Regret", Thinking Machines 2025): a log range around 10x the usual full fine-tuning rates;
+# - alpha tied to r (alpha = 2r), so the update scale alpha/r stays as r changes (Hu et al. 2021);
+# - every linear layer, the MLP's too: attention-only LoRA underperforms (LoRA Without Regret;
+#   Biderman et al. 2024, "LoRA Learns Less and Forgets Less");
+# - rank: a few values, since with small data rank matters less than the learning rate.
+PRIOR_SPACE: dict[str, dict] = {
+    "train.learning_rate": {"low": 1.0e-4, "high": 2.0e-3, "log": True},
+    "lora.r": {"values": [8, 16, 32]},
+    "lora.alpha": {"ratio_of": "lora.r", "values": [2]},
+    "lora.target_modules": {"values": ["all-linear"]},
+}
+PRIOR_REASONS = {
+    "train.learning_rate": "LoRA's best learning rate is about 10x full fine-tuning's and hardly depends on the rank "
+                           "(LoRA Without Regret, 2025): searched on a log scale from 1e-4 to 2e-3",
+    "lora.r": "with small data the rank matters less than the learning rate: three values, 8 to 32",
+    "lora.alpha": "tied to r (alpha = 2r), so the update scale alpha/r stays as r changes (Hu et al. 2021)",
+    "lora.target_modules": "every linear layer, the MLP's too: attention-only LoRA trails full fine-tuning (LoRA Without "
+                           "Regret; Biderman et al. 2024)",
+}
+
+
 class SweepSpec(_Strict):
     """An Optuna search over lora/train/generate knobs, starting from `defaults` or from one run."""
 
@@ -370,6 +393,19 @@ class SweepSpec(_Strict):
     @classmethod
     def _one_objective_is_a_list(cls, v: Any) -> Any:
         return v if isinstance(v, list) else [v]
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _auto_space(cls, v: Any) -> Any:
+        """`space: auto`: the space published evidence proposes (PRIOR_SPACE; docs/priors.md)."""
+        if v == "auto":
+            return {k: dict(knob) for k, knob in PRIOR_SPACE.items()}
+        return v
+
+    @property
+    def from_priors(self) -> bool:
+        return {k: v.model_dump(exclude_defaults=True) for k, v in self.space.items()} == \
+            {k: KnobSpec.model_validate(v).model_dump(exclude_defaults=True) for k, v in PRIOR_SPACE.items()}
 
     @property
     def directions(self) -> list[str]:

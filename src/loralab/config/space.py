@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from loralab.errors import Problem, SpecError
 from loralab.metrics.table import METRICS
-from loralab.config.schema import _TOPICS, Experiment, KnobSpec, ObjectiveSpec, RunSpec, SweepSpec, deep_merge
+from loralab.config.schema import PRIOR_REASONS, _TOPICS, Experiment, KnobSpec, ObjectiveSpec, RunSpec, SweepSpec, deep_merge
 
 STRATEGIES = {"grid": "GridSampler", "random": "RandomSampler", "tpe": "TPESampler", "cmaes": "CmaEsSampler",
               "qmc": "QMCSampler", "gp": "GPSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler",
@@ -137,7 +137,33 @@ def describe(sweep: SweepSpec) -> list[str]:
     budget = sweep.budget.model_dump(exclude_none=True)
     lines.append("  budget: " + (_budget_text(budget) if budget
                                  else "none (a grid stops when every point is done)"))
-    return lines
+    return lines + prior_lines(sweep)
+
+
+def prior_lines(sweep: SweepSpec) -> list[str]:
+    """For `space: auto`: the proposed space and why, knob by knob (citations in docs/priors.md)."""
+    if not sweep.from_priors:
+        return []
+    return ["  space: auto, proposed from published evidence (docs/priors.md):"] + [
+        f"    {path}: {reason}" for path, reason in PRIOR_REASONS.items()]
+
+
+def edges(space: Space, knobs: dict[str, Any]) -> list[str]:
+    """The knobs of a point that sit at an end of their searched range (numbers only): the best point
+    there means the best may lie outside the space, which was then too narrow."""
+    out = []
+    for d in space.dims:
+        v = knobs.get(d.path)
+        if d.knob.ratio_of or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        choices = [c for c in (d.knob.values or []) if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        lo, hi = (min(choices), max(choices)) if len(choices) > 1 else (d.knob.low, d.knob.high)
+        if lo is None or hi is None or lo == hi:
+            continue
+        if math.isclose(v, lo, rel_tol=0.05) or math.isclose(v, hi, rel_tol=0.05):
+            end = "lowest" if math.isclose(v, lo, rel_tol=0.05) else "highest"
+            out.append(f"{d.path} = {v:g}, the {end} value searched ({lo:g} to {hi:g})")
+    return out
 
 
 def start_sections(defaults: dict, override: dict | None) -> dict[str, dict]:

@@ -419,7 +419,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     # The Confounds section states the confounds and their credit; what we learned does not repeat them.
     learned = (fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
                + fnd.training_findings(_trained(chosen), level) + fnd.effect_findings(_ordered(effects), level)
-               + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES))
+               + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES) + _edge_findings(src))
     beliefs = fnd.belief_findings(effects, level)
     pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
     tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors)
@@ -521,6 +521,22 @@ def _importances(src: Sources, resamples: int = IMPORTANCE_RESAMPLES) -> dict[st
                                     float(np.percentile(spread[k], 95)) if spread[k] else math.nan)
                      for k, v in full.items()]
     return out
+
+
+def _edge_findings(src: Sources) -> list[fnd.Finding]:
+    """A sweep whose best trial sits at an end of a searched range: its space was too narrow there."""
+    exp, study = src.experiment, src.study
+    if study is None or exp is None or exp.sweep is None or len(exp.sweep.objective) != 1 or not _n_complete(study):
+        return []
+    from loralab.config.space import Space, edges
+
+    best = study.best_trial
+    at_edge = edges(Space(exp.sweep), best.user_attrs.get("knobs") or {})
+    if not at_edge:
+        return []
+    return [fnd.Finding("edge", f"The sweep's best trial (trial-{best.number:04d}) sits at an edge of the space: "
+                        + "; ".join(at_edge) + ". The best may lie outside what was searched: widen the space there "
+                        "and run the sweep again.", "edge")]
 
 
 def _n_complete(study) -> int:

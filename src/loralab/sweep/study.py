@@ -33,8 +33,8 @@ from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import Executor, ExecutorFactory, Job, Pruning
 from loralab.sweep.pruning import make_pruner
 from loralab.progress import Reporter
-from loralab.config.space import (Space, _budget_text, experiment_start, is_grid, make_run, needs_full_eval, needs_probe,
-                           objective_value, sampler_class_name)
+from loralab.config.space import (Space, _budget_text, edges, experiment_start, is_grid, make_run, needs_full_eval,
+                                  needs_probe, objective_value, prior_lines, sampler_class_name)
 from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
 
 OPTUNA_DB = "optuna.db"
@@ -555,6 +555,11 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     for t in result.best:
         rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} "
                 f"(loralab show {exp.name}/trial-{t.number:04d})")
+    if len(sw.objective) == 1 and result.best:
+        at_edge = edges(space, result.best[0].knobs)
+        if at_edge:
+            rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
+                    "outside it; widen the space there.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +667,7 @@ def dry_run_plan(exp: Experiment, prepared, ws: Path, space: Space) -> DryRun:
         lines.append(f"  Per trial at the start settings: ~{tokens[0]:,} train tokens x {seeds} seed(s) "
                      f"= about {per_trial[0]:.1f} s")
     lines.append(f"  Throughput {tps:,.0f} train tokens/s ({source}){eval_note}.")
+    lines += prior_lines(sw)
     if total is not None:
         lines.append(f"  Estimated total: about {total / 60:.1f} min for {n} trial(s), before pruning saves any.")
     if sw.budget.minutes is not None and per_trial[0] > 0:
