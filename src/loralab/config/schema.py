@@ -184,13 +184,23 @@ class DataSpec(_Strict):
         return self
 
 
+class QuantizeSpec(_Strict):
+    """QLoRA: the frozen base model held in 4 or 8 bits (bitsandbytes); the adapter trains at full
+    precision on top of it. Less memory for the base, some quality for it."""
+
+    bits: Literal[4, 8]
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit only: NormalFloat4 (QLoRA's) or FP4")
+    double_quant: bool = Field(True, description="4-bit only: quantize the quantization constants too")
+
+
 class ModelSpec(_Strict):
-    """A base model: `builtin:smollm2-135m`, a Hugging Face id, or a local folder."""
+    """A base model: `builtin:smollm2-135m`, a Hugging Face id, a local folder, or a .gguf file."""
 
     name: str = BUILTIN_MODEL
     revision: str | None = None
     # Off unless asked: a hub repo's own Python code would run on this machine.
     trust_remote_code: bool = False
+    quantize: QuantizeSpec | None = None
 
 
 class RunSpec(_Strict):

@@ -214,10 +214,37 @@ def remote_code_error(name: str) -> ModelError:
                                "otherwise use a model that transformers supports natively")])
 
 
+def check_quantize(spec: ModelSpec) -> None:
+    """`model.quantize` needs bitsandbytes (0.46 or later also quantizes on a CPU)."""
+    if spec.quantize is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("model.quantize needs the bitsandbytes package",
+                         [Problem("model.quantize", "bitsandbytes is not installed", f"{spec.quantize.bits} bits",
+                                  "pip install 'loralab[qlora]' (bitsandbytes), or remove model.quantize to train "
+                                  "on the full-precision base")])
+
+
+def quantization_config(spec: ModelSpec, compute_dtype):
+    """transformers' BitsAndBytesConfig for `model.quantize` (None without it)."""
+    q = spec.quantize
+    if q is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def local_folder(spec: ModelSpec, base_dir: Path) -> Path | None:
     """The model's local folder (the built-in's cache folder, converted or not), or None for a hub id.
     Raises ModelError for what no later step could load: an unknown built-in, a missing or
-    unusable folder. What `validate` and `run` both check first."""
+    unusable folder, a quantization without its package. What `validate` and `run` both check first."""
+    check_quantize(spec)
     if spec.name == BUILTIN_MODEL:
         return cache_dir() / "models" / BUILTIN_CACHE_NAME
     if spec.name.startswith("builtin:"):
@@ -273,6 +300,9 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     hf_logging.disable_progress_bar()  # a one-second load needs no bar of its own
     try:
         tok = load_tokenizer(Path(ref), spec) if Path(ref).is_dir() else AutoTokenizer.from_pretrained(ref, **kwargs)
+        quant = quantization_config(spec, dtype)
+        if quant is not None:  # bitsandbytes places the weights itself: on the device, quantized
+            kwargs.update(quantization_config=quant, device_map={"": str(dev)})
         model, loading = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True,
                                                               output_loading_info=True, **kwargs)
     except ModelError:
@@ -306,10 +336,17 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
                                   f"{missing[0]!r}", spec.name, "save the whole model again (save_pretrained)")])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(dev)
+    if spec.quantize is None:
+        model.to(dev)
+    else:  # norms and head in full precision, inputs that carry gradients to the adapter (PEFT's QLoRA recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        q = spec.quantize
+        fingerprint += f"+{q.bits}bit" + (f"-{q.type}{'-dq' if q.double_quant else ''}" if q.bits == 4 else "")
     model.eval()
     arch = getattr(model.config, "model_type", type(model).__name__)
-    if Path(ref).is_dir() and not spec.trust_remote_code:
+    if Path(ref).is_dir() and not spec.trust_remote_code and spec.quantize is None:  # packed weights have other shapes
         remember_layers(Path(ref), layers_of(model))
     n_params = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,

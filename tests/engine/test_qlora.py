@@ -1,0 +1,59 @@
+"""QLoRA: the base model in 4 or 8 bits (bitsandbytes, which quantizes on a CPU too), the adapter trained
+on top; a quantized base is another base (its adapters are not the full-precision ones)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from typer.testing import CliRunner
+
+import loralab
+from loralab.cli import app
+
+from test_runner import experiment
+
+RUNS = """
+runs:
+  A:
+    lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}
+    train: {learning_rate: 1.0e-2, batch_size: 2, max_steps: 4}
+    generate: {max_new_tokens: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A tiny Llama whose layers take 64 inputs: bitsandbytes' 4-bit blocks are 64 wide, and its packed
+    CPU kernels (on CPUs with AVX-512 bf16) refuse narrower layers; real models are far wider."""
+    from tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("wide_llama"), arch="llama", hidden_size=64)
+
+
+@pytest.mark.parametrize("quantize, suffix", [("{bits: 4}", "+4bit-nf4-dq"), ("{bits: 8}", "+8bit")])
+def test_a_quantized_base_trains_an_adapter_and_is_another_base(wide_llama, tmp_path, quantize, suffix):
+    if importlib.util.find_spec("bitsandbytes") is None:  # make test installs it: this fails in CI, not skips
+        pytest.fail("bitsandbytes is not installed: pip install 'loralab[qlora]'")
+    tiny_llama = wide_llama
+    f = experiment(tmp_path, tiny_llama, "evaluation: {drift: false}\n" + RUNS, name="q")
+    f.write_text(f.read_text().replace(f"model: {tiny_llama}", f"model: {{name: {tiny_llama}, quantize: {quantize}}}"))
+    result = loralab.run(loralab.load(f), workspace=tmp_path / "ws")
+    a = next(r for r in result.records if r.name == "A")
+    assert a.status == "finished" and a.model["fingerprint"].endswith(suffix) and a.adapter_path
+    assert a.metrics["eval_loss"] < next(r for r in result.records if r.name == "base").metrics["eval_loss"] + 1.0
+    (tmp_path / "plain").mkdir()
+    plain = experiment(tmp_path / "plain", tiny_llama, "evaluation: {drift: false}\n" + RUNS, name="q")
+    b = next(r for r in loralab.run(loralab.load(plain), workspace=tmp_path / "ws").records if r.name == "A")
+    assert b.id != a.id and b.model["fingerprint"] + suffix == a.model["fingerprint"]  # trained again, not reused
+
+
+def test_quantize_without_bitsandbytes_is_one_message_before_anything_runs(tiny_llama, tmp_path, monkeypatch):
+    f = experiment(tmp_path, tiny_llama, RUNS, name="q")
+    f.write_text(f.read_text().replace(f"model: {tiny_llama}", f"model: {{name: {tiny_llama}, quantize: {{bits: 4}}}}"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 2 and "pip install 'loralab[qlora]'" in out.output, out.output
+    assert not (tmp_path / "ws").exists()
