@@ -122,3 +122,27 @@ def test_layers_beyond_the_model_are_refused_before_training(tiny_llama, tmp_pat
     with pytest.raises(SpecError) as info:
         loralab.validate(f)
     assert "the model has 2 blocks (0 to 1)" in " ".join(str(p) for p in info.value.problems)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_2", "olora"])
+def test_initialisations_train_reload_on_the_unchanged_base_and_leave_it_unchanged(tiny_llama, tmp_path, init):
+    f = tmp_path / "init.yaml"
+    f.write_text(f"name: init\nmodel: {tiny_llama}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 "evaluation: {drift: false}\n" + RUN.format(variant=f"init: {init}") + RUN.format(
+                     variant="init: default").replace("  V:", "  W:").replace("runs:\n", ""))
+    exp = loralab.load(f)
+    result = loralab.run(exp, workspace=tmp_path / "ws")
+    v, w = (next(r for r in result.records if r.name == n) for n in ("V", "W"))
+    assert v.status == w.status == "finished" and v.config["lora"]["init"] == init and "init" not in w.config["lora"]
+    assert v.metrics["init_s"] >= 0 and v.metrics["total_s"] >= v.metrics["train_s"] + v.metrics["eval_s"]
+    # The run after V trained on the original base: its losses equal a run alone.
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(f.read_text().replace(RUN.format(variant=f"init: {init}").split("runs:\n")[1], ""))
+    w_alone = next(r for r in loralab.run(loralab.load(alone), workspace=tmp_path / "ws2").records if r.name == "W")
+    assert w_alone.metrics["eval_loss"] == pytest.approx(w.metrics["eval_loss"], rel=1e-6)
+    # V's adapter (converted to plain LoRA for PiSSA and OLoRA) gives the stored loss on the unchanged base.
+    prepared = prepare(exp)
+    model = PeftModel.from_pretrained(prepared.base.model, v.adapter_path)
+    again = eval_loss(model, prepared.eval_encoded, pad_id=prepared.base.tokenizer.pad_token_id)
+    assert again == pytest.approx(v.metrics["eval_loss"], rel=1e-4)
+    assert not (tmp_path / "ws" / "runs" / v.id / "adapter_init").exists()

@@ -45,7 +45,12 @@ class _Strict(BaseModel):
         return v
 
 
-VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_pattern", "alpha_pattern")
+VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_pattern", "alpha_pattern", "init")
+# How LoRA's A and B start: PEFT's default (A random, B zero), gaussian, or from the base weights' own
+# structure: PiSSA (principal singular vectors, exact SVD; pissa_niter_N: a fast randomized SVD with N
+# iterations) or OLoRA (QR). PiSSA and OLoRA change the base weights while training; loralab keeps the
+# shared base as it was and stores the adapter converted to plain LoRA (rank 2r) against the original base.
+INITS = ("default", "gaussian", "pissa", "olora")
 
 
 class LoraSpec(_Strict):
@@ -69,6 +74,15 @@ class LoraSpec(_Strict):
     layers: list[Annotated[int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1)
     rank_pattern: dict[str, Annotated[int, Field(gt=0, le=4096)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    init: str = Field("default", description="default, gaussian, pissa, pissa_niter_N (fast SVD), olora")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v: str) -> str:
+        if v in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]{0,2}", v):
+            return v
+        raise ValueError(f"unknown init {str(v)[:40]!r}; fix: use one of {', '.join(INITS)}, or pissa_niter_N "
+                         "(N power iterations, e.g. pissa_niter_4: a fast SVD)")
 
     @model_serializer(mode="wrap")
     def _variants_only_when_used(self, handler):

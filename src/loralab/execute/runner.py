@@ -270,7 +270,7 @@ def _run_config(prepared: Prepared, run: RunSpec | None) -> dict:
 
 def _add_cost(metrics: dict, prepared: Prepared) -> None:
     """Wall time in, money out: (train + eval seconds) x the price per hour, when one is set."""
-    total = metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
+    total = metrics.get("train_s", 0.0) + metrics.get("init_s", 0.0) + metrics.get("eval_s", 0.0)
     metrics["total_s"] = round(total, 2)
     if prepared.exp.cost is not None:
         metrics["cost"] = round(total / 3600 * prepared.exp.cost.per_hour, 6)
@@ -474,8 +474,17 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _restore_base(prepared: Prepared, peft_model) -> None:
-    """Take the LoRA layers out again: the prepared base model is shared by every run."""
-    prepared.base.model = peft_model.unload()  # removes the LoRA layers; base weights were never touched
+    """Take the LoRA layers out again, and put back base weights an initialisation rewrote: the prepared
+    base model is shared by every run."""
+    prepared.base.model = peft_model.unload()  # removes the LoRA layers
+    saved = getattr(peft_model, "_base_weights", None) or {}
+    if saved:
+        import torch
+
+        modules = dict(prepared.base.model.named_modules())
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].weight.copy_(weight)
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         if hasattr(prepared.base.model, attr):
             try:
@@ -506,6 +515,11 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
         peft_model = _with_lora(prepared, run)
+        if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
+            peft_model._init_dir = store.run_dir(rid) / "adapter_init"
+            shutil.rmtree(peft_model._init_dir, ignore_errors=True)
+            peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's conversion expects it saved
+            peft_model.save_pretrained(peft_model._init_dir)
         res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning)
         reached["trained"] = True
         done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
@@ -525,19 +539,39 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
 
 
 def _with_lora(prepared: Prepared, run: RunSpec):
-    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed."""
+    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed.
+
+    PiSSA and OLoRA take their start from the base weights and leave the residual in them: the weights
+    they touch are copied first (`_base_weights`) and put back by _restore_base; `_init_s` is what the
+    initialisation cost (the SVD or QR), counted in the run's time."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
+    init = {"default": True}.get(run.lora.init, run.lora.init)
+    targets = prepared.targets_for(run)
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                      target_modules=prepared.targets_for(run), bias=run.lora.bias, task_type="CAUSAL_LM",
+                      target_modules=targets, bias=run.lora.bias, task_type="CAUSAL_LM",
                       use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora,
                       layers_to_transform=run.lora.layers, rank_pattern=run.lora.rank_pattern or {},
-                      alpha_pattern=run.lora.alpha_pattern or {})
+                      alpha_pattern=run.lora.alpha_pattern or {}, init_lora_weights=init)
+    saved = _mutated_weights(prepared.base.model, targets) if run.lora.init.startswith(("pissa", "olora")) else {}
+    t0 = time.perf_counter()
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(prepared.base.model, lcfg)
+        model = get_peft_model(prepared.base.model, lcfg)
+    model._init_s, model._base_weights = time.perf_counter() - t0, saved
+    return model
+
+
+def _mutated_weights(model, targets) -> dict[str, Any]:
+    """Copies of the weights of the linear layers an initialisation from the base (PiSSA, OLoRA) rewrites."""
+    import torch
+
+    names = None if targets == "all-linear" else set(targets)
+    return {name: m.weight.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+            and (names is None or name.rsplit(".", 1)[-1] in names)}
 
 
 def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning):
@@ -584,6 +618,8 @@ class _Done:
                "trainable_params": res.trainable_params, "total_params": res.total_params, "steps": res.steps,
                "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
         out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
+        if self.run.lora.init != "default":  # an SVD or QR of the base weights is part of the run's cost
+            out["init_s"] = round(getattr(self.model, "_init_s", 0.0), 3)
         return out
 
     def diverged(self, monitor) -> str:
@@ -629,6 +665,12 @@ class _Done:
         self.rep.log(f"{self.label}: {text}")
         return "pruned"
 
+    def _conversion(self) -> dict:
+        """PiSSA and OLoRA adapters are saved converted to plain LoRA against the original base weights
+        (PEFT's weight conversion, rank 2r), so they load on the unchanged base like any adapter."""
+        init_dir = getattr(self.model, "_init_dir", None)
+        return {"path_initial_model_for_weight_conversion": str(init_dir)} if init_dir else {}
+
     def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
         prepared, res = self.prepared, self.res
         metrics, samples, timings = evaluate(self.model, prepared, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
@@ -636,11 +678,12 @@ class _Done:
         run_dir = self.store.run_dir(self.rid)
         tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
+        self.model.save_pretrained(tmp, **self._conversion())  # PEFT format: adapter_config.json + .safetensors
         fault_point("adapter.save")
         _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        shutil.rmtree(run_dir / "adapter_init", ignore_errors=True)  # only needed for the conversion
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
         _add_cost(metrics, prepared)
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=samples,
