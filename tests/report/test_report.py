@@ -287,3 +287,15 @@ def test_importances_come_with_their_spread_over_resampled_trials(tmp_path):
     small.add_trials(study.trials[:10])
     src = Sources(title="s", goal="", workspace=tmp_path, chosen=[], study=small)
     assert _importances(src) == {} and "10 completed trial(s), and 16 are needed" in src.notes[0]
+
+
+def test_compute_counts_a_reused_adapters_training_once(tmp_path):
+    from loralab.report.build import Sources, _setup
+
+    from test_findings import group
+
+    [trained] = group("A", seeds=(0,), per_run={"total_s": 100.0, "train_s": 60.0})
+    [again] = group("A2", seeds=(0,), per_run={"total_s": 100.0, "train_s": 60.0})
+    again.timings = {"train_reused_from": trained.id}  # evaluated the stored adapter only: 40 s of its own
+    setup = dict(_setup(Sources("t", "", tmp_path, []), [trained, again], None))
+    assert setup["Compute"].startswith("2 stored runs, 2.3 min of training and evaluation")  # (100 + 40) s
