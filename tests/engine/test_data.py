@@ -514,3 +514,71 @@ def test_end_token_is_found_once_per_tokenizer_and_again_when_its_template_chang
     assert len(calls) == 1 and first[0] == first[2]
     tok.chat_template = None  # the plain fallback: the end token is eos now
     assert end_token_id(tok) == tok.eos_token_id and len(calls) == 2
+
+
+# --- chat conversations and raw text ------------------------------------------------------------------
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Join two paths."},
+                     {"role": "assistant", "content": "Return the joined path."},
+                     {"role": "user", "content": "Sum the values."},
+                     {"role": "assistant", "content": "Return the sum."}]}
+
+
+def _learned(tok, enc: Encoded) -> str:
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+
+
+def test_a_chat_row_learns_every_assistant_turn_and_only_those(tmp_path, tok):
+    ds = load_data(DataSpec(path=str(_jsonl(tmp_path / "chat.jsonl", [CHAT] * 4)), eval_fraction=0.25), tmp_path)
+    ex = ds.train[0]
+    assert (ex.instruction, ex.output) == ("Sum the values.", "Return the sum.")
+    assert ex.history == (("system", "Be brief."), ("user", "Join two paths."), ("assistant", "Return the joined path."))
+    enc = encode_example(tok, ex, ds.system_prompt, 512)
+    learned = _learned(tok, enc)
+    assert "Return the joined path." in learned and "Return the sum." in learned
+    assert "Join two paths" not in learned and "Sum the values" not in learned and "Be brief" not in learned
+    # Generation starts after the last user message, the whole conversation before it.
+    from loralab.engine.data import example_prompt_ids
+
+    prompt = tok.decode(example_prompt_ids(tok, ex, ds.system_prompt))
+    assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("Sum the values.<|im_end|>\n<|im_start|>assistant\n")
+    assert enc.input_ids[: enc.prompt_len] == example_prompt_ids(tok, ex, ds.system_prompt)
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([{"role": "user", "content": "hi"}], "at least a user and an assistant message"),
+    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "roles in this order"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}], "non-empty text content"),
+    ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], "a role among system, user, assistant"),
+    ("user: hi", "must be a list"),
+])
+def test_bad_chat_rows_are_named(tmp_path, messages, needle):
+    with pytest.raises(DataError) as info:
+        load_data(DataSpec(path=str(_jsonl(tmp_path / "bad.jsonl", [{"messages": messages}] * 3))), tmp_path)
+    assert needle in " ".join(str(p) for p in info.value.problems)
+
+
+def test_raw_text_is_learned_whole_and_evaluated_as_a_continuation(tmp_path, tok):
+    rows = [{"text": f"Return the sum of the values number {i} and join two paths."} for i in range(5)]
+    ds = load_data(DataSpec(path=str(_jsonl(tmp_path / "raw.jsonl", rows)), eval_fraction=0.2), tmp_path)
+    ex = ds.eval[0]
+    assert ex.raw and ex.instruction + ex.output == rows[int(ex.id.split(":")[1]) - 1]["text"]
+    assert abs(len(ex.instruction) - len(ex.output)) < 12  # cut at the space nearest the middle
+    enc = encode_example(tok, ex, ds.system_prompt, 512)
+    assert enc.labels[0] == IGNORE_INDEX and enc.labels[1:] == enc.input_ids[1:]  # every token but the first
+    assert "<|im_start|>" not in tok.decode(enc.input_ids)  # no chat template around raw text
+
+
+@pytest.mark.parametrize("rows", [[CHAT] * 6, [{"text": f"Return the sum of the values number {i} and more."} for i in range(6)]])
+def test_chat_and_raw_text_data_train_and_evaluate_end_to_end(tiny_llama, tmp_path, rows):
+    import loralab
+
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    f = _write(tmp_path / "e.yaml", f"name: e\nmodel: {tiny_llama}\ndata: {{path: {data}, eval_fraction: 0.34}}\n"
+               "evaluation: {drift: false}\nruns:\n  A: {lora: {r: 2, target_modules: [q_proj]}, "
+               "train: {max_steps: 2}, generate: {max_new_tokens: 4}}\n")
+    result = loralab.run(loralab.load(f), workspace=tmp_path / "ws")
+    a = next(r for r in result.records if r.name == "A")
+    assert a.status == "finished" and len(a.samples) == 2 and "rouge_l@4" in a.metrics

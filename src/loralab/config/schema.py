@@ -179,6 +179,10 @@ class DataSpec(_Strict):
     instruction_field: str = "instruction"
     input_field: str | None = "input"  # appended to the instruction when present and non-empty
     output_field: str = "output"
+    # Rows without the instruction field may be chat conversations (a list of {role, content}, the last
+    # an assistant answer) or raw text (learned whole, evaluated as a continuation).
+    messages_field: str = "messages"
+    text_field: str = "text"
     system_prompt: str | None = None  # None: the chat template's own default
     # Off: an example longer than train.max_seq_len is an error, because cutting it trains an answer
     # that never ends (the end token is what is cut). On: such examples are cut.

@@ -61,6 +61,11 @@ class Example:
     id: str  # builtin: the qualified name; files: "name:line"; hf: "split:index"
     instruction: str
     output: str
+    # Chat data: the turns before the last user message, (role, content); their assistant turns are
+    # learned too. Raw text: `raw`, the text cut in two (a prompt to continue, and the rest) and
+    # learned whole, every token.
+    history: tuple[tuple[str, str], ...] = ()
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,12 +129,18 @@ def data_surprises(dataset: Dataset) -> list[str]:
     return [f"{both} of {len(dataset.eval)} eval examples are also training examples: they flatter the eval loss"]
 
 
+def _seen(e: Example) -> list:
+    """What of an example the model sees (chat history and raw text only when there is one, so the
+    fingerprints of instruction data stay what they were)."""
+    return [e.id, e.instruction, e.output] + ([[list(t) for t in e.history]] if e.history else []) + (["raw"] if e.raw else [])
+
+
 def fingerprint(train: list[Example], eval_: list[Example], system_prompt: str | None) -> str:
     """12 hex chars that change whenever anything the model sees changes."""
     return config_hash({
         "system_prompt": system_prompt,
-        "train": [[e.id, e.instruction, e.output] for e in train],
-        "eval": [[e.id, e.instruction, e.output] for e in eval_],
+        "train": [_seen(e) for e in train],
+        "eval": [_seen(e) for e in eval_],
     })
 
 
@@ -276,12 +287,24 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
     """Map rows to examples, collecting every bad row so one run reports them all."""
     out, problems = [], []
     for ex_id, where, row in rows:
+        if spec.messages_field in row and spec.instruction_field not in row:
+            ex = _chat_example(ex_id, where, row[spec.messages_field], spec.messages_field, problems)
+            if ex is not None:
+                out.append(ex)
+            continue
+        if spec.text_field in row and spec.instruction_field not in row and spec.output_field not in row:
+            ex = _text_example(ex_id, where, row[spec.text_field], spec.text_field, problems)
+            if ex is not None:
+                out.append(ex)
+            continue
         fields = {}
         for role, field in (("instruction_field", spec.instruction_field), ("output_field", spec.output_field)):
             value = row.get(field)
             if field not in row:
                 problems.append(Problem(where, f"row has no field '{field}'", sorted(row),
-                                        f"add '{field}' to every row, or set data.{role} to one of the fields above"))
+                                        f"add '{field}' to every row, or set data.{role} to one of the fields above "
+                                        f"(or give chat rows a '{spec.messages_field}' list, or raw text as "
+                                        f"'{spec.text_field}')"))
             elif not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
                 problems.append(Problem(where, f"field '{field}' must be non-empty text", value,
                                         f"give '{field}' a text value on every row"))
@@ -296,6 +319,48 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
         out.append(Example(ex_id, instruction, fields["output_field"]))
     _raise_if(problems, name)
     return out
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _chat_example(ex_id: str, where: str, messages: Any, field: str, problems: list[Problem]) -> Example | None:
+    """A chat row: [{role, content}, ...], an optional system message first, then user and assistant
+    in turn, ending with the assistant's answer (the one generated at evaluation)."""
+    fix = (f"write '{field}' as a list of {{role, content}} (roles system, user, assistant), user and assistant in turn, "
+           "ending with an assistant message")
+    if not isinstance(messages, list) or len(messages) < 2 or not all(isinstance(m, dict) for m in messages):
+        problems.append(Problem(where, f"'{field}' must be a list of at least a user and an assistant message", messages, fix))
+        return None
+    turns = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str) or not content.strip():
+            problems.append(Problem(where, f"{field}[{i}]: a role among {', '.join(ROLES)} and non-empty text content",
+                                    m, fix))
+            return None
+        turns.append((role, content))
+    body = turns[1:] if turns[0][0] == "system" else turns
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if not body or [r for r, _ in body] != expected[:len(body)] or body[-1][0] != "assistant":
+        problems.append(Problem(where, f"'{field}' roles in this order: {', '.join(r for r, _ in turns)}",
+                                [r for r, _ in turns], fix))
+        return None
+    return Example(ex_id, turns[-2][1], turns[-1][1], history=tuple(turns[:-2]))
+
+
+def _text_example(ex_id: str, where: str, text: Any, field: str, problems: list[Problem]) -> Example | None:
+    """Raw text: learned whole; evaluated as a continuation (its first half the prompt, the rest the
+    reference), cut at the space nearest the middle."""
+    if not isinstance(text, str) or len(text.strip()) < 2:
+        problems.append(Problem(where, f"field '{field}' must be text of at least two characters", text,
+                                f"give '{field}' a text value on every row"))
+        return None
+    text = text.strip()
+    middle = len(text) // 2
+    spaces = [i for i, c in enumerate(text) if c.isspace()]
+    cut = min(spaces, key=lambda i: abs(i - middle)) if spaces else middle
+    return Example(ex_id, text[:cut], text[cut:], raw=True)
 
 
 def _raise_if(problems: list[Problem], name: str) -> None:
@@ -601,9 +666,36 @@ def prompt_ids(tokenizer: Any, instruction: str, system_prompt: str | None) -> l
     return _as_ids(tokenizer(text))
 
 
+def example_prompt_ids(tokenizer: Any, example: Example, system_prompt: str | None) -> list[int]:
+    """Where generation starts for an example: after its chat history and last user message, or, for
+    raw text, after the first half of the text (no template)."""
+    if example.raw:
+        return _as_ids(tokenizer(example.instruction))
+    if not example.history:
+        return prompt_ids(tokenizer, example.instruction, system_prompt)
+    return _chat_ids(tokenizer, _messages(example, system_prompt), generation_prompt=True)
+
+
+def _messages(example: Example, system_prompt: str | None) -> list[dict]:
+    """An example's conversation up to its last user message (its own system message, else the data's)."""
+    history = [{"role": r, "content": c} for r, c in example.history]
+    if system_prompt is not None and not (history and history[0]["role"] == "system"):
+        history.insert(0, {"role": "system", "content": system_prompt})
+    return history + [{"role": "user", "content": example.instruction}]
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True))
+    text = "".join((PLAIN_SYSTEM.format(system=m["content"]) if m["role"] == "system" else
+                    PLAIN_PROMPT.format(instruction=m["content"]) if m["role"] == "user" else m["content"] + "\n\n")
+                   for m in messages)
+    return _as_ids(tokenizer(text))
+
+
 def example_lengths(tokenizer: Any, dataset: Dataset) -> list[int]:
     """Tokens of prompt + answer + end token, per example of train then eval."""
-    return [len(prompt_ids(tokenizer, ex.instruction, dataset.system_prompt))
+    return [len(example_prompt_ids(tokenizer, ex, dataset.system_prompt))
             + len(_as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1 for ex in dataset.train + dataset.eval]
 
 
@@ -634,14 +726,40 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, 
     """
     if max_seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")
-    prompt = prompt_ids(tokenizer, example.instruction, system_prompt)
+    prompt = example_prompt_ids(tokenizer, example, system_prompt)
+    learned = _history_labels(tokenizer, example, system_prompt, prompt)
     response = _as_ids(tokenizer(example.output, add_special_tokens=False)) + [end_token_id(tokenizer)]
     if len(prompt) + len(response) > max_seq_len:
         if len(prompt) < max_seq_len:
             response = response[: max_seq_len - len(prompt)]
         else:
-            prompt, response = prompt[len(prompt) - (max_seq_len - 1):], response[:1]
-    return Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response, len(prompt))
+            cut = len(prompt) - (max_seq_len - 1)
+            prompt, learned, response = prompt[cut:], learned[cut:], response[:1]
+    return Encoded(prompt + response, learned + response, len(prompt))
+
+
+def _history_labels(tokenizer: Any, example: Example, system_prompt: str | None, prompt: list[int]) -> list[int]:
+    """Labels over the prompt: raw text learns all of it; a chat learns its earlier assistant turns
+    (each up to its end-of-turn token); the rest is IGNORE. A template that does not render a
+    conversation as the prefix of its continuation (rare) has only the last answer learned."""
+    if example.raw:
+        return [IGNORE_INDEX] + prompt[1:]  # the first token is predicted by nothing
+    labels = [IGNORE_INDEX] * len(prompt)
+    if not example.history or not getattr(tokenizer, "chat_template", None):
+        return labels
+    messages = _messages(example, system_prompt)
+    end = end_token_id(tokenizer)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:i], generation_prompt=True)
+        through = _chat_ids(tokenizer, messages[: i + 1], generation_prompt=False)
+        if through[: len(before)] != before or prompt[: len(through)] != through:
+            return [IGNORE_INDEX] * len(prompt)
+        span = through[len(before):]
+        span = span[: span.index(end) + 1] if end in span else span
+        labels[len(before): len(before) + len(span)] = span
+    return labels
 
 
 def _as_ids(out: Any) -> list[int]:
