@@ -1,0 +1,149 @@
+"""The Ray executor: long-lived Ray actors, each with the base model loaded once, take the sweep's or the
+run's jobs (execute.Job, plain data), so several trials train at once, on one machine or a cluster.
+
+Each actor declares `cpus_per_trial` CPUs and `gpus_per_trial` GPUs; Ray places it where those are
+free and sets its CUDA_VISIBLE_DEVICES, so each actor sees only its own device(s). Every actor opens
+the workspace itself (the same folder: one machine, or a shared disk) and runs runner.train_run, the
+code LocalExecutor runs, so a trial's stored runs are the same whichever executor trained them.
+
+An actor that dies mid-job (a crash, an out-of-memory kill, a lost node) is replaced and the job runs
+once more on another actor: the run's lock died with the process, so the retry takes over the row it
+left `running` (store.start replaces an unfinished row) and no run is stored twice.
+
+Imported only when `executor.kind` is `ray`: Ray is an optional extra (`pip install 'loralab[ray]'`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any
+
+from loralab.config.schema import ExecutorSpec
+from loralab.errors import Problem, SpecError
+from loralab.execute.jobs import Job, Outcome
+
+RETRIES = 1  # a job whose actor died runs once more on a fresh actor; a second death fails the run
+INSTALL = "pip install 'loralab[ray]'"
+
+
+def require_ray():
+    """The ray module, or the one-message error naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise SpecError("the Ray executor needs Ray, which is not installed",
+                        [Problem("executor.kind", "ray is not installed", "ray", INSTALL)]) from None
+    return ray
+
+
+class Worker:
+    """One Ray actor: the base model loaded once (runner.prepare), the workspace opened, jobs run in turn."""
+
+    def __init__(self, exp, only: list[str] | None, workspace: str):
+        from loralab.execute.runner import LocalExecutor, prepare
+        from loralab.progress import Reporter
+        from loralab.workspace.store import Store
+
+        rep = Reporter()
+        self.local = LocalExecutor(prepare(exp, only, rep), Store(workspace), rep)
+
+    def run(self, job: Job) -> Outcome:
+        return self.local.run(job)
+
+    def placement(self) -> dict[str, Any]:
+        """What Ray gave this actor: its GPU ids, its resources, and the devices CUDA will see."""
+        import ray
+
+        return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "resources": ray.get_runtime_context().get_assigned_resources(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+
+
+class RayExecutor:
+    """execute.Executor on Ray actors; `slots` = the number of actors (the sweep keeps that many trials
+    in flight). Thread-safe: each `run` takes an idle actor, waits for its job, and gives it back."""
+
+    def __init__(self, prepared, store, reporter, spec: ExecutorSpec, env: dict[str, str] | None = None):
+        ray = require_ray()
+        self.ray, self.prepared, self.store, self.rep, self.spec = ray, prepared, store, reporter, spec
+        if not ray.is_initialized():  # without an address: a local Ray instance with this machine's resources
+            ray.init(address=spec.address, include_dashboard=False)
+            self.started_ray = True
+        else:
+            self.started_ray = False
+        self.remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial)(Worker).options(
+            runtime_env={"env_vars": dict(env)} if env else None)
+        self.args = (prepared.exp, [r.name for r in prepared.runs], str(store.root))
+        n = spec.actors or self._fit()
+        self.actors = [self._new_actor() for _ in range(n)]
+        self.idle: queue.Queue = queue.Queue()
+        for a in self.actors:
+            self.idle.put(a)
+        self.slots = n
+        self.lock = threading.Lock()
+        reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
+                     f"cluster {spec.address or 'local'}")
+
+    def _fit(self) -> int:
+        """As many actors as the cluster's resources hold: by GPUs when trials take GPUs, else by CPUs."""
+        total = self.ray.cluster_resources()
+        key, each = ("GPU", self.spec.gpus_per_trial) if self.spec.gpus_per_trial else ("CPU", self.spec.cpus_per_trial)
+        n = int(total.get(key, 0) // each)
+        if n < 1:
+            raise SpecError(f"the Ray cluster has no room for one trial ({total.get(key, 0):g} {key} in all)",
+                            [Problem(f"executor.{key.lower()}s_per_trial", f"more than the cluster's {key}", each,
+                                     "lower it, or add a machine with `ray start --address ...`")])
+        return n
+
+    def _new_actor(self):
+        return self.remote.remote(*self.args)
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Each actor's placement (Worker.placement), in actor order."""
+        return self.ray.get([a.placement.remote() for a in self.actors])
+
+    def run(self, job: Job) -> Outcome:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(RETRIES + 1):
+            actor = self.idle.get()
+            try:
+                out = self.ray.get(actor.run.remote(job))
+            except RayActorError as err:  # the actor died: replace it, run the job once more elsewhere
+                fresh = self._new_actor()
+                with self.lock:
+                    self.actors[self.actors.index(actor)] = fresh
+                self.idle.put(fresh)
+                self.rep.log(f"[yellow]{job.label or job.run.name}: its Ray actor died "
+                             f"({type(err).__name__}); {'running it again' if attempt < RETRIES else 'giving up'}[/yellow]")
+                continue
+            self.idle.put(actor)
+            return out
+        return self._failed(job)
+
+    def _failed(self, job: Job) -> Outcome:
+        """A job whose actors kept dying: stored as failed, so the trial ends like any failed run."""
+        from loralab.execute.runner import run_id
+
+        rid = run_id(self.prepared, job.run, job.full_eval, job.probe)
+        if self.store.get(rid) is not None:
+            self.store.mark(rid, "failed", f"its Ray actor died {RETRIES + 1} times")
+        return Outcome(rid, "failed", False)
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def factory(spec: ExecutorSpec, env: dict[str, str] | None = None):
+    """An ExecutorFactory making a RayExecutor of `spec`; `env`: variables every actor gets."""
+    require_ray()
+
+    def make(prepared, store, reporter):
+        return RayExecutor(prepared, store, reporter, spec, env)
+
+    return make
