@@ -145,10 +145,10 @@ def executor_factory(exp: Experiment, kind: str | None = None, address: str | No
     from loralab.config.schema import ExecutorSpec
 
     fields = exp.executor.model_dump(exclude_unset=True)
-    if kind is not None and kind != exp.executor.kind:
-        fields = {"kind": kind}  # the file's settings are another executor's
+    if kind is not None:  # the file's settings stay when they are the same executor's
+        fields = {**(fields if kind == exp.executor.kind else {}), "kind": kind}
     if address is not None:
-        fields.update({"kind": fields.get("kind", "ray"), "address": address})
+        fields.update({"kind": kind or "ray", "address": address})
     try:
         spec = ExecutorSpec(**fields)
     except ValueError as err:
