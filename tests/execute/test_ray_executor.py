@@ -153,3 +153,28 @@ def test_executor_options_are_checked_before_anything_loads(monkeypatch):
     with pytest.raises(SpecError) as info:
         api.executor_factory(plain, "ray")
     assert "pip install 'loralab[ray]'" in str(info.value.problems[0])
+
+
+def test_loralab_run_on_ray_stores_what_the_local_executor_stores(local_ray, tiny_neox, tmp_path):
+    from test_runner import SEED_RUNS, experiment
+
+    exp = loralab.load(experiment(tmp_path, tiny_neox, name="ex", runs="evaluation: {drift: false}\nrepeats: 2\n" + SEED_RUNS))
+    local = api.run(exp, workspace=tmp_path / "local")
+    remote = api.run(exp, workspace=tmp_path / "ray", executor="ray")  # 2 actors: the 2 CPUs, 1 each
+    assert [(r.name, r.seed) for r in remote.records] == [(r.name, r.seed) for r in local.records]
+    assert [r.id for r in remote.records] == [r.id for r in local.records]  # the same runs, in file order
+    for ours, theirs in zip(remote.records, local.records):
+        assert ours.status == theirs.status == "finished"
+        assert ours.metrics["eval_loss"] == pytest.approx(theirs.metrics["eval_loss"], rel=1e-5), ours.name
+
+
+def test_the_cli_refuses_an_address_for_the_local_executor(tiny_neox, tmp_path):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    out = CliRunner().invoke(app, ["sweep", str(f), "--executor", "local", "--address", "127.0.0.1:6379",
+                                   "-w", str(tmp_path / "ws")])
+    assert out.exit_code == 2, out.output
+    assert "--executor and --address" in out.output and not (tmp_path / "ws").exists()
