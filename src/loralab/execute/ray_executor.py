@@ -76,7 +76,14 @@ class RayExecutor:
         self.remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial)(Worker).options(
             runtime_env={"env_vars": dict(env)} if env else None)
         self.args = (prepared.exp, [r.name for r in prepared.runs], str(store.root))
-        n = spec.actors or self._fit()
+        self.closed = False
+        room = self._fit()
+        if spec.actors is not None and spec.actors > room:  # the others would wait for resources for ever
+            raise SpecError(f"executor.actors is {spec.actors} but the Ray cluster holds {room} trial(s) of "
+                            f"{spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU",
+                            [Problem("executor.actors", f"more than the cluster holds ({room})", spec.actors,
+                                     "lower it, or add a machine with `ray start --address ...`")])
+        n = spec.actors or room
         self.actors = [self._new_actor() for _ in range(n)]
         self.idle: queue.Queue = queue.Queue()
         for a in self.actors:
@@ -111,7 +118,12 @@ class RayExecutor:
             actor = self.idle.get()
             try:
                 out = self.ray.get(actor.run.remote(job))
-            except RayActorError as err:  # the actor died: replace it, run the job once more elsewhere
+            except Exception as err:
+                if self.closed:  # closed mid-job (Ctrl-C): the job was interrupted, as in this process
+                    raise KeyboardInterrupt from None
+                if not isinstance(err, RayActorError):
+                    raise
+                # The actor died: replace it, run the job once more elsewhere.
                 fresh = self._new_actor()
                 with self.lock:
                     self.actors[self.actors.index(actor)] = fresh
@@ -125,15 +137,15 @@ class RayExecutor:
 
     def _failed(self, job: Job) -> Outcome:
         """A job whose actors kept dying: stored as failed, so the trial ends like any failed run."""
-        from loralab.execute.runner import run_id
+        from loralab.execute.runner import store_failed
 
-        rid = run_id(self.prepared, job.run, job.full_eval, job.probe)
-        if self.store.get(rid) is not None:
-            self.store.mark(rid, "failed", f"its Ray actor died {RETRIES + 1} times")
-        return Outcome(rid, "failed", False)
+        return store_failed(self.prepared, job, self.store, f"its Ray actor died {RETRIES + 1} times")
 
     def close(self) -> None:
-        for a in self.actors:
+        """Stop the actors (and the local Ray instance this executor started). Called while jobs run
+        (Ctrl-C), their `run` calls raise KeyboardInterrupt; their rows stay `running` for the next try."""
+        self.closed = True
+        for a in list(self.actors):
             self.ray.kill(a)
         if self.started_ray:
             self.ray.shutdown()

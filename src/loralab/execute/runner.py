@@ -374,6 +374,19 @@ class LocalExecutor:
         pass
 
 
+def store_failed(prepared: Prepared, job: Job, store: Store, error: str) -> Outcome:
+    """Store a job that could not run where it was sent (its worker died each time) as a failed run,
+    so the sweep or experiment goes on as with any failed run."""
+    rid = run_id(prepared, job.run, job.full_eval, job.probe)
+    if store.get(rid) is None:  # the worker died before it began the run
+        model_info, data_info = _describe(prepared)
+        store.start(rid, name=job.run.name, experiment=job.experiment.name, kind="lora",
+                    config=_run_config(prepared, job.run), model=model_info, data=data_info, env={},
+                    seed=job.run.train.seed)
+    store.mark(rid, "failed", error)
+    return Outcome(rid, "failed", False)
+
+
 def reusable(done: RunRecord) -> bool:
     """A stored run that a rerun takes as is: finished with its adapter on disk, or diverged
     (an outcome, not an accident). Pruned runs are not: a pruner stopped them relative to others."""

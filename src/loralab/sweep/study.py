@@ -469,7 +469,11 @@ class _Loop:
                     if busy:
                         self.wait_for_others()
                     continue
-                done, running = wait(running, return_when=FIRST_COMPLETED)
+                try:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:  # the trials in flight are interrupted too: each runs again next time
+                    self.worker.close()
+                    raise
                 ran.extend(f.result() for f in done)  # a trial's error (a SpecError) stops the sweep
 
     def wait_for_others(self) -> None:
