@@ -39,8 +39,11 @@ pruner: {name: none}
 @pytest.fixture
 def local_ray():
     """A local Ray instance of 2 CPUs (and 2 declared GPUs, for placement), stopped after the test."""
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": ONE_THREAD},
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+    from loralab.execute.ray_executor import kept_sigterm
+
+    with kept_sigterm():  # processes this test process forks later must not inherit Ray's handler
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": ONE_THREAD},
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -178,3 +181,24 @@ def test_the_cli_refuses_an_address_for_the_local_executor(tiny_neox, tmp_path):
                                    "-w", str(tmp_path / "ws")])
     assert out.exit_code == 2, out.output
     assert "--executor and --address" in out.output and not (tmp_path / "ws").exists()
+
+
+def test_starting_ray_keeps_the_clis_sigterm_handler(tiny_neox, tmp_path):
+    import signal
+
+    def ours(signum, frame):  # what the CLI installs: the current trial marked interrupted, exit 143
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        f = sweep_file(tmp_path, tiny_neox, GRID.replace("pruner:", "budget: {trials: 1}\npruner:"))
+        spec = ExecutorSpec(kind="ray", actors=1, cpus_per_trial=2)  # a local Ray instance of its own
+        from loralab.execute.ray_executor import factory
+
+        made = []
+        result = run_sweep(load_experiment(f), workspace=tmp_path / "ws",
+                           executor=lambda *a: made.append(factory(spec, ONE_THREAD)(*a)) or made[-1])
+        assert signal.getsignal(signal.SIGTERM) is ours and len(result.trials) == 1
+        assert made[0].started_ray and not ray.is_initialized()  # it started Ray, and stopped it on close
+    finally:
+        signal.signal(signal.SIGTERM, before)

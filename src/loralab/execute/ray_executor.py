@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 from loralab.config.schema import ExecutorSpec
@@ -36,6 +38,19 @@ def require_ray():
         raise SpecError("the Ray executor needs Ray, which is not installed",
                         [Problem("executor.kind", "ray is not installed", "ray", INSTALL)]) from None
     return ray
+
+
+@contextmanager
+def kept_sigterm():
+    """ray.init replaces the SIGTERM handler with sys.exit and leaves it there; the CLI's (the current
+    trial marked interrupted, exit 143) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 class Worker:
@@ -69,7 +84,8 @@ class RayExecutor:
         ray = require_ray()
         self.ray, self.prepared, self.store, self.rep, self.spec = ray, prepared, store, reporter, spec
         if not ray.is_initialized():  # without an address: a local Ray instance with this machine's resources
-            ray.init(address=spec.address, include_dashboard=False)
+            with kept_sigterm():
+                ray.init(address=spec.address, include_dashboard=False)
             self.started_ray = True
         else:
             self.started_ray = False
