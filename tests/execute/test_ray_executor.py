@@ -43,7 +43,8 @@ def local_ray():
 
     with kept_sigterm():  # processes this test process forks later must not inherit Ray's handler
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": ONE_THREAD},
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
+                 log_to_driver=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=100 * 1024**2)  # jobs and outcomes are small; /dev/shm may be too
     yield
     ray.shutdown()
 
