@@ -203,3 +203,19 @@ def test_starting_ray_keeps_the_clis_sigterm_handler(tiny_neox, tmp_path):
         assert made[0].started_ray and not ray.is_initialized()  # it started Ray, and stopped it on close
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_actors_are_sized_by_the_scarcest_resource_and_never_more_than_fit(local_ray, tiny_neox, tmp_path):
+    from loralab.execute.ray_executor import RayExecutor
+
+    exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+    prepared, store = prepare(exp), Store(tmp_path / "ws")
+    try:
+        # 2 GPUs hold 2 trials, but 2 CPUs hold one trial of 2 CPUs: one actor, not a second waiting for ever.
+        ex = RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", gpus_per_trial=1, cpus_per_trial=2))
+        assert ex.slots == 1
+        ex.close()
+        with pytest.raises(SpecError, match="holds 2 trial"):
+            RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=3))
+    finally:
+        store.close()

@@ -110,15 +110,17 @@ class RayExecutor:
                      f"cluster {spec.address or 'local'}")
 
     def _fit(self) -> int:
-        """As many actors as the cluster's resources hold: by GPUs when trials take GPUs, else by CPUs."""
+        """As many actors as the cluster's resources hold: the fewest of its CPUs and (when trials take
+        them) GPUs divided by what one trial declares."""
         total = self.ray.cluster_resources()
-        key, each = ("GPU", self.spec.gpus_per_trial) if self.spec.gpus_per_trial else ("CPU", self.spec.cpus_per_trial)
-        n = int(total.get(key, 0) // each)
-        if n < 1:
+        need = {"CPU": self.spec.cpus_per_trial, "GPU": self.spec.gpus_per_trial}
+        fits = {key: int(total.get(key, 0) // each) for key, each in need.items() if each > 0}
+        key = min(fits, key=fits.get)
+        if fits[key] < 1:
             raise SpecError(f"the Ray cluster has no room for one trial ({total.get(key, 0):g} {key} in all)",
-                            [Problem(f"executor.{key.lower()}s_per_trial", f"more than the cluster's {key}", each,
+                            [Problem(f"executor.{key.lower()}s_per_trial", f"more than the cluster's {key}", need[key],
                                      "lower it, or add a machine with `ray start --address ...`")])
-        return n
+        return fits[key]
 
     def _new_actor(self):
         return self.remote.remote(*self.args)

@@ -343,7 +343,11 @@ def _outcomes(worker, jobs: list[Job]):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="run") as pool:
-        return list(pool.map(worker.run, jobs))
+        try:
+            return list(pool.map(worker.run, jobs))
+        except KeyboardInterrupt:  # stop the jobs in flight too (their rows stay `running`; a rerun takes them over)
+            worker.close()
+            raise
 
 
 @dataclass
