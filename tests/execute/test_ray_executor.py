@@ -219,3 +219,19 @@ def test_actors_are_sized_by_the_scarcest_resource_and_never_more_than_fit(local
             RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=3))
     finally:
         store.close()
+
+
+def test_actors_on_another_machine_are_refused(local_ray, tiny_neox, tmp_path, monkeypatch):
+    import socket
+
+    from loralab.execute.ray_executor import RayExecutor
+
+    exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+    prepared, store = prepare(exp), Store(tmp_path / "ws")
+    real = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "the-driver")  # the actors still report this machine
+    try:
+        with pytest.raises(SpecError, match=f"other machines \\({real}\\)"):  # they would store runs on their own disk
+            RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=1))
+    finally:
+        store.close()

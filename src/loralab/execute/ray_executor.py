@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from typing import Any
@@ -73,7 +74,8 @@ class Worker:
 
         return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "resources": ray.get_runtime_context().get_assigned_resources(),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                "host": socket.gethostname()}
 
 
 class RayExecutor:
@@ -106,6 +108,7 @@ class RayExecutor:
             self.idle.put(a)
         self.slots = n
         self.lock = threading.Lock()
+        self._same_host()
         reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
                      f"cluster {spec.address or 'local'}")
 
@@ -121,6 +124,20 @@ class RayExecutor:
                             [Problem(f"executor.{key.lower()}s_per_trial", f"more than the cluster's {key}", need[key],
                                      "lower it, or add a machine with `ray start --address ...`")])
         return fits[key]
+
+    def _same_host(self) -> None:
+        """Refuse actors on other machines: each would store its runs in a folder of that machine's own
+        disk, and a workspace shared by several hosts (a database server) does not exist yet (a network
+        file system is no answer: docs/reliability.md, Network file systems). Waits for the actors' start."""
+        here = socket.gethostname()
+        away = sorted({p["host"] for p in self.placements()} - {here})
+        if away:
+            self.close()
+            raise SpecError(f"Ray placed actors on other machines ({', '.join(away)}); their runs would be stored "
+                            "on those machines' disks, not in this workspace",
+                            [Problem("executor.address", "a cluster of several machines", self.spec.address,
+                                     f"run on one machine for now: a Ray instance on {here} (no --address, or "
+                                     "`ray start --head` here); one workspace for many hosts is not done yet")])
 
     def _new_actor(self):
         return self.remote.remote(*self.args)
