@@ -115,23 +115,50 @@ def _local_layers(exp: Experiment):
 
 
 def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
-        force: bool = False, console=None):
-    """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs)."""
+        force: bool = False, console=None, executor: str | None = None, address: str | None = None):
+    """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs).
+    `executor` ("local" or "ray") and `address` (a Ray cluster) override the file's `executor:`."""
     from loralab.progress import Reporter
     from loralab.execute.runner import run_experiment
 
-    return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console))
+    return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console),
+                          executor=executor_factory(exp, executor, address))
 
 
-def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool = False, console=None):
+def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool = False, console=None,
+          executor: str | None = None, address: str | None = None):
     """Search the file's `sweep:` space with Optuna within its budget; returns a sweep.SweepResult.
 
     Running it again continues the same study (finished trials kept, an interrupted one re-run).
-    `dry_run`: print the trials and the estimated time, train and write nothing."""
+    `dry_run`: print the trials and the estimated time, train and write nothing. `executor` and
+    `address`: as for `run`; with Ray, one trial per actor runs at once."""
     from loralab.progress import Reporter
     from loralab.sweep.study import run_sweep
 
-    return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run)
+    factory = None if dry_run else executor_factory(exp, executor, address)
+    return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run, executor=factory)
+
+
+def executor_factory(exp: Experiment, kind: str | None = None, address: str | None = None):
+    """The execute.ExecutorFactory for the file's `executor:` section with --executor/--address laid
+    over it; None for the in-process default. Checked before anything loads (Ray missing: exit 2)."""
+    from loralab.config.schema import ExecutorSpec
+
+    fields = exp.executor.model_dump(exclude_unset=True)
+    if kind is not None:  # the file's settings stay when they are the same executor's
+        fields = {**(fields if kind == exp.executor.kind else {}), "kind": kind}
+    if address is not None:
+        fields.update({"kind": kind or "ray", "address": address})
+    try:
+        spec = ExecutorSpec(**fields)
+    except ValueError as err:
+        raise SpecError("--executor and --address do not fit together",
+                        [Problem("--executor", str(err).splitlines()[-1], kind, "use --executor ray with --address")]) from None
+    if spec.kind == "local":
+        return None
+    from loralab.execute.ray_executor import factory
+
+    return factory(spec)
 
 
 def doctor(workspace: str | Path | None = None, repair: bool = False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,6 +45,16 @@ err_console = _Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the file's `workspace:`, else ./loralab-workspace)")
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (this process) or ray (Ray actors, the `ray` extra); "
+                           "default: the file's `executor:`, else local")
+AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
 
 
 def _fail(err: LoralabError) -> None:
@@ -161,12 +172,15 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         only: Optional[str] = typer.Option(None, "--only", help="Comma-separated run names, e.g. A,B"),
         force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
         repeats: Optional[int] = RepeatsOpt,
-        workspace: Optional[Path] = WorkspaceOpt):
+        workspace: Optional[Path] = WorkspaceOpt,
+        executor: Optional[Executor] = ExecutorOpt,
+        address: Optional[str] = AddressOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from loralab import api
 
     exp = api.with_repeats(api.load(file), repeats)
-    result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console)
+    result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
+                     executor=executor.value if executor else None, address=address)
     _show_comparison(result, exp)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
@@ -178,11 +192,14 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
 @_guard
 def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sweep:` section"),
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
-          workspace: Optional[Path] = WorkspaceOpt):
+          workspace: Optional[Path] = WorkspaceOpt,
+          executor: Optional[Executor] = ExecutorOpt,
+          address: Optional[str] = AddressOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
     from loralab import api
 
-    api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console)
+    api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console,
+              executor=executor.value if executor else None, address=address)
 
 
 @app.command()

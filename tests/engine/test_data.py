@@ -111,10 +111,11 @@ def test_builtin_is_deterministic_sorted_and_large(builtin):
     assert len({e.output for e in builtin}) == len(builtin)
 
 
-@pytest.mark.parametrize("first", ["", "import torch, datasets;"])
+@pytest.mark.parametrize("first", ["", "import torch, datasets;", "import ray;"])
 def test_builtin_does_not_depend_on_what_was_imported(builtin, first):
     # The walk reads live module attributes, which libraries patch: torch replaces
-    # inspect.getfile, pytest sys.unraisablehook. The fingerprint must not see that.
+    # inspect.getfile, pytest sys.unraisablehook, Ray's Cython inspect.isgenerator (and a Ray actor
+    # imports Ray first). The fingerprint must not see that.
     code = (f"{first}import json; from loralab.engine.data import builtin_stdlib_docstrings as b;"
             "print(json.dumps([[e.id, e.instruction, e.output] for e in b()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

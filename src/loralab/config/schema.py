@@ -445,6 +445,23 @@ class SweepSpec(_Strict):
         return self.pruner or PrunerSpec(name="median" if len(self.objective) == 1 else "none")
 
 
+class ExecutorSpec(_Strict):
+    """Where trials train: in this process (`local`, the default), or on Ray actors (`ray`), each of
+    which loads the base model once and takes jobs; Ray places one actor per `gpus_per_trial` GPUs."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="a Ray cluster (`ray start --head` prints it); none: a local Ray instance")
+    actors: int | None = Field(None, ge=1, le=1024, description="how many; none: as many as the cluster's resources fit")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="0 on a CPU machine; 1: one trial per GPU; 0.5: two per GPU")
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> "ExecutorSpec":
+        if self.kind == "local" and (self.address or self.actors or self.gpus_per_trial):
+            raise ValueError("address, actors and gpus_per_trial are Ray's: set kind: ray, or leave them out")
+        return self
+
+
 class Defaults(_Strict):
     lora: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -468,6 +485,7 @@ class Experiment(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     cost: CostSpec | None = None
     sweep: SweepSpec | None = None
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     # Filled by load_experiment, not by the file.
     resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
     source: str | None = Field(None, exclude=True)

@@ -508,7 +508,7 @@ def _module_functions(mod_name: str) -> list[tuple[str, Any]]:
     own = {mod.__name__, mod_name, "_" + mod_name.rsplit(".", 1)[-1], *_ACCELERATORS.get(mod_name, ())}
     out = []
     for name in sorted(set(public) if public is not None else dir(mod)):
-        obj = getattr(mod, name, None)
+        obj = _unwrapped(getattr(mod, name, None), name, own)
         if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
             continue
         if name.endswith("hook") or f"{mod_name}.{name}" in _PATCHED:
@@ -517,6 +517,22 @@ def _module_functions(mod_name: str) -> list[tuple[str, Any]]:
             continue
         out.append((name, obj))
     return out
+
+
+def _unwrapped(obj: Any, name: str, own: set) -> Any:
+    """The module's own function when a library wrapped it in a closure: Cython modules (Ray's, so
+    every Ray actor) replace inspect.isgenerator with a wrapper holding the original, and the set must
+    be the same in a process that imported them as in one that did not."""
+    if getattr(obj, "__module__", None) in own:
+        return obj
+    for cell in getattr(obj, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if inspect.isfunction(inner) and inner.__name__ == name and inner.__module__ in own:
+            return inner
+    return obj
 
 
 def _add(found: dict, qual: str, obj: Any, drop_self: bool) -> None:

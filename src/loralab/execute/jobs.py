@@ -49,7 +49,10 @@ class Outcome:
 
 class Executor(Protocol):
     """Runs jobs. Implement `run` (train, evaluate and store one job, return its outcome; the store is
-    the workspace the executor was made for) and `close` (free what the executor holds)."""
+    the workspace the executor was made for) and `close` (free what the executor holds).
+
+    An executor that runs several jobs at once (Ray actors) says how many in `slots`; a sweep then keeps
+    that many trials in flight, calling `run` from one thread per slot. Without it: 1, calls in turn."""
 
     def run(self, job: Job) -> Outcome: ...
 

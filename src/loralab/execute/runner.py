@@ -316,24 +316,38 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
         result.records[-1].name = "base"
 
         worker = (executor or LocalExecutor)(prepared, store, rep)
-        for run in prepared.runs:
-            for seed in exp.seeds_for(run):
-                rs = run.with_seed(seed)
-                label = run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})"
-                out = worker.run(Job(exp, rs, label, force=force))
-                if out.reused:
-                    result.skipped.append(label)
-                elif out.status in ("failed", "diverged"):
-                    getattr(result, out.status).append(label)
-                rec = store.get(out.run_id)
-                rec.name, rec.seed = run.name, seed
-                result.records.append(rec)
+        jobs = [Job(exp, run.with_seed(seed), run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})",
+                    force=force) for run in prepared.runs for seed in exp.seeds_for(run)]
+        for job, out in zip(jobs, _outcomes(worker, jobs)):
+            if out.reused:
+                result.skipped.append(job.label)
+            elif out.status in ("failed", "diverged"):
+                getattr(result, out.status).append(job.label)
+            rec = store.get(out.run_id)
+            rec.name, rec.seed = job.run.name, job.run.train.seed
+            result.records.append(rec)
         worker.close()
     except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
         raise storage_error(err, ws) or err
     finally:
         store.close()
     return result
+
+
+def _outcomes(worker, jobs: list[Job]):
+    """The jobs' outcomes in job order: one after the other (each stored before the next starts), or,
+    when the executor has several slots (Ray actors), that many at once."""
+    slots = int(getattr(worker, "slots", 1))
+    if slots <= 1:
+        return map(worker.run, jobs)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="run") as pool:
+        try:
+            return list(pool.map(worker.run, jobs))
+        except KeyboardInterrupt:  # stop the jobs in flight too (their rows stay `running`; a rerun takes them over)
+            worker.close()
+            raise
 
 
 @dataclass
@@ -362,6 +376,19 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
+
+
+def store_failed(prepared: Prepared, job: Job, store: Store, error: str) -> Outcome:
+    """Store a job that could not run where it was sent (its worker died each time) as a failed run,
+    so the sweep or experiment goes on as with any failed run."""
+    rid = run_id(prepared, job.run, job.full_eval, job.probe)
+    if store.get(rid) is None:  # the worker died before it began the run
+        model_info, data_info = _describe(prepared)
+        store.start(rid, name=job.run.name, experiment=job.experiment.name, kind="lora",
+                    config=_run_config(prepared, job.run), model=model_info, data=data_info, env={},
+                    seed=job.run.train.seed)
+    store.mark(rid, "failed", error)
+    return Outcome(rid, "failed", False)
 
 
 def reusable(done: RunRecord) -> bool:

@@ -175,12 +175,13 @@ def _counts(t) -> bool:
         t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed")
 
 
-def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None) -> str | None:
-    """Why no further trial may start, or None while the budget lasts."""
+def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_flight: int = 0) -> str | None:
+    """Why no further trial may start, or None while the budget lasts. `in_flight` trials count against
+    budget.trials (they will be counted once done); time and money are known only when they end."""
     done = [t for t in trials if _counts(t)]
     spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in done)
     b = sweep.budget
-    if b.trials is not None and len(done) >= b.trials:
+    if b.trials is not None and len(done) + in_flight >= b.trials:
         return f"budget of {b.trials} trials reached"
     if b.minutes is not None and spent >= b.minutes * 60:
         return f"time budget of {b.minutes:g} min reached ({spent / 60:.2f} min spent)"
@@ -370,15 +371,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
             loop.study = open_study(exp, url, space, fingerprint)
             recover_interrupted(loop.study, space, rep, loop.alive, loop.forget)
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
-        while True:
-            reason, busy, proposal = loop.propose()
-            if reason:
-                result.stopped = reason
-                break
-            if busy:
-                loop.wait_for_others()
-                continue
-            result.ran.append(loop.execute(prepared, *proposal))
+        result.stopped = loop.drive(prepared, result.ran)
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
         loop.worker.close()
         result.close_to_best = _close_to_best(result, store, exp, rep)
@@ -418,15 +411,16 @@ class _Loop:
 
         return file_lock(self.ws / LOCKS / f"study-{config_hash([self.url, self.exp.name])}.lock")
 
-    def propose(self) -> tuple[str | None, bool, tuple | None]:
-        """(why the sweep ends, whether to wait for other processes, (trial, params, knobs) to run)."""
+    def propose(self, in_flight: int = 0) -> tuple[str | None, bool, tuple | None]:
+        """(why the sweep ends, whether to wait for other processes, (trial, params, knobs) to run).
+        `in_flight`: this process's trials still running, which the trial budget counts as spent."""
         from optuna.trial import TrialState
 
         sw, study = self.sw, self.study
         while True:
             with self.study_lock():
                 trials = study.get_trials(deepcopy=False)
-                reason = budget_reason(trials, sw, self.per_hour)
+                reason = budget_reason(trials, sw, self.per_hour, in_flight)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
                     reason = "every grid point done"
@@ -451,6 +445,36 @@ class _Loop:
                 if self.repeats >= MAX_REPEATED_PROPOSALS:
                     return (f"the search space looks exhausted: the last {self.repeats} proposals were all "
                             "configurations already trained"), False, None
+
+    def drive(self, prepared, ran: list[int]) -> str:
+        """Propose and execute trials until the budget, the grid or the space ends; returns why. Up to the
+        executor's `slots` trials are in flight at once (a thread each), and proposals count them against
+        the budget, so N slots never run more trials than budget.trials."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        slots = max(1, int(getattr(self.worker, "slots", 1)))
+        running: set = set()
+        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial") as pool:
+            while True:
+                reason, busy = None, False
+                while len(running) < slots and not (reason or busy):
+                    reason, busy, proposal = self.propose(in_flight=len(running))
+                    if proposal is not None and slots == 1:  # one slot: in this thread, as before
+                        ran.append(self.execute(prepared, *proposal))
+                    elif proposal is not None:
+                        running.add(pool.submit(self.execute, prepared, *proposal))
+                if not running:
+                    if reason:
+                        return reason
+                    if busy:
+                        self.wait_for_others()
+                    continue
+                try:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:  # the trials in flight are interrupted too: each runs again next time
+                    self.worker.close()
+                    raise
+                ran.extend(f.result() for f in done)  # a trial's error (a SpecError) stops the sweep
 
     def wait_for_others(self) -> None:
         if not self.waited:

@@ -1,0 +1,196 @@
+"""The Ray executor: long-lived Ray actors, each with the base model loaded once, take the sweep's or the
+run's jobs (execute.Job, plain data), so several trials train at once, on one machine or a cluster.
+
+Each actor declares `cpus_per_trial` CPUs and `gpus_per_trial` GPUs; Ray places it where those are
+free and sets its CUDA_VISIBLE_DEVICES, so each actor sees only its own device(s). Every actor opens
+the workspace itself (the same folder: one machine, or a shared disk) and runs runner.train_run, the
+code LocalExecutor runs, so a trial's stored runs are the same whichever executor trained them.
+
+An actor that dies mid-job (a crash, an out-of-memory kill, a lost node) is replaced and the job runs
+once more on another actor: the run's lock died with the process, so the retry takes over the row it
+left `running` (store.start replaces an unfinished row) and no run is stored twice.
+
+Imported only when `executor.kind` is `ray`: Ray is an optional extra (`pip install 'loralab[ray]'`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+from loralab.config.schema import ExecutorSpec
+from loralab.errors import Problem, SpecError
+from loralab.execute.jobs import Job, Outcome
+
+RETRIES = 1  # a job whose actor died runs once more on a fresh actor; a second death fails the run
+INSTALL = "pip install 'loralab[ray]'"
+
+
+def require_ray():
+    """The ray module, or the one-message error naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise SpecError("the Ray executor needs Ray, which is not installed",
+                        [Problem("executor.kind", "ray is not installed", "ray", INSTALL)]) from None
+    return ray
+
+
+@contextmanager
+def kept_sigterm():
+    """ray.init replaces the SIGTERM handler with sys.exit and leaves it there; the CLI's (the current
+    trial marked interrupted, exit 143) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+class Worker:
+    """One Ray actor: the base model loaded once (runner.prepare), the workspace opened, jobs run in turn."""
+
+    def __init__(self, exp, only: list[str] | None, workspace: str):
+        from loralab.execute.runner import LocalExecutor, prepare
+        from loralab.progress import Reporter
+        from loralab.workspace.store import Store
+
+        rep = Reporter()
+        self.local = LocalExecutor(prepare(exp, only, rep), Store(workspace), rep)
+
+    def run(self, job: Job) -> Outcome:
+        return self.local.run(job)
+
+    def placement(self) -> dict[str, Any]:
+        """What Ray gave this actor: its GPU ids, its resources, and the devices CUDA will see."""
+        import ray
+
+        return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "resources": ray.get_runtime_context().get_assigned_resources(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                "host": socket.gethostname()}
+
+
+class RayExecutor:
+    """execute.Executor on Ray actors; `slots` = the number of actors (the sweep keeps that many trials
+    in flight). Thread-safe: each `run` takes an idle actor, waits for its job, and gives it back."""
+
+    def __init__(self, prepared, store, reporter, spec: ExecutorSpec, env: dict[str, str] | None = None):
+        ray = require_ray()
+        self.ray, self.prepared, self.store, self.rep, self.spec = ray, prepared, store, reporter, spec
+        if not ray.is_initialized():  # without an address: a local Ray instance with this machine's resources
+            with kept_sigterm():
+                ray.init(address=spec.address, include_dashboard=False)
+            self.started_ray = True
+        else:
+            self.started_ray = False
+        self.remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial)(Worker).options(
+            runtime_env={"env_vars": dict(env)} if env else None)
+        self.args = (prepared.exp, [r.name for r in prepared.runs], str(store.root))
+        self.closed = False
+        room = self._fit()
+        if spec.actors is not None and spec.actors > room:  # the others would wait for resources for ever
+            raise SpecError(f"executor.actors is {spec.actors} but the Ray cluster holds {room} trial(s) of "
+                            f"{spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU",
+                            [Problem("executor.actors", f"more than the cluster holds ({room})", spec.actors,
+                                     "lower it, or add a machine with `ray start --address ...`")])
+        n = spec.actors or room
+        self.actors = [self._new_actor() for _ in range(n)]
+        self.idle: queue.Queue = queue.Queue()
+        for a in self.actors:
+            self.idle.put(a)
+        self.slots = n
+        self.lock = threading.Lock()
+        self._same_host()
+        reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
+                     f"cluster {spec.address or 'local'}")
+
+    def _fit(self) -> int:
+        """As many actors as the cluster's resources hold: the fewest of its CPUs and (when trials take
+        them) GPUs divided by what one trial declares."""
+        total = self.ray.cluster_resources()
+        need = {"CPU": self.spec.cpus_per_trial, "GPU": self.spec.gpus_per_trial}
+        fits = {key: int(total.get(key, 0) // each) for key, each in need.items() if each > 0}
+        key = min(fits, key=fits.get)
+        if fits[key] < 1:
+            raise SpecError(f"the Ray cluster has no room for one trial ({total.get(key, 0):g} {key} in all)",
+                            [Problem(f"executor.{key.lower()}s_per_trial", f"more than the cluster's {key}", need[key],
+                                     "lower it, or add a machine with `ray start --address ...`")])
+        return fits[key]
+
+    def _same_host(self) -> None:
+        """Refuse actors on other machines: each would store its runs in a folder of that machine's own
+        disk, and a workspace shared by several hosts (a database server) does not exist yet (a network
+        file system is no answer: docs/reliability.md, Network file systems). Waits for the actors' start."""
+        here = socket.gethostname()
+        away = sorted({p["host"] for p in self.placements()} - {here})
+        if away:
+            self.close()
+            raise SpecError(f"Ray placed actors on other machines ({', '.join(away)}); their runs would be stored "
+                            "on those machines' disks, not in this workspace",
+                            [Problem("executor.address", "a cluster of several machines", self.spec.address,
+                                     f"run on one machine for now: a Ray instance on {here} (no --address, or "
+                                     "`ray start --head` here); one workspace for many hosts is not done yet")])
+
+    def _new_actor(self):
+        return self.remote.remote(*self.args)
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Each actor's placement (Worker.placement), in actor order."""
+        return self.ray.get([a.placement.remote() for a in self.actors])
+
+    def run(self, job: Job) -> Outcome:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(RETRIES + 1):
+            actor = self.idle.get()
+            try:
+                out = self.ray.get(actor.run.remote(job))
+            except Exception as err:
+                if self.closed:  # closed mid-job (Ctrl-C): the job was interrupted, as in this process
+                    raise KeyboardInterrupt from None
+                if not isinstance(err, RayActorError):
+                    raise
+                # The actor died: replace it, run the job once more elsewhere.
+                fresh = self._new_actor()
+                with self.lock:
+                    self.actors[self.actors.index(actor)] = fresh
+                self.idle.put(fresh)
+                self.rep.log(f"[yellow]{job.label or job.run.name}: its Ray actor died "
+                             f"({type(err).__name__}); {'running it again' if attempt < RETRIES else 'giving up'}[/yellow]")
+                continue
+            self.idle.put(actor)
+            return out
+        return self._failed(job)
+
+    def _failed(self, job: Job) -> Outcome:
+        """A job whose actors kept dying: stored as failed, so the trial ends like any failed run."""
+        from loralab.execute.runner import store_failed
+
+        return store_failed(self.prepared, job, self.store, f"its Ray actor died {RETRIES + 1} times")
+
+    def close(self) -> None:
+        """Stop the actors (and the local Ray instance this executor started). Called while jobs run
+        (Ctrl-C), their `run` calls raise KeyboardInterrupt; their rows stay `running` for the next try."""
+        self.closed = True
+        for a in list(self.actors):
+            self.ray.kill(a)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def factory(spec: ExecutorSpec, env: dict[str, str] | None = None):
+    """An ExecutorFactory making a RayExecutor of `spec`; `env`: variables every actor gets."""
+    require_ray()
+
+    def make(prepared, store, reporter):
+        return RayExecutor(prepared, store, reporter, spec, env)
+
+    return make

@@ -1,0 +1,237 @@
+"""The Ray executor on a local Ray instance (127.0.0.1, 2 CPUs, stopped after each test): a sweep on two
+actors stores what the in-process executor stores, keeps budget.trials exact with two trials in flight,
+survives an actor killed mid-trial, and each actor gets its own (declared) device."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+import time
+
+import pytest
+
+import loralab
+from loralab import api
+from loralab.config.loading import load_experiment
+from loralab.config.schema import Experiment, ExecutorSpec
+from loralab.errors import SpecError
+from loralab.execute.runner import prepare
+from loralab.progress import Reporter
+from loralab.sweep.study import run_sweep
+from loralab.workspace.store import DB_NAME, Store
+
+from test_sweep import BASE, sweep_file
+
+ray = pytest.importorskip("ray")  # installed by `make test` (the ray extra); skipped only outside it
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # each actor trains on one core, as the local run does
+GRID = """
+strategy: grid
+seed: 1
+space:
+  lora.r: [2, 4]
+  train.learning_rate: [1.0e-3, 3.0e-3]
+pruner: {name: none}
+"""
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray instance of 2 CPUs (and 2 declared GPUs, for placement), stopped after the test."""
+    from loralab.execute.ray_executor import kept_sigterm
+
+    with kept_sigterm():  # processes this test process forks later must not inherit Ray's handler
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": ONE_THREAD},
+                 log_to_driver=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=100 * 1024**2)  # jobs and outcomes are small; /dev/shm may be too
+    yield
+    ray.shutdown()
+
+
+def values(result) -> dict:
+    return {tuple(sorted(t.knobs.items())): t.values for t in result.trials}
+
+
+def test_a_grid_on_two_actors_gives_the_local_executors_trial_results(local_ray, tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    local = run_sweep(load_experiment(f), workspace=tmp_path / "local")
+    made = []
+
+    def two_actors(prepared, store, rep):  # the factory api.sweep makes, keeping the executor to look at
+        from loralab.execute.ray_executor import RayExecutor
+
+        made.append(RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=2), ONE_THREAD))
+        return made[-1]
+
+    remote = run_sweep(load_experiment(f), workspace=tmp_path / "ray", executor=two_actors)
+    assert made[0].slots == 2
+    assert len(remote.trials) == 4 and all(t.status == "finished" for t in remote.trials)
+    ours, theirs = values(remote), values(local)
+    assert ours.keys() == theirs.keys()
+    for knobs, v in theirs.items():  # same seeds, same code, one thread each: the same numbers
+        assert ours[knobs] == pytest.approx(v, rel=1e-5), knobs
+
+
+def test_budget_trials_is_exact_with_two_trials_in_flight(local_ray, tiny_neox, tmp_path):
+    # Through the file's executor section and the API, as `loralab sweep` goes.
+    f = sweep_file(tmp_path, tiny_neox, GRID.replace("pruner:", "budget: {trials: 3}\npruner:"),
+                   extra=BASE + "executor: {kind: ray, actors: 2}\n")
+    result = api.sweep(loralab.load(f), workspace=tmp_path / "ws")
+    # Without counting the trials in flight, the second to finish would see 2 of 3 done and start a 4th.
+    assert len(result.trials) == 3 and len(result.ran) == 3
+    assert result.stopped == "budget of 3 trials reached"
+
+
+def _running_rows(ws) -> int:
+    try:
+        with sqlite3.connect(f"file:{ws / DB_NAME}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("select count(*) from runs where status = 'running'").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or being written
+        return 0
+
+
+def test_an_actor_killed_mid_trial_leaves_every_trial_run_once(local_ray, tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    ws, gate = tmp_path / "ws", tmp_path / "gate"
+    # Each actor's first job waits after its 2nd training step until the gate exists: the test kills
+    # one actor there (mid-trial, its run row `running`), then opens the gate.
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
+    made = []
+
+    def two_actors(prepared, store, rep):
+        from loralab.execute.ray_executor import RayExecutor
+
+        made.append(RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=2), env))
+        return made[-1]
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while _running_rows(ws) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed.append(_running_rows(ws))
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    result = run_sweep(load_experiment(f), workspace=ws, executor=two_actors)
+    killer.join(timeout=10)
+    assert killed == [2]  # both actors were mid-trial when one was killed
+    assert sorted(t.status for t in result.trials) == ["finished"] * 4
+    ids = [i for t in result.trials for i in t.run_ids]
+    assert len(ids) == len(set(ids)) == 4  # every trial once, each its own run
+    store = Store(ws, create=False)
+    try:
+        assert sorted(store.get(i).status for i in ids) == ["finished"] * 4
+        assert _running_rows(ws) == 0  # the dead actor's row was taken over, not left running
+    finally:
+        store.close()
+
+
+def test_each_actor_sees_only_its_own_device(local_ray, tiny_neox, tmp_path):
+    from loralab.execute.ray_executor import RayExecutor
+
+    exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+    store = Store(tmp_path / "ws")
+    spec = ExecutorSpec(kind="ray", gpus_per_trial=1)  # actors: as many as the 2 declared GPUs hold
+    ex = RayExecutor(prepare(exp), store, Reporter(), spec, ONE_THREAD)
+    try:
+        places = ex.placements()
+    finally:
+        ex.close()
+        store.close()
+    assert ex.slots == 2
+    assert sorted(p["gpu_ids"][0] for p in places) == ["0", "1"]
+    assert sorted(p["cuda_visible_devices"] for p in places) == ["0", "1"]  # what torch would see
+    assert all(p["resources"]["GPU"] == 1.0 for p in places)
+
+
+def test_executor_options_are_checked_before_anything_loads(monkeypatch):
+    plain = Experiment()
+    with pytest.raises(SpecError, match="--executor and --address"):
+        api.executor_factory(plain, "local", "127.0.0.1:6379")
+    assert api.executor_factory(plain) is None  # the default: in this process
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(SpecError) as info:
+        api.executor_factory(plain, "ray")
+    assert "pip install 'loralab[ray]'" in str(info.value.problems[0])
+
+
+def test_loralab_run_on_ray_stores_what_the_local_executor_stores(local_ray, tiny_neox, tmp_path):
+    from test_runner import SEED_RUNS, experiment
+
+    exp = loralab.load(experiment(tmp_path, tiny_neox, name="ex", runs="evaluation: {drift: false}\nrepeats: 2\n" + SEED_RUNS))
+    local = api.run(exp, workspace=tmp_path / "local")
+    remote = api.run(exp, workspace=tmp_path / "ray", executor="ray")  # 2 actors: the 2 CPUs, 1 each
+    assert [(r.name, r.seed) for r in remote.records] == [(r.name, r.seed) for r in local.records]
+    assert [r.id for r in remote.records] == [r.id for r in local.records]  # the same runs, in file order
+    for ours, theirs in zip(remote.records, local.records):
+        assert ours.status == theirs.status == "finished"
+        assert ours.metrics["eval_loss"] == pytest.approx(theirs.metrics["eval_loss"], rel=1e-5), ours.name
+
+
+def test_the_cli_refuses_an_address_for_the_local_executor(tiny_neox, tmp_path):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    out = CliRunner().invoke(app, ["sweep", str(f), "--executor", "local", "--address", "127.0.0.1:6379",
+                                   "-w", str(tmp_path / "ws")])
+    assert out.exit_code == 2, out.output
+    assert "--executor and --address" in out.output and not (tmp_path / "ws").exists()
+
+
+def test_starting_ray_keeps_the_clis_sigterm_handler(tiny_neox, tmp_path):
+    import signal
+
+    def ours(signum, frame):  # what the CLI installs: the current trial marked interrupted, exit 143
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        f = sweep_file(tmp_path, tiny_neox, GRID.replace("pruner:", "budget: {trials: 1}\npruner:"))
+        spec = ExecutorSpec(kind="ray", actors=1, cpus_per_trial=2)  # a local Ray instance of its own
+        from loralab.execute.ray_executor import factory
+
+        made = []
+        result = run_sweep(load_experiment(f), workspace=tmp_path / "ws",
+                           executor=lambda *a: made.append(factory(spec, ONE_THREAD)(*a)) or made[-1])
+        assert signal.getsignal(signal.SIGTERM) is ours and len(result.trials) == 1
+        assert made[0].started_ray and not ray.is_initialized()  # it started Ray, and stopped it on close
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_actors_are_sized_by_the_scarcest_resource_and_never_more_than_fit(local_ray, tiny_neox, tmp_path):
+    from loralab.execute.ray_executor import RayExecutor
+
+    exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+    prepared, store = prepare(exp), Store(tmp_path / "ws")
+    try:
+        # 2 GPUs hold 2 trials, but 2 CPUs hold one trial of 2 CPUs: one actor, not a second waiting for ever.
+        ex = RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", gpus_per_trial=1, cpus_per_trial=2))
+        assert ex.slots == 1
+        ex.close()
+        with pytest.raises(SpecError, match="holds 2 trial"):
+            RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=3))
+    finally:
+        store.close()
+
+
+def test_actors_on_another_machine_are_refused(local_ray, tiny_neox, tmp_path, monkeypatch):
+    import socket
+
+    from loralab.execute.ray_executor import RayExecutor
+
+    exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+    prepared, store = prepare(exp), Store(tmp_path / "ws")
+    real = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "the-driver")  # the actors still report this machine
+    try:
+        with pytest.raises(SpecError, match=f"other machines \\({real}\\)"):  # they would store runs on their own disk
+            RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=1))
+    finally:
+        store.close()
