@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, _norm, _per_example, _verdict, floor_of, knobs
+from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, flat_knobs, _norm, _per_example, _verdict, floor_of, knobs
 from loralab.errors import Problem, SpecError
 from loralab.config.loading import parse_experiment
 from loralab.config.schema import Experiment, RunSpec, config_hash
@@ -48,7 +48,7 @@ SHORT = {"train.learning_rate": "lr", "train.gradient_accumulation": "grad_accum
 
 def run_knobs(run: RunSpec) -> dict[str, Any]:
     """A resolved run's settings as flat `section.key` pairs, as comparison.knobs gives for a stored run."""
-    return {f"{s}.{k}": v for s in KNOB_SECTIONS for k, v in getattr(run, s).model_dump().items()}
+    return flat_knobs({s: getattr(run, s).model_dump() for s in KNOB_SECTIONS})
 
 
 def trained_knobs(flat: dict[str, Any], hold: str = "alpha/r") -> dict[str, Any]:

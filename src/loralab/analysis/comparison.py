@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 
+from loralab.config.schema import lora_variant_defaults
 from loralab.metrics.table import metric
 from loralab.metrics.table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
                            STABILITY_ROWS, VERBOSITY_CAP)
@@ -28,9 +29,18 @@ KNOB_SECTIONS = ("lora", "train", "generate")
 
 def knobs(rec: RunRecord) -> dict[str, Any]:
     """A run's settings as flat `section.key` pairs (base has none: it is the untrained model)."""
+    return flat_knobs(rec.config) if rec.kind != "base" else {}
+
+
+def flat_knobs(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings by section as `section.key` pairs; LoRA variants a run left out (at their defaults) are
+    filled in, so runs from before the variants and runs with them compare knob by knob."""
     out: dict[str, Any] = {}
     for section in KNOB_SECTIONS:
-        for k, v in (rec.config.get(section) or {}).items():
+        values = config.get(section) or {}
+        if section == "lora" and values:
+            values = {**values, **{k: v for k, v in lora_variant_defaults().items() if k not in values}}
+        for k, v in values.items():
             out[f"{section}.{k}"] = v
     return out
 

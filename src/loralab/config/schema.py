@@ -53,6 +53,11 @@ VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_patte
 INITS = ("default", "gaussian", "pissa", "olora")
 
 
+def lora_variant_defaults() -> dict[str, Any]:
+    """The variants' defaults, for views that compare runs knob by knob (a stored run leaves them out)."""
+    return {k: LoraSpec.model_fields[k].default for k in VARIANTS}
+
+
 class LoraSpec(_Strict):
     """PEFT LoraConfig knobs."""
 

@@ -535,7 +535,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(prepared, run),
                 model=model_info, data=data_info, env=env, seed=seed)
-    peft_model = None
+    peft_model = done = None
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
         if source is not None:
@@ -561,8 +561,9 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
     except Exception as err:  # one broken run must not stop the others
         return _failed(err, run, label, rid, store, rep, reached)
     finally:
-        if peft_model is not None:
-            _restore_base(prepared, peft_model)
+        current = done.model if done is not None else peft_model  # finished() may have swapped it
+        if current is not None:
+            _restore_base(prepared, current)
 
 
 def _with_lora(prepared: Prepared, run: RunSpec):
@@ -630,6 +631,9 @@ class _Done:
     model: Any  # the PEFT model
     res: Any  # train.TrainResult
 
+    def __post_init__(self) -> None:
+        self.init_s = getattr(self.model, "_init_s", 0.0)  # kept: PiSSA/OLoRA swap the model before storing
+
     @property
     def planned(self) -> int:
         from loralab.engine.train import plan_steps
@@ -646,7 +650,7 @@ class _Done:
                "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
         out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
         if self.run.lora.init != "default":  # an SVD or QR of the base weights is part of the run's cost
-            out["init_s"] = round(getattr(self.model, "_init_s", 0.0), 3)
+            out["init_s"] = round(self.init_s, 3)
         return out
 
     def diverged(self, monitor) -> str:
@@ -700,12 +704,22 @@ class _Done:
 
     def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
         prepared, res = self.prepared, self.res
-        metrics, samples, timings = evaluate(self.model, prepared, self.label, self.rep, gen_batch, full=full_eval, probe=probe)
-        metrics.update(self.train_metrics())
         run_dir = self.store.run_dir(self.rid)
         tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, **self._conversion())  # PEFT format: adapter_config.json + .safetensors
+        converted = bool(getattr(self.model, "_base_weights", None))
+        if converted:  # PiSSA/OLoRA: evaluated as stored, the converted adapter on the original base weights
+            self.model.save_pretrained(tmp, **self._conversion())
+            _restore_base(prepared, self.model)
+            self.model = None  # the base is whole again: nothing for _train_one to restore if loading fails
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(prepared.base.model, tmp)
+        metrics, samples, timings = evaluate(self.model, prepared, self.label, self.rep, gen_batch, full=full_eval,
+                                             probe=probe)
+        metrics.update(self.train_metrics())
+        if not converted:
+            self.model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
         fault_point("adapter.save")
         _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
         shutil.rmtree(final, ignore_errors=True)
