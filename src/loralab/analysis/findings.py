@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.analysis.ablate import Effect, differing, moved_knobs, scale_note
-from loralab.analysis.comparison import Comparison, _verdict, fmt_value, fmt_verdict, knobs
+from loralab.analysis.comparison import Comparison, _verdict, cell_estimate, fmt_value, fmt_verdict, knobs
 from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
 from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, mean_ci
@@ -547,8 +547,8 @@ class TLDR:
 
 
 def _est(group: list[RunRecord], key: str, level: float) -> Estimate | None:
-    vals = [r.metrics[key] for r in group if _num(r.metrics.get(key)) is not None]
-    return mean_ci(vals, level) if vals else None
+    """A run's value with the same interval as its cell in the tables (seeds and eval examples)."""
+    return cell_estimate(key, group, level)
 
 
 def _pm(e: Estimate, fmt: str) -> str:
