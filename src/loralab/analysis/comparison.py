@@ -1,11 +1,11 @@
 """The "Main differences" table: the knobs that differ between runs, then the outcomes side by side,
-grouped (quality, verbosity, drift, stability, cost), each as a mean with its confidence interval
-across seeds, and a verdict for each run against the first: the difference, its CI, and
-`within noise` when the CI contains zero.
+grouped (quality, verbosity, drift, stability, cost), each as a mean with its interval over seeds and
+eval examples, and verdicts: each trained run against the untrained base, then against the first run:
+the difference, its interval, and `within noise` when the interval contains zero.
 
-Metrics measured per eval example (quality, verbosity, eval loss) get a paired bootstrap over the
-examples (each example's value averaged over seeds); per-run metrics (drift, stability, cost) get a
-Welch interval across seeds when both runs have at least two.
+The intervals are metrics.stats': per-example metrics (quality, verbosity, eval loss) pair the runs by
+example (and by seed where they share seeds); per-run metrics (drift, stability, cost) have the seed
+part only. Each verdict column is one family of questions (Benjamini-Hochberg).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-
 from loralab.config.schema import lora_variant_defaults
-from loralab.metrics.table import metric
+from loralab.metrics.stats import (MULTIPLE, Estimate, Side, Verdict, adjust_for_multiplicity, compare_runs, estimate,
+                                   mean_ci, verdict_label)
 from loralab.metrics.table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
-                           STABILITY_ROWS, VERBOSITY_CAP)
-from loralab.metrics.stats import MULTIPLE, Estimate, Side, Verdict, adjust_for_multiplicity, compare_runs, estimate, mean_ci, verdict_label
+                                   STABILITY_ROWS, VERBOSITY_CAP, metric)
 from loralab.workspace.store import RunRecord
 
 KNOB_SECTIONS = ("lora", "train", "generate")
+
 
 def knobs(rec: RunRecord) -> dict[str, Any]:
     """A run's settings as flat `section.key` pairs (base has none: it is the untrained model)."""

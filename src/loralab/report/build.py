@@ -764,7 +764,8 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
 
 
 def _half(e) -> float:
-    return 0.0 if e is None or e.n < 2 or math.isnan(e.hi) else (e.hi - e.lo) / 2
+    """An error bar as the table shows the cell's interval (one seed of a per-example metric has one too)."""
+    return 0.0 if e is None or math.isnan(e.hi) else (e.hi - e.lo) / 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, l
         ax.set_ylabel(_tex_safe(f"{quality} ({better} is better)"))
 
     return _plot("quality-vs-cost", "Quality against cost",
-                 f"Each finished run: {quality} against its cost per run, with {level:.0%} intervals across seeds. "
+                 f"Each finished run: {quality} against its cost per run, with {level:.0%} intervals over seeds and eval examples (as the tables' cells). "
                  "The dotted line joins the Pareto front: runs no other run beats"
                  + (" (beating: better on quality or cost with an interval that excludes zero, and not worse on the "
                     "other)." if beats is not None else " on both."), draw)
@@ -212,7 +212,7 @@ def tokens_per_cap(series: list[CapSeries], colors: dict[str, str] | None = None
 
     return _plot("tokens-per-cap", "Tokens generated per cap",
                  "Mean tokens generated on the eval prompts at each cap (one greedy generation, cut at each cap), "
-                 "with intervals across seeds. A run on the dotted line fills every cap: it rarely stops on its own.",
+                 "with intervals over seeds and eval examples. A run on the dotted line fills every cap: it rarely stops on its own.",
                  draw, size=(6.0, 3.4))
 
 
