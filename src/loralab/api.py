@@ -298,7 +298,7 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     "higher", "lower", "within noise", "negligible" (inside evaluation.min_effect) or "untested" (one
     seed each of a per-run metric: no interval; `note` says why).
     """
-    from loralab.analysis.comparison import _verdict
+    from loralab.analysis.comparison import verdict_of
 
     c = compare([a, b], workspace)
     keys = sorted(r.key for _, rows in c.sections for r in rows)
@@ -306,7 +306,7 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
         raise SpecError(f"no metric {metric!r} in runs {a} and {b}",
                         [Problem("metric", "unknown metric", metric, f"use one of: {', '.join(keys)}")])
     ev = c.groups[-1][0].config.get("evaluation") or {}
-    return _verdict(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
+    return verdict_of(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
 
 
 def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None) -> Path:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import loralab
-from loralab.analysis.comparison import _verdict, cell_estimate, compare, fmt_verdict, to_markdown
+from loralab.analysis.comparison import verdict_of, cell_estimate, compare, fmt_verdict, to_markdown
 from loralab.workspace.store import RunRecord
 
 N = 12
@@ -100,7 +100,7 @@ def test_a_run_without_token_counts_is_compared_unweighted_and_says_so():
     for r in a + b:
         for s in r.samples:
             del s["loss_tokens"]
-    v = _verdict("eval_loss", a, b, 0.95)
+    v = verdict_of("eval_loss", a, b, 0.95)
     assert "unweighted" in v.note
 
 

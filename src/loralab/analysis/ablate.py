@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, flat_knobs, _norm, _per_example, _verdict, floor_of, knobs
+from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, flat_knobs, _norm, _per_example, verdict_of, floor_of, knobs
 from loralab.errors import Problem, SpecError
 from loralab.config.loading import parse_experiment
 from loralab.config.schema import Experiment, RunSpec, config_hash
@@ -491,7 +491,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             src = f"main effect over {n} runs ({kind} of {len(design.knobs)} knobs)"
             if design.resolution == 3:
                 src += "; aliased with two-knob interactions"
-            vs = adjust_for_multiplicity([_verdict(m, minus, plus, level, floors) for m in metrics], level)
+            vs = adjust_for_multiplicity([verdict_of(m, minus, plus, level, floors) for m in metrics], level)
             for m, v in zip(metrics, vs):
                 out.append(Effect(k, design.low[k], design.high[k], m, v, seeds, _mean(minus, m),
                                   _method(v), src, "factorial", "" if k != "lora.r" else
@@ -510,7 +510,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             continue
         seen.add(key)
         lo, hi = groups[i], groups[j]
-        vs = adjust_for_multiplicity([_verdict(m, lo, hi, level, floors) for m in metrics], level)
+        vs = adjust_for_multiplicity([verdict_of(m, lo, hi, level, floors) for m in metrics], level)
         for m, v in zip(metrics, vs):
             out.append(Effect(k, tk[i][k], tk[j][k], m, v, min(len(lo), len(hi)), _mean(lo, m),
                               _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", scale_note(k, lo[0], hi[0])))

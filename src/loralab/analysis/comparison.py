@@ -231,12 +231,12 @@ def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
     return floors.get(key, floors.get(key.partition("@")[0]))
 
 
-def _verdict(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
-             floors: dict[str, float] | None = None) -> Verdict | None:
+def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
+               floors: dict[str, float] | None = None) -> Verdict | None:
     """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
     None when either run has no value of the metric."""
     if key == "eval_ppl":
-        v = _verdict("eval_loss", ref, other, level, floors)
+        v = verdict_of("eval_loss", ref, other, level, floors)
         cell = cell_estimate("eval_loss", ref, level)
         if v is None or cell is None:
             return None
@@ -317,7 +317,7 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
             cells = [cell_estimate(k, g, level) for g in groups]
             if all(x is None for x in cells):
                 continue
-            verdicts = [_verdict(k, groups[i], groups[j], level, floors) for i, j in c.pairs]
+            verdicts = [verdict_of(k, groups[i], groups[j], level, floors) for i, j in c.pairs]
             out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
         return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.analysis.ablate import Effect, differing, moved_knobs, scale_note
-from loralab.analysis.comparison import Comparison, _verdict, cell_estimate, fmt_value, fmt_verdict, knobs
+from loralab.analysis.comparison import Comparison, verdict_of, cell_estimate, fmt_value, fmt_verdict, knobs
 from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
 from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, mean_ci
@@ -583,7 +583,7 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     for g in runs:
         if g is best:
             continue
-        v = _verdict(metric, best, g, level, floors)
+        v = verdict_of(metric, best, g, level, floors)
         if testable(v) and v.label in ("within noise", "negligible"):
             close.append(pick(g, v))
     out.within_noise = [p.name for p in close[1:]]
@@ -625,7 +625,7 @@ def _cheaper(best: list[RunRecord], other: list[RunRecord], key: str, level: flo
     interval across seeds excludes zero. With one seed a run, wall time is not compared (machine load moves
     it: the same work took 158 s and 811 s on one busy machine); the tokens processed, which load does not
     move, are compared instead."""
-    v = _verdict(key, best, other, level)
+    v = verdict_of(key, best, other, level)
     mb = _est(best, key, level)
     if v is not None and testable(v) and mb is not None and mb.mean:
         if v.label != "lower":

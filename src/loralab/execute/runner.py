@@ -476,7 +476,7 @@ def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label:
     try:
         metrics, samples, timings = evaluate(peft_model, prepared, label, rep, gen_batch, full=full_eval, probe=probe)
     finally:
-        _restore_base(prepared, peft_model)
+        restore_base(prepared, peft_model)
     metrics.update({k: v for k, v in source.metrics.items()
                     if k == "adapter_bytes" or (metric(k) is not None and metric(k).stage == "training")})
     _fsync_tree(tmp)
@@ -500,7 +500,7 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
-def _restore_base(prepared: Prepared, peft_model) -> None:
+def restore_base(prepared: Prepared, peft_model) -> None:
     """Take the LoRA layers out again, and put back base weights an initialisation rewrote: the prepared
     base model is shared by every run."""
     prepared.base.model = peft_model.unload()  # removes the LoRA layers
@@ -541,7 +541,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
-        peft_model = _with_lora(prepared, run)
+        peft_model = with_lora(prepared, run)
         if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
             peft_model._init_dir = store.run_dir(rid) / "adapter_init"
             shutil.rmtree(peft_model._init_dir, ignore_errors=True)
@@ -563,14 +563,14 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
     finally:
         current = done.model if done is not None else peft_model  # finished() may have swapped it
         if current is not None:
-            _restore_base(prepared, current)
+            restore_base(prepared, current)
 
 
-def _with_lora(prepared: Prepared, run: RunSpec):
+def with_lora(prepared: Prepared, run: RunSpec):
     """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed.
 
     PiSSA and OLoRA take their start from the base weights and leave the residual in them: the weights
-    they touch are copied first (`_base_weights`) and put back by _restore_base; `_init_s` is what the
+    they touch are copied first (`_base_weights`) and put back by restore_base; `_init_s` is what the
     initialisation cost (the SVD or QR), counted in the run's time."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
@@ -710,7 +710,7 @@ class _Done:
         converted = bool(getattr(self.model, "_base_weights", None))
         if converted:  # PiSSA/OLoRA: evaluated as stored, the converted adapter on the original base weights
             self.model.save_pretrained(tmp, **self._conversion())
-            _restore_base(prepared, self.model)
+            restore_base(prepared, self.model)
             self.model = None  # the base is whole again: nothing for _train_one to restore if loading fails
             from peft import PeftModel
 

@@ -20,7 +20,7 @@ from loralab.analysis import ablate as ablate_mod
 from loralab.analysis import findings as fnd
 from loralab.report import plots as plots_mod
 from loralab.analysis.ablate import Effect
-from loralab.analysis.comparison import (Comparison, _md_cell, _norm, _verdict, caps_of, cell_estimate, compare, fmt_estimate, fmt_value,
+from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, fmt_estimate, fmt_value,
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
@@ -729,7 +729,7 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
     def beats(j: int, i: int) -> bool:
         """The noise rule for the Pareto front: j beats i when it is better on quality or cheaper with an
         interval that excludes zero, and not worse on the other."""
-        q, x = _verdict(metric, behind[i], behind[j], level), _verdict(cost_key, behind[i], behind[j], level)
+        q, x = verdict_of(metric, behind[i], behind[j], level), verdict_of(cost_key, behind[i], behind[j], level)
         worse = {"lower": "higher", "higher": "lower"}[better]
         q_label, x_label = (q.label if q else "untested"), (x.label if x else "untested")
         return (q_label == better or x_label == "lower") and q_label != worse and x_label != "higher"

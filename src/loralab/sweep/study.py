@@ -534,7 +534,7 @@ class _Loop:
 def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
     """The finished trials whose objective is within noise of the best trial's, by the report's rule
     (an interval over seeds and eval examples): the best mean alone can be a lucky seed."""
-    from loralab.analysis.comparison import _verdict
+    from loralab.analysis.comparison import verdict_of
 
     sw = exp.sweep
     if len(sw.objective) != 1 or not result.best:
@@ -549,7 +549,7 @@ def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -
         key = f"{key}@{max(best[0].config['generate']['max_new_tokens'])}"
     level = exp.evaluation.confidence
     close = [n for n, g in groups.items() if g and n != result.best[0].number
-             and (v := _verdict(key, best, g, level, floors=exp.evaluation.min_effect)) is not None
+             and (v := verdict_of(key, best, g, level, floors=exp.evaluation.min_effect)) is not None
              and v.label in ("within noise", "negligible")]
     if close:
         rep.log(f"Within noise of the best ({level:.0%} intervals over seeds and eval examples): "
@@ -622,11 +622,11 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
     import dataclasses
 
     from loralab.engine.train import train_lora
-    from loralab.execute.runner import _restore_base, _with_lora, evaluate
+    from loralab.execute.runner import restore_base, with_lora, evaluate
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})
-    model = _with_lora(prepared, run)
+    model = with_lora(prepared, run)
     try:
         from loralab.engine.data import encode_example
 
@@ -645,7 +645,7 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
                  probe=needs_probe(exp.sweep))
         eval_s = (time.perf_counter() - t0) * max(len(prepared.eval_encoded), 1) / max(k, 1)
     finally:
-        _restore_base(prepared, model)
+        restore_base(prepared, model)
     what = "losses, generation and drift" if needs_full_eval(exp.sweep) else "losses only"
     return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, and a trial's "
                  f"evaluation ({what}) on {k} eval example(s) scaled to {len(prepared.eval_encoded)}"), eval_s
