@@ -46,6 +46,8 @@ class Step:
     grad_norm: float
     lr: float
     model: Any  # the model being trained (a hook may evaluate it; it must leave model.training as it was)
+    tokens: int = 0  # non-padding tokens trained so far
+    seconds: float = 0.0  # since training started
 
 
 class StepHook(Protocol):
@@ -299,12 +301,13 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = sched.get_last_lr()[0]
             loss = step_loss / max(n_target, 1)
-            for k, v in zip(curve, (step, loss, grad_norm, lr, seen, time.perf_counter() - t0)):
+            elapsed = time.perf_counter() - t0
+            for k, v in zip(curve, (step, loss, grad_norm, lr, seen, elapsed)):
                 curve[k].append(v)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            done = Step(step, steps, loss, grad_norm, lr, model)
+            done = Step(step, steps, loss, grad_norm, lr, model, seen, elapsed)
             for hook in hooks:
                 stop_reason = hook.after_step(done)
                 if stop_reason:
