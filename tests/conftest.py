@@ -36,3 +36,32 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_neox(tmp_path_factory) -> Path:
     """Folder with a tiny GPT-NeoX (query_key_value, dense, dense_h_to_4h/4h_to_h): other module names."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_neox"), arch="gpt_neox", seed=0)
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL workspace URL of its own: LORALAB_TEST_PG_URL with a fresh schema on its search_path,
+    dropped afterwards, so tests never see each other's runs or studies. Skipped without a server,
+    unless LORALAB_REQUIRE_PG=1 (CI), where a missing server fails the test."""
+    import uuid
+
+    base = os.environ.get("LORALAB_TEST_PG_URL")
+    if not base:
+        if os.environ.get("LORALAB_REQUIRE_PG") == "1":
+            pytest.fail("PostgreSQL is required here (LORALAB_REQUIRE_PG=1): set LORALAB_TEST_PG_URL (.ci/run does)")
+        pytest.skip("no PostgreSQL server: set LORALAB_TEST_PG_URL=postgresql://USER@127.0.0.1:PORT/DB")
+    from sqlalchemy import create_engine, text
+
+    from loralab.workspace.store import engine_url
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(engine_url(base), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

@@ -1,4 +1,9 @@
-"""The workspace: an SQLite database of runs plus one folder per run for its adapter.
+"""The workspace: a database of runs plus one folder per run for its adapter.
+
+Two backends behind one Store: a local folder (SQLite `loralab.db` next to the run folders, file
+locks; the default) or a PostgreSQL URL shared by many hosts, with the run folders in an `artifacts`
+folder every host can read and session advisory locks instead of file locks (a dead host's locks
+vanish with its connection).
 
 A run becomes `finished` in the same transaction that writes its metrics, and only after its adapter
 folder is complete on disk, so a crash or Ctrl-C never leaves a finished run without results.
@@ -7,14 +12,16 @@ folder is complete on disk, so a crash or Ctrl-C never leaves a finished run wit
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import json
 
-from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy import Column, MetaData, String, Table, Text, TypeDecorator, create_engine, event, select, text
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
 
 from loralab.config.schema import config_hash
@@ -34,9 +41,70 @@ STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed"
 DONE = ("finished", "diverged", "pruned")
 
 
-def workspace_path(workspace: str | Path | None = None) -> Path:
-    """A workspace folder as given, else ./loralab-workspace, absolute."""
+PG_INSTALL = "pip install 'loralab[postgres]'"
+META = MetaData()
+# PostgreSQL only (SQLite keeps PRAGMA user_version): schema_version, and the artifacts folder, so that
+# `loralab ls/show/doctor --workspace postgresql://...` find the adapters without being told again.
+META_TABLE = Table("loralab_meta", META, Column("key", String(64), primary_key=True), Column("value", Text))
+
+
+def is_url(workspace: object) -> bool:
+    """Whether a workspace is a database URL (postgresql://...) rather than a folder."""
+    return isinstance(workspace, str) and "://" in workspace
+
+
+def workspace_path(workspace: str | Path | None = None) -> Path | str:
+    """A workspace folder as given, else ./loralab-workspace, absolute; a database URL as it is."""
+    if is_url(workspace):
+        return str(workspace)
     return Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
+def shown(workspace: str | Path) -> str:
+    """A workspace as printed: a URL without its password."""
+    if is_url(workspace):
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(str(workspace)).render_as_string(hide_password=True)
+        except Exception:
+            return str(workspace).split("@")[-1]
+    return str(workspace)
+
+
+def engine_url(url: str) -> str:
+    """A PostgreSQL URL as SQLAlchemy should open it: plain `postgresql://` means psycopg2 to SQLAlchemy;
+    loralab installs psycopg 3, so it is used unless psycopg2 is there."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+        return "postgresql://" + url.split("://", 1)[1]
+    return url
+
+
+def url_problem(url: str) -> tuple[str, str] | None:
+    """(why, fix) when a workspace URL cannot be a loralab workspace, else None."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(engine_url(url))
+    except Exception as err:
+        return f"not a database URL ({str(err).splitlines()[0][:120]})", "write postgresql://USER:PASSWORD@HOST:5432/DB"
+    if parsed.get_backend_name() != "postgresql":
+        return (f"a {parsed.get_backend_name()} URL: a shared workspace is a PostgreSQL database",
+                "write postgresql://USER:PASSWORD@HOST:5432/DB, or give a folder for a local SQLite workspace")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:
+        return "the PostgreSQL driver (psycopg) is not installed", PG_INSTALL
+    return None
+
+
+def lock_key(*parts: str) -> int:
+    """A signed 64-bit key for pg_advisory_lock, from names (the schema keeps tests and tenants apart)."""
+    return int.from_bytes(hashlib.blake2b(":".join(parts).encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def _now() -> dt.datetime:
@@ -231,8 +299,15 @@ def _migrate(conn, version: int) -> None:
 class Store:
     """All reads and writes of a workspace go through here."""
 
-    def __init__(self, root: str | Path, create: bool = True):
+    def __init__(self, root: str | Path, create: bool = True, artifacts: str | Path | None = None):
+        """`root`: a folder (SQLite) or a PostgreSQL URL; `artifacts`: the run folders' folder of a URL
+        workspace (read from the database when omitted; required the first time)."""
+        self.url: str | None = None  # the PostgreSQL URL, or None for a SQLite folder
+        if is_url(root):
+            self._open_pg(str(root), create, artifacts)
+            return
         self.root = Path(root)
+        self.where = str(self.root)
         db = self.root / DB_NAME
         if not create and self.root.exists() and not self.root.is_dir():
             raise RunNotFound(f"workspace {self.root} is a file, not a folder",
@@ -281,8 +356,100 @@ class Store:
                 self.engine.dispose()
                 raise storage_error(err, self.root, opening=True) or err from None
 
+    def _open_pg(self, url: str, create: bool, artifacts: str | Path | None) -> None:
+        """Open (and with `create`, set up) a PostgreSQL workspace; its schema version and artifacts
+        folder live in the loralab_meta table, written under an advisory lock so two hosts starting
+        at once create the tables once."""
+        from sqlalchemy import inspect
+        from sqlalchemy.pool import NullPool
+
+        self.url, self.where = url, shown(url)
+        bad = url_problem(url)
+        if bad is not None:
+            raise WorkspaceError(f"workspace {self.where}: {bad[0]}", [Problem("workspace", bad[0], self.where, bad[1])])
+        self.engine = create_engine(engine_url(url), future=True, pool_pre_ping=True)
+        # Locks each hold a connection of their own, closed (not pooled) when released: a lock can never
+        # outlive its holder in a pooled connection, and a dead process's locks die with its socket.
+        self.lock_engine = create_engine(engine_url(url), future=True, poolclass=NullPool,
+                                         isolation_level="AUTOCOMMIT")
+        try:
+            with self.engine.connect() as conn:
+                self.schema = conn.execute(text("SELECT current_schema()")).scalar() or "public"
+                has_meta = inspect(conn).has_table(META_TABLE.name)
+                meta = dict(conn.execute(select(META_TABLE.c.key, META_TABLE.c.value)).all()) if has_meta else {}
+            if not has_meta and not create:
+                raise RunNotFound(f"no loralab workspace in {self.where}",
+                                  [Problem("workspace", "no loralab tables in this database", self.where,
+                                           "run an experiment or sweep with this workspace first")])
+            version = int(meta.get("schema_version", SCHEMA_VERSION))
+            if version not in READABLE:
+                raise RunNotFound(f"workspace {self.where} was written by another loralab version (schema {version}, "
+                                  f"this one reads {SCHEMA_VERSION})",
+                                  [Problem("workspace", "incompatible database schema", self.where,
+                                           "use another database (or schema), or the loralab version that wrote it")])
+            where = meta.get("artifacts")
+            if artifacts is None and where is None:
+                raise WorkspaceError(f"workspace {self.where} has no artifacts folder for its adapters",
+                                     [Problem("artifacts", "missing: a database workspace keeps adapters in a "
+                                              "folder every host can read", None,
+                                              "add `artifacts: /shared/loralab-artifacts` to the experiment file "
+                                              "(or pass --artifacts DIR)", False)])
+            self.root = Path(artifacts if artifacts is not None else where).expanduser().resolve()
+            if create:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+                with self.engine.begin() as conn:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(self.schema, "schema")})
+                    _Base.metadata.create_all(conn)
+                    META.create_all(conn)
+                    have = dict(conn.execute(select(META_TABLE.c.key, META_TABLE.c.value)).all())
+                    for key, value in {"schema_version": str(SCHEMA_VERSION), "artifacts": str(self.root)}.items():
+                        if key not in have:
+                            conn.execute(META_TABLE.insert().values(key=key, value=value))
+        except OperationalError as err:
+            self.close()
+            first = str(getattr(err, "orig", None) or err).strip().splitlines()
+            raise WorkspaceError(f"workspace {self.where}: cannot reach the database ({first[0] if first else err})",
+                                 [Problem("workspace", "database unreachable", self.where,
+                                          "check the host, port, user, password and database name, and that the "
+                                          "server is running")]) from None
+        except BaseException:
+            self.close()
+            raise
+
     def close(self) -> None:
-        self.engine.dispose()
+        for engine in (getattr(self, "engine", None), getattr(self, "lock_engine", None)):
+            if engine is not None:
+                engine.dispose()
+
+    @property
+    def location(self) -> tuple[str, str | None]:
+        """What another process (a Ray actor) passes to Store to open this workspace: (folder or URL, artifacts)."""
+        return (self.url, str(self.root)) if self.url else (str(self.root), None)
+
+    @contextmanager
+    def named_lock(self, name: str, *, blocking: bool = True, on_wait=None):
+        """An exclusive lock every process of this workspace sees (hosts too, on PostgreSQL); yields
+        whether it was taken. SQLite: locks/NAME.lock in the folder."""
+        if self.url is None:
+            with file_lock(self.root / LOCKS / f"{name}.lock", blocking=blocking, on_wait=on_wait) as taken:
+                yield taken
+            return
+        key = lock_key(self.schema, name)
+        with self.lock_engine.connect() as conn:  # closed on exit, which also releases the lock
+            taken = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            if not taken and blocking:
+                if on_wait is not None:
+                    on_wait()
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                taken = True
+            yield taken
+
+    def _held(self, name: str) -> bool:
+        """Whether another process (or another connection of this one) holds `named_lock(name)` now."""
+        if self.url is None:
+            return is_locked(self.root / LOCKS / f"{name}.lock")
+        with self.named_lock(name, blocking=False) as taken:
+            return not taken
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -295,11 +462,11 @@ class Store:
     def run_lock(self, run_id: str, *, blocking: bool = True, on_wait=None):
         """Held while a run is trained or repaired: a second process wanting the same run waits,
         then finds it stored; a `running` row whose lock is free was left by a dead process."""
-        return file_lock(self.lock_path(run_id), blocking=blocking, on_wait=on_wait)
+        return self.named_lock(run_id, blocking=blocking, on_wait=on_wait)
 
     def in_progress(self, run_id: str) -> bool:
         """Whether a live process holds the run's lock (is training or storing it now)."""
-        return is_locked(self.lock_path(run_id))
+        return self._held(run_id)
 
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
               data: dict, env: dict, seed: int | None = None) -> None:
@@ -417,7 +584,7 @@ class Store:
         group = self.group(ref)
         bad = next((r for r in group if r.damaged), None)
         if bad is not None:
-            raise WorkspaceError(f"run {ref!r} ({bad.id}) in workspace {self.root} cannot be read: {bad.damaged[0]}",
+            raise WorkspaceError(f"run {ref!r} ({bad.id}) in workspace {self.where} cannot be read: {bad.damaged[0]}",
                                  [Problem("run", "its database row is damaged", ref,
                                           "`loralab doctor` reports it; run its experiment again, which trains "
                                           "and stores it anew")])
@@ -432,7 +599,7 @@ class Store:
         by_name = [r for r in runs if r.name == ref]
         if not by_name and experiment is not None and not runs:  # `exp/name` of an experiment the workspace lacks
             known = sorted({r.experiment for r in self.list()})
-            raise RunNotFound(f"no experiment {experiment!r} in workspace {self.root}",
+            raise RunNotFound(f"no experiment {experiment!r} in workspace {self.where}",
                               [Problem("run", "unknown experiment", f"{experiment}/{ref}",
                                        f"use one of: {', '.join(known)}" if known else "run an experiment first")])
         if by_name:
@@ -443,7 +610,7 @@ class Store:
         if len(by_id) == 1:
             return [next(iter(by_id.values()))]
         names = sorted({f"{r.name}" for r in runs}) or sorted({r.name for r in self.list()})
-        raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
+        raise RunNotFound(f"no run {ref!r} in workspace {self.where}",
                           [Problem("run", "unknown run name or id", ref,
                                    f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])
 
