@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loralab.errors import LoralabError, Problem, SpecError
+from loralab.errors import LoralabError, Problem, RunNotFound, SpecError
 from loralab.config.loading import check_data_paths, load_experiment, surprises
 from loralab.config.schema import Experiment
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
@@ -177,23 +177,26 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
     `train`: also run it (runs already stored, a and b among them, are reused). `hold`: what stays fixed
     when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an analysis.ablate.AblationPlan:
     `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
-    from loralab.workspace.store import Store
-
     from loralab.analysis.ablate import plan, write_plan
-    from loralab.execute.runner import resolve_workspace
+    from loralab.execute.runner import open_workspace, resolve_workspace
+    from loralab.workspace.store import is_url
 
     exp = with_repeats(file if isinstance(file, Experiment) else load_experiment(file), repeats)
     ws = resolve_workspace(exp, workspace)
     stored = {}  # endpoints that are not runs of the file (sweep trials) come from the workspace
-    if (ws / "loralab.db").is_file():
-        store = Store(ws, create=False)
+    try:
+        store = open_workspace(exp, ws, create=False)
+    except RunNotFound:  # nothing stored yet
+        store = None
+    if store is not None:
         try:
             stored = {r.name: r for r in store.list(exp.name) if r.kind == "lora"}
         finally:
             store.close()
     p = plan(exp, a, b, design, workspace=ws, records=stored, hold=hold)
-    with _writable("--out", out or ws / "ablations"):
-        write_plan(p, Path(out) if out else ws / "ablations" / f"{p.experiment.name}.yaml")
+    folder = Path("ablations").resolve() if is_url(ws) else Path(ws) / "ablations"  # a database has no folder
+    with _writable("--out", out or folder):
+        write_plan(p, Path(out) if out else folder / f"{p.experiment.name}.yaml")
     if train:
         p.result = run(load_experiment(p.path), workspace=ws, console=console)
     return p
@@ -245,10 +248,18 @@ class _writable:
                                  "give a folder you can write to (or leave the option out for the default)")]) from None
 
 
-def workspace_path(workspace: str | Path | None = None) -> Path:
+def workspace_path(workspace: str | Path | None = None) -> Path | str:
+    """A workspace folder, absolute, or a database URL as given."""
     from loralab.workspace.store import workspace_path as resolve
 
     return resolve(workspace)
+
+
+def shown_workspace(workspace: str | Path | None = None) -> str:
+    """A workspace as printed (a URL without its password)."""
+    from loralab.workspace.store import shown
+
+    return shown(workspace_path(workspace))
 
 
 def open_store(workspace: str | Path | None = None) -> Store:

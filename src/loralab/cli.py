@@ -44,7 +44,9 @@ console = _Console()
 err_console = _Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
-WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the file's `workspace:`, else ./loralab-workspace)")
+# A string, not a Path: a shared workspace is a URL (postgresql://...), which Path would mangle.
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder, or postgresql://USER:PW@HOST:5432/DB "
+                            "shared by many hosts (default: the file's `workspace:`, else ./loralab-workspace)")
 
 
 class Executor(str, Enum):
@@ -172,7 +174,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         only: Optional[str] = typer.Option(None, "--only", help="Comma-separated run names, e.g. A,B"),
         force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
         repeats: Optional[int] = RepeatsOpt,
-        workspace: Optional[Path] = WorkspaceOpt,
+        workspace: Optional[str] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
         address: Optional[str] = AddressOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
@@ -192,7 +194,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
 @_guard
 def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sweep:` section"),
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
-          workspace: Optional[Path] = WorkspaceOpt,
+          workspace: Optional[str] = WorkspaceOpt,
           executor: Optional[Executor] = ExecutorOpt,
           address: Optional[str] = AddressOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
@@ -204,7 +206,7 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
 
 @app.command()
 @_guard
-def demo(workspace: Optional[Path] = WorkspaceOpt,
+def demo(workspace: Optional[str] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
          repeats: Optional[int] = RepeatsOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
@@ -229,7 +231,7 @@ def _show_comparison(result, exp) -> None:
 
 @app.command("ls")
 @_guard
-def ls(workspace: Optional[Path] = WorkspaceOpt,
+def ls(workspace: Optional[str] = WorkspaceOpt,
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output")):
     """List the runs in the workspace."""
     from rich.table import Table
@@ -240,7 +242,7 @@ def ls(workspace: Optional[Path] = WorkspaceOpt,
     if as_json:
         _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
         return
-    t = Table(title=f"Runs in {api.workspace_path(workspace)}", title_justify="left")
+    t = Table(title=f"Runs in {api.shown_workspace(workspace)}", title_justify="left")
     for col in ("experiment", "name", "seed", "id", "status", "eval loss", "updated"):
         t.add_column(col)
     for r in records:
@@ -253,7 +255,7 @@ def ls(workspace: Optional[Path] = WorkspaceOpt,
 @app.command()
 @_guard
 def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, experiment/name, or id prefix"),
-         workspace: Optional[Path] = WorkspaceOpt,
+         workspace: Optional[str] = WorkspaceOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
          samples: int = typer.Option(3, "--samples", help="Sample outputs to print")):
     """Show one run: config, metrics, timings and a few sample outputs."""
@@ -296,7 +298,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
 @app.command("compare")
 @_guard
 def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Runs to compare (names or ids)"),
-                workspace: Optional[Path] = WorkspaceOpt,
+                workspace: Optional[str] = WorkspaceOpt,
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
                 markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (for notes and reports)"),
                 all_knobs: bool = typer.Option(False, "--all-knobs", help="Show every knob, not only those that differ")):
@@ -318,7 +320,7 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
 
 @app.command()
 @_guard
-def doctor(workspace: Optional[Path] = WorkspaceOpt,
+def doctor(workspace: Optional[str] = WorkspaceOpt,
            repair: bool = typer.Option(False, "--repair", help="Fix what was found (runs held by a live process are left alone)"),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output")):
     """Check that the workspace database and the files on disk agree; find what a crash left behind."""
@@ -357,7 +359,7 @@ def ablate(file: Path = typer.Argument(..., metavar="FILE", help="Experiment YAM
            hold: str = typer.Option("alpha/r", "--hold", help="What stays fixed when r moves: alpha/r (alpha follows r, "
                                     "so r's effect is not a change of update scale) or alpha"),
            repeats: Optional[int] = RepeatsOpt,
-           workspace: Optional[Path] = WorkspaceOpt):
+           workspace: Optional[str] = WorkspaceOpt):
     """Which knob did it? Write (and with --run, train) the runs that credit each differing knob."""
     from loralab import api
 
@@ -400,7 +402,7 @@ def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished ru
            out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder"),
            merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model (safetensors, "
                                       "with its tokenizer) instead of writing the PEFT adapter folder"),
-           workspace: Optional[Path] = WorkspaceOpt):
+           workspace: Optional[str] = WorkspaceOpt):
     """Write a run's adapter (or the merged model) with a model card, for others to load."""
     from loralab import api
 
@@ -412,7 +414,7 @@ def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished ru
 @_guard
 def report(targets: List[str] = typer.Argument(..., metavar="FILE | RUN...", help="An experiment file, or runs by name or id"),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, plots/ and report.html (default: reports/NAME)"),
-           workspace: Optional[Path] = WorkspaceOpt,
+           workspace: Optional[str] = WorkspaceOpt,
            metric: Optional[str] = typer.Option(None, "--metric", help="What the TL;DR ranks by, e.g. rouge_l@100 (default: eval_loss, or the sweep's objective)"),
            samples: int = typer.Option(4, "--samples", min=0, help="Eval prompts shown side by side"),
            goal: Optional[str] = typer.Option(None, "--goal", help="The goal, in one sentence (default: the file's leading comment)")):

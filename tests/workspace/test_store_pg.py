@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from loralab.errors import RunNotFound, WorkspaceError
+from loralab.errors import RunNotFound, SpecError, WorkspaceError
 from loralab.workspace.store import Store, engine_url, shown
 
 
@@ -53,7 +53,7 @@ def test_a_crash_inside_finish_leaves_the_run_running(pg_url, tmp_path, monkeypa
 
 
 def test_a_url_workspace_without_artifacts_names_the_field(pg_url):
-    with pytest.raises(WorkspaceError) as err:
+    with pytest.raises(SpecError) as err:  # exit code 2: the file's fault
         Store(pg_url)
     assert err.value.problems[0].where == "artifacts" and "artifacts:" in err.value.problems[0].fix
 

@@ -481,7 +481,10 @@ class Experiment(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A folder (SQLite, the default ./loralab-workspace) or postgresql://USER:PW@HOST:5432/DB shared by many hosts.
     workspace: str | None = None
+    # With a database workspace: the folder for adapters, the same path on every host (a shared disk).
+    artifacts: str | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     runs: dict[str, Defaults] = Field(default_factory=dict)
     # Each run is trained once per seed; metrics are then reported as mean and confidence interval.

@@ -373,10 +373,12 @@ def storage_problem(url: str) -> tuple[str | None, str]:
     """Why a `sweep.storage` URL cannot hold a study (unknown scheme, missing driver, missing folder), and the fix."""
     from sqlalchemy.engine import make_url
 
+    from loralab.workspace.store import engine_url
+
     fix = ("use sqlite:///PATH/optuna.db, or a server such as postgresql://user@host/db; "
            "or leave sweep.storage out (optuna.db in the workspace)")
     try:
-        parsed = make_url(url)
+        parsed = make_url(engine_url(url))
         dialect = parsed.get_dialect()
     except Exception as err:  # ArgumentError, NoSuchModuleError: not a URL SQLAlchemy knows
         return f"not a database URL ({type(err).__name__}: {str(err).splitlines()[0][:120]})", fix

@@ -3,7 +3,8 @@ run's jobs (execute.Job, plain data), so several trials train at once, on one ma
 
 Each actor declares `cpus_per_trial` CPUs and `gpus_per_trial` GPUs; Ray places it where those are
 free and sets its CUDA_VISIBLE_DEVICES, so each actor sees only its own device(s). Every actor opens
-the workspace itself (the same folder: one machine, or a shared disk) and runs runner.train_run, the
+the workspace itself (the same folder on one machine; or, across hosts, the same PostgreSQL workspace
+and artifacts folder) and runs runner.train_run, the
 code LocalExecutor runs, so a trial's stored runs are the same whichever executor trained them.
 
 An actor that dies mid-job (a crash, an out-of-memory kill, a lost node) is replaced and the job runs
@@ -57,13 +58,13 @@ def kept_sigterm():
 class Worker:
     """One Ray actor: the base model loaded once (runner.prepare), the workspace opened, jobs run in turn."""
 
-    def __init__(self, exp, only: list[str] | None, workspace: str):
+    def __init__(self, exp, only: list[str] | None, workspace: str, artifacts: str | None = None):
         from loralab.execute.runner import LocalExecutor, prepare
         from loralab.progress import Reporter
         from loralab.workspace.store import Store
 
         rep = Reporter()
-        self.local = LocalExecutor(prepare(exp, only, rep), Store(workspace), rep)
+        self.local = LocalExecutor(prepare(exp, only, rep), Store(workspace, artifacts=artifacts), rep)
 
     def run(self, job: Job) -> Outcome:
         return self.local.run(job)
@@ -93,7 +94,7 @@ class RayExecutor:
             self.started_ray = False
         self.remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial)(Worker).options(
             runtime_env={"env_vars": dict(env)} if env else None)
-        self.args = (prepared.exp, [r.name for r in prepared.runs], str(store.root))
+        self.args = (prepared.exp, [r.name for r in prepared.runs], *store.location)
         self.closed = False
         room = self._fit()
         if spec.actors is not None and spec.actors > room:  # the others would wait for resources for ever
@@ -108,7 +109,8 @@ class RayExecutor:
             self.idle.put(a)
         self.slots = n
         self.lock = threading.Lock()
-        self._same_host()
+        if store.url is None:  # a folder workspace lives on this machine's disk
+            self._same_host()
         reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
                      f"cluster {spec.address or 'local'}")
 
@@ -136,8 +138,8 @@ class RayExecutor:
             raise SpecError(f"Ray placed actors on other machines ({', '.join(away)}); their runs would be stored "
                             "on those machines' disks, not in this workspace",
                             [Problem("executor.address", "a cluster of several machines", self.spec.address,
-                                     f"run on one machine for now: a Ray instance on {here} (no --address, or "
-                                     "`ray start --head` here); one workspace for many hosts is not done yet")])
+                                     f"use a workspace every host reaches (`workspace: postgresql://...` and "
+                                     f"`artifacts:` on a shared disk), or a Ray instance on {here} alone")])
 
     def _new_actor(self):
         return self.remote.remote(*self.args)

@@ -26,7 +26,7 @@ from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
-from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
+from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
 
@@ -78,9 +78,15 @@ class ExperimentResult:
         return out
 
 
-def resolve_workspace(exp: Experiment, workspace: str | Path | None) -> Path:
-    """--workspace wins; else the file's `workspace:` (relative to the current directory); else ./loralab-workspace."""
-    return Path(workspace or exp.workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+def resolve_workspace(exp: Experiment, workspace: str | Path | None) -> Path | str:
+    """--workspace wins; else the file's `workspace:` (relative to the current directory); else ./loralab-workspace.
+    A database URL is returned as it is."""
+    return workspace_path(workspace or exp.workspace or DEFAULT_WORKSPACE)
+
+
+def open_workspace(exp: Experiment, workspace: str | Path | None, create: bool = True) -> Store:
+    """The experiment's workspace store; a database workspace keeps adapters under the file's `artifacts:`."""
+    return Store(resolve_workspace(exp, workspace), create=create, artifacts=exp.artifacts)
 
 
 def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
@@ -286,7 +292,7 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     rep = reporter or Reporter()
     prepared = prepare(exp, only, rep)
     ws = resolve_workspace(exp, workspace)
-    store = Store(ws)
+    store = open_workspace(exp, ws)
     env = environment.record(str(prepared.base.device))
     model_info, data_info = _describe(prepared)
     result = ExperimentResult(workspace=ws, records=[])

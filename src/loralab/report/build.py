@@ -24,7 +24,7 @@ from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
-from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
+from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store, is_url, shown
 
 DEFAULT_SAMPLES = 4
 STARRED = ("An interval marked * excludes 0 on its own, but not once the other questions asked of the same runs are "
@@ -76,8 +76,8 @@ def goal_from_file(path: str | None) -> str:
     return " ".join(" ".join(lines).split())
 
 
-def _open(ws: Path) -> Store:
-    if not (ws / DB_NAME).is_file():
+def _open(ws: Path | str) -> Store:
+    if not is_url(ws) and not (Path(ws) / DB_NAME).is_file():  # a database workspace: Store says what is missing
         raise RunNotFound(f"no loralab workspace at {ws}",
                           [Problem("workspace", "no loralab.db in this folder", str(ws),
                                    "run the experiment first (`loralab run FILE`), or pass --workspace DIR")])
@@ -199,7 +199,7 @@ def _load_study(exp: Experiment, ws: Path, notes: list[str]):
     from loralab.sweep.study import OPTUNA_DB, storage_url
 
     url = storage_url(exp, ws)
-    if url.startswith("sqlite:///") and not (ws / OPTUNA_DB).is_file() and not exp.sweep.storage:
+    if url.startswith("sqlite:///") and not (Path(ws) / OPTUNA_DB).is_file() and not exp.sweep.storage:
         notes.append("The sweep has not run yet: no Optuna study in the workspace.")
         return None
     import optuna
@@ -590,7 +590,7 @@ def _setup(src: Sources, records: list[RunRecord], currency: str | None) -> list
         money -= sum((r.metrics.get("train_s", 0.0) or 0.0) / 3600 * cost["per_hour"] for r in again)
     out.append(("Compute", f"{len(unique)} stored runs, {total / 60:.1f} min of training and evaluation"
                 + (f", {money:.4f} {currency or ''}".rstrip() if cost else "")))
-    out.append(("Workspace", str(src.workspace)))
+    out.append(("Workspace", shown(src.workspace)))  # a database URL without its password
     if src.reproduce:
         out.append(("Reproduce", "; ".join(f"`{c}`" for c in src.reproduce)))
     if src.experiment is not None and src.experiment.source:

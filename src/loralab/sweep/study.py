@@ -190,8 +190,58 @@ def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_fli
     return None
 
 
-def storage_url(exp: Experiment, ws: Path) -> str:
-    return exp.sweep.storage if exp.sweep and exp.sweep.storage else f"sqlite:///{ws / OPTUNA_DB}"
+def storage_url(exp: Experiment, ws: Path | str) -> str:
+    """The study's SQLAlchemy URL: sweep.storage, else the workspace's own database (optuna.db in a
+    folder; the same PostgreSQL database as the runs for a database workspace)."""
+    from loralab.workspace.store import engine_url, is_url
+
+    if exp.sweep and exp.sweep.storage:
+        return engine_url(exp.sweep.storage)
+    return engine_url(str(ws)) if is_url(ws) else f"sqlite:///{Path(ws) / OPTUNA_DB}"
+
+
+# Trials on a database server (many hosts) beat every HEARTBEAT_S seconds; one silent for GRACE_S is
+# failed and its configuration runs again (see recover_interrupted). LORALAB_HEARTBEAT=INTERVAL[,GRACE]
+# (whole seconds) changes both: tests use 1,3 to see a dead worker within seconds.
+HEARTBEAT_S, GRACE_S = 20, 60
+HEARTBEAT_ENV = "LORALAB_HEARTBEAT"
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds, from LORALAB_HEARTBEAT or the defaults."""
+    import os
+
+    raw = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_S, GRACE_S
+    try:
+        parts = [int(x) for x in raw.split(",")]
+        interval = parts[0]
+        grace = parts[1] if len(parts) > 1 else 3 * interval
+        if interval < 1 or grace <= interval or len(parts) > 2:
+            raise ValueError
+    except ValueError:
+        raise SpecError(f"{HEARTBEAT_ENV}={raw!r} is not INTERVAL[,GRACE] in whole seconds",
+                        [Problem(HEARTBEAT_ENV, "not INTERVAL[,GRACE] with 1 <= INTERVAL < GRACE", raw,
+                                 f"e.g. {HEARTBEAT_S},{GRACE_S}, or unset it")]) from None
+    return interval, grace
+
+
+def study_storage(url: str, on_stale: Callable[[Any, Any], None] | None = None):
+    """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
+    (process or host) stops beating is failed by the next `fail_stale_trials` and handed to `on_stale`.
+    A local SQLite file does not: its processes are all on this machine and judged by process id."""
+    import warnings
+
+    import optuna
+
+    if url.startswith("sqlite"):
+        return url
+    interval, grace = heartbeat_settings()
+    with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+                                          heartbeat_stale_trial_callback=on_stale)
 
 
 def _make_sampler(sweep: SweepSpec, space: Space):
@@ -238,12 +288,13 @@ def _GridSampler(search_space: dict, seed: int):
     return _grid_sampler_class()(search_space, seed=seed)
 
 
-def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
-    """Create or load the experiment's study; refuse one made by a different sweep section."""
+def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storage=None):
+    """Create or load the experiment's study (in `storage`, default the URL itself); refuse one made by
+    a different sweep section."""
     import optuna
 
     sw = exp.sweep
-    study = optuna.create_study(storage=url, sampler=_make_sampler(sw, space), pruner=make_pruner(sw.resolved_pruner),
+    study = optuna.create_study(storage=storage or url, sampler=_make_sampler(sw, space), pruner=make_pruner(sw.resolved_pruner),
                                 study_name=exp.name, directions=sw.directions, load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
     if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
@@ -338,8 +389,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     Running it again continues the study (see the module docstring)."""
     import optuna
 
-    from loralab.execute.runner import prepare, resolve_workspace
-    from loralab.workspace.store import Store
+    from loralab.execute.runner import open_workspace, prepare, resolve_workspace
 
     if exp.sweep is None:
         raise SpecError(f"{exp.source or 'experiment'}: no `sweep:` section",
@@ -356,21 +406,23 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         for line in plan.lines:
             rep.log(line)
         return SweepResult(ws, exp.name, url, plan=plan)
-    store = Store(ws)
+    store = open_workspace(exp, ws)
     start = experiment_start(exp)
     fingerprint = config_hash({"space": {k: v.model_dump() for k, v in sw.space.items()}, "strategy": sw.strategy,
                                "seed": sw.seed, "start": start, "objective": [o.model_dump() for o in sw.objective],
                                "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": prepared.base.fingerprint,
                                "data": prepared.dataset.fingerprint})
-    result = SweepResult(ws, exp.name, url)
     from loralab.execute.runner import LocalExecutor
+    from loralab.workspace.store import shown
 
-    loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(prepared, store, rep))
+    result = SweepResult(ws, exp.name, shown(url))
+
     try:
+        loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(prepared, store, rep))
         with loop.study_lock():
-            loop.study = open_study(exp, url, space, fingerprint)
-            recover_interrupted(loop.study, space, rep, loop.alive, loop.forget)
-        rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {url}")
+            loop.study = open_study(exp, url, space, fingerprint, study_storage(url))
+            loop.recover()
+        rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {shown(url)}")
         result.stopped = loop.drive(prepared, result.ran)
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
         loop.worker.close()
@@ -381,9 +433,10 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
 
 
 class _Loop:
-    """The sweep's ask -> execute -> tell loop, one trial at a time, shared safely with other processes:
-    proposals are made under a workspace lock, a trial records its owner, and a trial left by a dead
-    owner is recovered (run again), never taken over while its owner lives."""
+    """The sweep's ask -> execute -> tell loop, shared safely with other processes and hosts: proposals
+    are made under a workspace lock (an advisory lock on PostgreSQL), a trial records its owner and,
+    on a database server, beats (Optuna's heartbeat), and a trial left by a dead owner is recovered
+    (run again), never taken over while its owner lives."""
 
     def __init__(self, exp: Experiment, space: Space, store, url: str, ws: Path, rep: Reporter, worker: Executor):
         from loralab.workspace.locks import process_identity
@@ -396,39 +449,64 @@ class _Loop:
         self.sign = {"minimize": 1.0, "maximize": -1.0}[self.sw.directions[0]]  # pruners read the loss in the objective's sense
         self.repeats = 0  # proposals in a row that repeated a configuration already trained
         self.waited = False
+        self.stale: set[int] = set()  # trial ids whose heartbeat stopped, as of the last recover()
 
     def alive(self, t) -> bool:
+        """A trial's worker still works on it: its heartbeat (database server) is fresh, and, when it
+        runs on this host, its process exists (known at once, without waiting for the grace period)."""
         from loralab.workspace.locks import process_alive
 
-        return process_alive(t.user_attrs.get("owner"))
+        return t._trial_id not in self.stale and process_alive(t.user_attrs.get("owner"))
+
+    def recover(self) -> list[int]:
+        """Under the study lock: run again the trials whose worker died (recover_interrupted)."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        storage = self.study._storage
+        # Optuna's own test of a heartbeat older than the grace period (what its fail_stale_trials uses);
+        # the failing itself is recover_interrupted's, which first records why (status interrupted).
+        self.stale = set(storage._get_stale_trial_ids(self.study._study_id)) if is_heartbeat_enabled(storage) else set()
+        return recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)
+
+    def beat(self, trial):
+        """Optuna's heartbeat thread for a trial (a no-op without heartbeat): `with loop.beat(trial): ...`."""
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        return get_heartbeat_thread(trial._trial_id, self.study._storage)
 
     def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
         self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
 
-    def study_lock(self):  # creating the study, recovering and asking: one process of this workspace at a time
-        from loralab.workspace.locks import file_lock
-        from loralab.workspace.store import LOCKS
+    def study_lock(self):
+        """Creating the study, recovering and asking: one process at a time, of every host sharing the
+        workspace (a file lock in a folder workspace, an advisory lock on PostgreSQL)."""
+        return self.store.named_lock(f"study-{config_hash([self.url, self.exp.name])}")
 
-        return file_lock(self.ws / LOCKS / f"study-{config_hash([self.url, self.exp.name])}.lock")
-
-    def propose(self, in_flight: int = 0) -> tuple[str | None, bool, tuple | None]:
-        """(why the sweep ends, whether to wait for other processes, (trial, params, knobs) to run).
-        `in_flight`: this process's trials still running, which the trial budget counts as spent."""
+    def propose(self) -> tuple[str | None, bool, tuple | None]:
+        """(why the sweep ends, whether to wait for other workers, (trial, params, knobs) to run).
+        budget.trials counts the trials running in every process and host: a new one starts only while
+        finished + running stay under it, decided under the study lock, so N workers never overshoot;
+        while the running ones might still fail or die (and need a retry), the sweep waits instead of ending."""
         from optuna.trial import TrialState
 
         sw, study = self.sw, self.study
         while True:
             with self.study_lock():
                 trials = study.get_trials(deepcopy=False)
-                reason = budget_reason(trials, sw, self.per_hour, in_flight)
+                reason = budget_reason(trials, sw, self.per_hour)
+                in_flight = sum(t.state == TrialState.RUNNING for t in trials)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if reason is None and is_grid(sw) and not waiting and study.sampler.is_exhausted(study):
                     reason = "every grid point done"
                 # The last grid points are being run by other processes: wait for them rather than repeat one.
                 busy = reason is None and is_grid(sw) and not waiting and not study.sampler.unstarted(study)
+                busy = busy or (reason is None and in_flight > 0
+                                and budget_reason(trials, sw, self.per_hour, in_flight) is not None)
                 if reason or busy:
                     return reason, busy, None
                 trial = study.ask()
+                with self.beat(trial):  # a first beat while the lock is held: never taken for dead meanwhile
+                    pass
                 trial.set_user_attr("owner", self.owner)
                 params = {d.param: d.suggest(trial) for d in self.space.dims}
                 knobs = self.space.knobs(params)
@@ -458,7 +536,7 @@ class _Loop:
             while True:
                 reason, busy = None, False
                 while len(running) < slots and not (reason or busy):
-                    reason, busy, proposal = self.propose(in_flight=len(running))
+                    reason, busy, proposal = self.propose()
                     if proposal is not None and slots == 1:  # one slot: in this thread, as before
                         ran.append(self.execute(prepared, *proposal))
                     elif proposal is not None:
@@ -478,11 +556,12 @@ class _Loop:
 
     def wait_for_others(self) -> None:
         if not self.waited:
-            self.rep.log("Waiting for another sweep process to finish the last grid point(s).")
+            self.rep.log("Waiting for the trials other sweep processes are running (the last grid points, or the "
+                         "last of the trial budget).")
             self.waited = True
         time.sleep(1.0)
         with self.study_lock():
-            recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)  # in case it died meanwhile
+            self.recover()  # in case one died meanwhile
 
     def execute(self, prepared, trial, params: dict, knobs: dict) -> int:
         """Run one trial's jobs and tell Optuna how it ended; returns the trial's number."""
@@ -492,8 +571,9 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
-            tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
-                           executor=self.worker, pruning=pruning)
+            with self.beat(trial):
+                tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
+                               executor=self.worker, pruning=pruning)
         except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
             trial.set_user_attr("status", "interrupted")
@@ -505,6 +585,11 @@ class _Loop:
             study.tell(trial, state=TrialState.FAIL)
             raise
         spent = time.perf_counter() - t0
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            # Its heartbeat stopped long enough (a stalled or cut-off host) that another worker took it for
+            # dead: that worker recorded it interrupted and queued its configuration, whose run counts instead.
+            self.rep.log(f"trial {trial.number}: taken for dead by another worker meanwhile; its retry counts instead")
+            return trial.number
         for k, v in {"status": tr.status, "run_ids": tr.run_ids, "spent_s": round(spent, 3), "reused": tr.reused,
                      "steps": tr.steps, "planned_steps": tr.planned_steps, "saved_steps": tr.saved_steps,
                      "saved_s": tr.saved_s}.items():
@@ -592,11 +677,13 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
 
 def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | None:
     """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace."""
-    from loralab.workspace.store import DB_NAME, Store
+    from loralab.errors import RunNotFound
+    from loralab.workspace.store import Store, shown
 
-    if not (ws / DB_NAME).is_file():
+    try:
+        store = Store(ws, create=False)
+    except RunNotFound:  # nothing stored yet
         return None
-    store = Store(ws, create=False)
     try:
         runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
                 and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
@@ -606,7 +693,7 @@ def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | 
     if not runs:
         return None
     tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
-    return tps, f"measured: median of {len(runs)} finished run(s) in {ws}", statistics.median(
+    return tps, f"measured: median of {len(runs)} finished run(s) in {shown(ws)}", statistics.median(
         r.metrics.get("eval_s", 0.0) for r in runs)
 
 

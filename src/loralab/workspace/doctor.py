@@ -40,7 +40,7 @@ class Issue:
 
 @dataclass
 class Checkup:
-    workspace: Path
+    workspace: Path | str  # a folder, or a database URL without its password
     repair: bool
     findings: list[Issue] = field(default_factory=list)
     runs: int = 0
@@ -74,15 +74,17 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
 
     store = Store(workspace, create=False)
     try:
-        out = Checkup(Path(workspace), repair)
-        _check_database(store, out)
+        out = Checkup(Path(workspace) if store.url is None else store.where, repair)
+        if store.url is None:  # PostgreSQL checks its own pages; there is no file to run an integrity check on
+            _check_database(store, out)
         if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
             return out
         _check_runs(store, out, repair)
         try:
             _check_studies(store, out)
         except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
-            out.findings.append(Issue("study", str(store.root / STUDY_DB), f"the sweep study database cannot be read "
+            out.findings.append(Issue("study", str(store.root / STUDY_DB) if store.url is None else store.where,
+                                      f"the sweep study database cannot be read "
                                         f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
                                         "restore optuna.db from a backup, or move it away and run the sweep again "
                                         "(finished runs are reused)", repairable=False))
@@ -234,24 +236,39 @@ def _remove(store: Store, run_id: str, paths: list[Path]) -> bool:
 
 
 def _check_studies(store: Store, out: Checkup) -> None:
-    """Sweep trials of the workspace's own study database: interrupted ones, and complete ones whose
-    runs the workspace no longer holds as finished."""
-    db = store.root / STUDY_DB
-    if not db.is_file():
-        return
+    """Sweep trials of the workspace's own study database (optuna.db in a folder, the same database on
+    PostgreSQL): interrupted ones, and complete ones whose runs the workspace no longer holds as finished.
+    A trial is left behind when its process (this host) is gone or, on PostgreSQL, its heartbeat stopped."""
     import optuna
     from optuna.trial import TrialState
 
     from loralab.workspace.locks import process_alive
 
+    stale: set[int] = set()
+    if store.url is None:
+        db = store.root / STUDY_DB
+        if not db.is_file():
+            return
+        url = storage = f"sqlite:///{db}"
+    else:
+        from sqlalchemy import inspect
+
+        from loralab.sweep.study import study_storage
+
+        with store.engine.connect() as conn:
+            if not inspect(conn).has_table("studies"):  # no sweep has run here
+                return
+        url = store.url
+        storage = study_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{db}"
-    for summary in optuna.get_all_study_summaries(storage=url, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=url)
+    for summary in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        if store.url is not None:
+            stale = set(study._storage._get_stale_trial_ids(study._study_id))
         for t in study.get_trials(deepcopy=False):
             out.trials += 1
             where = f"{summary.study_name}/trial-{t.number:04d}"
-            if t.state == TrialState.RUNNING and not process_alive(t.user_attrs.get("owner")):
+            if t.state == TrialState.RUNNING and (t._trial_id in stale or not process_alive(t.user_attrs.get("owner"))):
                 out.findings.append(Issue("trial", where, "left RUNNING by a sweep process that stopped",
                                             f"run `loralab sweep FILE` for experiment {summary.study_name!r}: it "
                                             "marks the trial interrupted and runs its configuration again", "note"))

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
 
 from loralab.config.schema import config_hash
-from loralab.errors import Problem, RunNotFound, WorkspaceError
+from loralab.errors import Problem, RunNotFound, SpecError, WorkspaceError
 from loralab.faults import fault_point
 from loralab.workspace.locks import file_lock, is_locked
 
@@ -366,7 +366,7 @@ class Store:
         self.url, self.where = url, shown(url)
         bad = url_problem(url)
         if bad is not None:
-            raise WorkspaceError(f"workspace {self.where}: {bad[0]}", [Problem("workspace", bad[0], self.where, bad[1])])
+            raise SpecError(f"workspace {self.where}: {bad[0]}", [Problem("workspace", bad[0], self.where, bad[1])])
         self.engine = create_engine(engine_url(url), future=True, pool_pre_ping=True)
         # Locks each hold a connection of their own, closed (not pooled) when released: a lock can never
         # outlive its holder in a pooled connection, and a dead process's locks die with its socket.
@@ -389,11 +389,11 @@ class Store:
                                            "use another database (or schema), or the loralab version that wrote it")])
             where = meta.get("artifacts")
             if artifacts is None and where is None:
-                raise WorkspaceError(f"workspace {self.where} has no artifacts folder for its adapters",
+                raise SpecError(f"workspace {self.where} has no artifacts folder for its adapters",
                                      [Problem("artifacts", "missing: a database workspace keeps adapters in a "
                                               "folder every host can read", None,
-                                              "add `artifacts: /shared/loralab-artifacts` to the experiment file "
-                                              "(or pass --artifacts DIR)", False)])
+                                              "add `artifacts: /shared/loralab-artifacts` (a folder every host "
+                                              "mounts at that path) to the experiment file", False)])
             self.root = Path(artifacts if artifacts is not None else where).expanduser().resolve()
             if create:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
@@ -616,7 +616,7 @@ class Store:
 
 
 
-def storage_error(err: BaseException, root: Path, opening: bool = False) -> WorkspaceError | None:
+def storage_error(err: BaseException, root: Path | str, opening: bool = False) -> WorkspaceError | None:
     """The user-facing error for a failure of the disk or database under the workspace, or None
     when `err` is something else (a bug, a bad tensor) that should surface as it is. `opening`:
     the workspace folder itself is being created, so a missing or non-folder path is its fault too."""
@@ -640,5 +640,5 @@ def storage_error(err: BaseException, root: Path, opening: bool = False) -> Work
                                                                        "--workspace (`loralab doctor` says more)")
     else:
         return None
-    return WorkspaceError(f"workspace {root}: {what} ({text.splitlines()[0] if text else type(err).__name__})",
-                          [Problem("workspace", what, str(root), fix)])
+    return WorkspaceError(f"workspace {shown(root)}: {what} ({text.splitlines()[0] if text else type(err).__name__})",
+                          [Problem("workspace", what, shown(root), fix)])
