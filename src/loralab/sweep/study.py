@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -231,8 +232,6 @@ def study_storage(url: str, on_stale: Callable[[Any, Any], None] | None = None):
     """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
     (process or host) stops beating is failed by the next `fail_stale_trials` and handed to `on_stale`.
     A local SQLite file does not: its processes are all on this machine and judged by process id."""
-    import warnings
-
     import optuna
 
     if url.startswith("sqlite"):
@@ -504,7 +503,9 @@ class _Loop:
                                 and budget_reason(trials, sw, self.per_hour, in_flight) is not None)
                 if reason or busy:
                     return reason, busy, None
-                trial = study.ask()
+                with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": beat() does it here
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = study.ask()
                 with self.beat(trial):  # a first beat while the lock is held: never taken for dead meanwhile
                     pass
                 trial.set_user_attr("owner", self.owner)
@@ -556,8 +557,8 @@ class _Loop:
 
     def wait_for_others(self) -> None:
         if not self.waited:
-            self.rep.log("Waiting for the trials other sweep processes are running (the last grid points, or the "
-                         "last of the trial budget).")
+            self.rep.log("Waiting for another sweep process to finish its trial(s) (the last grid points, or the "
+                         "last of the trial budget: one may fail or die and need its retry).")
             self.waited = True
         time.sleep(1.0)
         with self.study_lock():
