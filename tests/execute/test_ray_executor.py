@@ -84,6 +84,15 @@ def test_budget_trials_is_exact_with_two_trials_in_flight(local_ray, tiny_neox, 
 
 
 def _running_rows(ws) -> int:
+    if isinstance(ws, str):  # a PostgreSQL workspace
+        try:
+            store = Store(ws, create=False)
+        except Exception:  # not created yet
+            return 0
+        try:
+            return sum(r.status == "running" for r in store.all_runs())
+        finally:
+            store.close()
     try:
         with sqlite3.connect(f"file:{ws / DB_NAME}?mode=ro", uri=True, timeout=1) as conn:
             return conn.execute("select count(*) from runs where status = 'running'").fetchone()[0]
@@ -91,9 +100,20 @@ def _running_rows(ws) -> int:
         return 0
 
 
-def test_an_actor_killed_mid_trial_leaves_every_trial_run_once(local_ray, tiny_neox, tmp_path):
-    f = sweep_file(tmp_path, tiny_neox, GRID)
-    ws, gate = tmp_path / "ws", tmp_path / "gate"
+@pytest.mark.parametrize("where", ["folder", "postgresql"])
+def test_an_actor_killed_mid_trial_leaves_every_trial_run_once(where, local_ray, tiny_neox, tmp_path, request,
+                                                               monkeypatch):
+    extra = BASE
+    if where == "postgresql":  # one workspace for many hosts: the driver may sit on another machine than its actors
+        import socket
+
+        ws = request.getfixturevalue("pg_url")
+        extra += f"artifacts: {tmp_path / 'shared'}\n"
+        monkeypatch.setattr(socket, "gethostname", lambda: "the-driver")  # the actors report the real name
+    else:
+        ws = tmp_path / "ws"
+    f = sweep_file(tmp_path, tiny_neox, GRID, extra=extra)
+    gate = tmp_path / "gate"
     # Each actor's first job waits after its 2nd training step until the gate exists: the test kills
     # one actor there (mid-trial, its run row `running`), then opens the gate.
     env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
@@ -126,6 +146,8 @@ def test_an_actor_killed_mid_trial_leaves_every_trial_run_once(local_ray, tiny_n
     try:
         assert sorted(store.get(i).status for i in ids) == ["finished"] * 4
         assert _running_rows(ws) == 0  # the dead actor's row was taken over, not left running
+        if where == "postgresql":
+            assert all(str(store.get(i).adapter_path).startswith(str((tmp_path / "shared").resolve())) for i in ids)
     finally:
         store.close()
 
