@@ -10,7 +10,6 @@ import signal
 from pathlib import Path
 
 import optuna
-import pytest
 from typer.testing import CliRunner
 
 from loralab.cli import app

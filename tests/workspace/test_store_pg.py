@@ -1,6 +1,7 @@
 """The workspace on PostgreSQL: the same store guarantees as on SQLite, advisory locks instead of file
 locks, and the artifacts folder a URL workspace needs (LORALAB_TEST_PG_URL; see the pg_url fixture)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,58 @@ def test_a_lock_within_one_process_is_exclusive_and_released(pg_url, tmp_path):
         assert not s.in_progress("r1") and not waited
     finally:
         s.close()
+
+
+def test_doctor_on_postgresql_checks_rows_against_the_artifacts_and_repairs(pg_url, tmp_path):
+    """The checks that make sense on a server: a run left running by a dead process, a finished run whose
+    adapter is gone, a folder no row owns; a run whose lock a live process holds is left alone."""
+    from loralab.workspace.doctor import check_workspace
+
+    s = Store(pg_url, artifacts=tmp_path / "art")
+    try:
+        for rid in ("dead", "live", "gone"):
+            start(s, rid, rid.upper())
+        s.finish("gone", metrics={"eval_loss": 1.0}, curves={}, samples=[], timings={},
+                 adapter_path=str(s.run_dir("gone") / "adapter"))
+        (s.root / "runs" / "stray").mkdir()
+        with s.run_lock("live"):  # held: in progress, not interrupted
+            found = check_workspace(pg_url)
+            assert found.workspace == s.where and "runs" not in str(found.workspace)
+            assert sorted((f.kind, f.where.split(" [")[0]) for f in found.findings) == [
+                ("interrupted", "e1/DEAD"), ("no-adapter", "e1/GONE"), ("orphan", str(s.root / "runs" / "stray"))]
+            fixed = check_workspace(pg_url, repair=True)
+            assert all(f.repaired for f in fixed.findings)
+        assert s.get("dead").status == "interrupted" and s.get("gone").status == "failed"
+        assert s.get("live").status == "running" and not (s.root / "runs" / "stray").exists()
+    finally:
+        s.close()
+
+
+def test_the_cli_reads_a_url_workspace_and_names_a_missing_artifacts_field(pg_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    cli = CliRunner()
+    out = cli.invoke(app, ["ls", "-w", pg_url])
+    assert out.exit_code == 2 and "no loralab workspace" in out.output  # nothing stored there yet
+    s = Store(pg_url, artifacts=tmp_path / "art")
+    start(s, "r1", "A")
+    s.close()
+    out = cli.invoke(app, ["ls", "-w", pg_url, "--json"])
+    assert out.exit_code == 0 and [r["name"] for r in json.loads(out.output)] == ["A"]
+    out = cli.invoke(app, ["ls", "-w", "mysql://u@127.0.0.1/db"])
+    assert out.exit_code == 2 and "PostgreSQL" in out.output
+
+
+def test_a_run_on_a_new_url_workspace_without_artifacts_exits_2_naming_the_field(pg_url, tiny_neox, tmp_path):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = tmp_path / "e.yaml"
+    f.write_text(f"name: e\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 4, eval_size: 2}}\n"
+                 f"workspace: '{pg_url}'\nruns:\n  A: {{train: {{max_steps: 1}}}}\n")
+    out = CliRunner().invoke(app, ["run", str(f)])
+    assert out.exit_code == 2, out.output
+    assert "artifacts" in out.output and "artifacts: /shared" in " ".join(out.output.split())

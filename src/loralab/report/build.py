@@ -141,7 +141,7 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
                               ablation_order(groups, a, b)))
     src.reproduce = _commands(exp, src)
     if not src.chosen and not src.trials:
-        raise RunNotFound(f"no runs of experiment {exp.name!r} in workspace {ws}",
+        raise RunNotFound(f"no runs of experiment {exp.name!r} in workspace {shown(ws)}",
                           [Problem("experiment", "nothing stored for this file yet", exp.source or exp.name,
                                    f"run it first: loralab run {exp.source or 'FILE'}")])
     return src
@@ -208,7 +208,7 @@ def _load_study(exp: Experiment, ws: Path, notes: list[str]):
     try:
         return optuna.load_study(study_name=exp.name, storage=url)
     except KeyError:
-        notes.append(f"No Optuna study named {exp.name!r} in {url}.")
+        notes.append(f"No Optuna study named {exp.name!r} in {shown(url)}.")
     except Exception as err:  # an unreachable or broken storage costs the importances, not the report
         notes.append(f"The sweep's Optuna study could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
                      "no parameter importances.")

@@ -302,7 +302,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storag
     if had is None:
         study.set_user_attr("loralab_sweep", fingerprint)
     elif had != fingerprint:
-        raise SpecError(f"study {exp.name!r} in {url} was made by a different sweep (space, strategy, objective, "
+        from loralab.workspace.store import shown
+
+        raise SpecError(f"study {exp.name!r} in {shown(url)} was made by a different sweep (space, strategy, objective, "
                         "seeds, model or data changed); its trials would not mean the same thing",
                         [Problem("sweep", "changed since the study began", exp.name,
                                  "give the experiment another `name:`, or use another workspace or sweep.storage")])

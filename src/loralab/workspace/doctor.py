@@ -249,7 +249,7 @@ def _check_studies(store: Store, out: Checkup) -> None:
         db = store.root / STUDY_DB
         if not db.is_file():
             return
-        url = storage = f"sqlite:///{db}"
+        storage = f"sqlite:///{db}"
     else:
         from sqlalchemy import inspect
 
@@ -258,8 +258,9 @@ def _check_studies(store: Store, out: Checkup) -> None:
         with store.engine.connect() as conn:
             if not inspect(conn).has_table("studies"):  # no sweep has run here
                 return
-        url = store.url
-        storage = study_storage(url)
+        from loralab.workspace.store import engine_url
+
+        storage = study_storage(engine_url(store.url))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for summary in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)

@@ -73,14 +73,13 @@ def shown(workspace: str | Path) -> str:
 
 
 def engine_url(url: str) -> str:
-    """A PostgreSQL URL as SQLAlchemy should open it: plain `postgresql://` means psycopg2 to SQLAlchemy;
-    loralab installs psycopg 3, so it is used unless psycopg2 is there."""
+    """A PostgreSQL URL as SQLAlchemy should open it: plain `postgresql://` means psycopg2 to SQLAlchemy
+    2.0 (and to Optuna, which passes URLs on); loralab installs psycopg 3, so it is used unless psycopg2 is there."""
+    import importlib.util
+
     if url.startswith(("postgresql://", "postgres://")):
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            return "postgresql+psycopg://" + url.split("://", 1)[1]
-        return "postgresql://" + url.split("://", 1)[1]
+        driver = "postgresql://" if importlib.util.find_spec("psycopg2") else "postgresql+psycopg://"
+        return driver + url.split("://", 1)[1]
     return url
 
 
