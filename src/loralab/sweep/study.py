@@ -2,17 +2,19 @@
 
 One trial is one configuration, trained once per seed (`repeats`) as ordinary runs of the workspace,
 so finished runs with the same resolved config are reused, and `loralab show/compare` read trials
-like any run. The study lives in an Optuna RDB storage (`optuna.db` in the workspace unless
-`sweep.storage` names another), so Optuna's own API and dashboard can inspect it, and running the
+like any run. The study lives in an Optuna RDB storage (`optuna.db` in a folder workspace, the same
+database in a PostgreSQL one, unless `sweep.storage` names another), so Optuna's own API and dashboard can inspect it, and running the
 same command again after a crash, Ctrl-C or kill -9 continues it:
 
 - trials that finished or were pruned are kept and counted against the budget once;
 - a trial left RUNNING by a dead process is marked FAIL (user attr status=interrupted, not counted)
   and its parameters are enqueued, so the same configuration runs next.
 
-Several sweep processes may share a study: each trial records its owner process (host, pid, start
-time), only trials whose owner is gone are recovered, and the next trial is picked under a workspace
-lock, so two processes never take the same grid point (see locks.py and docs/reliability.md).
+Several sweep processes, on one host or many, may share a study: each trial records its owner process
+(host, pid, start time) and, on a database server, beats (Optuna's heartbeat); only trials whose owner
+is gone (its pid, on this host) or silent (its heartbeat, any host) are recovered; and the next trial
+is picked under a workspace lock, counting every worker's running trials against budget.trials, so
+two processes never take the same grid point nor pass the budget (see docs/reliability.md).
 
 Pruning judges trials by held-out loss every `pruner.every` steps, whatever the objective: it is the
 one signal available mid-training. A pruned run is stored with status `pruned`, its eval loss at the

@@ -1,10 +1,11 @@
 """Who is working on what, so that two processes never train the same run and a crash is told from
 work in progress.
 
-File locks (`flock`) mark work in progress: the kernel drops them when the process dies, even by
-kill -9, so a lock that can be taken means nobody is at it any more. Optuna trials live in a
-database that may be shared across machines, so they record their owner process instead (host,
-pid, start time) and are judged by whether that process still exists.
+File locks (`flock`) mark work in progress in a folder workspace: the kernel drops them when the
+process dies, even by kill -9, so a lock that can be taken means nobody is at it any more (a
+PostgreSQL workspace uses advisory locks, which the server drops with the connection: store.py).
+Optuna trials record their owner process (host, pid, start time), judged here by whether that
+process still exists; a trial of another host is judged by its heartbeat (sweep/study.py).
 
 flock works on local file systems; on NFS it is emulated with byte-range locks that depend on the
 server's lock manager (see docs/reliability.md): keep workspaces on a local disk.
