@@ -29,6 +29,8 @@ def test_runs_round_trip_and_finish_only_with_metrics(pg_url, tmp_path):
         assert s.run_dir("abc123") == (tmp_path / "art" / "runs" / "abc123").resolve()
     finally:
         s.close()
+    with pytest.raises(SpecError, match="keeps its adapters in"):  # one artifacts folder per workspace
+        Store(pg_url, artifacts=tmp_path / "elsewhere")
     # Another process (host) opens it by URL alone: the artifacts folder is read from the database.
     again = Store(pg_url, create=False)
     try:

@@ -394,6 +394,10 @@ class Store:
                                               "add `artifacts: /shared/loralab-artifacts` (a folder every host "
                                               "mounts at that path) to the experiment file", False)])
             self.root = Path(artifacts if artifacts is not None else where).expanduser().resolve()
+            if where is not None and Path(where) != self.root:  # doctor and every host look for adapters there
+                raise SpecError(f"workspace {self.where} keeps its adapters in {where}, not {self.root}",
+                                [Problem("artifacts", "not the folder this workspace was created with", str(artifacts),
+                                         f"use `artifacts: {where}` (the same path on every host), or leave it out")])
             if create:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
                 with self.engine.begin() as conn:
