@@ -13,22 +13,13 @@ import optuna
 from typer.testing import CliRunner
 
 from loralab.cli import app
-from loralab.sweep.study import storage_url
 from loralab.workspace.doctor import check_workspace
-from loralab.workspace.store import Store
+from loralab.workspace.store import Store, engine_url
 
+from test_reliability_faults import SWEEP as FAULTS_SWEEP
 from test_reliability_faults import Proc, no_process_left_behind, ran  # noqa: F401  (the fixture cleans up Procs)
 
-SWEEP = """evaluation: {drift: false}
-defaults:
-  lora: {r: 2, target_modules: [query_key_value]}
-  train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 4}
-  generate: {max_new_tokens: 4}
-sweep:
-  strategy: grid
-  space: {lora.r: [2, 4, 8, 16]}
-  pruner: {name: none}
-"""
+SWEEP = FAULTS_SWEEP.replace("[2, 4, 8]", "[2, 4, 8, 16]")  # the grid the kill -9 tests use, one point more
 
 
 def hosts(tmp: Path, model: Path, url: str, budget: str = "") -> tuple[Path, Path, Path]:
@@ -46,13 +37,7 @@ def hosts(tmp: Path, model: Path, url: str, budget: str = "") -> tuple[Path, Pat
 
 
 def trials(url: str) -> list:
-    return optuna.load_study(study_name="sw", storage=storage_url(load_experiment_stub(), url)).get_trials()
-
-
-def load_experiment_stub():
-    from loralab.config.schema import Experiment
-
-    return Experiment()
+    return optuna.load_study(study_name="sw", storage=engine_url(url)).get_trials()
 
 
 def test_two_hosts_keep_the_trial_budget_exact_and_both_read_every_trial(pg_url, tiny_neox, tmp_path):
@@ -104,7 +89,7 @@ def test_a_worker_killed_on_another_host_is_found_by_its_heartbeat_and_retried_o
     assert dead.wait(300) == -signal.SIGKILL, dead.output
     (left,) = [t for t in trials(pg_url) if t.state.name == "RUNNING"]
     # That process was on another machine: its pid means nothing here, only its heartbeat tells.
-    study = optuna.load_study(study_name="sw", storage=storage_url(load_experiment_stub(), pg_url))
+    study = optuna.load_study(study_name="sw", storage=engine_url(pg_url))
     study._storage.set_trial_user_attr(left._trial_id, "owner", {"host": "gpu-host-2", "pid": 1, "started": 0.0})
     assert [f.kind for f in check_workspace(pg_url).findings] in (["interrupted"], ["interrupted", "trial"])
 
