@@ -68,6 +68,9 @@ def test_two_hosts_keep_the_trial_budget_exact_and_both_read_every_trial(pg_url,
         out = cli.invoke(app, ["ls", "-w", pg_url, "--json"])
         assert out.exit_code == 0, out.output
         assert sorted(r["name"] for r in json.loads(out.output)) == ["trial-0000", "trial-0001", "trial-0002"]
+        for argv in (["show", "trial-0001"], ["compare", "trial-0000", "trial-0002"], ["doctor"]):
+            out = cli.invoke(app, [*argv, "-w", pg_url])
+            assert out.exit_code == 0, (argv, out.output)
         out = cli.invoke(app, ["report", str(f), "--out", str(f.parent / "report")])
         assert out.exit_code == 0, out.output
         text = (f.parent / "report" / "report.md").read_text()
