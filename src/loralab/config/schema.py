@@ -50,7 +50,10 @@ VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_patte
 # structure: PiSSA (principal singular vectors, exact SVD; pissa_niter_N: a fast randomized SVD with N
 # iterations) or OLoRA (QR). PiSSA and OLoRA change the base weights while training; loralab keeps the
 # shared base as it was and stores the adapter converted to plain LoRA (rank 2r) against the original base.
-INITS = ("default", "gaussian", "pissa", "olora")
+# EVA: A from the SVD of each layer's inputs on training examples (a data pass), ranks redistributed across
+# layers by explained variance. LoftQ: A and B fit what 4-bit quantization took from the base weights (needs
+# model.quantize bits 4, and a CUDA device: PEFT computes it there only).
+INITS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")
 
 
 def lora_variant_defaults() -> dict[str, Any]:
@@ -79,7 +82,7 @@ class LoraSpec(_Strict):
     layers: list[Annotated[int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1)
     rank_pattern: dict[str, Annotated[int, Field(gt=0, le=4096)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
-    init: str = Field("default", description="default, gaussian, pissa, pissa_niter_N (fast SVD), olora")
+    init: str = Field("default", description="default, gaussian, pissa, pissa_niter_N (fast SVD), olora, eva, loftq")
 
     @field_validator("init")
     @classmethod
