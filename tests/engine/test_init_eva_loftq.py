@@ -84,6 +84,12 @@ def test_eva_trains_stores_its_data_pass_and_reloads_with_its_ranks(tiny_neox, t
     assert len(ranks) == 2 and sum(ranks.values()) == 2 * 4  # EVA redistributes r's budget, it does not add to it
     assert all(ranks[name] == cfg["rank_pattern"].get(name, cfg["r"]) for name in ranks)
     assert reloaded_loss(exp, e) == pytest.approx(e.metrics["eval_loss"], rel=1e-5)
+    # Evaluated again (another cap), not trained again: the initialisation's cost comes with the adapter.
+    f.write_text(f.read_text().replace("max_new_tokens: 4", "max_new_tokens: [4, 6]"))
+    again = next(r for r in loralab.run(loralab.load(f), workspace=tmp_path / "ws").records if r.name == "E")
+    assert again.id != e.id and again.timings["train_reused_from"] == e.id
+    assert again.metrics["init_s"] == e.metrics["init_s"]
+    assert again.metrics["total_s"] >= e.metrics["init_s"] + e.metrics["train_s"] + again.metrics["eval_s"] - 0.01
 
 
 def test_eva_on_a_4bit_base_trains_and_reloads(wide_llama, tmp_path):  # noqa: F811

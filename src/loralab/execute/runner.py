@@ -542,6 +542,8 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
+        if run.lora.init == "eva":  # a minute on the built-in model on a CPU, before the progress bar starts
+            rep.log(f"{label}: EVA's initialisation, a pass over the first training examples")
         peft_model = with_lora(prepared, run)
         if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
             peft_model._init_dir = store.run_dir(rid) / "adapter_init"
