@@ -1,6 +1,6 @@
 """EVA and LoftQ initialisations: EVA's data pass trains and reloads (its redistributed ranks included),
-its cost is stored; LoftQ is refused where PEFT cannot run it (no 4-bit base, a CPU, DoRA) and trains
-on a CUDA GPU over a 4-bit base."""
+its cost is stored; LoftQ is refused where PEFT cannot run it (no 4-bit base, a CPU, DoRA), starts nearer
+the original weights than the 4-bit base and reloads (PEFT's fit moved to the CPU), and trains on a GPU."""
 
 from __future__ import annotations
 
@@ -146,6 +146,55 @@ def test_loftq_where_peft_cannot_run_it_is_refused_by_validate_and_run(tiny_llam
         assert out.exit_code == 2 and where in text and "loftq" in text and says in text, out.output
         assert "another lora.init" in text or "remove use_dora" in text
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.fixture
+def loftq_fit_on_the_cpu(monkeypatch):
+    """PEFT's LoftQ fit (dequantize, subtract from the original weight, SVD) hard-codes CUDA; the same fit on
+    the CPU, so what loralab does around it (the original weights read from the model's folder, the scaling,
+    the adapter stored and reloaded on a 4-bit base) is tested without a GPU. Not a claim that loralab runs
+    LoftQ on a CPU: preflight refuses that, and is told here that this is a GPU."""
+    import bitsandbytes as bnb
+    import peft.utils.loftq_utils as loftq_utils
+
+    from loralab.execute import preflight
+
+    def fit(qweight, weight, num_bits, reduced_rank):
+        deq = bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state).float()
+        out = loftq_utils._low_rank_decomposition(weight.float() - deq, reduced_rank=reduced_rank)
+        return out["R"], out["L"]
+
+    monkeypatch.setattr(loftq_utils, "_loftq_init_new", fit)
+    monkeypatch.setattr(preflight, "_trains_on_cpu", lambda exp: False)
+
+
+def test_loftq_starts_nearer_the_original_weights_and_reloads(wide_llama, tmp_path, loftq_fit_on_the_cpu):  # noqa: F811
+    """alpha = 2r: without undoing PEFT's missing scaling the start would be base + 2·fit, exactly as far from
+    the original weights as the quantized base alone (the fit is the residual's orthogonal projection)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+
+    from loralab.execute.runner import restore_base, with_lora
+
+    f = write(tmp_path, f"{{name: {wide_llama}, quantize: {{bits: 4}}}}",
+              {"name": "L", "targets": "q_proj, v_proj", "variant": "init: loftq"})
+    exp = loralab.load(f)
+    prepared = prepare(exp)
+    original = load_file(str(wide_llama / "model.safetensors"))
+    model = with_lora(prepared, next(r for r in exp.resolved_runs if r.name == "L"))
+    try:
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+        assert len(layers) == 4
+        for name, m in layers:
+            w = original[name.removeprefix("base_model.model.") + ".weight"].float()
+            deq = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+            update = m.scaling["default"] * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
+            assert float((w - deq - update).norm()) < 0.99 * float((w - deq).norm())
+    finally:
+        restore_base(prepared, model)
+    rec = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "L")
+    assert rec.status == "finished" and rec.metrics["init_s"] > 0
+    assert reloaded_loss(exp, rec) == pytest.approx(rec.metrics["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT computes LoftQ on CUDA only (refused on a CPU: above)")

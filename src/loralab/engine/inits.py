@@ -69,11 +69,22 @@ def weights_folder(path: str, revision: str | None) -> str:
     return snapshot_download(path, revision=revision, local_files_only=True)
 
 
-def loftq_init(model, folder: str) -> None:
+def loftq_init(model, folder: str, adapter: str = "default") -> None:
     """LoftQ on a PEFT model over a 4-bit base (PEFT's replace_lora_weights_loftq): A and B set to the best
     rank-r fit of what 4-bit quantization took from each weight, read from the original safetensors; the
-    quantized base is not changed. PEFT computes this on CUDA only (refused elsewhere by preflight)."""
+    quantized base is not changed. PEFT computes this on CUDA only (refused elsewhere by preflight).
+
+    PEFT fits B·A to the quantization error, but the layer adds scaling·B·A (alpha/r, or alpha/√r with
+    rsLoRA; PEFT issue #1982): A and B are each divided by √scaling, so the adapter starts where LoftQ
+    puts it (base + update ≈ the original weights) whatever alpha is, with A and B still balanced."""
+    from peft.tuners.lora import Linear4bit
     from peft.utils.loftq_utils import replace_lora_weights_loftq
 
-    replace_lora_weights_loftq(model, model_path=os.fspath(folder))
+    replace_lora_weights_loftq(model, model_path=os.fspath(folder), adapter_name=adapter)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear4bit) and adapter in module.lora_A:
+                root = float(module.scaling[adapter]) ** 0.5
+                module.lora_A[adapter].weight.div_(root)
+                module.lora_B[adapter].weight.div_(root)
 
