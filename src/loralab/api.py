@@ -418,6 +418,38 @@ def effects_of(plan) -> list[tuple[str, str, str, str, str]]:
             for e in knob_effects(groups, metrics, level=ev.confidence, floors=ev.min_effect) if testable(e.verdict)]
 
 
+def dashboard(workspace: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8765,
+              refresh_s: float = 2.0, console=None) -> None:
+    """Serve the live dashboard of a workspace on http://HOST:PORT until Ctrl-C (read-only)."""
+    import importlib.util
+    import socket
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SpecError(f"the dashboard needs {' and '.join(missing)}, not installed here",
+                        [Problem("dashboard", "missing package", ", ".join(missing), "pip install 'loralab[dashboard]'")])
+    store = open_store(workspace)  # a missing workspace is reported before the server starts
+    root = store.root
+    store.close()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SpecError(f"cannot listen on {host}:{port} ({err.strerror or err})",
+                            [Problem("--port", "in use or not allowed here", port,
+                                     "pass another --port (or --host an address of this machine)")]) from None
+    import uvicorn
+
+    from loralab.dashboard.app import make_app
+
+    if console is not None:
+        console.print(f"loralab dashboard of {root} on http://{host}:{port}/ (read-only; Ctrl-C to stop)", highlight=False)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]note:[/yellow] listening on {host}: anyone who can reach it can read this "
+                          "workspace's runs (there is no login)", highlight=False)
+    uvicorn.run(make_app(root, refresh_s), host=host, port=port, log_level="warning")
+
+
 def storage_problem(err: BaseException, workspace: str | Path | None):
     """A damaged or full workspace database as a WorkspaceError with its fix, or None for other errors."""
     from loralab.workspace.store import storage_error, workspace_path as resolve

@@ -408,6 +408,18 @@ def _show_effects(plan) -> None:
 
 @app.command()
 @_guard
+def dashboard(workspace: Optional[Path] = WorkspaceOpt,
+              port: int = typer.Option(8765, "--port", "-p", min=1, max=65535, help="Port to serve on"),
+              host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)"),
+              refresh: float = typer.Option(2.0, "--refresh", min=0.2, help="Seconds between the page's updates")):
+    """A live, read-only web page of the workspace: runs, loss curves, sweeps, main differences."""
+    from loralab import api
+
+    api.dashboard(workspace, host=host, port=port, refresh_s=refresh, console=console)
+
+
+@app.command()
+@_guard
 def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished run, by name or id"),
            out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder"),
            merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model (safetensors, "
