@@ -177,7 +177,7 @@ def test_loftq_starts_nearer_the_original_weights_and_reloads(wide_llama, tmp_pa
     from loralab.execute.runner import restore_base, with_lora
 
     f = write(tmp_path, f"{{name: {wide_llama}, quantize: {{bits: 4}}}}",
-              {"name": "L", "targets": "q_proj, v_proj", "variant": "init: loftq"})
+              {"name": "L", "targets": "q_proj, v_proj", "variant": "init: loftq"}, extra="device: cpu\n")
     exp = loralab.load(f)
     prepared = prepare(exp)
     original = load_file(str(wide_llama / "model.safetensors"))
