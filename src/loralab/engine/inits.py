@@ -87,4 +87,3 @@ def loftq_init(model, folder: str, adapter: str = "default") -> None:
                 root = float(module.scaling[adapter]) ** 0.5
                 module.lora_A[adapter].weight.div_(root)
                 module.lora_B[adapter].weight.div_(root)
-

@@ -102,7 +102,7 @@ def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
     quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
     there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
     (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
-    puts it). EVA needs nothing more: it works with every variant and with a 4-bit or 8-bit base."""
+    puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
     out: list[Problem] = []
     for run in checked_runs(exp, runs):
         if run.lora.init != "loftq":
