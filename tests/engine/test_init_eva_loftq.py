@@ -69,11 +69,12 @@ def test_eva_batches_are_bounded_and_padded_with_answer_labels(tiny_llama):
     assert bool(((b["labels"] != -100) <= (b["attention_mask"] == 1)).all())  # no answer label on padding
 
 
-def test_eva_trains_stores_its_data_pass_and_reloads_with_its_ranks(tiny_neox, tmp_path):
+@pytest.mark.parametrize("variant", ["init: eva", "init: eva, use_dora: true"])
+def test_eva_trains_stores_its_data_pass_and_reloads_with_its_ranks(tiny_neox, tmp_path, variant):
     """On the tiny GPT-NeoX, EVA moves rank between the two blocks' query_key_value; the stored adapter's
     tensors have the ranks its config names, the total rank is what r gave, and plain PEFT reloads it with
-    the stored eval loss."""
-    f = write(tmp_path, tiny_neox, {"name": "E", "targets": "query_key_value", "variant": "init: eva"})
+    the stored eval loss (with DoRA too: its magnitudes follow the redistributed ranks)."""
+    f = write(tmp_path, tiny_neox, {"name": "E", "targets": "query_key_value", "variant": variant})
     exp = loralab.load(f)
     e = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "E")
     assert e.status == "finished" and e.config["lora"]["init"] == "eva"
