@@ -226,3 +226,21 @@ def test_init_is_a_knob_for_sweeps_and_ablations(tmp_path):
         moved = next(r for r in p.runs if r.at_b == ["lora.init"])
         ends = {r.name: r.spec for r in p.runs}
         assert moved.spec.lora.init == ends[b].lora.init and moved.spec.lora.r == ends[a].lora.r
+
+
+def test_a_sweep_dry_run_measures_speed_without_eva_s_data_pass(tiny_llama, tmp_path, monkeypatch):
+    """A step trains as fast whatever the start; EVA's pass would cost more than the measurement."""
+    from loralab.config.space import experiment_start, make_run
+    from loralab.sweep.study import measure_here
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("EVA's data pass ran in a dry run")
+
+    monkeypatch.setattr(inits, "eva_init", no_pass)
+    f = write(tmp_path, tiny_llama, {"name": "E", "targets": "q_proj", "variant": "init: eva"},
+              extra="sweep: {from: E, strategy: random, space: {lora.r: [2, 4]}, budget: {trials: 2}}\n")
+    exp = loralab.load(f)
+    start = make_run(experiment_start(exp), {}, "start")
+    assert start.lora.init == "eva"
+    tps, source, _ = measure_here(exp, prepare(exp), start)
+    assert tps > 0 and source.startswith("measured here now")
