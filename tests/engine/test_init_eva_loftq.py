@@ -69,21 +69,25 @@ def test_eva_batches_are_bounded_and_padded_with_answer_labels(tiny_llama):
     assert bool(((b["labels"] != -100) <= (b["attention_mask"] == 1)).all())  # no answer label on padding
 
 
-@pytest.mark.parametrize("variant", ["init: eva", "init: eva, use_dora: true"])
+@pytest.mark.parametrize("variant", ["init: eva", "init: eva, use_dora: true", "init: eva_rho_1"])
 def test_eva_trains_stores_its_data_pass_and_reloads_with_its_ranks(tiny_neox, tmp_path, variant):
     """On the tiny GPT-NeoX, EVA moves rank between the two blocks' query_key_value; the stored adapter's
     tensors have the ranks its config names, the total rank is what r gave, and plain PEFT reloads it with
-    the stored eval loss (with DoRA too: its magnitudes follow the redistributed ranks)."""
+    the stored eval loss (with DoRA too: its magnitudes follow the redistributed ranks). rho 1: no layer
+    may take more than r, so none moves."""
     f = write(tmp_path, tiny_neox, {"name": "E", "targets": "query_key_value", "variant": variant})
     exp = loralab.load(f)
     e = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "E")
-    assert e.status == "finished" and e.config["lora"]["init"] == "eva"
+    assert e.status == "finished" and e.config["lora"]["init"] == variant.split(",")[0].removeprefix("init: ")
     assert e.metrics["init_s"] > 0 and e.metrics["total_s"] >= e.metrics["init_s"] + e.metrics["train_s"]
     cfg = json.loads((tmp_path / "ws" / "runs" / e.id / "adapter" / "adapter_config.json").read_text())
     tensors = load_file(f"{e.adapter_path}/adapter_model.safetensors")
     ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0] for k, v in tensors.items() if "lora_A" in k}
     assert len(ranks) == 2 and sum(ranks.values()) == 2 * 4  # EVA redistributes r's budget, it does not add to it
     assert all(ranks[name] == cfg["rank_pattern"].get(name, cfg["r"]) for name in ranks)
+    assert cfg["eva_config"]["rho"] == (1.0 if "rho_1" in variant else 2.0)
+    if "rho_1" in variant:
+        assert set(ranks.values()) == {4} and not cfg["rank_pattern"]
     assert reloaded_loss(exp, e) == pytest.approx(e.metrics["eval_loss"], rel=1e-5)
     # Evaluated again (another cap), not trained again: the initialisation's cost comes with the adapter.
     f.write_text(f.read_text().replace("max_new_tokens: 4", "max_new_tokens: [4, 6]"))
@@ -208,6 +212,23 @@ def test_loftq_on_a_4bit_base_trains_and_reloads_on_a_gpu(wide_llama, tmp_path):
     assert reloaded_loss(exp, rec) == pytest.approx(rec.metrics["eval_loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("given, stored", [("eva_rho_1", "eva_rho_1"), ("eva_rho_1.50", "eva_rho_1.5"),
+                                           ("eva_rho_2", "eva"), ("eva_rho_01", "eva_rho_1")])
+def test_eva_rho_has_one_spelling_per_value(given, stored):
+    """One rho, one adapter id: eva_rho_2 is plain eva (PEFT's rho), leading and trailing zeros go."""
+    from loralab.config.schema import LoraSpec
+
+    assert LoraSpec(init=given).init == stored
+
+
+@pytest.mark.parametrize("init, says", [("eva_rho_0.5", "from 1"), ("eva_rho_17", "to 16"), ("eva_rho_x", "eva_rho_R")])
+def test_a_bad_eva_rho_is_one_message(tmp_path, init, says):
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"name: bad\nruns:\n  A: {{lora: {{init: {init}}}}}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2 and "runs.A.lora.init" in out.output and says in out.output, out.output
+
+
 def test_init_is_a_knob_for_sweeps_and_ablations(tmp_path):
     """A grid over lora.init gives trials with each value; an ablation moves init alone, from either end
     (the run at the default init had no `init` in its dump, which the ablation once read B's value from)."""
@@ -215,11 +236,11 @@ def test_init_is_a_knob_for_sweeps_and_ablations(tmp_path):
     from loralab.config.space import Space, experiment_start, make_run
 
     f = tmp_path / "knob.yaml"
-    f.write_text("name: knob\nsweep: {strategy: grid, space: {lora.init: [default, eva, pissa_niter_2]}}\n"
+    f.write_text("name: knob\nsweep: {strategy: grid, space: {lora.init: [default, eva, eva_rho_1, pissa_niter_2]}}\n"
                  "runs:\n  E: {lora: {r: 4, init: eva}}\n  D: {lora: {r: 8}}\n")
     exp = loralab.load(f)
     start = experiment_start(exp)
-    assert [make_run(start, pt, "t").lora.init for pt in Space(exp.sweep).expand()] == ["default", "eva", "pissa_niter_2"]
+    assert [make_run(start, pt, "t").lora.init for pt in Space(exp.sweep).expand()] == ["default", "eva", "eva_rho_1", "pissa_niter_2"]
     for a, b in (("E", "D"), ("D", "E")):
         p = plan(exp, a, b, workspace=tmp_path / "ws")
         assert p.knobs == ["lora.r", "lora.init"]

@@ -25,7 +25,7 @@ from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
 from loralab.config.loading import check_data_paths, surprises
-from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
+from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -545,7 +545,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
-        if run.lora.init == "eva":  # a minute on the built-in model on a CPU, before the progress bar starts
+        if eva_rho(run.lora.init):  # a minute on the built-in model on a CPU, before the progress bar starts
             rep.log(f"{label}: EVA's initialisation, a pass over the first training examples")
         peft_model = with_lora(prepared, run)
         if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
@@ -585,18 +585,19 @@ def with_lora(prepared: Prepared, run: RunSpec):
     from loralab.engine import inits
 
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
-    # LoftQ starts as a plain LoRA and has its A and B replaced; EVA runs with PEFT's defaults (rho 2: a layer
-    # may get up to 2r; tau 0.99).
-    init = {"default": True, "loftq": True}.get(run.lora.init, run.lora.init)
+    # LoftQ starts as a plain LoRA and has its A and B replaced; EVA runs with PEFT's defaults but rho
+    # (tau 0.99: a component has settled when consecutive estimates' cosine similarity reaches it).
+    rho = eva_rho(run.lora.init)
+    init = "eva" if rho else {"default": True, "loftq": True}.get(run.lora.init, run.lora.init)
     targets = prepared.targets_for(run)
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
                       target_modules=targets, bias=run.lora.bias, task_type="CAUSAL_LM",
                       use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora,
                       layers_to_transform=run.lora.layers, rank_pattern=run.lora.rank_pattern or {},
                       alpha_pattern=run.lora.alpha_pattern or {}, init_lora_weights=init,
-                      eva_config=EvaConfig() if init == "eva" else None)
+                      eva_config=EvaConfig(rho=rho) if rho else None)
     saved = _mutated_weights(prepared.base.model, targets) if run.lora.init.startswith(("pissa", "olora")) else {}
-    batches = _eva_batches(prepared, run) if run.lora.init == "eva" else None
+    batches = _eva_batches(prepared, run) if rho else None
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
