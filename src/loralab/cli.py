@@ -44,6 +44,8 @@ console = _Console()
 err_console = _Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
+LogEveryOpt = typer.Option(None, "--log-every", min=0, metavar="SECONDS",
+                           help="Outside a terminal (a log file, CI): a progress line this often (default 30)")
 # A string, not a Path: a shared workspace is a URL (postgresql://...), which Path would mangle.
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder, or postgresql://USER:PW@HOST:5432/DB "
                             "shared by many hosts (default: the file's `workspace:`, else ./loralab-workspace)")
@@ -176,13 +178,14 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         repeats: Optional[int] = RepeatsOpt,
         workspace: Optional[str] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
-        address: Optional[str] = AddressOpt):
+        address: Optional[str] = AddressOpt,
+        log_every: Optional[float] = LogEveryOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from loralab import api
 
     exp = api.with_repeats(api.load(file), repeats)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
-                     executor=executor.value if executor else None, address=address)
+                     executor=executor.value if executor else None, address=address, log_every=log_every)
     _show_comparison(result, exp)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
@@ -196,19 +199,21 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
           workspace: Optional[str] = WorkspaceOpt,
           executor: Optional[Executor] = ExecutorOpt,
-          address: Optional[str] = AddressOpt):
+          address: Optional[str] = AddressOpt,
+          log_every: Optional[float] = LogEveryOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
     from loralab import api
 
     api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console,
-              executor=executor.value if executor else None, address=address)
+              executor=executor.value if executor else None, address=address, log_every=log_every)
 
 
 @app.command()
 @_guard
 def demo(workspace: Optional[str] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
-         repeats: Optional[int] = RepeatsOpt):
+         repeats: Optional[int] = RepeatsOpt,
+         log_every: Optional[float] = LogEveryOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
     from loralab import api
 
@@ -216,7 +221,7 @@ def demo(workspace: Optional[str] = WorkspaceOpt,
     console.print(f"Running {path.name}: the seed's Run A and Run B on the built-in SmolLM2-135M "
                   "and the built-in stdlib-docstrings data.", highlight=False)
     exp = api.with_repeats(api.load(path), repeats)
-    result = api.run(exp, workspace=workspace, force=force, console=console)
+    result = api.run(exp, workspace=workspace, force=force, console=console, log_every=log_every)
     _show_comparison(result, exp)
     if result.failed:
         raise typer.Exit(1)
@@ -243,8 +248,10 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
         _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
         return
     t = Table(title=f"Runs in {api.shown_workspace(workspace)}", title_justify="left")
+    longest = max((len(r.name) for r in records), default=4)
     for col in ("experiment", "name", "seed", "id", "status", "eval loss", "updated"):
-        t.add_column(col)
+        # names and ids are what a user types next: never cut to "trial-00…" on a narrow terminal
+        t.add_column(col, no_wrap=col in ("name", "id"), min_width=min(longest, 60) if col == "name" else None)
     for r in records:
         loss = r.metrics.get("eval_loss")
         t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, r.status,
@@ -274,6 +281,11 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
         if r.error:
             last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
             console.print("[red]" + _escape(last) + "[/red]")
+        if r.status not in ("finished", "diverged", "pruned") and r.curves.get("step"):
+            c = r.curves
+            planned = c.get("planned")
+            console.print(f"  trained {c['step'][-1]}{f' of {planned}' if planned else ''} steps so far (streamed curve), "
+                          f"last loss {c['loss'][-1]:.4f}", highlight=False)
         if r.adapter_path:
             console.print(f"  adapter: {r.adapter_path}", highlight=False)
         if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
@@ -394,6 +406,18 @@ def _show_effects(plan) -> None:
         t.add_row(_escape(knob), _escape(change), _escape(metric), effect, verdict,
                   style=None if verdict in ("within noise", "negligible") else "bold")
     console.print(t)
+
+
+@app.command()
+@_guard
+def dashboard(workspace: Optional[str] = WorkspaceOpt,
+              port: int = typer.Option(8765, "--port", "-p", min=1, max=65535, help="Port to serve on"),
+              host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)"),
+              refresh: float = typer.Option(2.0, "--refresh", min=0.2, help="Seconds between the page's updates")):
+    """A live, read-only web page of the workspace: runs, loss curves, sweeps, main differences."""
+    from loralab import api
+
+    api.dashboard(workspace, host=host, port=port, refresh_s=refresh, console=console)
 
 
 @app.command()

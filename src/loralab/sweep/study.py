@@ -300,6 +300,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storag
     done = len(study.get_trials(deepcopy=False))
     if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
         study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
+    budget = {**sw.budget.model_dump(exclude_none=True), "per_hour": exp.cost.per_hour if exp.cost else None}
+    if study.user_attrs.get("loralab_budget") != budget:  # what `loralab dashboard` shows as left (a resumed sweep may raise it)
+        study.set_user_attr("loralab_budget", budget)
     had = study.user_attrs.get("loralab_sweep")
     if had is None:
         study.set_user_attr("loralab_sweep", fingerprint)
@@ -718,6 +721,9 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})
+    # How the adapter starts does not change a step's speed, and EVA's data pass alone would take longer
+    # than this whole measurement (a minute on the built-in model): measured from PEFT's default start.
+    run = run.model_copy(update={"lora": run.lora.model_copy(update={"init": "default"})})
     model = with_lora(prepared, run)
     try:
         from loralab.engine.data import encode_example
