@@ -13,6 +13,7 @@ import optuna
 from typer.testing import CliRunner
 
 from loralab.cli import app
+from loralab.dashboard.state import Dashboard
 from loralab.workspace.doctor import check_workspace
 from loralab.workspace.store import Store, engine_url
 
@@ -62,6 +63,12 @@ def test_two_hosts_keep_the_trial_budget_exact_and_both_read_every_trial(pg_url,
     assert len(runs) == 3 and all(r.status == "finished" for r in runs)
     assert all(Path(r.adapter_path).is_relative_to(shared.resolve()) for r in runs)  # adapters in the shared folder
     assert check_workspace(pg_url).findings == []
+    dash = Dashboard(pg_url)  # the live dashboard reads the same database, runs and study alike
+    try:
+        state = dash.state()
+        assert len(state["runs"]) == 3 and [(s["name"], s["done"]) for s in state["sweeps"]] == [("sw", 3)]
+    finally:
+        dash.close()
 
     cli = CliRunner()
     for f in (fa, fb):  # either host: ls by URL alone, and the report of the file
