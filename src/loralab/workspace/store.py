@@ -475,8 +475,15 @@ class Store:
         """Whether another process (or another connection of this one) holds `named_lock(name)` now."""
         if self.url is None:
             return is_locked(self.root / LOCKS / f"{name}.lock")
-        with self.named_lock(name, blocking=False) as taken:
-            return not taken
+        # Read from pg_locks rather than tried: a try would hold the lock for a moment, and a non-blocking
+        # taker (doctor --repair, a second worker) could then find it taken by nobody at work.
+        key = lock_key(self.schema, name)
+        with self.engine.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND classid::bigint = :hi AND objid::bigint = :lo"),
+                {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}).scalar())
 
     # -- writes ---------------------------------------------------------------------------------
 
