@@ -3,8 +3,9 @@
 One trial is one configuration, trained once per seed (`repeats`) as ordinary runs of the workspace,
 so finished runs with the same resolved config are reused, and `loralab show/compare` read trials
 like any run. The study lives in an Optuna RDB storage (`optuna.db` in a folder workspace, the same
-database in a PostgreSQL one, unless `sweep.storage` names another), so Optuna's own API and dashboard can inspect it, and running the
-same command again after a crash, Ctrl-C or kill -9 continues it:
+database in a PostgreSQL one, unless `sweep.storage` names another), so Optuna's own API and
+dashboard can inspect it, and running the same command again after a crash, Ctrl-C or kill -9
+continues it:
 
 - trials that finished or were pruned are kept and counted against the budget once;
 - a trial left RUNNING by a dead process is marked FAIL (user attr status=interrupted, not counted)
@@ -230,10 +231,10 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def study_storage(url: str, on_stale: Callable[[Any, Any], None] | None = None):
+def study_storage(url: str):
     """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
-    (process or host) stops beating is failed by the next `fail_stale_trials` and handed to `on_stale`.
-    A local SQLite file does not: its processes are all on this machine and judged by process id."""
+    (process or host) stops beating for the grace period is taken for dead (_Loop.recover). A local
+    SQLite file does not: its processes are all on this machine and judged by process id."""
     import optuna
 
     if url.startswith("sqlite"):
@@ -241,8 +242,7 @@ def study_storage(url: str, on_stale: Callable[[Any, Any], None] | None = None):
     interval, grace = heartbeat_settings()
     with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
-                                          heartbeat_stale_trial_callback=on_stale)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace)
 
 
 def _make_sampler(sweep: SweepSpec, space: Space):
@@ -295,8 +295,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storag
     import optuna
 
     sw = exp.sweep
-    study = optuna.create_study(storage=storage or url, sampler=_make_sampler(sw, space), pruner=make_pruner(sw.resolved_pruner),
-                                study_name=exp.name, directions=sw.directions, load_if_exists=True)
+    study = optuna.create_study(storage=storage or url, sampler=_make_sampler(sw, space),
+                                pruner=make_pruner(sw.resolved_pruner), study_name=exp.name, directions=sw.directions,
+                                load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
     if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
         study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
