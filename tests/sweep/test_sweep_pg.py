@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import optuna
+import pytest
 from typer.testing import CliRunner
 
 from loralab.cli import app
@@ -120,3 +121,21 @@ def test_a_worker_killed_on_another_host_is_found_by_its_heartbeat_and_retried_o
     runs = Store(pg_url, create=False).all_runs()
     assert len(runs) == 4 and all(r.status == "finished" for r in runs)  # the retry replaced the unfinished row
     assert check_workspace(pg_url).findings == []
+
+
+def test_heartbeat_settings_come_from_the_environment_and_bad_ones_name_the_variable(monkeypatch):
+    from loralab.errors import SpecError
+    from loralab.sweep.study import GRACE_S, HEARTBEAT_S, heartbeat_settings, study_storage
+
+    monkeypatch.delenv("LORALAB_HEARTBEAT", raising=False)
+    assert heartbeat_settings() == (HEARTBEAT_S, GRACE_S)
+    monkeypatch.setenv("LORALAB_HEARTBEAT", "2")
+    assert heartbeat_settings() == (2, 6)  # grace: three missed beats
+    monkeypatch.setenv("LORALAB_HEARTBEAT", "5,20")
+    assert heartbeat_settings() == (5, 20)
+    for bad in ("0", "5,5", "x", "1,2,3", "1.5"):
+        monkeypatch.setenv("LORALAB_HEARTBEAT", bad)
+        with pytest.raises(SpecError) as err:
+            heartbeat_settings()
+        assert err.value.problems[0].where == "LORALAB_HEARTBEAT"
+    assert study_storage("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"  # one machine: no heartbeat, pids tell
