@@ -410,10 +410,10 @@ class Store:
             where = meta.get("artifacts")
             if artifacts is None and where is None:
                 raise SpecError(f"workspace {self.where} has no artifacts folder for its adapters",
-                                     [Problem("artifacts", "missing: a database workspace keeps adapters in a "
-                                              "folder every host can read", None,
-                                              "add `artifacts: /shared/loralab-artifacts` (a folder every host "
-                                              "mounts at that path) to the experiment file", False)])
+                                [Problem("artifacts", "missing: a database workspace keeps adapters in a "
+                                         "folder every host can read", None,
+                                         "add `artifacts: /shared/loralab-artifacts` (a folder every host "
+                                         "mounts at that path) to the experiment file", False)])
             self.root = Path(artifacts if artifacts is not None else where).expanduser().resolve()
             if where is not None and Path(where) != self.root:  # doctor and every host look for adapters there
                 raise SpecError(f"workspace {self.where} keeps its adapters in {where}, not {self.root}",
