@@ -490,9 +490,6 @@ class Store:
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
-    def lock_path(self, run_id: str) -> Path:
-        return self.root / LOCKS / f"{run_id}.lock"
-
     def run_lock(self, run_id: str, *, blocking: bool = True, on_wait=None):
         """Held while a run is trained or repaired: a second process wanting the same run waits,
         then finds it stored; a `running` row whose lock is free was left by a dead process."""
