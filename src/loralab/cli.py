@@ -54,6 +54,8 @@ class Executor(str, Enum):
 
 ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (this process) or ray (Ray actors, the `ray` extra); "
                            "default: the file's `executor:`, else local")
+TrackOpt = typer.Option(None, "--track", help="Copy each run to trackers: comma-separated mlflow, tensorboard, wandb "
+                        "(each an extra: pip install 'loralab[NAME]'), or none; default: the file's `track:`")
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
 
 
@@ -174,11 +176,12 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         repeats: Optional[int] = RepeatsOpt,
         workspace: Optional[Path] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
-        address: Optional[str] = AddressOpt):
+        address: Optional[str] = AddressOpt,
+        track: Optional[str] = TrackOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from loralab import api
 
-    exp = api.with_repeats(api.load(file), repeats)
+    exp = api.with_tracking(api.with_repeats(api.load(file), repeats), track)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
                      executor=executor.value if executor else None, address=address)
     _show_comparison(result, exp)
@@ -194,11 +197,12 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
           dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and estimated time; train nothing"),
           workspace: Optional[Path] = WorkspaceOpt,
           executor: Optional[Executor] = ExecutorOpt,
-          address: Optional[str] = AddressOpt):
+          address: Optional[str] = AddressOpt,
+          track: Optional[str] = TrackOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
     from loralab import api
 
-    api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console,
+    api.sweep(api.with_tracking(api.load(file), track), workspace=workspace, dry_run=dry_run, console=console,
               executor=executor.value if executor else None, address=address)
 
 
