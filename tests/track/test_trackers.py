@@ -235,3 +235,33 @@ def test_cli_track_overrides_the_file_keeping_its_options():
     assert loralab.api.with_tracking(exp, "none").track.names == []
     with pytest.raises(SpecError, match="unknown tracker"):
         loralab.api.with_tracking(exp, "mlflow,neptune")
+
+
+def test_an_mlflow_server_that_is_down_costs_a_warning_not_the_run(tiny_neox, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: no server listens on port 9
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    console = Console(record=True, width=300)
+    f = experiment(tmp_path, tiny_neox, "{mlflow: {tracking_uri: 'http://127.0.0.1:9'}}")
+    result = loralab.run(loralab.load(f), workspace=tmp_path / "ws", console=console)
+    assert result.records[1].status == "finished" and not result.failed
+    assert console.export_text().count("mlflow: tracking of A-seed0 stopped at start") == 1
+
+
+def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from loralab.sweep.study import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    f = tmp_path / "sw.yaml"
+    f.write_text(f"name: sw\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 f"track: {{mlflow: {{tracking_uri: '{uri}'}}}}\nevaluation: {{drift: false}}\n"
+                 "defaults:\n  lora: {r: 4, target_modules: [query_key_value]}\n"
+                 "  train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 3}\n  generate: {max_new_tokens: 4}\n"
+                 "sweep:\n  strategy: grid\n  space: {lora.r: [2, 4]}\n  pruner: {name: none}\n")
+    result = run_sweep(loralab.load(f), workspace=tmp_path / "ws")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
+    got = sorted((r.info.run_name, r.data.tags["loralab.trial"], r.data.params["lora.r"]) for r in runs)
+    want = sorted((f"trial-{t.number:04d}-seed0", str(t.number), str(t.knobs["lora.r"])) for t in result.trials)
+    assert got == want and len(got) == 2
