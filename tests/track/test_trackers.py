@@ -18,7 +18,7 @@ import loralab
 from loralab.cli import app
 from loralab.config.loading import parse_experiment
 from loralab.errors import SpecError
-from loralab.workspace.store import Store
+from test_runner import experiment as run_file
 
 RUNS = """
 evaluation: {drift: false}
@@ -31,10 +31,7 @@ runs:
 
 
 def experiment(tmp_path: Path, model: Path, track: str, name: str = "trk", runs: str = RUNS) -> Path:
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(f"name: {name}\nmodel: {model}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
-                 f"track: {track}\n{runs}")
-    return p
+    return run_file(tmp_path, model, f"track: {track}\n{runs}", name)
 
 
 def offline_wandb(mp: pytest.MonkeyPatch, folder: Path) -> None:

@@ -43,7 +43,6 @@ class TensorboardTracker:
         for k, v in final.items():
             self.writer.add_scalar(k, v, step)
         # The HParams tab: this run's settings against its final metrics (the scalars just written).
-        writer = self.writer._get_file_writer()
         for summary in hparams({**self.params, "status": status}, final):
-            writer.add_summary(summary)
+            self.writer.file_writer.add_summary(summary)
         self.writer.close()

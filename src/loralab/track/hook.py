@@ -98,8 +98,7 @@ def open_tracking(exp, run, run_id: str, experiment: str, workspace: Path, param
     names = exp.track.names
     if not names:
         return None
-    import loralab.track  # noqa: F401  (registers the trackers)
-
+    # The trackers are registered: importing this module ran loralab/track/__init__.py first.
     info = RunInfo(run.name, run.train.seed, run_id, experiment, Path(workspace), trial_number(exp, run.name))
     trackers = {n: REGISTRY[n].make(getattr(exp.track, n)) for n in names}
     tags = {"run": run.name, "seed": run.train.seed, "run_id": run_id, "experiment": experiment}
