@@ -262,3 +262,25 @@ def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_pa
     got = sorted((r.info.run_name, r.data.tags["loralab.trial"], r.data.params["lora.r"]) for r in runs)
     want = sorted((f"trial-{t.number:04d}-seed0", str(t.number), str(t.knobs["lora.r"])) for t in result.trials)
     assert got == want and len(got) == 2
+
+
+def test_a_diverged_run_sends_every_step_including_the_one_that_stopped_it(tmp_path, monkeypatch):
+    """The divergence monitor stops training before later step hooks see the step: the tracker gets
+    that step from the stored curve when the run closes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from test_runner import diverging_experiment
+
+    monkeypatch.setattr("loralab.track.hook.FLUSH_S", 0.0)  # every step sent as it comes
+    f = diverging_experiment(tmp_path)
+    f.write_text(f.read_text() + "track: [tensorboard]\n")
+    result = loralab.run(loralab.load(f), workspace=tmp_path / "ws", only=["A"])
+    a = result.records[1]
+    assert a.status == "diverged"
+    acc = EventAccumulator(str(tmp_path / "ws" / "tensorboard" / "seed" / "A-seed0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == a.curves["step"] and a.curves["step"][-1] == a.metrics["diverged_step"]
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["status"].string_value == "diverged"

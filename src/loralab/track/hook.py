@@ -26,7 +26,7 @@ class Tracking:
         self.live, self.info, self.log = dict(trackers), info, log
         self.flush_s = FLUSH_S if flush_s is None else flush_s
         self.rows: list[dict[str, float]] = []
-        self.sent = 0
+        self.sent = 0  # the last step sent
         self.last = time.monotonic()
         self._call("start", info, flatten(params))
 
@@ -51,7 +51,7 @@ class Tracking:
     def flush(self) -> None:
         if self.rows:
             self._call("log_steps", self.rows)
-            self.sent += len(self.rows)
+            self.sent = self.rows[-1]["step"]
             self.rows = []
         self.last = time.monotonic()
 
@@ -65,16 +65,16 @@ class Tracking:
 
     def close(self, record) -> None:
         """Send what is left and finish each tracker run with the stored record (workspace.RunRecord,
-        or None if the run never reached the store). A run whose training was taken from a stored
-        adapter trained no steps here: its stored curve is sent instead."""
+        or None if the run never reached the store). Steps this hook did not see come from the stored
+        curve: the step at which another hook stopped training (hooks after it are not called), or all
+        of them when the training was taken from a stored adapter."""
         self.flush()
         if record is None:
             self._call("finish", {}, "failed", None)
             return
-        if not self.sent:
-            rows = curve_rows(record.curves or {})
-            if rows:
-                self._call("log_steps", rows)
+        rows = [r for r in curve_rows(record.curves or {}) if r["step"] > self.sent]
+        if rows:
+            self._call("log_steps", rows)
         adapter = Path(record.adapter_path) if record.adapter_path and record.status == "finished" else None
         self._call("finish", numbers(record.metrics or {}), record.status, adapter)
 
