@@ -24,7 +24,7 @@ RUNS = """
 evaluation: {drift: false}
 runs:
   A:
-    lora: {r: 4, target_modules: [query_key_value]}
+    lora: {r: 4, target_modules: [query_key_value], rank_pattern: {'layers\\.1\\.attention\\.query_key_value': 2}}
     train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 5}
     generate: {max_new_tokens: 4}
 """
@@ -72,6 +72,8 @@ def test_mlflow_holds_params_curve_metrics_and_the_adapter(tracked, tmp_path):
     assert (tags["loralab.run_id"], tags["loralab.run"], tags["loralab.status"]) == (rec.id, "A", "finished")
     assert params["lora.r"] == "4" and float(params["train.learning_rate"]) == 1e-3 and params["run_id"] == rec.id
     assert params["data.fingerprint"] == rec.data["fingerprint"]
+    # A regex key of rank_pattern holds characters MLflow refuses in a key: they become '_'.
+    assert params["lora.rank_pattern.layers_.1_.attention_.query_key_value"] == "2"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]  # five steps, sent in five batches
     assert [m.value for m in history] == pytest.approx(rec.curves["loss"])

@@ -3,6 +3,7 @@ params, the step curve, the final metrics and the adapter as an artifact (`adapt
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,12 +13,19 @@ from loralab.track.base import RunInfo, register
 PARAMS_PER_CALL = 100  # MLflow's limits for one log_batch request
 METRICS_PER_CALL = 1000
 PARAM_CHARS = 6000
+# MLflow's key characters (on every OS): letters, digits, _ - . space /. Others (a rank_pattern's regex key)
+# become '_'.
+NOT_A_KEY_CHARACTER = re.compile(r"[^\w\-. /]")
 STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+def _key(name: str) -> str:
+    return NOT_A_KEY_CHARACTER.sub("_", name)
 
 
 @register("mlflow", module="mlflow")
@@ -43,7 +51,7 @@ class MlflowTracker:
         else:
             exp_id = found.experiment_id
         self.run_id = self.client.create_run(exp_id, run_name=info.name, tags=info.tags()).info.run_id
-        items = [Param(k, str(v)[:PARAM_CHARS]) for k, v in params.items()]
+        items = [Param(k, v) for k, v in {_key(k): str(v)[:PARAM_CHARS] for k, v in params.items()}.items()]
         for part in _chunks(items, PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=part, synchronous=True)
 
@@ -51,7 +59,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v, step in points]
+        items = [Metric(_key(k), float(v), now, int(step)) for k, v, step in points]
         for part in _chunks(items, METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=part, synchronous=True)
 
