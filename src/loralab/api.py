@@ -149,31 +149,37 @@ def _local_layers(exp: Experiment):
 
 
 def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
-        force: bool = False, console=None, executor: str | None = None, address: str | None = None):
+        force: bool = False, console=None, executor: str | None = None, address: str | None = None,
+        log_every: float | None = None):
     """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs).
-    `executor` ("local" or "ray") and `address` (a Ray cluster) override the file's `executor:`."""
-    from loralab.progress import Reporter
+    `executor` ("local" or "ray") and `address` (a Ray cluster) override the file's `executor:`.
+    `log_every`: seconds between progress lines when `console` is not a terminal."""
     from loralab.execute.runner import run_experiment
 
     check_tracking(exp)
-    return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=Reporter(console),
+    return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=_reporter(console, log_every),
                           executor=executor_factory(exp, executor, address))
 
 
 def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool = False, console=None,
-          executor: str | None = None, address: str | None = None):
+          executor: str | None = None, address: str | None = None, log_every: float | None = None):
     """Search the file's `sweep:` space with Optuna within its budget; returns a sweep.SweepResult.
 
     Running it again continues the same study (finished trials kept, an interrupted one re-run).
     `dry_run`: print the trials and the estimated time, train and write nothing. `executor` and
     `address`: as for `run`; with Ray, one trial per actor runs at once."""
-    from loralab.progress import Reporter
     from loralab.sweep.study import run_sweep
 
     if not dry_run:
         check_tracking(exp)
     factory = None if dry_run else executor_factory(exp, executor, address)
-    return run_sweep(exp, workspace=workspace, reporter=Reporter(console), dry_run=dry_run, executor=factory)
+    return run_sweep(exp, workspace=workspace, reporter=_reporter(console, log_every), dry_run=dry_run, executor=factory)
+
+
+def _reporter(console, log_every: float | None):
+    from loralab.progress import LOG_EVERY_S, Reporter
+
+    return Reporter(console, LOG_EVERY_S if log_every is None else log_every)
 
 
 def executor_factory(exp: Experiment, kind: str | None = None, address: str | None = None):
@@ -202,7 +208,7 @@ def doctor(workspace: str | Path | None = None, repair: bool = False):
     """Check a workspace for what crashes leave behind (and repair it); returns a doctor.Checkup."""
     from loralab.workspace.doctor import check_workspace
 
-    return check_workspace(workspace_path(workspace), repair=repair)
+    return check_workspace(workspace_path(workspace), repair=repair)  # (a file's workspace too: see find_workspace)
 
 
 def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat", out: str | Path | None = None,
@@ -255,7 +261,7 @@ def report(targets: str | Path | list, *, out: str | Path, workspace: str | Path
                                      "give one experiment file, or only run names or ids")])
         src = rep.from_file(load_experiment(first), workspace)
     else:
-        src = rep.from_runs([str(t) for t in targets], workspace)
+        src = rep.from_runs([str(t) for t in targets], find_workspace(workspace))
     built = rep.build(src, metric=metric, samples=samples, goal=goal)
     with _writable("--out", out):
         return rep.write(built, out)
@@ -283,9 +289,57 @@ class _writable:
 
 
 def workspace_path(workspace: str | Path | None = None) -> Path:
+    """The workspace a command reads (see find_workspace), absolute."""
     from loralab.workspace.store import workspace_path as resolve
 
-    return resolve(workspace)
+    return resolve(find_workspace(workspace))
+
+
+def find_workspace(workspace: str | Path | None = None) -> str | Path | None:
+    """The workspace a reading command (ls, show, compare, report, doctor, export) means.
+
+    `-w` names a workspace, or an experiment file whose `workspace:` it takes (as `run FILE` does).
+    Without it: ./loralab-workspace when it exists, else the one workspace that the experiment
+    files in this folder name (right after `loralab run exp.yaml` with `workspace: runs`, `loralab ls`
+    finds runs/); several → a message listing them; none → ./loralab-workspace (whose absence the
+    store reports)."""
+    from loralab.workspace.store import DB_NAME, DEFAULT_WORKSPACE
+
+    if workspace is not None:
+        path = Path(str(workspace)).expanduser()
+        return _file_workspace(path) or DEFAULT_WORKSPACE if _is_experiment_file(path) else workspace
+    if (Path(DEFAULT_WORKSPACE) / DB_NAME).is_file():
+        return None
+    found: dict[str, list[str]] = {}
+    for f in sorted(Path(".").glob("*.y*ml"))[:50]:  # bounded: a folder of thousands of files is not searched
+        named = _file_workspace(f) if _is_experiment_file(f) else None
+        if named and (Path(named).expanduser() / DB_NAME).is_file():
+            found.setdefault(named, []).append(f.name)
+    if len(found) > 1:
+        listed = "; ".join(f"{ws} (from {', '.join(files)})" for ws, files in found.items())
+        raise SpecError(f"no ./{DEFAULT_WORKSPACE} here, and the experiment files here name several workspaces",
+                        [Problem("--workspace", "which workspace?", listed,
+                                 "pass -w with one of them, or with the experiment file")])
+    return next(iter(found), None)
+
+
+def _is_experiment_file(path: Path) -> bool:
+    return path.suffix in (".yaml", ".yml") and path.is_file()
+
+
+def _file_workspace(path: Path) -> str | None:
+    """The `workspace:` an experiment file names, read without validating the rest (it may be a file
+    of a newer version, or half-edited); None when it names none or cannot be read."""
+    import yaml
+
+    try:
+        if path.stat().st_size > 1_000_000:
+            return None
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    ws = doc.get("workspace") if isinstance(doc, dict) else None
+    return ws if isinstance(ws, str) and ws.strip() else None
 
 
 def open_store(workspace: str | Path | None = None) -> Store:
@@ -401,11 +455,47 @@ def effects_of(plan) -> list[tuple[str, str, str, str, str]]:
             for e in knob_effects(groups, metrics, level=ev.confidence, floors=ev.min_effect) if testable(e.verdict)]
 
 
+def dashboard(workspace: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8765,
+              refresh_s: float = 2.0, console=None) -> None:
+    """Serve the live dashboard of a workspace on http://HOST:PORT until Ctrl-C (read-only)."""
+    import importlib.util
+    import socket
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SpecError(f"the dashboard needs {' and '.join(missing)}, not installed here",
+                        [Problem("dashboard", "missing package", ", ".join(missing), "pip install 'loralab[dashboard]'")])
+    store = open_store(workspace)  # a missing workspace is reported before the server starts
+    root = store.root
+    store.close()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SpecError(f"cannot listen on {host}:{port} ({err.strerror or err})",
+                            [Problem("--port", "in use or not allowed here", port,
+                                     "pass another --port (or --host an address of this machine)")]) from None
+    import uvicorn
+
+    from loralab.dashboard.app import make_app
+
+    if console is not None:
+        console.print(f"loralab dashboard of {root} on http://{host}:{port}/ (read-only; Ctrl-C to stop)", highlight=False)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]note:[/yellow] listening on {host}: anyone who can reach it can read this "
+                          "workspace's runs (there is no login)", highlight=False)
+    uvicorn.run(make_app(root, refresh_s), host=host, port=port, log_level="warning")
+
+
 def storage_problem(err: BaseException, workspace: str | Path | None):
     """A damaged or full workspace database as a WorkspaceError with its fix, or None for other errors."""
-    from loralab.workspace.store import storage_error
+    from loralab.workspace.store import storage_error, workspace_path as resolve
 
-    return storage_error(err, workspace_path(workspace))
+    try:
+        where = workspace_path(workspace)
+    except LoralabError:  # several workspaces to choose from: the error is about the one given, or the default
+        where = resolve(workspace)
+    return storage_error(err, where)
 
 
 __all__ = ["ablate", "export", "report", "difference", "doctor", "load", "validate", "run", "sweep", "list_runs", "get_run", "get_group", "compare", "example_path", "LoralabError", "Problem"]

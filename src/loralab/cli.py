@@ -44,6 +44,8 @@ console = _Console()
 err_console = _Console(stderr=True)
 
 RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
+LogEveryOpt = typer.Option(None, "--log-every", min=0, metavar="SECONDS",
+                           help="Outside a terminal (a log file, CI): a progress line this often (default 30)")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the file's `workspace:`, else ./loralab-workspace)")
 
 
@@ -177,13 +179,14 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         workspace: Optional[Path] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
         address: Optional[str] = AddressOpt,
-        track: Optional[str] = TrackOpt):
+        track: Optional[str] = TrackOpt,
+        log_every: Optional[float] = LogEveryOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from loralab import api
 
     exp = api.with_tracking(api.with_repeats(api.load(file), repeats), track)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
-                     executor=executor.value if executor else None, address=address)
+                     executor=executor.value if executor else None, address=address, log_every=log_every)
     _show_comparison(result, exp)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
@@ -198,19 +201,21 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
           workspace: Optional[Path] = WorkspaceOpt,
           executor: Optional[Executor] = ExecutorOpt,
           address: Optional[str] = AddressOpt,
-          track: Optional[str] = TrackOpt):
+          track: Optional[str] = TrackOpt,
+          log_every: Optional[float] = LogEveryOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
     from loralab import api
 
     api.sweep(api.with_tracking(api.load(file), track), workspace=workspace, dry_run=dry_run, console=console,
-              executor=executor.value if executor else None, address=address)
+              executor=executor.value if executor else None, address=address, log_every=log_every)
 
 
 @app.command()
 @_guard
 def demo(workspace: Optional[Path] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
-         repeats: Optional[int] = RepeatsOpt):
+         repeats: Optional[int] = RepeatsOpt,
+         log_every: Optional[float] = LogEveryOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
     from loralab import api
 
@@ -218,7 +223,7 @@ def demo(workspace: Optional[Path] = WorkspaceOpt,
     console.print(f"Running {path.name}: the seed's Run A and Run B on the built-in SmolLM2-135M "
                   "and the built-in stdlib-docstrings data.", highlight=False)
     exp = api.with_repeats(api.load(path), repeats)
-    result = api.run(exp, workspace=workspace, force=force, console=console)
+    result = api.run(exp, workspace=workspace, force=force, console=console, log_every=log_every)
     _show_comparison(result, exp)
     if result.failed:
         raise typer.Exit(1)
@@ -245,8 +250,10 @@ def ls(workspace: Optional[Path] = WorkspaceOpt,
         _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
         return
     t = Table(title=f"Runs in {api.workspace_path(workspace)}", title_justify="left")
+    longest = max((len(r.name) for r in records), default=4)
     for col in ("experiment", "name", "seed", "id", "status", "eval loss", "updated"):
-        t.add_column(col)
+        # names and ids are what a user types next: never cut to "trial-00…" on a narrow terminal
+        t.add_column(col, no_wrap=col in ("name", "id"), min_width=min(longest, 60) if col == "name" else None)
     for r in records:
         loss = r.metrics.get("eval_loss")
         t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, r.status,
@@ -276,6 +283,11 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
         if r.error:
             last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
             console.print("[red]" + _escape(last) + "[/red]")
+        if r.status not in ("finished", "diverged", "pruned") and r.curves.get("step"):
+            c = r.curves
+            planned = c.get("planned")
+            console.print(f"  trained {c['step'][-1]}{f' of {planned}' if planned else ''} steps so far (streamed curve), "
+                          f"last loss {c['loss'][-1]:.4f}", highlight=False)
         if r.adapter_path:
             console.print(f"  adapter: {r.adapter_path}", highlight=False)
         if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
@@ -396,6 +408,18 @@ def _show_effects(plan) -> None:
         t.add_row(_escape(knob), _escape(change), _escape(metric), effect, verdict,
                   style=None if verdict in ("within noise", "negligible") else "bold")
     console.print(t)
+
+
+@app.command()
+@_guard
+def dashboard(workspace: Optional[Path] = WorkspaceOpt,
+              port: int = typer.Option(8765, "--port", "-p", min=1, max=65535, help="Port to serve on"),
+              host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)"),
+              refresh: float = typer.Option(2.0, "--refresh", min=0.2, help="Seconds between the page's updates")):
+    """A live, read-only web page of the workspace: runs, loss curves, sweeps, main differences."""
+    from loralab import api
+
+    api.dashboard(workspace, host=host, port=port, refresh_s=refresh, console=console)
 
 
 @app.command()

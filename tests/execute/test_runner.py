@@ -419,7 +419,7 @@ def test_an_old_workspace_is_migrated_in_place_and_its_adapters_are_evaluated_no
         old.close()
     assert check_workspace(ws).ok and schema_version(ws) == 2
     again = run_experiment(one_run(tmp_path, tiny_neox, caps="[5, 7]"), workspace=ws)
-    assert schema_version(ws) == 3 and no_training == [] and again.failed == []
+    assert schema_version(ws) == 4 and no_training == [] and again.failed == []
     assert_evaluated_from(again.records[1], trained_once)
     report = check_workspace(ws)
     assert report.ok and report.findings == [] and report.runs == 4

@@ -199,7 +199,7 @@ def test_a_schema_2_workspace_passes_before_and_after_its_migration(ws):
     assert out.exit_code == 0 and "OK" in out.output
     Store(ws).close()  # opened for writing: migrated in place
     with sqlite3.connect(ws / "loralab.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
         filled = conn.execute("SELECT count(*) FROM runs WHERE kind = 'lora' AND adapter_id IS NOT NULL").fetchone()[0]
     assert filled == 2  # A and B: their adapters are found for a later evaluation-only run
     report = json.loads(doctor(ws, "--json").output)

@@ -154,7 +154,7 @@ def stored_adapter_ids(root) -> dict:
     import sqlite3
 
     with sqlite3.connect(root / "loralab.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
         return dict(conn.execute("SELECT id, adapter_id FROM runs"))
 
 
@@ -197,6 +197,6 @@ def test_a_newer_schema_is_refused(tmp_path):
     ws = tmp_path / "ws"
     v2_workspace(ws)
     with sqlite3.connect(ws / "loralab.db") as conn:
-        conn.execute("PRAGMA user_version=4")
-    with pytest.raises(RunNotFound, match="schema 4"):
+        conn.execute("PRAGMA user_version=5")
+    with pytest.raises(RunNotFound, match="schema 5"):
         Store(ws, create=False)

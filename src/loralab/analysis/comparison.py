@@ -433,18 +433,27 @@ def _md_cell(text: str) -> str:
     return LINE_BREAKS.sub(" ", text.replace("\\", "\\\\").replace("|", "\\|"))
 
 
+def to_rows(c: Comparison) -> tuple[list[str], list[dict], str]:
+    """The same table as `render`, as plain text: the header, the rows (each {"cells": [...]}, or
+    {"section": title}) and the legend (what Markdown and the dashboard draw)."""
+    head = [""] + [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
+    pad = [""] * len(c.verdict_columns)
+    rows: list[dict] = [{"cells": [key, *[fmt_value(v) for v in vals], *pad]} for key, vals in c.knobs.items()]
+    for title, section in c.sections:
+        rows.append({"section": title})
+        rows += [{"cells": [r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
+                            *[fmt_verdict(v, r.fmt) for v in r.verdicts]]} for r in section]
+    return head, rows, " ".join(legend(c))
+
+
 def to_markdown(c: Comparison) -> str:
     """The same table as `render`, as GitHub Markdown (for reports and BENCHMARKS.md)."""
-    head = [""] + [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
+    head, rows, text = to_rows(c)
     lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
              "| --- |" + " ---: |" * (len(head) - 1)]
-    pad = [""] * len(c.verdict_columns)
-    for key, vals in c.knobs.items():
-        lines.append("| " + " | ".join(_md_cell(x) for x in [key, *[fmt_value(v) for v in vals], *pad]) + " |")
-    for title, rows in c.sections:
-        lines.append("| **" + title + "** |" + " |" * (len(head) - 1))
-        for r in rows:
-            cells = [r.label, *[fmt_estimate(e, r.fmt, c.currency) for e in r.cells],
-                     *[fmt_verdict(v, r.fmt) for v in r.verdicts]]
-            lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
-    return "\n".join(lines) + "\n\n" + " ".join(legend(c)) + "\n"
+    for row in rows:
+        if "section" in row:
+            lines.append("| **" + row["section"] + "** |" + " |" * (len(head) - 1))
+        else:
+            lines.append("| " + " | ".join(_md_cell(x) for x in row["cells"]) + " |")
+    return "\n".join(lines) + "\n\n" + text + "\n"

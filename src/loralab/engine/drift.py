@@ -15,7 +15,7 @@ weights is ever in memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -50,12 +50,13 @@ def base_answers(
     eos_token_ids: list[int],
     pad_token_id: int,
     batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Greedy answers of the base model; computed once, they can be reused for every adapter of that base."""
     with _base_only(model):
         return generate_greedy(
             model, prompts, max_new_tokens,
-            eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, batch_size=batch_size,
+            eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, batch_size=batch_size, progress=progress,
         )
 
 
@@ -68,12 +69,14 @@ def measure_drift(
     pad_token_id: int,
     batch_size: int = 8,
     base: list[Generation] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DriftResult:
     """Drift of `model`'s active adapter from its own base model on `prompts` (token ids).
 
     `base` may come from `base_answers` at this cap or a larger one (greedy output at a smaller cap is
     a prefix, so it is cut with `at_cap`); answers from a smaller cap are rejected, since the tokens the
-    base would have written past it are unknown.
+    base would have written past it are unknown. `progress(n)` is told of every n prompts done, once per
+    pass: the base's answers (without `base`), the adapter's, the KL.
     """
     if not _is_peft(model):
         raise TypeError("measure_drift needs a PeftModel: the base side is the same model with its adapter disabled")
@@ -87,14 +90,14 @@ def measure_drift(
     gen = dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, batch_size=batch_size)
 
     if base is None:
-        base = base_answers(model, prompts, max_new_tokens=max_new_tokens, **gen)
+        base = base_answers(model, prompts, max_new_tokens=max_new_tokens, progress=progress, **gen)
     else:
         _check_base(base, prompts, max_new_tokens)
         base = [at_cap(g, max_new_tokens) for g in base]
-    adapted = generate_greedy(model, prompts, max_new_tokens, **gen)
+    adapted = generate_greedy(model, prompts, max_new_tokens, progress=progress, **gen)
     agreement = sum(a == b for a, b in zip(adapted, base)) / len(prompts)
 
-    sums, counts = _teacher_forced_kl(model, prompts, base, pad_token_id, batch_size)
+    sums, counts = _teacher_forced_kl(model, prompts, base, pad_token_id, batch_size, progress)
     n_tokens = sum(counts)
     return DriftResult(
         kl_mean=sum(sums) / n_tokens,
@@ -106,7 +109,8 @@ def measure_drift(
 
 
 def _teacher_forced_kl(
-    model, prompts: list[list[int]], base: list[Generation], pad_token_id: int, batch_size: int
+    model, prompts: list[list[int]], base: list[Generation], pad_token_id: int, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[float], list[int]]:
     """Per prompt: the KL summed over the scored positions, and how many there are.
 
@@ -142,6 +146,8 @@ def _teacher_forced_kl(
             for i in batch:
                 sums[i] = float(per_position[offset : offset + counts[i]].sum())
                 offset += counts[i]
+            if progress is not None:
+                progress(len(batch))
     return sums, counts
 
 

@@ -234,9 +234,12 @@ def evaluate(model, prepared: Prepared, label: str, rep: Reporter, batch_size: i
         t3 = time.perf_counter()
         dmax = prepared.exp.evaluation.drift_max_new_tokens
         kw = dict(max_new_tokens=dmax, eos_token_ids=[prepared.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
-        if prepared.drift_base is None:  # the base model's answers, once per experiment
-            prepared.drift_base = base_answers(model, prepared.drift_prompts, **kw)
-        d = measure_drift(model, prepared.drift_prompts, base=prepared.drift_base, **kw)
+        passes = 2 + (prepared.drift_base is None)  # the base's answers (once per experiment), the adapter's, the KL
+        with rep.task(f"drift {label}", total=passes * len(prepared.drift_prompts), unit="prompt passes") as update:
+            if prepared.drift_base is None:
+                prepared.drift_base = base_answers(model, prepared.drift_prompts, progress=lambda n: update(advance=n), **kw)
+            d = measure_drift(model, prepared.drift_prompts, base=prepared.drift_base,
+                              progress=lambda n: update(advance=n), **kw)
         metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
         drift_s = time.perf_counter() - t3
     elif prepared.drift_prompts:
@@ -551,7 +554,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
             shutil.rmtree(peft_model._init_dir, ignore_errors=True)
             peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's conversion expects it saved
             peft_model.save_pretrained(peft_model._init_dir)
-        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, tracking)
+        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid), tracking)
         reached["trained"] = True
         done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
         if res.stopped_by is monitor:
@@ -609,8 +612,9 @@ def _mutated_weights(model, targets) -> dict[str, Any]:
 
 
 def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning,
-           tracking=None):
-    """The training loop with its step hooks: divergence, progress, the fault point, the pruner and the trackers."""
+           curve: "CurveWriter", tracking=None):
+    """The training loop with its step hooks: divergence, progress, the streamed curve, the fault point,
+    the pruner and the trackers."""
     from loralab.engine.data import encode_example
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
@@ -619,10 +623,13 @@ def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Report
     train_enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len) for ex in prepared.dataset.train]
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
-        hooks = [monitor, _Progress(reached, update), StepFault()] + ([pruning] if pruning is not None else [])
+        hooks = [monitor, _Progress(reached, update), curve, StepFault()] + ([pruning] if pruning is not None else [])
         hooks += [tracking] if tracking is not None else []
-        return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks,
-                          loraplus_lr_ratio=run.lora.loraplus_lr_ratio), monitor
+        try:
+            return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks,
+                              loraplus_lr_ratio=run.lora.loraplus_lr_ratio), monitor
+        finally:
+            curve.flush()  # what was trained, also when training stopped on an error or Ctrl-C
 
 
 @dataclass
@@ -781,6 +788,35 @@ class _Progress:
     def after_step(self, step) -> None:
         self.reached["step"] = step.step
         self.update(loss=step.loss)
+
+
+class CurveWriter:
+    """A training step hook that streams the curve to the workspace (Store.append_steps) while the run
+    trains: the first step at once, then a batch every `every_s` seconds, so a watcher sees it grow, a
+    crash loses at most the last batch, and the writes (one transaction each) cost far below 1% of
+    training (BENCHMARKS.md). A write that fails (disk full) is dropped, not fatal: the run's result is
+    stored, or refused, on its own terms."""
+
+    def __init__(self, store: Store, run_id: str, every_s: float = 5.0):
+        self.store, self.run_id, self.every_s = store, run_id, every_s
+        self.pending: list[dict] = []
+        self.last = None  # when the last batch was written
+        self.broken = False
+
+    def after_step(self, step) -> None:
+        self.pending.append({"step": step.step, "loss": step.loss, "grad_norm": step.grad_norm, "lr": step.lr,
+                             "tokens": step.tokens, "seconds": step.seconds, "total": step.total})
+        if self.last is None or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.last = time.monotonic()
+        if batch and not self.broken:
+            try:
+                self.store.append_steps(self.run_id, batch)
+            except Exception:  # the curve is a by-product: never the reason a run is lost
+                self.broken = True
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -248,6 +248,9 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str):
     done = len(study.get_trials(deepcopy=False))
     if done and not is_grid(sw):  # resumed: a sampler seeded as before would first propose the points it began with
         study.sampler = _make_sampler(sw.model_copy(update={"seed": (sw.seed + done) % 2**31}), space)
+    budget = {**sw.budget.model_dump(exclude_none=True), "per_hour": exp.cost.per_hour if exp.cost else None}
+    if study.user_attrs.get("loralab_budget") != budget:  # what `loralab dashboard` shows as left (a resumed sweep may raise it)
+        study.set_user_attr("loralab_budget", budget)
     had = study.user_attrs.get("loralab_sweep")
     if had is None:
         study.set_user_attr("loralab_sweep", fingerprint)

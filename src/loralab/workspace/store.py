@@ -13,7 +13,7 @@ from typing import Any
 
 import json
 
-from sqlalchemy import String, Text, TypeDecorator, create_engine, event, select
+from sqlalchemy import Float, Integer, String, Text, TypeDecorator, create_engine, delete, event, inspect, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
 
@@ -24,8 +24,8 @@ from loralab.workspace.locks import file_lock, is_locked
 
 DB_NAME = "loralab.db"
 LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
-SCHEMA_VERSION = 3  # PRAGMA user_version; bump when tables change (and add the step to _migrate)
-READABLE = (2, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
+SCHEMA_VERSION = 4  # PRAGMA user_version; bump when tables change (and add the step to _migrate)
+READABLE = (2, 3, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
 DEFAULT_WORKSPACE = "loralab-workspace"
 
 STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed")
@@ -132,6 +132,26 @@ class AliasRow(_Base):
     updated_at: Mapped[dt.datetime] = mapped_column(When, default=_now, onupdate=_now)
 
 
+class StepRow(_Base):
+    """One optimizer step of a run's training curve, written while it trains (schema 4): a watcher
+    sees the curve grow, and a run that crashes keeps all of it but the last few seconds. A finished
+    run's curve moves into its row and these are deleted in the same transaction."""
+
+    __tablename__ = "steps"
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # NaN is stored as NULL
+    grad_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    total: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the steps planned (for an ETA)
+
+
+CURVE_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # as train.TrainResult.curve
+
+
 @dataclass
 class RunRecord:
     """A run as read from the store: plain data, detached from the database session."""
@@ -212,7 +232,8 @@ def _migrate(conn, version: int) -> None:
 
     2 -> 3: the runs table gains adapter_id, filled for old LoRA rows from their stored config, so their
     adapters are evaluated again under new settings instead of retrained; a row whose config cannot
-    give it (damaged) keeps NULL and is simply never reused that way."""
+    give it (damaged) keeps NULL and is simply never reused that way.
+    3 -> 4: the steps table (streamed curves); create_all adds it, nothing to fill."""
     if version == 2:
         # pysqlite may commit DDL on its own: a crash after this line leaves schema 2 with the column, so check
         if "adapter_id" not in {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(runs)")}:
@@ -315,6 +336,15 @@ class Store:
             row.adapter_path, row.error = None, None
             row.adapter_id = adapter_identity(config, model, data) if kind == "lora" else None
             self._alias(s, experiment, name, run_id, seed)
+            s.execute(delete(StepRow).where(StepRow.run_id == run_id))  # an earlier attempt's partial curve
+
+    def append_steps(self, run_id: str, steps: list[dict]) -> None:
+        """Add streamed training steps (dicts with CURVE_KEYS) to a running run's curve, in one transaction."""
+        if not steps:
+            return
+        with Session(self.engine) as s, s.begin():
+            for one in steps:
+                s.merge(StepRow(run_id=run_id, total=one.get("total"), **{k: _finite(one.get(k)) for k in CURVE_KEYS}))
 
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
                adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
@@ -325,6 +355,7 @@ class Store:
             row.metrics, row.curves, row.samples, row.timings = metrics, curves, samples, timings
             row.adapter_path, row.error = adapter_path, error
             row.status = status
+            s.execute(delete(StepRow).where(StepRow.run_id == run_id))  # the curve is in the row now
             s.flush()
             fault_point("store.finish")  # a crash here rolls the whole result back: never finished without metrics
 
@@ -374,6 +405,26 @@ class Store:
         with Session(self.engine) as s:
             row = s.get(RunRow, run_id)
             return RunRecord.from_row(row) if row else None
+
+    def live_curve(self, run_id: str) -> dict[str, list]:
+        """A run's training curve as far as it got: streamed steps while it trains (or where it stopped,
+        if it crashed or was interrupted), with `planned` steps, else the curve stored with its result."""
+        with Session(self.engine) as s:
+            if inspect(s.connection()).has_table("steps"):  # a schema-3 workspace opened read-only has none
+                rows = s.scalars(select(StepRow).where(StepRow.run_id == run_id).order_by(StepRow.step)).all()
+                if rows:
+                    return {**{k: [float("nan") if getattr(r, k) is None else getattr(r, k) for r in rows]
+                               for k in CURVE_KEYS}, "planned": rows[-1].total}
+            row = s.get(RunRow, run_id)
+            curves = row.curves if row is not None else None
+            return {k: list(curves.get(k, [])) for k in CURVE_KEYS} if isinstance(curves, dict) else {}
+
+    def _with_partial_curves(self, records: list[RunRecord]) -> list[RunRecord]:
+        """Runs still training, or cut short, get the curve streamed so far (finished ones have theirs)."""
+        for r in records:
+            if r.status not in DONE and not r.damaged and not r.curves.get("step"):
+                r.curves = self.live_curve(r.id)
+        return records
 
     def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
         """Finished and diverged runs of one adapter (see adapter_identity), newest first."""
@@ -438,15 +489,21 @@ class Store:
         if by_name:
             done = [r for r in by_name if r.status in DONE] or by_name
             exp = done[0].experiment  # newest first
-            return sorted((r for r in by_name if r.experiment == exp), key=lambda r: (r.seed is None, r.seed or 0))
+            return self._with_partial_curves(sorted((r for r in by_name if r.experiment == exp),
+                                                    key=lambda r: (r.seed is None, r.seed or 0)))
         by_id = {r.id: r for r in runs if r.id.startswith(ref)}
         if len(by_id) == 1:
-            return [next(iter(by_id.values()))]
+            return self._with_partial_curves([next(iter(by_id.values()))])
         names = sorted({f"{r.name}" for r in runs}) or sorted({r.name for r in self.list()})
         raise RunNotFound(f"no run {ref!r} in workspace {self.root}",
                           [Problem("run", "unknown run name or id", ref,
                                    f"use one of: {', '.join(names) if names else '(none yet: run an experiment first)'}")])
 
+
+
+def _finite(v: Any) -> Any:
+    """None for NaN (SQLite has no NaN; PostgreSQL would keep it, so both read back the same)."""
+    return None if isinstance(v, float) and v != v else v
 
 
 def storage_error(err: BaseException, root: Path, opening: bool = False) -> WorkspaceError | None:

@@ -1,0 +1,1 @@
+"""`loralab dashboard`: a local, read-only web page over a workspace that updates as runs train."""
