@@ -54,20 +54,24 @@ def tracked(tiny_neox, tmp_path_factory):
         offline_wandb(mp, tmp_path)
         mp.setattr("loralab.track.hook.FLUSH_S", 0.0)
         result = loralab.run(exp, workspace=tmp_path / "ws", console=console)
-    rec = result.records[1]
+    base, rec = result.records
     assert rec.status == "finished" and rec.metrics["steps"] == 5
-    return rec, uri, tmp_path / "ws", console.export_text()
+    return rec, uri, tmp_path / "ws", console.export_text(), base
 
 
 def test_mlflow_holds_params_curve_metrics_and_the_adapter(tracked, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    rec, uri, _, log = tracked
+    rec, uri, _, log, base = tracked
     assert "tracking" not in log  # no tracker failed
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("trk")  # the MLflow experiment is the loralab experiment
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_name == "A-seed0" and run.info.status == "FINISHED"
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["A-seed0", "base"]  # the untrained model too: every table's reference point
+    assert runs["base"].data.metrics["eval_loss"] == pytest.approx(base.metrics["eval_loss"])
+    assert runs["base"].data.tags["loralab.run_id"] == base.id and not client.list_artifacts(runs["base"].info.run_id)
+    run = runs["A-seed0"]
+    assert run.info.status == "FINISHED"
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     assert (tags["loralab.run_id"], tags["loralab.run"], tags["loralab.status"]) == (rec.id, "A", "finished")
     assert params["lora.r"] == "4" and float(params["train.learning_rate"]) == 1e-3 and params["run_id"] == rec.id
@@ -89,7 +93,7 @@ def test_tensorboard_holds_the_curve_final_metrics_and_hparams(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    rec, _, ws, _ = tracked
+    rec, _, ws, _, _ = tracked
     folder = ws / "tensorboard" / "trk" / "A-seed0"
     acc = EventAccumulator(str(folder))
     acc.Reload()
@@ -127,9 +131,13 @@ def wandb_records(path: Path) -> list:
 
 
 def test_wandb_offline_run_holds_config_history_and_summary(tracked):
-    rec, _, ws, _ = tracked
-    (run_file,) = (ws / "wandb").glob("wandb/offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
+    rec, _, ws, _, _ = tracked
+    files = {}
+    for f in (ws / "wandb").glob("wandb/offline-run-*/run-*.wandb"):
+        records = wandb_records(f)
+        files[next(r.run.display_name for r in records if r.WhichOneof("record_type") == "run")] = records
+    assert sorted(files) == ["A-seed0", "base"]
+    records = files["A-seed0"]
     kinds = [r.WhichOneof("record_type") for r in records]
     (run,) = [r.run for r, k in zip(records, kinds) if k == "run"]
     assert (run.display_name, run.run_group, run.project) == ("A-seed0", "trk", "loralab")
@@ -161,13 +169,13 @@ def test_a_tracker_failing_mid_run_is_named_once_and_the_run_is_stored(tiny_neox
 
     monkeypatch.setattr(TensorboardTracker, "log_steps", broken)
     finished = []
-    monkeypatch.setattr(TensorboardTracker, "finish", lambda self, *a: finished.append(a))
+    monkeypatch.setattr(TensorboardTracker, "finish", lambda self, *a: finished.append(self.dir.name))
     console = Console(record=True, width=300)
     result = loralab.run(loralab.load(experiment(tmp_path, tiny_neox, "[tensorboard]")), workspace=tmp_path / "ws",
                          console=console)
     rec = result.records[1]
     assert rec.status == "finished" and rec.metrics["steps"] == 5 and Path(rec.adapter_path).is_dir()
-    assert calls == [1] and finished == []  # left out of the rest of the run after its first failure
+    assert calls == [1] and finished == ["base"]  # A's tracker was left out of the rest of A after its first failure
     log = console.export_text()
     assert log.count("tracking of A-seed0 stopped at log_steps (OSError: disk gone)") == 1
 

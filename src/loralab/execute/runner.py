@@ -24,7 +24,7 @@ from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
-from loralab.track.hook import open_tracking
+from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
@@ -315,6 +315,8 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                 _add_cost(metrics, prepared)
                 store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
                 rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
+                track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
+                                                               "data": data_info}, store, rep.log)
         fault_point("run.stored")
         result.records.append(store.get(bid))
         result.records[-1].name = "base"
@@ -540,7 +542,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
     config = _run_config(prepared, run)
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=config,
                 model=model_info, data=data_info, env=env, seed=seed)
-    tracking = open_tracking(prepared.exp, run, rid, experiment, store.root,
+    tracking = open_tracking(prepared.exp, run.name, seed, rid, experiment, store.root,
                              {**config, "model": model_info, "data": data_info}, rep.log)  # None: no `track:`
     peft_model = done = None
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck

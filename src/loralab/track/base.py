@@ -22,8 +22,8 @@ from loralab.errors import Problem, SpecError
 class RunInfo:
     """Who a tracker run is: one loralab run (one seed), grouped by its experiment."""
 
-    run: str  # the run's name in the file (or trial-0003 in a sweep)
-    seed: int
+    run: str  # the run's name in the file (trial-0003 in a sweep; base: the untrained model)
+    seed: int | None  # None for base, which is not trained
     run_id: str  # the workspace's id (`loralab show RUN_ID`)
     experiment: str
     workspace: Path
@@ -32,11 +32,12 @@ class RunInfo:
     @property
     def name(self) -> str:
         """The tracker run's name: a run's seeds are separate tracker runs."""
-        return f"{self.run}-seed{self.seed}"
+        return self.run if self.seed is None else f"{self.run}-seed{self.seed}"
 
     def tags(self) -> dict[str, str]:
-        out = {"loralab.experiment": self.experiment, "loralab.run": self.run, "loralab.run_id": self.run_id,
-               "loralab.seed": str(self.seed)}
+        out = {"loralab.experiment": self.experiment, "loralab.run": self.run, "loralab.run_id": self.run_id}
+        if self.seed is not None:
+            out["loralab.seed"] = str(self.seed)
         if self.trial is not None:
             out["loralab.trial"] = str(self.trial)
         return out

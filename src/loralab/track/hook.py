@@ -92,16 +92,24 @@ def trial_number(exp, run_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def open_tracking(exp, run, run_id: str, experiment: str, workspace: Path, params: dict[str, Any],
-                  log: Callable[[str], None]) -> Tracking | None:
-    """The run's Tracking for the file's `track:` trackers, started; None when it names none."""
+def open_tracking(exp, run: str, seed: int | None, run_id: str, experiment: str, workspace: Path,
+                  params: dict[str, Any], log: Callable[[str], None]) -> Tracking | None:
+    """The Tracking of one run (`seed` None: the untrained base) for the file's `track:` trackers,
+    started; None when the file names none."""
     names = exp.track.names
     if not names:
         return None
     # The trackers are registered: importing this module ran loralab/track/__init__.py first.
-    info = RunInfo(run.name, run.train.seed, run_id, experiment, Path(workspace), trial_number(exp, run.name))
+    info = RunInfo(run, seed, run_id, experiment, Path(workspace), trial_number(exp, run))
     trackers = {n: REGISTRY[n].make(getattr(exp.track, n)) for n in names}
-    tags = {"run": run.name, "seed": run.train.seed, "run_id": run_id, "experiment": experiment}
-    if info.trial is not None:
-        tags["trial"] = info.trial
+    tags = {"run": run, "run_id": run_id, "experiment": experiment}
+    tags.update({k: v for k, v in (("seed", seed), ("trial", info.trial)) if v is not None})
     return Tracking(trackers, info, {**tags, **params}, log)
+
+
+def track_stored(exp, run: str, run_id: str, experiment: str, workspace: Path, params: dict[str, Any], store,
+                 log: Callable[[str], None]) -> None:
+    """Copy a stored run that trained nothing (the untrained base) to the file's trackers in one go."""
+    tracking = open_tracking(exp, run, None, run_id, experiment, workspace, params, log)
+    if tracking is not None:
+        tracking.close_stored(store, run_id)
