@@ -73,6 +73,9 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     """
     exp = load_experiment(path)
     check_tracking(exp)
+    from loralab.execute.preflight import check_inits
+
+    check_inits(exp)  # needs no data: checked even when the data is read only at training time
     problems = check_data_paths(exp)
     if problems:
         raise SpecError(f"{path}: data file missing", problems)

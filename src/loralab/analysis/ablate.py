@@ -297,7 +297,7 @@ def _moved(ra: RunSpec, rb: RunSpec, at_b: list[str], generate, name: str, hold:
         if k == SCALE:
             continue
         s, key = k.split(".", 1)
-        parts[s][key] = getattr(rb, s).model_dump()[key]
+        parts[s][key] = getattr(getattr(rb, s), key)  # not from the dump: it leaves out a variant at its default
     if hold == "alpha/r":
         scale = (rb if SCALE in at_b else ra).lora
         parts["lora"]["alpha"] = float(scale.alpha) / scale.r * parts["lora"]["r"]

@@ -50,7 +50,21 @@ VARIANTS = ("use_rslora", "use_dora", "loraplus_lr_ratio", "layers", "rank_patte
 # structure: PiSSA (principal singular vectors, exact SVD; pissa_niter_N: a fast randomized SVD with N
 # iterations) or OLoRA (QR). PiSSA and OLoRA change the base weights while training; loralab keeps the
 # shared base as it was and stores the adapter converted to plain LoRA (rank 2r) against the original base.
-INITS = ("default", "gaussian", "pissa", "olora")
+# EVA: A from the SVD of each layer's inputs on training examples (a data pass), ranks redistributed across
+# layers by explained variance, a layer getting up to rho * r (eva: PEFT's rho 2; eva_rho_R: rho R, from 1, no
+# redistribution, to 16). LoftQ: A and B fit what 4-bit quantization took from the base weights (needs
+# model.quantize bits 4, and a CUDA device: PEFT computes it there only).
+INITS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")
+EVA_RHO = re.compile(r"eva_rho_([0-9]{1,2}(?:\.[0-9]{1,2})?)")
+MAX_EVA_RHO = 16.0
+
+
+def eva_rho(init: str) -> float | None:
+    """EVA's rho for a `lora.init` value (2, PEFT's default, for plain eva), None when it is not EVA."""
+    if init == "eva":
+        return 2.0
+    m = EVA_RHO.fullmatch(init)
+    return float(m.group(1)) if m else None
 
 
 def lora_variant_defaults() -> dict[str, Any]:
@@ -79,15 +93,23 @@ class LoraSpec(_Strict):
     layers: list[Annotated[int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1)
     rank_pattern: dict[str, Annotated[int, Field(gt=0, le=4096)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
-    init: str = Field("default", description="default, gaussian, pissa, pissa_niter_N (fast SVD), olora")
+    init: str = Field("default", description="default, gaussian, pissa, pissa_niter_N (fast SVD), olora, eva, "
+                                             "eva_rho_R, loftq")
 
     @field_validator("init")
     @classmethod
     def _known_init(cls, v: str) -> str:
         if v in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]{0,2}", v):
             return v
-        raise ValueError(f"unknown init {str(v)[:40]!r}; fix: use one of {', '.join(INITS)}, or pissa_niter_N "
-                         "(N power iterations, e.g. pissa_niter_4: a fast SVD)")
+        rho = eva_rho(v)
+        if rho is not None and 1 <= rho <= MAX_EVA_RHO:  # one spelling per rho: one adapter id
+            return "eva" if rho == 2 else f"eva_rho_{rho:g}"
+        if rho is not None:
+            raise ValueError(f"EVA's rho must be from 1 (no rank moves between layers) to {MAX_EVA_RHO:g}, got {rho:g}; "
+                             "fix: use e.g. eva_rho_1, or eva (rho 2)")
+        raise ValueError(f"unknown init {str(v)[:40]!r}; fix: use one of {', '.join(INITS)}, pissa_niter_N "
+                         "(N power iterations, e.g. pissa_niter_4: a fast SVD), or eva_rho_R (EVA with rho R, "
+                         "e.g. eva_rho_1: no rank moves between layers)")
 
     @model_serializer(mode="wrap")
     def _variants_only_when_used(self, handler):

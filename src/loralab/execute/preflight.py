@@ -94,6 +94,55 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
     return out
 
 
+OTHER_INITS = "or use another lora.init (default, pissa, eva)"
+
+
+def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
+    """Initialisations this model, device or variant cannot take. LoftQ fits the adapter to what 4-bit
+    quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
+    there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
+    (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
+    puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
+    out: list[Problem] = []
+    for run in checked_runs(exp, runs):
+        if run.lora.init != "loftq":
+            continue
+        where = _where(exp, run, "lora", "init")
+        bits = exp.model.quantize.bits if exp.model.quantize is not None else None
+        if bits != 4:
+            out.append(Problem(where, "LoftQ fits the adapter to what 4-bit quantization takes from the base "
+                               f"weights, so it needs a 4-bit base; model.quantize is {f'{bits} bits' if bits else 'not set'}",
+                               "loftq", "set `model: {name: ..., quantize: {bits: 4}}` (QLoRA), " + OTHER_INITS))
+        elif _trains_on_cpu(exp):
+            from importlib.metadata import version
+
+            out.append(Problem(where, f"PEFT {version('peft')} computes LoftQ on a CUDA device only, and this "
+                               f"experiment trains on the CPU (device: {exp.device})", "loftq",
+                               "run it where a CUDA GPU is visible (device: auto or cuda), " + OTHER_INITS))
+        if run.lora.use_dora:
+            out.append(Problem(where, "LoftQ with DoRA: DoRA fixes its magnitudes from the base before LoftQ sets "
+                               "A and B, so the adapter would not start where LoftQ puts it", "loftq",
+                               "remove use_dora, " + OTHER_INITS))
+    return out
+
+
+def _trains_on_cpu(exp: Experiment) -> bool:
+    if exp.device != "auto":
+        return exp.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def check_inits(exp: Experiment, runs: list[RunSpec] | None = None) -> None:
+    """Checked before any data or model is read (validate and run): initialisations the setup cannot take."""
+    problems = init_problems(exp, exp.resolved_runs if runs is None else runs)
+    if problems:
+        n = len(problems)
+        raise SpecError(f"{exp.source or 'experiment'}: {n} lora.init setting{'s' if n > 1 else ''} this setup "
+                        "cannot run", problems)
+
+
 def _blocks(layers: Any | None) -> int | None:
     """How many repeated blocks the model has, read off its parameter names (`...layers.11.mlp...`)."""
     if layers is None or not layers.params:

@@ -26,7 +26,7 @@ from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
-from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash
+from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -99,10 +99,11 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     """Load and check data, model and LoRA targets. Raises a LoralabError before anything is written."""
     from loralab.engine import data as data_mod
     from loralab.engine.models import layers_of, load_base_model, resolve_target_modules
-    from loralab.execute.preflight import check_plan, remember_lengths, shortest_max_seq_len
+    from loralab.execute.preflight import check_inits, check_plan, remember_lengths, shortest_max_seq_len
 
     rep = reporter or Reporter()
     runs = select_runs(exp, only)
+    check_inits(exp, runs)
     problems = check_data_paths(exp)
     if problems:
         raise SpecError(f"{exp.source or 'experiment'}: data file missing", problems)
@@ -550,6 +551,8 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
         if source is not None:
             reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
+        if eva_rho(run.lora.init):  # a minute on the built-in model on a CPU, before the progress bar starts
+            rep.log(f"{label}: EVA's initialisation, a pass over the first training examples")
         peft_model = with_lora(prepared, run)
         if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
             peft_model._init_dir = store.run_dir(rid) / "adapter_init"
@@ -581,26 +584,55 @@ def with_lora(prepared: Prepared, run: RunSpec):
     """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed.
 
     PiSSA and OLoRA take their start from the base weights and leave the residual in them: the weights
-    they touch are copied first (`_base_weights`) and put back by restore_base; `_init_s` is what the
-    initialisation cost (the SVD or QR), counted in the run's time."""
-    from peft import LoraConfig, get_peft_model
+    they touch are copied first (`_base_weights`) and put back by restore_base. EVA runs the model over
+    training examples and LoftQ reads the original weights (engine.inits); both leave the base as it was.
+    `_init_s` is what the initialisation cost (the SVD, QR or data pass), counted in the run's time."""
+    from peft import EvaConfig, LoraConfig, get_peft_model
     from transformers import set_seed
 
+    from loralab.engine import inits
+
     set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
-    init = {"default": True}.get(run.lora.init, run.lora.init)
+    # LoftQ starts as a plain LoRA and has its A and B replaced; EVA runs with PEFT's defaults but rho
+    # (tau 0.99: a component has settled when consecutive estimates' cosine similarity reaches it).
+    rho = eva_rho(run.lora.init)
+    init = "eva" if rho else {"default": True, "loftq": True}.get(run.lora.init, run.lora.init)
     targets = prepared.targets_for(run)
     lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
                       target_modules=targets, bias=run.lora.bias, task_type="CAUSAL_LM",
                       use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora,
                       layers_to_transform=run.lora.layers, rank_pattern=run.lora.rank_pattern or {},
-                      alpha_pattern=run.lora.alpha_pattern or {}, init_lora_weights=init)
+                      alpha_pattern=run.lora.alpha_pattern or {}, init_lora_weights=init,
+                      eva_config=EvaConfig(rho=rho) if rho else None)
     saved = _mutated_weights(prepared.base.model, targets) if run.lora.init.startswith(("pissa", "olora")) else {}
+    batches = _eva_batches(prepared, run) if rho else None
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # EVA with low_cpu_mem_usage would allow bigger batches than EVA_BATCH; ours are small
+        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
         model = get_peft_model(prepared.base.model, lcfg)
+        try:
+            if batches is not None:
+                inits.eva_init(model, batches)
+            elif run.lora.init == "loftq":
+                inits.loftq_init(model, inits.weights_folder(prepared.base.path, prepared.exp.model.revision))
+        except BaseException:
+            restore_base(prepared, model)  # the shared base without this half-made adapter
+            raise
     model._init_s, model._base_weights = time.perf_counter() - t0, saved
     return model
+
+
+def _eva_batches(prepared: Prepared, run: RunSpec) -> list:
+    """EVA's batches: the run's first training examples, encoded as training encodes them."""
+    from loralab.engine.data import encode_example
+    from loralab.engine.inits import EVA_BATCH, EVA_BATCHES, eva_batches
+
+    tok = prepared.base.tokenizer
+    enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len)
+           for ex in prepared.dataset.train[:EVA_BATCH * EVA_BATCHES]]
+    return eva_batches(enc, tok.pad_token_id, prepared.base.device)
 
 
 def _mutated_weights(model, targets) -> dict[str, Any]:
@@ -666,7 +698,7 @@ class _Done:
                "trainable_params": res.trainable_params, "total_params": res.total_params, "steps": res.steps,
                "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
         out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
-        if self.run.lora.init != "default":  # an SVD or QR of the base weights is part of the run's cost
+        if self.run.lora.init != "default":  # an SVD, QR or EVA's data pass is part of the run's cost
             out["init_s"] = round(self.init_s, 3)
         return out
 

@@ -61,6 +61,8 @@ METRICS: tuple[Metric, ...] = (
     _m("diverged_step", "diverged at step", "f0", "stability", None, "training"),
     # cost
     _m("train_s", "train time (s)", "f1", "cost", "lower", "training"),
+    # PiSSA's SVD, OLoRA's QR, EVA's data pass, LoftQ's fit: part of training, carried with the adapter
+    _m("init_s", "init time (s)", "f1", "cost", "lower", "training"),
     _m("eval_s", "eval time (s)", "f1", "cost", "lower", "cost"),
     _m("total_s", "total time (s)", "f1", "cost", "lower", "cost"),
     _m("tokens_per_s", "train tokens/s", "f1", "cost", "higher", "training"),

@@ -583,11 +583,11 @@ def _setup(src: Sources, records: list[RunRecord], currency: str | None) -> list
     # A run that only re-evaluated a stored adapter carries that adapter's training time in its total
     # (so runs compare); counted once here, by the run that trained it, when both are in the report.
     again = [r for r in unique.values() if r.timings.get("train_reused_from") in unique]
-    total = sum(r.metrics.get("total_s", 0.0) or 0.0 for r in unique.values()) - sum(
-        r.metrics.get("train_s", 0.0) or 0.0 for r in again)
+    trained_s = [(r.metrics.get("train_s", 0.0) or 0.0) + (r.metrics.get("init_s", 0.0) or 0.0) for r in again]
+    total = sum(r.metrics.get("total_s", 0.0) or 0.0 for r in unique.values()) - sum(trained_s)
     money = sum(r.metrics.get("cost", 0.0) or 0.0 for r in unique.values())
     if cost:
-        money -= sum((r.metrics.get("train_s", 0.0) or 0.0) / 3600 * cost["per_hour"] for r in again)
+        money -= sum(trained_s) / 3600 * cost["per_hour"]
     out.append(("Compute", f"{len(unique)} stored runs, {total / 60:.1f} min of training and evaluation"
                 + (f", {money:.4f} {currency or ''}".rstrip() if cost else "")))
     out.append(("Workspace", str(src.workspace)))

@@ -629,6 +629,9 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})
+    # How the adapter starts does not change a step's speed, and EVA's data pass alone would take longer
+    # than this whole measurement (a minute on the built-in model): measured from PEFT's default start.
+    run = run.model_copy(update={"lora": run.lora.model_copy(update={"init": "default"})})
     model = with_lora(prepared, run)
     try:
         from loralab.engine.data import encode_example
