@@ -52,6 +52,7 @@ def tracked(tiny_neox, tmp_path_factory):
     console = Console(record=True, width=200)
     with pytest.MonkeyPatch.context() as mp:
         offline_wandb(mp, tmp_path)
+        mp.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
         mp.setattr("loralab.track.hook.FLUSH_S", 0.0)
         result = loralab.run(exp, workspace=tmp_path / "ws", console=console)
     base, rec = result.records
@@ -254,10 +255,12 @@ def test_an_mlflow_server_that_is_down_costs_a_warning_not_the_run(tiny_neox, tm
     assert console.export_text().count("mlflow: tracking of A-seed0 stopped at start") == 1
 
 
-def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_path):
+def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from loralab.sweep.study import run_sweep
+
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     f = tmp_path / "sw.yaml"
