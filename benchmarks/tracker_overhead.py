@@ -52,6 +52,7 @@ def main() -> None:
     Tracking._call = timed_call
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.chdir(tmp)  # MLflow keeps a SQLite store's artifacts in ./mlruns
         raw = {"name": "tracker-overhead", "model": "builtin:smollm2-135m",
                "data": {"builtin": "stdlib-docstrings", "train_size": 2 * args.steps, "eval_size": 8},
                "evaluation": {"drift": False},
