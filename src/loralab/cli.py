@@ -58,6 +58,8 @@ class Executor(str, Enum):
 
 ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (this process) or ray (Ray actors, the `ray` extra); "
                            "default: the file's `executor:`, else local")
+TrackOpt = typer.Option(None, "--track", help="Copy each run to trackers: comma-separated mlflow, tensorboard, wandb "
+                        "(each an extra: pip install 'loralab[NAME]'), or none; default: the file's `track:`")
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
 
 
@@ -179,11 +181,12 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         workspace: Optional[str] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
         address: Optional[str] = AddressOpt,
+        track: Optional[str] = TrackOpt,
         log_every: Optional[float] = LogEveryOpt):
     """Train and evaluate the runs of an experiment file, then print their comparison."""
     from loralab import api
 
-    exp = api.with_repeats(api.load(file), repeats)
+    exp = api.with_tracking(api.with_repeats(api.load(file), repeats), track)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
                      executor=executor.value if executor else None, address=address, log_every=log_every)
     _show_comparison(result, exp)
@@ -200,11 +203,12 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
           workspace: Optional[str] = WorkspaceOpt,
           executor: Optional[Executor] = ExecutorOpt,
           address: Optional[str] = AddressOpt,
+          track: Optional[str] = TrackOpt,
           log_every: Optional[float] = LogEveryOpt):
     """Search knobs with Optuna within a budget, pruning bad trials; run again to resume."""
     from loralab import api
 
-    api.sweep(api.load(file), workspace=workspace, dry_run=dry_run, console=console,
+    api.sweep(api.with_tracking(api.load(file), track), workspace=workspace, dry_run=dry_run, console=console,
               executor=executor.value if executor else None, address=address, log_every=log_every)
 
 

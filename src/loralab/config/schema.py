@@ -489,6 +489,52 @@ class ExecutorSpec(_Strict):
         return self
 
 
+TRACKERS = ("mlflow", "tensorboard", "wandb")  # each an optional extra: pip install 'loralab[NAME]'
+
+
+class MlflowTrack(_Strict):
+    tracking_uri: str | None = Field(None, description="default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    experiment: str | None = Field(None, description="the MLflow experiment; default: the file's `name`")
+
+
+class TensorboardTrack(_Strict):
+    log_dir: str | None = Field(None, description="default: WORKSPACE/tensorboard; one folder per run under EXPERIMENT/")
+
+
+class WandbTrack(_Strict):
+    project: str = Field("loralab", description="the W&B project; runs are grouped by the file's `name`")
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = Field(None, description="default: W&B's own (WANDB_MODE)")
+
+
+class TrackSpec(_Strict):
+    """Copies of each run in experiment trackers (the workspace stays the source of truth):
+    `track: [mlflow, tensorboard, wandb]`, or a mapping of tracker to its options."""
+
+    mlflow: MlflowTrack | None = None
+    tensorboard: TensorboardTrack | None = None
+    wandb: WandbTrack | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_as_a_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            names = [str(x) for x in v]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(twice)} listed twice; fix: name each tracker once")
+            return {n: {} for n in names}
+        if isinstance(v, dict):  # `mlflow:` with no options
+            return {k: ({} if o is None else o) for k, o in v.items()}
+        return v
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in TRACKERS if getattr(self, n) is not None]
+
+
 class Defaults(_Strict):
     lora: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -516,6 +562,7 @@ class Experiment(_Strict):
     cost: CostSpec | None = None
     sweep: SweepSpec | None = None
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    track: TrackSpec = Field(default_factory=TrackSpec)
     # Filled by load_experiment, not by the file.
     resolved_runs: list[RunSpec] = Field(default_factory=list, exclude=True)
     source: str | None = Field(None, exclude=True)

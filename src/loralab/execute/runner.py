@@ -24,6 +24,7 @@ from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
+from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
@@ -321,6 +322,8 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                 _add_cost(metrics, prepared)
                 store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
                 rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
+                track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
+                                                               "data": data_info}, store, rep.log)
         fault_point("run.stored")
         result.records.append(store.get(bid))
         result.records[-1].name = "base"
@@ -543,8 +546,11 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
                pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
-    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=_run_config(prepared, run),
+    config = _run_config(prepared, run)
+    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=config,
                 model=model_info, data=data_info, env=env, seed=seed)
+    tracking = open_tracking(prepared.exp, run.name, seed, rid, experiment, store.root,
+                             {**config, "model": model_info, "data": data_info}, rep.log)  # None: no `track:`
     peft_model = done = None
     reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
     try:
@@ -559,7 +565,7 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
             shutil.rmtree(peft_model._init_dir, ignore_errors=True)
             peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's conversion expects it saved
             peft_model.save_pretrained(peft_model._init_dir)
-        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid))
+        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid), tracking)
         reached["trained"] = True
         done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
         if res.stopped_by is monitor:
@@ -576,6 +582,8 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
         current = done.model if done is not None else peft_model  # finished() may have swapped it
         if current is not None:
             restore_base(prepared, current)
+        if tracking is not None:  # a copy of what the workspace stored, once it is stored
+            tracking.close_stored(store, rid)
 
 
 def with_lora(prepared: Prepared, run: RunSpec):
@@ -644,9 +652,9 @@ def _mutated_weights(model, targets) -> dict[str, Any]:
 
 
 def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning,
-           curve: "CurveWriter"):
+           curve: "CurveWriter", tracking=None):
     """The training loop with its step hooks: divergence, progress, the streamed curve, the fault point,
-    and the pruner."""
+    the pruner and the trackers."""
     from loralab.engine.data import encode_example
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
@@ -656,6 +664,7 @@ def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Report
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
         hooks = [monitor, _Progress(reached, update), curve, StepFault()] + ([pruning] if pruning is not None else [])
+        hooks += [tracking] if tracking is not None else []
         try:
             return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks,
                               loraplus_lr_ratio=run.lora.loraplus_lr_ratio), monitor

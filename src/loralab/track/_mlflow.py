@@ -1,0 +1,75 @@
+"""MLflow: one MLflow run per loralab run, in the MLflow experiment named after the loralab experiment;
+params, the step curve, the final metrics and the adapter as an artifact (`adapter/`)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from loralab.track.base import RunInfo, register
+
+PARAMS_PER_CALL = 100  # MLflow's limits for one log_batch request
+METRICS_PER_CALL = 1000
+PARAM_CHARS = 6000
+# MLflow's key characters (on every OS): letters, digits, _ - . space /. Others (a rank_pattern's regex key)
+# become '_'.
+NOT_A_KEY_CHARACTER = re.compile(r"[^\w\-. /]")
+STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _key(name: str) -> str:
+    return NOT_A_KEY_CHARACTER.sub("_", name)
+
+
+@register("mlflow", module="mlflow")
+class MlflowTracker:
+    """Through MlflowClient (no global active run): the tracking URI is `track.mlflow.tracking_uri`,
+    else MLflow's own default (MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+
+    def __init__(self, options):
+        self.options = options
+
+    def start(self, info: RunInfo, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.options.tracking_uri)
+        name = self.options.experiment or info.experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                exp_id = self.client.create_experiment(name)
+            except Exception:  # another process created it first
+                exp_id = self.client.get_experiment_by_name(name).experiment_id
+        else:
+            exp_id = found.experiment_id
+        self.run_id = self.client.create_run(exp_id, run_name=info.name, tags=info.tags()).info.run_id
+        items = [Param(k, v) for k, v in {_key(k): str(v)[:PARAM_CHARS] for k, v in params.items()}.items()]
+        for part in _chunks(items, PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=part, synchronous=True)
+
+    def _metrics(self, points: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_key(k), float(v), now, int(step)) for k, v, step in points]
+        for part in _chunks(items, METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=part, synchronous=True)
+
+    def log_steps(self, rows: Sequence[dict[str, float]]) -> None:
+        self._metrics([(f"train/{k}", v, r["step"]) for r in rows for k, v in r.items() if k != "step"])
+
+    def finish(self, metrics: dict[str, float], status: str, adapter_dir: Path | None) -> None:
+        step = int(metrics.get("steps", 0))
+        self._metrics([(k, v, step) for k, v in metrics.items()])
+        self.client.set_tag(self.run_id, "loralab.status", status)
+        if adapter_dir is not None:
+            self.client.log_artifacts(self.run_id, str(adapter_dir), "adapter")
+        self.client.set_terminated(self.run_id, STATUS.get(status, "FAILED"))
