@@ -139,3 +139,21 @@ def test_heartbeat_settings_come_from_the_environment_and_bad_ones_name_the_vari
             heartbeat_settings()
         assert err.value.problems[0].where == "LORALAB_HEARTBEAT"
     assert study_storage("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"  # one machine: no heartbeat, pids tell
+
+
+def test_a_trial_taken_for_dead_meanwhile_keeps_training_instead_of_failing_its_run(tmp_path):
+    """Its worker only stalled: another one failed the trial and queued its configuration. The pruner's
+    report must not crash the run (which the retry will find stored), only stop consulting the pruner."""
+    from optuna.trial import TrialState
+
+    from loralab.config.schema import PrunerSpec
+    from loralab.execute.jobs import Pruning
+    from loralab.sweep.pruning import optuna_reporter
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    trial = study.ask()
+    report = optuna_reporter(Pruning(url, "s", trial.number), PrunerSpec(name="median"))
+    assert report(1.0, 1) is False
+    study.tell(trial.number, state=TrialState.FAIL)  # what recover_interrupted does to a silent trial
+    assert report(0.9, 2) is False  # no UpdateFinishedTrialError

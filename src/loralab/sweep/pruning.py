@@ -84,7 +84,12 @@ def optuna_reporter(ref: Pruning, spec: PrunerSpec) -> Callable[[float, int], bo
     trial = optuna.trial.Trial(study, trial_id)
 
     def report(loss: float, step: int) -> bool:
-        trial.report(ref.sign * loss, step)
+        try:
+            trial.report(ref.sign * loss, step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker took this trial for dead (its heartbeat stalled past the grace period) and queued
+            # its configuration again: train on, so the run is stored once and the retry finds it.
+            return False
         return trial.should_prune()
 
     return report
