@@ -142,10 +142,10 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
     still allows, shared among the trials running now; unknown without a trial or a budget."""
     from optuna.trial import TrialState
 
-    from loralab.sweep.study import _counts
+    from loralab.sweep.study import counts_in_budget
 
     by = {s: [t for t in trials if t.state == s] for s in TrialState}
-    counted = [t for t in trials if _counts(t)]
+    counted = [t for t in trials if counts_in_budget(t)]
     spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in counted)
     best = None
     if len(directions) == 1 and by[TrialState.COMPLETE]:

@@ -171,7 +171,7 @@ class SweepResult:
     close_to_best: list[int] = field(default_factory=list)  # finished trials within noise of the best
 
 
-def _counts(t) -> bool:
+def counts_in_budget(t) -> bool:
     """Trials the budget counts: completed, pruned, or failed on their own (not interrupted)."""
     from optuna.trial import TrialState
 
@@ -182,7 +182,7 @@ def _counts(t) -> bool:
 def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_flight: int = 0) -> str | None:
     """Why no further trial may start, or None while the budget lasts. `in_flight` trials count against
     budget.trials (they will be counted once done); time and money are known only when they end."""
-    done = [t for t in trials if _counts(t)]
+    done = [t for t in trials if counts_in_budget(t)]
     spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in done)
     b = sweep.budget
     if b.trials is not None and len(done) + in_flight >= b.trials:
@@ -371,7 +371,7 @@ def duplicate_of(trials: list, knobs: dict[str, Any], alive: Callable[[Any], boo
     for t in trials:
         if t.user_attrs.get("knobs") != knobs or t.user_attrs.get("status") == "duplicate":
             continue
-        if _counts(t) or (t.state == TrialState.RUNNING and alive(t)):
+        if counts_in_budget(t) or (t.state == TrialState.RUNNING and alive(t)):
             return t.number
     return None
 
@@ -656,7 +656,7 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     """Fill the result from the whole study and print the best configuration(s) and the compute."""
     frozen = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") != "duplicate"]
     result.trials = [TrialSummary.from_frozen(t, space) for t in frozen]
-    counted = [TrialSummary.from_frozen(t, space) for t in frozen if _counts(t)]
+    counted = [TrialSummary.from_frozen(t, space) for t in frozen if counts_in_budget(t)]
     result.spent_s = sum(t.spent_s for t in counted)
     result.saved_steps = sum(t.saved_steps for t in counted)
     result.saved_s = sum(t.saved_s for t in counted)
