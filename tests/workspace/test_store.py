@@ -200,3 +200,20 @@ def test_a_newer_schema_is_refused(tmp_path):
         conn.execute("PRAGMA user_version=5")
     with pytest.raises(RunNotFound, match="schema 5"):
         Store(ws, create=False)
+
+
+def test_a_light_listing_leaves_samples_and_curves_unread(tmp_path):
+    from sqlalchemy import event
+
+    s = Store(tmp_path / "ws")
+    s.start("r1", name="A", experiment="e", kind="lora", config={}, model={}, data={}, env={}, seed=0)
+    s.finish("r1", metrics={"eval_loss": 1.0}, curves={"step": [1], "loss": [2.0]}, samples=[{"id": "x" * 10_000}],
+             timings={}, adapter_path=None)
+    statements = []
+    event.listen(s.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    light = s.list(light=True)
+    assert [r.metrics for r in light] == [{"eval_loss": 1.0}] and light[0].samples == [] and light[0].curves == {}
+    assert len(statements) == 1 and "samples" not in statements[0]  # one query, without the bulky columns
+    full = s.list()
+    assert full[0].samples[0]["id"] == "x" * 10_000 and full[0].curves["loss"] == [2.0] and not full[0].damaged
+    s.close()

@@ -48,7 +48,7 @@ class Dashboard:
     def runs(self) -> list[dict[str, Any]]:
         """Every named run, newest first, with its progress if it is training."""
         out = []
-        for r in self.store.list():
+        for r in self.store.list(light=True):  # no samples: polled every few seconds
             row = {"experiment": r.experiment, "name": r.name, "seed": r.seed, "id": r.id, "kind": r.kind,
                    "status": r.status, "updated": r.updated_at, "eval_loss": _num(r.metrics.get("eval_loss")),
                    "step": None, "planned": None, "loss": None, "eta_s": None}

@@ -23,7 +23,7 @@ import json
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, TypeDecorator, create_engine, delete,
                         event, inspect, select, text)
 from sqlalchemy.exc import DatabaseError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, deferred, mapped_column
 
 from loralab.config.schema import config_hash
 from loralab.errors import Problem, RunNotFound, SpecError, WorkspaceError
@@ -246,10 +246,13 @@ class RunRecord:
     damaged: list[str] = field(default_factory=list)  # what of its row cannot be read (see `loralab doctor`)
 
     @classmethod
-    def from_row(cls, row: RunRow, name: str | None = None) -> "RunRecord":
+    def from_row(cls, row: RunRow, name: str | None = None, skip: tuple[str, ...] = ()) -> "RunRecord":
+        """`skip`: columns left unread (deferred by the query), given as empty."""
         damaged = []
 
         def read(col: str, empty: Any) -> Any:
+            if col in skip:
+                return empty
             v = getattr(row, col)
             ok = isinstance(v, type(empty))
             if v is not None and not ok:
@@ -621,16 +624,20 @@ class Store:
             return [(a.experiment, a.name, None if a.seed == -1 else a.seed, a.run_id)
                     for a in s.scalars(select(AliasRow))]
 
-    def list(self, experiment: str | None = None) -> list[RunRecord]:
-        """Every run, one record per (experiment, name) alias, newest first."""
+    def list(self, experiment: str | None = None, light: bool = False) -> list[RunRecord]:
+        """Every run, one record per (experiment, name) alias, newest first. `light`: without samples
+        and curves (the bulk of a row), for what polls the list (the dashboard)."""
+        skip = ("samples", "curves") if light else ()
         with Session(self.engine) as s:
             q = select(AliasRow, RunRow).join(RunRow, RunRow.id == AliasRow.run_id)
+            if light:
+                q = q.options(defer(RunRow.samples), defer(RunRow.curves))
             if experiment:
                 q = q.where(AliasRow.experiment == experiment)
             rows = s.execute(q.order_by(RunRow.updated_at.desc(), AliasRow.name)).all()
             out = []
             for alias, row in rows:
-                rec = RunRecord.from_row(row, name=alias.name)
+                rec = RunRecord.from_row(row, name=alias.name, skip=skip)
                 rec.experiment = alias.experiment
                 rec.seed = None if alias.seed == -1 else alias.seed
                 out.append(rec)
