@@ -156,6 +156,23 @@ def test_budget_counts_finished_pruned_and_failed_trials_not_interrupted_ones(bu
     assert budget_reason(trials, exp.sweep, 3.6) == reason
 
 
+@pytest.mark.parametrize("budget, running, reason", [
+    ("{minutes: 1.3}", 0, None),  # 60 s spent of 78
+    ("{minutes: 1.3}", 1, "time budget of 1.3 min reached (1.00 min spent, 1 trial(s) still running)"),  # + 20 s expected
+    ("{minutes: 1.4}", 1, None),  # 80 s expected of 84: one more may start
+    ("{money: 0.07}", 1, "money budget of 0.07 reached (0.0600 spent, 1 trial(s) still running)"),
+    ("{money: 0.07}", 0, None),
+])
+def test_trials_running_elsewhere_count_against_time_and_money_at_the_mean_trial_cost(budget, running, reason):
+    """Another worker's running trial will cost about what a trial has cost so far: counted now, N workers
+    stop where one would."""
+    exp = parse(f"cost: {{per_hour: 3.6}}\nsweep: {{space: {{lora.r: [4]}}, budget: {budget}}}")
+    trials = [_trial("COMPLETE", 10), _trial("PRUNED", 20), _trial("FAIL", 30, "failed")]
+    from loralab.sweep.study import budget_reason
+
+    assert budget_reason(trials, exp.sweep, 3.6, in_flight=running) == reason
+
+
 # --- studies on tiny models ---------------------------------------------------------------------
 
 

@@ -181,16 +181,20 @@ def counts_in_budget(t) -> bool:
 
 def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_flight: int = 0) -> str | None:
     """Why no further trial may start, or None while the budget lasts. `in_flight` trials count against
-    budget.trials (they will be counted once done); time and money are known only when they end."""
+    budget.trials (they will be counted once done), and against time and money at the mean cost of the
+    trials counted so far (theirs is known only when they end): N workers then stop where one would,
+    not N−1 trials later."""
     done = [t for t in trials if counts_in_budget(t)]
     spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in done)
     b = sweep.budget
     if b.trials is not None and len(done) + in_flight >= b.trials:
         return f"budget of {b.trials} trials reached"
-    if b.minutes is not None and spent >= b.minutes * 60:
-        return f"time budget of {b.minutes:g} min reached ({spent / 60:.2f} min spent)"
-    if b.money is not None and per_hour is not None and spent / 3600 * per_hour >= b.money:
-        return f"money budget of {b.money:g} reached ({spent / 3600 * per_hour:.4f} spent)"
+    expected = spent + (in_flight * spent / len(done) if done else 0.0)
+    ahead = f", {in_flight} trial(s) still running" if expected > spent else ""
+    if b.minutes is not None and expected >= b.minutes * 60:
+        return f"time budget of {b.minutes:g} min reached ({spent / 60:.2f} min spent{ahead})"
+    if b.money is not None and per_hour is not None and expected / 3600 * per_hour >= b.money:
+        return f"money budget of {b.money:g} reached ({spent / 3600 * per_hour:.4f} spent{ahead})"
     return None
 
 
