@@ -495,8 +495,9 @@ def dashboard(workspace: str | Path | None = None, *, host: str = "127.0.0.1", p
     from loralab.dashboard.app import make_app
 
     if console is not None:
-        console.print(f"loralab dashboard of {shown(root)} on http://{host}:{port}/ (read-only; Ctrl-C to stop)",
-                      highlight=False)
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+        console.print(f"loralab dashboard of {shown(root)} on http://{where}:{port}/ (read-only; Ctrl-C to stop)",
+                      highlight=False, soft_wrap=True)  # a URL cut in two can be neither clicked nor copied
         if host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]note:[/yellow] listening on {host}: anyone who can reach it can read this "
                           "workspace's runs (there is no login)", highlight=False)

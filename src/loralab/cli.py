@@ -79,18 +79,25 @@ class Terminated(KeyboardInterrupt):
     run is marked interrupted, but the exit code is 143 (128 + 15), as for a process it ended."""
 
 
-def _guard(fn):
-    """Turn user errors into one message and exit code 2; Ctrl-C into exit code 130, SIGTERM into 143."""
+def _guard(fn=None, *, trains: bool = True):
+    """Turn user errors into one message and exit code 2; Ctrl-C into exit code 130, SIGTERM into 143.
+    `trains=False` (a server): Ctrl-C is its way to stop, handled by it; no run to mark interrupted."""
+    import contextlib
     import functools
+
+    if fn is None:
+        return functools.partial(_guard, trains=trains)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with _ctrl_c():
+            with _ctrl_c() if trains else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except LoralabError as err:
             _fail(err)
         except KeyboardInterrupt as err:
+            if not trains:
+                raise typer.Exit(0) from None
             what = "Terminated (SIGTERM)" if isinstance(err, Terminated) else "Interrupted"
             err_console.print(f"[yellow]{what}: the current run is marked interrupted; finished runs are kept.[/yellow]")
             raise typer.Exit(143 if isinstance(err, Terminated) else 130)
@@ -413,7 +420,7 @@ def _show_effects(plan) -> None:
 
 
 @app.command()
-@_guard
+@_guard(trains=False)
 def dashboard(workspace: Optional[str] = WorkspaceOpt,
               port: int = typer.Option(8765, "--port", "-p", min=1, max=65535, help="Port to serve on"),
               host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)"),

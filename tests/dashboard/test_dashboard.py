@@ -216,3 +216,36 @@ def test_hostile_names_in_the_workspace_stay_text_in_the_page(finished_ws, tmp_p
         page.evaluate("document.querySelector('#runs tbody tr').click()")
         until(page, "document.querySelectorAll('#curves polyline').length >= 1", "the clicked run's curve")
         assert page.evaluate("window.__owned") is None and page.problems() == []
+
+
+def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(finished_ws, tmp_path):
+    """`loralab dashboard` as a user starts it: the page and its JSON on 127.0.0.1, then Ctrl-C ends it
+    with exit code 0 and no word about interrupted runs (a server has none)."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loralab.cli", "dashboard", "-w", str(finished_ws), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        deadline, state = time.monotonic() + 60, None
+        while state is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+            try:
+                state = httpx.get(f"http://127.0.0.1:{port}/api/state", timeout=2).json()
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert {r["name"] for r in state["runs"]} == {"base", "A", "B"}
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"on http://127.0.0.1:{port}/" in out and "interrupted" not in out.lower()
