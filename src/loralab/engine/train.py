@@ -49,6 +49,12 @@ class Step:
     tokens: int = 0  # non-padding tokens trained so far
     seconds: float = 0.0  # since training started
 
+    def row(self) -> dict[str, float]:
+        """This step as a row of the training curve (TrainResult.curve's keys): what the workspace
+        streams and trackers log."""
+        return {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
+                "tokens": self.tokens, "seconds": self.seconds}
+
 
 class StepHook(Protocol):
     """Watches training one optimizer step at a time: progress, divergence, pruning, fault points and

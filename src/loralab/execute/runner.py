@@ -844,8 +844,7 @@ class CurveWriter:
         self.broken = False
 
     def after_step(self, step) -> None:
-        self.pending.append({"step": step.step, "loss": step.loss, "grad_norm": step.grad_norm, "lr": step.lr,
-                             "tokens": step.tokens, "seconds": step.seconds, "total": step.total})
+        self.pending.append({**step.row(), "total": step.total})
         if self.last is None or time.monotonic() - self.last >= self.every_s:
             self.flush()
 

@@ -43,7 +43,7 @@ class Tracking:
                          f"in the workspace[/yellow]")
 
     def after_step(self, step) -> None:
-        self.rows.append(dict(zip(STEP_KEYS, (step.step, step.loss, step.grad_norm, step.lr, step.tokens, step.seconds))))
+        self.rows.append(step.row())
         if time.monotonic() - self.last >= self.flush_s:
             self.flush()
         return None
