@@ -132,3 +132,13 @@ def test_topic_models_round_trip():
 def test_parse_rejects_non_mapping():
     with pytest.raises(SpecError, match="mapping"):
         parse_experiment(yaml.safe_load("- a\n- b\n"))
+
+
+def test_bootstrap_resamples_still_loads_but_is_said_to_be_ignored():
+    from loralab.config.loading import surprises
+
+    base = "name: x\nmodel: m\ndata: {builtin: stdlib-docstrings}\nruns: {A: {}}\n"
+    parse = lambda text: parse_experiment(yaml.safe_load(text), "exp.yaml", text)  # noqa: E731
+    old = parse(base + "evaluation: {bootstrap_resamples: 2000}\n")
+    assert any("bootstrap_resamples is ignored" in s for s in surprises(old))
+    assert not any("bootstrap" in s for s in surprises(parse(base)))

@@ -319,6 +319,9 @@ def surprises(exp: Experiment) -> list[str]:
         if {"epochs", "max_steps"} <= run.train.model_fields_set:
             out.append(f"run {run.name}: train.epochs ({run.train.epochs:g}) and train.max_steps ({run.train.max_steps}) "
                        "are both set; max_steps decides, epochs is ignored")
+    if "bootstrap_resamples" in exp.evaluation.model_fields_set:
+        out.append("evaluation.bootstrap_resamples is ignored: intervals come from the variance over seeds and eval "
+                   "examples, not from a bootstrap (docs/statistics.md); remove it")
     if "eval_fraction" in exp.data.model_fields_set and (exp.data.eval_path or exp.data.eval_split):
         out.append(f"data.eval_fraction ({exp.data.eval_fraction:g}) is ignored: the eval set is "
                    + ("data.eval_path" if exp.data.eval_path else "data.eval_split"))

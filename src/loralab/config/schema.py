@@ -283,7 +283,7 @@ class EvaluationSpec(_Strict):
     train_loss_examples: int | None = Field(None, ge=0)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     # Read by nothing since intervals are analytic (docs/statistics.md); accepted so older files load.
-    bootstrap_resamples: int = Field(5000, ge=100, le=100_000)
+    bootstrap_resamples: int = Field(5000, ge=100, le=100_000)  # unused since the intervals are analytic: kept so old files load (validate says so)
     # The smallest difference worth acting on, per metric (in its own unit; a share such as exact_match
     # as a fraction: 0.02 is 2 points). An interval inside (-floor, +floor) reads "negligible".
     min_effect: dict[str, float] = Field(default_factory=dict)
