@@ -615,6 +615,8 @@ def with_lora(prepared: Prepared, run: RunSpec):
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # EVA's advice about a lower-memory load: the model is loaded once, before any adapter exists
+        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*", category=UserWarning)
         # EVA with low_cpu_mem_usage would allow bigger batches than EVA_BATCH; ours are small
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
         model = get_peft_model(prepared.base.model, lcfg)
