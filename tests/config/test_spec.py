@@ -142,3 +142,17 @@ def test_bootstrap_resamples_still_loads_but_is_said_to_be_ignored():
     old = parse(base + "evaluation: {bootstrap_resamples: 2000}\n")
     assert any("bootstrap_resamples is ignored" in s for s in surprises(old))
     assert not any("bootstrap" in s for s in surprises(parse(base)))
+
+
+@pytest.mark.parametrize("lines, why", [
+    ("workspace: postgresql://u@db-host/loralab\n", "a database workspace needs `artifacts:`"),
+    ("workspace: mysql://u@db-host/loralab\nartifacts: /shared/a\n", "a mysql URL: a shared workspace is a PostgreSQL database"),
+])
+def test_a_database_workspace_is_checked_with_the_file_not_when_run_opens_it(lines, why):
+    base = "name: x\nmodel: m\ndata: {builtin: stdlib-docstrings}\nruns: {A: {}}\n"
+    with pytest.raises(SpecError) as info:
+        parse_experiment(yaml.safe_load(base + lines), "exp.yaml", base + lines)
+    (problem,) = info.value.problems
+    assert problem.where == "workspace (line 5)" and why in problem.message and "u@db-host" in str(problem)
+    ok = base + "workspace: postgresql://u:secret@db-host/loralab\nartifacts: /shared/a\n"
+    assert parse_experiment(yaml.safe_load(ok), "exp.yaml", ok).artifacts == "/shared/a"  # not connected to: read as given

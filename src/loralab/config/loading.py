@@ -193,6 +193,8 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
     if isinstance(raw.get("sweep"), dict):
 
         problems.extend(check_sweep(raw, resolved, lines))
+    if exp is not None:
+        problems.extend(workspace_problems(exp, lines))
     if problems:
         n = len(problems)
         raise SpecError(f"{where}: {n} problem{'s' if n > 1 else ''} in the experiment file", problems)
@@ -326,6 +328,25 @@ def surprises(exp: Experiment) -> list[str]:
         out.append(f"data.eval_fraction ({exp.data.eval_fraction:g}) is ignored: the eval set is "
                    + ("data.eval_path" if exp.data.eval_path else "data.eval_split"))
     return out
+
+
+def workspace_problems(exp: Experiment, lines: dict[str, int]) -> list[Problem]:
+    """A database `workspace:` is checked with the file, not when `run` first opens it: a PostgreSQL URL
+    with its driver installed, and the `artifacts:` folder its adapters go to (the file names it: every
+    host reads the same file, and the folder must be the same path on each)."""
+    ws = exp.workspace
+    if not (isinstance(ws, str) and "://" in ws):
+        return []
+    from loralab.workspace.store import shown, url_problem  # SQLAlchemy: only for a database workspace
+
+    at = lambda key: key + (f" (line {lines[key]})" if key in lines else "")  # noqa: E731
+    bad = url_problem(ws)
+    if bad is not None:
+        return [Problem(at("workspace"), bad[0], shown(ws), bad[1])]
+    if not exp.artifacts:
+        return [Problem(at("workspace"), "a database workspace needs `artifacts:`, the folder its adapters go to",
+                        shown(ws), "add `artifacts: /shared/loralab-artifacts` (a folder every host mounts at that path)")]
+    return []
 
 
 def check_data_paths(exp: Experiment) -> list[Problem]:
