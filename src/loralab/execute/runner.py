@@ -615,8 +615,6 @@ def with_lora(prepared: Prepared, run: RunSpec):
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # EVA's advice about a lower-memory load: the model is loaded once, before any adapter exists
-        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*", category=UserWarning)
         # EVA with low_cpu_mem_usage would allow bigger batches than EVA_BATCH; ours are small
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
         model = get_peft_model(prepared.base.model, lcfg)
@@ -634,13 +632,19 @@ def with_lora(prepared: Prepared, run: RunSpec):
 
 def _eva_batches(prepared: Prepared, run: RunSpec) -> list:
     """EVA's batches: the run's first training examples, encoded as training encodes them."""
-    from loralab.engine.data import encode_example
     from loralab.engine.inits import EVA_BATCH, EVA_BATCHES, eva_batches
 
+    enc = train_encoded(prepared, run, EVA_BATCH * EVA_BATCHES)
+    return eva_batches(enc, prepared.base.tokenizer.pad_token_id, prepared.base.device)
+
+
+def train_encoded(prepared: Prepared, run: RunSpec, limit: int | None = None) -> list:
+    """The run's training examples (the first `limit`), encoded at its max_seq_len."""
+    from loralab.engine.data import encode_example
+
     tok = prepared.base.tokenizer
-    enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len)
-           for ex in prepared.dataset.train[:EVA_BATCH * EVA_BATCHES]]
-    return eva_batches(enc, tok.pad_token_id, prepared.base.device)
+    return [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len)
+            for ex in prepared.dataset.train[:limit]]
 
 
 def _mutated_weights(model, targets) -> dict[str, Any]:
@@ -657,12 +661,11 @@ def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Report
            curve: "CurveWriter", tracking=None):
     """The training loop with its step hooks: divergence, progress, the streamed curve, the fault point,
     the pruner and the trackers."""
-    from loralab.engine.data import encode_example
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
 
     tok = prepared.base.tokenizer
-    train_enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len) for ex in prepared.dataset.train]
+    train_enc = train_encoded(prepared, run)
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
         hooks = [monitor, _Progress(reached, update), curve, StepFault()] + ([pruning] if pruning is not None else [])

@@ -722,7 +722,7 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
     import dataclasses
 
     from loralab.engine.train import train_lora
-    from loralab.execute.runner import restore_base, with_lora, evaluate
+    from loralab.execute.runner import restore_base, train_encoded, with_lora, evaluate
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})
@@ -731,11 +731,8 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
     run = run.model_copy(update={"lora": run.lora.model_copy(update={"init": "default"})})
     model = with_lora(prepared, run)
     try:
-        from loralab.engine.data import encode_example
-
         tok = prepared.base.tokenizer
-        enc = [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len) for ex in prepared.dataset.train]
-        res = train_lora(model, enc, spec, pad_id=tok.pad_token_id)
+        res = train_lora(model, train_encoded(prepared, run), spec, pad_id=tok.pad_token_id)
         timed = res.curve["seconds"][-1] - res.curve["seconds"][0]
         tps = (res.curve["tokens"][-1] - res.curve["tokens"][0]) / timed if timed > 0 else res.tokens_per_s
         small = dataclasses.replace(
@@ -756,12 +753,10 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
 
 def train_tokens(prepared, run: RunSpec) -> int:
     """About how many non-padding tokens a run trains on: planned examples x their mean length."""
-    from loralab.engine.data import encode_example
     from loralab.engine.train import plan_steps
+    from loralab.execute.runner import train_encoded
 
-    tok = prepared.base.tokenizer
-    lengths = [len(encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len).input_ids)
-               for ex in prepared.dataset.train]
+    lengths = [len(e.input_ids) for e in train_encoded(prepared, run)]
     steps = plan_steps(len(lengths), run.train)
     return int(steps * run.train.gradient_accumulation * min(run.train.batch_size, len(lengths)) * statistics.fmean(lengths))
 
