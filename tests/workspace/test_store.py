@@ -217,3 +217,22 @@ def test_a_light_listing_leaves_samples_and_curves_unread(tmp_path):
     full = s.list()
     assert full[0].samples[0]["id"] == "x" * 10_000 and full[0].curves["loss"] == [2.0] and not full[0].damaged
     s.close()
+
+
+def test_last_steps_give_each_running_runs_newest_streamed_step_in_one_query(tmp_path):
+    from sqlalchemy import event
+
+    s = Store(tmp_path / "ws")
+    for rid, n in (("r1", 3), ("r2", 5)):
+        s.start(rid, name=rid, experiment="e", kind="lora", config={}, model={}, data={}, env={}, seed=0)
+        s.append_steps(rid, [{"step": i, "loss": float("nan") if i == n else 1.0 / i, "grad_norm": 1.0, "lr": 1e-3,
+                              "tokens": 10 * i, "seconds": 0.5 * i, "total": 8} for i in range(1, n + 1)])
+    s.last_steps(["r1"])  # the first call also looks for the steps table, once per store
+    statements = []
+    event.listen(s.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    last = s.last_steps(["r1", "r2", "nope"])
+    assert len(statements) == 1 and set(last) == {"r1", "r2"}
+    assert last["r1"]["step"] == 3 and last["r2"]["step"] == 5 and last["r2"]["tokens"] == 50 and last["r2"]["total"] == 8
+    assert last["r1"]["loss"] is None  # a NaN loss is stored as NULL
+    assert s.live_curve("r2")["step"] == [1, 2, 3, 4, 5] and s.last_steps([]) == {}
+    s.close()

@@ -48,19 +48,21 @@ class Dashboard:
     def runs(self) -> list[dict[str, Any]]:
         """Every named run, newest first, with its progress if it is training."""
         out = []
-        for r in self.store.list(light=True):  # no samples: polled every few seconds
+        records = self.store.list(light=True)  # no samples: polled every few seconds
+        last = self.store.last_steps([r.id for r in records if r.status == "running"])
+        for r in records:
             row = {"experiment": r.experiment, "name": r.name, "seed": r.seed, "id": r.id, "kind": r.kind,
                    "status": r.status, "updated": r.updated_at, "eval_loss": _num(r.metrics.get("eval_loss")),
                    "step": None, "planned": None, "loss": None, "eta_s": None}
             if r.status == "running":
                 if not self.store.in_progress(r.id):
                     row["status"] = "stale"  # its process is gone (killed): `loralab doctor` tells the rest
-                curve = self.store.live_curve(r.id)
-                if curve.get("step"):
-                    done, planned, secs = curve["step"][-1], curve.get("planned"), curve["seconds"][-1]
-                    row.update(step=done, planned=planned, loss=_num(curve["loss"][-1]))
+                step = last.get(r.id)
+                if step is not None:
+                    done, planned = step["step"], step["total"]
+                    row.update(step=done, planned=planned, loss=_num(step["loss"]))
                     if planned and done and row["status"] == "running":
-                        row["eta_s"] = round(secs / done * (planned - done), 1)
+                        row["eta_s"] = round((step["seconds"] or 0.0) / done * (planned - done), 1)
             elif r.status in DONE:
                 row["step"] = _num(r.metrics.get("steps"))
                 row["planned"] = _num(r.metrics.get("planned_steps"))

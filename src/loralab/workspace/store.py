@@ -21,7 +21,7 @@ from typing import Any
 import json
 
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, TypeDecorator, create_engine, delete,
-                        event, inspect, select, text)
+                        event, func, insert, inspect, select, text)
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, deferred, mapped_column
 
@@ -327,6 +327,7 @@ class Store:
         """`root`: a folder (SQLite) or a PostgreSQL URL; `artifacts`: the run folders' folder of a URL
         workspace (read from the database when omitted; required the first time)."""
         self.url: str | None = None  # the PostgreSQL URL, or None for a SQLite folder
+        self._steps_seen = False  # see _has_steps
         if is_url(root):
             self._open_pg(str(root), create, artifacts)
             return
@@ -522,9 +523,9 @@ class Store:
         """Add streamed training steps (dicts with CURVE_KEYS) to a running run's curve, in one transaction."""
         if not steps:
             return
-        with Session(self.engine) as s, s.begin():
-            for one in steps:
-                s.merge(StepRow(run_id=run_id, total=one.get("total"), **{k: _finite(one.get(k)) for k in CURVE_KEYS}))
+        with Session(self.engine) as s, s.begin():  # one INSERT for the batch (a step is sent once)
+            s.execute(insert(StepRow), [{"run_id": run_id, "total": one.get("total"),
+                                         **{k: _finite(one.get(k)) for k in CURVE_KEYS}} for one in steps])
 
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
                adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
@@ -590,7 +591,7 @@ class Store:
         """A run's training curve as far as it got: streamed steps while it trains (or where it stopped,
         if it crashed or was interrupted), with `planned` steps, else the curve stored with its result."""
         with Session(self.engine) as s:
-            if inspect(s.connection()).has_table("steps"):  # a schema-3 workspace opened read-only has none
+            if self._has_steps(s):
                 rows = s.scalars(select(StepRow).where(StepRow.run_id == run_id).order_by(StepRow.step)).all()
                 if rows:
                     return {**{k: [float("nan") if getattr(r, k) is None else getattr(r, k) for r in rows]
@@ -598,6 +599,25 @@ class Store:
             row = s.get(RunRow, run_id)
             curves = row.curves if row is not None else None
             return {k: list(curves.get(k, [])) for k in CURVE_KEYS} if isinstance(curves, dict) else {}
+
+    def last_steps(self, run_ids: list[str]) -> dict[str, dict]:
+        """The newest streamed step of each run (CURVE_KEYS and `total`), in one query: a run's progress
+        without reading its whole curve."""
+        with Session(self.engine) as s:
+            if not run_ids or not self._has_steps(s):
+                return {}
+            newest = (select(StepRow.run_id, func.max(StepRow.step).label("step"))
+                      .where(StepRow.run_id.in_(run_ids)).group_by(StepRow.run_id).subquery())
+            rows = s.scalars(select(StepRow).join(newest, (StepRow.run_id == newest.c.run_id)
+                                                  & (StepRow.step == newest.c.step))).all()
+            return {r.run_id: {k: getattr(r, k) for k in (*CURVE_KEYS, "total")} for r in rows}
+
+    def _has_steps(self, s: Session) -> bool:
+        """Whether the steps table exists: a schema-3 workspace opened read-only has none. Asked of the
+        database until it says yes (a later writer may add it), then remembered."""
+        if not self._steps_seen:
+            self._steps_seen = inspect(s.connection()).has_table(StepRow.__tablename__)
+        return self._steps_seen
 
     def _with_partial_curves(self, records: list[RunRecord]) -> list[RunRecord]:
         """Runs still training, or cut short, get the curve streamed so far (finished ones have theirs)."""
