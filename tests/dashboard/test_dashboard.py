@@ -23,7 +23,7 @@ from loralab.dashboard.app import make_app
 from loralab.dashboard.state import Dashboard, _thin
 from loralab.execute.runner import run_experiment
 from loralab.workspace.store import Store
-from test_reliability_faults import SWEEP, Proc, write
+from test_reliability_faults import SWEEP, Proc, no_process_left_behind, write  # noqa: F401  (autouse: no child left blocked)
 
 fastapi = pytest.importorskip("fastapi")  # `make test` installs loralab[dashboard]
 from fastapi.testclient import TestClient  # noqa: E402

@@ -590,3 +590,36 @@ def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
     exp = parse("sweep:\n  space:\n    lora.r: [2, 4, 8]\n    train.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
                 "  budget: {trials: 3}")
     assert edges(Space(exp.sweep), knobs) == expected
+
+
+def test_the_study_storage_survives_another_process_creating_optunas_tables_at_the_same_moment(tmp_path, monkeypatch):
+    """Optuna checks for its tables, then creates them: a second host, `loralab report` or optuna-dashboard
+    doing the same at that moment makes one CREATE fail on a table that now exists. Seen on PostgreSQL
+    as a UniqueViolation on alembic_version; the next try finds every table."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from loralab.sweep import study as study_mod
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise IntegrityError("CREATE TABLE alembic_version", {}, Exception(
+                'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'))
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert isinstance(study_mod.study_storage(url), real) and len(calls) == 2
+
+    def down(url, **kw):
+        calls.append(url)
+        raise OperationalError("connect", {}, Exception("connection refused"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", down)
+    with pytest.raises(OperationalError):
+        study_mod.study_storage(url)
+    assert len(calls) == 1  # an unreachable server is not a race: said at once

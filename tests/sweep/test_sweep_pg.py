@@ -123,7 +123,7 @@ def test_a_worker_killed_on_another_host_is_found_by_its_heartbeat_and_retried_o
     assert check_workspace(pg_url).findings == []
 
 
-def test_heartbeat_settings_come_from_the_environment_and_bad_ones_name_the_variable(monkeypatch):
+def test_heartbeat_settings_come_from_the_environment_and_bad_ones_name_the_variable(monkeypatch, tmp_path):
     from loralab.errors import SpecError
     from loralab.sweep.study import GRACE_S, HEARTBEAT_S, heartbeat_settings, study_storage
 
@@ -138,7 +138,8 @@ def test_heartbeat_settings_come_from_the_environment_and_bad_ones_name_the_vari
         with pytest.raises(SpecError) as err:
             heartbeat_settings()
         assert err.value.problems[0].where == "LORALAB_HEARTBEAT"
-    assert study_storage("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"  # one machine: no heartbeat, pids tell
+    local = study_storage(f"sqlite:///{tmp_path / 'x.db'}")
+    assert local.heartbeat_interval is None and local.grace_period is None  # one machine: no heartbeat, pids tell
 
 
 def test_a_trial_taken_for_dead_meanwhile_keeps_training_instead_of_failing_its_run(tmp_path):

@@ -240,13 +240,25 @@ def study_storage(url: str):
     (process or host) stops beating for the grace period is taken for dead (_Loop.recover). A local
     SQLite file does not: its processes are all on this machine and judged by process id."""
     import optuna
+    from sqlalchemy.exc import DatabaseError
 
-    if url.startswith("sqlite"):
-        return url
-    interval, grace = heartbeat_settings()
-    with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace)
+    kw = {}
+    if not url.startswith("sqlite"):
+        interval, grace = heartbeat_settings()
+        kw = {"heartbeat_interval": interval, "grace_period": grace}
+    # Optuna creates its tables when they are missing: a check, then CREATE TABLE. Another process doing
+    # the same at that moment (a second host's sweep, `loralab report`, optuna-dashboard) makes one of the
+    # two creates fail on a table the other just made; by the next try they all exist.
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kw)
+        except DatabaseError as err:
+            text = str(getattr(err, "orig", err)).lower()
+            if attempt == 2 or not ("already exists" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _make_sampler(sweep: SweepSpec, space: Space):
