@@ -18,14 +18,29 @@ def load(path: str | Path) -> Experiment:
     return load_experiment(path)
 
 
-def with_repeats(exp: Experiment, repeats: int | None) -> Experiment:
-    """The experiment with `repeats` seeds per run (None: as the file says)."""
+def with_repeats(exp: Experiment, repeats: int | str | None) -> Experiment:
+    """The experiment with `repeats` seeds per run, or "auto" (seeds planned as the data come in;
+    execute.plan). None: as the file says."""
+    from loralab.config.schema import SequentialSpec
+
     if repeats is None:
         return exp
+    if isinstance(repeats, str):
+        text = repeats.strip().lower()
+        if text != "auto" and not (text.isdigit() and 1 <= int(text) <= 100):
+            raise SpecError("--repeats takes a number of seeds or `auto`",
+                            [Problem("--repeats", "not a number from 1 to 100, nor auto", repeats[:40],
+                                     "give e.g. --repeats 3, or --repeats auto")])
+        repeats = "auto" if text == "auto" else int(text)
     if exp.seeds is not None:
         raise SpecError("--repeats conflicts with the file's `seeds:`",
                         [Problem("--repeats", "the file lists its seeds", repeats, "drop --repeats or the file's seeds")])
-    out = exp.model_copy(update={"repeats": repeats})
+    if repeats == "auto":
+        plan = exp.adaptive or SequentialSpec()
+        update = {"repeats": plan.min_seeds, "evaluation": exp.evaluation.model_copy(update={"sequential": plan})}
+    else:
+        update = {"repeats": repeats, "evaluation": exp.evaluation.model_copy(update={"sequential": None})}
+    out = exp.model_copy(update=update)
     out.resolved_runs, out.source = exp.resolved_runs, exp.source
     return out
 
@@ -442,7 +457,8 @@ def compare_groups(groups: list, *, evaluation=None, all_knobs: bool = False):
 
     if evaluation is None:
         return build(groups, all_knobs=all_knobs)
-    return build(groups, all_knobs=all_knobs, level=evaluation.confidence, floors=evaluation.min_effect)
+    return build(groups, all_knobs=all_knobs, level=evaluation.confidence, floors=evaluation.min_effect,
+                 sequential=evaluation.sequential)
 
 
 def text_of(value) -> str:

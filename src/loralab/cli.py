@@ -43,7 +43,8 @@ class _Console(Console):
 console = _Console()
 err_console = _Console(stderr=True)
 
-RepeatsOpt = typer.Option(None, "--repeats", min=1, max=100, help="Train each run with this many seeds (overrides the file)")
+RepeatsOpt = typer.Option(None, "--repeats", help="Train each run with this many seeds, or `auto`: 2 seeds, more "
+                          "only where a verdict is unsettled (overrides the file)")
 LogEveryOpt = typer.Option(None, "--log-every", min=0, metavar="SECONDS",
                            help="Outside a terminal (a log file, CI): a progress line this often (default 30)")
 # A string, not a Path: a shared workspace is a URL (postgresql://...), which Path would mangle.
@@ -184,7 +185,7 @@ def validate(file: Path = typer.Argument(..., help="Experiment YAML file")):
 def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
         only: Optional[str] = typer.Option(None, "--only", help="Comma-separated run names, e.g. A,B"),
         force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
-        repeats: Optional[int] = RepeatsOpt,
+        repeats: Optional[str] = RepeatsOpt,
         workspace: Optional[str] = WorkspaceOpt,
         executor: Optional[Executor] = ExecutorOpt,
         address: Optional[str] = AddressOpt,
@@ -223,7 +224,7 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file with a `sw
 @_guard
 def demo(workspace: Optional[str] = WorkspaceOpt,
          force: bool = typer.Option(False, "--force", help="Re-run finished runs"),
-         repeats: Optional[int] = RepeatsOpt,
+         repeats: Optional[str] = RepeatsOpt,
          log_every: Optional[float] = LogEveryOpt):
     """Run the seed report (Run A vs Run B) on the built-in model and data."""
     from loralab import api
@@ -381,7 +382,7 @@ def ablate(file: Path = typer.Argument(..., metavar="FILE", help="Experiment YAM
            train: bool = typer.Option(False, "--run", help="Train the plan now (runs already stored, A and B among them, are reused)"),
            hold: str = typer.Option("alpha/r", "--hold", help="What stays fixed when r moves: alpha/r (alpha follows r, "
                                     "so r's effect is not a change of update scale) or alpha"),
-           repeats: Optional[int] = RepeatsOpt,
+           repeats: Optional[str] = RepeatsOpt,
            workspace: Optional[str] = WorkspaceOpt):
     """Which knob did it? Write (and with --run, train) the runs that credit each differing knob."""
     from loralab import api

@@ -267,8 +267,8 @@ def test_a_pruned_trial_stores_the_loss_its_pruner_measured_without_measuring_ag
     assert rec.metrics["eval_loss"] == reported[rec.metrics["pruned_step"]] == rec.metrics["pruned_loss"]
     assert rec.metrics["pruned_loss_examples"] == 4
     # Trial 0: 3 rungs + the final held-out loss (an eval_loss objective needs no training probe);
-    # trial 1: its rungs only.
-    assert len(calls) == 3 + 1 + len(reported)
+    # trial 1: its rungs only; then the best trial's confirmation: one final loss per fresh seed.
+    assert len(calls) == 3 + 1 + len(reported) + 2
     finished = Store(tmp_path / "ws").get(good.run_ids[0]).metrics
     assert "eval_loss" in finished and "generalization_gap" not in finished
 
@@ -281,8 +281,9 @@ def test_a_trial_pruned_on_a_subset_keeps_that_loss_and_pays_for_no_whole_set_ev
     assert (good.status, bad.status) == ("finished", "pruned")
     m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
     assert "eval_loss" not in m and m["pruned_loss_examples"] == 2 and math.isfinite(m["pruned_loss"])
-    # Rungs on 2 examples; the finished trial's final loss on all 4; nothing more for the pruned one.
-    assert calls == [2, 2, 2, 4] + [2] * sum(1 for rung in (2, 4, 8) if rung <= m["pruned_step"])
+    # Rungs on 2 examples; the finished trial's final loss on all 4; nothing more for the pruned one;
+    # then the best trial's confirmation on 2 fresh seeds, unpruned, on all 4.
+    assert calls == [2, 2, 2, 4] + [2] * sum(1 for rung in (2, 4, 8) if rung <= m["pruned_step"]) + [4, 4]
 
 
 def test_trials_budget_is_respected_and_a_rerun_counts_nothing_twice(tiny_neox, tmp_path):

@@ -74,6 +74,7 @@ class Comparison:
     pairs: list[tuple[int, int]] = field(default_factory=list)  # (reference, other) behind each column
     currency: str | None = None
     floors: dict[str, float] = field(default_factory=dict)  # evaluation.min_effect
+    levels: list[float] = field(default_factory=list)  # each verdict column's confidence level (pair_levels)
 
     def column(self, ref: str, other: str) -> int | None:
         """The verdict column of `other` against `ref`, if the table has one."""
@@ -282,10 +283,28 @@ def verdict_pairs(groups: list[list[RunRecord]]) -> list[tuple[int, int]]:
     return pairs + [(trained[0], i) for i in trained[1:]]
 
 
+def pair_levels(groups: list[list[RunRecord]], pairs: list[tuple[int, int]], level: float, sequential=None) -> list[float]:
+    """Each verdict column's confidence level: the file's, or, for runs whose seeds `repeats: auto`
+    planned, the level of the look the pair stopped at (execute.plan), so stopping when the data look
+    settled calls no more false differences than fixed seeds would. `sequential`: the plan (default:
+    the one stored with the first trained run)."""
+    from loralab.config.schema import SequentialSpec
+    from loralab.execute.plan import pair_level
+
+    if sequential is None:
+        sequential = next(((r.config.get("evaluation") or {}).get("sequential") for g in groups for r in g[:1]
+                           if r.kind != "base"), None)
+    if isinstance(sequential, dict):
+        sequential = SequentialSpec.model_validate(sequential)
+    return [pair_level(sequential, tuple(None if groups[x][0].kind == "base" else len(groups[x]) for x in (i, j)), level)
+            for i, j in pairs]
+
+
 def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = False, level: float = 0.95,
-            floors: dict[str, float] | None = None) -> Comparison:
+            floors: dict[str, float] | None = None, sequential=None) -> Comparison:
     """Build the comparison of runs (each a list of its seeds' records; a bare record is one seed).
-    `floors`: min_effect per metric (default: the first trained run's `evaluation.min_effect`)."""
+    `floors`: min_effect per metric (default: the first trained run's `evaluation.min_effect`);
+    `sequential`: the seed plan of `repeats: auto` (pair_levels)."""
     groups = [g if isinstance(g, list) else [g] for g in groups]
     c = Comparison(runs=[g[0].name for g in groups], groups=groups)
     firsts = [g[0] for g in groups]
@@ -307,6 +326,7 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
         c.knobs["seeds"] = [None if g[0].kind == "base" else s for g, s in zip(groups, seeds)]
     c.pairs = verdict_pairs(groups)
     c.verdict_columns = [f"{c.runs[j]} vs {c.runs[i]}" for i, j in c.pairs]
+    c.levels = pair_levels(groups, c.pairs, level, sequential)
     cost = next((r.config.get("cost") for r in firsts if r.config.get("cost")), None)
     c.currency = cost.get("currency") if cost else None
 
@@ -317,7 +337,7 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
             cells = [cell_estimate(k, g, level) for g in groups]
             if all(x is None for x in cells):
                 continue
-            verdicts = [verdict_of(k, groups[i], groups[j], level, floors) for i, j in c.pairs]
+            verdicts = [verdict_of(k, groups[i], groups[j], lv, floors) for (i, j), lv in zip(c.pairs, c.levels)]
             out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
         return out
 
@@ -330,7 +350,7 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
             c.sections.append((title, rows))
     rows = [r for _, rs in c.sections for r in rs]
     for col in range(len(c.pairs)):  # each verdict column is one family of questions
-        for r, v in zip(rows, adjust_for_multiplicity([r.verdicts[col] for r in rows], level)):
+        for r, v in zip(rows, adjust_for_multiplicity([r.verdicts[col] for r in rows], c.levels[col])):
             r.verdicts[col] = v
     return c
 
@@ -388,6 +408,12 @@ def legend(c: Comparison) -> list[str]:
     out = [f"Cells: mean over seeds ± half its {_level(c)} interval, which holds seed-to-seed and eval-example "
            "noise; eval loss is token-weighted, as stored. Verdicts: the difference, its interval (paired by eval "
            "example, and by seed where both runs used the same seeds) and `higher`/`lower` only when it excludes 0."]
+    nominal = float(_level(c).rstrip("%")) / 100
+    if any(abs(lv - nominal) > 1e-9 for lv in c.levels):
+        out.append("Seeds were planned as the data came in (`repeats: auto`): each verdict column's interval is at the "
+                   "level of the look it stopped at (" + ", ".join(f"{col} {lv:.1%}" for col, lv in
+                                                                zip(c.verdict_columns, c.levels)) +
+                   "), so stopping early calls no more false differences than fixed seeds (docs/statistics.md).")
     if c.floors:
         out.append("`negligible`: the interval sits inside the smallest difference that matters (evaluation.min_effect: "
                    + ", ".join(f"{k} {v:g}" for k, v in c.floors.items()) + ").")

@@ -61,6 +61,8 @@ def _problems(err: ValidationError, prefix: str, model: type[BaseModel], lines: 
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
+        if path.startswith("evaluation.sequential"):  # written as `repeats: auto` / `repeats: {min, max, metrics}`
+            path = "repeats" + {"min_seeds": ".min", "max_seeds": ".max"}.get(path.rpartition(".")[2], path[len("evaluation.sequential"):])
         ctx = dict(e.get("ctx") or {})
         if e["type"] == "extra_forbidden":
             ctx["allowed"] = _allowed_keys(model, loc) or "see the docs"

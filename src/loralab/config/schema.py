@@ -269,7 +269,38 @@ class CostSpec(_Strict):
 
 # Evaluation settings that change how results are read, not what is measured: left out of run ids, so
 # changing them reuses every stored run.
-ANALYSIS_ONLY = {"confidence", "bootstrap_resamples", "min_effect"}
+ANALYSIS_ONLY = {"confidence", "bootstrap_resamples", "min_effect", "sequential"}
+
+
+class SequentialSpec(_Strict):
+    """`repeats: auto`: seeds planned as the data come in (execute.plan). Every run starts with
+    `min_seeds`; a run whose verdicts against base and against the reference run are still unsettled on
+    `metrics` gets one more seed, up to `max_seeds`. Each possible look spends part of the error rate
+    (docs/statistics.md), so stopping when the data look settled does not inflate false calls."""
+
+    # 2: the fewest seeds that measure seed noise at all; 5: where a sixth seed rarely changes a call.
+    min_seeds: int = Field(2, ge=2, le=20)
+    max_seeds: int = Field(5, ge=2, le=100)
+    metrics: list[str] = Field(default_factory=lambda: ["eval_loss"], min_length=1,
+                               description="the metrics whose verdicts decide whether a run needs more seeds")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from loralab.metrics.table import metric_bases
+
+        known = metric_bases()
+        for key in v:
+            if key.partition("@")[0] not in known:
+                raise ValueError(f"repeats.metrics names no stored metric: {str(key)[:40]!r}; use one of: "
+                                 f"{', '.join(sorted(known))}")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "SequentialSpec":
+        if self.max_seeds < self.min_seeds:
+            raise ValueError(f"repeats: max ({self.max_seeds}) is below min ({self.min_seeds})")
+        return self
 
 
 class EvaluationSpec(_Strict):
@@ -287,6 +318,8 @@ class EvaluationSpec(_Strict):
     # The smallest difference worth acting on, per metric (in its own unit; a share such as exact_match
     # as a fraction: 0.02 is 2 points). An interval inside (-floor, +floor) reads "negligible".
     min_effect: dict[str, float] = Field(default_factory=dict)
+    # Set by `repeats: auto` (not written here): the seed plan whose looks the verdicts are adjusted for.
+    sequential: SequentialSpec | None = None
 
     @field_validator("min_effect")
     @classmethod
@@ -406,6 +439,19 @@ class BudgetSpec(_Strict):
     money: float | None = Field(None, gt=0, description="in the currency of `cost:`, at cost.per_hour")
 
 
+class ConfirmSpec(_Strict):
+    """The winner's curse: the best of many trials is partly the luckiest, so its searched value is
+    optimistic. The `top` trials are trained again on `seeds` fresh seeds (never used by the search) and
+    the best is announced by its confirmed value, the searched one beside it. `top: 0` turns it off."""
+
+    top: int = Field(1, ge=0, le=20)
+    seeds: int = Field(2, ge=1, le=20)  # 2: the fewest that give the confirmed value an interval
+
+
+# Fresh seeds of a confirmation start here (train.seed + 1000, +1001, ...): far from the search's own.
+CONFIRM_SEED_OFFSET = 1000
+
+
 # `space: auto`, each choice with its evidence (docs/priors.md has the citations):
 # - learning rate: LoRA's best is about 10x full fine-tuning's and roughly independent of rank ("LoRA
 #   Without Regret", Thinking Machines 2025): a log range around 10x the usual full fine-tuning rates;
@@ -443,6 +489,7 @@ class SweepSpec(_Strict):
     # auto: a trial measures what its objective needs (a loss objective skips greedy generation and
     # drift, which cost about as much as training on a CPU); full: every trial gets every metric.
     evaluate: Literal["auto", "full"] = "auto"
+    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -572,8 +619,33 @@ class Experiment(_Strict):
     def _model_as_string(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptive_repeats(cls, v: Any) -> Any:
+        """`repeats: auto` or `repeats: {min, max, metrics}`: start with `min` seeds and let the planner
+        add seeds where verdicts are unsettled (SequentialSpec); `repeats` then counts the first round."""
+        if not isinstance(v, dict):
+            return v
+        rep = v.get("repeats")
+        if rep == "auto" or isinstance(rep, dict):
+            plan = {} if rep == "auto" else {{"min": "min_seeds", "max": "max_seeds"}.get(k, k): x for k, x in rep.items()}
+            ev = v.get("evaluation")
+            ev = dict(ev) if isinstance(ev, dict) else ({} if ev is None else ev)
+            if isinstance(ev, dict):
+                ev["sequential"] = plan
+            first = plan.get("min_seeds", 2)
+            v = {**v, "repeats": first if isinstance(first, int) and not isinstance(first, bool) else 2, "evaluation": ev}
+        return v
+
+    @property
+    def adaptive(self) -> "SequentialSpec | None":
+        """The seed plan of `repeats: auto`, or None for a fixed number of seeds."""
+        return self.evaluation.sequential
+
     @model_validator(mode="after")
     def _seeds_match_repeats(self) -> "Experiment":
+        if self.seeds is not None and self.adaptive is not None:
+            raise ValueError("repeats: auto picks its own seeds (train.seed, +1, ...): drop `seeds:` or give a number of repeats")
         if self.seeds is not None:
             if "repeats" in self.model_fields_set and self.repeats != len(self.seeds):
                 raise ValueError(f"repeats is {self.repeats} but {len(self.seeds)} seeds are listed: give one of them")
@@ -581,11 +653,12 @@ class Experiment(_Strict):
                 raise ValueError("seeds must be different from each other")
         return self
 
-    def seeds_for(self, run: "RunSpec") -> list[int]:
-        """The seeds a run is trained with: `seeds`, else `repeats` seeds counting up from train.seed."""
+    def seeds_for(self, run: "RunSpec", count: int | None = None) -> list[int]:
+        """The seeds a run is trained with: `seeds`, else `repeats` (or `count`) seeds counting up from
+        train.seed. With `repeats: auto` that is the first round; the planner asks for more by `count`."""
         if self.seeds is not None:
             return list(self.seeds)
-        return [run.train.seed + i for i in range(self.repeats)]
+        return [run.train.seed + i for i in range(self.repeats if count is None else count)]
 
     @property
     def base_dir(self) -> Path:

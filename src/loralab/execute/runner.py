@@ -329,22 +329,55 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
         result.records[-1].name = "base"
 
         worker = (executor or LocalExecutor)(prepared, store, rep)
-        jobs = [Job(exp, run.with_seed(seed), run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})",
-                    force=force) for run in prepared.runs for seed in exp.seeds_for(run)]
-        for job, out in zip(jobs, _outcomes(worker, jobs)):
-            if out.reused:
-                result.skipped.append(job.label)
-            elif out.status in ("failed", "diverged"):
-                getattr(result, out.status).append(job.label)
-            rec = store.get(out.run_id)
-            rec.name, rec.seed = job.run.name, job.run.train.seed
-            result.records.append(rec)
+        multi = exp.adaptive is not None or exp.repeats > 1 or (exp.seeds is not None and len(exp.seeds) > 1)
+        jobs = [Job(exp, run.with_seed(seed), f"{run.name} (seed {seed})" if multi else run.name, force=force)
+                for run in prepared.runs for seed in exp.seeds_for(run)]
+        _run_jobs(worker, jobs, store, result)
+        if exp.adaptive is not None:
+            _adaptive_rounds(exp, prepared, worker, store, result, rep, force)
         worker.close()
     except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
         raise storage_error(err, ws) or err
     finally:
         store.close()
     return result
+
+
+def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult) -> None:
+    for job, out in zip(jobs, _outcomes(worker, jobs)):
+        if out.reused:
+            result.skipped.append(job.label)
+        elif out.status in ("failed", "diverged"):
+            getattr(result, out.status).append(job.label)
+        rec = store.get(out.run_id)
+        rec.name, rec.seed = job.run.name, job.run.train.seed
+        result.records.append(rec)
+
+
+def _adaptive_rounds(exp: Experiment, prepared: Prepared, worker, store: Store, result: ExperimentResult,
+                     rep: Reporter, force: bool) -> None:
+    """`repeats: auto`: after each round, one more seed for each run whose verdicts are unsettled
+    (execute.plan.decide), until none is or each reached max_seeds."""
+    from loralab.execute.plan import decide
+
+    plan = exp.adaptive
+    ev = exp.evaluation
+    by_name = {r.name: r for r in prepared.runs}
+    while True:
+        groups = {n: g for n, g in result.groups().items() if n == "base" or n in by_name}
+        d = decide(groups, plan, confidence=ev.confidence, floors=ev.min_effect)
+        for line in d.lines:
+            rep.log(f"repeats auto: {line}")
+        if not d.more:
+            seeds = ", ".join(f"{n} {len(g)}" for n, g in groups.items() if n != "base")
+            rep.log(f"repeats auto: settled or at the limit; seeds per run: {seeds}")
+            return
+        jobs = []
+        for name in d.more:
+            run, k = by_name[name], len(groups[name])
+            seed = exp.seeds_for(run, k + 1)[-1]
+            jobs.append(Job(exp, run.with_seed(seed), f"{name} (seed {seed})", force=force))
+        _run_jobs(worker, jobs, store, result)
 
 
 def _outcomes(worker, jobs: list[Job]):

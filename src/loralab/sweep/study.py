@@ -24,6 +24,7 @@ stop, and the steps (and estimated seconds) it did not spend.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -169,6 +170,9 @@ class SweepResult:
     cost: float | None = None
     plan: DryRun | None = None
     close_to_best: list[int] = field(default_factory=list)  # finished trials within noise of the best
+    # sweep.confirm: trial number -> {seeds, run_ids, status, spent_s, searched, value, lo, hi}
+    confirmed: dict[int, dict] = field(default_factory=dict)
+    confirm_s: float = 0.0  # seconds the confirmation trained this call (not in the budget: it comes after)
 
 
 def counts_in_budget(t) -> bool:
@@ -448,6 +452,9 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {shown(url)}")
         result.stopped = loop.drive(prepared, result.ran)
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
+        if result.best and len(sw.objective) == 1 and sw.confirm.top > 0:
+            _confirm(result, loop.study, prepared, store, exp, loop.worker, rep)
+        _announce(result, space, sw, exp, rep)
         loop.worker.close()
         result.close_to_best = _close_to_best(result, store, exp, rep)
     finally:
@@ -685,9 +692,81 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     money = f" ({result.cost:.4f} {exp.cost.currency})" if result.cost is not None else ""
     rep.log(f"Spent {result.spent_s / 60:.2f} min{money}; stopping trials early (pruned or diverged) saved "
             f"{result.saved_steps} steps (~{result.saved_s:.1f} s).")
+
+
+def confirm_name(number: int) -> str:
+    """The runs that confirm trial `number` on fresh seeds (sweep.confirm)."""
+    return f"trial-{number:04d}-confirm"
+
+
+def _objective_key(exp: Experiment, rec) -> str:
+    """The stored metric behind the (single) objective; a per-cap metric at the run's largest cap."""
+    key = exp.sweep.objective[0].metric
+    if key not in rec.metrics and "@" not in key:
+        key = f"{key}@{max(rec.config['generate']['max_new_tokens'])}"
+    return key
+
+
+def _confirm(result: SweepResult, study, prepared, store, exp: Experiment, worker, rep: Reporter) -> None:
+    """Train the best `confirm.top` finished trials again on fresh seeds (train.seed + 1000, ...) and
+    put the winner by its confirmed value first: the best searched value among many trials is partly luck
+    (the winner's curse). Stored runs are reused, so a rerun costs nothing; the time counts in the sweep's."""
+    from loralab.analysis.comparison import cell_estimate
+    from loralab.config.schema import CONFIRM_SEED_OFFSET
+
+    sw = exp.sweep
+    sign = -1.0 if sw.directions[0] == "maximize" else 1.0
+    done = sorted((t for t in result.trials if t.status == "finished" and t.values), key=lambda t: sign * t.values[0])
+    top = done[: sw.confirm.top]
+    if not top:
+        return
+    first = make_run(experiment_start(exp), {}, "start").train.seed
+    fresh = [first + CONFIRM_SEED_OFFSET + i for i in range(sw.confirm.seeds)]
+    confirming = exp.model_copy(update={"seeds": fresh, "repeats": len(fresh)})
+    confirming.resolved_runs, confirming.source = exp.resolved_runs, exp.source
+    rep.log(f"Confirming the best {len(top)} trial(s) on {len(fresh)} fresh seed(s) ({', '.join(map(str, fresh))}): "
+            "the best of many searched values is optimistic")
+    level = exp.evaluation.confidence
+    for t in top:
+        t0 = time.perf_counter()
+        tr = run_trial(prepared, confirming, t.knobs, store, name=confirm_name(t.number), executor=worker, reporter=rep)
+        spent = time.perf_counter() - t0
+        info: dict[str, Any] = {"seeds": fresh, "run_ids": tr.run_ids, "status": tr.status, "spent_s": round(spent, 2),
+                                "searched": t.values[0]}
+        if tr.status == "finished" and tr.values:
+            info["value"] = tr.values[0]
+            group = [r for r in (store.get(i) for i in tr.run_ids) if r is not None]
+            e = cell_estimate(_objective_key(exp, group[0]), group, level) if group else None
+            if e is not None and not math.isnan(e.lo):
+                info["lo"], info["hi"] = e.lo, e.hi
+        result.confirmed[t.number] = info
+        result.confirm_s += spent if tr.reused < len(tr.run_ids) else 0.0
+        study.set_user_attr(f"confirmed:{t.number}", info)
+    ranked = sorted((t for t in top if "value" in result.confirmed[t.number]),
+                    key=lambda t: sign * result.confirmed[t.number]["value"])
+    if ranked:
+        result.best = [ranked[0]]
+
+
+def _announce(result: SweepResult, space: Space, sw: SweepSpec, exp: Experiment, rep: Reporter) -> None:
+    """The best configuration(s), with the confirmed value beside the searched one when there is one."""
+    if result.confirm_s:
+        per_hour = exp.cost.per_hour if exp.cost else None
+        money = f", {result.confirm_s / 3600 * per_hour:.4f} {exp.cost.currency}" if per_hour else ""
+        rep.log(f"Confirmation took {result.confirm_s:.1f} s{money}; the sweep in all: "
+                f"{(result.spent_s + result.confirm_s) / 60:.2f} min")
     title = "Best configuration" if len(sw.objective) == 1 else f"Pareto set ({len(result.best)})"
     for t in result.best:
-        rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} "
+        c = result.confirmed.get(t.number)
+        confirmed = ""
+        if c and "value" in c:
+            span = f" [{c['lo']:.4g}, {c['hi']:.4g}]" if "lo" in c else ""
+            confirmed = f"; confirmed on fresh seeds {', '.join(map(str, c['seeds']))}: {c['value']:.4g}{span}"
+        elif c:
+            confirmed = f"; its confirmation on fresh seeds {c['status']}"
+        elif len(sw.objective) == 1 and len(result.trials) > 1:
+            confirmed = f" (searched value, best of {len(result.trials)}: optimistic; sweep.confirm re-trains it on fresh seeds)"
+        rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} searched{confirmed} "
                 f"(loralab show {exp.name}/trial-{t.number:04d})")
     if len(sw.objective) == 1 and result.best:
         at_edge = edges(space, result.best[0].knobs)
