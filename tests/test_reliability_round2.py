@@ -91,6 +91,7 @@ sweep:
   strategy: tpe
   space: {lora.r: [2, 4, 8], train.learning_rate: [1.0e-3, 1.0e-2]}
   pruner: {name: none}
+  confirm: {top: 0}  # these tests count the search's own runs
   budget: {trials: BUDGET}
 """
 
