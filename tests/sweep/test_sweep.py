@@ -17,7 +17,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from rich.console import Console
+
 from loralab.cli import app
+from loralab.progress import Reporter
 from loralab.errors import SpecError
 from loralab.execute.runner import prepare
 from loralab.config.loading import load_experiment, parse_experiment
@@ -624,3 +627,41 @@ def test_the_study_storage_survives_another_process_creating_optunas_tables_at_t
     with pytest.raises(OperationalError):
         study_mod.study_storage(url)
     assert len(calls) == 1  # an unreachable server is not a race: said at once
+
+
+def test_the_best_trials_are_confirmed_on_fresh_seeds_before_the_best_is_announced(tiny_neox, tmp_path):
+    """The winner's curse: the best searched value among trials is partly luck. The top 2 are trained
+    again on seeds the search never used; the best is announced by the confirmed value, the searched
+    one beside it; a rerun reuses the confirmation's runs."""
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {train.learning_rate: [2.0e-2, 1.0e-3, 1.0e-7]}\n"
+                   "pruner: {name: none}\nconfirm: {top: 2, seeds: 2}")
+    console = Console(record=True, width=200)
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
+    log = console.export_text()
+    assert len(result.confirmed) == 2
+    store = Store(tmp_path / "ws")
+    for number, c in result.confirmed.items():
+        assert c["seeds"] == [1000, 1001] and c["status"] == "finished"
+        recs = [store.get(i) for i in c["run_ids"]]
+        assert [r.seed for r in recs] == [1000, 1001] and {r.name for r in recs} == {f"trial-{number:04d}-confirm"}
+        assert c["value"] == pytest.approx(sum(r.metrics["eval_loss"] for r in recs) / 2)
+        assert c["lo"] < c["value"] < c["hi"]
+        searched = next(t for t in result.trials if t.number == number).values[0]
+        assert c["searched"] == searched
+    # Announced by the confirmed value: the best of the confirmed, not necessarily the best searched.
+    best = result.best[0]
+    assert result.confirmed[best.number]["value"] == min(c["value"] for c in result.confirmed.values())
+    assert f"trial {best.number}:" in log and "confirmed on fresh seeds 1000, 1001" in log and "searched" in log
+    assert result.confirm_s > 0
+    # The study keeps it (a dashboard or report reads it), and a rerun trains nothing again.
+    study = optuna.load_study(study_name="sw", storage=f"sqlite:///{tmp_path / 'ws' / 'optuna.db'}")
+    assert study.user_attrs[f"confirmed:{best.number}"]["value"] == result.confirmed[best.number]["value"]
+    again = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    assert again.confirm_s == 0 and again.confirmed[best.number]["value"] == result.confirmed[best.number]["value"]
+
+
+def test_without_confirmation_the_announced_best_says_its_value_is_optimistic(tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4]}\npruner: {name: none}\nconfirm: {top: 0}")
+    console = Console(record=True, width=200)
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
+    assert result.confirmed == {} and "best of 2: optimistic" in console.export_text()
