@@ -341,9 +341,12 @@ def ablation_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace:
     doc["workspace"] = str(workspace)
     if exp.seeds is not None:  # as the file says, so each run gets the same seeds as there
         doc["seeds"] = list(exp.seeds)
+    elif exp.adaptive is not None:  # repeats: auto, as the file wrote it
+        plan = exp.adaptive
+        doc["repeats"] = {"min": plan.min_seeds, "max": plan.max_seeds, "metrics": list(plan.metrics)}
     else:
         doc["repeats"] = exp.repeats
-    ev = exp.evaluation.model_dump(exclude_defaults=True)
+    ev = exp.evaluation.model_dump(exclude_defaults=True, exclude={"sequential"})
     if ev:
         doc["evaluation"] = ev
     if exp.cost is not None:
