@@ -665,3 +665,52 @@ def test_without_confirmation_the_announced_best_says_its_value_is_optimistic(ti
     console = Console(record=True, width=200)
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
     assert result.confirmed == {} and "best of 2: optimistic" in console.export_text()
+
+
+def test_a_widened_space_starts_from_what_the_workspace_measured(tiny_neox, tmp_path):
+    """Issue 24: the same sweep again with one more learning rate trains only the new point. The points
+    measured before come back as trials of the study (they count for the search, not against the
+    budget); editing the space is a start, not an error; the dry run says what it would add."""
+    narrow = "strategy: grid\nspace: {train.learning_rate: [1.0e-3, 1.0e-2]}\npruner: {name: none}\nconfirm: {top: 0}"
+    f = sweep_file(tmp_path, tiny_neox, narrow)
+    first = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    assert len(first.ran) == 2
+    wide = narrow.replace("[1.0e-3, 1.0e-2]", "[1.0e-3, 1.0e-2, 3.0e-2]") + "\nbudget: {trials: 1}"
+    f = sweep_file(tmp_path, tiny_neox, wide)
+    console = Console(record=True, width=200)
+    run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console), dry_run=True)
+    assert "2 point(s) of this space already measured" in console.export_text()
+    console = Console(record=True, width=200)
+    second = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
+    log = console.export_text()
+    assert "sweep section changed" in log and "Started from the workspace: 2 point(s)" in log
+    # One new trial ran (the budget of 1 counts it alone); the two measured points did not train again.
+    assert len(second.ran) == 1 and second.trials[second.ran[0]].knobs["train.learning_rate"] == 3.0e-2
+    assert second.stopped == "every grid point done" or second.stopped.startswith("budget of 1 trials")
+    warm = [t for t in second.trials if t.number not in second.ran]
+    assert sorted(t.knobs["train.learning_rate"] for t in warm) == [1.0e-3, 1.0e-2]
+    old = {tuple(sorted(t.run_ids)) for t in first.trials}
+    assert {tuple(sorted(t.run_ids)) for t in warm} == old  # the very runs the first sweep stored
+    assert all(t.status == "finished" and t.values for t in warm)
+    runs = Store(tmp_path / "ws").all_runs()
+    assert len(runs) == 3  # nothing trained twice
+    # The measured points keep their values: the best is the best of all three.
+    best = min(second.trials, key=lambda t: t.values[0])
+    assert second.best[0].number == best.number
+
+
+def test_a_run_of_another_file_inside_the_space_is_a_measured_point(tiny_neox, tmp_path):
+    """A `loralab run` of the same model and data with settings that are a point of the space: the
+    sweep takes it (fully evaluated, it stands for a loss-only trial) instead of training it."""
+    from loralab.execute.runner import run_experiment
+
+    runs_file = tmp_path / "runs.yaml"
+    runs_file.write_text(f"name: plain\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                         f"{BASE}\nruns:\n  X: {{train: {{learning_rate: 1.0e-2}}}}\n")
+    run_experiment(load_experiment(runs_file), workspace=tmp_path / "ws")
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {train.learning_rate: [1.0e-3, 1.0e-2]}\n"
+                   "pruner: {name: none}\nconfirm: {top: 0}")
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    assert len(result.ran) == 1 and result.trials[result.ran[0]].knobs["train.learning_rate"] == 1.0e-3
+    taken = next(t for t in result.trials if t.number not in result.ran)
+    assert taken.knobs["train.learning_rate"] == 1.0e-2 and taken.status == "finished"

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import Executor, ExecutorFactory, Job, Pruning
 from loralab.sweep.pruning import make_pruner
+from loralab.sweep.warm import warm_start
 from loralab.progress import Reporter
 from loralab.config.space import (Space, _budget_text, edges, experiment_start, is_grid, make_run, needs_full_eval,
                                   needs_probe, objective_value, prior_lines, sampler_class_name)
@@ -179,6 +180,8 @@ def counts_in_budget(t) -> bool:
     """Trials the budget counts: completed, pruned, or failed on their own (not interrupted)."""
     from optuna.trial import TrialState
 
+    if t.user_attrs.get("from_workspace"):  # measured before the sweep (sweep.warm): counts for the search only
+        return False
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
         t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed")
 
@@ -289,6 +292,18 @@ def _grid_sampler_class():
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
+        def before_trial(self, study, trial) -> None:
+            """Optuna gives trial k grid point k while k is below the grid's size, visited or not: with
+            points added from the workspace (sweep.warm) that would repeat one. Trial k still gets point k
+            when it is unvisited (so a fresh grid runs in the same order); else the first unvisited one."""
+            if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+                return
+            unvisited = sorted(self._get_unvisited_grid_ids(study))
+            if not unvisited or trial.number in unvisited:
+                return super().before_trial(study, trial)
+            study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", unvisited[0])
+
         def unstarted(self, study) -> bool:
             """Whether a grid point is neither done nor being run (by this or another process)."""
             from optuna.trial import TrialState
@@ -302,6 +317,12 @@ def _grid_sampler_class():
             """The parameters of a grid id (the grid as the parent class shuffled it)."""
             return dict(zip(self._param_names, self._all_grids[grid_id]))
 
+        def grid_attrs(self, params: dict) -> dict | None:
+            """The system attributes that mark a trial added by hand (sweep.warm) as this grid point's,
+            so the grid counts it as visited; None when the parameters are no point of the grid."""
+            grid_id = next((i for i in range(len(self._all_grids)) if self.point(i) == params), None)
+            return None if grid_id is None else {"grid_id": grid_id, "search_space": self._search_space}
+
     return GridSampler
 
 
@@ -309,9 +330,11 @@ def _GridSampler(search_space: dict, seed: int):
     return _grid_sampler_class()(search_space, seed=seed)
 
 
-def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storage=None):
-    """Create or load the experiment's study (in `storage`, default the URL itself); refuse one made by
-    a different sweep section."""
+def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storage=None, restart=None):
+    """Create or load the experiment's study (in `storage`, default the URL itself). One made by a
+    different sweep section (another space, strategy, objective, seeds...) is started anew when
+    `restart(old_study)` agrees (no live process runs it); the workspace's runs then bring back every
+    point still inside the new space (sweep.warm). Without `restart`, or when it refuses: an error."""
     import optuna
 
     sw = exp.sweep
@@ -330,6 +353,13 @@ def open_study(exp: Experiment, url: str, space: Space, fingerprint: str, storag
     elif had != fingerprint:
         from loralab.workspace.store import shown
 
+        if restart is not None and restart(study):
+            optuna.delete_study(study_name=exp.name, storage=storage or url)
+            return open_study(exp, url, space, fingerprint, storage)
+        if restart is not None:
+            raise SpecError(f"study {exp.name!r} in {shown(url)} was made by a different sweep section, and another "
+                            "process is running it", [Problem("sweep", "changed while another process runs the sweep",
+                                                              exp.name, "wait for it (or stop it), then run again")])
         raise SpecError(f"study {exp.name!r} in {shown(url)} was made by a different sweep (space, strategy, objective, "
                         "seeds, model or data changed); its trials would not mean the same thing",
                         [Problem("sweep", "changed since the study began", exp.name,
@@ -391,7 +421,7 @@ def duplicate_of(trials: list, knobs: dict[str, Any], alive: Callable[[Any], boo
     for t in trials:
         if t.user_attrs.get("knobs") != knobs or t.user_attrs.get("status") == "duplicate":
             continue
-        if counts_in_budget(t) or (t.state == TrialState.RUNNING and alive(t)):
+        if counts_in_budget(t) or t.user_attrs.get("from_workspace") or (t.state == TrialState.RUNNING and alive(t)):
             return t.number
     return None
 
@@ -428,17 +458,18 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     prepared = prepare(exp, reporter=rep)  # everything checked before the workspace is touched
     ws = resolve_workspace(exp, workspace)
     url = storage_url(exp, ws)
-    if dry_run:
-        plan = dry_run_plan(exp, prepared, ws, space)
-        for line in plan.lines:
-            rep.log(line)
-        return SweepResult(ws, exp.name, url, plan=plan)
-    store = open_workspace(exp, ws)
     start = experiment_start(exp)
     fingerprint = config_hash({"space": {k: v.model_dump() for k, v in sw.space.items()}, "strategy": sw.strategy,
                                "seed": sw.seed, "start": start, "objective": [o.model_dump() for o in sw.objective],
                                "seeds": exp.seeds_for(make_run(start, {}, "start")), "model": prepared.base.fingerprint,
                                "data": prepared.dataset.fingerprint})
+    if dry_run:
+        plan = dry_run_plan(exp, prepared, ws, space)
+        for line in plan.lines:
+            rep.log(line)
+        _dry_warm(exp, prepared, ws, space, url, rep, fingerprint)
+        return SweepResult(ws, exp.name, url, plan=plan)
+    store = open_workspace(exp, ws)
     from loralab.execute.runner import LocalExecutor
     from loralab.workspace.store import shown
 
@@ -447,8 +478,9 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     try:
         loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(prepared, store, rep))
         with loop.study_lock():
-            loop.study = open_study(exp, url, space, fingerprint, study_storage(url))
+            loop.study = open_study(exp, url, space, fingerprint, study_storage(url), restart=loop.restart)
             loop.recover()
+            warm_start(loop.study, exp, prepared, store, space, rep)
         rep.log(f"Sweep {exp.name!r}: strategy {sw.strategy}, {len(space.dims)} knob(s), study in {shown(url)}")
         result.stopped = loop.drive(prepared, result.ran)
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
@@ -460,6 +492,29 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     finally:
         store.close()
     return result
+
+
+def _dry_warm(exp: Experiment, prepared, ws, space: Space, url: str, rep: Reporter, fingerprint: str) -> None:
+    """The dry run's line on points the workspace measured already (nothing written)."""
+    import optuna
+
+    from loralab.errors import RunNotFound
+    from loralab.execute.runner import open_workspace
+
+    try:
+        store = open_workspace(exp, ws, create=False)
+    except RunNotFound:
+        return
+    try:
+        try:
+            study = optuna.load_study(study_name=exp.name, storage=url)
+        except Exception:  # no study yet (KeyError), or none readable: every measured point would be added
+            study = None
+        if study is None or study.user_attrs.get("loralab_sweep") != fingerprint:  # it would start anew
+            study = optuna.create_study(storage=None, directions=exp.sweep.directions)
+        warm_start(study, exp, prepared, store, space, rep, add=False)
+    finally:
+        store.close()
 
 
 class _Loop:
@@ -503,6 +558,18 @@ class _Loop:
         from optuna.storages._heartbeat import get_heartbeat_thread
 
         return get_heartbeat_thread(trial._trial_id, self.study._storage)
+
+    def restart(self, old) -> bool:
+        """The sweep section changed since the study began: start anew unless a live process runs a trial."""
+        from optuna.trial import TrialState
+
+        if any(self.alive(t) for t in old.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            return False
+        for t in old.get_trials(deepcopy=False):
+            self.store.drop_aliases(self.exp.name, f"trial-{t.number:04d}")
+        self.rep.log("The sweep section changed since the study began: a new study, started from the runs the "
+                     "workspace already has (points outside the new space are left out).")
+        return True
 
     def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
         self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
