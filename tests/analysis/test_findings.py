@@ -183,7 +183,7 @@ def test_tldr_picks_the_cheapest_run_within_noise_of_the_best():
     assert t.sentences[0].startswith("Best eval loss: B, 1.5") and "the untrained base: 3.0" in t.sentences[0]
     assert t.sentences[1].startswith("Cheapest within noise of the best: C, ") and "within noise" in t.sentences[1]
     # Seeds 3-5 take 123-125 s, B's 200-202 s: cheaper by an interval across seeds that excludes zero.
-    assert "124 s per run, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
+    assert "124 s per run against 201 s, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
 
 
 def test_tldr_claims_no_saving_from_one_wall_time_each():
@@ -301,3 +301,62 @@ def test_an_interval_the_family_does_not_keep_is_starred():
     v = Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "within noise", "seeds+examples", MULTIPLE, 0.01)
     assert interval(v, "f4").endswith("]*")
     assert not interval(Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "higher"), "f4").endswith("*")
+
+
+# --- the TL;DR and the findings read the verdicts the table shows --------------------------------
+
+
+def test_the_tldr_never_calls_a_difference_the_table_calls_within_noise():
+    """Today's bug: the table said B vs A "within noise*" (its own interval excludes 0, the column's
+    adjustment does not keep it) while the TL;DR said "no other run is within noise of it"."""
+    from loralab.metrics.stats import MULTIPLE
+
+    names = ["drift_kl", "loss_spikes", "grad_norm_max", "steps_to_90pct_drop", "loss_final", "peak_mem_mb"]
+    starred = 0
+    for shift in (0.005, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.03):
+        # Six per-run metrics with nothing to find make the column a family of questions.
+        a = group("A", per_run={m: (lambda k: lambda seed: 1 + 0.3 * math.sin(1.3 * seed + k))(i) for i, m in enumerate(names)})
+        b = group("B", loss_shift=-shift, lora={"r": 8}, seeds=(3, 4, 5),
+                  per_run={m: (lambda k: lambda seed: 1 + 0.3 * math.cos(0.7 * seed + k))(i) for i, m in enumerate(names)})
+        c = compare([a, b])
+        v = c.row("eval_loss").verdicts[0]
+        starred += MULTIPLE in v.note
+        t = tldr([a, b], "eval_loss", comparison=c)
+        assert t.best.name == "B"
+        table_close = v.label in ("within noise", "negligible")
+        assert (t.within_noise == ["A"]) == table_close, (shift, v, t.sentences)
+        if table_close:
+            assert "no other run is within noise" not in " ".join(t.sentences)
+    assert starred  # the case of the bug was among them: a difference only the adjustment calls noise
+
+
+def test_the_tldr_adjusts_its_own_questions_when_the_table_does_not_ask_them():
+    """Runs the table does not pair with the best (a sweep's trials) are one family of questions."""
+    from loralab.analysis.findings import table_verdict
+
+    best = group("B", loss_shift=-0.5, lora={"r": 8})
+    c = compare([A, best])
+    v = table_verdict(c, "eval_loss", "B", "A")  # the table has B vs A: read the other way round
+    assert v.diff == pytest.approx(-c.row("eval_loss").verdicts[0].diff) and v.label == "higher"
+    assert table_verdict(c, "eval_loss", "B", "C") is None
+
+
+# --- the winner's curse ---------------------------------------------------------------------------
+
+
+def test_a_best_picked_among_many_is_called_optimistic_and_its_confirmation_shown():
+    runs = [group(n, loss_shift=s, lora={"r": r}, seeds=(k, k + 1)) for n, s, r, k in
+            (("B", -0.5, 8, 0), ("C", -0.2, 16, 3), ("D", 0.1, 2, 6))]
+    t = tldr(runs, "eval_loss")
+    text = " ".join(t.sentences)
+    assert "B was picked as the best of 3 runs" in text and "winner's curse" in text and "fresh seeds" in text
+    # A confirmation run (config["confirms"] names the run it retrains on fresh seeds): its value beside the searched one.
+    confirm = group("B-confirm", loss_shift=-0.3, lora={"r": 8}, seeds=(50, 51))
+    for r in confirm:
+        r.config["confirms"] = "B"
+    t = tldr(runs + [confirm], "eval_loss")
+    assert t.best.name == "B"  # a confirmation is never a candidate itself
+    said = next(s for s in t.sentences if s.startswith("Confirmed on fresh seeds"))
+    assert "B 1.6" in said and "(2 seeds) against 1.50" in said and "best of 3" in said
+    # One run: nothing was picked.
+    assert "not flattered" in " ".join(tldr([runs[0]], "eval_loss").sentences)

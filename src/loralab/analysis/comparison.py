@@ -89,7 +89,11 @@ class Comparison:
         for _, rows in self.sections:
             for r in rows:
                 for v in r.verdicts:
-                    for part in (v.note.split("; ") if v is not None and v.note else []):
+                    if v is not None and " not compared: " in v.note:  # one sentence for all of them
+                        parts = [NOT_COMPARED]
+                    else:
+                        parts = v.note.split("; ") if v is not None and v.note else []
+                    for part in parts:
                         if part not in out:
                             out.append(part)
         return out
@@ -225,6 +229,54 @@ def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
                    hi=e(loss_a + v.hi) - e(loss_a))
 
 
+# Times that include the evaluation: two runs' values compare only when both did the same work.
+EVAL_TIMED = ("eval_s",)
+TOTAL_TIMED = ("total_s", "cost")
+
+
+def evaluation_of(group: list[RunRecord]) -> tuple:
+    """How a run was evaluated, as what its evaluation time pays for: trained or the untrained base (the
+    base runs no drift pass and trains nothing), the caps it generated answers at (none: losses only, as a
+    sweep trial with `evaluate: auto`), the training-probe loss, drift, and how many eval examples."""
+    r = group[0]
+    caps = tuple(sorted({int(k.partition("@")[2]) for k in r.metrics if k.startswith("rouge_l@")}))
+    probe = isinstance(r.metrics.get("train_eval_loss"), (int, float)) and math.isfinite(r.metrics["train_eval_loss"])
+    drift = r.kind != "base" and "drift_kl" in r.metrics
+    return (r.kind == "base", caps, probe, drift, len(r.samples))
+
+
+def describe_evaluation(group: list[RunRecord]) -> str:
+    """A run's evaluation in words ("losses only", "losses and answers at caps 8, 16, drift")."""
+    base, caps, probe, drift, _ = evaluation_of(group)
+    what = ("losses and answers at cap" + ("s " if len(caps) > 1 else " ") + ", ".join(map(str, caps))) if caps \
+        else "losses only"
+    what += ", drift" if drift else ""
+    return ("the untrained base, evaluated only (" + what + ")") if base else what
+
+
+def work_mismatch(key: str, ref: list[RunRecord], other: list[RunRecord]) -> str | None:
+    """Why `key` cannot compare these two runs (their times include different work), else None: eval time
+    only between runs evaluated the same way; total time (and its money) only between trained runs
+    evaluated the same way. Train time always compares training with training."""
+    base = key.partition("@")[0]
+    if base not in EVAL_TIMED + TOTAL_TIMED:
+        return None
+    ea, eb = evaluation_of(ref), evaluation_of(other)
+    # The base's eval time is comparable (the same passes over a model without its adapter); its total is not.
+    same = ea[1:] == eb[1:] if base in EVAL_TIMED else (ea == eb and not ea[0])
+    if same:
+        return None
+    return (f"{metric(base).label if metric(base) else base} not compared: {ref[0].name} ({describe_evaluation(ref)}) "
+            f"and {other[0].name} ({describe_evaluation(other)}) did different work in it, and "
+            + ("train time compares training with training" if not (ea[0] or eb[0]) else
+               "the base trains nothing"))
+
+
+NOT_COMPARED = ("times marked — are not compared: the runs were evaluated differently (losses only, answers "
+                "at other caps, or the untrained base), so their times include different work; train time "
+                "compares training with training")
+
+
 def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
     """A metric's min_effect floor: by its full key (rouge_l@50), else by its name (rouge_l)."""
     floors = floors or {}
@@ -245,6 +297,8 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
     found = _sides(key, [ref, other])
     if found is None:
         return None
+    if (why := work_mismatch(key, ref, other)) is not None:
+        return Verdict(key, math.nan, math.nan, math.nan, 0, "untested", "", why)
     (a, b), weights, how = found
     v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
     if how and "unweighted" in how:

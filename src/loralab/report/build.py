@@ -47,6 +47,7 @@ class Sources:
     chosen: list[list[RunRecord]]  # base first when stored, then the compared runs
     ablations: list[tuple[str, list[list[RunRecord]]]] = field(default_factory=list)  # (label, groups A … B)
     trials: list[list[RunRecord]] = field(default_factory=list)
+    confirmations: list[list[RunRecord]] = field(default_factory=list)  # fresh-seed reruns (findings.CONFIRMS)
     experiment: Experiment | None = None
     study: Any = None  # the sweep's Optuna study, when there is one
     notes: list[str] = field(default_factory=list)
@@ -122,12 +123,13 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
             objectives = " and ".join(o.metric for o in exp.sweep.objective)
             src.goal = (f"Search {', '.join(exp.sweep.space)} ({exp.sweep.strategy}) for the best {objectives}: "
                         "which knobs matter, and what the best settings cost.")
-        src.trials = [g for name, g in sorted(own.items()) if TRIAL.match(name)]
+        src.trials = [g for name, g in sorted(own.items()) if TRIAL.match(name) and not fnd.confirmation_of(g)]
         src.study = _load_study(exp, ws, src.notes)
         for name in _best_trials(src.study):
             g = own.get(name)
             if g and g not in src.chosen:
                 src.chosen.append(g)
+    src.confirmations = [g for _, g in sorted(own.items()) if fnd.confirmation_of(g)]
     if missing and (exp.sweep is None or exp.runs):
         src.notes.append(f"No outcome in the workspace yet for: {', '.join(missing)} (`loralab run {exp.source or 'FILE'}`).")
     for name in sorted({r.experiment for r in everything}):
@@ -417,12 +419,12 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     importances = _importances(src)
     n_complete = _n_complete(src.study)
     # The Confounds section states the confounds and their credit; what we learned does not repeat them.
-    learned = (fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
+    learned = (fnd.answer_findings(c) + fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
                + fnd.training_findings(_trained(chosen), level) + fnd.effect_findings(_ordered(effects), level)
                + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES) + _edge_findings(src))
     beliefs = fnd.belief_findings(effects, level)
-    pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
-    tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors)
+    pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything) + src.confirmations)
+    tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors, comparison=c)
 
     return Report(
         title=src.title, goal=goal or src.goal or _default_goal(chosen),
