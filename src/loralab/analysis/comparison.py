@@ -413,12 +413,26 @@ def fmt_value(v: Any, fmt: str = "", currency: str | None = None) -> str:
     return str(v)
 
 
+def bounded(lo: float, hi: float, fmt: str, diff: bool = False) -> tuple[float, float]:
+    """An interval as far as the quantity can go: a share lies in [0, 1], a difference of shares in
+    [-1, 1] (an interval past them says nothing more than the bound)."""
+    if fmt != "pct":
+        return lo, hi
+    floor = -1.0 if diff else 0.0
+    return max(lo, floor), min(hi, 1.0)
+
+
 def fmt_estimate(e: Estimate | None, fmt: str, currency: str | None = None) -> str:
+    """'mean ± half' for a symmetric interval; 'mean [lo, hi]' when it is not (perplexity, exp of the
+    loss interval; a share near 0% or 100%), so no cell implies values the interval does not hold."""
     if e is None:
         return "—"
     text = fmt_value(e.mean, fmt, currency)
     if not math.isnan(e.hi):
-        half = (e.hi - e.lo) / 2
+        lo, hi = bounded(e.lo, e.hi, fmt)
+        if abs((hi - e.mean) - (e.mean - lo)) > 0.01 * (hi - lo):
+            return f"{text} [{fmt_value(lo, fmt, currency)}, {fmt_value(hi, fmt, currency)}]"
+        half = (hi - lo) / 2
         text += " ± " + (fmt_value(half, fmt) if fmt not in ("int", "money") else f"{half:.3g}")
     return text
 
@@ -429,7 +443,7 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     scale = 100 if fmt == "pct" else 1
     unit = " pp" if fmt == "pct" else ""
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
-    d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
+    d, (lo, hi) = v.diff * scale, (x * scale for x in bounded(v.lo, v.hi, fmt, diff=True))
     if v.label == "untested":
         return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no CI)"
     mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
@@ -439,7 +453,8 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
 
 def legend(c: Comparison) -> list[str]:
     """What the table's numbers are, in sentences, under it: the rule, then what an interval leaves out."""
-    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, which holds seed-to-seed and eval-example "
+    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, or [low, high] where the interval is not "
+           "symmetric (perplexity, shares near 0% or 100%); it holds seed-to-seed and eval-example "
            "noise; eval loss is token-weighted, as stored. Verdicts: the difference, its interval (paired by eval "
            "example, and by seed where both runs used the same seeds) and `higher`/`lower` only when it excludes 0."]
     if c.floors:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loralab.analysis.ablate import Effect, differing, moved_knobs, scale_note
-from loralab.analysis.comparison import (Comparison, cell_estimate, describe_evaluation, fmt_value, fmt_verdict, knobs,
+from loralab.analysis.comparison import (Comparison, bounded, cell_estimate, describe_evaluation, fmt_value, fmt_verdict, knobs,
                                         verdict_of, work_mismatch)
 from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
@@ -131,10 +131,11 @@ def interval(v: Verdict, fmt: str) -> str:
     if fmt not in ("f0", "f1", "f2", "f3", "f4", "money", "pct", "int"):
         return fmt_verdict(v, fmt).removesuffix(" " + v.label)
     scale = 100 if fmt == "pct" else 1
-    d = decimals([v.diff * scale, v.lo * scale, v.hi * scale], fmt)
+    lo, hi = bounded(v.lo, v.hi, fmt, diff=True)
+    d = decimals([v.diff * scale, lo * scale, hi * scale], fmt)
     unit = " pp" if fmt == "pct" else ""
     star = "*" if MULTIPLE in v.note else ""  # excludes 0 alone, not among its family's questions
-    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(v.lo, fmt, d, True)}, {number(v.hi, fmt, d, True)}]{star}")
+    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(lo, fmt, d, True)}, {number(hi, fmt, d, True)}]{star}")
 
 
 def testable(v: Verdict | None) -> bool:
