@@ -360,3 +360,44 @@ def test_a_best_picked_among_many_is_called_optimistic_and_its_confirmation_show
     assert "B 1.6" in said and "(2 seeds) against 1.50" in said and "best of 3" in said
     # One run: nothing was picked.
     assert "not flattered" in " ".join(tldr([runs[0]], "eval_loss").sentences)
+
+
+# --- derived metrics: the eval - train gap ---------------------------------------------------------
+
+
+def _gapped(name, gaps, *, seeds, spread, phase=0.0, **kw):
+    """A run whose seeds' eval - train gaps are `gaps` (nearly equal: the seeds agree), over eval examples
+    whose losses spread by `spread`."""
+    runs = group(name, seeds=seeds, per_run={"generalization_gap": lambda seed: gaps[seeds.index(seed)]}, **kw)
+    for r in runs:
+        for i, s in enumerate(r.samples):
+            s["loss"] += spread * math.sin(0.9 * i + phase)
+        r.metrics["eval_loss"] = sum(s["loss"] for s in r.samples) / len(r.samples)
+    return runs
+
+
+def test_the_gap_interval_holds_both_example_sets_not_only_the_seed_spread():
+    """Seen: "lowered overfitting by 0.031 (better)" with [-0.032, -0.030]: two seeds' spread of the gap
+    on the same examples, 100x narrower than the eval-loss interval it is built from; both gaps negative."""
+    a = _gapped("A", [-0.100, -0.101], seeds=(0, 1), spread=0.8)
+    b = _gapped("A+lr", [-0.131, -0.132], seeds=(0, 1), spread=0.8, phase=0.3, train={"learning_rate": 5e-4})
+    c = compare([a, b])
+    gap, loss = c.row("generalization_gap").verdicts[0], c.row("eval_loss").verdicts[0]
+    assert gap.diff == pytest.approx(-0.031)
+    assert gap.hi - gap.lo > loss.hi - loss.lo  # it holds the eval-loss noise and the probe's as well
+    assert gap.label == "within noise"
+    cell = c.row("generalization_gap").cells[0]
+    assert cell.lo < cell.mean < cell.hi and cell.hi - cell.lo > 0.1  # a run's gap, too, holds example noise
+    [e] = [e for e in knob_effects([a, b], ["generalization_gap"]) if e.metric == "generalization_gap"]
+    f = effect_finding(e)
+    assert "lowered overfitting" not in f.text and f.kind == "null"
+
+
+def test_a_gap_below_zero_is_never_called_overfitting():
+    v = Verdict("generalization_gap", -0.2, -0.3, -0.1, 24, "lower", "seeds+examples")
+    e = Effect("train.learning_rate", 1e-3, 2e-3, "generalization_gap", v, 3, -0.1, "seeds+examples", "B vs A", "pair")
+    f = effect_finding(e)
+    assert "overfitting (" not in f.text and "(better)" not in f.text and "no overfitting either way" in f.text
+    above = Effect("train.learning_rate", 1e-3, 2e-3, "generalization_gap", v, 3, 0.5, "seeds+examples", "B vs A", "pair")
+    assert effect_finding(above).text.startswith("Raising train.learning_rate from 0.001 to 0.002 lowered overfitting "
+                                                 "(the eval − train loss gap) by 0.200 (better)")

@@ -283,6 +283,61 @@ def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
     return floors.get(key, floors.get(key.partition("@")[0]))
 
 
+GAP = "generalization_gap"
+GAP_NOTE = ("the eval − train gap's interval holds seed noise and both example sets' noise (eval examples, and "
+            "the training probe's examples, whose spread is taken as the eval examples': per-example probe losses "
+            "are not stored)")
+
+
+def _gap(groups: list[list[RunRecord]], level: float) -> tuple[float, float, float, float, int, str] | None:
+    """The eval − train loss gap of one run (value) or of the second run minus the first (difference),
+    with an interval over both sources of noise in both of its terms: seeds (the spread of each seed's
+    gap, paired by seed where the runs share seeds, so what a seed moves in both losses cancels), the eval
+    examples (another eval set, another eval loss) and the training-probe examples (another probe, another
+    train loss). The spread of the per-seed gaps alone holds the seeds only, and reads 100x too sure.
+    (value, lo, hi, p, n examples, method); None without per-example eval losses (the per-run path then)."""
+    from scipy import stats as scipy_stats
+
+    groups = [[r for r in _by_seed(g) if isinstance(r.metrics.get(GAP), (int, float))
+               and math.isfinite(r.metrics[GAP])] for g in groups]
+    if any(not g for g in groups):
+        return None
+    per = [_per_example(g, "eval_loss") for g in groups]
+    if any(p is None for p in per):
+        return None
+    ids = [i for i in per[0] if all(i in p for p in per[1:])]
+    n = len(ids)
+    if n < 2:
+        return None
+    w = np.asarray(_weights(groups[0], "eval_loss", ids) or [1.0] * n, dtype=float)
+    w = w / w.sum()
+    means = [np.array([np.mean(p[i]) for i in ids]) for p in per]
+    d = means[-1] - (means[0] if len(means) == 2 else 0.0)
+    v_eval = n / (n - 1) * float(np.sum(w**2 * (d - w @ d) ** 2))
+    n_probe = int((groups[0][0].config.get("evaluation") or {}).get("train_loss_examples") or n)
+    comps = [(v_eval, n - 1), (v_eval * n / max(n_probe, 1), max(n_probe - 1, 1))]
+    gaps = [np.array([r.metrics[GAP] for r in g]) for g in groups]
+    fixed = [g[0].kind == "base" for g in groups]
+    value = float(gaps[-1].mean() - (gaps[0].mean() if len(gaps) == 2 else 0.0))
+    seeded = [(x, f) for x, f in zip(gaps, fixed) if not f]
+    if len(gaps) == 2 and not any(fixed) and len(gaps[0]) == len(gaps[1]) >= 2 \
+            and [r.seed for r in groups[0]] == [r.seed for r in groups[1]]:
+        comps.append((float((gaps[1] - gaps[0]).var(ddof=1)) / len(gaps[0]), len(gaps[0]) - 1))  # paired by seed
+    elif seeded and all(len(x) >= 2 for x, _ in seeded):
+        comps += [(float(x.var(ddof=1)) / len(x), len(x) - 1) for x, _ in seeded]
+    elif seeded and any(len(x) >= 2 for x, _ in seeded):  # one seed on one side: the other's seed spread for it
+        x = next(x for x, _ in seeded if len(x) >= 2)
+        comps.append((float(x.var(ddof=1)) * sum(1 / len(y) for y, _ in seeded), len(x) - 1))
+    method = "seeds+examples" if len(comps) > 2 or not seeded else "examples"
+    var = sum(c for c, _ in comps)
+    if var <= 0:  # nothing measured moved: no interval, not certainty
+        return value, math.nan, math.nan, math.nan, n, method
+    df = var**2 / sum(c**2 / k for c, k in comps if c > 0)
+    half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(var)
+    p = float(2 * scipy_stats.t.sf(abs(value) / math.sqrt(var), df))
+    return value, value - half, value + half, p, n, method
+
+
 def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
                floors: dict[str, float] | None = None) -> Verdict | None:
     """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
@@ -294,6 +349,10 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
             return None
         p = _ppl_of(v, cell.mean)
         return p if floor_of(key, floors) is None else replace(p, label=verdict_label(p.lo, p.hi, floor_of(key, floors)))
+    if key == GAP and (g := _gap([ref, other], level)) is not None:
+        diff, lo, hi, p, n, method = g
+        note = GAP_NOTE + ("" if method == "seeds+examples" else "; seed noise unmeasured (one seed)")
+        return Verdict(key, diff, lo, hi, n, verdict_label(lo, hi, floor_of(key, floors)), method, note, p)
     found = _sides(key, [ref, other])
     if found is None:
         return None
@@ -316,6 +375,8 @@ def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | 
     vals = _values(group, key)
     if not vals:
         return None
+    if key == GAP and (g := _gap([group], level)) is not None:
+        return Estimate(g[0], g[1], g[2], len(vals))
     found = _sides(key, [group])
     if found is None:
         return mean_ci(vals, level)

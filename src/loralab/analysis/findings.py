@@ -187,8 +187,20 @@ def effect_finding(e: Effect, level: float = 0.95) -> Finding:
         rel = f"{pct:+.0f}%; " if abs(pct) >= 10 else f"{pct:+.1f}%; " if abs(pct) >= 1 else f"{pct:+.2g}%; "
     better = better_of(e.metric)
     judged = "" if better is None else (" (better)" if v.label == better else " (worse)")
+    tail = ""
+    if e.metric == "generalization_gap" and e.reference is not None:
+        # "Overfitting" is a gap above zero: eval loss over the loss on training examples.
+        high = e.reference + v.diff
+        if e.reference > 0 and high > 0:
+            label = "overfitting (the eval − train loss gap)"
+        else:
+            label, rel = "the eval − train loss gap", ""
+            judged = "" if max(e.reference, high) <= 0 else judged
+            tail = (f" The gap is {e.reference:+.3f} → {high:+.3f}: " +
+                    ("below zero on both sides (eval loss under the loss on training examples), so no overfitting "
+                     "either way." if max(e.reference, high) <= 0 else "above zero on one side only."))
     text = (f"{_move(e).capitalize()} {'raised' if v.label == 'higher' else 'lowered'} {label} by {size}{judged}: "
-            f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).")
+            f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).{tail}")
     if e.method == "examples":
         text += " One seed: the interval covers eval examples, not training randomness (`repeats: 3` measures it)."
     return Finding("effect", text, v.label, e.knob, e.metric)
