@@ -163,7 +163,7 @@ def untested_why(e: Effect) -> str:
     if v is None:
         return "not measured by both runs (a run evaluated on its losses only has no answers to score)"
     if " not compared: " in v.note:
-        return v.note
+        return "not compared: " + v.note.split(" not compared: ", 1)[1]
     return ONE_SEED if v.n < 4 or e.seeds < 2 else "too few eval examples for an interval"
 
 

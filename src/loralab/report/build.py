@@ -20,7 +20,7 @@ from loralab.analysis import ablate as ablate_mod
 from loralab.analysis import findings as fnd
 from loralab.report import plots as plots_mod
 from loralab.analysis.ablate import Effect
-from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, fmt_estimate, fmt_value,
+from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, evaluation_of, fmt_estimate, fmt_value,
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
@@ -719,9 +719,10 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
         out.append(plots_mod.loss_curves(curves, colors))
     points, behind = [], []
     cost_key = "cost" if any("cost" in r.metrics for g in trained for r in g) else "total_s"
-    for g in trained:
-        if not _finished(g):
-            continue
+    finished = [g for g in trained if _finished(g)]
+    if len({evaluation_of(g) for g in finished}) > 1:
+        cost_key = "train_s"  # evaluated differently (loss-only trials, full runs): their totals hold different work
+    for g in finished:
         eq, ex = cell_estimate(metric, g, level), cell_estimate(cost_key, g, level)
         if eq is not None and ex is not None:
             points.append(plots_mod.Point(g[0].name, ex.mean, eq.mean, _half(ex), _half(eq)))
@@ -737,7 +738,8 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
         return (q_label == better or x_label == "lower") and q_label != worse and x_label != "higher"
 
     if points:
-        cost_label = f"cost per run ({currency})" if cost_key == "cost" else "time per run (s, train + eval)"
+        cost_label = {"cost": f"cost per run ({currency})", "total_s": "time per run (s, train + eval)"}.get(
+            cost_key, "train time per run (s; evaluated differently, so their eval times are left out)")
         out.append(plots_mod.quality_vs_cost(points, fnd.label_of(metric), cost_label, better, level, colors, beats))
     if len(caps) >= 2:
         series = []
