@@ -6,7 +6,7 @@ import math
 
 from loralab.analysis.ablate import knob_effects
 from loralab.analysis.comparison import compare, to_markdown
-from loralab.analysis.findings import answer_findings, effect_findings, tldr
+from loralab.analysis.findings import effect_findings, tldr
 from loralab.workspace.store import RunRecord
 
 N = 16
@@ -90,6 +90,8 @@ def test_a_trained_runs_total_time_is_not_compared_with_the_bases_eval_only_time
 
 
 def test_the_first_finding_says_whether_any_run_answered_better_than_base():
+    from loralab.analysis.findings import answer_findings
+
     base = run("base", kind="base", answers={})
     better = run("A", answers={"rouge_l": 0.3, "token_f1": 0.3}, loss_shift=-0.5)
     worse = run("B", seeds=(2, 3), answers={"chrf": -0.3}, loss_shift=-0.5)
@@ -101,6 +103,8 @@ def test_the_first_finding_says_whether_any_run_answered_better_than_base():
 
 
 def test_lower_loss_but_no_better_answers_is_said_plainly():
+    from loralab.analysis.findings import answer_findings
+
     base = run("base", kind="base", answers={})
     a = run("A", answers={}, loss_shift=-0.5)  # loss fell; the answers did not move
     trial = run("trial-0001", lr=2e-3, loss_shift=-0.5)  # losses only
