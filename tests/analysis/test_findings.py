@@ -401,3 +401,12 @@ def test_a_gap_below_zero_is_never_called_overfitting():
     above = Effect("train.learning_rate", 1e-3, 2e-3, "generalization_gap", v, 3, 0.5, "seeds+examples", "B vs A", "pair")
     assert effect_finding(above).text.startswith("Raising train.learning_rate from 0.001 to 0.002 lowered overfitting "
                                                  "(the eval − train loss gap) by 0.200 (better)")
+
+
+def test_the_gap_verdict_is_not_marked_as_borrowing_seed_noise():
+    from loralab.analysis.comparison import fmt_verdict
+
+    a = _gapped("A", [0.100, 0.104], seeds=(0, 1), spread=0.3)
+    b = _gapped("B", [0.130, 0.137], seeds=(0, 1), spread=0.3, phase=0.3, lora={"r": 8})
+    v = compare([a, b]).row("generalization_gap").verdicts[0]
+    assert v.method == "seeds+examples" and "(seed noise assumed)" not in fmt_verdict(v, "f4")

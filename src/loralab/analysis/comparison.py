@@ -285,8 +285,8 @@ def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
 
 GAP = "generalization_gap"
 GAP_NOTE = ("the eval − train gap's interval holds seed noise and both example sets' noise (eval examples, and "
-            "the training probe's examples, whose spread is taken as the eval examples': per-example probe losses "
-            "are not stored)")
+            "the training probe's examples, whose spread is set to the eval examples': per-example probe losses "
+            "are not stored)")  # no "taken as": fmt_verdict reads that as a borrowed seed spread
 
 
 def _gap(groups: list[list[RunRecord]], level: float) -> tuple[float, float, float, float, int, str] | None:
