@@ -34,3 +34,16 @@ def test_a_sweeps_report_reads_like_with_like(tmp_path):
     md = render_markdown(r)
     ppl = next(line for line in md.splitlines() if line.startswith("| eval perplexity |"))
     assert " ± " not in ppl and "[" in ppl  # exp of the loss interval: asymmetric, shown as [low, high]
+
+
+def test_a_confirmation_run_is_shown_beside_the_searched_value(tmp_path):
+    base = run("base", kind="base", answers={})
+    trials = [run(f"trial-000{i}", lr=lr, loss_shift=s) for i, (lr, s) in enumerate([(1e-3, -0.1), (2e-3, -0.4), (3e-3, -0.2)])]
+    confirm = run("trial-0001-confirm", seeds=(100, 101), lr=2e-3, loss_shift=-0.25)
+    for r in confirm:
+        r.config["confirms"] = "trial-0001"  # what the store's confirmation runs carry
+    r = build(Sources("sweep", "", tmp_path, chosen=[base, trials[1]], trials=trials, confirmations=[confirm]))
+    assert r.tldr.best.name == "trial-0001"
+    said = next(s for s in r.tldr.sentences if s.startswith("Confirmed on fresh seeds: trial-0001 1.7"))
+    assert "(2 seeds) against 1.6" in said and "best of 3" in said
+    assert "trial-0001-confirm" in [row["name"] for row in r.runs.rows]  # listed with the runs, never a candidate

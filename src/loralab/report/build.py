@@ -387,7 +387,7 @@ def resolve_metric(metric: str | None, src: Sources, caps: list[int], present: s
 def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAMPLES, goal: str | None = None) -> Report:
     """Everything the report says, computed once; the templates only lay it out."""
     chosen = src.chosen
-    everything = _dedupe(chosen + [g for _, gs in src.ablations for g in gs] + src.trials)
+    everything = _dedupe(chosen + [g for _, gs in src.ablations for g in gs] + src.trials + src.confirmations)
     records = [r for g in everything for r in g]
     ref = next((g for g in chosen if g[0].kind == "lora"), None) or next(iter(_trained(everything)), None)
     ev = (ref or everything[0])[0].config.get("evaluation") or {}
@@ -423,7 +423,7 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
                + fnd.training_findings(_trained(chosen), level) + fnd.effect_findings(_ordered(effects), level)
                + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES) + _edge_findings(src))
     beliefs = fnd.belief_findings(effects, level)
-    pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything) + src.confirmations)
+    pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
     tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors, comparison=c)
 
     return Report(
