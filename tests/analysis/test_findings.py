@@ -410,3 +410,11 @@ def test_the_gap_verdict_is_not_marked_as_borrowing_seed_noise():
     b = _gapped("B", [0.130, 0.137], seeds=(0, 1), spread=0.3, phase=0.3, lora={"r": 8})
     v = compare([a, b]).row("generalization_gap").verdicts[0]
     assert v.method == "seeds+examples" and "(seed noise assumed)" not in fmt_verdict(v, "f4")
+
+
+def test_the_tldr_does_not_call_a_run_without_an_interval_clearly_apart():
+    one = group("B", seeds=(0,), lora={"r": 8}, per_run={"drift_kl": 0.01})
+    other = group("C", seeds=(1,), lora={"r": 16}, per_run={"drift_kl": 0.02})
+    t = tldr([one, other], "drift_kl")  # one seed each of a per-run number: no interval
+    assert t.best.name == "B" and "C has no interval against it" in t.sentences[1]
+    assert "no other run is within noise of it" not in t.sentences[1]

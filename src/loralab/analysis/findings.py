@@ -10,7 +10,13 @@ The rules, each unit-tested:
    with their difference until an ablation measures each knob on its own; then each gets its effect.
 5. Common beliefs (the seed report's among them) are checked against the effects: supported,
    contradicted, not shown (within noise), or not tested here.
-6. The TL;DR names the best run on the chosen metric, and the cheapest run within noise of it.
+6. The TL;DR names the best run on the chosen metric, and the cheapest run within noise of it, by the
+   verdicts the table shows (adjusted for its many questions); a best picked among several is flattered
+   by the choice (the winner's curse): said, with its value on fresh seeds when a confirmation is stored.
+7. The first finding says whether any run answered better (or worse) than the untrained base, on every
+   answer score at every cap: a lower loss alone is not better answers.
+8. Like with like: a metric one run did not measure, or a time that holds different work (a loss-only
+   trial against a fully evaluated run, a trained run's total against the base's), is not compared.
 """
 
 from __future__ import annotations
@@ -697,6 +703,7 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     for g, v in zip(rest, adjust_for_multiplicity([verdict_of(metric, best, g, level, floors) for g in rest], level)):
         vs[g[0].name] = v
     close = [out.best]
+    untested = [g[0].name for g in others if not testable(vs[g[0].name])]
     for g in others:
         v = vs[g[0].name]
         if testable(v) and v.label in ("within noise", "negligible"):
@@ -722,6 +729,9 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
         if out.within_noise:
             others_ = (f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of "
                        "it, but not measurably cheaper)")
+        elif untested:
+            others_ = (f" (no other run is measurably within noise of it: {', '.join(untested)} "
+                       f"{'has' if len(untested) == 1 else 'have'} no interval against it)")
         else:
             others_ = " (no other run is within noise of it)"
         out.sentences.append(f"Cheapest within noise of the best: {out.best.name} itself{others_}.")
