@@ -418,3 +418,17 @@ def test_the_tldr_does_not_call_a_run_without_an_interval_clearly_apart():
     t = tldr([one, other], "drift_kl")  # one seed each of a per-run number: no interval
     assert t.best.name == "B" and "C has no interval against it" in t.sentences[1]
     assert "no other run is within noise of it" not in t.sentences[1]
+
+
+@pytest.mark.parametrize(("verdict", "seeds", "why"), [
+    (None, 2, "not measured by both runs"),  # a loss-only trial has no ROUGE-L
+    (Verdict("rouge_l@8", math.nan, math.nan, math.nan, 0, "untested", "", "nothing measured on both sides"), 2,
+     "not measured by both runs"),
+    (Verdict("loss_spikes", 3.0, math.nan, math.nan, 2, "untested", "", "no CI: one seed a run"), 1, "one seed per run"),
+])
+def test_an_untested_effect_says_why(verdict, seeds, why):
+    e = Effect("train.learning_rate", 1e-3, 2e-3, verdict.metric if verdict else "rouge_l@8", verdict, seeds, 1.0, "",
+               "B vs A", "pair")
+    f = effect_finding(e)
+    assert f.kind == "untested" and why in f.text
+    assert ("one seed" in f.text) == (why == "one seed per run")

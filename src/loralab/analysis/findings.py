@@ -166,7 +166,7 @@ def untested_why(e: Effect) -> str:
     """Why an effect has no interval, from what happened: a metric one of the runs did not measure (a
     loss-only sweep trial has no answers), times of different work, or one seed a run."""
     v = e.verdict
-    if v is None:
+    if v is None or "nothing measured" in v.note:
         return "not measured by both runs (a run evaluated on its losses only has no answers to score)"
     if " not compared: " in v.note:
         return "not compared: " + v.note.split(" not compared: ", 1)[1]
