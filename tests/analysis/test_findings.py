@@ -432,3 +432,26 @@ def test_an_untested_effect_says_why(verdict, seeds, why):
     f = effect_finding(e)
     assert f.kind == "untested" and why in f.text
     assert ("one seed" in f.text) == (why == "one seed per run")
+
+
+def test_runs_the_table_does_not_pair_with_the_best_are_one_family():
+    """A sweep's trials against its best: "within noise of the best?" asked of each is many questions."""
+    from loralab.analysis.comparison import verdict_of
+    from loralab.analysis.findings import against_best
+    from loralab.metrics.stats import MULTIPLE
+
+    best = group("B", loss_shift=-0.3, lora={"r": 8})
+    # B but for noise (a little worse, so B stays the best of them)
+    twins = [group(f"T{k}", loss_shift=-0.297, lora={"r": 8 + k}, seeds=(10 * k, 10 * k + 1, 10 * k + 2)) for k in (1, 2, 3, 4)]
+    adjusted = 0
+    for shift in (0.01, 0.0125, 0.015, 0.0175, 0.02):
+        near = group("C", loss_shift=-0.3 + shift, lora={"r": 32}, seeds=(3, 4, 5))
+        vs = against_best(best, [near] + twins, "eval_loss")
+        raw = verdict_of("eval_loss", best, near, 0.95)
+        assert vs["C"].diff == raw.diff
+        if raw.label == "higher" and vs["C"].label == "within noise":
+            assert MULTIPLE in vs["C"].note
+            adjusted += 1
+        t = tldr([best, near] + twins, "eval_loss")
+        assert t.best.name == "B" and ("C" in t.within_noise) == (vs["C"].label in ("within noise", "negligible"))
+    assert adjusted  # a difference its own interval calls, the family does not

@@ -668,6 +668,19 @@ def table_verdict(c: Comparison | None, metric: str, ref: str, other: str) -> Ve
     return None if col is None or row.verdicts[col] is None else _flip(row.verdicts[col])
 
 
+def against_best(best: list[RunRecord], others: list[list[RunRecord]], metric: str, level: float = 0.95,
+                 floors: dict[str, float] | None = None, comparison: Comparison | None = None) -> dict[str, Verdict | None]:
+    """Each other run against the best on `metric`, by name: the table's adjusted verdict where the table
+    has the pair; the rest one family of questions ("which runs are within noise of the best?"), adjusted
+    the same way (Benjamini-Hochberg), so no sentence calls apart what the table calls within noise.
+    A sweep naming its trials within noise of the best asks the same questions."""
+    vs = {g[0].name: table_verdict(comparison, metric, best[0].name, g[0].name) for g in others}
+    rest = [g for g in others if vs[g[0].name] is None]
+    for g, v in zip(rest, adjust_for_multiplicity([verdict_of(metric, best, g, level, floors) for g in rest], level)):
+        vs[g[0].name] = v
+    return vs
+
+
 def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: str | None = None, level: float = 0.95,
          currency: str | None = None, floors: dict[str, float] | None = None,
          comparison: Comparison | None = None) -> TLDR:
@@ -698,10 +711,7 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
 
     out.best = pick(best)
     others = [g for g in runs if g is not best]
-    vs = {g[0].name: table_verdict(comparison, metric, best[0].name, g[0].name) for g in others}
-    rest = [g for g in others if vs[g[0].name] is None]
-    for g, v in zip(rest, adjust_for_multiplicity([verdict_of(metric, best, g, level, floors) for g in rest], level)):
-        vs[g[0].name] = v
+    vs = against_best(best, others, metric, level, floors, comparison)
     close = [out.best]
     untested = [g[0].name for g in others if not testable(vs[g[0].name])]
     for g in others:
