@@ -143,7 +143,36 @@ def test_the_base_is_a_fixed_point_for_its_scores_but_not_for_its_times():
         r.metrics["eval_s"] += dt
         r.metrics["drift_kl"] += dt / 100
     c = compare([base, a])
-    drift, time_ = c.row("drift_kl").verdicts[0], c.row("eval_s").verdicts[0]
+    drift = c.row("drift_kl").verdicts[0]
     assert drift.note == "" and drift.method == "seeds"  # base drift is 0 by definition: one-sample interval
+    # A's evaluation ran the drift passes the base skips: its eval time holds more work, so it is not compared.
+    assert c.row("eval_s").verdicts[0].label == "untested" and "not compared" in c.row("eval_s").verdicts[0].note
+    for r in base + a:
+        del r.metrics["drift_kl"]
+    time_ = compare([base, a]).row("eval_s").verdicts[0]
     assert "seed noise taken as the other's" in time_.note  # one timing of the base: as noisy as A's
     assert time_.hi - time_.lo > drift.hi - drift.lo
+
+
+def test_perplexity_and_shares_show_the_interval_they_have():
+    """Seen: "76.76 ± 41.16" for a perplexity whose interval is [45.9, 128.3] (exp of the loss interval),
+    and a share "4% ± 53%" whose interval runs below 0%."""
+    from loralab.analysis.comparison import fmt_estimate
+    from loralab.metrics.stats import Estimate
+
+    loss = Estimate(math.log(76.76), math.log(45.92), math.log(128.31), 2)
+    ppl = Estimate(math.exp(loss.mean), math.exp(loss.lo), math.exp(loss.hi), 2)
+    assert fmt_estimate(ppl, "f2") == "76.76 [45.92, 128.31]"
+    assert fmt_estimate(loss, "f4").startswith("4.3407 ± ")  # the loss interval is symmetric: ± stays
+    assert fmt_estimate(Estimate(0.04, -0.49, 0.57, 2), "pct") == "4% [0%, 57%]"  # a share lies in [0, 1]
+    assert fmt_estimate(Estimate(0.5, 0.4, 0.6, 2), "pct") == "50% ± 10%"
+    # The table's perplexity cell is exp of the loss cell, shown with its own (asymmetric) bounds.
+    a = run("A", 0.0)
+    cell = compare([a]).row("eval_ppl").cells[0]
+    text = to_markdown(compare([a]))
+    assert f"{cell.mean:.2f} [{cell.lo:.2f}, {cell.hi:.2f}]" in text
+    # A difference of shares lies in [-100, +100] points.
+    from loralab.metrics.stats import Verdict
+
+    v = Verdict("cap_hit_rate@8", 0.792, 0.178, 1.405, 12, "higher", "seeds+examples")
+    assert fmt_verdict(v, "pct") == "+79.200 pp [+17.800, +100.000] higher"

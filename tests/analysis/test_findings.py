@@ -183,7 +183,7 @@ def test_tldr_picks_the_cheapest_run_within_noise_of_the_best():
     assert t.sentences[0].startswith("Best eval loss: B, 1.5") and "the untrained base: 3.0" in t.sentences[0]
     assert t.sentences[1].startswith("Cheapest within noise of the best: C, ") and "within noise" in t.sentences[1]
     # Seeds 3-5 take 123-125 s, B's 200-202 s: cheaper by an interval across seeds that excludes zero.
-    assert "124 s per run, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
+    assert "124 s per run against 201 s, 38% less time: -77 s [" in t.sentences[1] and "CI across seeds" in t.sentences[1]
 
 
 def test_tldr_claims_no_saving_from_one_wall_time_each():
@@ -301,3 +301,157 @@ def test_an_interval_the_family_does_not_keep_is_starred():
     v = Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "within noise", "seeds+examples", MULTIPLE, 0.01)
     assert interval(v, "f4").endswith("]*")
     assert not interval(Verdict("eval_loss", 0.01, 0.004, 0.016, 24, "higher"), "f4").endswith("*")
+
+
+# --- the TL;DR and the findings read the verdicts the table shows --------------------------------
+
+
+def test_the_tldr_never_calls_a_difference_the_table_calls_within_noise():
+    """Today's bug: the table said B vs A "within noise*" (its own interval excludes 0, the column's
+    adjustment does not keep it) while the TL;DR said "no other run is within noise of it"."""
+    from loralab.metrics.stats import MULTIPLE
+
+    names = ["drift_kl", "loss_spikes", "grad_norm_max", "steps_to_90pct_drop", "loss_final", "peak_mem_mb"]
+    starred = 0
+    for shift in (0.005, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.03):
+        # Six per-run metrics with nothing to find make the column a family of questions.
+        a = group("A", per_run={m: (lambda k: lambda seed: 1 + 0.3 * math.sin(1.3 * seed + k))(i) for i, m in enumerate(names)})
+        b = group("B", loss_shift=-shift, lora={"r": 8}, seeds=(3, 4, 5),
+                  per_run={m: (lambda k: lambda seed: 1 + 0.3 * math.cos(0.7 * seed + k))(i) for i, m in enumerate(names)})
+        c = compare([a, b])
+        v = c.row("eval_loss").verdicts[0]
+        starred += MULTIPLE in v.note
+        t = tldr([a, b], "eval_loss", comparison=c)
+        assert t.best.name == "B"
+        table_close = v.label in ("within noise", "negligible")
+        assert (t.within_noise == ["A"]) == table_close, (shift, v, t.sentences)
+        if table_close:
+            assert "no other run is within noise" not in " ".join(t.sentences)
+    assert starred  # the case of the bug was among them: a difference only the adjustment calls noise
+
+
+def test_the_tldr_adjusts_its_own_questions_when_the_table_does_not_ask_them():
+    """Runs the table does not pair with the best (a sweep's trials) are one family of questions."""
+    from loralab.analysis.findings import table_verdict
+
+    best = group("B", loss_shift=-0.5, lora={"r": 8})
+    c = compare([A, best])
+    v = table_verdict(c, "eval_loss", "B", "A")  # the table has B vs A: read the other way round
+    assert v.diff == pytest.approx(-c.row("eval_loss").verdicts[0].diff) and v.label == "higher"
+    assert table_verdict(c, "eval_loss", "B", "C") is None
+
+
+# --- the winner's curse ---------------------------------------------------------------------------
+
+
+def test_a_best_picked_among_many_is_called_optimistic_and_its_confirmation_shown():
+    runs = [group(n, loss_shift=s, lora={"r": r}, seeds=(k, k + 1)) for n, s, r, k in
+            (("B", -0.5, 8, 0), ("C", -0.2, 16, 3), ("D", 0.1, 2, 6))]
+    t = tldr(runs, "eval_loss")
+    text = " ".join(t.sentences)
+    assert "B was picked as the best of 3 runs" in text and "winner's curse" in text and "fresh seeds" in text
+    # A confirmation run (config["confirms"] names the run it retrains on fresh seeds): its value beside the searched one.
+    confirm = group("B-confirm", loss_shift=-0.3, lora={"r": 8}, seeds=(50, 51))
+    for r in confirm:
+        r.config["confirms"] = "B"
+    t = tldr(runs + [confirm], "eval_loss")
+    assert t.best.name == "B"  # a confirmation is never a candidate itself
+    said = next(s for s in t.sentences if s.startswith("Confirmed on fresh seeds"))
+    assert "B 1.6" in said and "(2 seeds) against 1.50" in said and "best of 3" in said
+    # One run: nothing was picked.
+    assert "not flattered" in " ".join(tldr([runs[0]], "eval_loss").sentences)
+
+
+# --- derived metrics: the eval - train gap ---------------------------------------------------------
+
+
+def _gapped(name, gaps, *, seeds, spread, phase=0.0, **kw):
+    """A run whose seeds' eval - train gaps are `gaps` (nearly equal: the seeds agree), over eval examples
+    whose losses spread by `spread`."""
+    runs = group(name, seeds=seeds, per_run={"generalization_gap": lambda seed: gaps[seeds.index(seed)]}, **kw)
+    for r in runs:
+        for i, s in enumerate(r.samples):
+            s["loss"] += spread * math.sin(0.9 * i + phase)
+        r.metrics["eval_loss"] = sum(s["loss"] for s in r.samples) / len(r.samples)
+    return runs
+
+
+def test_the_gap_interval_holds_both_example_sets_not_only_the_seed_spread():
+    """Seen: "lowered overfitting by 0.031 (better)" with [-0.032, -0.030]: two seeds' spread of the gap
+    on the same examples, 100x narrower than the eval-loss interval it is built from; both gaps negative."""
+    a = _gapped("A", [-0.100, -0.101], seeds=(0, 1), spread=0.8)
+    b = _gapped("A+lr", [-0.131, -0.132], seeds=(0, 1), spread=0.8, phase=0.3, train={"learning_rate": 5e-4})
+    c = compare([a, b])
+    gap, loss = c.row("generalization_gap").verdicts[0], c.row("eval_loss").verdicts[0]
+    assert gap.diff == pytest.approx(-0.031)
+    assert gap.hi - gap.lo > loss.hi - loss.lo  # it holds the eval-loss noise and the probe's as well
+    assert gap.label == "within noise"
+    cell = c.row("generalization_gap").cells[0]
+    assert cell.lo < cell.mean < cell.hi and cell.hi - cell.lo > 0.1  # a run's gap, too, holds example noise
+    [e] = [e for e in knob_effects([a, b], ["generalization_gap"]) if e.metric == "generalization_gap"]
+    f = effect_finding(e)
+    assert "lowered overfitting" not in f.text and f.kind == "null"
+
+
+def test_a_gap_below_zero_is_never_called_overfitting():
+    v = Verdict("generalization_gap", -0.2, -0.3, -0.1, 24, "lower", "seeds+examples")
+    e = Effect("train.learning_rate", 1e-3, 2e-3, "generalization_gap", v, 3, -0.1, "seeds+examples", "B vs A", "pair")
+    f = effect_finding(e)
+    assert "overfitting (" not in f.text and "(better)" not in f.text and "no overfitting either way" in f.text
+    above = Effect("train.learning_rate", 1e-3, 2e-3, "generalization_gap", v, 3, 0.5, "seeds+examples", "B vs A", "pair")
+    assert effect_finding(above).text.startswith("Raising train.learning_rate from 0.001 to 0.002 lowered overfitting "
+                                                 "(the eval − train loss gap) by 0.200 (better)")
+
+
+def test_the_gap_verdict_is_not_marked_as_borrowing_seed_noise():
+    from loralab.analysis.comparison import fmt_verdict
+
+    a = _gapped("A", [0.100, 0.104], seeds=(0, 1), spread=0.3)
+    b = _gapped("B", [0.130, 0.137], seeds=(0, 1), spread=0.3, phase=0.3, lora={"r": 8})
+    v = compare([a, b]).row("generalization_gap").verdicts[0]
+    assert v.method == "seeds+examples" and "(seed noise assumed)" not in fmt_verdict(v, "f4")
+
+
+def test_the_tldr_does_not_call_a_run_without_an_interval_clearly_apart():
+    one = group("B", seeds=(0,), lora={"r": 8}, per_run={"drift_kl": 0.01})
+    other = group("C", seeds=(1,), lora={"r": 16}, per_run={"drift_kl": 0.02})
+    t = tldr([one, other], "drift_kl")  # one seed each of a per-run number: no interval
+    assert t.best.name == "B" and "C has no interval against it" in t.sentences[1]
+    assert "no other run is within noise of it" not in t.sentences[1]
+
+
+@pytest.mark.parametrize(("verdict", "seeds", "why"), [
+    (None, 2, "not measured by both runs"),  # a loss-only trial has no ROUGE-L
+    (Verdict("rouge_l@8", math.nan, math.nan, math.nan, 0, "untested", "", "nothing measured on both sides"), 2,
+     "not measured by both runs"),
+    (Verdict("loss_spikes", 3.0, math.nan, math.nan, 2, "untested", "", "no CI: one seed a run"), 1, "one seed per run"),
+])
+def test_an_untested_effect_says_why(verdict, seeds, why):
+    e = Effect("train.learning_rate", 1e-3, 2e-3, verdict.metric if verdict else "rouge_l@8", verdict, seeds, 1.0, "",
+               "B vs A", "pair")
+    f = effect_finding(e)
+    assert f.kind == "untested" and why in f.text
+    assert ("one seed" in f.text) == (why == "one seed per run")
+
+
+def test_runs_the_table_does_not_pair_with_the_best_are_one_family():
+    """A sweep's trials against its best: "within noise of the best?" asked of each is many questions."""
+    from loralab.analysis.comparison import verdict_of
+    from loralab.analysis.findings import against_best
+    from loralab.metrics.stats import MULTIPLE
+
+    best = group("B", loss_shift=-0.3, lora={"r": 8})
+    # B but for noise (a little worse, so B stays the best of them)
+    twins = [group(f"T{k}", loss_shift=-0.297, lora={"r": 8 + k}, seeds=(10 * k, 10 * k + 1, 10 * k + 2)) for k in (1, 2, 3, 4)]
+    adjusted = 0
+    for shift in (0.01, 0.0125, 0.015, 0.0175, 0.02):
+        near = group("C", loss_shift=-0.3 + shift, lora={"r": 32}, seeds=(3, 4, 5))
+        vs = against_best(best, [near] + twins, "eval_loss")
+        raw = verdict_of("eval_loss", best, near, 0.95)
+        assert vs["C"].diff == raw.diff
+        if raw.label == "higher" and vs["C"].label == "within noise":
+            assert MULTIPLE in vs["C"].note
+            adjusted += 1
+        t = tldr([best, near] + twins, "eval_loss")
+        assert t.best.name == "B" and ("C" in t.within_noise) == (vs["C"].label in ("within noise", "negligible"))
+    assert adjusted  # a difference its own interval calls, the family does not

@@ -64,3 +64,11 @@ def test_a_run_keeps_its_color_in_every_figure():
                                    plots.CapSeries("B", [50, 100], [10.0, 12.0], [0, 0])], colors)
     for svg in (curves.svg, series.svg):
         assert f"stroke: {plots.PALETTE[1]}" in svg and f"stroke: {plots.PALETTE[0]}" not in svg
+
+
+def test_the_cost_axis_never_goes_below_zero():
+    """Seen: a time axis running below 0 s, drawn for a cost interval wider than the cost itself."""
+    p = plots.quality_vs_cost([plots.Point("trial-0001", 2.5, 2.2, 30.0, 0.1), plots.Point("A", 38.6, 1.9, 3.0, 0.1)],
+                              "eval loss", "time per run (s)", "lower")
+    ticks = re.findall(r">([−-]?\d[\d.]*)</text>", p.svg)  # tick labels are text (svg.fonttype none)
+    assert ticks and not any(t.startswith(("−", "-")) for t in ticks), ticks

@@ -90,7 +90,11 @@ class Comparison:
         for _, rows in self.sections:
             for r in rows:
                 for v in r.verdicts:
-                    for part in (v.note.split("; ") if v is not None and v.note else []):
+                    if v is not None and " not compared: " in v.note:  # one sentence for all of them
+                        parts = [NOT_COMPARED]
+                    else:
+                        parts = v.note.split("; ") if v is not None and v.note else []
+                    for part in parts:
                         if part not in out:
                             out.append(part)
         return out
@@ -226,10 +230,113 @@ def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
                    hi=e(loss_a + v.hi) - e(loss_a))
 
 
+# Times that include the evaluation: two runs' values compare only when both did the same work.
+EVAL_TIMED = ("eval_s",)
+TOTAL_TIMED = ("total_s", "cost")
+
+
+def evaluation_of(group: list[RunRecord]) -> tuple:
+    """How a run was evaluated, as what its evaluation time pays for: trained or the untrained base (the
+    base runs no drift pass and trains nothing), the caps it generated answers at (none: losses only, as a
+    sweep trial with `evaluate: auto`), the training-probe loss, drift, and how many eval examples."""
+    r = group[0]
+    caps = tuple(sorted({int(k.partition("@")[2]) for k in r.metrics if k.startswith("rouge_l@")}))
+    probe = isinstance(r.metrics.get("train_eval_loss"), (int, float)) and math.isfinite(r.metrics["train_eval_loss"])
+    drift = r.kind != "base" and "drift_kl" in r.metrics
+    return (r.kind == "base", caps, probe, drift, len(r.samples))
+
+
+def describe_evaluation(group: list[RunRecord]) -> str:
+    """A run's evaluation in words ("losses only", "losses and answers at caps 8, 16, drift")."""
+    base, caps, probe, drift, _ = evaluation_of(group)
+    what = ("losses and answers at cap" + ("s " if len(caps) > 1 else " ") + ", ".join(map(str, caps))) if caps \
+        else "losses only"
+    what += ", drift" if drift else ""
+    return ("the untrained base, evaluated only (" + what + ")") if base else what
+
+
+def work_mismatch(key: str, ref: list[RunRecord], other: list[RunRecord]) -> str | None:
+    """Why `key` cannot compare these two runs (their times include different work), else None: eval time
+    only between runs evaluated the same way; total time (and its money) only between trained runs
+    evaluated the same way. Train time always compares training with training."""
+    base = key.partition("@")[0]
+    if base not in EVAL_TIMED + TOTAL_TIMED:
+        return None
+    ea, eb = evaluation_of(ref), evaluation_of(other)
+    # The base's eval time is comparable (the same passes over a model without its adapter); its total is not.
+    same = ea[1:] == eb[1:] if base in EVAL_TIMED else (ea == eb and not ea[0])
+    if same:
+        return None
+    return (f"{metric(base).label if metric(base) else base} not compared: {ref[0].name} ({describe_evaluation(ref)}) "
+            f"and {other[0].name} ({describe_evaluation(other)}) did different work in it, and "
+            + ("train time compares training with training" if not (ea[0] or eb[0]) else
+               "the base trains nothing"))
+
+
+NOT_COMPARED = ("times marked — are not compared: the runs were evaluated differently (losses only, answers "
+                "at other caps, or the untrained base), so their times include different work; train time "
+                "compares training with training")
+
+
 def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
     """A metric's min_effect floor: by its full key (rouge_l@50), else by its name (rouge_l)."""
     floors = floors or {}
     return floors.get(key, floors.get(key.partition("@")[0]))
+
+
+GAP = "generalization_gap"
+GAP_NOTE = ("the eval − train gap's interval holds seed noise and both example sets' noise (eval examples, and "
+            "the training probe's examples, whose spread is set to the eval examples': per-example probe losses "
+            "are not stored)")  # no "taken as": fmt_verdict reads that as a borrowed seed spread
+
+
+def _gap(groups: list[list[RunRecord]], level: float) -> tuple[float, float, float, float, int, str] | None:
+    """The eval − train loss gap of one run (value) or of the second run minus the first (difference),
+    with an interval over both sources of noise in both of its terms: seeds (the spread of each seed's
+    gap, paired by seed where the runs share seeds, so what a seed moves in both losses cancels), the eval
+    examples (another eval set, another eval loss) and the training-probe examples (another probe, another
+    train loss). The spread of the per-seed gaps alone holds the seeds only, and reads 100x too sure.
+    (value, lo, hi, p, n examples, method); None without per-example eval losses (the per-run path then)."""
+    from scipy import stats as scipy_stats
+
+    groups = [[r for r in _by_seed(g) if isinstance(r.metrics.get(GAP), (int, float))
+               and math.isfinite(r.metrics[GAP])] for g in groups]
+    if any(not g for g in groups):
+        return None
+    per = [_per_example(g, "eval_loss") for g in groups]
+    if any(p is None for p in per):
+        return None
+    ids = [i for i in per[0] if all(i in p for p in per[1:])]
+    n = len(ids)
+    if n < 2:
+        return None
+    w = np.asarray(_weights(groups[0], "eval_loss", ids) or [1.0] * n, dtype=float)
+    w = w / w.sum()
+    means = [np.array([np.mean(p[i]) for i in ids]) for p in per]
+    d = means[-1] - (means[0] if len(means) == 2 else 0.0)
+    v_eval = n / (n - 1) * float(np.sum(w**2 * (d - w @ d) ** 2))
+    n_probe = int((groups[0][0].config.get("evaluation") or {}).get("train_loss_examples") or n)
+    comps = [(v_eval, n - 1), (v_eval * n / max(n_probe, 1), max(n_probe - 1, 1))]
+    gaps = [np.array([r.metrics[GAP] for r in g]) for g in groups]
+    fixed = [g[0].kind == "base" for g in groups]
+    value = float(gaps[-1].mean() - (gaps[0].mean() if len(gaps) == 2 else 0.0))
+    seeded = [(x, f) for x, f in zip(gaps, fixed) if not f]
+    if len(gaps) == 2 and not any(fixed) and len(gaps[0]) == len(gaps[1]) >= 2 \
+            and [r.seed for r in groups[0]] == [r.seed for r in groups[1]]:
+        comps.append((float((gaps[1] - gaps[0]).var(ddof=1)) / len(gaps[0]), len(gaps[0]) - 1))  # paired by seed
+    elif seeded and all(len(x) >= 2 for x, _ in seeded):
+        comps += [(float(x.var(ddof=1)) / len(x), len(x) - 1) for x, _ in seeded]
+    elif seeded and any(len(x) >= 2 for x, _ in seeded):  # one seed on one side: the other's seed spread for it
+        x = next(x for x, _ in seeded if len(x) >= 2)
+        comps.append((float(x.var(ddof=1)) * sum(1 / len(y) for y, _ in seeded), len(x) - 1))
+    method = "seeds+examples" if len(comps) > 2 or not seeded else "examples"
+    var = sum(c for c, _ in comps)
+    if var <= 0:  # nothing measured moved: no interval, not certainty
+        return value, math.nan, math.nan, math.nan, n, method
+    df = var**2 / sum(c**2 / k for c, k in comps if c > 0)
+    half = float(scipy_stats.t.ppf((1 + level) / 2, df)) * math.sqrt(var)
+    p = float(2 * scipy_stats.t.sf(abs(value) / math.sqrt(var), df))
+    return value, value - half, value + half, p, n, method
 
 
 def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
@@ -243,9 +350,15 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
             return None
         p = _ppl_of(v, cell.mean)
         return p if floor_of(key, floors) is None else replace(p, label=verdict_label(p.lo, p.hi, floor_of(key, floors)))
+    if key == GAP and (g := _gap([ref, other], level)) is not None:
+        diff, lo, hi, p, n, method = g
+        note = GAP_NOTE + ("" if method == "seeds+examples" else "; seed noise unmeasured (one seed)")
+        return Verdict(key, diff, lo, hi, n, verdict_label(lo, hi, floor_of(key, floors)), method, note, p)
     found = _sides(key, [ref, other])
     if found is None:
         return None
+    if (why := work_mismatch(key, ref, other)) is not None:
+        return Verdict(key, math.nan, math.nan, math.nan, 0, "untested", "", why)
     (a, b), weights, how = found
     v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
     if how and "unweighted" in how:
@@ -263,6 +376,8 @@ def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | 
     vals = _values(group, key)
     if not vals:
         return None
+    if key == GAP and (g := _gap([group], level)) is not None:
+        return Estimate(g[0], g[1], g[2], len(vals))
     found = _sides(key, [group])
     if found is None:
         return mean_ci(vals, level)
@@ -379,12 +494,26 @@ def fmt_value(v: Any, fmt: str = "", currency: str | None = None) -> str:
     return str(v)
 
 
+def bounded(lo: float, hi: float, fmt: str, diff: bool = False) -> tuple[float, float]:
+    """An interval as far as the quantity can go: a share lies in [0, 1], a difference of shares in
+    [-1, 1] (an interval past them says nothing more than the bound)."""
+    if fmt != "pct":
+        return lo, hi
+    floor = -1.0 if diff else 0.0
+    return max(lo, floor), min(hi, 1.0)
+
+
 def fmt_estimate(e: Estimate | None, fmt: str, currency: str | None = None) -> str:
+    """'mean ± half' for a symmetric interval; 'mean [lo, hi]' when it is not (perplexity, exp of the
+    loss interval; a share near 0% or 100%), so no cell implies values the interval does not hold."""
     if e is None:
         return "—"
     text = fmt_value(e.mean, fmt, currency)
     if not math.isnan(e.hi):
-        half = (e.hi - e.lo) / 2
+        lo, hi = bounded(e.lo, e.hi, fmt)
+        if abs((hi - e.mean) - (e.mean - lo)) > 0.01 * (hi - lo):
+            return f"{text} [{fmt_value(lo, fmt, currency)}, {fmt_value(hi, fmt, currency)}]"
+        half = (hi - lo) / 2
         text += " ± " + (fmt_value(half, fmt) if fmt not in ("int", "money") else f"{half:.3g}")
     return text
 
@@ -395,7 +524,7 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     scale = 100 if fmt == "pct" else 1
     unit = " pp" if fmt == "pct" else ""
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
-    d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
+    d, (lo, hi) = v.diff * scale, (x * scale for x in bounded(v.lo, v.hi, fmt, diff=True))
     if v.label == "untested":
         return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no CI)"
     mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
@@ -405,7 +534,8 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
 
 def legend(c: Comparison) -> list[str]:
     """What the table's numbers are, in sentences, under it: the rule, then what an interval leaves out."""
-    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, which holds seed-to-seed and eval-example "
+    out = [f"Cells: mean over seeds ± half its {_level(c)} interval, or [low, high] where the interval is not "
+           "symmetric (perplexity, shares near 0% or 100%); it holds seed-to-seed and eval-example "
            "noise; eval loss is token-weighted, as stored. Verdicts: the difference, its interval (paired by eval "
            "example, and by seed where both runs used the same seeds) and `higher`/`lower` only when it excludes 0."]
     nominal = float(_level(c).rstrip("%")) / 100

@@ -10,20 +10,27 @@ The rules, each unit-tested:
    with their difference until an ablation measures each knob on its own; then each gets its effect.
 5. Common beliefs (the seed report's among them) are checked against the effects: supported,
    contradicted, not shown (within noise), or not tested here.
-6. The TL;DR names the best run on the chosen metric, and the cheapest run within noise of it.
+6. The TL;DR names the best run on the chosen metric, and the cheapest run within noise of it, by the
+   verdicts the table shows (adjusted for its many questions); a best picked among several is flattered
+   by the choice (the winner's curse): said, with its value on fresh seeds when a confirmation is stored.
+7. The first finding says whether any run answered better (or worse) than the untrained base, on every
+   answer score at every cap: a lower loss alone is not better answers.
+8. Like with like: a metric one run did not measure, or a time that holds different work (a loss-only
+   trial against a fully evaluated run, a trained run's total against the base's), is not compared.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loralab.analysis.ablate import Effect, differing, moved_knobs, scale_note
-from loralab.analysis.comparison import Comparison, verdict_of, cell_estimate, fmt_value, fmt_verdict, knobs
+from loralab.analysis.comparison import (Comparison, bounded, cell_estimate, describe_evaluation, fmt_value, fmt_verdict, knobs,
+                                        verdict_of, work_mismatch)
 from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
-from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, mean_ci
+from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, adjust_for_multiplicity, mean_ci
 from loralab.workspace.store import RunRecord
 
 def label_of(metric: str) -> str:
@@ -130,10 +137,11 @@ def interval(v: Verdict, fmt: str) -> str:
     if fmt not in ("f0", "f1", "f2", "f3", "f4", "money", "pct", "int"):
         return fmt_verdict(v, fmt).removesuffix(" " + v.label)
     scale = 100 if fmt == "pct" else 1
-    d = decimals([v.diff * scale, v.lo * scale, v.hi * scale], fmt)
+    lo, hi = bounded(v.lo, v.hi, fmt, diff=True)
+    d = decimals([v.diff * scale, lo * scale, hi * scale], fmt)
     unit = " pp" if fmt == "pct" else ""
     star = "*" if MULTIPLE in v.note else ""  # excludes 0 alone, not among its family's questions
-    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(v.lo, fmt, d, True)}, {number(v.hi, fmt, d, True)}]{star}")
+    return (f"{number(v.diff, fmt, d, True)}{unit} [{number(lo, fmt, d, True)}, {number(hi, fmt, d, True)}]{star}")
 
 
 def testable(v: Verdict | None) -> bool:
@@ -151,14 +159,26 @@ def _evidence(e: Effect, level: float) -> str:
     return f"{level:.0%} CI {covers(e.method, e.verdict.n, e.seeds)}; {e.source}"
 
 
+ONE_SEED = "one seed per run gives a per-run number no interval: train with `repeats: 3`"
+
+
+def untested_why(e: Effect) -> str:
+    """Why an effect has no interval, from what happened: a metric one of the runs did not measure (a
+    loss-only sweep trial has no answers), times of different work, or one seed a run."""
+    v = e.verdict
+    if v is None or "nothing measured" in v.note:
+        return "not measured by both runs (a run evaluated on its losses only has no answers to score)"
+    if " not compared: " in v.note:
+        return "not compared: " + v.note.split(" not compared: ", 1)[1]
+    return ONE_SEED if v.n < 4 or e.seeds < 2 else "too few eval examples for an interval"
+
+
 def effect_finding(e: Effect, level: float = 0.95) -> Finding:
     """Rules 1-3 for one knob on one metric."""
     label, fmt, v = label_of(e.metric), fmt_of(e.metric), e.verdict
     if not testable(v):
-        why = ("one seed per run gives a per-run number no interval: train with `repeats: 3`"
-               if v is None or v.n < 4 or e.seeds < 2 else "too few eval examples for an interval")
-        return Finding("untested", f"The effect of {_move(e)} on {label} was not tested: {why} ({e.source}).",
-                       "untested", e.knob, e.metric)
+        return Finding("untested", f"The effect of {_move(e)} on {label} was not tested: {untested_why(e)} "
+                       f"({e.source}).", "untested", e.knob, e.metric)
     assert v is not None
     if v.label == "within noise":
         text = (f"No measurable effect of {e.knob} ({fmt_value(e.low)} → {fmt_value(e.high)}) on {label} within "
@@ -173,8 +193,20 @@ def effect_finding(e: Effect, level: float = 0.95) -> Finding:
         rel = f"{pct:+.0f}%; " if abs(pct) >= 10 else f"{pct:+.1f}%; " if abs(pct) >= 1 else f"{pct:+.2g}%; "
     better = better_of(e.metric)
     judged = "" if better is None else (" (better)" if v.label == better else " (worse)")
+    tail = ""
+    if e.metric == "generalization_gap" and e.reference is not None:
+        # "Overfitting" is a gap above zero: eval loss over the loss on training examples.
+        high = e.reference + v.diff
+        if e.reference > 0 and high > 0:
+            label = "overfitting (the eval − train loss gap)"
+        else:
+            label, rel = "the eval − train loss gap", ""
+            judged = "" if max(e.reference, high) <= 0 else judged
+            tail = (f" The gap is {e.reference:+.3f} → {high:+.3f}: " +
+                    ("below zero on both sides (eval loss under the loss on training examples), so no overfitting "
+                     "either way." if max(e.reference, high) <= 0 else "above zero on one side only."))
     text = (f"{_move(e).capitalize()} {'raised' if v.label == 'higher' else 'lowered'} {label} by {size}{judged}: "
-            f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).")
+            f"{rel}{interval(v, fmt)} ({_evidence(e, level)}).{tail}")
     if e.method == "examples":
         text += " One seed: the interval covers eval examples, not training randomness (`repeats: 3` measures it)."
     return Finding("effect", text, v.label, e.knob, e.metric)
@@ -190,7 +222,7 @@ def effect_findings(effects: list[Effect], level: float = 0.95) -> list[Finding]
         elif f.kind == "null":
             nulls.setdefault((e.knob, _key(e.low), _key(e.high), e.note, e.source), []).append(e)
         else:
-            untested.setdefault((e.knob, e.source), []).append(e)
+            untested.setdefault((e.knob, e.source, untested_why(e)), []).append(e)
     for (knob, _, _, note, source), es in nulls.items():
         e0 = es[0]
         parts = "; ".join(f"{label_of(e.metric)} {interval(e.verdict, fmt_of(e.metric))}" for e in es)
@@ -201,10 +233,10 @@ def effect_findings(effects: list[Effect], level: float = 0.95) -> list[Finding]
                 + (f"; {note}" if note else "") + ") within "
                 f"{e0.seeds} seed{'s' if e0.seeds != 1 else ''} on: {parts} ({level:.0%} CI, {how}; {source}).")
         out.append(Finding("null", text, "within noise", knob, ",".join(e.metric for e in es)))
-    for (knob, source), es in untested.items():
+    for (knob, source, why), es in untested.items():
         labels = ", ".join(label_of(e.metric) for e in es)
-        out.append(Finding("untested", f"Not tested for {knob} ({source}): {labels}: one seed per run gives per-run "
-                           "numbers no interval; train with `repeats: 3`.", "untested", knob,
+        why = {ONE_SEED: "one seed per run gives per-run numbers no interval; train with `repeats: 3`"}.get(why, why)
+        out.append(Finding("untested", f"Not tested for {knob} ({source}): {labels}: {why}.", "untested", knob,
                            ",".join(e.metric for e in es)))
     return out
 
@@ -215,6 +247,54 @@ def _key(v: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # The first findings: each run against the untrained base, and what its training curves show
+
+
+ANSWER_METRICS = ("rouge_l", "token_f1", "chrf", "exact_match")  # scores of the answers against the references
+
+
+def answer_findings(c: Comparison) -> list[Finding]:
+    """Did any run answer better than the untrained base? Loss alone can fall while the answers stay as
+    they were: every answer score at every cap, against base, as the table's (adjusted) verdicts say;
+    the runs that answered better, those that answered worse, and those whose answers were not scored."""
+    cols = [(col, j) for col, (i, j) in enumerate(c.pairs) if c.groups[i][0].kind == "base"]
+    if not cols:
+        return []
+    rows = [r for _, rs in c.sections for r in rs if r.key.partition("@")[0] in ANSWER_METRICS]
+    names = ", ".join(label_of(m) for m in ANSWER_METRICS)
+    caps = sorted({int(r.key.partition("@")[2]) for r in rows})
+    where = f"{names} at cap{'s' if len(caps) > 1 else ''} {', '.join(map(str, caps))}"
+    better: dict[str, list[str]] = {}
+    worse: dict[str, list[str]] = {}
+    unscored, level_ = [], []
+    for col, j in cols:
+        verdicts = [(r, r.verdicts[col]) for r in rows if r.verdicts[col] is not None]
+        if not verdicts:
+            unscored.append(c.runs[j])
+            continue
+        for r, v in verdicts:
+            if v.label not in ("higher", "lower") or better_of(r.key) is None:
+                continue
+            side = better if v.label == better_of(r.key) else worse
+            side.setdefault(c.runs[j], []).append(f"{label_of(r.key)} {interval(v, fmt_of(r.key))}")
+        if c.runs[j] not in better and c.runs[j] not in worse:
+            level_.append(c.runs[j])
+    if not rows:
+        return [Finding("answers", "On the answers: no compared run's answers were scored (evaluated on their losses "
+                        "only), so whether fine-tuning improved them over the untrained base is not known; the losses "
+                        "below say nothing about it.", "untested")]
+    if better:
+        text = "On the answers, better than the untrained base: " + "; ".join(
+            f"{n} on {', '.join(parts)}" for n, parts in better.items()) + "."
+    else:
+        text = f"On the answers, no run beat the untrained base measurably ({where})."
+    if worse:
+        text += " Worse than the base: " + "; ".join(f"{n} on {', '.join(parts)}" for n, parts in worse.items()) + "."
+    if level_ and (better or worse):
+        text += f" Within noise of the base on every answer score: {', '.join(level_)}."
+    if unscored:
+        text += f" Not scored (evaluated on losses only): {', '.join(unscored)}."
+    verdict = "mixed" if better and worse else "better" if better else "worse" if worse else "within noise"
+    return [Finding("answers", text, verdict)]
 
 
 def base_findings(c: Comparison, metrics: list[str]) -> list[Finding]:
@@ -558,13 +638,69 @@ def _pm(e: Estimate, fmt: str) -> str:
     return text + (f" ({e.n} seeds)" if e.n > 1 else " (1 seed)")
 
 
+CONFIRMS = "confirms"  # a confirmation run's config names the run (or sweep trial) it retrains on fresh seeds
+
+
+def confirmation_of(group: list[RunRecord]) -> str | None:
+    """The run a group confirms: its records' config["confirms"], or the sweep trial a run named
+    `trial-NNNN-confirm` retrains (sweep.study.confirm_name); else None."""
+    if not group:
+        return None
+    name = (group[0].config or {}).get(CONFIRMS)
+    if not name and group[0].name.endswith("-confirm") and group[0].name.startswith("trial-"):
+        name = group[0].name[: -len("-confirm")]
+    return str(name) if name else None
+
+
+def _flip(v: Verdict) -> Verdict:
+    """b vs a read as a vs b."""
+    return replace(v, diff=-v.diff, lo=-v.hi, hi=-v.lo, label={"higher": "lower", "lower": "higher"}.get(v.label, v.label))
+
+
+def table_verdict(c: Comparison | None, metric: str, ref: str, other: str) -> Verdict | None:
+    """`other` against `ref` as the comparison's table shows it (adjusted for its column's many
+    questions), read the other way round when the table has `ref` against `other`; None when absent."""
+    if c is None:
+        return None
+    try:
+        row = c.row(metric)
+    except KeyError:
+        return None
+    col = c.column(ref, other)
+    if col is not None:
+        return row.verdicts[col]
+    col = c.column(other, ref)
+    return None if col is None or row.verdicts[col] is None else _flip(row.verdicts[col])
+
+
+def against_best(best: list[RunRecord], others: list[list[RunRecord]], metric: str, level: float = 0.95,
+                 floors: dict[str, float] | None = None, comparison: Comparison | None = None) -> dict[str, Verdict | None]:
+    """Each other run against the best on `metric`, by name: the table's adjusted verdict where the table
+    has the pair; the rest one family of questions ("which runs are within noise of the best?"), adjusted
+    the same way (Benjamini-Hochberg), so no sentence calls apart what the table calls within noise.
+    A sweep naming its trials within noise of the best asks the same questions."""
+    vs = {g[0].name: table_verdict(comparison, metric, best[0].name, g[0].name) for g in others}
+    rest = [g for g in others if vs[g[0].name] is None]
+    for g, v in zip(rest, adjust_for_multiplicity([verdict_of(metric, best, g, level, floors) for g in rest], level)):
+        vs[g[0].name] = v
+    return vs
+
+
 def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: str | None = None, level: float = 0.95,
-         currency: str | None = None, floors: dict[str, float] | None = None) -> TLDR:
+         currency: str | None = None, floors: dict[str, float] | None = None,
+         comparison: Comparison | None = None) -> TLDR:
     """The best finished run on `metric`, and the cheapest run whose difference from it is within noise
     (or negligible) and that is measurably cheaper (`_cheaper`).
 
-    Cost is time per run (train + eval seconds), or money when a price per hour is set."""
+    Verdicts are the ones the table shows when it has the pair (adjusted for its column's questions);
+    the others are one family, adjusted the same way (Benjamini-Hochberg), so the TL;DR never calls a
+    difference the table calls within noise. The best of several is flattered by being picked (the
+    winner's curse): said, with its value on fresh seeds beside it when a confirmation run is stored.
+    Cost is time per run (train + eval seconds), or money when a price per hour is set; runs evaluated
+    differently compare their train time only."""
     better = better or better_of(metric) or "lower"
+    confirmed = {confirmation_of(g): g for g in groups if g and confirmation_of(g)}
+    groups = [g for g in groups if g and not confirmation_of(g)]
     base = next((g for g in groups if g and g[0].kind == "base"), None)
     runs = [g for g in groups if g and g[0].kind == "lora" and all(r.status == "finished" for r in g)
             and _est(g, metric, level) is not None]
@@ -579,11 +715,12 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
         return Pick(g[0].name, _est(g, metric, level), _est(g, "total_s", level), _est(g, "cost", level), vs)
 
     out.best = pick(best)
+    others = [g for g in runs if g is not best]
+    vs = against_best(best, others, metric, level, floors, comparison)
     close = [out.best]
-    for g in runs:
-        if g is best:
-            continue
-        v = verdict_of(metric, best, g, level, floors)
+    untested = [g[0].name for g in others if not testable(vs[g[0].name])]
+    for g in others:
+        v = vs[g[0].name]
         if testable(v) and v.label in ("within noise", "negligible"):
             close.append(pick(g, v))
     out.within_noise = [p.name for p in close[1:]]
@@ -600,21 +737,44 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     if out.base is not None:
         s += f"; the untrained base: {fmt_value(out.base.mean, fmt)}"
     out.sentences.append(s + ".")
+    after = [_curse(out.best, len(runs), confirmed.get(out.best.name), metric, level)]
+    after += [f.text for f in answer_findings(comparison)] if comparison is not None else []
     if not cheaper:
         out.cheapest = out.best
         if out.within_noise:
-            others = (f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of it, "
-                      "but not measurably cheaper)")
+            others_ = (f" ({', '.join(out.within_noise)} {'is' if len(out.within_noise) == 1 else 'are'} within noise of "
+                       "it, but not measurably cheaper)")
+        elif untested:
+            others_ = (f" (no other run is measurably within noise of it: {', '.join(untested)} "
+                       f"{'has' if len(untested) == 1 else 'have'} no interval against it)")
         else:
-            others = " (no other run is within noise of it)"
-        out.sentences.append(f"Cheapest within noise of the best: {out.best.name} itself{others}.")
+            others_ = " (no other run is within noise of it)"
+        out.sentences.append(f"Cheapest within noise of the best: {out.best.name} itself{others_}.")
+        out.sentences += after
         return out
     c, claim = min(cheaper, key=lambda pc: pc[1][0])
     out.cheapest = c
     out.sentences.append(f"Cheapest within noise of the best: {c.name}, {_pm(c.estimate, fmt)}; "
                          f"{interval(c.vs_best, fmt)} vs {out.best.name}, {c.vs_best.label} ({level:.0%} CI); "
-                         f"{_cost(c, currency)} per run, {claim[1]}.")
+                         f"{claim[1]}.")
+    out.sentences += after
     return out
+
+
+def _curse(best: Pick, n: int, confirmation: list[RunRecord] | None, metric: str, level: float) -> str:
+    """The winner's curse, in words: the best observed of n is optimistic; its value on fresh seeds."""
+    fmt = fmt_of(metric)
+    if confirmation is not None:
+        e = _est(confirmation, metric, level)
+        if e is not None:
+            return (f"Confirmed on fresh seeds: {best.name} {_pm(e, fmt)} against {fmt_value(best.estimate.mean, fmt)} "
+                    f"when it was picked as the best of {n} (a value picked as the best is optimistic: the winner's "
+                    "curse; the confirmed value is the one to expect).")
+    if n < 2:
+        return f"{best.name} is the only finished run: nothing was picked, so its value is not flattered by a choice."
+    return (f"{best.name} was picked as the best of {n} runs by its observed value, which is optimistic (the winner's "
+            f"curse: the best of {n} noisy values is likely above its true value); retrain it on fresh seeds to "
+            "confirm it before relying on the number.")
 
 
 def _cheaper(best: list[RunRecord], other: list[RunRecord], key: str, level: float,
@@ -624,15 +784,29 @@ def _cheaper(best: list[RunRecord], other: list[RunRecord], key: str, level: flo
     Wall time (or money) needs the noise rule like any metric: a time difference is claimed only when its
     interval across seeds excludes zero. With one seed a run, wall time is not compared (machine load moves
     it: the same work took 158 s and 811 s on one busy machine); the tokens processed, which load does not
-    move, are compared instead."""
+    move, are compared instead. Runs evaluated differently (a loss-only trial and a fully evaluated run)
+    compare their train time: their total times include different work."""
+    why = work_mismatch(key, best, other)
+    if why is not None:
+        key = "train_s"
     v = verdict_of(key, best, other, level)
-    mb = _est(best, key, level)
-    if v is not None and testable(v) and mb is not None and mb.mean:
+    mb, mo = _est(best, key, level), _est(other, key, level)
+    if v is not None and testable(v) and mb is not None and mo is not None and mb.mean:
         if v.label != "lower":
             return None
-        unit = "s" if key == "total_s" else (currency or "")
-        return (1 + v.diff / mb.mean, f"{-v.diff / mb.mean:.0%} less {'time' if key == 'total_s' else 'money'}: "
-                f"{v.diff:+.3g} {unit} [{v.lo:+.3g}, {v.hi:+.3g}] ({level:.0%} CI across seeds)".replace("  ", " "))
+        unit = currency or "" if key == "cost" else "s"
+        what = {"total_s": "time", "train_s": "train time", "cost": "money"}.get(key, key)
+        f = "f0" if unit == "s" else "money"
+        text = (f"{fmt_value(mo.mean, f, currency)}{' s' if unit == 's' else ''} per run"
+                f"{' of training' if key == 'train_s' else ''} against {fmt_value(mb.mean, f, currency)}"
+                f"{' s' if unit == 's' else ''}, {-v.diff / mb.mean:.0%} less {what}: "
+                f"{v.diff:+.3g} {unit} [{v.lo:+.3g}, {v.hi:+.3g}] ({level:.0%} CI across seeds)").replace("  ", " ")
+        if why is not None:
+            text += (f"; train time only: {other[0].name} ({describe_evaluation(other)}) and {best[0].name} "
+                     f"({describe_evaluation(best)}) were evaluated differently, so their total times are not compared")
+        return (1 + v.diff / mb.mean, text)
+    if v is not None and not testable(v) and " not compared: " in v.note:
+        return None
     work = [_est(g, "train_tokens", level) for g in (best, other)]
     if any(w is None for w in work) or not work[0].mean or work[1].mean >= work[0].mean:
         return None

@@ -20,7 +20,7 @@ from loralab.analysis import ablate as ablate_mod
 from loralab.analysis import findings as fnd
 from loralab.report import plots as plots_mod
 from loralab.analysis.ablate import Effect
-from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, fmt_estimate, fmt_value,
+from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, evaluation_of, fmt_estimate, fmt_value,
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
@@ -47,6 +47,7 @@ class Sources:
     chosen: list[list[RunRecord]]  # base first when stored, then the compared runs
     ablations: list[tuple[str, list[list[RunRecord]]]] = field(default_factory=list)  # (label, groups A … B)
     trials: list[list[RunRecord]] = field(default_factory=list)
+    confirmations: list[list[RunRecord]] = field(default_factory=list)  # fresh-seed reruns (findings.CONFIRMS)
     experiment: Experiment | None = None
     study: Any = None  # the sweep's Optuna study, when there is one
     notes: list[str] = field(default_factory=list)
@@ -122,12 +123,13 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
             objectives = " and ".join(o.metric for o in exp.sweep.objective)
             src.goal = (f"Search {', '.join(exp.sweep.space)} ({exp.sweep.strategy}) for the best {objectives}: "
                         "which knobs matter, and what the best settings cost.")
-        src.trials = [g for name, g in sorted(own.items()) if TRIAL.match(name)]
+        src.trials = [g for name, g in sorted(own.items()) if TRIAL.match(name) and not fnd.confirmation_of(g)]
         src.study = _load_study(exp, ws, src.notes)
         for name in _best_trials(src.study):
             g = own.get(name)
             if g and g not in src.chosen:
                 src.chosen.append(g)
+    src.confirmations = [g for _, g in sorted(own.items()) if fnd.confirmation_of(g)]
     if missing and (exp.sweep is None or exp.runs):
         src.notes.append(f"No outcome in the workspace yet for: {', '.join(missing)} (`loralab run {exp.source or 'FILE'}`).")
     for name in sorted({r.experiment for r in everything}):
@@ -385,7 +387,7 @@ def resolve_metric(metric: str | None, src: Sources, caps: list[int], present: s
 def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAMPLES, goal: str | None = None) -> Report:
     """Everything the report says, computed once; the templates only lay it out."""
     chosen = src.chosen
-    everything = _dedupe(chosen + [g for _, gs in src.ablations for g in gs] + src.trials)
+    everything = _dedupe(chosen + [g for _, gs in src.ablations for g in gs] + src.trials + src.confirmations)
     records = [r for g in everything for r in g]
     ref = next((g for g in chosen if g[0].kind == "lora"), None) or next(iter(_trained(everything)), None)
     ev = (ref or everything[0])[0].config.get("evaluation") or {}
@@ -417,12 +419,12 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
     importances = _importances(src)
     n_complete = _n_complete(src.study)
     # The Confounds section states the confounds and their credit; what we learned does not repeat them.
-    learned = (fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
+    learned = (fnd.answer_findings(c) + fnd.base_findings(c, headline) + fnd.gap_findings(c, level)
                + fnd.training_findings(_trained(chosen), level) + fnd.effect_findings(_ordered(effects), level)
                + fnd.importance_findings(importances, n_complete, IMPORTANCE_RESAMPLES) + _edge_findings(src))
     beliefs = fnd.belief_findings(effects, level)
     pool = _dedupe([g for g in chosen if g[0].kind == "base"] + _trained(everything))
-    tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors)
+    tl = fnd.tldr(pool, metric, level=level, currency=currency, floors=floors, comparison=c)
 
     return Report(
         title=src.title, goal=goal or src.goal or _default_goal(chosen),
@@ -717,9 +719,10 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
         out.append(plots_mod.loss_curves(curves, colors))
     points, behind = [], []
     cost_key = "cost" if any("cost" in r.metrics for g in trained for r in g) else "total_s"
-    for g in trained:
-        if not _finished(g):
-            continue
+    finished = [g for g in trained if _finished(g)]
+    if len({evaluation_of(g) for g in finished}) > 1:
+        cost_key = "train_s"  # evaluated differently (loss-only trials, full runs): their totals hold different work
+    for g in finished:
         eq, ex = cell_estimate(metric, g, level), cell_estimate(cost_key, g, level)
         if eq is not None and ex is not None:
             points.append(plots_mod.Point(g[0].name, ex.mean, eq.mean, _half(ex), _half(eq)))
@@ -735,7 +738,8 @@ def _plots(chosen, everything, effects, caps, metric, level, currency, headline)
         return (q_label == better or x_label == "lower") and q_label != worse and x_label != "higher"
 
     if points:
-        cost_label = f"cost per run ({currency})" if cost_key == "cost" else "time per run (s, train + eval)"
+        cost_label = {"cost": f"cost per run ({currency})", "total_s": "time per run (s, train + eval)"}.get(
+            cost_key, "train time per run (s; evaluated differently, so their eval times are left out)")
         out.append(plots_mod.quality_vs_cost(points, fnd.label_of(metric), cost_label, better, level, colors, beats))
     if len(caps) >= 2:
         series = []

@@ -170,7 +170,8 @@ def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, l
         ax = fig.add_subplot()
         for i, p in enumerate(points):
             col = color_for(i, p.name, colors)
-            ax.errorbar([p.x], [p.y], xerr=[[p.x_err], [p.x_err]] if p.x_err else None,
+            # A cost is never below 0: an interval reaching past it is drawn to 0 (its upper half as is).
+            ax.errorbar([p.x], [p.y], xerr=[[min(p.x_err, max(p.x, 0.0))], [p.x_err]] if p.x_err else None,
                         yerr=[[p.y_err], [p.y_err]] if p.y_err else None, fmt="o", color=col, capsize=3,
                         markersize=6 if i in front else 4, alpha=1.0 if p.status == "finished" else 0.5)
             ax.annotate(_tex_safe(p.name), (p.x, p.y), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -180,6 +181,7 @@ def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, l
             ax.legend(loc="best")
         ax.set_xlabel(_tex_safe(cost))
         ax.set_ylabel(_tex_safe(f"{quality} ({better} is better)"))
+        ax.set_xlim(left=0)  # time and money per run: an axis below 0 would show costs no run can have
 
     return _plot("quality-vs-cost", "Quality against cost",
                  f"Each finished run: {quality} against its cost per run, with {level:.0%} intervals over seeds and eval examples (as the tables' cells). "
