@@ -504,8 +504,9 @@ class Store:
         return self._held(run_id)
 
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
-              data: dict, env: dict, seed: int | None = None) -> None:
-        """Mark a run as running (replacing any unfinished or forced earlier attempt)."""
+              data: dict, env: dict, seed: int | None = None, resume_from: int | None = None) -> None:
+        """Mark a run as running (replacing any unfinished or forced earlier attempt). `resume_from`: the
+        step of the checkpoint the run continues from; its streamed curve up to that step is kept."""
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
             if row is None:
@@ -513,11 +514,13 @@ class Store:
                 s.add(row)
             row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, "running", seed
             row.config, row.model, row.data, row.env = config, model, data, env
-            row.metrics, row.curves, row.samples, row.timings = {}, {}, [], {}
+            row.metrics, row.curves, row.samples = {}, {}, []
+            row.timings = {"resumed_at": [resume_from]} if resume_from else {}  # the whole list comes with finish
             row.adapter_path, row.error = None, None
             row.adapter_id = adapter_identity(config, model, data) if kind == "lora" else None
             self._alias(s, experiment, name, run_id, seed)
-            s.execute(delete(StepRow).where(StepRow.run_id == run_id))  # an earlier attempt's partial curve
+            # An earlier attempt's partial curve; a resumed run keeps it up to its checkpoint.
+            s.execute(delete(StepRow).where(StepRow.run_id == run_id, StepRow.step > (resume_from or 0)))
 
     def append_steps(self, run_id: str, steps: list[dict]) -> None:
         """Add streamed training steps (dicts with CURVE_KEYS) to a running run's curve, in one transaction."""
