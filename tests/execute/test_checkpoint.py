@@ -142,3 +142,36 @@ def test_a_pruned_run_keeps_no_checkpoint_and_a_forced_run_starts_over(tiny_neox
     saved.clear()
     status, _ = train_run(prepared, run, store, experiment="pr", force=True)
     assert status == "finished" and saved == [1, 2, 3, 4, 5, 6] and "resumed_at" not in store.get(rid).timings
+
+
+SWEEP = """evaluation: {drift: false}
+defaults:
+  lora: {r: 2, target_modules: [query_key_value], dropout: 0.1}
+  train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 5, checkpoint_every: 2}
+  generate: {max_new_tokens: 4}
+sweep:
+  strategy: grid
+  space: {lora.r: [2, 4]}
+  pruner: {name: none}
+"""
+
+
+def test_a_sweep_trial_killed_midway_is_retried_from_its_checkpoint(tiny_neox, tmp_path):
+    """The retry of a lost trial (a killed sweep, or a dead Ray actor: the same train_run) continues the
+    lost trial's run from its checkpoint, with the numbers of a trial that was never stopped."""
+    from loralab.sweep.study import run_sweep
+
+    (tmp_path / "ref").mkdir()
+    ref = run_sweep(load_experiment(write(tmp_path / "ref", tiny_neox, SWEEP, "sw")), workspace=tmp_path / "ref" / "ws")
+    expected = {t.knobs["lora.r"]: t.values for t in ref.trials}
+    f, ws = write(tmp_path, tiny_neox, SWEEP, "sw"), tmp_path / "ws"
+    proc = Proc(tmp_path, "sweep", f, "-w", ws, fault="train.step@3")  # trial 0 after its 3rd step
+    assert proc.wait() == -signal.SIGKILL, proc.output
+    assert [c.step for c in found_in(next(ws.glob("runs/*/checkpoints")))] == [2]
+    out = CliRunner().invoke(app, ["sweep", str(f), "-w", str(ws)])
+    assert out.exit_code == 0, out.output
+    assert "resumed at step 2 of 5 from its checkpoint" in out.output
+    again = run_sweep(load_experiment(f), workspace=ws)  # everything stored: read back
+    complete = {t.knobs["lora.r"]: t.values for t in again.trials if t.state == "COMPLETE"}
+    assert complete == expected
+    assert not list(ws.glob("runs/*/checkpoints")) and check_workspace(ws).findings == []
