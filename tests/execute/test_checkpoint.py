@@ -175,3 +175,30 @@ def test_a_sweep_trial_killed_midway_is_retried_from_its_checkpoint(tiny_neox, t
     complete = {t.knobs["lora.r"]: t.values for t in again.trials if t.state == "COMPLETE"}
     assert complete == expected
     assert not list(ws.glob("runs/*/checkpoints")) and check_workspace(ws).findings == []
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_whole_and_only_this_adapters_are_read(tmp_path, monkeypatch):
+    import loralab.execute.checkpoint as ck
+
+    mine, other = Checkpoints(tmp_path, "adapter-a"), Checkpoints(tmp_path, "adapter-b")
+    state = lambda step: {"step": step, "total": 9, "w": torch.full((3,), float(step))}  # noqa: E731
+    mine.save(state(2))
+    mine.save(state(4))
+    assert [f.step for f in mine.all()] == [4]  # the older one goes once the newer is whole
+
+    def killed(folder):
+        raise KeyboardInterrupt  # stands for the kill: files written, not yet flushed or renamed
+
+    monkeypatch.setattr(ck, "fsync_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mine.save(state(6))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]  # the torn save
+    assert mine.latest().step == 4 and mine.load()["step"] == 4 and torch.equal(mine.load()["w"], state(4)["w"])
+    assert other.latest() is None and other.load() is None  # another adapter's checkpoint (settings changed)
+    mine.save(state(6))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]  # torn save cleaned
+
+    (tmp_path / "checkpoints" / "step-00000006" / "state.pt").write_bytes(b"not a checkpoint")
+    said = []
+    assert mine.load(said.append) is None and "cannot be read" in said[0]  # started over, not failed

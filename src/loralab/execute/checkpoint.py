@@ -67,7 +67,8 @@ class Checkpoints:
         step = int(state["step"])
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".tmp-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in self.folder.glob(".tmp-*"):  # a save cut short by a kill (one process holds the run's lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps({"step": step, "total": int(state["total"]), "adapter_id": self.adapter_id,
