@@ -82,20 +82,68 @@ def measure(model: str, tmp: Path, steps: int) -> dict:
             "adapter": adapter_s, "mb": size / 2**20, "trainable": trainer.trainable}
 
 
+def kill_at_90(model: str, tmp: Path, steps: int, every: int) -> dict:
+    """A run of `steps` steps with a checkpoint every `every`, killed after 90% of them (the trainer
+    dropped), then resumed as the runner resumes it (a fresh adapter, the newest checkpoint loaded): the
+    rerun's time against training from the start, and whether the adapter is the same as a run never
+    stopped."""
+    import torch
+
+    from loralab.api import load
+    from loralab.engine.train import Trainer
+    from loralab.execute.checkpoint import Checkpoints
+    from loralab.execute.runner import prepare, restore_base, train_encoded, with_lora
+
+    f = tmp / "kill.yaml"
+    f.write_text(YAML.format(model=model).replace("max_steps: 1000", f"max_steps: {steps}, checkpoint_every: {every}"))
+    prepared = prepare(load(f))
+    run = prepared.runs[0]
+    enc, pad = train_encoded(prepared, run), prepared.base.tokenizer.pad_token_id
+
+    def attempt(until: int, state: dict | None, ck: Checkpoints | None) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        peft_model = with_lora(prepared, run)
+        try:
+            trainer = Trainer(peft_model, enc, run.train, pad_id=pad)
+            if state is not None:
+                trainer.load_state_dict(state)
+            while trainer.step_no < until:
+                trainer.step()
+                if ck is not None and trainer.step_no % every == 0 and not trainer.done:
+                    ck.save(trainer.state_dict())
+            weights = {n: p.detach().clone() for n, p in trainer.named}
+        finally:
+            restore_base(prepared, peft_model)
+        return time.perf_counter() - t0, weights
+
+    full_s, expected = attempt(steps, None, None)
+    ck = Checkpoints(tmp / "run", "adapter-x")
+    killed_s, _ = attempt(int(0.9 * steps), None, ck)
+    t0 = time.perf_counter()
+    state = ck.load()
+    _, weights = attempt(steps, state, None)
+    resumed_s = time.perf_counter() - t0  # reading the checkpoint, a fresh adapter, the remaining steps
+    same = all(torch.equal(weights[k], expected[k]) for k in expected)
+    return {"steps": steps, "every": every, "killed_at": int(0.9 * steps), "from": state["step"], "full": full_s,
+            "killed": killed_s, "resumed": resumed_s, "same": same}
+
+
 def main() -> None:
     import torch
     from tiny import make_tiny_model
 
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     torch.set_num_threads(1)
-    rows = {}
+    rows, kills = {}, {}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         tiny = make_tiny_model(tmp / "tiny", arch="llama", seed=0)
-        for name, model in (("tiny Llama (tests/tiny.py)", str(tiny)), ("SmolLM2-135M (built-in)", "builtin:smollm2-135m")):
+        for name, model, long, every in (("tiny Llama (tests/tiny.py)", str(tiny), 100, 10),
+                                          ("SmolLM2-135M (built-in)", "builtin:smollm2-135m", 20, 4)):
             sub = tmp / name.split()[0]
-            sub.mkdir()
+            (sub / "kill").mkdir(parents=True)
             rows[name] = measure(model, sub, steps)
+            kills[name] = kill_at_90(model, sub / "kill", long, every)
     print(f"## Mid-run checkpoints — issue 22 ({dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, 1 thread)\n")
     print(f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/checkpoint.py {steps}`\n")
@@ -113,6 +161,15 @@ def main() -> None:
     line("kill at 90% of a 1000-step run: lost without checkpoints", lambda r: f"{900 * r['step'] / 60:.1f} min")
     line("... with the default (5 min): lost at most", lambda r: f"{(300 + r['load'] + r['adapter']) / 60:.1f} min"
          if 900 * r["step"] > 300 else f"{900 * r['step'] / 60:.1f} min (run shorter than 5 min: no checkpoint)")
+    print("\nKilled at 90% of a run and run again (measured end to end at the trainer, the runner's resume path):\n")
+    print("| | " + " | ".join(kills) + " |\n| --- | " + " | ".join("---:" for _ in kills) + " |")
+    line = lambda label, fmt: print(f"| {label} | " + " | ".join(fmt(r) for r in kills.values()) + " |")  # noqa: E731
+    line("steps, checkpoint every, killed after step", lambda r: f"{r['steps']}, {r['every']}, {r['killed_at']}")
+    line("rerun from the start (no checkpoint): time", lambda r: f"{r['full']:.1f} s")
+    line("rerun resumed from step", lambda r: f"{r['from']}")
+    line("rerun resumed: time (load, adapter, remaining steps)", lambda r: f"{r['resumed']:.1f} s")
+    line("time saved by the checkpoint", lambda r: f"{r['full'] - r['resumed']:.1f} s ({1 - r['resumed'] / r['full']:.0%})")
+    line("adapter equal to a run never stopped (bit for bit)", lambda r: "yes" if r["same"] else "NO")
 
 
 if __name__ == "__main__":
