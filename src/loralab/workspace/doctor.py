@@ -18,10 +18,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-CHECKPOINTS = "checkpoints"  # execute.checkpoint.FOLDER, not imported: doctor loads no torch to find them
 STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the sweep module for every check
 
 
@@ -226,8 +226,6 @@ def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:
 
 def _checkpoint(folder: Path):
     """The run's newest complete checkpoint (execute.checkpoint.Found), or None."""
-    from loralab.execute.checkpoint import found_in
-
     every = found_in(folder / CHECKPOINTS)
     return every[-1] if every else None
 
