@@ -419,6 +419,11 @@ class PrunerSpec(_Strict):
     eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
     reduction_factor: int | None = Field(None, ge=2, description="successive_halving / hyperband: keep 1 in this many "
                                          "trials per rung (default: Optuna's, 4 and 3)")
+    # successive_halving with one worker: every trial of a bracket trains to a rung, then the best 1 in
+    # reduction_factor continue from where they paused (a checkpoint) and the rest stop: no trial trains
+    # on before its rivals reached the rung. false (or several workers, or a database server): Optuna's
+    # asynchronous pruner, which judges each trial against those that reached the rung before it.
+    synchronous: bool = True
 
     @property
     def resolved_reduction_factor(self) -> int:

@@ -376,7 +376,11 @@ class LocalExecutor:
 
     def run(self, job: Job) -> Outcome:
         hook = None
-        if job.pruning is not None:
+        if job.pause_at is not None:
+            from loralab.sweep.pruning import PauseHook
+
+            hook = PauseHook(self.prepared, job.experiment.sweep.resolved_pruner, job.pause_at)
+        elif job.pruning is not None:
             from loralab.sweep.pruning import PruningHook, optuna_reporter
             from loralab.engine.train import plan_steps
 
@@ -578,6 +582,9 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
             status = done.diverged(monitor)
         elif res.stopped_by is not None and res.stopped_by is pruning:
             status = done.pruned(pruning)  # a pruned trial keeps no checkpoint: it is not continued
+            if getattr(pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
+                checkpoints.save(pruning.state)
+                return status
         else:
             status = done.finished(gen_batch, full_eval, probe)
         checkpoints.remove()  # stored: nothing left to resume
