@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 _API = ("compare", "difference", "example_path", "get_run", "list_runs", "load", "run", "validate")
-_LAZY = {**{n: "api" for n in _API}, "Experiment": "spec", "LoralabError": "errors"}
+_LAZY = {**{n: "api" for n in _API}, "Experiment": "config.schema", "LoralabError": "errors"}
 __all__ = [*_API, "Experiment", "LoralabError"]
 
 if TYPE_CHECKING:

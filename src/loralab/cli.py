@@ -300,6 +300,9 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
                           f"last loss {c['loss'][-1]:.4f}", highlight=False)
         if r.adapter_path:
             console.print(f"  adapter: {r.adapter_path}", highlight=False)
+        if r.timings.get("resumed_at"):  # continued from a checkpoint after a kill or interruption
+            console.print(f"  resumed at step {', '.join(str(s) for s in r.timings['resumed_at'])} from a checkpoint",
+                          highlight=False)
         if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
             console.print(f"  trained as run {r.timings['train_reused_from']}; this run only evaluated its adapter",
                           highlight=False)

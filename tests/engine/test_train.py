@@ -205,3 +205,67 @@ def test_step_hooks_see_every_step_in_order_and_the_first_stop_wins(tiny_llama):
     whole = train_lora(fresh(tiny_llama), encoded(tok), TrainSpec(learning_rate=1e-3, batch_size=2, max_steps=4),
                        pad_id=tok.pad_token_id, hooks=[Recorder()])
     assert whole.steps == 4 and whole.stopped_by is None and whole.stop_reason is None
+
+
+def test_a_batch_stream_restored_from_its_state_gives_the_same_batches_across_epochs():
+    from loralab.engine.train import BatchStream
+
+    whole = BatchStream(8, 3, seed=4)
+    expected = [next(whole) for _ in range(10)]  # 3 batches an epoch (3, 3, 2): several epochs
+    first = BatchStream(8, 3, seed=4)
+    head = [next(first) for _ in range(5)]
+    again = BatchStream(8, 3, seed=4)
+    again.load_state_dict(first.state_dict())
+    assert head + [next(again) for _ in range(5)] == expected
+    with pytest.raises(ValueError, match="not this run's"):
+        BatchStream(8, 2, seed=4).load_state_dict(first.state_dict())
+
+
+def test_a_trainer_stopped_midway_and_restored_in_a_fresh_model_ends_exactly_as_an_uninterrupted_one(tiny_llama):
+    """Dropout (torch RNG), warmup and cosine decay (scheduler), AdamW moments (optimizer) and an epoch
+    boundary (data position) all matter here: a state missing any of them changes the numbers."""
+    import io
+    import random
+
+    import numpy as np
+
+    from loralab.engine.train import Trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    spec = TrainSpec(learning_rate=5e-3, batch_size=3, gradient_accumulation=2, max_steps=7, warmup_steps=2,
+                     scheduler="cosine", seed=3)
+
+    def model(seed):
+        set_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+
+    def lora(m):
+        return {k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad}
+
+    set_seed(3)
+    whole_model = model(3)
+    whole = train_lora(whole_model, encoded(tok), spec, pad_id=tok.pad_token_id)
+
+    first = Trainer(model(3), encoded(tok), spec, pad_id=tok.pad_token_id)
+    for _ in range(3):
+        first.step()
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)  # plain tensors and data: no pickled code needed
+    resumed_model = model(99)  # another start, and other generator states: only the checkpoint may count
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    rest = train_lora(resumed_model, encoded(tok), spec, pad_id=tok.pad_token_id, state=state)
+
+    untimed = lambda c: {k: v for k, v in c.items() if k != "seconds"}  # noqa: E731  (wall time differs)
+    assert untimed(rest.curve) == untimed(whole.curve)  # every step's loss, grad norm, lr, tokens; 3 from the checkpoint
+    assert rest.curve["seconds"][:3] == first.curve["seconds"] and rest.curve["seconds"][3] > rest.curve["seconds"][2]
+    assert rest.tokens == whole.tokens and rest.steps == 7 and rest.resumed_at == [3]
+    after, expected = lora(resumed_model), lora(whole_model)
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
+    assert not torch.equal(next(iter(lora(model(99)).values())), next(iter(expected.values())))  # a real restore
+    other = Trainer(model(3), encoded(tok), spec.model_copy(update={"max_steps": 8}), pad_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="another run"):
+        other.load_state_dict(state)

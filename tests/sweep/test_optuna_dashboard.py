@@ -25,7 +25,7 @@ def get(app, path: str) -> dict:
 def test_optuna_dashboard_shows_the_sweep_with_its_intermediate_values(tiny_neox, tmp_path):
     import optuna_dashboard
 
-    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2}")
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2, synchronous: false}")
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     assert [t.status for t in result.trials] == ["finished", "pruned"]
     app = optuna_dashboard.wsgi(f"sqlite:///{tmp_path / 'ws' / 'optuna.db'}")

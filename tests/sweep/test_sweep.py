@@ -259,7 +259,7 @@ def test_the_held_out_loss_is_measured_only_where_the_pruner_decides(pruner, pla
 
 def test_a_pruned_trial_stores_the_loss_its_pruner_measured_without_measuring_again(tiny_neox, tmp_path, monkeypatch):
     calls = count_eval_losses(monkeypatch)
-    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2}")
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2, synchronous: false}")
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     good, bad = result.trials
     assert (good.status, bad.status) == ("finished", "pruned")
@@ -279,7 +279,7 @@ def test_a_pruned_trial_stores_the_loss_its_pruner_measured_without_measuring_ag
 def test_a_trial_pruned_on_a_subset_keeps_that_loss_and_pays_for_no_whole_set_evaluation(tiny_neox, tmp_path,
                                                                                            monkeypatch):
     calls = count_eval_losses(monkeypatch)
-    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2, eval_examples: 2}")
+    f = good_and_bad_lr(tmp_path, tiny_neox, "{name: successive_halving, every: 2, reduction_factor: 2, eval_examples: 2, synchronous: false}")
     good, bad = run_sweep(load_experiment(f), workspace=tmp_path / "ws").trials
     assert (good.status, bad.status) == ("finished", "pruned")
     m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
@@ -714,3 +714,49 @@ def test_a_run_of_another_file_inside_the_space_is_a_measured_point(tiny_neox, t
     assert len(result.ran) == 1 and result.trials[result.ran[0]].knobs["train.learning_rate"] == 1.0e-3
     taken = next(t for t in result.trials if t.number not in result.ran)
     assert taken.knobs["train.learning_rate"] == 1.0e-2 and taken.status == "finished"
+
+
+HALVING = """
+strategy: grid
+seed: 1
+space: {train.learning_rate: [2.0e-2, 1.0e-7, 1.0e-3, 3.0e-7]}
+pruner: {name: successive_halving, every: 3, reduction_factor: 2}
+"""
+
+
+def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(tiny_neox, tmp_path, monkeypatch):
+    """Breadth first: all four trials reach step 3 before any trains further; the best two go on from
+    their checkpoints to step 6, the best of those to the end (12 steps). The trial that went the whole
+    way ends exactly as an uninterrupted run of it does."""
+    from rich.console import Console
+
+    from loralab.execute import runner as runner_mod
+    from loralab.progress import Reporter
+
+    pauses: list[int | None] = []
+    real_run = runner_mod.LocalExecutor.run
+    monkeypatch.setattr(runner_mod.LocalExecutor, "run", lambda self, job: pauses.append(job.pause_at) or real_run(self, job))
+    f = sweep_file(tmp_path, tiny_neox, HALVING, extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    console = Console(record=True, width=200)
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
+    assert pauses[:4] == [3, 3, 3, 3]  # every trial to the first rung first
+    assert pauses[4:6] == [6, 6] and pauses[6:] == [None]  # two go on to step 6, one to the end
+    states = sorted(t.status for t in result.trials)
+    assert states.count("pruned") == 3 and states.count("finished") == 1
+    store = Store(tmp_path / "ws")
+    best = result.trials[result.ran[-1]] if result.trials[result.ran[-1]].status == "finished" else \
+        next(t for t in result.trials if t.status == "finished")
+    rec = store.get(best.run_ids[0])
+    assert rec.metrics["steps"] == 12 and rec.timings.get("resumed_at") == [3, 6]
+    assert not any((tmp_path / "ws" / "runs").glob("*/checkpoints/*"))  # none kept once the bracket ended
+    pruned = [store.get(t.run_ids[0]) for t in result.trials if t.status == "pruned"]
+    assert sorted(r.metrics["pruned_step"] for r in pruned) == [3, 3, 6]
+    # The same configuration trained without a pause: the same loss and adapter.
+    from loralab.execute.runner import run_experiment
+    lr = best.knobs["train.learning_rate"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"name: plain\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                     + BASE.replace("max_steps: 6", "max_steps: 12") + f"runs:\n  X: {{train: {{learning_rate: {lr}}}}}\n")
+    other = run_experiment(load_experiment(plain), workspace=tmp_path / "ws2").records[-1]
+    assert other.metrics["eval_loss"] == rec.metrics["eval_loss"]
+    assert other.curves["loss"] == rec.curves["loss"]

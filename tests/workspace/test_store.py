@@ -29,6 +29,31 @@ def test_restart_clears_old_results(tmp_path):
     assert rec.status == "running" and rec.metrics == {}
 
 
+def test_a_restart_drops_the_streamed_curve_and_a_resumed_one_keeps_it_up_to_its_checkpoint(tmp_path):
+    with Store(tmp_path / "ws") as s:
+        start(s, "abc123", "A")
+        s.append_steps("abc123", [{"step": i, "loss": 1.0 / i, "total": 9} for i in range(1, 7)])
+        s.start("abc123", name="A", experiment="e1", kind="lora", config={}, model={}, data={}, env={}, resume_from=4)
+        assert s.live_curve("abc123")["step"] == [1, 2, 3, 4]  # steps 5 and 6 were trained after the checkpoint
+        assert s.get("abc123").timings == {"resumed_at": [4]}
+        s.append_steps("abc123", [{"step": 5, "loss": 0.2, "total": 9}])  # the resumed attempt's next step fits
+        assert s.live_curve("abc123")["step"] == [1, 2, 3, 4, 5]
+        start(s, "abc123", "A")  # started over
+        assert s.live_curve("abc123") == {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
+
+
+def test_a_store_used_as_a_context_manager_is_closed_after(tmp_path, monkeypatch):
+    closed = []
+    monkeypatch.setattr(Store, "close", lambda self: closed.append(self))
+    with Store(tmp_path / "ws") as s:
+        start(s, "abc123", "A")
+        assert not closed
+    assert closed == [s]
+    with pytest.raises(RuntimeError), Store(tmp_path / "ws") as t:
+        raise RuntimeError("closed on an error too")
+    assert closed == [s, t]
+
+
 def test_find_by_name_experiment_and_id_prefix(tmp_path):
     s = Store(tmp_path / "ws")
     start(s, "aaa111", "A", "e1")

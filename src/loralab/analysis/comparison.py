@@ -404,7 +404,7 @@ def pair_levels(groups: list[list[RunRecord]], pairs: list[tuple[int, int]], lev
     settled calls no more false differences than fixed seeds would. `sequential`: the plan (default:
     the one stored with the first trained run)."""
     from loralab.config.schema import SequentialSpec
-    from loralab.execute.plan import pair_level
+    from loralab.metrics.sequential import pair_level
 
     if sequential is None:
         sequential = next(((r.config.get("evaluation") or {}).get("sequential") for g in groups for r in g[:1]

@@ -159,6 +159,33 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(512, ge=8)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # Save the whole training state (adapter, optimizer, scheduler, RNG, data position) every N optimizer
+    # steps, or every "Nm" minutes of training, so the same command after a kill continues from there.
+    # 5m: a run killed late loses at most 5 minutes, and a run shorter than that never pays for one.
+    # null: never. Left out of every dump (run and adapter ids): it changes nothing that is trained.
+    checkpoint_every: int | str | None = Field("5m", exclude=True)
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _steps_or_minutes(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*m(in)?\s*", v) and float(re.sub(r"[^0-9.]", "", v)) > 0:
+            return v.strip()
+        raise ValueError(f"checkpoint_every must be a number of steps (e.g. 500) or of minutes (e.g. \"10m\"), "
+                         f"got {str(v)[:40]!r}; fix: write 500, \"10m\", or null for no checkpoints")
+
+    @property
+    def checkpoint_steps(self) -> int | None:
+        """checkpoint_every as steps (None: by time, or never)."""
+        return self.checkpoint_every if isinstance(self.checkpoint_every, int) else None
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        """checkpoint_every as seconds of training (None: by steps, or never)."""
+        if not isinstance(self.checkpoint_every, str):
+            return None
+        return 60.0 * float(re.sub(r"[^0-9.]", "", self.checkpoint_every))
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainSpec":
@@ -425,6 +452,11 @@ class PrunerSpec(_Strict):
     eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
     reduction_factor: int | None = Field(None, ge=2, description="successive_halving / hyperband: keep 1 in this many "
                                          "trials per rung (default: Optuna's, 4 and 3)")
+    # successive_halving with one worker: every trial of a bracket trains to a rung, then the best 1 in
+    # reduction_factor continue from where they paused (a checkpoint) and the rest stop: no trial trains
+    # on before its rivals reached the rung. false (or several workers, or a database server): Optuna's
+    # asynchronous pruner, which judges each trial against those that reached the rung before it.
+    synchronous: bool = True
 
     @property
     def resolved_reduction_factor(self) -> int:

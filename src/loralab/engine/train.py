@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
@@ -34,6 +34,7 @@ class TrainResult:
     padding_share: float  # padding tokens / all tokens in the batches
     stopped_by: "StepHook | None" = None  # the hook that ended training before the planned steps
     stop_reason: str | None = None  # what it said
+    resumed_at: list[int] = field(default_factory=list)  # steps training continued at from a checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Step:
     model: Any  # the model being trained (a hook may evaluate it; it must leave model.training as it was)
     tokens: int = 0  # non-padding tokens trained so far
     seconds: float = 0.0  # since training started
+    trainer: Any = None  # the Trainer that made the step (a checkpoint hook saves its state_dict())
 
     def row(self) -> dict[str, float]:
         """This step as a row of the training curve (TrainResult.curve's keys): what the workspace
@@ -248,72 +250,214 @@ def plan_steps(n_examples: int, spec: TrainSpec) -> int:
 
 def micro_batches(n_examples: int, spec: TrainSpec) -> Iterator[list[int]]:
     """Example indices per micro-batch: a seeded shuffle each epoch, repeated as long as asked."""
-    g = torch.Generator().manual_seed(spec.seed)
-    while True:
-        order = torch.randperm(n_examples, generator=g).tolist()
-        for i in range(0, n_examples, spec.batch_size):
-            yield order[i:i + spec.batch_size]
+    return iter(BatchStream(n_examples, spec.batch_size, spec.seed))
 
 
-def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
-               hooks: Sequence[StepHook] = (), loraplus_lr_ratio: float | None = None) -> TrainResult:
-    """Train the trainable (LoRA) parameters of `model` in place.
+class BatchStream:
+    """Example indices per micro-batch: a seeded shuffle each epoch. Its state is how many micro-batches
+    it has given: the same seed replays the same order, so a restored stream skips that many."""
 
-    After every optimizer step each hook sees the step (in order); the first that names a reason to
-    stop ends training there (a diverged loss, a pruned sweep trial): TrainResult says which and why.
-    A stopped run's adapter is never stored, so an update made from a non-finite loss does no harm.
-    `loraplus_lr_ratio`: LoRA+, B's learning rate that many times A's (PEFT's LoRA+ optimizer)."""
-    from transformers import get_scheduler
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.given = 0
+        self._g = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+        self._at = 0  # next index into _order
 
-    if not examples:
-        raise ValueError("no training examples")
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> list[int]:
+        if self._at >= len(self._order):
+            self._order, self._at = torch.randperm(self.n, generator=self._g).tolist(), 0
+        out = self._order[self._at:self._at + self.batch_size]
+        self._at += self.batch_size
+        self.given += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"given": self.given, "n": self.n, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["batch_size"], state["seed"]) != (self.n, self.batch_size, self.seed):
+            raise ValueError(f"the data position was saved for {state['n']} examples in batches of "
+                             f"{state['batch_size']} with seed {state['seed']}, not this run's")
+        self.__init__(self.n, self.batch_size, self.seed)
+        for _ in range(state["given"]):  # one randperm per epoch: milliseconds even for long runs
+            next(self)
+
+
+def rng_state() -> dict:
+    """Every random generator training may draw from (dropout: torch, and cuda on GPU; python and
+    numpy for anything else), as plain data torch.load(weights_only=True) reads back."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model, params: list, spec: TrainSpec, loraplus_lr_ratio: float | None):
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
-    steps = plan_steps(len(examples), spec)
-    warmup = spec.warmup_steps or int(round(spec.warmup_ratio * steps))
     # One fused kernel for all LoRA tensors instead of a loop of small ops (~6 ms a step on CPU).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if loraplus_lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
 
-        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
-                                        weight_decay=spec.weight_decay, **fused)
-    else:
-        opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
-    sched = get_scheduler(spec.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
-    batches = micro_batches(len(examples), spec)
-    to_batch = Batcher(model, pad_id, device)
-    curve: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "lr", "tokens", "seconds")}
-    seen = padded = 0
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
+                                         weight_decay=spec.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
+
+
+CURVE = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # TrainResult.curve's keys
+
+
+class Trainer:
+    """One run's training, a step at a time, with all of its state in `state_dict()`: the trainable
+    (LoRA) weights, optimizer, scheduler, data position, random generators, and the curve and counters
+    so far. Loaded into a fresh trainer of the same run (`load_state_dict`), training goes on exactly as
+    if it had never stopped (torchtune's recipe state: adapter, optimizer, scheduler, steps, RNG, data)."""
+
+    def __init__(self, model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
+                 loraplus_lr_ratio: float | None = None):
+        from transformers import get_scheduler
+
+        if not examples:
+            raise ValueError("no training examples")
+        self.model, self.examples, self.spec = model, examples, spec
+        self.device = next(model.parameters()).device
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.trainable = sum(p.numel() for p in self.params)
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.total = plan_steps(len(examples), spec)
+        warmup = spec.warmup_steps or int(round(spec.warmup_ratio * self.total))
+        self.opt = make_optimizer(model, self.params, spec, loraplus_lr_ratio)
+        self.sched = get_scheduler(spec.scheduler, self.opt, num_warmup_steps=warmup, num_training_steps=self.total)
+        self.batches = BatchStream(len(examples), spec.batch_size, spec.seed)
+        self.to_batch = Batcher(model, pad_id, self.device)
+        self.curve: dict[str, list[float]] = {k: [] for k in CURVE}
+        self.step_no = self.seen = self.padded = 0
+        self.earlier_s = 0.0  # training seconds of earlier attempts, restored from a checkpoint
+        self.resumed_at: list[int] = []  # the steps this run was resumed at
+        self._t0: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step_no >= self.total
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds so far, earlier attempts included."""
+        return self.earlier_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def step(self) -> Step:
+        """One optimizer step over `gradient_accumulation` micro-batches."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            self.model.train()
+        spec, examples = self.spec, self.examples
+        micro = [[examples[i] for i in next(self.batches)] for _ in range(spec.gradient_accumulation)]
+        n_target = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for b in micro for e in b)
+        step_loss = 0.0
+        for b in micro:
+            batch = self.to_batch(b)
+            loss_sum = token_losses(self.model, batch)[0].sum()
+            (loss_sum / max(n_target, 1)).backward()
+            step_loss += loss_sum.item()
+            real, pads = batch_tokens(batch)
+            self.seen += real
+            self.padded += pads
+        max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = self.sched.get_last_lr()[0]
+        loss = step_loss / max(n_target, 1)
+        elapsed = self.seconds
+        self.step_no += 1
+        for k, v in zip(CURVE, (self.step_no, loss, grad_norm, lr, self.seen, elapsed)):
+            self.curve[k].append(v)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return Step(self.step_no, self.total, loss, grad_norm, lr, self.model, self.seen, elapsed, trainer=self)
+
+    def state_dict(self) -> dict:
+        """Everything the next steps depend on, as tensors and plain data (torch.save-able, and read
+        back by torch.load(weights_only=True): no pickled code)."""
+        return {"step": self.step_no, "total": self.total,
+                "trainable": {n: p.detach().clone() for n, p in self.named},
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "data": self.batches.state_dict(), "rng": rng_state(),
+                "curve": {k: list(v) for k, v in self.curve.items()}, "tokens": self.seen, "padding": self.padded,
+                "seconds": self.seconds, "resumed_at": list(self.resumed_at)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (a state_dict of a trainer of the same run, same model and settings)."""
+        names = [n for n, _ in self.named]
+        if state["total"] != self.total or sorted(state["trainable"]) != sorted(names):
+            raise ValueError(f"the saved training state is of another run ({len(state['trainable'])} trainable "
+                             f"tensors, {state['total']} steps; this one: {len(names)}, {self.total})")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(state["trainable"][n])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.curve = {k: list(state["curve"][k]) for k in CURVE}
+        self.step_no, self.seen, self.padded = state["step"], state["tokens"], state["padding"]
+        self.earlier_s = state["seconds"]
+        self.resumed_at = [*state["resumed_at"], state["step"]]
+        self._t0 = None
+
+    def result(self, peak_mem_mb: float, stopped_by: "StepHook | None" = None, stop_reason: str | None = None
+               ) -> TrainResult:
+        wall = self.seconds
+        seen, padded = self.seen, self.padded
+        return TrainResult(steps=len(self.curve["step"]), curve=self.curve, stopped_by=stopped_by,
+                           stop_reason=stop_reason, tokens=seen, wall_s=wall,
+                           tokens_per_s=seen / wall if wall else 0.0, peak_mem_mb=peak_mem_mb,
+                           trainable_params=self.trainable, total_params=self.total_params,
+                           padding_share=padded / (seen + padded) if seen + padded else 0.0,
+                           resumed_at=list(self.resumed_at))
+
+
+def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: int,
+               hooks: Sequence[StepHook] = (), loraplus_lr_ratio: float | None = None,
+               state: dict | None = None) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model` in place (a Trainer, run to its planned steps).
+
+    After every optimizer step each hook sees the step (in order); the first that names a reason to
+    stop ends training there (a diverged loss, a pruned sweep trial): TrainResult says which and why.
+    A stopped run's adapter is never stored, so an update made from a non-finite loss does no harm.
+    `loraplus_lr_ratio`: LoRA+, B's learning rate that many times A's (PEFT's LoRA+ optimizer).
+    `state`: a Trainer.state_dict() of this run to continue from (a checkpoint)."""
+    trainer = Trainer(model, examples, spec, pad_id=pad_id, loraplus_lr_ratio=loraplus_lr_ratio)
+    if state is not None:
+        trainer.load_state_dict(state)
     stopped_by, stop_reason = None, None
-    model.train()
-    t0 = time.perf_counter()
-    with PeakMemory(device) as mem:
-        for step in range(1, steps + 1):
-            micro = [[examples[i] for i in next(batches)] for _ in range(spec.gradient_accumulation)]
-            n_target = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for b in micro for e in b)
-            step_loss = 0.0
-            for b in micro:
-                batch = to_batch(b)
-                loss_sum = token_losses(model, batch)[0].sum()
-                (loss_sum / max(n_target, 1)).backward()
-                step_loss += loss_sum.item()
-                real, pads = batch_tokens(batch)
-                seen += real
-                padded += pads
-            max_norm = spec.max_grad_norm if spec.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            lr = sched.get_last_lr()[0]
-            loss = step_loss / max(n_target, 1)
-            elapsed = time.perf_counter() - t0
-            for k, v in zip(curve, (step, loss, grad_norm, lr, seen, elapsed)):
-                curve[k].append(v)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            done = Step(step, steps, loss, grad_norm, lr, model, seen, elapsed)
+    with PeakMemory(trainer.device) as mem:
+        while not trainer.done:
+            done = trainer.step()
             for hook in hooks:
                 stop_reason = hook.after_step(done)
                 if stop_reason:
@@ -321,12 +465,8 @@ def train_lora(model, examples: Sequence[Encoded], spec: TrainSpec, *, pad_id: i
                     break
             if stopped_by is not None:
                 break
-    wall = time.perf_counter() - t0
     model.eval()
-    return TrainResult(steps=len(curve["step"]), curve=curve, stopped_by=stopped_by, stop_reason=stop_reason, tokens=seen,
-                       wall_s=wall, tokens_per_s=seen / wall if wall else 0.0,
-                       peak_mem_mb=mem.mb, trainable_params=trainable, total_params=total,
-                       padding_share=padded / (seen + padded) if seen + padded else 0.0)
+    return trainer.result(mem.mb, stopped_by, stop_reason)
 
 
 @torch.inference_mode()

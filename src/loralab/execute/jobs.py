@@ -38,6 +38,9 @@ class Job:
     probe: bool = True  # the loss on training examples (the generalization gap)
     force: bool = False  # train again even when an equal run is stored
     pruning: Pruning | None = None
+    # Synchronous successive halving (sweep.halving): train to this step, measure the held-out loss there,
+    # then stop with a checkpoint, stored `pruned` at that step until the sweep continues it (or drops it).
+    pause_at: int | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
+from loralab.execute.checkpoint import Checkpoints, fsync_tree as _fsync_tree
 from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
@@ -408,7 +409,11 @@ class LocalExecutor:
 
     def run(self, job: Job) -> Outcome:
         hook = None
-        if job.pruning is not None:
+        if job.pause_at is not None:
+            from loralab.sweep.pruning import PauseHook
+
+            hook = PauseHook(self.prepared, job.experiment.sweep.resolved_pruner, job.pause_at)
+        elif job.pruning is not None:
             from loralab.sweep.pruning import PruningHook, optuna_reporter
             from loralab.engine.train import plan_steps
 
@@ -469,6 +474,8 @@ def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str
         model_info, data_info = _describe(prepared)
         env = env or environment.record(str(prepared.base.device))
         source = None if force else stored_adapter(store, adapter_id(prepared, run))
+        if force:  # trained anew, not continued
+            Checkpoints(store.run_dir(rid), None).remove()
         status = _train_one(prepared, run, run.train.seed, label or run.name, rid, store, rep, experiment,
                             model_info, data_info, env, run.generate.batch_size, pruning=pruning,
                             full_eval=full_eval, probe=probe, source=source)
@@ -580,8 +587,10 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
     config = _run_config(prepared, run)
+    checkpoints = Checkpoints(store.run_dir(rid), adapter_id(prepared, run))
+    state = checkpoints.load(rep.log) if source is None else None  # a killed attempt's last checkpoint
     store.start(rid, name=run.name, experiment=experiment, kind="lora", config=config,
-                model=model_info, data=data_info, env=env, seed=seed)
+                model=model_info, data=data_info, env=env, seed=seed, resume_from=state["step"] if state else None)
     tracking = open_tracking(prepared.exp, run.name, seed, rid, experiment, store.root,
                              {**config, "model": model_info, "data": data_info}, rep.log)  # None: no `track:`
     peft_model = done = None
@@ -598,14 +607,21 @@ def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str
             shutil.rmtree(peft_model._init_dir, ignore_errors=True)
             peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's conversion expects it saved
             peft_model.save_pretrained(peft_model._init_dir)
-        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid), tracking)
+        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid), tracking,
+                              checkpoints, state)
         reached["trained"] = True
         done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
         if res.stopped_by is monitor:
-            return done.diverged(monitor)
-        if res.stopped_by is not None and res.stopped_by is pruning:
-            return done.pruned(pruning)
-        return done.finished(gen_batch, full_eval, probe)
+            status = done.diverged(monitor)
+        elif res.stopped_by is not None and res.stopped_by is pruning:
+            status = done.pruned(pruning)  # a pruned trial keeps no checkpoint: it is not continued
+            if getattr(pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
+                checkpoints.save(pruning.state)
+                return status
+        else:
+            status = done.finished(gen_batch, full_eval, probe)
+        checkpoints.remove()  # stored: nothing left to resume
+        return status
     except KeyboardInterrupt:
         store.mark(rid, "interrupted")
         raise
@@ -691,9 +707,10 @@ def _mutated_weights(model, targets) -> dict[str, Any]:
 
 
 def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning,
-           curve: "CurveWriter", tracking=None):
+           curve: "CurveWriter", tracking=None, checkpoints: Checkpoints | None = None, state: dict | None = None):
     """The training loop with its step hooks: divergence, progress, the streamed curve, the fault point,
-    the pruner and the trackers."""
+    the pruner, the trackers and, last (never saving a step another hook stopped at), the checkpoints.
+    `state`: a checkpoint to continue from."""
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
 
@@ -701,11 +718,19 @@ def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Report
     train_enc = train_encoded(prepared, run)
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
         monitor = DivergenceMonitor()
+        if state is not None:
+            rep.log(f"{label}: resumed at step {state['step']} of {state['total']} from its checkpoint")
+            update(advance=state["step"])
+            reached["step"] = state["step"]
+            for s, loss in zip(state["curve"]["step"], state["curve"]["loss"]):  # as if it had watched them
+                monitor.update(s, loss)
         hooks = [monitor, _Progress(reached, update), curve, StepFault()] + ([pruning] if pruning is not None else [])
         hooks += [tracking] if tracking is not None else []
+        saver = checkpoints.hook(run.train, before_save=curve.flush) if checkpoints is not None else None
+        hooks += [saver] if saver is not None else []
         try:
             return train_lora(peft_model, train_enc, run.train, pad_id=tok.pad_token_id, hooks=hooks,
-                              loraplus_lr_ratio=run.lora.loraplus_lr_ratio), monitor
+                              loraplus_lr_ratio=run.lora.loraplus_lr_ratio, state=state), monitor
         finally:
             curve.flush()  # what was trained, also when training stopped on an error or Ctrl-C
 
@@ -746,6 +771,12 @@ class _Done:
             out["init_s"] = round(self.init_s, 3)
         return out
 
+    def train_timings(self) -> dict:
+        """train_s counts every attempt's training up to the checkpoint it went on from (what the adapter
+        cost); `resumed_at`: the steps it went on at."""
+        out = {"train_s": round(self.res.wall_s, 2)}
+        return {**out, "resumed_at": self.res.resumed_at} if self.res.resumed_at else out
+
     def diverged(self, monitor) -> str:
         from loralab.metrics.stability import diagnose
 
@@ -757,7 +788,7 @@ class _Done:
         text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
                 f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
         self.store.finish(self.rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
-                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="diverged", error=text)
+                          timings=self.train_timings(), adapter_path=None, status="diverged", error=text)
         self.rep.log(f"[yellow]{self.label}: {text}[/yellow]")
         return "diverged"
 
@@ -785,7 +816,7 @@ class _Done:
         _add_cost(metrics, prepared)
         text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
-                          timings={"train_s": round(res.wall_s, 2)}, adapter_path=None, status="pruned", error=text)
+                          timings=self.train_timings(), adapter_path=None, status="pruned", error=text)
         self.rep.log(f"{self.label}: {text}")
         return "pruned"
 
@@ -821,7 +852,7 @@ class _Done:
         metrics["adapter_bytes"] = sum(f.stat().st_size for f in final.iterdir())
         _add_cost(metrics, prepared)
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=samples,
-                          timings={**timings, "train_s": round(res.wall_s, 2)}, adapter_path=str(final))
+                          timings={**timings, **self.train_timings()}, adapter_path=str(final))
         self.rep.log(_one_line(self.label, metrics, prepared.exp.eval_caps) + f", trained {res.steps} steps in "
                      f"{res.wall_s:.0f} s ({res.tokens_per_s:.0f} tokens/s)")
         return "finished"
@@ -894,16 +925,3 @@ class CurveWriter:
                 self.store.append_steps(self.run_id, batch)
             except Exception:  # the curve is a by-product: never the reason a run is lost
                 self.broken = True
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush a folder's files and the folder itself to disk (a rename alone may reach the disk first)."""
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -59,6 +59,25 @@ class PruningHook:
         return self.measured[step], len(self.examples), self.whole
 
 
+class PauseHook(PruningHook):
+    """Synchronous successive halving's pause (sweep.halving): measure the held-out loss at the rungs up
+    to `pause_at`, and stop there keeping the trainer's whole state (`state`), which the runner saves as
+    the run's checkpoint: the sweep then continues the run from that step, or drops it, once every trial
+    of the rung has been measured."""
+
+    def __init__(self, prepared, pruner: PrunerSpec, pause_at: int):
+        super().__init__(prepared, pruner, lambda loss, step: step >= pause_at, planned=pause_at + 1)
+        self.steps.add(pause_at)
+        self.state: dict | None = None
+
+    def after_step(self, step) -> str | None:
+        reason = super().after_step(step)
+        if reason is not None:
+            self.state = step.trainer.state_dict() if step.trainer is not None else None
+            return f"paused at step {step.step}"
+        return None
+
+
 def make_pruner(spec: PrunerSpec):
     """The Optuna pruner of a sweep's `pruner:` section."""
     import optuna

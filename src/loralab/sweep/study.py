@@ -63,15 +63,18 @@ class TrialRuns:
     saved_steps: int = 0
     saved_s: float = 0.0
     error: str | None = None
+    rung_loss: float | None = None  # paused (sweep.halving): the held-out loss at the pause
 
 
 def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: str, executor=None,
-              pruning: Pruning | None = None, reporter: Reporter | None = None) -> TrialRuns:
+              pruning: Pruning | None = None, reporter: Reporter | None = None, pause_at: int | None = None) -> TrialRuns:
     """Train, evaluate and store one configuration once per seed, each seed a job for `executor`
     (default: runner.LocalExecutor on `prepared` and `store`).
 
     `pruning` names the Optuna trial the first seed's intermediate eval loss is reported to; a pruned,
-    diverged or failed first seed ends the configuration there."""
+    diverged or failed first seed ends the configuration there. `pause_at` (synchronous successive
+    halving, sweep.halving): the first seed trains to that step and stops with a checkpoint; the result is
+    `paused` with the held-out loss there (`rung_loss`), and a later call without it continues the run."""
     from loralab.engine.models import resolve_target_modules
     from loralab.execute.runner import LocalExecutor
 
@@ -88,12 +91,18 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
     full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
     for i, seed in enumerate(seeds):
         job = Job(exp, run.with_seed(seed), name if len(seeds) == 1 else f"{name} (seed {seed})", full, probe,
-                  pruning=pruning if i == 0 and pruner.name != "none" else None)
+                  pruning=pruning if i == 0 and pruner.name != "none" else None,
+                  pause_at=pause_at if i == 0 else None)
+        paused = _paused_at(prepared, job, store) if pause_at is not None and i == 0 else None
+        if paused is not None:  # paused there before (a sweep resumed after a crash): its loss is known
+            return paused
         out = executor.run(job)
         status = out.status
         ids.append(out.run_id)
         records.append(store.get(out.run_id))
         reused += out.reused
+        if status == "pruned" and pause_at is not None and i == 0:
+            return _paused_at(prepared, job, store) or TrialRuns("failed", ids, None, reused, error="paused without a checkpoint")
         if status != "finished":
             break
     first = records[0].metrics
@@ -104,6 +113,23 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
         objectives = exp.sweep.objective if exp.sweep else [ObjectiveSpec()]
         out.values = [statistics.fmean(objective_value(r.metrics, o, run) for r in records) for o in objectives]
     return out
+
+
+def _paused_at(prepared, job: Job, store) -> TrialRuns | None:
+    """The first seed's run as paused at `job.pause_at` (stored `pruned` there, with its checkpoint), else None."""
+    from loralab.execute.checkpoint import Checkpoints
+    from loralab.execute.runner import adapter_id, run_id
+
+    rid = run_id(prepared, job.run, job.full_eval, job.probe)
+    rec = store.get(rid)
+    if rec is None or rec.status != "pruned" or rec.metrics.get("pruned_step") != job.pause_at:
+        return None
+    found = Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest()
+    if found is None or found.step != job.pause_at:
+        return None
+    m = rec.metrics
+    return TrialRuns("paused", [rid], None, 0, steps=int(m.get("steps", 0)), planned_steps=int(m.get("planned_steps", 0)),
+                     rung_loss=float(m["pruned_loss"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,6 +655,10 @@ class _Loop:
         the budget, so N slots never run more trials than budget.trials."""
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+        from loralab.sweep.halving import drive_synchronous, synchronous
+
+        if synchronous(self):
+            return drive_synchronous(self, prepared, ran)
         slots = max(1, int(getattr(self.worker, "slots", 1)))
         running: set = set()
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial") as pool:
@@ -662,14 +692,15 @@ class _Loop:
         with self.study_lock():
             self.recover()  # in case one died meanwhile
 
-    def execute(self, prepared, trial, params: dict, knobs: dict) -> int:
-        """Run one trial's jobs and tell Optuna how it ended; returns the trial's number."""
+    def execute(self, prepared, trial, params: dict, knobs: dict, *, prune: bool = True, earlier_s: float = 0.0) -> int:
+        """Run one trial's jobs and tell Optuna how it ended; returns the trial's number. `prune=False`:
+        no pruner judges it (a synchronous rung already did); `earlier_s`: seconds its rungs took."""
         from optuna.trial import TrialState
 
         exp, study = self.exp, self.study
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - earlier_s
         try:
-            pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
+            pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 and prune else None
             with self.beat(trial):
                 tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
                                executor=self.worker, pruning=pruning)

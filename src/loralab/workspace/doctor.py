@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -29,7 +30,7 @@ class Issue:
     """One thing wrong (or worth knowing) about the workspace."""
 
     kind: str  # interrupted, no-metrics, no-adapter, moved, leftovers, orphan, stale-alias, damaged-row, database,
-    # trial, trial-run
+    # trial, trial-run, checkpoint
     where: str  # the run (experiment/name and id), a path, or study/trial
     problem: str
     repair: str  # what --repair does, or how to fix it by hand
@@ -151,15 +152,23 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
                                     f"run its experiment again, which trains and stores it anew; its files in {folder} "
                                     "are kept", repairable=False))
         return
+    saved = _checkpoint(folder)
     if rec.status == "running":
+        again = (f"the next `loralab run` resumes it from its checkpoint at step {saved.step} (kept)" if saved
+                 else "the next `loralab run` trains it again")
         f = Issue("interrupted", where, "left `running` by a process that stopped without finishing it "
                     "(kill -9, crash, power cut or full disk)",
-                    "mark it interrupted and remove its unfinished files; the next `loralab run` trains it again")
+                    f"mark it interrupted and remove its unfinished files; {again}")
         out.findings.append(f)
         if repair:
             f.repaired = _repair_run(store, rec.id, "interrupted", "left running by a process that died "
                                      "(found by loralab doctor)", remove=True)
         return
+    if saved and rec.status in ("interrupted", "failed"):
+        out.findings.append(Issue("checkpoint", where, f"{rec.status} with a checkpoint at step {saved.step} of "
+                                  f"{saved.total} ({_mb(saved.path)} MB)", "nothing: the next `loralab run` or "
+                                  "`loralab sweep` of it continues from there (remove the folder to start over)",
+                                  "note"))
     if rec.status == "finished" and not _check_finished(store, rec, where, folder, out, repair):
         return
     leftovers = _leftovers(rec, folder)
@@ -205,21 +214,44 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
 
 
 def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:
-    """Files under the run's folder that its stored result does not point at."""
+    """Files under the run's folder that its stored result does not point at (the checkpoints of a run
+    still to finish are what its next attempt resumes from: not leftovers)."""
     if not folder.is_dir():
         return []
     keep = Path(rec.adapter_path) if rec.status == "finished" and rec.adapter_path else None
-    return [p for p in sorted(folder.iterdir()) if keep is None or p.resolve() != keep.resolve()]
+    resumable = rec.status not in DONE
+    return [p for p in sorted(folder.iterdir()) if (keep is None or p.resolve() != keep.resolve())
+            and not (resumable and p.name == CHECKPOINTS)]
+
+
+def _checkpoint(folder: Path):
+    """The run's newest complete checkpoint (execute.checkpoint.Found), or None."""
+    every = found_in(folder / CHECKPOINTS)
+    return every[-1] if every else None
+
+
+def _mb(path: Path) -> str:
+    return f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20:.1f}"
 
 
 def _repair_run(store: Store, run_id: str, status: str, error: str, remove: bool) -> bool:
-    """Change a run's status under its lock (so no process starts it meanwhile) and drop its files."""
+    """Change a run's status under its lock (so no process starts it meanwhile) and drop its files; an
+    interrupted run keeps its checkpoints, which its next attempt resumes from."""
     with store.run_lock(run_id, blocking=False) as taken:
         if not taken:
             return False
         store.mark(run_id, status, error)
-        if remove:
-            shutil.rmtree(store.run_dir(run_id), ignore_errors=True)
+        folder = store.run_dir(run_id)
+        if remove and folder.is_dir():
+            for p in folder.iterdir():
+                if status == "interrupted" and p.name == CHECKPOINTS:
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
     return True
 
 

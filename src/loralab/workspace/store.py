@@ -321,7 +321,31 @@ def _migrate(conn, version: int) -> None:
 
 
 class Store:
-    """All reads and writes of a workspace go through here."""
+    """All reads and writes of a workspace go through here: a SQLite folder or a PostgreSQL database
+    (several hosts), and the run folders beside it (`run_dir`: the folder, or `artifacts:`).
+
+    The contract, for callers and for another backend:
+
+    - Open it as a context manager (`with Store(ws) as store:`), or call `close()`: either releases its
+      connections. Nothing else is held between calls: every method opens and ends its own transaction.
+    - Writes are atomic, one transaction each. `start` makes a run `running` (resetting an earlier
+      attempt's results; a resumed run keeps its streamed steps up to its checkpoint); `finish` writes
+      results and a terminal status (DONE) together, so no run is ever finished without its metrics;
+      `mark` changes only status and error; `append_steps` adds streamed steps, each step once.
+    - Safe across processes and hosts: SQLite in WAL mode waits on a lock rather than failing, and
+      `run_lock`/`named_lock` is the one exclusive lock every process of the workspace sees. One Store
+      may be shared by threads (the executor's slots share one): each call has a session of its own.
+    - Reads return RunRecords: plain data, detached from the database, never refreshed. Treat them as
+      read-only: changing one changes nothing stored (write through `finish`, `mark`, `alias`, ...).
+    - A row that cannot be read comes back with status "damaged" and `damaged` saying why, never as an
+      exception; the store never deletes a run's files (that is `doctor --repair`'s, under the run's lock).
+    """
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __init__(self, root: str | Path, create: bool = True, artifacts: str | Path | None = None):
         """`root`: a folder (SQLite) or a PostgreSQL URL; `artifacts`: the run folders' folder of a URL
@@ -504,8 +528,9 @@ class Store:
         return self._held(run_id)
 
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
-              data: dict, env: dict, seed: int | None = None) -> None:
-        """Mark a run as running (replacing any unfinished or forced earlier attempt)."""
+              data: dict, env: dict, seed: int | None = None, resume_from: int | None = None) -> None:
+        """Mark a run as running (replacing any unfinished or forced earlier attempt). `resume_from`: the
+        step of the checkpoint the run continues from; its streamed curve up to that step is kept."""
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
             if row is None:
@@ -513,11 +538,13 @@ class Store:
                 s.add(row)
             row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, "running", seed
             row.config, row.model, row.data, row.env = config, model, data, env
-            row.metrics, row.curves, row.samples, row.timings = {}, {}, [], {}
+            row.metrics, row.curves, row.samples = {}, {}, []
+            row.timings = {"resumed_at": [resume_from]} if resume_from else {}  # the whole list comes with finish
             row.adapter_path, row.error = None, None
             row.adapter_id = adapter_identity(config, model, data) if kind == "lora" else None
             self._alias(s, experiment, name, run_id, seed)
-            s.execute(delete(StepRow).where(StepRow.run_id == run_id))  # an earlier attempt's partial curve
+            # An earlier attempt's partial curve; a resumed run keeps it up to its checkpoint.
+            s.execute(delete(StepRow).where(StepRow.run_id == run_id, StepRow.step > (resume_from or 0)))
 
     def append_steps(self, run_id: str, steps: list[dict]) -> None:
         """Add streamed training steps (dicts with CURVE_KEYS) to a running run's curve, in one transaction."""

@@ -1,0 +1,204 @@
+"""Mid-run checkpoints: a run killed (kill -9), terminated (SIGTERM) or interrupted (Ctrl-C) while it
+trains continues from its last checkpoint when the same command runs again, and ends with the same
+curve, adapter and eval loss as a run that was never stopped (on CPU, in the same build: exactly).
+Kills are real: a forked `loralab` process stops itself at a LORALAB_FAULT point (loralab/faults.py)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loralab.cli import app
+from loralab.config.loading import load_experiment
+from loralab.execute.checkpoint import Checkpoints, found_in
+from loralab.execute.runner import adapter_id, prepare, run_experiment, run_id, train_run
+from loralab.workspace.doctor import check_workspace
+from loralab.workspace.store import Store
+from test_reliability_faults import Proc, kinds, statuses, untimed, write  # the fault-matrix helpers
+
+# B trains 7 steps with dropout (torch RNG), warmup and linear decay (scheduler) and wraps around its
+# 8 examples (data position); checkpoints every 2 steps. Fault hits count A's 4 steps first.
+BODY = """evaluation: {drift: false}
+defaults: {train: {checkpoint_every: 2}, generate: {max_new_tokens: 4}}
+runs:
+  A: {lora: {r: 2}, train: {max_steps: 4}}
+  B: {lora: {r: 4, dropout: 0.1}, train: {max_steps: 7, warmup_steps: 2, batch_size: 3}}
+"""
+B_STEP_5 = 4 + 5  # the train.step visit after B's 5th step: its last checkpoint is step 4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_neox, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    result = run_experiment(load_experiment(write(tmp, tiny_neox, BODY, "ck")), workspace=tmp / "ws")
+    return {r.name: r for r in result.records}
+
+
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler, as in a terminal (a suite started in the background inherits it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def adapter_tensors(path: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+STOPS = [  # fault, signal sent from outside once held, exit code, B's status afterwards
+    (f"train.step@{B_STEP_5}", None, -signal.SIGKILL, "running"),  # kill -9: no cleanup at all
+    (f"train.step:wait@{B_STEP_5}", signal.SIGTERM, 143, "interrupted"),  # a scheduler's SIGTERM
+    (f"train.step:sigint@{B_STEP_5}", None, 130, "interrupted"),  # Ctrl-C
+]
+
+
+@pytest.mark.parametrize("fault, sig, code, status", STOPS, ids=["kill-9", "sigterm", "ctrl-c"])
+def test_a_run_stopped_midway_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        fault, sig, code, status, tiny_neox, tmp_path, uninterrupted, sigint_handled):
+    f, ws = write(tmp_path, tiny_neox, BODY, "ck"), tmp_path / "ws"
+    proc = Proc(tmp_path, "run", f, "-w", ws, fault=fault, gate=tmp_path / "never")
+    if sig is not None:
+        proc.until(lambda: any(ws.glob("runs/*/checkpoints/step-00000004/meta.json")), "B's checkpoint at step 4")
+        proc.p.send_signal(sig)
+    assert proc.wait() == code, proc.output
+    assert statuses(ws) == {"base": "finished", "A": "finished", "B": status}
+    store = Store(ws)
+    b_id = store.find("B").id
+    assert [c.step for c in found_in(store.run_dir(b_id) / "checkpoints")] == [4]  # the older one (step 2) removed
+    assert store.live_curve(b_id)["step"][:4] == [1, 2, 3, 4]  # flushed before the checkpoint was written
+    # doctor knows it, and --repair keeps what the resume needs
+    assert kinds(ws) == (["interrupted"] if status == "running" else ["checkpoint"])
+    check_workspace(ws, repair=True)
+    assert kinds(ws) == ["checkpoint"] and found_in(store.run_dir(b_id) / "checkpoints")
+
+    out = CliRunner().invoke(app, ["run", str(f), "-w", str(ws)])
+    assert out.exit_code == 0, out.output
+    assert "A: finished earlier" in out.output and "B: resumed at step 4 of 7 from its checkpoint" in out.output
+    b, ref = store.find("B"), uninterrupted["B"]
+    assert b.id == ref.id  # checkpoint_every is in no id: the same run
+    for k in ("step", "loss", "grad_norm", "lr", "tokens"):
+        assert b.curves[k] == ref.curves[k], k  # steps 1-4 kept from the killed attempt, 5-7 trained now
+    assert untimed(b.metrics) == untimed(ref.metrics)  # eval loss, ROUGE, ... exactly
+    mine, theirs = adapter_tensors(b.adapter_path), adapter_tensors(ref.adapter_path)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert b.timings["resumed_at"] == [4] and "resumed_at" not in ref.timings
+    assert sorted(p.name for p in store.run_dir(b.id).iterdir()) == ["adapter"]  # checkpoints cleaned
+    assert check_workspace(ws).findings == []
+    shown = CliRunner().invoke(app, ["show", "B", "-w", str(ws)])
+    assert "resumed at step 4 from a checkpoint" in shown.output
+
+
+def test_checkpoint_every_changes_no_run_or_adapter_id(tiny_neox, tmp_path):
+    ids = set()
+    for i, every in enumerate(("2", "10m", "null")):
+        exp = load_experiment(write(tmp_path, tiny_neox, BODY.replace("checkpoint_every: 2", f"checkpoint_every: {every}"),
+                                    f"ck{i}"))
+        assert exp.resolved_runs[1].train.checkpoint_every == (None if every == "null" else
+                                                              int(every) if every.isdigit() else every)
+        ids.add(tuple(str(r.train.model_dump()) for r in exp.resolved_runs))
+    assert len(ids) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "'10'", "'fast'", "-3", "true"])
+def test_a_bad_checkpoint_every_is_one_clear_error_naming_the_field(value, tiny_neox, tmp_path):
+    f = write(tmp_path, tiny_neox, BODY.replace("checkpoint_every: 2", f"checkpoint_every: {value}"), "bad")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2, out.output
+    assert "checkpoint_every" in out.output and '"10m"' in out.output and "Traceback" not in out.output
+
+
+class StopAt:
+    """A pruner stand-in (runner._Done.pruned asks it for the loss it judged; None: measure it)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self, step):
+        return "pruned" if step.step == self.at else None
+
+    def loss_at(self, step):
+        return None
+
+
+def test_a_pruned_run_keeps_no_checkpoint_and_a_forced_run_starts_over(tiny_neox, tmp_path, monkeypatch):
+    exp = load_experiment(write(tmp_path, tiny_neox, BODY.replace("checkpoint_every: 2", "checkpoint_every: 1"), "pr"))
+    prepared = prepare(exp, ["B"])
+    run, store = prepared.runs[0], Store(tmp_path / "ws")
+    saved = []
+    real = Checkpoints.save
+    monkeypatch.setattr(Checkpoints, "save", lambda self, state, **m: saved.append(state["step"]) or real(self, state, **m))
+    status, _ = train_run(prepared, run, store, experiment="pr", pruning=StopAt(3))
+    rid = run_id(prepared, run)
+    assert status == "pruned" and saved == [1, 2]  # saved while it trained, never the pruned step
+    assert not (store.run_dir(rid) / "checkpoints").exists()
+    # A forced run is trained anew: a checkpoint left by an earlier attempt is not continued.
+    Checkpoints(store.run_dir(rid), adapter_id(prepared, run)).save({"step": 5, "total": 7})
+    saved.clear()
+    status, _ = train_run(prepared, run, store, experiment="pr", force=True)
+    assert status == "finished" and saved == [1, 2, 3, 4, 5, 6] and "resumed_at" not in store.get(rid).timings
+
+
+SWEEP = """evaluation: {drift: false}
+defaults:
+  lora: {r: 2, target_modules: [query_key_value], dropout: 0.1}
+  train: {learning_rate: 1.0e-3, batch_size: 2, max_steps: 5, checkpoint_every: 2}
+  generate: {max_new_tokens: 4}
+sweep:
+  strategy: grid
+  space: {lora.r: [2, 4]}
+  pruner: {name: none}
+"""
+
+
+def test_a_sweep_trial_killed_midway_is_retried_from_its_checkpoint(tiny_neox, tmp_path):
+    """The retry of a lost trial (a killed sweep, or a dead Ray actor: the same train_run) continues the
+    lost trial's run from its checkpoint, with the numbers of a trial that was never stopped."""
+    from loralab.sweep.study import run_sweep
+
+    (tmp_path / "ref").mkdir()
+    ref = run_sweep(load_experiment(write(tmp_path / "ref", tiny_neox, SWEEP, "sw")), workspace=tmp_path / "ref" / "ws")
+    expected = {t.knobs["lora.r"]: t.values for t in ref.trials}
+    f, ws = write(tmp_path, tiny_neox, SWEEP, "sw"), tmp_path / "ws"
+    proc = Proc(tmp_path, "sweep", f, "-w", ws, fault="train.step@3")  # trial 0 after its 3rd step
+    assert proc.wait() == -signal.SIGKILL, proc.output
+    assert [c.step for c in found_in(next(ws.glob("runs/*/checkpoints")))] == [2]
+    out = CliRunner().invoke(app, ["sweep", str(f), "-w", str(ws)])
+    assert out.exit_code == 0, out.output
+    assert "resumed at step 2 of 5 from its checkpoint" in out.output
+    again = run_sweep(load_experiment(f), workspace=ws)  # everything stored: read back
+    complete = {t.knobs["lora.r"]: t.values for t in again.trials if t.state == "COMPLETE"}
+    assert complete == expected
+    assert not list(ws.glob("runs/*/checkpoints")) and check_workspace(ws).findings == []
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_whole_and_only_this_adapters_are_read(tmp_path, monkeypatch):
+    import loralab.execute.checkpoint as ck
+
+    mine, other = Checkpoints(tmp_path, "adapter-a"), Checkpoints(tmp_path, "adapter-b")
+    state = lambda step: {"step": step, "total": 9, "w": torch.full((3,), float(step))}  # noqa: E731
+    mine.save(state(2))
+    mine.save(state(4))
+    assert [f.step for f in mine.all()] == [4]  # the older one goes once the newer is whole
+
+    def killed(folder):
+        raise KeyboardInterrupt  # stands for the kill: files written, not yet flushed or renamed
+
+    monkeypatch.setattr(ck, "fsync_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mine.save(state(6))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]  # the torn save
+    assert mine.latest().step == 4 and mine.load()["step"] == 4 and torch.equal(mine.load()["w"], state(4)["w"])
+    assert other.latest() is None and other.load() is None  # another adapter's checkpoint (settings changed)
+    mine.save(state(6))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]  # torn save cleaned
+
+    (tmp_path / "checkpoints" / "step-00000006" / "state.pt").write_bytes(b"not a checkpoint")
+    said = []
+    assert mine.load(said.append) is None and "cannot be read" in said[0]  # started over, not failed
