@@ -19,7 +19,6 @@ O'Brien-Fleming's, which is what makes stopping at 2 or 3 seeds possible.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from loralab.config.schema import SequentialSpec

@@ -32,8 +32,9 @@ def synchronous(loop) -> bool:
             and (is_grid(sw) or sw.budget.trials is not None))
 
 
-def drive_synchronous(loop, prepared, ran: list[int]) -> str:
-    """Brackets until the budget or the grid ends; returns why the sweep stopped."""
+def drive_synchronous(loop, prepared, ran: list[int], run_trial, fmt) -> str:
+    """Brackets until the budget or the grid ends; returns why the sweep stopped. `run_trial` and `fmt`:
+    sweep.study's (given, so this module does not import the one that imports it)."""
     while True:
         bracket, reason, busy = [], None, False
         while True:
@@ -42,7 +43,7 @@ def drive_synchronous(loop, prepared, ran: list[int]) -> str:
                 break
             bracket.append(proposal)
         if bracket:
-            run_bracket(loop, prepared, bracket, ran)
+            run_bracket(loop, prepared, bracket, ran, run_trial, fmt)
             continue
         if reason:
             return reason
@@ -50,11 +51,10 @@ def drive_synchronous(loop, prepared, ran: list[int]) -> str:
             loop.wait_for_others()
 
 
-def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int]) -> None:
+def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial, fmt) -> None:
     """Every trial to each rung in turn; the best 1 in reduction_factor go on, the last ones to the end."""
     from loralab.config.space import experiment_start, make_run
     from loralab.engine.train import plan_steps
-    from loralab.sweep.study import _fmt, run_trial
 
     exp, sw, rep = loop.exp, loop.sw, loop.rep
     pr = sw.resolved_pruner
@@ -96,7 +96,7 @@ def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int]) -> None:
                     f"{', '.join(f'trial {e[0].number}' for _, e, _ in ranked[:keep])} go on, {len(dropped)} pruned")
     for trial, params, knobs in alive:
         ran.append(loop.execute(prepared, trial, params, knobs, prune=False, earlier_s=spent[trial.number]))
-        rep.log(f"trial {trial.number}: {_fmt(knobs)} trained to the end")
+        rep.log(f"trial {trial.number}: {fmt(knobs)} trained to the end")
 
 
 def _tell(loop, trial, tr, spent: float, ran: list[int]) -> None:

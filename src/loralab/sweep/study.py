@@ -658,7 +658,7 @@ class _Loop:
         from loralab.sweep.halving import drive_synchronous, synchronous
 
         if synchronous(self):
-            return drive_synchronous(self, prepared, ran)
+            return drive_synchronous(self, prepared, ran, run_trial, _fmt)
         slots = max(1, int(getattr(self.worker, "slots", 1)))
         running: set = set()
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial") as pool:
