@@ -721,6 +721,7 @@ strategy: grid
 seed: 1
 space: {train.learning_rate: [2.0e-2, 1.0e-7, 1.0e-3, 3.0e-7]}
 pruner: {name: successive_halving, every: 3, reduction_factor: 2}
+confirm: {top: 0}
 """
 
 
