@@ -198,3 +198,38 @@ def test_loraplus_honours_weight_decay_as_a_plain_peft_loraplus_loop_does(tiny_l
         assert got.keys() == want.keys()
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5, msg=f"{n} at weight decay {decay}")
+
+
+@pytest.mark.parametrize("model, variant", [
+    ("tiny_llama", "init: pissa, use_dora: true"),
+    ("tiny_llama", "init: olora, use_dora: true"),
+    ("tiny_llama", "init: pissa_niter_2, use_rslora: true, rank_pattern: {v_proj: 2}, alpha_pattern: {q_proj: 4}"),
+    ("tiny_llama", "init: olora, use_rslora: true, use_dora: true, alpha_pattern: {v_proj: 16}"),
+    ("tiny_neox", "init: olora, bias: all"),
+])
+def test_pissa_and_olora_store_the_model_they_trained(request, tmp_path, model, variant):
+    """A PiSSA/OLoRA adapter is stored converted to a plain LoRA on the original base: the stored eval loss
+    must be the trained model's (measured here on its residual base, before any conversion), and plain
+    PEFT must give it again from the stored folder on the untouched base. PEFT's own conversion keeps
+    only A and B (DoRA's trained magnitudes and trained biases were lost: 0.01-0.03 off) and refuses
+    rsLoRA with rank/alpha patterns (the run failed at save, after training)."""
+    from loralab.engine.train import train_lora
+    from loralab.execute.runner import restore_base, select_runs, train_encoded, with_lora
+
+    folder = request.getfixturevalue(model)
+    f = tmp_path / "init.yaml"
+    f.write_text(f"name: init\nmodel: {folder}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 "evaluation: {drift: false}\n" + RUN.format(variant=variant + ", dropout: 0"))
+    exp = loralab.load(f)
+    rec = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "V")
+    assert rec.status == "finished", rec.error
+    prepared = prepare(exp)
+    pad = prepared.base.tokenizer.pad_token_id
+    run = select_runs(exp, ["V"])[0]
+    trained = with_lora(prepared, run)
+    train_lora(trained, train_encoded(prepared, run), run.train, pad_id=pad)
+    want = eval_loss(trained, prepared.eval_encoded, pad_id=pad)
+    restore_base(prepared, trained)
+    assert rec.metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
+    again = PeftModel.from_pretrained(prepared.base.model, rec.adapter_path)
+    assert eval_loss(again, prepared.eval_encoded, pad_id=pad) == pytest.approx(want, rel=1e-5)
