@@ -57,3 +57,30 @@ def test_quantize_without_bitsandbytes_is_one_message_before_anything_runs(tiny_
         out = CliRunner().invoke(app, command)
         assert out.exit_code == 2 and "pip install 'loralab[qlora]'" in out.output, out.output
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_run_gives_the_same_numbers_alone_and_after_another_run(wide_llama, tmp_path, bits):
+    """The quantized base is shared by the runs of a file: run X alone and X after Y must train and evaluate
+    on the same base, bit for bit. On a CPU with AVX-512 bf16, bitsandbytes repacked 4-bit weights at the
+    first evaluation (block scales rounded to bf16, and a kernel with no backward: X trained after the base's
+    evaluation got no gradient and stored the base's loss) and unpacked them lossily at each adapter save, so
+    X's loss depended on what ran before it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.fail("bitsandbytes is not installed: pip install 'loralab[qlora]'")
+    x = RUNS.replace("  A:", "  X:")
+    y = RUNS.replace("  A:", "  Y:").replace("1.0e-2", "3.0e-2").replace("runs:\n", "")
+
+    def records(name, runs):
+        (tmp_path / name).mkdir()
+        f = experiment(tmp_path / name, wide_llama, "evaluation: {drift: false}\n" + runs, name="q")
+        f.write_text(f.read_text().replace(f"model: {wide_llama}", f"model: {{name: {wide_llama}, quantize: {{bits: {bits}}}}}"))
+        return {r.name: r for r in loralab.run(loralab.load(f), workspace=tmp_path / name / "ws").records}
+
+    alone = records("alone", x)
+    after = records("after", x.replace("runs:\n", "runs:\n" + y))  # Y runs first: the file's order
+    assert list(after) == ["base", "Y", "X"]
+    assert alone["X"].status == after["X"].status == after["Y"].status == "finished"
+    assert alone["base"].metrics["eval_loss"] == after["base"].metrics["eval_loss"]
+    assert alone["X"].metrics["eval_loss"] == after["X"].metrics["eval_loss"]
+    assert alone["X"].metrics["eval_loss"] != alone["base"].metrics["eval_loss"]  # X trained: its adapter acts

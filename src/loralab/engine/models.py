@@ -342,6 +342,7 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
         q = spec.quantize
         fingerprint += f"+{q.bits}bit" + (f"-{q.type}{'-dq' if q.double_quant else ''}" if q.bits == 4 else "")
     model.eval()
@@ -352,6 +353,20 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
                                                    "device": str(dev)})
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout they were quantized to, on every device.
+
+    On a CPU with AVX-512 bf16, bitsandbytes repacks a 4-bit layer's weights for its CPU kernel at the first
+    forward outside training, and unpacks them whenever a state dict is taken (saving any adapter does).
+    Neither direction is exact (the packed form rounds the block scales to bf16; unpacking quantizes them
+    again), and the packed kernel has no backward: a run trained after an evaluation got no gradient through
+    the base at all, and every save moved the shared base a little, so results depended on run order and
+    on the CPU. Unpacked, training, evaluation and a merge all use the same dequantized weights."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass(frozen=True)
