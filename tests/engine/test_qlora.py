@@ -84,3 +84,44 @@ def test_a_quantized_run_gives_the_same_numbers_alone_and_after_another_run(wide
     assert alone["base"].metrics["eval_loss"] == after["base"].metrics["eval_loss"]
     assert alone["X"].metrics["eval_loss"] == after["X"].metrics["eval_loss"]
     assert alone["X"].metrics["eval_loss"] != alone["base"].metrics["eval_loss"]  # X trained: its adapter acts
+
+
+def quantized(f, model, bits):
+    f.write_text(f.read_text().replace(f"model: {model}", f"model: {{name: {model}, quantize: {{bits: {bits}}}}}"))
+    return f
+
+
+@pytest.mark.parametrize("bits, knobs, where, fix", [
+    (4, "init: pissa", "runs.A.lora.init", "remove model.quantize"),
+    (8, "init: olora", "runs.A.lora.init", "remove model.quantize"),
+    (8, "use_dora: true", "runs.A.lora.use_dora", "bits: 4"),
+])
+def test_validate_refuses_what_a_quantized_base_cannot_train(wide_llama, tmp_path, bits, knobs, where, fix):
+    """PiSSA/OLoRA rewrite the base (quantized again, it cannot be put back) and DoRA on an 8-bit CPU base
+    breaks its layers: refused by validate and by run before anything is written, field, value and fix."""
+    runs = RUNS.replace("target_modules: [q_proj, v_proj]", f"target_modules: [q_proj, v_proj], {knobs}")
+    f = quantized(experiment(tmp_path, wide_llama, "device: cpu\n" + runs, name="q"), wide_llama, bits)
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 2 and where in out.output and fix in out.output, out.output
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_failing_run_leaves_the_quantized_base_as_it_was(wide_llama, tmp_path, monkeypatch):
+    """DoRA on an 8-bit CPU base (validate refuses it; forced here) fails in training, and PEFT has by then
+    swapped a copy without its scales into the shared base's layers: the next run must still train on
+    the base as loaded, and give the numbers it gives alone."""
+    from loralab.execute import preflight
+
+    def records(name, runs):
+        (tmp_path / name).mkdir()
+        f = quantized(experiment(tmp_path / name, wide_llama, "evaluation: {drift: false}\n" + runs, name="q"), wide_llama, 8)
+        return {r.name: r for r in loralab.run(loralab.load(f), workspace=tmp_path / name / "ws").records}
+
+    x = RUNS.replace("  A:", "  X:")
+    y = RUNS.replace("  A:", "  Y:").replace("[q_proj, v_proj]", "[q_proj, v_proj], use_dora: true").replace("runs:\n", "")
+    monkeypatch.setattr(preflight, "init_problems", lambda exp, runs: [])
+    alone, after = records("alone", x), records("after", x.replace("runs:\n", "runs:\n" + y))
+    assert after["Y"].status == "failed"  # PEFT's DoRA on a CPU 8-bit layer, as validate says
+    assert alone["X"].status == after["X"].status == "finished"
+    assert alone["X"].metrics["eval_loss"] == after["X"].metrics["eval_loss"]

@@ -178,6 +178,7 @@ class LoadedModel:
     device: Any
     dtype: Any
     info: dict = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)  # quantized_state() at load: what restore_quantized puts back
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -343,6 +344,7 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_layout(model)
+        quantized = quantized_state(model)
         q = spec.quantize
         fingerprint += f"+{q.bits}bit" + (f"-{q.type}{'-dq' if q.double_quant else ''}" if q.bits == 4 else "")
     model.eval()
@@ -352,7 +354,8 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     n_params = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
-                                                   "device": str(dev)})
+                                                   "device": str(dev)},
+                     quantized=quantized if spec.quantize is not None else {})
 
 
 def keep_4bit_layout(model) -> None:
@@ -367,6 +370,42 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def quantized_state(model) -> dict[str, tuple]:
+    """Each bitsandbytes layer's weight object and the tensors that carry its scales, by module name:
+    references, not copies (nothing in place changes them; what breaks a layer is a swapped-in weight)."""
+    out: dict[str, tuple] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        kind = type(weight).__name__
+        if kind == "Int8Params":
+            out[name] = (weight, weight.data, weight.CB, weight.SCB, module.state.CB, module.state.SCB)
+        elif kind == "Params4bit":
+            out[name] = (weight, weight.data, weight.quant_state)
+    return out
+
+
+def restore_quantized(model, saved: dict[str, tuple]) -> None:
+    """Put a quantized base's layers back as `quantized_state` found them, whatever a run did to them.
+
+    PEFT's DoRA dequantizes an 8-bit layer on a CPU by replacing its weight with a copy that has lost its
+    scales (SCB); every later forward of that layer then fails, in this run and in all the runs after it."""
+    modules = dict(model.named_modules())
+    for name, entry in saved.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        weight = entry[0]
+        if module.weight is not weight:
+            module._parameters["weight"] = weight
+        weight.data = entry[1]
+        if len(entry) == 6:
+            weight.CB, weight.SCB, module.state.CB, module.state.SCB = entry[2:]
+        else:
+            weight.quant_state = entry[2]
+            if hasattr(module, "quant_state"):
+                module.quant_state = entry[2]
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,33 @@ OTHER_INITS = "or use another lora.init (default, pissa, eva)"
 
 
 def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
-    """Initialisations this model, device or variant cannot take. LoftQ fits the adapter to what 4-bit
+    """Initialisations and variants this model, device or variant cannot take. PiSSA and OLoRA need a
+    full-precision base (they rewrite it); DoRA on an 8-bit base needs CUDA. LoftQ fits the adapter to what 4-bit
     quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
     there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
     (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
     puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
     out: list[Problem] = []
+    bits = exp.model.quantize.bits if exp.model.quantize is not None else None
     for run in checked_runs(exp, runs):
+        where = _where(exp, run, "lora", "init")
+        if bits and run.lora.init.startswith(("pissa", "olora")):
+            method = "PiSSA" if run.lora.init.startswith("pissa") else "OLoRA"
+            out.append(Problem(where, f"{method} moves the adapter's start out of the base weights, and on a {bits}-bit base the "
+                               "rest is quantized again: the adapter converted for the original base is not the model "
+                               "trained, and the shared base cannot be put back as it was", run.lora.init,
+                               "remove model.quantize (train on the full-precision base), or use lora.init default, "
+                               "gaussian or eva" + (" (or loftq, made for a 4-bit base)" if bits == 4 else "")))
+        if bits == 8 and run.lora.use_dora and _trains_on_cpu(exp):
+            from importlib.metadata import version
+
+            out.append(Problem(_where(exp, run, "lora", "use_dora"), f"DoRA on an 8-bit base fails on a CPU: PEFT "
+                               f"{version('peft')} dequantizes each layer by swapping in a copy of its weight without "
+                               f"its 8-bit scales, and the layer's next forward fails (device: {exp.device})", True,
+                               "use model.quantize bits: 4 for DoRA on a CPU, remove use_dora, or run where a CUDA "
+                               "GPU is visible"))
         if run.lora.init != "loftq":
             continue
-        where = _where(exp, run, "lora", "init")
-        bits = exp.model.quantize.bits if exp.model.quantize is not None else None
         if bits != 4:
             out.append(Problem(where, "LoftQ fits the adapter to what 4-bit quantization takes from the base "
                                f"weights, so it needs a 4-bit base; model.quantize is {f'{bits} bits' if bits else 'not set'}",
@@ -123,7 +139,7 @@ def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
             out.append(Problem(where, "LoftQ with DoRA: DoRA fixes its magnitudes from the base before LoftQ sets "
                                "A and B, so the adapter would not start where LoftQ puts it", "loftq",
                                "remove use_dora, " + OTHER_INITS))
-    return out
+    return list({(p.where, p.message): p for p in out}.values())  # a default shared by runs: said once
 
 
 def _trains_on_cpu(exp: Experiment) -> bool:
@@ -139,7 +155,7 @@ def check_inits(exp: Experiment, runs: list[RunSpec] | None = None) -> None:
     problems = init_problems(exp, exp.resolved_runs if runs is None else runs)
     if problems:
         n = len(problems)
-        raise SpecError(f"{exp.source or 'experiment'}: {n} lora.init setting{'s' if n > 1 else ''} this setup "
+        raise SpecError(f"{exp.source or 'experiment'}: {n} LoRA setting{'s' if n > 1 else ''} this setup "
                         "cannot run", problems)
 
 
