@@ -351,14 +351,16 @@ def _chat_example(ex_id: str, where: str, messages: Any, field: str, problems: l
 
 def _text_example(ex_id: str, where: str, text: Any, field: str, problems: list[Problem]) -> Example | None:
     """Raw text: learned whole; evaluated as a continuation (its first half the prompt, the rest the
-    reference), cut at the space nearest the middle."""
+    reference), cut where a run of whitespace starts, nearest the middle: byte-level BPE tokenizers give
+    a whitespace run one token with the newline before it ("\n" + indentation), so a cut inside a run
+    tokenizes the seam unlike the whole text; before the run, prompt + continuation are the whole's tokens."""
     if not isinstance(text, str) or len(text.strip()) < 2:
         problems.append(Problem(where, f"field '{field}' must be text of at least two characters", text,
                                 f"give '{field}' a text value on every row"))
         return None
     text = text.strip()
     middle = len(text) // 2
-    spaces = [i for i, c in enumerate(text) if c.isspace()]
+    spaces = [i for i, c in enumerate(text) if c.isspace() and not text[i - 1].isspace()]
     cut = min(spaces, key=lambda i: abs(i - middle)) if spaces else middle
     return Example(ex_id, text[:cut], text[cut:], raw=True)
 
@@ -711,7 +713,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> 
 
 def example_lengths(tokenizer: Any, dataset: Dataset) -> list[int]:
     """Tokens of prompt + answer + end token, per example of train then eval."""
-    return [len(example_prompt_ids(tokenizer, ex, dataset.system_prompt))
+    return [len(_as_ids(tokenizer(ex.instruction + ex.output))) + 1 if ex.raw else
+            len(example_prompt_ids(tokenizer, ex, dataset.system_prompt))
             + len(_as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1 for ex in dataset.train + dataset.eval]
 
 
@@ -745,6 +748,9 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, 
     prompt = example_prompt_ids(tokenizer, example, system_prompt)
     learned = _history_labels(tokenizer, example, system_prompt, prompt)
     response = _as_ids(tokenizer(example.output, add_special_tokens=False)) + [end_token_id(tokenizer)]
+    if example.raw:
+        prompt, response = _raw_tokens(tokenizer, prompt, example)
+        learned = [IGNORE_INDEX] + prompt[1:]
     if len(prompt) + len(response) > max_seq_len:
         if len(prompt) < max_seq_len:
             response = response[: max_seq_len - len(prompt)]
@@ -752,6 +758,17 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, 
             cut = len(prompt) - (max_seq_len - 1)
             prompt, learned, response = prompt[cut:], learned[cut:], response[:1]
     return Encoded(prompt + response, learned + response, len(prompt))
+
+
+def _raw_tokens(tokenizer: Any, prompt: list[int], example: Example) -> tuple[list[int], list[int]]:
+    """Raw text as (prompt, rest + end token) in the whole text's own tokens: what the model learns is the
+    text as a tokenizer reads it whole, whatever the cut does to the seam (a merge across it, a
+    tokenizer that marks a word's start); the prompt is as much of the cut's prompt as the whole shares."""
+    whole = _as_ids(tokenizer(example.instruction + example.output))
+    k = 0
+    while k < min(len(prompt), len(whole) - 1) and prompt[k] == whole[k]:
+        k += 1
+    return whole[:max(k, 1)], whole[max(k, 1):] + [end_token_id(tokenizer)]
 
 
 def _history_labels(tokenizer: Any, example: Example, system_prompt: str | None, prompt: list[int]) -> list[int]:
