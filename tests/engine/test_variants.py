@@ -233,3 +233,25 @@ def test_pissa_and_olora_store_the_model_they_trained(request, tmp_path, model, 
     assert rec.metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
     again = PeftModel.from_pretrained(prepared.base.model, rec.adapter_path)
     assert eval_loss(again, prepared.eval_encoded, pad_id=pad) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant, where, says", [
+    ("rank_pattern: {o_proj: 2}", "runs.V.lora.rank_pattern", "'o_proj' matches none of the 4 layers"),
+    ("alpha_pattern: {v_prj: 2, q_proj: 4}", "runs.V.lora.alpha_pattern", "'v_prj' matches none"),
+    ("layers: [1], rank_pattern: {layers.0.self_attn.v_proj: 2}", "runs.V.lora.rank_pattern", "matches none of the 2"),
+])
+def test_pattern_keys_that_match_no_adapted_layer_are_refused_by_validate(tiny_llama, tmp_path, variant, where, says):
+    """A rank_pattern/alpha_pattern key that matches none of the layers LoRA goes on (another layer, a typo, a
+    block outside `layers`) was stored with the run as if applied; validate and run refuse it now."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = tmp_path / "p.yaml"
+    f.write_text(f"name: p\nmodel: {tiny_llama}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 + RUN.format(variant=variant))
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and where in text and says in text and "Fix: name a targeted layer" in text, out.output
+    assert not (tmp_path / "ws").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
-from loralab.config.schema import Experiment, RunSpec
+from loralab.config.schema import Experiment, RunSpec, pattern_regex
 
 # A plan above this many optimizer steps is a typo (epochs: 1e12), not an experiment: a million
 # steps of even a tiny model take days.
@@ -83,6 +83,18 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
             if widths and run.lora.r > min(widths):
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
+        if layers is not None and layers.params and (run.lora.rank_pattern or run.lora.alpha_pattern):
+            adapted = _adapted_modules(layers, run)
+            for knob in ("rank_pattern", "alpha_pattern"):
+                idle = [k for k in getattr(run.lora, knob) or {} if not any(pattern_regex(k).match(m) for m in adapted)]
+                if idle and adapted:
+                    example = adapted[0]
+                    add(_where(exp, run, "lora", knob), f"{'key' if len(idle) == 1 else 'keys'} "
+                        f"{', '.join(repr(k) for k in idle)} {'matches' if len(idle) == 1 else 'match'} none of the "
+                        f"{len(adapted)} layers LoRA is put on (e.g. {example}): the setting would be stored but not "
+                        "applied", idle[0] if len(idle) == 1 else idle,
+                        f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
+                        f"({'.'.join(example.split('.')[-4:])}), or remove the key")
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
@@ -157,6 +169,32 @@ def check_inits(exp: Experiment, runs: list[RunSpec] | None = None) -> None:
         n = len(problems)
         raise SpecError(f"{exp.source or 'experiment'}: {n} LoRA setting{'s' if n > 1 else ''} this setup "
                         "cannot run", problems)
+
+
+def _adapted_modules(layers: Any, run: RunSpec) -> list[str]:
+    """Full names of the modules a run's LoRA goes on (its target layers, in its `layers` blocks): what PEFT
+    matches rank_pattern and alpha_pattern keys against. [] when the targets do not resolve (reported
+    by the target check itself)."""
+    import re
+
+    from loralab.engine.models import resolve_target_modules
+
+    try:
+        targets, _ = resolve_target_modules(layers, run.lora.target_modules)
+    except Exception:
+        return []
+    if targets == "all-linear":
+        targets = [n for n in (layers.widths or {}) if n not in ("lm_head", "embed_out")]
+    out = []
+    for name in layers.params:
+        module, _, kind = name.rpartition(".")
+        if kind != "weight" or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        block = re.search(r"\.(\d+)\.", module)
+        if run.lora.layers and (block is None or int(block.group(1)) not in run.lora.layers):
+            continue
+        out.append(module)
+    return out
 
 
 def _blocks(layers: Any | None) -> int | None:
