@@ -623,3 +623,29 @@ def test_raw_text_is_trained_on_the_whole_texts_tokens_whatever_the_cut(code_tok
     enc = encode_example(tok, ex, None, 512)
     assert enc.input_ids[:-1] == whole and enc.labels[1:] == enc.input_ids[1:]
     assert 1 <= enc.prompt_len <= len(tok(ex.instruction)["input_ids"])
+
+
+def test_rows_of_several_formats_in_one_file_are_refused_with_their_rows(tmp_path):
+    """Instruction, chat and raw-text rows are trained and scored differently; a file mixing them was read
+    silently and its eval loss averaged unlike things. Refused, each minority format with its rows."""
+    rows = _rows(6) + [CHAT, {"text": "Return the sum of the values and more."}, CHAT]
+    with pytest.raises(DataError) as info:
+        load_data(DataSpec(path=str(_jsonl(tmp_path / "mixed.jsonl", rows))), tmp_path)
+    text = str(info.value) + " | " + " | ".join(str(p) for p in info.value.problems)
+    assert "rows of 3 data formats" in text and "most are instruction rows" in text
+    assert "2 chat rows ('messages'): mixed.jsonl:7, mixed.jsonl:9" in text
+    assert "1 raw text rows ('text'): mixed.jsonl:8" in text and "keep one format per file" in text
+    two = _rows(4) + [{"text": "Return the sum of the values and more."}]
+    with pytest.raises(DataError, match="rows of 2 data formats"):
+        load_data(DataSpec(path=str(_jsonl(tmp_path / "two.jsonl", two))), tmp_path)
+
+
+def test_a_mixed_file_is_refused_by_validate_with_exit_2(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    _jsonl(tmp_path / "mixed.jsonl", _rows(6) + [CHAT])
+    f = _write(tmp_path / "m.yaml", f"name: m\nmodel: {tiny_llama}\ndata: {{path: mixed.jsonl}}\nruns:\n  A: {{}}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2 and "mixed.jsonl:7" in out.output and "keep one format per file" in out.output, out.output

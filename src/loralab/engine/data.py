@@ -286,17 +286,21 @@ def _csv_rows(text: str, name: str) -> list[_Row]:
 def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
     """Map rows to examples, collecting every bad row so one run reports them all."""
     out, problems = [], []
+    formats: dict[str, list[str]] = {}  # format -> where its rows are
     for ex_id, where, row in rows:
         if spec.messages_field in row and spec.instruction_field not in row:
+            formats.setdefault(f"chat rows ('{spec.messages_field}')", []).append(where)
             ex = _chat_example(ex_id, where, row[spec.messages_field], spec.messages_field, problems)
             if ex is not None:
                 out.append(ex)
             continue
         if spec.text_field in row and spec.instruction_field not in row and spec.output_field not in row:
+            formats.setdefault(f"raw text rows ('{spec.text_field}')", []).append(where)
             ex = _text_example(ex_id, where, row[spec.text_field], spec.text_field, problems)
             if ex is not None:
                 out.append(ex)
             continue
+        formats.setdefault(f"instruction rows ('{spec.instruction_field}', '{spec.output_field}')", []).append(where)
         fields = {}
         for role, field in (("instruction_field", spec.instruction_field), ("output_field", spec.output_field)):
             value = row.get(field)
@@ -318,7 +322,26 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
             instruction = f"{instruction}\n\n{extra}"
         out.append(Example(ex_id, instruction, fields["output_field"]))
     _raise_if(problems, name)
+    _one_format(formats, name)
     return out
+
+
+def _one_format(formats: dict[str, list[str]], name: str) -> None:
+    """One data format per file: instruction rows are scored on their answer, chat rows on the last assistant
+    turn (earlier ones learned), raw text on every token as a continuation. A file mixing them trained
+    and averaged unlike losses into one eval loss, silently."""
+    if len(formats) < 2:
+        return
+
+    def rows(where: list[str]) -> str:
+        return ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+
+    kinds = sorted(formats, key=lambda k: -len(formats[k]))
+    problems = [Problem(name, f"{len(formats[k])} {k}: {rows(formats[k])}", None,
+                        f"keep one format per file: put these rows in a file of their own, or write them as {kinds[0]}",
+                        False) for k in kinds[1:]]
+    raise DataError(f"{name}: rows of {len(formats)} data formats in one file ({', '.join(kinds)}); most are {kinds[0]} "
+                    f"({len(formats[kinds[0]])})", problems)
 
 
 ROLES = ("system", "user", "assistant")
