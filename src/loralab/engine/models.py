@@ -104,6 +104,20 @@ def check_gguf(gguf: Path, name: str) -> None:
                                   "give a model GGUF converted by llama.cpp's convert scripts")])
 
 
+def gguf_blocks(gguf: Path) -> int | None:
+    """How many blocks a GGUF model has, from its header (`<arch>.block_count`): what `lora.layers` is
+    checked against before the file is converted (a minute for a small model). None when it does not say."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(gguf).fields
+        arch = fields["general.architecture"].contents()
+        count = fields.get(f"{arch}.block_count")
+        return int(count.contents()) if count is not None else None
+    except Exception:  # an unreadable header is check_gguf's to report
+        return None
+
+
 def convert_gguf(gguf: Path, target: Path, what: str, log: Callable[[str], None] = print) -> Path:
     """Convert a GGUF file once to a safetensors folder; later calls just return it.
 
