@@ -361,6 +361,7 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         quantized = quantized_state(model)
         q = spec.quantize
         fingerprint += f"+{q.bits}bit" + (f"-{q.type}{'-dq' if q.double_quant else ''}" if q.bits == 4 else "")
+        quantize_info = {"quantize": q.model_dump()}  # stored with each run: what merge_base rebuilds
     model.eval()
     arch = getattr(model.config, "model_type", type(model).__name__)
     if Path(ref).is_dir() and not spec.trust_remote_code and spec.quantize is None:  # packed weights have other shapes
@@ -368,7 +369,7 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     n_params = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
-                                                   "device": str(dev)},
+                                                   "device": str(dev), **(quantize_info if spec.quantize else {})},
                      quantized=quantized if spec.quantize is not None else {})
 
 
@@ -384,6 +385,56 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def stored_quantization(model_info: dict) -> dict | None:
+    """A stored run's `model.quantize` (bits, type, double_quant): recorded in its model info, else read
+    off its fingerprint's suffix (rows stored before it was recorded); None for a full-precision base."""
+    if isinstance(model_info.get("quantize"), dict):
+        return model_info["quantize"]
+    m = re.search(r"\+(4|8)bit(?:-(nf4|fp4)(-dq)?)?$", str(model_info.get("fingerprint") or ""))
+    if m is None:
+        return None
+    return {"bits": 8} if m.group(1) == "8" else {"bits": 4, "type": m.group(2), "double_quant": bool(m.group(3))}
+
+
+def merge_base(model_info: dict, dtype) -> tuple[Any, str | None]:
+    """The base to merge a stored run's adapter into, as a plain transformers model, and a line to show
+    when the merged model still cannot be the evaluated one (else None).
+
+    A 4-bit run trained and was evaluated on the 4-bit weights, dequantized at every matmul: merged into
+    the full-precision original, its adapter gives another model (0.06 in logits on the built-in model).
+    Here the targeted weights of a quantized base are its dequantized ones, so the merged model computes
+    what was evaluated (to float rounding). An 8-bit base also quantizes each layer's inputs (LLM.int8):
+    no full-precision model computes that, which the returned line says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = model_info.get("path") or model_info.get("name")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    q = stored_quantization(model_info)
+    if q is None:
+        return plain, None
+    spec = ModelSpec(name=str(path), quantize=q)
+    quantized = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, device_map={"": "cpu"},
+                                                     quantization_config=quantization_config(spec, dtype))
+    layers = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            weight = getattr(layers.get(name), "weight", None)
+            if type(weight).__name__ == "Params4bit":
+                import bitsandbytes as bnb
+
+                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype))
+            elif type(weight).__name__ == "Int8Params":  # as bitsandbytes' own 8-bit matmul scales it
+                scales = weight.SCB if weight.SCB is not None else layers[name].state.SCB
+                module.weight.copy_((weight.data.to(torch.float32) * (scales.unsqueeze(1) * (1.0 / 127.0))).to(dtype))
+    del quantized
+    note = None
+    if q["bits"] == 8:
+        note = ("merged into the 8-bit base's dequantized weights; the evaluated 8-bit model also quantized each "
+                "layer's inputs, so this merged model's outputs differ a little from the evaluated ones")
+    return plain, note
 
 
 def quantized_state(model) -> dict[str, tuple]:
