@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
-from loralab.config.schema import Experiment, RunSpec, pattern_regex
+from loralab.config.schema import Experiment, RunSpec, eva_rho, pattern_regex
 
 # A plan above this many optimizer steps is a typo (epochs: 1e12), not an experiment: a million
 # steps of even a tiny model take days.
@@ -95,6 +95,23 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
                         "applied", idle[0] if len(idle) == 1 else idle,
                         f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
                         f"({'.'.join(example.split('.')[-4:])}), or remove the key")
+        rho = eva_rho(run.lora.init)
+        if rho:
+            from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
+
+            if n_train <= EVA_BATCH:
+                add(_where(exp, run, "lora", "init"), f"EVA settles its SVD of the layer inputs over successive batches "
+                    f"of {EVA_BATCH} training examples, and {n_train} training example(s) make one batch: every pass "
+                    "would repeat the same examples", run.lora.init,
+                    f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
+                    "data.train_size), or use lora.init default")
+            shapes = [layers.params[m + ".weight"] for m in _adapted_modules(layers, run)] if layers and layers.params else []
+            inputs = [s[-1] for s in shapes if len(s) == 2 and s[-1] > 1]  # not a loaded 4-bit base's packed [n, 1]
+            if inputs and run.lora.r * rho > min(inputs):
+                add(_where(exp, run, "lora", "r"), f"EVA fits r x rho = {run.lora.r * rho:g} components of each targeted "
+                    f"layer's inputs, more than the {min(inputs)} inputs the narrowest has (PEFT fails after the model "
+                    "loaded)", run.lora.r, f"use r at most {int(min(inputs) // rho)} with rho {rho:g}, or a lower rho "
+                    "(eva_rho_1)")
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
