@@ -255,3 +255,21 @@ def test_pattern_keys_that_match_no_adapted_layer_are_refused_by_validate(tiny_l
         text = " ".join(out.output.split())
         assert out.exit_code == 2 and where in text and says in text and "Fix: name a targeted layer" in text, out.output
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_run_that_trains_biases_leaves_the_shared_base_as_loaded(tiny_neox, tmp_path, bias):
+    """`lora.bias: all` / `lora_only` trains the base's own biases in place (PEFT): unloading the adapter left
+    them trained in the base every later run of the file shares, so X after Y gave other numbers than X alone."""
+    def records(name, runs):
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(f"name: {name}\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                     "evaluation: {drift: false}\n" + runs)
+        return {r.name: r for r in loralab.run(loralab.load(f), workspace=tmp_path / name).records}
+
+    x = RUN.format(variant="dropout: 0").replace("  V:", "  X:")
+    y = RUN.format(variant=f"bias: {bias}").replace("  V:", "  Y:").replace("runs:\n", "")
+    alone, after = records("alone", x), records("after", x.replace("runs:\n", "runs:\n" + y))
+    assert list(after) == ["base", "Y", "X"] and after["Y"].status == "finished"
+    assert after["X"].metrics["eval_loss"] == alone["X"].metrics["eval_loss"]
+    assert after["base"].metrics["eval_loss"] == alone["base"].metrics["eval_loss"]

@@ -192,7 +192,8 @@ class LoadedModel:
     device: Any
     dtype: Any
     info: dict = field(default_factory=dict)
-    quantized: dict = field(default_factory=dict)  # quantized_state() at load: what restore_quantized puts back
+    quantized: dict = field(default_factory=dict)  # quantized_state() at load: what restore_loaded puts back
+    biases: dict = field(default_factory=dict)  # copies of every bias at load: `bias: all` trains them in place
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -370,7 +371,8 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
                                                    "device": str(dev), **(quantize_info if spec.quantize else {})},
-                     quantized=quantized if spec.quantize is not None else {})
+                     quantized=quantized if spec.quantize is not None else {},
+                     biases={n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")})
 
 
 def keep_4bit_layout(model) -> None:
@@ -449,6 +451,22 @@ def quantized_state(model) -> dict[str, tuple]:
         elif kind == "Params4bit":
             out[name] = (weight, weight.data, weight.quant_state)
     return out
+
+
+def restore_loaded(loaded: "LoadedModel") -> None:
+    """Put the shared base back as it was loaded, after a run's adapter is unloaded: its quantized layers
+    (restore_quantized) and its biases, which `lora.bias: all` or `lora_only` trains in place (and loading
+    such an adapter writes), so every later run of the file trained and evaluated on another base."""
+    import torch
+
+    restore_quantized(loaded.model, loaded.quantized)
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name, value in loaded.biases.items():
+            if name in params and not torch.equal(params[name], value):
+                params[name].copy_(value)
+            if name in params:
+                params[name].requires_grad_(False)
 
 
 def restore_quantized(model, saved: dict[str, tuple]) -> None:

@@ -517,9 +517,9 @@ def restore_base(prepared: Prepared, peft_model) -> None:
     """Take the LoRA layers out again, and put back base weights an initialisation rewrote: the prepared
     base model is shared by every run."""
     prepared.base.model = peft_model.unload()  # removes the LoRA layers
-    from loralab.engine.models import restore_quantized
+    from loralab.engine.models import restore_loaded
 
-    restore_quantized(prepared.base.model, prepared.base.quantized)  # a quantized base's layers as loaded
+    restore_loaded(prepared.base)  # a quantized base's layers and every bias as loaded
     saved = getattr(peft_model, "_base_weights", None) or {}
     if saved:
         import torch
