@@ -95,6 +95,14 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
                         "applied", idle[0] if len(idle) == 1 else idle,
                         f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
                         f"({'.'.join(example.split('.')[-4:])}), or remove the key")
+            for key, rank in (run.lora.rank_pattern or {}).items():  # as PEFT picks: the first key that matches
+                shapes = [layers.params[m + ".weight"] for m in adapted
+                          if next((k for k in run.lora.rank_pattern if pattern_regex(k).match(m)), None) == key]
+                widths = [min(s) for s in shapes if len(s) == 2 and s[-1] > 1]
+                if widths and rank > min(widths):
+                    add(_where(exp, run, "lora", "rank_pattern"), f"key {key!r}: rank {rank} is above the width "
+                        f"{min(widths)} of the layers it matches (a rank beyond it adds parameters, not capacity)", rank,
+                        f"use at most {min(widths)}")
         rho = eva_rho(run.lora.init)
         if rho:
             from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
