@@ -269,7 +269,8 @@ def test_a_sweep_dry_run_measures_speed_without_eva_s_data_pass(tiny_llama, tmp_
 
 @pytest.mark.parametrize("variant, train_size, where, says", [
     ("init: eva", 8, "runs.E.lora.init", "8 training example(s) make one batch"),
-    ("init: eva_rho_16", 16, "runs.E.lora.r", "r x rho = 64 components"),
+    ("init: eva_rho_16", 16, "runs.E.lora.r", "rank x rho = 64 components"),
+    ("init: eva_rho_4, rank_pattern: {v_proj: 16}", 16, "runs.E.lora.rank_pattern", "rank x rho = 64 components"),
 ])
 def test_eva_that_cannot_run_is_refused_by_validate_and_before_the_model_loads(tiny_llama, tmp_path, variant, train_size,
                                                                             where, says):

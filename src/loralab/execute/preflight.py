@@ -113,13 +113,18 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
                     "would repeat the same examples", run.lora.init,
                     f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
                     "data.train_size), or use lora.init default")
-            shapes = [layers.params[m + ".weight"] for m in _adapted_modules(layers, run)] if layers and layers.params else []
-            inputs = [s[-1] for s in shapes if len(s) == 2 and s[-1] > 1]  # not a loaded 4-bit base's packed [n, 1]
-            if inputs and run.lora.r * rho > min(inputs):
-                add(_where(exp, run, "lora", "r"), f"EVA fits r x rho = {run.lora.r * rho:g} components of each targeted "
-                    f"layer's inputs, more than the {min(inputs)} inputs the narrowest has (PEFT fails after the model "
-                    "loaded)", run.lora.r, f"use r at most {int(min(inputs) // rho)} with rho {rho:g}, or a lower rho "
-                    "(eva_rho_1)")
+            over = []  # (components, inputs, rank, where the rank is set) of layers whose SVD cannot have them
+            for m in _adapted_modules(layers, run) if layers and layers.params else []:
+                shape = layers.params[m + ".weight"]
+                key = next((k for k in run.lora.rank_pattern or {} if pattern_regex(k).match(m)), None)
+                rank = run.lora.rank_pattern[key] if key is not None else run.lora.r
+                if len(shape) == 2 and shape[-1] > 1 and round(rank * rho) > shape[-1]:  # not 4-bit's packed [n, 1]
+                    over.append((round(rank * rho), shape[-1], rank, "rank_pattern" if key is not None else "r"))
+            if over:
+                comps, inputs, rank, knob = min(over, key=lambda o: o[1])
+                add(_where(exp, run, "lora", knob), f"EVA fits rank x rho = {comps} components of each targeted layer's "
+                    f"inputs, more than the {inputs} inputs a layer of rank {rank} has (PEFT fails after the model loaded)",
+                    rank, f"use a rank of at most {int(inputs // rho)} with rho {rho:g}, or a lower rho (eva_rho_1)")
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
