@@ -141,3 +141,20 @@ def test_layers_beyond_a_users_gguf_are_refused_from_its_header_before_any_conve
         assert out.exit_code == 2 and "runs.B.lora.layers" in text and "runs.A.lora" not in text, out.output
         assert "the model has 4 blocks (0 to 3), by its GGUF header" in text and "[2, 4]" in text, out.output
     assert not (tmp_path / "ws").exists()
+
+
+def test_layers_beyond_the_built_in_model_are_refused_from_its_gguf_header(tmp_path, monkeypatch):
+    """The built-in model is a GGUF until its first run converts it: validate reads its 30 blocks from the header."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+    from loralab.engine import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # not converted here
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted before the check"))
+    f = tmp_path / "b.yaml"
+    f.write_text("name: b\ndata: {builtin: stdlib-docstrings, train_size: 8, eval_size: 4}\n"
+                 "runs:\n  A: {lora: {layers: [29, 30]}}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2 and "runs.A.lora.layers" in text and "30 blocks (0 to 29)" in text, out.output

@@ -193,12 +193,21 @@ def _trains_on_cpu(exp: Experiment) -> bool:
 
 
 def gguf_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
-    """`lora.layers` beyond a user GGUF's blocks, read from its header: before the file is converted, not
-    after (the conversion is the slow part of a first run: 33 s for a 135M model)."""
-    from loralab.engine.models import gguf_blocks, gguf_file
+    """`lora.layers` beyond a GGUF model's blocks (a user's .gguf, the built-in model), read from its header:
+    before the file is converted, not after (the conversion is the slow part of a first run: 33 s for 135M)."""
+    from loralab.config.schema import BUILTIN_MODEL
+    from loralab.engine.models import builtin_gguf_path, gguf_blocks, gguf_file
+    from loralab.errors import ModelError
 
+    if not any(r.lora.layers for r in checked_runs(exp, runs)):
+        return []
     gguf = gguf_file(exp.model, exp.base_dir)
-    blocks = gguf_blocks(gguf) if gguf is not None and any(r.lora.layers for r in runs) else None
+    if gguf is None and exp.model.name == BUILTIN_MODEL:  # the built-in model is a GGUF too until converted
+        try:
+            gguf = builtin_gguf_path()
+        except ModelError:  # not installed: said by the model check
+            gguf = None
+    blocks = gguf_blocks(gguf) if gguf is not None else None
     out: list[Problem] = []
     for run in checked_runs(exp, runs) if blocks else []:
         if run.lora.layers and max(run.lora.layers) >= blocks:
