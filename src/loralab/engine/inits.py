@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import warnings
+
 import torch
 
 from loralab.engine.data import Encoded
@@ -24,6 +26,11 @@ EVA_BATCHES = 16  # distinct batches: the first 128 training examples, cycled un
 # limit of its own. The built-in model (r = 8, q/k/v) settles in 27 passes; a run that does not settle in this
 # many fails with a message instead of looping.
 EVA_MAX_PASSES = 100
+
+
+# PEFT warns, when a PiSSA/OLoRA config has rsLoRA with rank/alpha patterns, that its own conversion cannot
+# store the adapter; save_converted does (alpha x sqrt 2 at rank 2r), so the warning would only mislead.
+warnings.filterwarnings("ignore", message="Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training")
 
 
 class EvaDidNotConverge(RuntimeError):
