@@ -156,3 +156,21 @@ def test_a_database_workspace_is_checked_with_the_file_not_when_run_opens_it(lin
     assert problem.where == "workspace (line 5)" and why in problem.message and "u@db-host" in str(problem)
     ok = base + "workspace: postgresql://u:secret@db-host/loralab\nartifacts: /shared/a\n"
     assert parse_experiment(yaml.safe_load(ok), "exp.yaml", ok).artifacts == "/shared/a"  # not connected to: read as given
+
+
+@pytest.mark.parametrize("knob, key, says", [
+    ("rank_pattern", "[q", "unterminated character set at position 0"),
+    ("alpha_pattern", "v_proj)", "unbalanced parenthesis at position 6"),
+    ("rank_pattern", "*_proj", "nothing to repeat at position 0"),
+])
+def test_a_pattern_key_that_is_no_regex_is_refused_when_the_file_loads(tmp_path, knob, key, says):
+    """PEFT matches rank_pattern/alpha_pattern keys as regular expressions: a broken one failed only in run,
+    after the model loaded, with a bare "unterminated character set"."""
+    found = problems_of(tmp_path, f"name: p\nruns:\n  A: {{lora: {{{knob}: {{'{key}': 2, v_proj: 4}}}}}}\n")
+    assert len(found) == 1 and f"runs.A.lora.{knob}" in found[0] and repr(key) in found[0] and says in found[0]
+    assert "Fix: " in found[0] and "backslash" in found[0]
+
+
+def test_pattern_keys_that_are_regexes_load():
+    spec = LoraSpec(rank_pattern={r"layers\.0\.self_attn\.v_proj": 2, "q_proj": 4}, alpha_pattern={"(q|v)_proj": 8})
+    assert spec.rank_pattern[r"layers\.0\.self_attn\.v_proj"] == 2

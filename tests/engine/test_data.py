@@ -583,3 +583,69 @@ def test_chat_and_raw_text_data_train_and_evaluate_end_to_end(tiny_llama, tmp_pa
     result = loralab.run(loralab.load(f), workspace=tmp_path / "ws")
     a = next(r for r in result.records if r.name == "A")
     assert a.status == "finished" and len(a.samples) == 2 and "rouge_l@4" in a.metrics
+
+
+CODE = ["for i in range(10):\n        print(i * i)\n", "x = 1\n      \n    y = 2",
+        "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n        return a - b\n",
+        "Numbers:\n\n   1 2 3\n\t\t4 5 6\n      7 8 9 10 11 12"]
+
+
+@pytest.fixture(scope="module")
+def code_tok():
+    """The tiny models' tokenizer: its BPE learned merges of newlines and indentation, as real ones do."""
+    from tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("text", CODE)
+def test_raw_text_cut_tokenizes_as_the_whole_text(tmp_path, code_tok, text):
+    """Raw text (code: newlines and indentation) is cut into a prompt and its continuation: the prompt's
+    tokens followed by the continuation's must be the whole text's tokens, both where generation starts
+    (the cut) and in what is trained and scored (the encoded example). A cut inside a whitespace run
+    tokenized "\\n" + spaces differently from the whole text."""
+    tok = code_tok
+    ds = load_data(DataSpec(path=str(_jsonl(tmp_path / "raw.jsonl", [{"text": text}] * 4)), eval_fraction=0.25), tmp_path)
+    ex = ds.eval[0]
+    whole = tok(text.strip())["input_ids"]
+    assert ex.instruction + ex.output == text.strip()
+    assert tok(ex.instruction)["input_ids"] + tok(ex.output, add_special_tokens=False)["input_ids"] == whole
+    enc = encode_example(tok, ex, ds.system_prompt, 512)
+    assert enc.input_ids[:-1] == whole and enc.input_ids[-1] == end_token_id(tok)
+    assert enc.input_ids[:enc.prompt_len] == tok(ex.instruction)["input_ids"]  # generation starts at the cut
+
+
+def test_raw_text_is_trained_on_the_whole_texts_tokens_whatever_the_cut(code_tok):
+    """An example cut anywhere (an older workspace's cut, inside a word) still trains on the whole text's tokens."""
+    tok = code_tok
+    ex = Example("x", "def add(a, b):\n  ", "  return a + b", raw=True)
+    whole = tok(ex.instruction + ex.output)["input_ids"]
+    enc = encode_example(tok, ex, None, 512)
+    assert enc.input_ids[:-1] == whole and enc.labels[1:] == enc.input_ids[1:]
+    assert 1 <= enc.prompt_len <= len(tok(ex.instruction)["input_ids"])
+
+
+def test_rows_of_several_formats_in_one_file_are_refused_with_their_rows(tmp_path):
+    """Instruction, chat and raw-text rows are trained and scored differently; a file mixing them was read
+    silently and its eval loss averaged unlike things. Refused, each minority format with its rows."""
+    rows = _rows(6) + [CHAT, {"text": "Return the sum of the values and more."}, CHAT]
+    with pytest.raises(DataError) as info:
+        load_data(DataSpec(path=str(_jsonl(tmp_path / "mixed.jsonl", rows))), tmp_path)
+    text = str(info.value) + " | " + " | ".join(str(p) for p in info.value.problems)
+    assert "rows of 3 data formats" in text and "most are instruction rows" in text
+    assert "2 chat rows ('messages'): mixed.jsonl:7, mixed.jsonl:9" in text
+    assert "1 raw text rows ('text'): mixed.jsonl:8" in text and "keep one format per file" in text
+    two = _rows(4) + [{"text": "Return the sum of the values and more."}]
+    with pytest.raises(DataError, match="rows of 2 data formats"):
+        load_data(DataSpec(path=str(_jsonl(tmp_path / "two.jsonl", two))), tmp_path)
+
+
+def test_a_mixed_file_is_refused_by_validate_with_exit_2(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    _jsonl(tmp_path / "mixed.jsonl", _rows(6) + [CHAT])
+    f = _write(tmp_path / "m.yaml", f"name: m\nmodel: {tiny_llama}\ndata: {{path: mixed.jsonl}}\nruns:\n  A: {{}}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2 and "mixed.jsonl:7" in out.output and "keep one format per file" in out.output, out.output

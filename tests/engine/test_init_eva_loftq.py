@@ -265,3 +265,26 @@ def test_a_sweep_dry_run_measures_speed_without_eva_s_data_pass(tiny_llama, tmp_
     assert start.lora.init == "eva"
     tps, source, _ = measure_here(exp, prepare(exp), start)
     assert tps > 0 and source.startswith("measured here now")
+
+
+@pytest.mark.parametrize("variant, train_size, where, says", [
+    ("init: eva", 8, "runs.E.lora.init", "8 training example(s) make one batch"),
+    ("init: eva_rho_16", 16, "runs.E.lora.r", "rank x rho = 64 components"),
+    ("init: eva_rho_4, rank_pattern: {v_proj: 16}", 16, "runs.E.lora.rank_pattern", "rank x rho = 64 components"),
+])
+def test_eva_that_cannot_run_is_refused_by_validate_and_before_the_model_loads(tiny_llama, tmp_path, variant, train_size,
+                                                                            where, says):
+    """EVA over one batch of training examples, and EVA fitting more components (r x rho) than a targeted layer
+    has inputs (PEFT's IncrementalPCA: "n_components=64 invalid for n_features=32", after the model loaded and
+    the base run was evaluated): validate and run refuse them, field, value and fix, exit 2."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = write(tmp_path, tiny_llama, {"name": "E", "targets": "q_proj, v_proj", "variant": variant})
+    f.write_text(f.read_text().replace("train_size: 16", f"train_size: {train_size}"))
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and where in text and says in text and "Fix:" in text, out.output
+    assert not (tmp_path / "ws").exists()

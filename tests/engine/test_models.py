@@ -112,3 +112,49 @@ def test_a_users_gguf_file_is_converted_once_like_the_built_in(tmp_path, monkeyp
     assert src == gguf and target == models.gguf_cache_dir(gguf) and ref == str(target)
     assert target.parent == tmp_path / "cache" / "loralab" / "models" and target.name.startswith("gguf-my-")
     assert fingerprint == "gguf-f"
+
+
+def test_layers_beyond_a_users_gguf_are_refused_from_its_header_before_any_conversion(tmp_path, monkeypatch):
+    """`lora.layers` is checked against the block count in a GGUF's header, by validate and by run before the
+    file is converted (run found it only after a 33 s conversion)."""
+    from gguf import GGUFWriter
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+    from loralab.engine import models
+
+    w = GGUFWriter(str(tmp_path / "my.gguf"), "llama")
+    w.add_block_count(4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert models.gguf_blocks(tmp_path / "my.gguf") == 4
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted before the check"))
+    f = tmp_path / "g.yaml"
+    f.write_text("name: g\nmodel: my.gguf\ndata: {builtin: stdlib-docstrings, train_size: 8, eval_size: 4}\n"
+                 "runs:\n  A: {lora: {layers: [0, 3]}}\n  B: {lora: {layers: [2, 4]}}\n")
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and "runs.B.lora.layers" in text and "runs.A.lora" not in text, out.output
+        assert "the model has 4 blocks (0 to 3), by its GGUF header" in text and "[2, 4]" in text, out.output
+    assert not (tmp_path / "ws").exists()
+
+
+def test_layers_beyond_the_built_in_model_are_refused_from_its_gguf_header(tmp_path, monkeypatch):
+    """The built-in model is a GGUF until its first run converts it: validate reads its 30 blocks from the header."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+    from loralab.engine import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # not converted here
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted before the check"))
+    f = tmp_path / "b.yaml"
+    f.write_text("name: b\ndata: {builtin: stdlib-docstrings, train_size: 8, eval_size: 4}\n"
+                 "runs:\n  A: {lora: {layers: [29, 30]}}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2 and "runs.A.lora.layers" in text and "30 blocks (0 to 29)" in text, out.output

@@ -149,3 +149,129 @@ def test_initialisations_train_reload_on_the_unchanged_base_and_leave_it_unchang
     # Drift is measured against the original base (not against PiSSA's residual weights): an adapter that
     # trained 4 steps moves the model about as far as the plain one did, not orders of magnitude further.
     assert v.metrics["drift_kl"] < 20 * w.metrics["drift_kl"] + 0.05
+
+
+def test_loraplus_honours_weight_decay_as_a_plain_peft_loraplus_loop_does(tiny_llama):
+    """LoRA+ with train.weight_decay: decay 0 and 0.5 give different adapters, each equal to an independent
+    loop (transformers' own loss, PEFT's LoRA+ optimizer given the same decay, unfused AdamW). One batch of
+    all 8 examples a step, so data order cannot matter; the two decays differ by ~1e-3 after 3 steps at
+    lr 1e-2, far above the 1e-5 the two loops' float rounding may differ by."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    from loralab.engine.train import collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    enc = encoded(tok)
+    spec = dict(learning_rate=1e-2, batch_size=8, max_steps=3, scheduler="constant", max_grad_norm=None)
+
+    def fresh():
+        set_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               task_type="CAUSAL_LM"))
+
+    def adapter(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def ours(decay):
+        model = fresh()
+        train_lora(model, enc, TrainSpec(weight_decay=decay, **spec), pad_id=tok.pad_token_id, loraplus_lr_ratio=4.0)
+        return adapter(model)
+
+    def reference(decay):
+        model = fresh()
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=4.0,
+                                        loraplus_weight_decay=decay)
+        batch = collate(enc, tok.pad_token_id, torch.device("cpu"))
+        model.train()
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return adapter(model)
+
+    none, half = ours(0.0), ours(0.5)
+    assert max(float((none[n] - half[n]).abs().max()) for n in none) > 1e-4  # the decay acted
+    for decay, got in ((0.0, none), (0.5, half)):
+        want = reference(decay)
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5, msg=f"{n} at weight decay {decay}")
+
+
+@pytest.mark.parametrize("model, variant", [
+    ("tiny_llama", "init: pissa, use_dora: true"),
+    ("tiny_llama", "init: olora, use_dora: true"),
+    ("tiny_llama", "init: pissa_niter_2, use_rslora: true, rank_pattern: {v_proj: 2}, alpha_pattern: {q_proj: 4}"),
+    ("tiny_llama", "init: olora, use_rslora: true, use_dora: true, alpha_pattern: {v_proj: 16}"),
+    ("tiny_neox", "init: olora, bias: all"),
+])
+def test_pissa_and_olora_store_the_model_they_trained(request, tmp_path, model, variant):
+    """A PiSSA/OLoRA adapter is stored converted to a plain LoRA on the original base: the stored eval loss
+    must be the trained model's (measured here on its residual base, before any conversion), and plain
+    PEFT must give it again from the stored folder on the untouched base. PEFT's own conversion keeps
+    only A and B (DoRA's trained magnitudes and trained biases were lost: 0.01-0.03 off) and refuses
+    rsLoRA with rank/alpha patterns (the run failed at save, after training)."""
+    from loralab.engine.train import train_lora
+    from loralab.execute.runner import restore_base, select_runs, train_encoded, with_lora
+
+    folder = request.getfixturevalue(model)
+    f = tmp_path / "init.yaml"
+    f.write_text(f"name: init\nmodel: {folder}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 "evaluation: {drift: false}\n" + RUN.format(variant=variant + ", dropout: 0"))
+    exp = loralab.load(f)
+    rec = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "V")
+    assert rec.status == "finished", rec.error
+    prepared = prepare(exp)
+    pad = prepared.base.tokenizer.pad_token_id
+    run = select_runs(exp, ["V"])[0]
+    trained = with_lora(prepared, run)
+    train_lora(trained, train_encoded(prepared, run), run.train, pad_id=pad)
+    want = eval_loss(trained, prepared.eval_encoded, pad_id=pad)
+    restore_base(prepared, trained)
+    assert rec.metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
+    again = PeftModel.from_pretrained(prepared.base.model, rec.adapter_path)
+    assert eval_loss(again, prepared.eval_encoded, pad_id=pad) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant, where, says", [
+    ("rank_pattern: {o_proj: 2}", "runs.V.lora.rank_pattern", "'o_proj' matches none of the 4 layers"),
+    ("alpha_pattern: {v_prj: 2, q_proj: 4}", "runs.V.lora.alpha_pattern", "'v_prj' matches none"),
+    ("layers: [1], rank_pattern: {layers.0.self_attn.v_proj: 2}", "runs.V.lora.rank_pattern", "matches none of the 2"),
+    ("rank_pattern: {v_proj: 64}", "runs.V.lora.rank_pattern", "key 'v_proj': rank 64 is above the width 16"),
+])
+def test_pattern_keys_that_match_no_adapted_layer_are_refused_by_validate(tiny_llama, tmp_path, variant, where, says):
+    """A rank_pattern/alpha_pattern key that matches none of the layers LoRA goes on (another layer, a typo, a
+    block outside `layers`) was stored with the run as if applied, and a pattern's rank above its layers' width
+    passed where lora.r would not; validate and run refuse them now."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = tmp_path / "p.yaml"
+    f.write_text(f"name: p\nmodel: {tiny_llama}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                 + RUN.format(variant=variant))
+    for command in (["validate", str(f)], ["run", str(f), "-w", str(tmp_path / "ws")]):
+        out = CliRunner().invoke(app, command)
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and where in text and says in text and "Fix: " in text, out.output
+    assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_run_that_trains_biases_leaves_the_shared_base_as_loaded(tiny_neox, tmp_path, bias):
+    """`lora.bias: all` / `lora_only` trains the base's own biases in place (PEFT): unloading the adapter left
+    them trained in the base every later run of the file shares, so X after Y gave other numbers than X alone."""
+    def records(name, runs):
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(f"name: {name}\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                     "evaluation: {drift: false}\n" + runs)
+        return {r.name: r for r in loralab.run(loralab.load(f), workspace=tmp_path / name).records}
+
+    x = RUN.format(variant="dropout: 0").replace("  V:", "  X:")
+    y = RUN.format(variant=f"bias: {bias}").replace("  V:", "  Y:").replace("runs:\n", "")
+    alone, after = records("alone", x), records("after", x.replace("runs:\n", "runs:\n" + y))
+    assert list(after) == ["base", "Y", "X"] and after["Y"].status == "finished"
+    assert after["X"].metrics["eval_loss"] == alone["X"].metrics["eval_loss"]
+    assert after["base"].metrics["eval_loss"] == alone["base"].metrics["eval_loss"]

@@ -67,6 +67,12 @@ def eva_rho(init: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def pattern_regex(key: str) -> "re.Pattern[str]":
+    """A rank_pattern/alpha_pattern key as PEFT matches it (peft.utils.other.get_pattern_key): the key at the
+    end of a module's full name, after a dot or alone."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def lora_variant_defaults() -> dict[str, Any]:
     """The variants' defaults, for views that compare runs knob by knob (a stored run leaves them out)."""
     return {k: LoraSpec.model_fields[k].default for k in VARIANTS}
@@ -120,6 +126,21 @@ class LoraSpec(_Strict):
             if key in out and out[key] == LoraSpec.model_fields[key].default:
                 del out[key]
         return out
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_keys_are_regexes(cls, v: dict | None) -> dict | None:
+        """PEFT matches each key as a regular expression against the end of a module's name; a key that does
+        not compile failed only at training time, with a bare re.error."""
+        for key in v or {}:
+            try:
+                re.compile(key)  # its own error first: positions then count in the key, not in PEFT's wrapper
+                pattern_regex(key)
+            except re.error as err:
+                raise ValueError(f"key {key[:60]!r} is not a regular expression PEFT can match ({err}); fix: write "
+                                 "a module name (v_proj) or a valid regex (layers\\.0\\.self_attn\\.v_proj), escaping "
+                                 "[ ] ( ) . * + ? with a backslash where you mean them literally") from None
+        return v
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -286,17 +286,21 @@ def _csv_rows(text: str, name: str) -> list[_Row]:
 def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
     """Map rows to examples, collecting every bad row so one run reports them all."""
     out, problems = [], []
+    formats: dict[str, list[str]] = {}  # format -> where its rows are
     for ex_id, where, row in rows:
         if spec.messages_field in row and spec.instruction_field not in row:
+            formats.setdefault(f"chat rows ('{spec.messages_field}')", []).append(where)
             ex = _chat_example(ex_id, where, row[spec.messages_field], spec.messages_field, problems)
             if ex is not None:
                 out.append(ex)
             continue
         if spec.text_field in row and spec.instruction_field not in row and spec.output_field not in row:
+            formats.setdefault(f"raw text rows ('{spec.text_field}')", []).append(where)
             ex = _text_example(ex_id, where, row[spec.text_field], spec.text_field, problems)
             if ex is not None:
                 out.append(ex)
             continue
+        formats.setdefault(f"instruction rows ('{spec.instruction_field}', '{spec.output_field}')", []).append(where)
         fields = {}
         for role, field in (("instruction_field", spec.instruction_field), ("output_field", spec.output_field)):
             value = row.get(field)
@@ -318,7 +322,26 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
             instruction = f"{instruction}\n\n{extra}"
         out.append(Example(ex_id, instruction, fields["output_field"]))
     _raise_if(problems, name)
+    _one_format(formats, name)
     return out
+
+
+def _one_format(formats: dict[str, list[str]], name: str) -> None:
+    """One data format per file: instruction rows are scored on their answer, chat rows on the last assistant
+    turn (earlier ones learned), raw text on every token as a continuation. A file mixing them trained
+    and averaged unlike losses into one eval loss, silently."""
+    if len(formats) < 2:
+        return
+
+    def rows(where: list[str]) -> str:
+        return ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+
+    kinds = sorted(formats, key=lambda k: -len(formats[k]))
+    problems = [Problem(name, f"{len(formats[k])} {k}: {rows(formats[k])}", None,
+                        f"keep one format per file: put these rows in a file of their own, or write them as {kinds[0]}",
+                        False) for k in kinds[1:]]
+    raise DataError(f"{name}: rows of {len(formats)} data formats in one file ({', '.join(kinds)}); most are {kinds[0]} "
+                    f"({len(formats[kinds[0]])})", problems)
 
 
 ROLES = ("system", "user", "assistant")
@@ -351,14 +374,16 @@ def _chat_example(ex_id: str, where: str, messages: Any, field: str, problems: l
 
 def _text_example(ex_id: str, where: str, text: Any, field: str, problems: list[Problem]) -> Example | None:
     """Raw text: learned whole; evaluated as a continuation (its first half the prompt, the rest the
-    reference), cut at the space nearest the middle."""
+    reference), cut where a run of whitespace starts, nearest the middle: byte-level BPE tokenizers give
+    a whitespace run one token with the newline before it ("\n" + indentation), so a cut inside a run
+    tokenizes the seam unlike the whole text; before the run, prompt + continuation are the whole's tokens."""
     if not isinstance(text, str) or len(text.strip()) < 2:
         problems.append(Problem(where, f"field '{field}' must be text of at least two characters", text,
                                 f"give '{field}' a text value on every row"))
         return None
     text = text.strip()
     middle = len(text) // 2
-    spaces = [i for i, c in enumerate(text) if c.isspace()]
+    spaces = [i for i, c in enumerate(text) if c.isspace() and not text[i - 1].isspace()]
     cut = min(spaces, key=lambda i: abs(i - middle)) if spaces else middle
     return Example(ex_id, text[:cut], text[cut:], raw=True)
 
@@ -711,7 +736,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> 
 
 def example_lengths(tokenizer: Any, dataset: Dataset) -> list[int]:
     """Tokens of prompt + answer + end token, per example of train then eval."""
-    return [len(example_prompt_ids(tokenizer, ex, dataset.system_prompt))
+    return [len(_as_ids(tokenizer(ex.instruction + ex.output))) + 1 if ex.raw else
+            len(example_prompt_ids(tokenizer, ex, dataset.system_prompt))
             + len(_as_ids(tokenizer(ex.output, add_special_tokens=False))) + 1 for ex in dataset.train + dataset.eval]
 
 
@@ -745,6 +771,9 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, 
     prompt = example_prompt_ids(tokenizer, example, system_prompt)
     learned = _history_labels(tokenizer, example, system_prompt, prompt)
     response = _as_ids(tokenizer(example.output, add_special_tokens=False)) + [end_token_id(tokenizer)]
+    if example.raw:
+        prompt, response = _raw_tokens(tokenizer, prompt, example)
+        learned = [IGNORE_INDEX] + prompt[1:]
     if len(prompt) + len(response) > max_seq_len:
         if len(prompt) < max_seq_len:
             response = response[: max_seq_len - len(prompt)]
@@ -752,6 +781,17 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str | None, 
             cut = len(prompt) - (max_seq_len - 1)
             prompt, learned, response = prompt[cut:], learned[cut:], response[:1]
     return Encoded(prompt + response, learned + response, len(prompt))
+
+
+def _raw_tokens(tokenizer: Any, prompt: list[int], example: Example) -> tuple[list[int], list[int]]:
+    """Raw text as (prompt, rest + end token) in the whole text's own tokens: what the model learns is the
+    text as a tokenizer reads it whole, whatever the cut does to the seam (a merge across it, a
+    tokenizer that marks a word's start); the prompt is as much of the cut's prompt as the whole shares."""
+    whole = _as_ids(tokenizer(example.instruction + example.output))
+    k = 0
+    while k < min(len(prompt), len(whole) - 1) and prompt[k] == whole[k]:
+        k += 1
+    return whole[:max(k, 1)], whole[max(k, 1):] + [end_token_id(tokenizer)]
 
 
 def _history_labels(tokenizer: Any, example: Example, system_prompt: str | None, prompt: list[int]) -> list[int]:

@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import warnings
+
 import torch
 
 from loralab.engine.data import Encoded
@@ -24,6 +26,11 @@ EVA_BATCHES = 16  # distinct batches: the first 128 training examples, cycled un
 # limit of its own. The built-in model (r = 8, q/k/v) settles in 27 passes; a run that does not settle in this
 # many fails with a message instead of looping.
 EVA_MAX_PASSES = 100
+
+
+# PEFT warns, when a PiSSA/OLoRA config has rsLoRA with rank/alpha patterns, that its own conversion cannot
+# store the adapter; save_converted does (alpha x sqrt 2 at rank 2r), so the warning would only mislead.
+warnings.filterwarnings("ignore", message="Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training")
 
 
 class EvaDidNotConverge(RuntimeError):
@@ -87,3 +94,40 @@ def loftq_init(model, folder: str, adapter: str = "default") -> None:
                 root = float(module.scaling[adapter]) ** 0.5
                 module.lora_A[adapter].weight.div_(root)
                 module.lora_B[adapter].weight.div_(root)
+
+
+def save_converted(model, folder: str | os.PathLike, init_dir: str | os.PathLike, adapter: str = "default") -> None:
+    """Save a PiSSA or OLoRA adapter converted to a plain LoRA on the original base weights (rank 2r).
+
+    PiSSA/OLoRA train W_res + s·B·A, where W = W_res + s·B0·A0. The same update on W is s·[B, -B0]·[A; A0]
+    at rank 2r with the same scaling s (alpha doubled; ×√2 with rsLoRA, whose scaling is alpha/√r).
+    PEFT's own conversion (`path_initial_model_for_weight_conversion`) keeps only A and B: it drops DoRA's
+    trained magnitude vectors and trainable biases, and refuses rsLoRA with rank/alpha patterns. Here every
+    other tensor is kept as trained: the converted weight W + s·B'·A' equals the trained W_res + s·B·A, so
+    DoRA's magnitudes (a norm per output of that same weight) and the biases apply unchanged.
+    `init_dir`: the adapter PEFT saved right after initialisation (B0, A0), with init_lora_weights=True."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    start = load_file(str(Path(init_dir) / "adapter_model.safetensors"))
+    trained = get_peft_model_state_dict(model, adapter_name=adapter)
+    out = {}
+    for key, value in trained.items():
+        if "lora_A" in key:
+            value = torch.cat([value, start[key]], dim=0)
+        elif "lora_B" in key:
+            value = torch.cat([value, -start[key]], dim=1)
+        out[key] = value.detach().contiguous()
+    config = copy.deepcopy(model.peft_config[adapter])
+    grow = 2 ** 0.5 if config.use_rslora else 2.0  # alpha/√r or alpha/r unchanged at rank 2r
+    config.init_lora_weights, config.inference_mode = True, True
+    config.r *= 2
+    config.lora_alpha *= grow
+    config.rank_pattern = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
+    config.alpha_pattern = {k: v * grow for k, v in (config.alpha_pattern or {}).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -104,6 +104,20 @@ def check_gguf(gguf: Path, name: str) -> None:
                                   "give a model GGUF converted by llama.cpp's convert scripts")])
 
 
+def gguf_blocks(gguf: Path) -> int | None:
+    """How many blocks a GGUF model has, from its header (`<arch>.block_count`): what `lora.layers` is
+    checked against before the file is converted (a minute for a small model). None when it does not say."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(gguf).fields
+        arch = fields["general.architecture"].contents()
+        count = fields.get(f"{arch}.block_count")
+        return int(count.contents()) if count is not None else None
+    except Exception:  # an unreadable header is check_gguf's to report
+        return None
+
+
 def convert_gguf(gguf: Path, target: Path, what: str, log: Callable[[str], None] = print) -> Path:
     """Convert a GGUF file once to a safetensors folder; later calls just return it.
 
@@ -178,6 +192,8 @@ class LoadedModel:
     device: Any
     dtype: Any
     info: dict = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)  # quantized_state() at load: what restore_loaded puts back
+    biases: dict = field(default_factory=dict)  # copies of every bias at load: `bias: all` trains them in place
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -342,8 +358,11 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
+        quantized = quantized_state(model)
         q = spec.quantize
         fingerprint += f"+{q.bits}bit" + (f"-{q.type}{'-dq' if q.double_quant else ''}" if q.bits == 4 else "")
+        quantize_info = {"quantize": q.model_dump()}  # stored with each run: what merge_base rebuilds
     model.eval()
     arch = getattr(model.config, "model_type", type(model).__name__)
     if Path(ref).is_dir() and not spec.trust_remote_code and spec.quantize is None:  # packed weights have other shapes
@@ -351,7 +370,125 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
     n_params = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tok, name=spec.name, path=ref, fingerprint=fingerprint, arch=arch,
                      device=dev, dtype=dtype, info={"params": n_params, "dtype": str(dtype).replace("torch.", ""),
-                                                   "device": str(dev)})
+                                                   "device": str(dev), **(quantize_info if spec.quantize else {})},
+                     quantized=quantized if spec.quantize is not None else {},
+                     biases={n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")})
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout they were quantized to, on every device.
+
+    On a CPU with AVX-512 bf16, bitsandbytes repacks a 4-bit layer's weights for its CPU kernel at the first
+    forward outside training, and unpacks them whenever a state dict is taken (saving any adapter does).
+    Neither direction is exact (the packed form rounds the block scales to bf16; unpacking quantizes them
+    again), and the packed kernel has no backward: a run trained after an evaluation got no gradient through
+    the base at all, and every save moved the shared base a little, so results depended on run order and
+    on the CPU. Unpacked, training, evaluation and a merge all use the same dequantized weights."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def stored_quantization(model_info: dict) -> dict | None:
+    """A stored run's `model.quantize` (bits, type, double_quant): recorded in its model info, else read
+    off its fingerprint's suffix (rows stored before it was recorded); None for a full-precision base."""
+    if isinstance(model_info.get("quantize"), dict):
+        return model_info["quantize"]
+    m = re.search(r"\+(4|8)bit(?:-(nf4|fp4)(-dq)?)?$", str(model_info.get("fingerprint") or ""))
+    if m is None:
+        return None
+    return {"bits": 8} if m.group(1) == "8" else {"bits": 4, "type": m.group(2), "double_quant": bool(m.group(3))}
+
+
+def merge_base(model_info: dict, dtype) -> tuple[Any, str | None]:
+    """The base to merge a stored run's adapter into, as a plain transformers model, and a line to show
+    when the merged model still cannot be the evaluated one (else None).
+
+    A 4-bit run trained and was evaluated on the 4-bit weights, dequantized at every matmul: merged into
+    the full-precision original, its adapter gives another model (0.06 in logits on the built-in model).
+    Here the targeted weights of a quantized base are its dequantized ones, so the merged model computes
+    what was evaluated (to float rounding). An 8-bit base also quantizes each layer's inputs (LLM.int8):
+    no full-precision model computes that, which the returned line says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = model_info.get("path") or model_info.get("name")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    q = stored_quantization(model_info)
+    if q is None:
+        return plain, None
+    spec = ModelSpec(name=str(path), quantize=q)
+    quantized = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, device_map={"": "cpu"},
+                                                     quantization_config=quantization_config(spec, dtype))
+    layers = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            weight = getattr(layers.get(name), "weight", None)
+            if type(weight).__name__ == "Params4bit":
+                import bitsandbytes as bnb
+
+                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype))
+            elif type(weight).__name__ == "Int8Params":  # as bitsandbytes' own 8-bit matmul scales it
+                scales = weight.SCB if weight.SCB is not None else layers[name].state.SCB
+                module.weight.copy_((weight.data.to(torch.float32) * (scales.unsqueeze(1) * (1.0 / 127.0))).to(dtype))
+    del quantized
+    note = None
+    if q["bits"] == 8:
+        note = ("merged into the 8-bit base's dequantized weights; the evaluated 8-bit model also quantized each "
+                "layer's inputs, so this merged model's outputs differ a little from the evaluated ones")
+    return plain, note
+
+
+def quantized_state(model) -> dict[str, tuple]:
+    """Each bitsandbytes layer's weight object and the tensors that carry its scales, by module name:
+    references, not copies (nothing in place changes them; what breaks a layer is a swapped-in weight)."""
+    out: dict[str, tuple] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        kind = type(weight).__name__
+        if kind == "Int8Params":
+            out[name] = (weight, weight.data, weight.CB, weight.SCB, module.state.CB, module.state.SCB)
+        elif kind == "Params4bit":
+            out[name] = (weight, weight.data, weight.quant_state)
+    return out
+
+
+def restore_loaded(loaded: "LoadedModel") -> None:
+    """Put the shared base back as it was loaded, after a run's adapter is unloaded: its quantized layers
+    (restore_quantized) and its biases, which `lora.bias: all` or `lora_only` trains in place (and loading
+    such an adapter writes), so every later run of the file trained and evaluated on another base."""
+    import torch
+
+    restore_quantized(loaded.model, loaded.quantized)
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name, value in loaded.biases.items():
+            if name in params and not torch.equal(params[name], value):
+                params[name].copy_(value)
+            if name in params:
+                params[name].requires_grad_(False)
+
+
+def restore_quantized(model, saved: dict[str, tuple]) -> None:
+    """Put a quantized base's layers back as `quantized_state` found them, whatever a run did to them.
+
+    PEFT's DoRA dequantizes an 8-bit layer on a CPU by replacing its weight with a copy that has lost its
+    scales (SCB); every later forward of that layer then fails, in this run and in all the runs after it."""
+    modules = dict(model.named_modules())
+    for name, entry in saved.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        weight = entry[0]
+        if module.weight is not weight:
+            module._parameters["weight"] = weight
+        weight.data = entry[1]
+        if len(entry) == 6:
+            weight.CB, weight.SCB, module.state.CB, module.state.SCB = entry[2:]
+        else:
+            weight.quant_state = entry[2]
+            if hasattr(module, "quant_state"):
+                module.quant_state = entry[2]
 
 
 @dataclass(frozen=True)

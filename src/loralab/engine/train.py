@@ -323,8 +323,10 @@ def make_optimizer(model, params: list, spec: TrainSpec, loraplus_lr_ratio: floa
     if loraplus_lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
 
+        # PEFT gives each parameter group its own weight decay, read from `loraplus_weight_decay` (default 0):
+        # a plain `weight_decay` would be overridden by every group and silently ignored.
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=loraplus_lr_ratio,
-                                         weight_decay=spec.weight_decay, **fused)
+                                         loraplus_weight_decay=spec.weight_decay, **fused)
     return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
 
 

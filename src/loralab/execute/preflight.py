@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
-from loralab.config.schema import Experiment, RunSpec
+from loralab.config.schema import Experiment, RunSpec, eva_rho, pattern_regex
 
 # A plan above this many optimizer steps is a typo (epochs: 1e12), not an experiment: a million
 # steps of even a tiny model take days.
@@ -83,6 +83,48 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
             if widths and run.lora.r > min(widths):
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
+        if layers is not None and layers.params and (run.lora.rank_pattern or run.lora.alpha_pattern):
+            adapted = _adapted_modules(layers, run)
+            for knob in ("rank_pattern", "alpha_pattern"):
+                idle = [k for k in getattr(run.lora, knob) or {} if not any(pattern_regex(k).match(m) for m in adapted)]
+                if idle and adapted:
+                    example = adapted[0]
+                    add(_where(exp, run, "lora", knob), f"{'key' if len(idle) == 1 else 'keys'} "
+                        f"{', '.join(repr(k) for k in idle)} {'matches' if len(idle) == 1 else 'match'} none of the "
+                        f"{len(adapted)} layers LoRA is put on (e.g. {example}): the setting would be stored but not "
+                        "applied", idle[0] if len(idle) == 1 else idle,
+                        f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
+                        f"({'.'.join(example.split('.')[-4:])}), or remove the key")
+            for key, rank in (run.lora.rank_pattern or {}).items():  # as PEFT picks: the first key that matches
+                shapes = [layers.params[m + ".weight"] for m in adapted
+                          if next((k for k in run.lora.rank_pattern if pattern_regex(k).match(m)), None) == key]
+                widths = [min(s) for s in shapes if len(s) == 2 and s[-1] > 1]
+                if widths and rank > min(widths):
+                    add(_where(exp, run, "lora", "rank_pattern"), f"key {key!r}: rank {rank} is above the width "
+                        f"{min(widths)} of the layers it matches (a rank beyond it adds parameters, not capacity)", rank,
+                        f"use at most {min(widths)}")
+        rho = eva_rho(run.lora.init)
+        if rho:
+            from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
+
+            if n_train <= EVA_BATCH:
+                add(_where(exp, run, "lora", "init"), f"EVA settles its SVD of the layer inputs over successive batches "
+                    f"of {EVA_BATCH} training examples, and {n_train} training example(s) make one batch: every pass "
+                    "would repeat the same examples", run.lora.init,
+                    f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
+                    "data.train_size), or use lora.init default")
+            over = []  # (components, inputs, rank, where the rank is set) of layers whose SVD cannot have them
+            for m in _adapted_modules(layers, run) if layers and layers.params else []:
+                shape = layers.params[m + ".weight"]
+                key = next((k for k in run.lora.rank_pattern or {} if pattern_regex(k).match(m)), None)
+                rank = run.lora.rank_pattern[key] if key is not None else run.lora.r
+                if len(shape) == 2 and shape[-1] > 1 and round(rank * rho) > shape[-1]:  # not 4-bit's packed [n, 1]
+                    over.append((round(rank * rho), shape[-1], rank, "rank_pattern" if key is not None else "r"))
+            if over:
+                comps, inputs, rank, knob = min(over, key=lambda o: o[1])
+                add(_where(exp, run, "lora", knob), f"EVA fits rank x rho = {comps} components of each targeted layer's "
+                    f"inputs, more than the {inputs} inputs a layer of rank {rank} has (PEFT fails after the model loaded)",
+                    rank, f"use a rank of at most {int(inputs // rho)} with rho {rho:g}, or a lower rho (eva_rho_1)")
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
@@ -98,17 +140,33 @@ OTHER_INITS = "or use another lora.init (default, pissa, eva)"
 
 
 def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
-    """Initialisations this model, device or variant cannot take. LoftQ fits the adapter to what 4-bit
+    """Initialisations and variants this model, device or variant cannot take. PiSSA and OLoRA need a
+    full-precision base (they rewrite it); DoRA on an 8-bit base needs CUDA. LoftQ fits the adapter to what 4-bit
     quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
     there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
     (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
     puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
     out: list[Problem] = []
+    bits = exp.model.quantize.bits if exp.model.quantize is not None else None
     for run in checked_runs(exp, runs):
+        where = _where(exp, run, "lora", "init")
+        if bits and run.lora.init.startswith(("pissa", "olora")):
+            method = "PiSSA" if run.lora.init.startswith("pissa") else "OLoRA"
+            out.append(Problem(where, f"{method} moves the adapter's start out of the base weights, and on a {bits}-bit base the "
+                               "rest is quantized again: the adapter converted for the original base is not the model "
+                               "trained, and the shared base cannot be put back as it was", run.lora.init,
+                               "remove model.quantize (train on the full-precision base), or use lora.init default, "
+                               "gaussian or eva" + (" (or loftq, made for a 4-bit base)" if bits == 4 else "")))
+        if bits == 8 and run.lora.use_dora and _trains_on_cpu(exp):
+            from importlib.metadata import version
+
+            out.append(Problem(_where(exp, run, "lora", "use_dora"), f"DoRA on an 8-bit base fails on a CPU: PEFT "
+                               f"{version('peft')} dequantizes each layer by swapping in a copy of its weight without "
+                               f"its 8-bit scales, and the layer's next forward fails (device: {exp.device})", True,
+                               "use model.quantize bits: 4 for DoRA on a CPU, remove use_dora, or run where a CUDA "
+                               "GPU is visible"))
         if run.lora.init != "loftq":
             continue
-        where = _where(exp, run, "lora", "init")
-        bits = exp.model.quantize.bits if exp.model.quantize is not None else None
         if bits != 4:
             out.append(Problem(where, "LoftQ fits the adapter to what 4-bit quantization takes from the base "
                                f"weights, so it needs a 4-bit base; model.quantize is {f'{bits} bits' if bits else 'not set'}",
@@ -123,7 +181,7 @@ def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
             out.append(Problem(where, "LoftQ with DoRA: DoRA fixes its magnitudes from the base before LoftQ sets "
                                "A and B, so the adapter would not start where LoftQ puts it", "loftq",
                                "remove use_dora, " + OTHER_INITS))
-    return out
+    return list({(p.where, p.message): p for p in out}.values())  # a default shared by runs: said once
 
 
 def _trains_on_cpu(exp: Experiment) -> bool:
@@ -134,13 +192,65 @@ def _trains_on_cpu(exp: Experiment) -> bool:
     return not torch.cuda.is_available()
 
 
+def gguf_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
+    """`lora.layers` beyond a GGUF model's blocks (a user's .gguf, the built-in model), read from its header:
+    before the file is converted, not after (the conversion is the slow part of a first run: 33 s for 135M)."""
+    from loralab.config.schema import BUILTIN_MODEL
+    from loralab.engine.models import builtin_gguf_path, gguf_blocks, gguf_file
+    from loralab.errors import ModelError
+
+    if not any(r.lora.layers for r in checked_runs(exp, runs)):
+        return []
+    gguf = gguf_file(exp.model, exp.base_dir)
+    if gguf is None and exp.model.name == BUILTIN_MODEL:  # the built-in model is a GGUF too until converted
+        try:
+            gguf = builtin_gguf_path()
+        except ModelError:  # not installed: said by the model check
+            gguf = None
+    blocks = gguf_blocks(gguf) if gguf is not None else None
+    out: list[Problem] = []
+    for run in checked_runs(exp, runs) if blocks else []:
+        if run.lora.layers and max(run.lora.layers) >= blocks:
+            out.append(Problem(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1}), "
+                               f"by its GGUF header", run.lora.layers, f"use block indices from 0 to {blocks - 1}"))
+    return list({p.where: p for p in out}.values())
+
+
 def check_inits(exp: Experiment, runs: list[RunSpec] | None = None) -> None:
-    """Checked before any data or model is read (validate and run): initialisations the setup cannot take."""
-    problems = init_problems(exp, exp.resolved_runs if runs is None else runs)
+    """Checked before any data or model is read (validate and run): initialisations the setup cannot take,
+    and block indices beyond a GGUF model's header."""
+    runs = exp.resolved_runs if runs is None else runs
+    problems = init_problems(exp, runs) + gguf_problems(exp, runs)
     if problems:
         n = len(problems)
-        raise SpecError(f"{exp.source or 'experiment'}: {n} lora.init setting{'s' if n > 1 else ''} this setup "
+        raise SpecError(f"{exp.source or 'experiment'}: {n} LoRA setting{'s' if n > 1 else ''} this setup "
                         "cannot run", problems)
+
+
+def _adapted_modules(layers: Any, run: RunSpec) -> list[str]:
+    """Full names of the modules a run's LoRA goes on (its target layers, in its `layers` blocks): what PEFT
+    matches rank_pattern and alpha_pattern keys against. [] when the targets do not resolve (reported
+    by the target check itself)."""
+    import re
+
+    from loralab.engine.models import resolve_target_modules
+
+    try:
+        targets, _ = resolve_target_modules(layers, run.lora.target_modules)
+    except Exception:
+        return []
+    if targets == "all-linear":
+        targets = [n for n in (layers.widths or {}) if n not in ("lm_head", "embed_out")]
+    out = []
+    for name in layers.params:
+        module, _, kind = name.rpartition(".")
+        if kind != "weight" or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        block = re.search(r"\.(\d+)\.", module)
+        if run.lora.layers and (block is None or int(block.group(1)) not in run.lora.layers):
+            continue
+        out.append(module)
+    return out
 
 
 def _blocks(layers: Any | None) -> int | None:

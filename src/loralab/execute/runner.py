@@ -557,6 +557,9 @@ def restore_base(prepared: Prepared, peft_model) -> None:
     """Take the LoRA layers out again, and put back base weights an initialisation rewrote: the prepared
     base model is shared by every run."""
     prepared.base.model = peft_model.unload()  # removes the LoRA layers
+    from loralab.engine.models import restore_loaded
+
+    restore_loaded(prepared.base)  # a quantized base's layers and every bias as loaded
     saved = getattr(peft_model, "_base_weights", None) or {}
     if saved:
         import torch
@@ -820,12 +823,6 @@ class _Done:
         self.rep.log(f"{self.label}: {text}")
         return "pruned"
 
-    def _conversion(self) -> dict:
-        """PiSSA and OLoRA adapters are saved converted to plain LoRA against the original base weights
-        (PEFT's weight conversion, rank 2r), so they load on the unchanged base like any adapter."""
-        init_dir = getattr(self.model, "_init_dir", None)
-        return {"path_initial_model_for_weight_conversion": str(init_dir)} if init_dir else {}
-
     def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
         prepared, res = self.prepared, self.res
         run_dir = self.store.run_dir(self.rid)
@@ -833,7 +830,11 @@ class _Done:
         shutil.rmtree(tmp, ignore_errors=True)
         converted = bool(getattr(self.model, "_base_weights", None))
         if converted:  # PiSSA/OLoRA: evaluated as stored, the converted adapter on the original base weights
-            self.model.save_pretrained(tmp, **self._conversion())
+            # converted to plain LoRA on the original base weights (rank 2r, DoRA magnitudes kept): it loads
+            # on the unchanged base like any adapter
+            from loralab.engine.inits import save_converted
+
+            save_converted(self.model, tmp, self.model._init_dir)
             restore_base(prepared, self.model)
             self.model = None  # the base is whole again: nothing for _train_one to restore if loading fails
             from peft import PeftModel
