@@ -83,48 +83,8 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
             if widths and run.lora.r > min(widths):
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
-        if layers is not None and layers.params and (run.lora.rank_pattern or run.lora.alpha_pattern):
-            adapted = _adapted_modules(layers, run)
-            for knob in ("rank_pattern", "alpha_pattern"):
-                idle = [k for k in getattr(run.lora, knob) or {} if not any(pattern_regex(k).match(m) for m in adapted)]
-                if idle and adapted:
-                    example = adapted[0]
-                    add(_where(exp, run, "lora", knob), f"{'key' if len(idle) == 1 else 'keys'} "
-                        f"{', '.join(repr(k) for k in idle)} {'matches' if len(idle) == 1 else 'match'} none of the "
-                        f"{len(adapted)} layers LoRA is put on (e.g. {example}): the setting would be stored but not "
-                        "applied", idle[0] if len(idle) == 1 else idle,
-                        f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
-                        f"({'.'.join(example.split('.')[-4:])}), or remove the key")
-            for key, rank in (run.lora.rank_pattern or {}).items():  # as PEFT picks: the first key that matches
-                shapes = [layers.params[m + ".weight"] for m in adapted
-                          if next((k for k in run.lora.rank_pattern if pattern_regex(k).match(m)), None) == key]
-                widths = [min(s) for s in shapes if len(s) == 2 and s[-1] > 1]
-                if widths and rank > min(widths):
-                    add(_where(exp, run, "lora", "rank_pattern"), f"key {key!r}: rank {rank} is above the width "
-                        f"{min(widths)} of the layers it matches (a rank beyond it adds parameters, not capacity)", rank,
-                        f"use at most {min(widths)}")
-        rho = eva_rho(run.lora.init)
-        if rho:
-            from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
-
-            if n_train <= EVA_BATCH:
-                add(_where(exp, run, "lora", "init"), f"EVA settles its SVD of the layer inputs over successive batches "
-                    f"of {EVA_BATCH} training examples, and {n_train} training example(s) make one batch: every pass "
-                    "would repeat the same examples", run.lora.init,
-                    f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
-                    "data.train_size), or use lora.init default")
-            over = []  # (components, inputs, rank, where the rank is set) of layers whose SVD cannot have them
-            for m in _adapted_modules(layers, run) if layers and layers.params else []:
-                shape = layers.params[m + ".weight"]
-                key = next((k for k in run.lora.rank_pattern or {} if pattern_regex(k).match(m)), None)
-                rank = run.lora.rank_pattern[key] if key is not None else run.lora.r
-                if len(shape) == 2 and shape[-1] > 1 and round(rank * rho) > shape[-1]:  # not 4-bit's packed [n, 1]
-                    over.append((round(rank * rho), shape[-1], rank, "rank_pattern" if key is not None else "r"))
-            if over:
-                comps, inputs, rank, knob = min(over, key=lambda o: o[1])
-                add(_where(exp, run, "lora", knob), f"EVA fits rank x rho = {comps} components of each targeted layer's "
-                    f"inputs, more than the {inputs} inputs a layer of rank {rank} has (PEFT fails after the model loaded)",
-                    rank, f"use a rank of at most {int(inputs // rho)} with rho {rho:g}, or a lower rho (eva_rho_1)")
+        _pattern_problems(exp, run, layers, add)
+        _eva_problems(exp, run, layers, n_train, add)
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
@@ -134,6 +94,57 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
         add("evaluation.drift_max_new_tokens", f"above the model's context of {context} tokens", ev.drift_max_new_tokens,
             f"use at most {context}")
     return out
+
+
+def _pattern_problems(exp: Experiment, run: RunSpec, layers: Any | None, add) -> None:
+    """rank_pattern / alpha_pattern keys that match no adapted layer, and pattern ranks above a layer's width."""
+    if not (layers is not None and layers.params and (run.lora.rank_pattern or run.lora.alpha_pattern)):
+        return
+    adapted = _adapted_modules(layers, run)
+    for knob in ("rank_pattern", "alpha_pattern"):
+        idle = [k for k in getattr(run.lora, knob) or {} if not any(pattern_regex(k).match(m) for m in adapted)]
+        if idle and adapted:
+            example = adapted[0]
+            add(_where(exp, run, "lora", knob), f"{'key' if len(idle) == 1 else 'keys'} "
+                f"{', '.join(repr(k) for k in idle)} {'matches' if len(idle) == 1 else 'match'} none of the "
+                f"{len(adapted)} layers LoRA is put on (e.g. {example}): the setting would be stored but not "
+                "applied", idle[0] if len(idle) == 1 else idle,
+                f"name a targeted layer by its name ({example.rsplit('.', 1)[-1]}) or the end of its path "
+                f"({'.'.join(example.split('.')[-4:])}), or remove the key")
+    for key, rank in (run.lora.rank_pattern or {}).items():  # as PEFT picks: the first key that matches
+        shapes = [layers.params[m + ".weight"] for m in adapted
+                  if next((k for k in run.lora.rank_pattern if pattern_regex(k).match(m)), None) == key]
+        widths = [min(s) for s in shapes if len(s) == 2 and s[-1] > 1]
+        if widths and rank > min(widths):
+            add(_where(exp, run, "lora", "rank_pattern"), f"key {key!r}: rank {rank} is above the width "
+                f"{min(widths)} of the layers it matches (a rank beyond it adds parameters, not capacity)", rank,
+                f"use at most {min(widths)}")
+
+
+def _eva_problems(exp: Experiment, run: RunSpec, layers: Any | None, n_train: int, add) -> None:
+    """EVA over a single batch, or with rank x rho above a layer's inputs (PEFT fails after the model loaded)."""
+    rho = eva_rho(run.lora.init)
+    if rho:
+        from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
+
+        if n_train <= EVA_BATCH:
+            add(_where(exp, run, "lora", "init"), f"EVA settles its SVD of the layer inputs over successive batches "
+                f"of {EVA_BATCH} training examples, and {n_train} training example(s) make one batch: every pass "
+                "would repeat the same examples", run.lora.init,
+                f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
+                "data.train_size), or use lora.init default")
+        over = []  # (components, inputs, rank, where the rank is set) of layers whose SVD cannot have them
+        for m in _adapted_modules(layers, run) if layers and layers.params else []:
+            shape = layers.params[m + ".weight"]
+            key = next((k for k in run.lora.rank_pattern or {} if pattern_regex(k).match(m)), None)
+            rank = run.lora.rank_pattern[key] if key is not None else run.lora.r
+            if len(shape) == 2 and shape[-1] > 1 and round(rank * rho) > shape[-1]:  # not 4-bit's packed [n, 1]
+                over.append((round(rank * rho), shape[-1], rank, "rank_pattern" if key is not None else "r"))
+        if over:
+            comps, inputs, rank, knob = min(over, key=lambda o: o[1])
+            add(_where(exp, run, "lora", knob), f"EVA fits rank x rho = {comps} components of each targeted layer's "
+                f"inputs, more than the {inputs} inputs a layer of rank {rank} has (PEFT fails after the model loaded)",
+                rank, f"use a rank of at most {int(inputs // rho)} with rho {rho:g}, or a lower rho (eva_rho_1)")
 
 
 OTHER_INITS = "or use another lora.init (default, pissa, eva)"
