@@ -377,13 +377,26 @@ def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
         store.close()
 
 
-def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
-    """A run with all its seeds (a list of one when the run has a single seed)."""
+def get_group(ref: str, workspace: str | Path | None = None, experiment: str | None = None) -> list[RunRecord]:
+    """A run with all its seeds (a list of one when the run has a single seed); `experiment` picks it
+    when several experiments have a run of that name (else the newest, see `picked`)."""
     store = open_store(workspace)
     try:
-        return store.readable_group(ref)
+        return store.readable_group(f"{experiment}/{ref}" if experiment and "/" not in ref else ref)
     finally:
         store.close()
+
+
+def picked(ref: str, group: list[RunRecord], workspace: str | Path | None = None) -> str | None:
+    """A sentence when a bare run name matched runs of several experiments (which one `group` is, and how
+    to pick another); None when the name is unambiguous."""
+    if "/" in ref or not group or group[0].name != ref:
+        return None
+    others = sorted({r.experiment for r in list_runs(workspace) if r.name == ref} - {group[0].experiment})
+    if not others:
+        return None
+    return (f"{len(others) + 1} experiments have a run {ref!r}: using {group[0].experiment}'s (the newest); "
+            f"pick another with --experiment {others[0]} (or {others[0]}/{ref})")
 
 
 def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: bool = False):
@@ -413,12 +426,34 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     return verdict_of(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
 
 
-def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None) -> Path:
+def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None,
+           base: str | None = None, seed: int | None = None, experiment: str | None = None):
     """A finished run's adapter in PEFT format (or, with `merge`, the base model with the adapter merged
-    in, safetensors and tokenizer), with a README.md model card, in folder `out`."""
+    in, safetensors), with its tokenizer and chat template and a README.md model card, in folder `out`.
+
+    `base`: how the adapter's config and card name the base model (a Hub id or a path on the machine that
+    loads it; default: the built-in model's Hub id, a Hub id as the file gave it, else this machine's folder).
+    `seed`: which seed of a run trained with several (default: the first, said in the notes).
+    Returns a workspace.export.Exported (`folder`, `notes`)."""
     from loralab.workspace.export import export as write
 
-    return write(get_run(ref, workspace), out, merge=merge)
+    group = get_group(ref, workspace, experiment)
+    notes = [n for n in [picked(ref, group, workspace)] if n]
+    seeds = [r.seed for r in group]
+    if seed is not None:
+        chosen = [r for r in group if r.seed == seed]
+        if not chosen:
+            raise SpecError(f"run {ref} has no seed {seed}",
+                            [Problem("--seed", "no such seed", seed, "use one of: " + ", ".join(str(s) for s in seeds))])
+        rec = chosen[0]
+    else:
+        rec = next((r for r in group if r.status == "finished"), group[0])
+        if len(group) > 1:
+            notes.append(f"run {rec.name} has seeds {', '.join(str(s) for s in seeds)}: exported seed {rec.seed} "
+                         "(pick another with --seed N)")
+    done = write(rec, out, merge=merge, base=base)
+    done.notes[:0] = notes
+    return done
 
 
 def table(c, title: str = "Main differences"):

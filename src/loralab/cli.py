@@ -60,6 +60,7 @@ ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (th
                            "default: the file's `executor:`, else local")
 TrackOpt = typer.Option(None, "--track", help="Copy each run to trackers: comma-separated mlflow, tensorboard, wandb "
                         "(each an extra: pip install 'loralab[NAME]'), or none; default: the file's `track:`")
+ExperimentOpt = typer.Option(None, "--experiment", "-e", help="The experiment whose run it is, when several have a run of that name")
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
 
 
@@ -275,14 +276,18 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
 def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, experiment/name, or id prefix"),
          workspace: Optional[str] = WorkspaceOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-         samples: int = typer.Option(3, "--samples", help="Sample outputs to print")):
+         samples: int = typer.Option(3, "--samples", help="Sample outputs to print"),
+         experiment: Optional[str] = ExperimentOpt):
     """Show one run: config, metrics, timings and a few sample outputs."""
     from rich.table import Table
 
     from loralab import api
 
-    group = api.get_group(run_ref, workspace)
+    group = api.get_group(run_ref, workspace, experiment)
     rec = group[0]
+    note = api.picked(run_ref, group, workspace) if experiment is None else None
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         _print_json({**rec.__dict__, "seeds": [r.__dict__ for r in group]} if len(group) > 1 else rec.__dict__)
         return
@@ -437,12 +442,20 @@ def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished ru
            out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder"),
            merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model (safetensors, "
                                       "with its tokenizer) instead of writing the PEFT adapter folder"),
+           base: Optional[str] = typer.Option(None, "--base", "--base-id", metavar="HUB_ID|PATH",
+                                              help="How the export names its base model for others: a Hugging Face id or "
+                                              "a path on their machine (default: the built-in model's Hub id "
+                                              "HuggingFaceTB/SmolLM2-135M-Instruct, a Hub id as the file gave it, else this machine's folder)"),
+           seed: Optional[int] = typer.Option(None, "--seed", help="Which seed of a run trained with several (default: the first)"),
+           experiment: Optional[str] = ExperimentOpt,
            workspace: Optional[str] = WorkspaceOpt):
-    """Write a run's adapter (or the merged model) with a model card, for others to load."""
+    """Write a run's adapter (or the merged model) with its tokenizer and a model card, for others to load."""
     from loralab import api
 
-    folder = api.export(run_ref, out, merge=merge, workspace=workspace)
-    console.print(f"Wrote {folder} ({'merged model' if merge else 'PEFT adapter'} and README.md)", highlight=False)
+    done = api.export(run_ref, out, merge=merge, workspace=workspace, base=base, seed=seed, experiment=experiment)
+    for note in done.notes:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(note)}", highlight=False, soft_wrap=True)
+    console.print(f"Wrote {done.folder} ({'merged model' if merge else 'PEFT adapter'}, tokenizer and README.md)", highlight=False)
 
 
 @app.command()
