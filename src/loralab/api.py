@@ -438,7 +438,7 @@ def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | P
     from loralab.workspace.export import export as write
 
     group = get_group(ref, workspace, experiment)
-    notes = [n for n in [picked(ref, group, workspace)] if n]
+    notes = [n for n in [picked(ref, group, workspace) if experiment is None else None] if n]
     seeds = [r.seed for r in group]
     if seed is not None:
         chosen = [r for r in group if r.seed == seed]

@@ -173,3 +173,19 @@ def test_a_failure_while_writing_leaves_nothing_behind(trained, tmp_path, monkey
     with pytest.raises(SpecError, match="cannot write there"):
         export_mod.export(rec, tmp_path / "ro", merge=True)
     assert not (tmp_path / "ro").exists()
+
+
+def test_a_run_name_two_experiments_share_says_which_was_picked(trained, tmp_path):
+    tmp, base = trained
+    ws = tmp_path / "ws"
+    for name, steps in (("first", 2), ("second", 3)):
+        runs = f"runs:\n  A:\n    train: {{max_steps: {steps}, batch_size: 2}}\n    generate: {{max_new_tokens: 2}}\n"
+        loralab.run(loralab.load(experiment(tmp_path, base, runs, name=name)), workspace=ws)
+    res = CliRunner().invoke(app, ["show", "A", "-w", str(ws)])
+    assert res.exit_code == 0 and "2 experiments have a run 'A'" in res.output and "--experiment first" in res.output, res.output
+    assert "second/A" in res.output
+    res = CliRunner().invoke(app, ["show", "A", "--experiment", "first", "-w", str(ws)])
+    assert res.exit_code == 0 and "first/A" in res.output and "experiments have" not in res.output, res.output
+    done = loralab.api.export("A", tmp_path / "out", workspace=ws, experiment="first")
+    assert "# first/A" in (done.folder / "README.md").read_text()
+    assert not any("experiments have" in n for n in done.notes)
