@@ -623,3 +623,20 @@ def test_the_study_storage_survives_another_process_creating_optunas_tables_at_t
     with pytest.raises(OperationalError):
         study_mod.study_storage(url)
     assert len(calls) == 1  # an unreachable server is not a race: said at once
+
+
+def test_a_dry_run_after_full_runs_counts_only_what_a_loss_only_trial_does(tiny_neox, tmp_path):
+    """Runs of `loralab run` generate and measure drift; a loss-only sweep's trials do neither, so its
+    estimate takes their loss pass only (scaled per eval example), a generating sweep their whole eval."""
+    import loralab
+    from loralab.sweep.study import _throughput
+
+    f = sweep_file(tmp_path, tiny_neox, "strategy: random\nspace: {lora.r: [2, 4]}\nbudget: {trials: 2}")
+    loralab.run(load_experiment(f), workspace=tmp_path / "ws")
+    rec = next(r for r in Store(tmp_path / "ws").list() if r.kind == "lora")
+    assert "generate_s" in rec.timings  # it generated: its eval_s holds more than a loss-only trial does
+    loss_only = load_experiment(f).sweep
+    full = parse("sweep:\n  space: {lora.r: [4]}\n  budget: {trials: 1}\n  evaluate: full\n").sweep
+    n = rec.data["n_eval"]
+    assert _throughput(tmp_path / "ws", rec.model["fingerprint"], loss_only, n)[2] == pytest.approx(rec.timings["eval_loss_s"])
+    assert _throughput(tmp_path / "ws", rec.model["fingerprint"], full, 2 * n)[2] == pytest.approx(2 * rec.metrics["eval_s"])

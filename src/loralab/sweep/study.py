@@ -700,8 +700,12 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
 # Dry run: what would run, and about how long it would take
 
 
-def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | None:
-    """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace."""
+def _throughput(ws: Path, model_fingerprint: str, sweep=None, n_eval: int | None = None) -> tuple[float, str, float] | None:
+    """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace.
+
+    The eval seconds are what a trial does: a loss-only objective's trials skip generation and drift, so
+    stored runs that generated count only their loss pass (`timings.eval_loss_s`); scaled per eval example
+    to `n_eval` (another experiment's eval set may be larger)."""
     from loralab.errors import RunNotFound
     from loralab.workspace.store import Store, shown
 
@@ -717,9 +721,21 @@ def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | 
     runs = list({r.id: r for r in runs}.values())
     if not runs:
         return None
+    full = needs_full_eval(sweep)
+
+    def eval_s(r) -> float:
+        generated = "generate_s" in r.timings
+        if full and not generated:  # a loss-only trial's time says nothing of generation: not counted
+            return float("nan")
+        s = r.metrics.get("eval_s", 0.0) if full or not generated else r.timings.get("eval_loss_s", 0.0)
+        n = r.data.get("n_eval")
+        return s * n_eval / n if n_eval and n else s
+
     tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
-    return tps, f"measured: median of {len(runs)} finished run(s) in {shown(ws)}", statistics.median(
-        r.metrics.get("eval_s", 0.0) for r in runs)
+    evals = [e for e in map(eval_s, runs) if e == e]
+    if not evals:
+        return None
+    return tps, f"measured: median of {len(runs)} finished run(s) in {shown(ws)}", statistics.median(evals)
 
 
 MEASURE_STEPS = 4  # a dry run with nothing stored trains this many steps (the first is warm-up, not timed)
@@ -777,7 +793,7 @@ def dry_run_plan(exp: Experiment, prepared, ws: Path, space: Space) -> DryRun:
     sw = exp.sweep
     start = experiment_start(exp)
     seeds = len(exp.seeds_for(make_run(start, {}, "start")))
-    measured = _throughput(ws, prepared.base.fingerprint)
+    measured = _throughput(ws, prepared.base.fingerprint, sw, len(prepared.eval_encoded))
     tps, source, eval_s = measured or measure_here(exp, prepared, make_run(start, {}, "start"))
     budget = sw.budget.model_dump(exclude_none=True)
     points = space.expand() if is_grid(sw) else None
