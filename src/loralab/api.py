@@ -108,6 +108,8 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
         if layers is not None and not exp.data.truncate:
             _check_lengths(exp, dataset)
         notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
+    notes.append(cost_note(exp, len(dataset.train) if dataset is not None else None,
+                           len(dataset.eval) if dataset is not None else None))
     if exp.sweep is not None:
         from loralab.config.space import describe
 
@@ -115,6 +117,58 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     if exp.track.names:
         notes.append(f"trackers installed: {', '.join(exp.track.names)}")
     return exp, notes
+
+
+def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = None) -> str:
+    """What `run FILE` will do: trainings (runs x seeds) and the base model's evaluation; with the data's
+    size and finished runs of the same model in the file's workspace, about how long (their measured
+    seconds per training example and per eval example)."""
+    runs = exp.resolved_runs
+    trainings = sum(len(exp.seeds_for(r)) for r in runs)
+    seeds = {len(exp.seeds_for(r)) for r in runs}
+    each = f"{len(runs)} run(s) x {seeds.pop()} seed(s)" if len(seeds) == 1 else f"{len(runs)} run(s)"
+    text = f"cost: `run` trains {trainings} adapter(s) ({each}) and evaluates each, plus the base model once"
+    rates = _stored_rates(exp) if n_train else None
+    if rates is None:
+        return text + "; no time estimate (no finished run of this model in the workspace yet)"
+    per_example, per_eval, n = rates
+    seconds = sum(len(exp.seeds_for(r)) * (r.train.planned_steps(n_train) * r.train.batch_size * r.train.gradient_accumulation
+                                           * per_example + (n_eval or 0) * per_eval) for r in runs) + (n_eval or 0) * per_eval
+    return text + f"; about {_duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
+
+
+def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
+    """Median training seconds per example seen and eval seconds per eval example of the finished runs of
+    the file's model in its workspace (a folder; a database is not opened by validate); None without any."""
+    import statistics
+
+    from loralab.execute.runner import resolve_workspace
+    from loralab.workspace.store import DB_NAME, is_url
+
+    ws = resolve_workspace(exp, None)
+    if is_url(ws) or not (Path(ws) / DB_NAME).is_file():
+        return None
+    try:
+        records = list_runs(ws)
+    except LoralabError:
+        return None
+    train, evals = [], []
+    for r in records:
+        m, t = r.metrics, (r.config.get("train") or {})
+        if r.kind != "lora" or r.status != "finished" or r.model.get("name") != exp.model.name:
+            continue
+        seen = (m.get("steps") or 0) * (t.get("batch_size") or 0) * (t.get("gradient_accumulation") or 1)
+        if seen and m.get("train_s"):
+            train.append(m["train_s"] / seen)
+        if r.data.get("n_eval") and m.get("eval_s") is not None:
+            evals.append(m["eval_s"] / r.data["n_eval"])
+    if not train:
+        return None
+    return statistics.median(train), statistics.median(evals) if evals else 0.0, len(train)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _local_data(exp: Experiment):

@@ -23,7 +23,7 @@ from typing import Any
 from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
-from loralab.progress import Reporter
+from loralab.progress import Overall, Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
@@ -331,7 +331,15 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
         worker = (executor or LocalExecutor)(prepared, store, rep)
         jobs = [Job(exp, run.with_seed(seed), run.name if len(exp.seeds_for(run)) == 1 else f"{run.name} (seed {seed})",
                     force=force) for run in prepared.runs for seed in exp.seeds_for(run)]
-        for job, out in zip(jobs, _outcomes(worker, jobs)):
+        overall = Overall(rep, "run", len(jobs))
+
+        def counted(job: Job):  # "run 3 of 6 (B (seed 1)), ..., ETA 4 min" as each job starts
+            started = overall.start(job.label)
+            out = worker.run(job)
+            overall.finish(started, reused=out.reused)
+            return out
+
+        for job, out in zip(jobs, _outcomes(worker, jobs, counted)):
             if out.reused:
                 result.skipped.append(job.label)
             elif out.status in ("failed", "diverged"):
@@ -347,17 +355,18 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     return result
 
 
-def _outcomes(worker, jobs: list[Job]):
+def _outcomes(worker, jobs: list[Job], run=None):
     """The jobs' outcomes in job order: one after the other (each stored before the next starts), or,
-    when the executor has several slots (Ray actors), that many at once."""
+    when the executor has several slots (Ray actors), that many at once. `run`: worker.run, wrapped."""
     slots = int(getattr(worker, "slots", 1))
+    run = run or worker.run
     if slots <= 1:
-        return map(worker.run, jobs)
+        return map(run, jobs)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="run") as pool:
         try:
-            return list(pool.map(worker.run, jobs))
+            return list(pool.map(run, jobs))
         except KeyboardInterrupt:  # stop the jobs in flight too (their rows stay `running`; a rerun takes them over)
             worker.close()
             raise

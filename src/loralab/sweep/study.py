@@ -579,6 +579,20 @@ class _Loop:
                     raise
                 ran.extend(f.result() for f in done)  # a trial's error (a SpecError) stops the sweep
 
+    def progress(self):
+        """The sweep's overall line ("trial 4 of 12 (...), 3 done in ..., ETA 6 min"), counting the
+        trials an earlier process already ran; no total under a time or money budget alone."""
+        if getattr(self, "_overall", None) is None:
+            from loralab.progress import Overall
+
+            b = self.sw.budget
+            total = min(x for x in (b.trials, len(self.space.expand()) if is_grid(self.sw) else None) if x) \
+                if (b.trials or is_grid(self.sw)) else None
+            self._overall = Overall(self.rep, "trial", total)
+            self._overall.started = self._overall.finished = sum(
+                t.state.is_finished() and t.user_attrs.get("status") != "interrupted" for t in self.study.get_trials(deepcopy=False))
+        return self._overall
+
     def wait_for_others(self) -> None:
         if not self.waited:
             self.rep.log("Waiting for another sweep process to finish its trial(s) (the last grid points, or the "
@@ -596,6 +610,7 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
+            started = self.progress().start(f"trial {trial.number}: {_fmt(knobs)}")
             with self.beat(trial):
                 tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
                                executor=self.worker, pruning=pruning)
@@ -610,6 +625,7 @@ class _Loop:
             study.tell(trial, state=TrialState.FAIL)
             raise
         spent = time.perf_counter() - t0
+        self.progress().finish(started, reused=bool(tr.run_ids) and tr.reused >= len(tr.run_ids))
         if study._storage.get_trial(trial._trial_id).state.is_finished():
             # Its heartbeat stopped long enough (a stalled or cut-off host) that another worker took it for
             # dead: that worker recorded it interrupted and queued its configuration, whose run counts instead.
