@@ -583,6 +583,10 @@ def test_space_auto_proposes_the_evidence_space_and_says_why(tiny_llama, tmp_pat
     ({"lora.r": 8, "train.learning_rate": 1e-3}, ["lora.r = 8, the highest value searched (2 to 8)"]),
     ({"lora.r": 4, "train.learning_rate": 1e-5}, ["train.learning_rate = 1e-05, the lowest value searched (1e-05 to 0.01)"]),
     ({"lora.r": 4, "train.learning_rate": 1e-3}, []),
+    # 98% of the log range (1e-5 * 1000 ** 0.98): 13% below the end in linear terms, at the edge in the knob's own scale
+    ({"lora.r": 4, "train.learning_rate": 1e-5 * 1000 ** 0.98},
+     ["train.learning_rate = 0.00870964, the highest value searched (1e-05 to 0.01)"]),
+    ({"lora.r": 4, "train.learning_rate": 1e-5 * 1000 ** 0.9}, []),  # 90%: inside
 ])
 def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
     from loralab.config.space import edges
@@ -590,6 +594,18 @@ def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
     exp = parse("sweep:\n  space:\n    lora.r: [2, 4, 8]\n    train.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
                 "  budget: {trials: 3}")
     assert edges(Space(exp.sweep), knobs) == expected
+
+
+def test_an_edge_is_named_only_when_a_trial_inside_is_worse_beyond_noise():
+    from loralab.config.space import edges
+
+    space = Space(parse("sweep:\n  space: {lora.r: [2, 4, 8], lora.dropout: [0.0, 0.1]}\n  budget: {trials: 3}").sweep)
+    best = {"lora.r": 8, "lora.dropout": 0.1}
+    inside = [({"lora.r": 4, "lora.dropout": 0.1}, True), ({"lora.r": 2, "lora.dropout": 0.1}, True)]
+    assert edges(space, best, inside) == []  # every trial with a smaller r is within noise of the best
+    worse = inside[:1] + [({"lora.r": 2, "lora.dropout": 0.1}, False)]
+    assert edges(space, best, worse) == ["lora.r = 8, the highest value searched (2 to 8)"]  # dropout never moved
+    assert edges(space, best, []) == []  # no neighbour finished: nothing shows the edge is better
 
 
 def test_the_study_storage_survives_another_process_creating_optunas_tables_at_the_same_moment(tmp_path, monkeypatch):

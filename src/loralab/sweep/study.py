@@ -450,6 +450,13 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         _finish(result, loop.study, space, sw, loop.per_hour, exp, rep)
         loop.worker.close()
         result.close_to_best = _close_to_best(result, store, exp, rep)
+        if len(sw.objective) == 1 and result.best:  # at an edge, and better than the trials inside it beyond noise
+            others = [(t.knobs, t.number in result.close_to_best) for t in result.trials
+                      if t.status == "finished" and t.number != result.best[0].number]
+            at_edge = edges(space, result.best[0].knobs, others)
+            if at_edge:
+                rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
+                        "outside it; widen the space there.")
     finally:
         store.close()
     return result
@@ -705,11 +712,6 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     for t in result.best:
         rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} "
                 f"(loralab show {exp.name}/trial-{t.number:04d})")
-    if len(sw.objective) == 1 and result.best:
-        at_edge = edges(space, result.best[0].knobs)
-        if at_edge:
-            rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
-                    "outside it; widen the space there.")
 
 
 # ---------------------------------------------------------------------------------------------
