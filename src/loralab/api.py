@@ -423,6 +423,19 @@ def list_runs(workspace: str | Path | None = None, experiment: str | None = None
         store.close()
 
 
+def gone(records: list[RunRecord], workspace: str | Path | None = None) -> set[str]:
+    """Ids of the `running` runs whose process is gone (killed: no live process holds the run's lock);
+    `ls` and the dashboard show them "interrupted (process gone)"; a rerun or `doctor --repair` fixes the row."""
+    running = [r.id for r in records if r.status == "running"]
+    if not running:
+        return set()
+    store = open_store(workspace)
+    try:
+        return {rid for rid in running if not store.in_progress(rid)}
+    finally:
+        store.close()
+
+
 def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
     store = open_store(workspace)
     try:

@@ -256,8 +256,10 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
     from loralab import api
 
     records = api.list_runs(workspace)
+    dead = api.gone(records, workspace)
     if as_json:
-        _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
+        _print_json([{**r.summary(), "metrics": r.metrics, **({"status": "interrupted", "process_gone": True} if r.id in dead else {})}
+                     for r in records])
         return
     t = Table(title=f"Runs in {api.shown_workspace(workspace)}", title_justify="left")
     longest = max((len(r.name) for r in records), default=4)
@@ -266,7 +268,8 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
         t.add_column(col, no_wrap=col in ("name", "id"), min_width=min(longest, 60) if col == "name" else None)
     for r in records:
         loss = r.metrics.get("eval_loss")
-        t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, r.status,
+        status = "interrupted (process gone)" if r.id in dead else r.status
+        t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, status,
                   f"{loss:.4f}" if loss is not None else "—", r.updated_at)
     console.print(t)
 
