@@ -82,6 +82,10 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
     assert cmp["outcomes"]["eval_loss"]["A"]["n"] == 1 and isinstance(cmp["outcomes"]["eval_loss"]["A"]["mean"], float)
     assert cmp["verdicts"]["eval_loss"]["B vs A"]["verdict"] in ("within noise", "higher", "lower")
     assert list(cmp["sections"]) == ["quality", "verbosity", "drift", "stability", "cost"]
+    import loralab
+
+    c = loralab.compare(["base", "A", "B"], ws)
+    assert json.loads(c.to_json()) == json.loads(json.dumps(c.to_dict())) and isinstance(c.to_dict(), dict)
 
     md = invoke("compare", "base", "A", "B", "-w", ws, "--markdown").output
     assert md.startswith("|  | base | A | B | A vs base | B vs base | B vs A |") and "| **quality** |" in md and "| lora.r | — | 4 | 8 |  |  |  |" in md
@@ -105,3 +109,12 @@ def test_only_with_unknown_name(tmp_path, tiny_neox):
 def test_ls_without_workspace_is_a_clear_error(tmp_path):
     out = invoke("ls", "-w", tmp_path / "none")
     assert out.exit_code == 2 and "no loralab workspace" in out.output
+
+
+def test_version_and_a_sampled_knob_value_read_short():
+    from loralab import __version__
+    from loralab.analysis.comparison import fmt_value
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"loralab {__version__}"
+    assert fmt_value(0.00179372) == "0.00179" and fmt_value(1e-05) == "1e-05" and fmt_value(2.0e6) == "2,000,000"

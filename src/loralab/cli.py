@@ -64,6 +64,20 @@ ExperimentOpt = typer.Option(None, "--experiment", "-e", help="The experiment wh
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from loralab import __version__
+
+        sys.stdout.write(f"loralab {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print loralab's version and exit")):
+    """Declare LoRA runs in YAML, train them with PEFT, measure and compare them."""
+
+
 def _fail(err: LoralabError) -> None:
     err_console.print("[bold red]error:[/bold red] " + _escape(str(err)), highlight=False, soft_wrap=True)
     raise typer.Exit(err.exit_code)
@@ -342,7 +356,7 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
                           "itself differs by nothing", highlight=False)
     c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
-        _print_json(c.to_json())
+        sys.stdout.write(c.to_json() + "\n")
     elif markdown:
         sys.stdout.write(api.markdown(c))
     else:
