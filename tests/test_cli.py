@@ -118,3 +118,13 @@ def test_version_and_a_sampled_knob_value_read_short():
     out = CliRunner().invoke(app, ["--version"])
     assert out.exit_code == 0 and out.output.strip() == f"loralab {__version__}"
     assert fmt_value(0.00179372) == "0.00179" and fmt_value(1e-05) == "1e-05" and fmt_value(2.0e6) == "2,000,000"
+
+
+def test_run_only_one_run_lists_the_knobs_that_differ_among_the_files_runs(tmp_path, tiny_neox):
+    p = experiment(tmp_path, tiny_neox)  # A and B differ in r, alpha, dropout, learning rate and max_new_tokens
+    out = invoke("run", p, "--only", "A", "-w", tmp_path / "ws")
+    assert out.exit_code == 0, out.output
+    knobs = [line.split("│")[1].strip() for line in out.output.split("Main differences")[1].splitlines()
+             if line.startswith("│ ") and "." in line.split("│")[1] and "quality" not in line]
+    assert "lora.r" in knobs and "lora.dropout" in knobs and "train.learning_rate" in knobs
+    assert not {"train.batch_size", "train.epochs", "lora.target_modules", "train.scheduler"} & set(knobs), knobs

@@ -211,7 +211,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
     exp = api.with_tracking(api.with_repeats(api.load(file), repeats), track)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
                      executor=executor.value if executor else None, address=address, log_every=log_every)
-    _show_comparison(result, exp)
+    _show_comparison(result, exp, _split(only))
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
                           f"(see `loralab show NAME`)[/red]")
@@ -253,11 +253,24 @@ def demo(workspace: Optional[str] = WorkspaceOpt,
         raise typer.Exit(1)
 
 
-def _show_comparison(result, exp) -> None:
+def _show_comparison(result, exp, only: Optional[list[str]] = None) -> None:
     from loralab import api
 
+    c = api.compare_groups(list(result.groups().values()), evaluation=exp.evaluation)
+    if only:  # one run of the file shown: its knobs that differ among the file's runs, not every knob it has
+        c.knobs = {k: v for k, v in c.knobs.items() if k == "seeds" or k in _differing(exp.resolved_runs)}
     console.print()
-    console.print(api.table(api.compare_groups(list(result.groups().values()), evaluation=exp.evaluation)))
+    console.print(api.table(c))
+
+
+def _differing(runs) -> set[str]:
+    """The `section.key` knobs whose values differ among runs (RunSpecs)."""
+    values: dict[str, set] = {}
+    for run in runs:
+        for section in ("lora", "train", "generate"):
+            for key, v in getattr(run, section).model_dump().items():
+                values.setdefault(f"{section}.{key}", set()).add(json.dumps(v, sort_keys=True, default=str))
+    return {k for k, vs in values.items() if len(vs) > 1 and k != "train.seed"}
 
 
 @app.command("ls")
