@@ -218,6 +218,18 @@ def count_eval_losses(monkeypatch) -> list[int]:
     return calls
 
 
+def test_a_pruned_trial_saves_its_other_seeds_whole_training_too(tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nseed: 1\nspace:\n  train.learning_rate: [2.0e-2, 1.0e-7]\n"
+                   "pruner: {name: median, every: 2, startup_trials: 1}",
+                   extra="repeats: 2\n" + BASE.replace("max_steps: 6", "max_steps: 12"))
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    good, bad = result.trials
+    assert bad.status == "pruned" and len(bad.run_ids) == 1  # its second seed never ran
+    m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
+    assert m["saved_steps"] == 10 and result.saved_steps == 10 + 12  # the first seed's rest, and the second seed whole
+    assert result.saved_s > m["saved_s"]
+
+
 def test_median_pruner_stops_a_far_too_low_learning_rate_early(tiny_neox, tmp_path):
     # Grid seed 1 runs the good learning rate first (Optuna shuffles the grid with the seed); with
     # one startup trial the median rule then judges the second trial at step 2 against the first.

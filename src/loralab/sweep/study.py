@@ -95,9 +95,12 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
         if status != "finished":
             break
     first = records[0].metrics
-    out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)),
-                    planned_steps=int(first.get("planned_steps", 0)), saved_steps=int(first.get("saved_steps", 0)),
-                    saved_s=float(first.get("saved_s", 0.0)), error=records[-1].error)
+    # A trial stopped early (pruned, diverged) also skips its other seeds: their whole training is saved too.
+    skipped, planned = len(seeds) - len(records), int(first.get("planned_steps", 0))
+    per_step = float(first.get("train_s", 0.0)) / first["steps"] if first.get("steps") else 0.0
+    out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)), planned_steps=planned,
+                    saved_steps=int(first.get("saved_steps", 0)) + skipped * planned,
+                    saved_s=float(first.get("saved_s", 0.0)) + round(skipped * planned * per_step, 2), error=records[-1].error)
     if status == "finished":
         objectives = exp.sweep.objective if exp.sweep else [ObjectiveSpec()]
         out.values = [statistics.fmean(objective_value(r.metrics, o, run) for r in records) for o in objectives]
