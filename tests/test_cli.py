@@ -93,6 +93,9 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
     # Piped (not a terminal), a table is not wrapped at 80 columns: one line per row.
     table = invoke("compare", "base", "A", "B", "-w", ws).output.splitlines()
     assert max(len(line) for line in table) > 120 and sum(line.startswith("│ eval loss ") for line in table) == 1
+    # wider than 200 columns (three runs, three verdict columns): printed at its own width, no cell wrapped
+    rows = [line for line in table if line.startswith("│ ")]
+    assert max(len(line) for line in table) > 200 and all(line.split("│")[1].strip() for line in rows)
 
     out = invoke("compare", "A", "Z", "-w", ws)
     assert out.exit_code == 2 and "'Z'" in out.output and "use one of" in out.output

@@ -32,12 +32,26 @@ class _Console(Console):
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)
         if not self.is_terminal and not os.environ.get("COLUMNS"):
-            return ConsoleDimensions(PIPED_WIDTH, size.height)
+            return ConsoleDimensions(getattr(self, "_table_width", None) or PIPED_WIDTH, size.height)
         return size
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)
+
+    def print(self, *objects, **kwargs) -> None:
+        """Piped, a table wider than 200 columns (three runs and their verdicts) is printed at its own
+        width rather than with its cells wrapped over several lines."""
+        from rich.table import Table
+
+        if (not self.is_terminal and not os.environ.get("COLUMNS") and "width" not in kwargs
+                and len(objects) == 1 and isinstance(objects[0], Table)):
+            self._table_width = max(PIPED_WIDTH, self.measure(objects[0], options=self.options.update(width=10_000)).maximum)
+            try:
+                return super().print(*objects, **kwargs)
+            finally:
+                self._table_width = None
+        super().print(*objects, **kwargs)
 
 
 console = _Console()
