@@ -25,6 +25,7 @@ stop, and the steps (and estimated seconds) it did not spend.
 from __future__ import annotations
 
 import statistics
+from datetime import datetime
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -744,13 +745,22 @@ def _throughput(ws: Path, model_fingerprint: str, sweep=None, n_eval: int | None
         return None
     full = needs_full_eval(sweep)
 
+    def overhead(r) -> float:
+        """What a run spent outside training and evaluation (its adapter made and saved, the store): its
+        row's wall time (start to finish, whole seconds) less both."""
+        try:
+            wall = (datetime.fromisoformat(r.updated_at) - datetime.fromisoformat(r.created_at)).total_seconds()
+        except (TypeError, ValueError):
+            return 0.0
+        return max(wall - float(r.metrics.get("total_s") or 0.0), 0.0)
+
     def eval_s(r) -> float:
         generated = "generate_s" in r.timings
         if full and not generated:  # a loss-only trial's time says nothing of generation: not counted
             return float("nan")
         s = r.metrics.get("eval_s", 0.0) if full or not generated else r.timings.get("eval_loss_s", 0.0)
         n = r.data.get("n_eval")
-        return s * n_eval / n if n_eval and n else s
+        return (s * n_eval / n if n_eval and n else s) + overhead(r)
 
     tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
     evals = [e for e in map(eval_s, runs) if e == e]
@@ -793,10 +803,17 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
         evaluate(model, small, "dry run", Reporter(), run.generate.batch_size, full=needs_full_eval(exp.sweep),
                  probe=needs_probe(exp.sweep))
         eval_s = (time.perf_counter() - t0) * max(len(prepared.eval_encoded), 1) / max(k, 1)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # every run of a trial saves its adapter (timed warm: the
+            model.save_pretrained(tmp)              # first save also imports and allocates once per process)
+            t0 = time.perf_counter()
+            model.save_pretrained(tmp)
+            eval_s += time.perf_counter() - t0
     finally:
         restore_base(prepared, model)
     what = "losses, generation and drift" if needs_full_eval(exp.sweep) else "losses only"
-    return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, and a trial's "
+    return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, a run's adapter saved, and a trial's "
                  f"evaluation ({what}) on {k} eval example(s) scaled to {len(prepared.eval_encoded)}"), eval_s
 
 
@@ -821,7 +838,7 @@ def dry_run_plan(exp: Experiment, prepared, ws: Path, space: Space) -> DryRun:
     runs = [make_run(start, pt, "trial") for pt in points] if points is not None else [make_run(start, {}, "start")]
     tokens = [train_tokens(prepared, r) for r in runs]
     per_trial = [seeds * (t / tps + eval_s) for t in tokens]
-    eval_note = f" + {eval_s:.1f} s eval per run"
+    eval_note = f" + {eval_s:.1f} s per run for its evaluation, adapter and store"
     lines = []
     if points is not None:
         n = min(len(points), sw.budget.trials or len(points))
