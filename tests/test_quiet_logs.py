@@ -36,4 +36,9 @@ def test_a_run_piped_to_a_log_has_no_library_noise(tiny_llama, tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode == 0, log
     assert "A: eval loss" in log
+    # export --merge loads the adapter with PEFT, which calls a transformers API deprecated for v6
+    res = subprocess.run([sys.executable, "-m", "loralab.cli", "export", "A", "--merge", "--out", "merged", "-w", "ws"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log += res.stdout + res.stderr
+    assert res.returncode == 0 and "Wrote merged" in log, log
     assert not [line for line in log.splitlines() if any(n in line for n in NOISE)], log

@@ -63,6 +63,7 @@ def test_the_adapter_exports_in_peft_format_with_a_card(trained):
     assert card.startswith('---\nbase_model: "my-org/tiny-llama"') and "library_name: peft" in card
     assert "lora.use_dora: `True`" in card and "- eval_loss: " in card and "(seed 0)" in card
     assert "chat template" in card and "You summarize Python functions in one sentence." in card  # the data's system prompt
+    assert "as the model saw it" in card and "<|im_start|>system\nYou summarize Python functions" in card
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
     stored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), loralab.get_run("A", tmp / "ws").adapter_path)
     assert torch.equal(logits(model), logits(stored))

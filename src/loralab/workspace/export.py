@@ -176,6 +176,9 @@ def model_card(rec: RunRecord, merged: bool, base: str, tokenizer) -> str:
                   "slightly from the stored ones.", ""]
     fmt, system = prompt_format(rec, tokenizer)
     lines += ["## Prompt format", "", fmt, "Answers were decoded greedily and end at the template's end-of-turn token.", ""]
+    shown = _rendered(tokenizer, system, (_sample(rec) or ("Your instruction here.",))[0])
+    if shown:
+        lines += ["A held-out prompt as the model saw it (the text generation continues from):", "", "```text", shown, "```", ""]
     lines += ["## Load it", "", _snippet(rec, merged, base, tokenizer, system), ""]
     lines += ["## Settings", ""]
     for section in ("lora", "train", "generate"):
@@ -190,6 +193,17 @@ def model_card(rec: RunRecord, merged: bool, base: str, tokenizer) -> str:
     lines += ["", f"loralab run id `{rec.id}`; versions: " + ", ".join(
         f"{k} {v}" for k, v in (rec.env.get("versions") or {}).items() if k in ("loralab", "torch", "transformers", "peft")), ""]
     return "\n".join(front + lines)
+
+
+def _rendered(tokenizer, system: str | None, prompt: str) -> str | None:
+    """The prompt as text after the chat template (its default system prompt written out), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # a template that refuses this shape: the card still has the code
+        return None
 
 
 def _sample(rec: RunRecord) -> tuple[str, int, str] | None:
