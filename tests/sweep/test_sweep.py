@@ -670,3 +670,22 @@ def test_a_dry_run_after_full_runs_counts_only_what_a_loss_only_trial_does(tiny_
     assert loss >= rec.timings["eval_loss_s"]  # and the run's time outside training and evaluation (same in each)
     assert whole - loss == pytest.approx(rec.metrics["eval_s"] - rec.timings["eval_loss_s"])
     assert twice - whole == pytest.approx(rec.metrics["eval_s"])  # scaled per eval example
+
+
+def test_a_sweep_says_which_trial_of_how_many_runs_and_when_it_will_end(tiny_neox, tmp_path):
+    from rich.console import Console
+
+    from loralab.progress import Reporter
+
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4, 8]}\nbudget: {trials: 2}")
+    console = Console(record=True, width=200)
+    run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console, 1e9))
+    lines = [line for line in console.export_text().splitlines() if line.startswith("trial ") and " of " in line]
+    assert [line.split(" (")[0] for line in lines] == ["trial 1 of 2", "trial 2 of 2"]  # the budget, not the grid's 3
+    assert "ETA" not in lines[0] and "1 done in" in lines[1] and "ETA" in lines[1]
+    # run again: the study is done; a larger budget continues it, counting the trials already run
+    more = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4, 8]}\nbudget: {trials: 3}")
+    console = Console(record=True, width=200)
+    run_sweep(load_experiment(more), workspace=tmp_path / "ws", reporter=Reporter(console, 1e9))
+    assert [line.split(" (")[0] for line in console.export_text().splitlines()
+            if line.startswith("trial ") and " of " in line] == ["trial 3 of 3"]
