@@ -459,7 +459,11 @@ def picked(ref: str, group: list[RunRecord], workspace: str | Path | None = None
     to pick another); None when the name is unambiguous."""
     if "/" in ref or not group or group[0].name != ref:
         return None
-    others = sorted({r.experiment for r in list_runs(workspace) if r.name == ref} - {group[0].experiment})
+    store = open_store(workspace)
+    try:
+        others = sorted({r.experiment for r in store.list(light=True) if r.name == ref} - {group[0].experiment})
+    finally:
+        store.close()
     if not others:
         return None
     return (f"{len(others) + 1} experiments have a run {ref!r}: using {group[0].experiment}'s (the newest); "
