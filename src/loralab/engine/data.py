@@ -378,7 +378,7 @@ def _raise_if(problems: list[Problem], name: str) -> None:
         first, others = same[0], same[1:]
         if others:
             at = [p.where.removeprefix(f"{name}:") for p in others[:_MAX_LISTED_LINES]]
-            lines = "lines " if all(p.where.startswith(f"{name}:") for p in others) else ""
+            lines = ("line " if len(others) == 1 else "lines ") if all(p.where.startswith(f"{name}:") for p in others) else ""
             more = ", …" if len(others) > _MAX_LISTED_LINES else ""
             like = f"(and {len(others)} more row{'s' if len(others) > 1 else ''} like it: {lines}{', '.join(at)}{more})"
             first = Problem(first.where, first.message, first.value, f"{first.fix} {like}".strip(), first.has_value)
