@@ -134,7 +134,9 @@ def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = 
     per_example, per_eval, n = rates
     seconds = sum(len(exp.seeds_for(r)) * (r.train.planned_steps(n_train) * r.train.batch_size * r.train.gradient_accumulation
                                            * per_example + (n_eval or 0) * per_eval) for r in runs) + (n_eval or 0) * per_eval
-    return text + f"; about {_duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
+    from loralab.progress import duration
+
+    return text + f"; about {duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
 
 
 def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
@@ -165,10 +167,6 @@ def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
     if not train:
         return None
     return statistics.median(train), statistics.median(evals) if evals else 0.0, len(train)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _local_data(exp: Experiment):

@@ -130,7 +130,7 @@ class Overall:
                 text += f", {self.finished} done in {_clock(self.clock() - self.t0)}"
             eta = self.eta()
             if eta is not None:
-                text += f", ETA {_minutes(eta)}"
+                text += f", ETA {duration(eta)}"
         self.rep.log(escape(text))
         return self.clock()
 
@@ -147,7 +147,8 @@ class Overall:
         return sum(self.spent) / len(self.spent) * max(self.total - self.finished, 0)
 
 
-def _minutes(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A time to come, as a person reads it: "45 s", "12 min", "2.5 h"."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
