@@ -139,17 +139,19 @@ def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = 
     return text + f"; about {duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
 
 
+# workspace.store's DEFAULT_WORKSPACE and DB_NAME, here so that validate looks for a workspace without
+# importing the store (and SQLAlchemy); tests/config/test_validate_messages.py checks they agree.
+_WORKSPACE_DB = ("loralab-workspace", "loralab.db")
+
+
 def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
     """Median training seconds per example seen and eval seconds per eval example of the finished runs of
     the file's model in its workspace (a folder; a database is not opened by validate); None without any."""
     import statistics
 
-    from loralab.execute.runner import resolve_workspace
-    from loralab.workspace.store import DB_NAME, is_url
-
-    ws = resolve_workspace(exp, None)
-    if is_url(ws) or not (Path(ws) / DB_NAME).is_file():
-        return None
+    ws = exp.workspace or _WORKSPACE_DB[0]
+    if "://" in ws or not (Path(ws).expanduser() / _WORKSPACE_DB[1]).is_file():
+        return None  # nothing stored (or a database server): validate imports no SQLAlchemy for it
     try:
         records = list_runs(ws)
     except LoralabError:

@@ -50,3 +50,10 @@ def test_validate_says_what_a_file_will_cost(tiny_llama, tmp_path, monkeypatch):
     loralab.run(loralab.load(tmp_path / "exp.yaml"), only=["A"])
     note = cost_note(exp, 8, 4)
     assert "trains 6 adapter(s)" in note and "of training and evaluation at the rates of 2 finished run(s)" in note
+
+
+def test_validate_names_the_stores_workspace_files():
+    from loralab.api import _WORKSPACE_DB
+    from loralab.workspace.store import DB_NAME, DEFAULT_WORKSPACE
+
+    assert _WORKSPACE_DB == (DEFAULT_WORKSPACE, DB_NAME)
