@@ -335,9 +335,11 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     if as_json:
         _print_json({**rec.__dict__, "seeds": [r.__dict__ for r in group]} if len(group) > 1 else rec.__dict__)
         return
+    dead = api.gone(group, workspace)
     for r in group:
         seed = f"  seed {r.seed}" if r.seed is not None else ""
-        console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {r.status}", highlight=False)
+        status = "interrupted (process gone)" if r.id in dead else r.status
+        console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {status}", highlight=False)
         if r.error:
             last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
             console.print("[red]" + _escape(last) + "[/red]")

@@ -84,6 +84,8 @@ def test_a_running_run_whose_process_is_gone_is_shown_interrupted(finished_ws, t
     assert c["status"] == "interrupted" and c["gone"] and c["step"] == 1 and c["planned"] == 8 and c["eta_s"] is None  # nobody trains it
     out = CliRunner().invoke(app, ["ls", "-w", str(ws)], terminal_width=200)
     assert out.exit_code == 0 and "interrupted (process gone)" in out.output and " running " not in out.output, out.output
+    out = CliRunner().invoke(app, ["show", "C", "-w", str(ws)], terminal_width=200)
+    assert out.exit_code == 0 and "status interrupted (process gone)" in out.output, out.output
 
 
 def test_the_dashboard_counts_failed_trials_as_the_sweep_does():
