@@ -621,7 +621,7 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 else None
-            started = self.progress().start(f"trial {trial.number}: {_fmt(knobs)}")
+            started = self.progress().start(f"trial-{trial.number:04d}: {_fmt(knobs)}")
             with self.beat(trial):
                 tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
                                executor=self.worker, pruning=pruning)
