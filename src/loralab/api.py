@@ -130,13 +130,19 @@ def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = 
     text = f"cost: `run` trains {trainings} adapter(s) ({each}) and evaluates each, plus the base model once"
     rates = _stored_rates(exp) if n_train else None
     if rates is None:
-        return text + "; no time estimate (no finished run of this model in the workspace yet)"
-    per_example, per_eval, n = rates
-    seconds = sum(len(exp.seeds_for(r)) * (r.train.planned_steps(n_train) * r.train.batch_size * r.train.gradient_accumulation
-                                           * per_example + (n_eval or 0) * per_eval) for r in runs) + (n_eval or 0) * per_eval
-    from loralab.progress import duration
+        text += "; no time estimate (no finished run of this model in the workspace yet)"
+    else:
+        from loralab.progress import duration
 
-    return text + f"; about {duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
+        per_example, per_eval, n = rates
+        seconds = sum(len(exp.seeds_for(r)) * (r.train.planned_steps(n_train) * r.train.batch_size * r.train.gradient_accumulation
+                                               * per_example + (n_eval or 0) * per_eval) for r in runs) + (n_eval or 0) * per_eval
+        text += f"; about {duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
+    if exp.sweep is not None and exp.sweep.budget.trials:
+        n, k = exp.sweep.budget.trials, max((len(exp.seeds_for(r)) for r in runs), default=1)
+        text += (f"; `sweep` trains up to {n * k} ({n} trial(s) x {k} seed(s), fewer when pruned; "
+                 "`loralab sweep --dry-run` estimates its time)")
+    return text
 
 
 # workspace.store's DEFAULT_WORKSPACE and DB_NAME, here so that validate looks for a workspace without

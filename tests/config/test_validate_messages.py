@@ -57,3 +57,14 @@ def test_validate_names_the_stores_workspace_files():
     from loralab.workspace.store import DB_NAME, DEFAULT_WORKSPACE
 
     assert _WORKSPACE_DB == (DEFAULT_WORKSPACE, DB_NAME)
+
+
+def test_a_sweep_files_cost_counts_its_trials_and_seeds():
+    import yaml
+
+    from loralab.api import cost_note
+    from loralab.config.loading import parse_experiment
+
+    text = "repeats: 3\nsweep: {space: {lora.r: [4, 8]}, budget: {trials: 5}}\n"
+    note = cost_note(parse_experiment(yaml.safe_load(text), "s.yaml", text))
+    assert "`sweep` trains up to 15 (5 trial(s) x 3 seed(s), fewer when pruned" in note
