@@ -190,3 +190,14 @@ def test_a_run_name_two_experiments_share_says_which_was_picked(trained, tmp_pat
     done = loralab.api.export("A", tmp_path / "out", workspace=ws, experiment="first")
     assert "# first/A" in (done.folder / "README.md").read_text()
     assert not any("experiments have" in n for n in done.notes)
+
+
+def test_a_hub_base_loaded_at_a_revision_is_named_with_it(trained, tmp_path):
+    tmp, _ = trained
+    rec = loralab.get_run("A", tmp / "ws")
+    hub = dataclasses.replace(rec, model={**rec.model, "name": "org/model", "fingerprint": "hub-org/model@abc123"})
+    assert export_mod.hub_revision(hub) == "abc123" and export_mod.hub_revision(rec) is None
+    assert export_mod.hub_revision(dataclasses.replace(rec, model={**rec.model, "fingerprint": "hub-org/model@main"})) is None
+    done = export_mod.export(hub, tmp_path / "out", base="org/model")
+    assert json.loads((done.folder / "adapter_config.json").read_text())["revision"] == "abc123"
+    assert 'from_pretrained(BASE, dtype=torch.float32, revision="abc123")' in (done.folder / "README.md").read_text()

@@ -45,6 +45,13 @@ def default_base(rec: RunRecord) -> tuple[str, str | None]:
     return name, None  # a Hub id
 
 
+def hub_revision(rec: RunRecord) -> str | None:
+    """The Hub revision a run's base was loaded at, when the file named one (fingerprint hub-NAME@REV)."""
+    fp = str(rec.model.get("fingerprint") or "")
+    rev = fp.rpartition("@")[2] if fp.startswith("hub-") and "@" in fp else None
+    return rev if rev and rev != "main" else None
+
+
 def export(rec: RunRecord, out: str | Path, merge: bool = False, base: str | None = None) -> Exported:
     """Write `rec`'s adapter (or, with `merge`, the merged model), its tokenizer and a README.md model card
     into `out`; `base`: the name (Hub id or path) the adapter's config and card give its base model.
@@ -82,6 +89,8 @@ def export(rec: RunRecord, out: str | Path, merge: bool = False, base: str | Non
                     shutil.copy2(f, staging / f.name)
             config = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8"))
             config["base_model_name_or_path"] = base  # PEFT stores this machine's path
+            if base == rec.model.get("name") and hub_revision(rec):  # the Hub id as trained: its revision too
+                config["revision"] = hub_revision(rec)
             (staging / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         tokenizer.save_pretrained(staging)  # the chat template the prompts went through travels with it
         (staging / "README.md").write_text(model_card(rec, merge, base, tokenizer), encoding="utf-8")
@@ -234,7 +243,8 @@ def _snippet(rec: RunRecord, merged: bool, base: str, tokenizer, system: str | N
     if merged:
         code += [f"model = AutoModelForCausalLM.from_pretrained(EXPORT, dtype=torch.{dtype})"]
     else:
-        code += [f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.{dtype}), EXPORT)"]
+        rev = f", revision={json.dumps(hub_revision(rec))}" if base == rec.model.get("name") and hub_revision(rec) else ""
+        code += [f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.{dtype}{rev}), EXPORT)"]
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": "PROMPT"}]
         code += [f"messages = {json.dumps(messages)}".replace('"PROMPT"', "PROMPT"),
