@@ -82,6 +82,10 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
     assert cmp["outcomes"]["eval_loss"]["A"]["n"] == 1 and isinstance(cmp["outcomes"]["eval_loss"]["A"]["mean"], float)
     assert cmp["verdicts"]["eval_loss"]["B vs A"]["verdict"] in ("within noise", "higher", "lower")
     assert list(cmp["sections"]) == ["quality", "verbosity", "drift", "stability", "cost"]
+    import loralab
+
+    c = loralab.compare(["base", "A", "B"], ws)
+    assert json.loads(c.to_json()) == json.loads(json.dumps(c.to_dict())) and isinstance(c.to_dict(), dict)
 
     md = invoke("compare", "base", "A", "B", "-w", ws, "--markdown").output
     assert md.startswith("|  | base | A | B | A vs base | B vs base | B vs A |") and "| **quality** |" in md and "| lora.r | — | 4 | 8 |  |  |  |" in md
@@ -89,6 +93,9 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
     # Piped (not a terminal), a table is not wrapped at 80 columns: one line per row.
     table = invoke("compare", "base", "A", "B", "-w", ws).output.splitlines()
     assert max(len(line) for line in table) > 120 and sum(line.startswith("│ eval loss ") for line in table) == 1
+    # wider than 200 columns (three runs, three verdict columns): printed at its own width, no cell wrapped
+    rows = [line for line in table if line.startswith("│ ")]
+    assert max(len(line) for line in table) > 200 and all(line.split("│")[1].strip() for line in rows)
 
     out = invoke("compare", "A", "Z", "-w", ws)
     assert out.exit_code == 2 and "'Z'" in out.output and "use one of" in out.output
@@ -105,3 +112,22 @@ def test_only_with_unknown_name(tmp_path, tiny_neox):
 def test_ls_without_workspace_is_a_clear_error(tmp_path):
     out = invoke("ls", "-w", tmp_path / "none")
     assert out.exit_code == 2 and "no loralab workspace" in out.output
+
+
+def test_version_and_a_sampled_knob_value_read_short():
+    from loralab import __version__
+    from loralab.analysis.comparison import fmt_value
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"loralab {__version__}"
+    assert fmt_value(0.00179372) == "0.00179" and fmt_value(1e-05) == "1e-05" and fmt_value(2.0e6) == "2,000,000"
+
+
+def test_run_only_one_run_lists_the_knobs_that_differ_among_the_files_runs(tmp_path, tiny_neox):
+    p = experiment(tmp_path, tiny_neox)  # A and B differ in r, alpha, dropout, learning rate and max_new_tokens
+    out = invoke("run", p, "--only", "A", "-w", tmp_path / "ws")
+    assert out.exit_code == 0, out.output
+    knobs = [line.split("│")[1].strip() for line in out.output.split("Main differences")[1].splitlines()
+             if line.startswith("│ ") and "." in line.split("│")[1] and "quality" not in line]
+    assert "lora.r" in knobs and "lora.dropout" in knobs and "train.learning_rate" in knobs
+    assert not {"train.batch_size", "train.epochs", "lora.target_modules", "train.scheduler"} & set(knobs), knobs

@@ -7,7 +7,20 @@ and SQLAlchemy, and `import loralab` stays cheap.
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from typing import TYPE_CHECKING
+
+# PEFT imports bitsandbytes when it is installed; on a CPU with AVX-512 BF16, bitsandbytes then asks the
+# Hub (the `kernels` package) for an optional gemm_4bit kernel and logs, on every command, that it could
+# not load it ("Failed to load CPU gemm_4bit_forward ..."; offline: "Skipping publisher trust check").
+# It uses its own kernels instead, and QLoRA is unaffected. Set here, at the package root, so every path
+# that imports PEFT (run, export, a Ray actor) is quiet; their errors still show.
+for _noisy in ("bitsandbytes", "kernels"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+# PEFT calls a transformers API deprecated for v6 whenever it wraps or loads an adapter (a FutureWarning
+# in every run log, and in export): not the user's to fix, and not ours.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 __version__ = "0.1.0"
 _API = ("compare", "difference", "example_path", "get_run", "list_runs", "load", "run", "validate")

@@ -123,6 +123,8 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
         if layers is not None and not exp.data.truncate:
             _check_lengths(exp, dataset)
         notes.append(f"data read: {len(dataset.train)} train / {len(dataset.eval)} eval examples")
+    notes.append(cost_note(exp, len(dataset.train) if dataset is not None else None,
+                           len(dataset.eval) if dataset is not None else None))
     if exp.sweep is not None:
         from loralab.config.space import describe
 
@@ -130,6 +132,64 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     if exp.track.names:
         notes.append(f"trackers installed: {', '.join(exp.track.names)}")
     return exp, notes
+
+
+def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = None) -> str:
+    """What `run FILE` will do: trainings (runs x seeds) and the base model's evaluation; with the data's
+    size and finished runs of the same model in the file's workspace, about how long (their measured
+    seconds per training example and per eval example)."""
+    runs = exp.resolved_runs
+    trainings = sum(len(exp.seeds_for(r)) for r in runs)
+    seeds = {len(exp.seeds_for(r)) for r in runs}
+    each = f"{len(runs)} run(s) x {seeds.pop()} seed(s)" if len(seeds) == 1 else f"{len(runs)} run(s)"
+    text = f"cost: `run` trains {trainings} adapter(s) ({each}) and evaluates each, plus the base model once"
+    rates = _stored_rates(exp) if n_train else None
+    if rates is None:
+        text += "; no time estimate (no finished run of this model in the workspace yet)"
+    else:
+        from loralab.progress import duration
+
+        per_example, per_eval, n = rates
+        seconds = sum(len(exp.seeds_for(r)) * (r.train.planned_steps(n_train) * r.train.batch_size * r.train.gradient_accumulation
+                                               * per_example + (n_eval or 0) * per_eval) for r in runs) + (n_eval or 0) * per_eval
+        text += f"; about {duration(seconds)} of training and evaluation at the rates of {n} finished run(s) of this model in the workspace"
+    if exp.sweep is not None and exp.sweep.budget.trials:
+        n, k = exp.sweep.budget.trials, max((len(exp.seeds_for(r)) for r in runs), default=1)
+        text += (f"; `sweep` trains up to {n * k} ({n} trial(s) x {k} seed(s), fewer when pruned; "
+                 "`loralab sweep --dry-run` estimates its time)")
+    return text
+
+
+# workspace.store's DEFAULT_WORKSPACE and DB_NAME, here so that validate looks for a workspace without
+# importing the store (and SQLAlchemy); tests/config/test_validate_messages.py checks they agree.
+_WORKSPACE_DB = ("loralab-workspace", "loralab.db")
+
+
+def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
+    """Median training seconds per example seen and eval seconds per eval example of the finished runs of
+    the file's model in its workspace (a folder; a database is not opened by validate); None without any."""
+    import statistics
+
+    ws = exp.workspace or _WORKSPACE_DB[0]
+    if "://" in ws or not (Path(ws).expanduser() / _WORKSPACE_DB[1]).is_file():
+        return None  # nothing stored (or a database server): validate imports no SQLAlchemy for it
+    try:
+        records = list_runs(ws)
+    except LoralabError:
+        return None
+    train, evals = [], []
+    for r in records:
+        m, t = r.metrics, (r.config.get("train") or {})
+        if r.kind != "lora" or r.status != "finished" or r.model.get("name") != exp.model.name:
+            continue
+        seen = (m.get("steps") or 0) * (t.get("batch_size") or 0) * (t.get("gradient_accumulation") or 1)
+        if seen and m.get("train_s"):
+            train.append(m["train_s"] / seen)
+        if r.data.get("n_eval") and m.get("eval_s") is not None:
+            evals.append(m["eval_s"] / r.data["n_eval"])
+    if not train:
+        return None
+    return statistics.median(train), statistics.median(evals) if evals else 0.0, len(train)
 
 
 def _local_data(exp: Experiment):
@@ -384,6 +444,19 @@ def list_runs(workspace: str | Path | None = None, experiment: str | None = None
         store.close()
 
 
+def gone(records: list[RunRecord], workspace: str | Path | None = None) -> set[str]:
+    """Ids of the `running` runs whose process is gone (killed: no live process holds the run's lock);
+    `ls` and the dashboard show them "interrupted (process gone)"; a rerun or `doctor --repair` fixes the row."""
+    running = [r.id for r in records if r.status == "running"]
+    if not running:
+        return set()
+    store = open_store(workspace)
+    try:
+        return {rid for rid in running if not store.in_progress(rid)}
+    finally:
+        store.close()
+
+
 def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
     store = open_store(workspace)
     try:
@@ -392,13 +465,30 @@ def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
         store.close()
 
 
-def get_group(ref: str, workspace: str | Path | None = None) -> list[RunRecord]:
-    """A run with all its seeds (a list of one when the run has a single seed)."""
+def get_group(ref: str, workspace: str | Path | None = None, experiment: str | None = None) -> list[RunRecord]:
+    """A run with all its seeds (a list of one when the run has a single seed); `experiment` picks it
+    when several experiments have a run of that name (else the newest, see `picked`)."""
     store = open_store(workspace)
     try:
-        return store.readable_group(ref)
+        return store.readable_group(f"{experiment}/{ref}" if experiment and "/" not in ref else ref)
     finally:
         store.close()
+
+
+def picked(ref: str, group: list[RunRecord], workspace: str | Path | None = None) -> str | None:
+    """A sentence when a bare run name matched runs of several experiments (which one `group` is, and how
+    to pick another); None when the name is unambiguous."""
+    if "/" in ref or not group or group[0].name != ref:
+        return None
+    store = open_store(workspace)
+    try:
+        others = sorted({r.experiment for r in store.list(light=True) if r.name == ref} - {group[0].experiment})
+    finally:
+        store.close()
+    if not others:
+        return None
+    return (f"{len(others) + 1} experiments have a run {ref!r}: using {group[0].experiment}'s (the newest); "
+            f"pick another with --experiment {others[0]} (or {others[0]}/{ref})")
 
 
 def compare(refs: list[str], workspace: str | Path | None = None, all_knobs: bool = False):
@@ -428,12 +518,34 @@ def difference(a: str, b: str, metric: str, workspace: str | Path | None = None)
     return verdict_of(metric, c.groups[0], c.groups[1], ev.get("confidence", 0.95), floors=c.floors)
 
 
-def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None) -> Path:
+def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | Path | None = None,
+           base: str | None = None, seed: int | None = None, experiment: str | None = None):
     """A finished run's adapter in PEFT format (or, with `merge`, the base model with the adapter merged
-    in, safetensors and tokenizer), with a README.md model card, in folder `out`."""
+    in, safetensors), with its tokenizer and chat template and a README.md model card, in folder `out`.
+
+    `base`: how the adapter's config and card name the base model (a Hub id or a path on the machine that
+    loads it; default: the built-in model's Hub id, a Hub id as the file gave it, else this machine's folder).
+    `seed`: which seed of a run trained with several (default: the first, said in the notes).
+    Returns a workspace.export.Exported (`folder`, `notes`)."""
     from loralab.workspace.export import export as write
 
-    return write(get_run(ref, workspace), out, merge=merge)
+    group = get_group(ref, workspace, experiment)
+    notes = [n for n in [picked(ref, group, workspace) if experiment is None else None] if n]
+    seeds = [r.seed for r in group]
+    if seed is not None:
+        chosen = [r for r in group if r.seed == seed]
+        if not chosen:
+            raise SpecError(f"run {ref} has no seed {seed}",
+                            [Problem("--seed", "no such seed", seed, "use one of: " + ", ".join(str(s) for s in seeds))])
+        rec = chosen[0]
+    else:
+        rec = next((r for r in group if r.status == "finished"), group[0])
+        if len(group) > 1:
+            notes.append(f"run {rec.name} has seeds {', '.join(str(s) for s in seeds)}: exported seed {rec.seed} "
+                         "(pick another with --seed N)")
+    done = write(rec, out, merge=merge, base=base)
+    done.notes[:0] = notes
+    return done
 
 
 def table(c, title: str = "Main differences"):

@@ -32,12 +32,26 @@ class _Console(Console):
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)
         if not self.is_terminal and not os.environ.get("COLUMNS"):
-            return ConsoleDimensions(PIPED_WIDTH, size.height)
+            return ConsoleDimensions(getattr(self, "_table_width", None) or PIPED_WIDTH, size.height)
         return size
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)
+
+    def print(self, *objects, **kwargs) -> None:
+        """Piped, a table wider than 200 columns (three runs and their verdicts) is printed at its own
+        width rather than with its cells wrapped over several lines."""
+        from rich.table import Table
+
+        if (not self.is_terminal and not os.environ.get("COLUMNS") and "width" not in kwargs
+                and len(objects) == 1 and isinstance(objects[0], Table)):
+            self._table_width = max(PIPED_WIDTH, self.measure(objects[0], options=self.options.update(width=10_000)).maximum)
+            try:
+                return super().print(*objects, **kwargs)
+            finally:
+                self._table_width = None
+        super().print(*objects, **kwargs)
 
 
 console = _Console()
@@ -61,7 +75,22 @@ ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (th
                            "default: the file's `executor:`, else local")
 TrackOpt = typer.Option(None, "--track", help="Copy each run to trackers: comma-separated mlflow, tensorboard, wandb "
                         "(each an extra: pip install 'loralab[NAME]'), or none; default: the file's `track:`")
+ExperimentOpt = typer.Option(None, "--experiment", "-e", help="The experiment whose run it is, when several have a run of that name")
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from loralab import __version__
+
+        sys.stdout.write(f"loralab {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print loralab's version and exit")):
+    """Declare LoRA runs in YAML, train them with PEFT, measure and compare them."""
 
 
 def _fail(err: LoralabError) -> None:
@@ -197,7 +226,7 @@ def run(file: Path = typer.Argument(..., help="Experiment YAML file"),
     exp = api.with_tracking(api.with_repeats(api.load(file), repeats), track)
     result = api.run(exp, workspace=workspace, only=_split(only), force=force, console=console,
                      executor=executor.value if executor else None, address=address, log_every=log_every)
-    _show_comparison(result, exp)
+    _show_comparison(result, exp, _split(only))
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} run(s) failed: {', '.join(result.failed)} "
                           f"(see `loralab show NAME`)[/red]")
@@ -239,11 +268,24 @@ def demo(workspace: Optional[str] = WorkspaceOpt,
         raise typer.Exit(1)
 
 
-def _show_comparison(result, exp) -> None:
+def _show_comparison(result, exp, only: Optional[list[str]] = None) -> None:
     from loralab import api
 
+    c = api.compare_groups(list(result.groups().values()), evaluation=exp.evaluation)
+    if only:  # one run of the file shown: its knobs that differ among the file's runs, not every knob it has
+        c.knobs = {k: v for k, v in c.knobs.items() if k == "seeds" or k in _differing(exp.resolved_runs)}
     console.print()
-    console.print(api.table(api.compare_groups(list(result.groups().values()), evaluation=exp.evaluation)))
+    console.print(api.table(c))
+
+
+def _differing(runs) -> set[str]:
+    """The `section.key` knobs whose values differ among runs (RunSpecs)."""
+    values: dict[str, set] = {}
+    for run in runs:
+        for section in ("lora", "train", "generate"):
+            for key, v in getattr(run, section).model_dump().items():
+                values.setdefault(f"{section}.{key}", set()).add(json.dumps(v, sort_keys=True, default=str))
+    return {k for k, vs in values.items() if len(vs) > 1 and k != "train.seed"}
 
 
 @app.command("ls")
@@ -256,8 +298,10 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
     from loralab import api
 
     records = api.list_runs(workspace)
+    dead = api.gone(records, workspace)
     if as_json:
-        _print_json([{**r.summary(), "metrics": r.metrics} for r in records])
+        _print_json([{**r.summary(), "metrics": r.metrics, **({"status": "interrupted", "process_gone": True} if r.id in dead else {})}
+                     for r in records])
         return
     t = Table(title=f"Runs in {api.shown_workspace(workspace)}", title_justify="left")
     longest = max((len(r.name) for r in records), default=4)
@@ -266,7 +310,8 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
         t.add_column(col, no_wrap=col in ("name", "id"), min_width=min(longest, 60) if col == "name" else None)
     for r in records:
         loss = r.metrics.get("eval_loss")
-        t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, r.status,
+        status = "interrupted (process gone)" if r.id in dead else r.status
+        t.add_row(_escape(r.experiment), _escape(r.name), "" if r.seed is None else str(r.seed), r.id, status,
                   f"{loss:.4f}" if loss is not None else "—", r.updated_at)
     console.print(t)
 
@@ -276,20 +321,26 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
 def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, experiment/name, or id prefix"),
          workspace: Optional[str] = WorkspaceOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-         samples: int = typer.Option(3, "--samples", help="Sample outputs to print")):
+         samples: int = typer.Option(3, "--samples", help="Sample outputs to print"),
+         experiment: Optional[str] = ExperimentOpt):
     """Show one run: config, metrics, timings and a few sample outputs."""
     from rich.table import Table
 
     from loralab import api
 
-    group = api.get_group(run_ref, workspace)
+    group = api.get_group(run_ref, workspace, experiment)
     rec = group[0]
+    note = api.picked(run_ref, group, workspace) if experiment is None else None
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         _print_json({**rec.__dict__, "seeds": [r.__dict__ for r in group]} if len(group) > 1 else rec.__dict__)
         return
+    dead = api.gone(group, workspace)
     for r in group:
         seed = f"  seed {r.seed}" if r.seed is not None else ""
-        console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {r.status}", highlight=False)
+        status = "interrupted (process gone)" if r.id in dead else r.status
+        console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {status}", highlight=False)
         if r.error:
             last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
             console.print("[red]" + _escape(last) + "[/red]")
@@ -338,7 +389,7 @@ def compare_cmd(runs: List[str] = typer.Argument(..., metavar="RUN...", help="Ru
                           "itself differs by nothing", highlight=False)
     c = api.compare(runs, workspace, all_knobs=all_knobs)
     if as_json:
-        _print_json(c.to_json())
+        sys.stdout.write(c.to_json() + "\n")
     elif markdown:
         sys.stdout.write(api.markdown(c))
     else:
@@ -441,12 +492,20 @@ def export(run_ref: str = typer.Argument(..., metavar="RUN", help="A finished ru
            out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder"),
            merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base model (safetensors, "
                                       "with its tokenizer) instead of writing the PEFT adapter folder"),
+           base: Optional[str] = typer.Option(None, "--base", "--base-id", metavar="HUB_ID|PATH",
+                                              help="How the export names its base model for others: a Hugging Face id or "
+                                              "a path on their machine (default: the built-in model's Hub id "
+                                              "HuggingFaceTB/SmolLM2-135M-Instruct, a Hub id as the file gave it, else this machine's folder)"),
+           seed: Optional[int] = typer.Option(None, "--seed", help="Which seed of a run trained with several (default: the first)"),
+           experiment: Optional[str] = ExperimentOpt,
            workspace: Optional[str] = WorkspaceOpt):
-    """Write a run's adapter (or the merged model) with a model card, for others to load."""
+    """Write a run's adapter (or the merged model) with its tokenizer and a model card, for others to load."""
     from loralab import api
 
-    folder = api.export(run_ref, out, merge=merge, workspace=workspace)
-    console.print(f"Wrote {folder} ({'merged model' if merge else 'PEFT adapter'} and README.md)", highlight=False)
+    done = api.export(run_ref, out, merge=merge, workspace=workspace, base=base, seed=seed, experiment=experiment)
+    for note in done.notes:
+        err_console.print(f"[yellow]note:[/yellow] {_escape(note)}", highlight=False, soft_wrap=True)
+    console.print(f"Wrote {done.folder} ({'merged model' if merge else 'PEFT adapter'}, tokenizer and README.md)", highlight=False)
 
 
 @app.command()

@@ -156,10 +156,11 @@ def _effect(knob, low, high, metric, diff, lo, hi, label, design="pair"):
 ])
 def test_beliefs_are_checked_against_measured_effects(effect, verdict):
     belief = BELIEFS[0]
-    assert belief.claim == "A higher learning rate trains faster" and belief.source == "the seed report"
+    assert belief.claim == "A higher learning rate trains faster" and belief.source.startswith("the seed report, docs/seed-report/report.md")
     f = belief_finding(belief, [effect])
     assert f.kind == "belief" and f.verdict == verdict
-    assert f.text.startswith(f"\u201cA higher learning rate trains faster\u201d (the seed report): {verdict}")
+    assert f.text.startswith(f"\u201cA higher learning rate trains faster\u201d (the seed report, docs/seed-report/report.md: "
+                             f"Run A vs Run B, which `loralab demo` reruns): {verdict}")
     assert interval(effect.verdict, "f1") in f.text
 
 

@@ -54,7 +54,7 @@ def test_the_api_serves_runs_curves_and_main_differences_with_safety_headers(fin
     a = next(r for r in state["runs"] if r["name"] == "A")
     assert a["status"] == "finished" and a["step"] == 4 and a["planned"] == 4 and a["eval_loss"] > 0
     head = state["compare"]["head"]
-    assert head[1:4] == ["base", "B", "A"] or set(head[1:4]) == {"base", "A", "B"}
+    assert head[1:4] == ["base", "A", "B"]  # as `loralab run` printed it: A is B's reference, as in `compare A B`
     labels = [r["cells"][0] for r in state["compare"]["rows"] if "cells" in r]
     assert "lora.r" in labels and "eval loss" in labels and state["sweeps"] == []
     curves = client.get("/api/curves", params={"ids": f"{a['id']},nope"}).json()
@@ -68,7 +68,7 @@ def test_curves_are_thinned_for_the_page_keeping_the_last_step():
     assert len(kept) <= 401 and kept[0] == 0 and kept[-1] == 9999 and kept == sorted(kept)
 
 
-def test_a_stale_running_run_is_shown_as_stale(finished_ws, tmp_path):
+def test_a_running_run_whose_process_is_gone_is_shown_interrupted(finished_ws, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(finished_ws, ws)
     store = Store(ws)
@@ -81,7 +81,27 @@ def test_a_stale_running_run_is_shown_as_stale(finished_ws, tmp_path):
         c = next(r for r in dash.runs() if r["name"] == "C")
     finally:
         dash.close()
-    assert c["status"] == "stale" and c["step"] == 1 and c["planned"] == 8 and c["eta_s"] is None  # nobody trains it
+    assert c["status"] == "interrupted" and c["gone"] and c["step"] == 1 and c["planned"] == 8 and c["eta_s"] is None  # nobody trains it
+    out = CliRunner().invoke(app, ["ls", "-w", str(ws)], terminal_width=200)
+    assert out.exit_code == 0 and "interrupted (process gone)" in out.output and " running " not in out.output, out.output
+    out = CliRunner().invoke(app, ["show", "C", "-w", str(ws)], terminal_width=200)
+    assert out.exit_code == 0 and "status interrupted (process gone)" in out.output, out.output
+
+
+def test_the_dashboard_counts_failed_trials_as_the_sweep_does():
+    """A trial whose process was killed is Optuna's FAIL, but loralab's `interrupted` (it runs again):
+    `loralab sweep` says 0 failed, and so does the dashboard."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from loralab.dashboard.state import sweep_progress
+
+    dist = {"r": optuna.distributions.CategoricalDistribution([2, 4])}
+    trials = [create_trial(params={"r": 2}, distributions=dist, value=1.0, user_attrs={"status": "finished"}),
+              create_trial(params={"r": 4}, distributions=dist, state=TrialState.FAIL, user_attrs={"status": "interrupted"}),
+              create_trial(params={"r": 4}, distributions=dist, state=TrialState.FAIL, user_attrs={"status": "failed"})]
+    p = sweep_progress("s", trials, [optuna.study.StudyDirection.MINIMIZE], {"trials": 4})
+    assert p["failed"] == 1 and p["interrupted"] == 1 and p["done"] == 1
 
 
 def test_dashboard_errors_are_one_clear_message(finished_ws, tmp_path, monkeypatch):

@@ -307,7 +307,9 @@ def test_broken_json_line_names_the_line(tmp_path):
 def test_every_bad_line_is_reported(tmp_path):
     _write(tmp_path / "d.jsonl", "[1]\n{bad\n" + json.dumps(_rows(1)[0]) + "\n{\n")
     err = _data_error(DataSpec(path="d.jsonl"), tmp_path)
-    assert [p.where for p in err.problems] == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:4"]
+    # lines 2 and 4 have the same problem: shown once, with the other line named
+    assert [p.where for p in err.problems] == ["d.jsonl:1", "d.jsonl:2"] and str(err).startswith("d.jsonl: 3 bad rows")
+    assert "(and 1 more row like it: line 4)" in str(err.problems[1])
 
 
 def test_row_missing_a_field_names_line_field_and_what_it_has(tmp_path):

@@ -299,3 +299,19 @@ def test_compute_counts_a_reused_adapters_training_once(tmp_path):
     again.timings = {"train_reused_from": trained.id}  # evaluated the stored adapter only: 40 s of its own
     setup = dict(_setup(Sources("t", "", tmp_path, []), [trained, again], None))
     assert setup["Compute"].startswith("2 stored runs, 2.3 min of training and evaluation")  # (100 + 40) s
+
+
+def test_importances_need_trials_for_the_knobs_that_vary_only(tmp_path):
+    """Two of four knobs never move (one choice each): 17 trials are enough for the two that do (16 at
+    least, 8 per knob), not the 32 four knobs would need."""
+    import optuna
+
+    from loralab.report.build import Sources, _importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 10 * t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1)
+                   + t.suggest_categorical("r", [8]) + t.suggest_categorical("dropout", [0.0]), n_trials=17)
+    src = Sources(title="s", goal="", workspace=tmp_path, chosen=[], study=study)
+    imp = _importances(src)
+    assert not src.notes and {i.knob for i in imp["objective"]} == {"x", "y"}

@@ -221,6 +221,18 @@ def count_eval_losses(monkeypatch) -> list[int]:
     return calls
 
 
+def test_a_pruned_trial_saves_its_other_seeds_whole_training_too(tiny_neox, tmp_path):
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nseed: 1\nspace:\n  train.learning_rate: [2.0e-2, 1.0e-7]\n"
+                   "pruner: {name: median, every: 2, startup_trials: 1}",
+                   extra="repeats: 2\n" + BASE.replace("max_steps: 6", "max_steps: 12"))
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    good, bad = result.trials
+    assert bad.status == "pruned" and len(bad.run_ids) == 1  # its second seed never ran
+    m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
+    assert m["saved_steps"] == 10 and result.saved_steps == 10 + 12  # the first seed's rest, and the second seed whole
+    assert result.saved_s > m["saved_s"]
+
+
 def test_median_pruner_stops_a_far_too_low_learning_rate_early(tiny_neox, tmp_path):
     # Grid seed 1 runs the good learning rate first (Optuna shuffles the grid with the seed); with
     # one startup trial the median rule then judges the second trial at step 2 against the first.
@@ -470,7 +482,7 @@ space:
     assert "grid of 4 trial(s) x 1 seed(s)" in out.output
     # Nothing stored yet: training and a trial's evaluation are measured here, now, and both counted.
     assert "train tokens/s (measured here now: 3 timed training steps" in out.output
-    assert "s eval per run" in out.output and "Estimated total: about" in out.output
+    assert "s per run for its evaluation, adapter and store" in out.output and "Estimated total: about" in out.output
     assert not (tmp_path / "ws").exists()
 
 
@@ -587,6 +599,10 @@ def test_space_auto_proposes_the_evidence_space_and_says_why(tiny_llama, tmp_pat
     ({"lora.r": 8, "train.learning_rate": 1e-3}, ["lora.r = 8, the highest value searched (2 to 8)"]),
     ({"lora.r": 4, "train.learning_rate": 1e-5}, ["train.learning_rate = 1e-05, the lowest value searched (1e-05 to 0.01)"]),
     ({"lora.r": 4, "train.learning_rate": 1e-3}, []),
+    # 98% of the log range (1e-5 * 1000 ** 0.98): 13% below the end in linear terms, at the edge in the knob's own scale
+    ({"lora.r": 4, "train.learning_rate": 1e-5 * 1000 ** 0.98},
+     ["train.learning_rate = 0.00870964, the highest value searched (1e-05 to 0.01)"]),
+    ({"lora.r": 4, "train.learning_rate": 1e-5 * 1000 ** 0.9}, []),  # 90%: inside
 ])
 def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
     from loralab.config.space import edges
@@ -594,6 +610,18 @@ def test_a_best_point_at_an_edge_of_the_space_is_named(knobs, expected):
     exp = parse("sweep:\n  space:\n    lora.r: [2, 4, 8]\n    train.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
                 "  budget: {trials: 3}")
     assert edges(Space(exp.sweep), knobs) == expected
+
+
+def test_an_edge_is_named_only_when_a_trial_inside_is_worse_beyond_noise():
+    from loralab.config.space import edges
+
+    space = Space(parse("sweep:\n  space: {lora.r: [2, 4, 8], lora.dropout: [0.0, 0.1]}\n  budget: {trials: 3}").sweep)
+    best = {"lora.r": 8, "lora.dropout": 0.1}
+    inside = [({"lora.r": 4, "lora.dropout": 0.1}, True), ({"lora.r": 2, "lora.dropout": 0.1}, True)]
+    assert edges(space, best, inside) == []  # every trial with a smaller r is within noise of the best
+    worse = inside[:1] + [({"lora.r": 2, "lora.dropout": 0.1}, False)]
+    assert edges(space, best, worse) == ["lora.r = 8, the highest value searched (2 to 8)"]  # dropout never moved
+    assert edges(space, best, []) == []  # no neighbour finished: nothing shows the edge is better
 
 
 def test_the_study_storage_survives_another_process_creating_optunas_tables_at_the_same_moment(tmp_path, monkeypatch):
@@ -761,3 +789,41 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     other = run_experiment(load_experiment(plain), workspace=tmp_path / "ws2").records[-1]
     assert other.metrics["eval_loss"] == rec.metrics["eval_loss"]
     assert other.curves["loss"] == rec.curves["loss"]
+
+
+def test_a_dry_run_after_full_runs_counts_only_what_a_loss_only_trial_does(tiny_neox, tmp_path):
+    """Runs of `loralab run` generate and measure drift; a loss-only sweep's trials do neither, so its
+    estimate takes their loss pass only (scaled per eval example), a generating sweep their whole eval."""
+    import loralab
+    from loralab.sweep.study import _throughput
+
+    f = sweep_file(tmp_path, tiny_neox, "strategy: random\nspace: {lora.r: [2, 4]}\nbudget: {trials: 2}")
+    loralab.run(load_experiment(f), workspace=tmp_path / "ws")
+    rec = next(r for r in Store(tmp_path / "ws").list() if r.kind == "lora")
+    assert "generate_s" in rec.timings  # it generated: its eval_s holds more than a loss-only trial does
+    loss_only = load_experiment(f).sweep
+    full = parse("sweep:\n  space: {lora.r: [4]}\n  budget: {trials: 1}\n  evaluate: full\n").sweep
+    n, fp = rec.data["n_eval"], rec.model["fingerprint"]
+    loss, whole, twice = (_throughput(tmp_path / "ws", fp, sw, k)[2] for sw, k in ((loss_only, n), (full, n), (full, 2 * n)))
+    assert loss >= rec.timings["eval_loss_s"]  # and the run's time outside training and evaluation (same in each)
+    assert whole - loss == pytest.approx(rec.metrics["eval_s"] - rec.timings["eval_loss_s"])
+    assert twice - whole == pytest.approx(rec.metrics["eval_s"])  # scaled per eval example
+
+
+def test_a_sweep_says_which_trial_of_how_many_runs_and_when_it_will_end(tiny_neox, tmp_path):
+    from rich.console import Console
+
+    from loralab.progress import Reporter
+
+    f = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4, 8]}\nbudget: {trials: 2}")
+    console = Console(record=True, width=200)
+    run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console, 1e9))
+    lines = [line for line in console.export_text().splitlines() if line.startswith("trial ") and " of " in line]
+    assert [line.split(" (")[0] for line in lines] == ["trial 1 of 2", "trial 2 of 2"]  # the budget, not the grid's 3
+    assert "ETA" not in lines[0] and "1 done in" in lines[1] and "ETA" in lines[1]
+    # run again: the study is done; a larger budget continues it, counting the trials already run
+    more = sweep_file(tmp_path, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4, 8]}\nbudget: {trials: 3}")
+    console = Console(record=True, width=200)
+    run_sweep(load_experiment(more), workspace=tmp_path / "ws", reporter=Reporter(console, 1e9))
+    assert [line.split(" (")[0] for line in console.export_text().splitlines()
+            if line.startswith("trial ") and " of " in line] == ["trial 3 of 3"]

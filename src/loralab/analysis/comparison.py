@@ -110,7 +110,14 @@ class Comparison:
                     return r
         raise KeyError(key)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, indent: int | None = 2) -> str:
+        """The comparison as a JSON string (what `loralab compare --json` prints); `to_dict` for the data."""
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Runs (ids, seeds, statuses), knobs, outcomes and verdicts as plain data (NaN as None)."""
         def est(e: Estimate | None):
             return None if e is None else {"mean": _num(e.mean), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n}
 
@@ -489,8 +496,8 @@ def fmt_value(v: Any, fmt: str = "", currency: str | None = None) -> str:
         return f"{v:.4f} {currency or ''}".strip()
     if fmt.startswith("f") and isinstance(v, (int, float)):
         return f"{v:.{int(fmt[1:])}f}"
-    if isinstance(v, float):
-        return f"{v:g}"
+    if isinstance(v, float):  # a knob sampled from a range (0.00179372): three figures read as well
+        return f"{v:,.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3g}"
     return str(v)
 
 

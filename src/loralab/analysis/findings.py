@@ -511,14 +511,17 @@ class Belief:
     source: str = "common belief"
 
 
+# Where the seed report's beliefs come from, said so a reader who never saw it knows what it is.
+SEED_REPORT = "the seed report, docs/seed-report/report.md: Run A vs Run B, which `loralab demo` reruns"
+
 BELIEFS = (
-    Belief("A higher learning rate trains faster", "train.learning_rate", "steps_to_90pct_drop", "lower", "the seed report"),
-    Belief("... but is less stable", "train.learning_rate", "loss_spikes", "higher", "the seed report"),
+    Belief("A higher learning rate trains faster", "train.learning_rate", "steps_to_90pct_drop", "lower", SEED_REPORT),
+    Belief("... but is less stable", "train.learning_rate", "loss_spikes", "higher", SEED_REPORT),
     Belief("A higher learning rate reaches a lower loss in the same steps", "train.learning_rate", "eval_loss", "lower"),
     Belief("A larger max_new_tokens makes answers more verbose", "generate.max_new_tokens", "mean_tokens", "higher",
-           "the seed report"),
+           SEED_REPORT),
     Belief("... with a risk of drift: more repetition", "generate.max_new_tokens", "repeated_3gram", "higher",
-           "the seed report"),
+           SEED_REPORT),
     Belief("A larger rank r fits the task better", "lora.r", "eval_loss", "lower"),
     Belief("A larger rank r costs more time", "lora.r", "total_s", "higher"),
     Belief("A larger alpha moves the model further from the base", "lora.alpha", "drift_kl", "higher"),

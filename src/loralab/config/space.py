@@ -148,21 +148,39 @@ def prior_lines(sweep: SweepSpec) -> list[str]:
         f"    {path}: {reason}" for path, reason in PRIOR_REASONS.items()]
 
 
-def edges(space: Space, knobs: dict[str, Any]) -> list[str]:
+EDGE_TOLERANCE = 0.05  # of a range's width, in the knob's own scale (log for a log-scaled knob)
+
+
+def edges(space: Space, knobs: dict[str, Any], others: list[tuple[dict[str, Any], bool]] | None = None) -> list[str]:
     """The knobs of a point that sit at an end of their searched range (numbers only): the best point
-    there means the best may lie outside the space, which was then too narrow."""
+    there means the best may lie outside the space, which was then too narrow.
+
+    Choices: the smallest or largest one. A range: within 5% of its width from an end, measured on a log
+    scale for a log-scaled knob (a learning rate at 98% of its log range is at the edge, whatever a linear
+    tolerance says). `others`: the other finished trials as (knobs, within noise of this point); given,
+    a knob counts only when some trial with another value of it is worse beyond noise: when every
+    neighbour is within noise, the edge point is not shown to be better, and nothing says to widen."""
     out = []
     for d in space.dims:
         v = knobs.get(d.path)
         if d.knob.ratio_of or not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        choices = [c for c in (d.knob.values or []) if isinstance(c, (int, float)) and not isinstance(c, bool)]
-        lo, hi = (min(choices), max(choices)) if len(choices) > 1 else (d.knob.low, d.knob.high)
-        if lo is None or hi is None or lo == hi:
+        choices = sorted(c for c in (d.knob.values or []) if isinstance(c, (int, float)) and not isinstance(c, bool))
+        if len(choices) > 1:
+            lo, hi = choices[0], choices[-1]
+            end = "lowest" if v == lo else "highest" if v == hi else None
+        else:
+            lo, hi = d.knob.low, d.knob.high
+            if lo is None or hi is None or lo == hi:
+                continue
+            log = d.knob.log and lo > 0 and v > 0
+            pos = (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo)) if log else (v - lo) / (hi - lo)
+            end = "lowest" if pos <= EDGE_TOLERANCE else "highest" if pos >= 1 - EDGE_TOLERANCE else None
+        if end is None:
             continue
-        if math.isclose(v, lo, rel_tol=0.05) or math.isclose(v, hi, rel_tol=0.05):
-            end = "lowest" if math.isclose(v, lo, rel_tol=0.05) else "highest"
-            out.append(f"{d.path} = {v:g}, the {end} value searched ({lo:g} to {hi:g})")
+        if others is not None and not any(not close and o.get(d.path) != v for o, close in others):
+            continue
+        out.append(f"{d.path} = {v:g}, the {end} value searched ({lo:g} to {hi:g})")
     return out
 
 

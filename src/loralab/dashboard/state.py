@@ -55,8 +55,8 @@ class Dashboard:
                    "status": r.status, "updated": r.updated_at, "eval_loss": _num(r.metrics.get("eval_loss")),
                    "step": None, "planned": None, "loss": None, "eta_s": None}
             if r.status == "running":
-                if not self.store.in_progress(r.id):
-                    row["status"] = "stale"  # its process is gone (killed): `loralab doctor` tells the rest
+                if not self.store.in_progress(r.id):  # its process is gone (killed), as `loralab ls` says too
+                    row["status"], row["gone"] = "interrupted", True
                 step = last.get(r.id)
                 if step is not None:
                     done, planned = step["step"], step["total"]
@@ -92,13 +92,19 @@ class Dashboard:
             groups: dict[str, list[RunRecord]] = {}
             for r in records:
                 groups.setdefault(r.name, []).append(r)
-            base = [g for n, g in groups.items() if g[0].kind == "base"]
-            rest = [g for n, g in groups.items() if g[0].kind != "base"][:MAX_COMPARED]  # newest first
+            # As `loralab run` prints it: base first, then the runs in the order they were first trained
+            # (the file's), each run's seeds in order, so the reference column and the verdicts are the CLI's.
+            for g in groups.values():
+                g.sort(key=lambda r: (r.seed is None, r.seed or 0))
+            ordered = sorted(groups.values(), key=lambda g: min(r.created_at for r in g))
+            base = [g for g in ordered if g[0].kind == "base"]
+            rest = [g for g in ordered if g[0].kind != "base"][-MAX_COMPARED:]  # the newest, in file order
             chosen = base[:1] + rest
             if not chosen:
                 self._compared = {key: None}
             else:
-                head, rows, legend = to_rows(compare(chosen))
+                ev = chosen[-1][0].config.get("evaluation") or {}
+                head, rows, legend = to_rows(compare(chosen, level=ev.get("confidence", 0.95), floors=ev.get("min_effect")))
                 left = len(groups) - len(chosen)
                 self._compared = {key: {"head": head, "rows": rows, "legend": legend,
                                         "left_out": f"{left} older runs not shown" if left > 0 else ""}}
@@ -171,8 +177,12 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
         if "minutes" in left:
             seconds.append(left["minutes"] * 60)
         eta = round(min(seconds), 1) if seconds else None
+    # Failed as `loralab sweep` counts it: trials that failed on their own; a trial whose process was
+    # killed (Optuna's FAIL too) is interrupted, and its configuration runs again.
+    failed = sum(t.user_attrs.get("status") == "failed" for t in counted)
+    interrupted = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == "interrupted" for t in trials)
     return {"name": name, "done": len(by[TrialState.COMPLETE]), "pruned": len(by[TrialState.PRUNED]),
-            "running": running, "failed": len(by[TrialState.FAIL]), "trials": len(trials), "best": best,
+            "running": running, "failed": failed, "interrupted": interrupted, "trials": len(trials), "best": best,
             "direction": directions[0].name.lower() if len(directions) == 1 else "multi",
             "budget": budget, "left": left, "spent_s": round(spent, 1), "eta_s": eta}
 

@@ -41,6 +41,7 @@ PLAIN_SYSTEM = "{system}\n\n"
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 _MAX_LISTED_PROBLEMS = 20  # a file broken on every line should not print thousands of lines
+_MAX_LISTED_LINES = 10  # of the other rows with the same problem
 
 
 class _NotJSON(ValueError):
@@ -389,13 +390,29 @@ def _text_example(ex_id: str, where: str, text: Any, field: str, problems: list[
 
 
 def _raise_if(problems: list[Problem], name: str) -> None:
+    """One DataError for every bad row: rows counted once however many problems each has, and rows with
+    the same problem (message and fix) shown once, with the others' lines listed after it."""
     if not problems:
         return
-    n = len(problems)
-    shown = problems[:_MAX_LISTED_PROBLEMS]
-    if n > len(shown):
-        shown.append(Problem(name, f"... and {n - len(shown)} more", None, "", False))
-    raise DataError(f"{name}: {n} bad row{'s' if n > 1 else ''}", shown)
+    rows = len({p.where for p in problems})
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.message, p.fix), []).append(p)
+    shown = []
+    for same in groups.values():
+        first, others = same[0], same[1:]
+        if others:
+            at = [p.where.removeprefix(f"{name}:") for p in others[:_MAX_LISTED_LINES]]
+            lines = ("line " if len(others) == 1 else "lines ") if all(p.where.startswith(f"{name}:") for p in others) else ""
+            more = ", …" if len(others) > _MAX_LISTED_LINES else ""
+            like = f"(and {len(others)} more row{'s' if len(others) > 1 else ''} like it: {lines}{', '.join(at)}{more})"
+            first = Problem(first.where, first.message, first.value, f"{first.fix} {like}".strip(), first.has_value)
+        shown.append(first)
+    if len(shown) > _MAX_LISTED_PROBLEMS:
+        rest = len(shown) - _MAX_LISTED_PROBLEMS
+        shown = shown[:_MAX_LISTED_PROBLEMS] + [Problem(name, f"... and {rest} more kind{'s' if rest > 1 else ''} of problem",
+                                                        None, "", False)]
+    raise DataError(f"{name}: {rows} bad row{'s' if rows > 1 else ''}", shown)
 
 
 def _clip(s: str, n: int = 80) -> str:

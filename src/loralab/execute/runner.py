@@ -24,7 +24,7 @@ from loralab.errors import Problem, SpecError
 from loralab.execute.checkpoint import Checkpoints, fsync_tree as _fsync_tree
 from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
-from loralab.progress import Reporter
+from loralab.progress import Overall, Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
@@ -333,9 +333,10 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
         multi = exp.adaptive is not None or exp.repeats > 1 or (exp.seeds is not None and len(exp.seeds) > 1)
         jobs = [Job(exp, run.with_seed(seed), f"{run.name} (seed {seed})" if multi else run.name, force=force)
                 for run in prepared.runs for seed in exp.seeds_for(run)]
-        _run_jobs(worker, jobs, store, result)
+        overall = Overall(rep, "run", len(jobs))  # repeats: auto adds the seeds each round plans
+        _run_jobs(worker, jobs, store, result, overall)
         if exp.adaptive is not None:
-            _adaptive_rounds(exp, prepared, worker, store, result, rep, force)
+            _adaptive_rounds(exp, prepared, worker, store, result, rep, force, overall)
         worker.close()
     except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
         raise storage_error(err, ws) or err
@@ -344,8 +345,15 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     return result
 
 
-def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult) -> None:
-    for job, out in zip(jobs, _outcomes(worker, jobs)):
+def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult, overall: "Overall") -> None:
+    """Run the jobs (in turn, or as many at once as the executor has slots) and add their records."""
+    def counted(job: Job):  # "run 3 of 6 (B (seed 1)), ..., ETA 4 min" as each job starts
+        started = overall.start(job.label)
+        out = worker.run(job)
+        overall.finish(started, reused=out.reused)
+        return out
+
+    for job, out in zip(jobs, _outcomes(worker, jobs, counted)):
         if out.reused:
             result.skipped.append(job.label)
         elif out.status in ("failed", "diverged"):
@@ -356,7 +364,7 @@ def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult) -
 
 
 def _adaptive_rounds(exp: Experiment, prepared: Prepared, worker, store: Store, result: ExperimentResult,
-                     rep: Reporter, force: bool) -> None:
+                     rep: Reporter, force: bool, overall: "Overall") -> None:
     """`repeats: auto`: after each round, one more seed for each run whose verdicts are unsettled
     (execute.plan.decide), until none is or each reached max_seeds."""
     from loralab.execute.plan import decide
@@ -378,20 +386,22 @@ def _adaptive_rounds(exp: Experiment, prepared: Prepared, worker, store: Store, 
             run, k = by_name[name], len(groups[name])
             seed = exp.seeds_for(run, k + 1)[-1]
             jobs.append(Job(exp, run.with_seed(seed), f"{name} (seed {seed})", force=force))
-        _run_jobs(worker, jobs, store, result)
+        overall.total = (overall.total or 0) + len(jobs)
+        _run_jobs(worker, jobs, store, result, overall)
 
 
-def _outcomes(worker, jobs: list[Job]):
+def _outcomes(worker, jobs: list[Job], run=None):
     """The jobs' outcomes in job order: one after the other (each stored before the next starts), or,
-    when the executor has several slots (Ray actors), that many at once."""
+    when the executor has several slots (Ray actors), that many at once. `run`: worker.run, wrapped."""
     slots = int(getattr(worker, "slots", 1))
+    run = run or worker.run
     if slots <= 1:
-        return map(worker.run, jobs)
+        return map(run, jobs)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="run") as pool:
         try:
-            return list(pool.map(worker.run, jobs))
+            return list(pool.map(run, jobs))
         except KeyboardInterrupt:  # stop the jobs in flight too (their rows stay `running`; a rerun takes them over)
             worker.close()
             raise

@@ -494,7 +494,8 @@ def _importances(src: Sources, resamples: int = IMPORTANCE_RESAMPLES) -> dict[st
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    knobs_ = sorted({k for t in done for k in t.params})
+    # Only knobs that took more than one value count (a knob the sampler never moved has no importance to find)
+    knobs_ = sorted(k for k in {k for t in done for k in t.params} if len({repr(t.params.get(k)) for t in done}) > 1)
     need = fnd.min_trials_for_importance(len(knobs_))
     if len(done) < need:
         src.notes.append(f"Parameter importances not shown: {len(done)} completed trial(s), and {need} are needed for "

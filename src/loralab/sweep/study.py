@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from datetime import datetime
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,9 +107,12 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
         if status != "finished":
             break
     first = records[0].metrics
-    out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)),
-                    planned_steps=int(first.get("planned_steps", 0)), saved_steps=int(first.get("saved_steps", 0)),
-                    saved_s=float(first.get("saved_s", 0.0)), error=records[-1].error)
+    # A trial stopped early (pruned, diverged) also skips its other seeds: their whole training is saved too.
+    skipped, planned = len(seeds) - len(records), int(first.get("planned_steps", 0))
+    per_step = float(first.get("train_s", 0.0)) / first["steps"] if first.get("steps") else 0.0
+    out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)), planned_steps=planned,
+                    saved_steps=int(first.get("saved_steps", 0)) + skipped * planned,
+                    saved_s=float(first.get("saved_s", 0.0)) + round(skipped * planned * per_step, 2), error=records[-1].error)
     if status == "finished":
         objectives = exp.sweep.objective if exp.sweep else [ObjectiveSpec()]
         out.values = [statistics.fmean(objective_value(r.metrics, o, run) for r in records) for o in objectives]
@@ -515,6 +519,13 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         _announce(result, space, sw, exp, rep)
         loop.worker.close()
         result.close_to_best = _close_to_best(result, store, exp, rep)
+        if len(sw.objective) == 1 and result.best:  # at an edge, and better than the trials inside it beyond noise
+            others = [(t.knobs, t.number in result.close_to_best) for t in result.trials
+                      if t.status == "finished" and t.number != result.best[0].number]
+            at_edge = edges(space, result.best[0].knobs, others)
+            if at_edge:
+                rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
+                        "outside it; widen the space there.")
     finally:
         store.close()
     return result
@@ -683,6 +694,20 @@ class _Loop:
                     raise
                 ran.extend(f.result() for f in done)  # a trial's error (a SpecError) stops the sweep
 
+    def progress(self):
+        """The sweep's overall line ("trial 4 of 12 (...), 3 done in ..., ETA 6 min"), counting the
+        trials an earlier process already ran; no total under a time or money budget alone."""
+        if getattr(self, "_overall", None) is None:
+            from loralab.progress import Overall
+
+            b = self.sw.budget
+            total = min(x for x in (b.trials, len(self.space.expand()) if is_grid(self.sw) else None) if x) \
+                if (b.trials or is_grid(self.sw)) else None
+            self._overall = Overall(self.rep, "trial", total)
+            self._overall.started = self._overall.finished = sum(
+                t.state.is_finished() and t.user_attrs.get("status") != "interrupted" for t in self.study.get_trials(deepcopy=False))
+        return self._overall
+
     def wait_for_others(self) -> None:
         if not self.waited:
             self.rep.log("Waiting for another sweep process to finish its trial(s) (the last grid points, or the "
@@ -701,6 +726,7 @@ class _Loop:
         t0 = time.perf_counter() - earlier_s
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 and prune else None
+            started = self.progress().start(f"trial-{trial.number:04d}: {_fmt(knobs)}")
             with self.beat(trial):
                 tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
                                executor=self.worker, pruning=pruning)
@@ -715,6 +741,7 @@ class _Loop:
             study.tell(trial, state=TrialState.FAIL)
             raise
         spent = time.perf_counter() - t0
+        self.progress().finish(started, reused=bool(tr.run_ids) and tr.reused >= len(tr.run_ids))
         if study._storage.get_trial(trial._trial_id).state.is_finished():
             # Its heartbeat stopped long enough (a stalled or cut-off host) that another worker took it for
             # dead: that worker recorded it interrupted and queued its configuration, whose run counts instead.
@@ -866,19 +893,18 @@ def _announce(result: SweepResult, space: Space, sw: SweepSpec, exp: Experiment,
             confirmed = f" (searched value, best of {len(result.trials)}: optimistic; sweep.confirm re-trains it on fresh seeds)"
         rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} searched{confirmed} "
                 f"(loralab show {exp.name}/trial-{t.number:04d})")
-    if len(sw.objective) == 1 and result.best:
-        at_edge = edges(space, result.best[0].knobs)
-        if at_edge:
-            rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
-                    "outside it; widen the space there.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Dry run: what would run, and about how long it would take
 
 
-def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | None:
-    """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace."""
+def _throughput(ws: Path, model_fingerprint: str, sweep=None, n_eval: int | None = None) -> tuple[float, str, float] | None:
+    """Train tokens/s and eval seconds per run measured by finished runs of this model in the workspace.
+
+    The eval seconds are what a trial does: a loss-only objective's trials skip generation and drift, so
+    stored runs that generated count only their loss pass (`timings.eval_loss_s`); scaled per eval example
+    to `n_eval` (another experiment's eval set may be larger)."""
     from loralab.errors import RunNotFound
     from loralab.workspace.store import Store, shown
 
@@ -894,9 +920,30 @@ def _throughput(ws: Path, model_fingerprint: str) -> tuple[float, str, float] | 
     runs = list({r.id: r for r in runs}.values())
     if not runs:
         return None
+    full = needs_full_eval(sweep)
+
+    def overhead(r) -> float:
+        """What a run spent outside training and evaluation (its adapter made and saved, the store): its
+        row's wall time (start to finish, whole seconds) less both."""
+        try:
+            wall = (datetime.fromisoformat(r.updated_at) - datetime.fromisoformat(r.created_at)).total_seconds()
+        except (TypeError, ValueError):
+            return 0.0
+        return max(wall - float(r.metrics.get("total_s") or 0.0), 0.0)
+
+    def eval_s(r) -> float:
+        generated = "generate_s" in r.timings
+        if full and not generated:  # a loss-only trial's time says nothing of generation: not counted
+            return float("nan")
+        s = r.metrics.get("eval_s", 0.0) if full or not generated else r.timings.get("eval_loss_s", 0.0)
+        n = r.data.get("n_eval")
+        return (s * n_eval / n if n_eval and n else s) + overhead(r)
+
     tps = statistics.median(r.metrics["tokens_per_s"] for r in runs)
-    return tps, f"measured: median of {len(runs)} finished run(s) in {shown(ws)}", statistics.median(
-        r.metrics.get("eval_s", 0.0) for r in runs)
+    evals = [e for e in map(eval_s, runs) if e == e]
+    if not evals:
+        return None
+    return tps, f"measured: median of {len(runs)} finished run(s) in {shown(ws)}", statistics.median(evals)
 
 
 MEASURE_STEPS = 4  # a dry run with nothing stored trains this many steps (the first is warm-up, not timed)
@@ -933,10 +980,17 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
         evaluate(model, small, "dry run", Reporter(), run.generate.batch_size, full=needs_full_eval(exp.sweep),
                  probe=needs_probe(exp.sweep))
         eval_s = (time.perf_counter() - t0) * max(len(prepared.eval_encoded), 1) / max(k, 1)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # every run of a trial saves its adapter (timed warm: the
+            model.save_pretrained(tmp)              # first save also imports and allocates once per process)
+            t0 = time.perf_counter()
+            model.save_pretrained(tmp)
+            eval_s += time.perf_counter() - t0
     finally:
         restore_base(prepared, model)
     what = "losses, generation and drift" if needs_full_eval(exp.sweep) else "losses only"
-    return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, and a trial's "
+    return tps, (f"measured here now: {MEASURE_STEPS - 1} timed training steps at the start settings, a run's adapter saved, and a trial's "
                  f"evaluation ({what}) on {k} eval example(s) scaled to {len(prepared.eval_encoded)}"), eval_s
 
 
@@ -954,14 +1008,14 @@ def dry_run_plan(exp: Experiment, prepared, ws: Path, space: Space) -> DryRun:
     sw = exp.sweep
     start = experiment_start(exp)
     seeds = len(exp.seeds_for(make_run(start, {}, "start")))
-    measured = _throughput(ws, prepared.base.fingerprint)
+    measured = _throughput(ws, prepared.base.fingerprint, sw, len(prepared.eval_encoded))
     tps, source, eval_s = measured or measure_here(exp, prepared, make_run(start, {}, "start"))
     budget = sw.budget.model_dump(exclude_none=True)
     points = space.expand() if is_grid(sw) else None
     runs = [make_run(start, pt, "trial") for pt in points] if points is not None else [make_run(start, {}, "start")]
     tokens = [train_tokens(prepared, r) for r in runs]
     per_trial = [seeds * (t / tps + eval_s) for t in tokens]
-    eval_note = f" + {eval_s:.1f} s eval per run"
+    eval_note = f" + {eval_s:.1f} s per run for its evaluation, adapter and store"
     lines = []
     if points is not None:
         n = min(len(points), sw.budget.trials or len(points))

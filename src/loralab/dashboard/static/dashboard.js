@@ -71,7 +71,7 @@ function renderRuns(st) {
     tr.addEventListener("click", () => { shown.has(r.id) ? shown.delete(r.id) : shown.add(r.id); poll(false); });
     const progress = r.step === null ? "—" : (r.planned ? `${r.step}/${r.planned}` : String(r.step));
     tr.append(el("td", r.name, "name"), el("td", r.seed === null ? "" : r.seed),
-              el("td", r.status, "status status-" + r.status), el("td", progress, "progress"),
+              el("td", r.status + (r.gone ? " (process gone)" : ""), "status status-" + r.status), el("td", progress, "progress"),
               el("td", num(r.loss)), el("td", num(r.eval_loss)), el("td", r.eta_s === null ? "" : clock(r.eta_s)),
               el("td", r.updated), el("td", r.id.slice(0, 12)));
     return tr;
