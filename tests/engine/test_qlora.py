@@ -163,3 +163,23 @@ def test_merge_base_gives_the_evaluated_model_of_a_quantized_run(wide_llama, tmp
     # rows stored before the quantization was recorded: read off the fingerprint
     old = {k: v for k, v in a.model.items() if k != "quantize"}
     assert merge_base(old, torch.float32)[1] == note
+
+
+def test_export_merge_of_a_4bit_run_is_the_evaluated_model(wide_llama, tmp_path):
+    """`export --merge` of a QLoRA run: the merged folder, loaded by plain transformers, gives the stored
+    eval loss (the adapter went into the dequantized 4-bit weights, not the full-precision original)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loralab import api
+    from loralab.engine.train import eval_loss
+    from loralab.execute.runner import prepare
+
+    f = quantized(experiment(tmp_path, wide_llama, "evaluation: {drift: false}\n" + RUNS, name="q"), wide_llama, 4)
+    exp = loralab.load(f)
+    a = next(r for r in loralab.run(exp, workspace=tmp_path / "ws").records if r.name == "A")
+    done = api.export("q/A", tmp_path / "merged", merge=True, workspace=tmp_path / "ws", base=str(wide_llama))
+    merged = AutoModelForCausalLM.from_pretrained(done.folder, dtype=torch.float32)
+    prepared = prepare(exp)
+    loss = eval_loss(merged, prepared.eval_encoded, pad_id=prepared.base.tokenizer.pad_token_id)
+    assert loss == pytest.approx(a.metrics["eval_loss"], rel=1e-5)

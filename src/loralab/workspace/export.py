@@ -82,7 +82,8 @@ def export(rec: RunRecord, out: str | Path, merge: bool = False, base: str | Non
     try:
         tokenizer = _tokenizer(source)
         if merge:
-            _merged(rec, adapter, source, staging)
+            note = _merged(rec, adapter, source, staging)
+            notes += [note] if note else []
         else:
             for f in adapter.iterdir():
                 if f.is_file():
@@ -93,7 +94,10 @@ def export(rec: RunRecord, out: str | Path, merge: bool = False, base: str | Non
                 config["revision"] = hub_revision(rec)
             (staging / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         tokenizer.save_pretrained(staging)  # the chat template the prompts went through travels with it
-        (staging / "README.md").write_text(model_card(rec, merge, base, tokenizer), encoding="utf-8")
+        card = model_card(rec, merge, base, tokenizer)
+        if merge and notes:
+            card += "\n## Note on the merge\n\n" + "\n\n".join(notes) + "\n"
+        (staging / "README.md").write_text(card, encoding="utf-8")
         if out.is_dir():  # empty (checked above)
             out.rmdir()
         staging.rename(out)
@@ -140,17 +144,21 @@ def _tokenizer(source: str):
     return AutoTokenizer.from_pretrained(source)
 
 
-def _merged(rec: RunRecord, adapter: Path, source: str, out: Path) -> None:
+def _merged(rec: RunRecord, adapter: Path, source: str, out: Path) -> str | None:
     """The base model with the adapter's update added to its weights (PEFT merge_and_unload): a plain
-    transformers model, loadable by AutoModelForCausalLM.from_pretrained without PEFT."""
+    transformers model, loadable by AutoModelForCausalLM.from_pretrained without PEFT. A quantized run's
+    adapter goes into its base's dequantized weights, the model it was evaluated with (engine.models.merge_base);
+    returns what the merged model still cannot reproduce, if anything (8-bit: the inputs' quantization)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from loralab.engine.models import merge_base
 
     dtype = getattr(torch, str(rec.config.get("dtype") or "float32"))
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    base, note = merge_base({**rec.model, "path": source}, dtype)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
+    return note
 
 
 def prompt_format(rec: RunRecord, tokenizer) -> tuple[str, str | None]:
