@@ -280,6 +280,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     from rich.table import Table
 
     from loralab import api
+    from loralab.environment import placement_text
 
     group = api.get_group(run_ref, workspace)
     rec = group[0]
@@ -299,6 +300,8 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
                           f"last loss {c['loss'][-1]:.4f}", highlight=False)
         if r.adapter_path:
             console.print(f"  adapter: {r.adapter_path}", highlight=False)
+        if placement_text(r.env):
+            console.print(f"  trained on {_escape(placement_text(r.env))}", highlight=False)
         if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
             console.print(f"  trained as run {r.timings['train_reused_from']}; this run only evaluated its adapter",
                           highlight=False)

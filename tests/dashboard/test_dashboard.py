@@ -249,3 +249,42 @@ def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(finished_ws, tm
             proc.kill()
     assert proc.returncode == 0, out
     assert f"on http://127.0.0.1:{port}/" in out and "interrupted" not in out.lower()
+
+
+def test_each_run_says_which_host_ray_node_and_process_trained_it(finished_ws):
+    """The placement is recorded with the run (env.placement) and shown by `show` and the dashboard; a run
+    stored before it was recorded (env without it) still reads, with nothing shown."""
+    state = Dashboard(finished_ws).state()
+    a = next(r for r in state["runs"] if r["name"] == "A")
+    assert a["host"] == f"{socket.gethostname()} (pid {os.getpid()})"  # trained in this process, no Ray here
+    rec = Store(finished_ws, create=False).find("A")
+    assert rec.env["placement"] == {"host": socket.gethostname(), "pid": os.getpid(), "ray_node": None}
+    out = CliRunner().invoke(app, ["show", "A", "-w", str(finished_ws)])
+    assert out.exit_code == 0 and f"trained on {socket.gethostname()} (pid {os.getpid()})" in out.output
+    from loralab.environment import placement_text
+
+    assert placement_text({}) is None and placement_text({"placement": "junk"}) is None
+    assert placement_text({"placement": {"host": "n1", "pid": 7, "ray_node": "ab" * 28}}) == "n1 (pid 7, Ray node abababababab)"
+
+
+def test_a_workspace_path_holding_html_stays_text_in_the_page(finished_ws, tmp_path):
+    ws = tmp_path / HOSTILE.replace("/", "")
+    shutil.copytree(finished_ws, ws)
+    page = TestClient(make_app(ws)).get("/")
+    assert page.status_code == 200
+    assert "<script>window.__owned" not in page.text and "<img src=x" not in page.text
+    assert "&lt;script&gt;window.__owned=1&lt;" in page.text  # shown, as text
+
+
+def test_a_damaged_optuna_db_still_shows_the_runs_and_says_the_study_could_not_be_read(finished_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(finished_ws, ws)
+    (ws / "optuna.db").write_bytes(b"this is not a SQLite database\0" * 200)
+    client = TestClient(make_app(ws))
+    for _ in range(2):  # every poll, not only the first
+        got = client.get("/api/state")
+        assert got.status_code == 200
+        state = got.json()
+        assert {r["name"] for r in state["runs"]} == {"base", "A", "B"} and state["sweeps"] == []
+        assert state["sweep_error"].startswith("the sweep study could not be read (")
+    assert Dashboard(finished_ws).state()["sweep_error"] is None

@@ -6,6 +6,7 @@ even if one slipped through."""
 
 from pathlib import Path
 
+import jinja2
 from fastapi import FastAPI, Request  # (no `from __future__ import annotations`: FastAPI reads the hints)
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -28,7 +29,8 @@ def make_app(root: Path | str, refresh_s: float = 2.0) -> FastAPI:
     dash = Dashboard(root)
     app = FastAPI(title="loralab dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dashboard = dash
-    templates = Jinja2Templates(directory=HERE / "templates")
+    # autoescape for every template: Starlette's default escapes only *.html, and ours is *.html.j2
+    templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")
