@@ -288,3 +288,13 @@ def test_a_damaged_optuna_db_still_shows_the_runs_and_says_the_study_could_not_b
         assert {r["name"] for r in state["runs"]} == {"base", "A", "B"} and state["sweeps"] == []
         assert state["sweep_error"].startswith("the sweep study could not be read (")
     assert Dashboard(finished_ws).state()["sweep_error"] is None
+
+
+@pytest.mark.parametrize("host", ["256.1.1.1", "no-such-host.invalid", "192.0.2.1"])  # unresolvable, or not ours
+def test_a_bad_host_is_reported_as_the_host_not_the_port(finished_ws, host):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    out = CliRunner().invoke(app, ["dashboard", "-w", str(finished_ws), "--host", host, "--port", port])
+    assert out.exit_code == 2, out.output
+    assert "--host" in out.output and "not an address of this machine" in out.output and "another --port" not in out.output

@@ -257,3 +257,38 @@ def test_actors_on_another_machine_are_refused(local_ray, tiny_neox, tmp_path, m
             RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=1))
     finally:
         store.close()
+
+
+def test_an_unreachable_or_malformed_address_is_one_line_before_anything_loads(tiny_neox, tmp_path):
+    """`--address 127.0.0.1:1` once retried for ever in silence; a malformed one crashed in Ray. Both are
+    refused before the model loads, the workspace is made or Ray starts, naming what the user wrote."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    t0 = time.monotonic()
+    out = CliRunner().invoke(app, ["sweep", str(f), "--address", "127.0.0.1:1", "-w", str(tmp_path / "ws")])
+    assert out.exit_code == 2, out.output
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in out.output and "--address" in out.output
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "ws").exists() and not ray.is_initialized()
+    for bad in ("10.0.0.5", "http://head:6379", "head:99999"):
+        out = CliRunner().invoke(app, ["sweep", str(f), "--address", bad, "-w", str(tmp_path / "ws")])
+        assert out.exit_code == 2 and "is not a Ray address" in out.output and "--address" in out.output, out.output
+        assert "do not fit together" not in out.output
+    f.write_text(f.read_text() + "executor: {kind: ray, address: 'head'}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2 and "executor.address" in out.output and "HOST:PORT" in out.output, out.output
+
+
+def test_gpus_asked_of_a_machine_without_cuda_are_refused_before_ray_starts(monkeypatch):
+    import torch
+
+    from loralab.execute.ray_executor import factory
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SpecError) as info:
+        factory(ExecutorSpec(kind="ray", gpus_per_trial=1))
+    assert info.value.problems[0].where == "executor.gpus_per_trial" and "no GPU" in str(info.value)
+    assert not ray.is_initialized()
+    factory(ExecutorSpec(kind="ray"))  # CPU trials need none

@@ -188,9 +188,53 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def factory(spec: ExecutorSpec, env: dict[str, str] | None = None):
-    """An ExecutorFactory making a RayExecutor of `spec`; `env`: variables every actor gets."""
-    require_ray()
+PROBE_S = 10.0  # how long the cluster's address may take to accept a connection (ray.init would retry for ever)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) an address connects to first: the GCS of `HOST:PORT`, the client server of
+    `ray://HOST[:PORT]` (10001 by default); None for `auto` and `local`, which name no socket."""
+    if address in ("auto", "local"):
+        return None
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    host, _, port = rest.rpartition(":") if rest.rpartition(":")[2].isdigit() else (rest, "", "10001" if client else "")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str | None, where: str = "executor.address") -> None:
+    """A Ray address must be reachable: refused within PROBE_S seconds, with one line, instead of
+    ray.init retrying an unreachable cluster for ever. `where`: what the user wrote it as."""
+    target = _host_port(address) if address else None
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=PROBE_S).close()
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err) or type(err).__name__)
+        raise SpecError(f"cannot reach the Ray cluster at {address} ({why})",
+                        [Problem(where, f"unreachable: {why}", address,
+                                 "start the cluster there (`ray start --head` prints its address), or fix the "
+                                 "address; leave it out for a Ray instance on this machine")]) from None
+
+
+def check_gpus(spec: ExecutorSpec, ray) -> None:
+    """GPUs asked of a local Ray instance on a machine without CUDA: refused before Ray starts."""
+    if spec.gpus_per_trial > 0 and spec.address is None and not ray.is_initialized():
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SpecError(f"executor.gpus_per_trial is {spec.gpus_per_trial:g} but this machine has no CUDA GPU",
+                            [Problem("executor.gpus_per_trial", "no GPU on this machine", spec.gpus_per_trial,
+                                     "set it to 0 on a CPU machine, or give `address:` a cluster with GPUs")])
+
+
+def factory(spec: ExecutorSpec, env: dict[str, str] | None = None, where: str = "executor.address"):
+    """An ExecutorFactory making a RayExecutor of `spec`; `env`: variables every actor gets. The address
+    and the GPUs are checked here, before anything loads; `where`: how the address was given."""
+    ray = require_ray()
+    check_address(spec.address, where)
+    check_gpus(spec, ray)
 
     def make(prepared, store, reporter):
         return RayExecutor(prepared, store, reporter, spec, env)
