@@ -298,6 +298,15 @@ def adapter_identity(config: Any, model: Any, data: Any) -> str | None:
     return "adapter-" + config_hash(parts)
 
 
+def _unfinished_creation(conn) -> bool:
+    """Whether a schema-0 SQLite database is a creation cut short: only loralab's own tables, all empty
+    (nothing a finished creation, another program or a user could have put there)."""
+    names = [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")]
+    ours = set(_Base.metadata.tables)
+    return all(n in ours for n in names) and not any(
+        conn.exec_driver_sql(f'SELECT 1 FROM "{n}" LIMIT 1').first() for n in names)
+
+
 def _migrate(conn, version: int) -> None:
     """Bring a schema-2 database to this version in place, in the caller's transaction.
 
@@ -359,8 +368,17 @@ class Store:
             with self.engine.connect() as conn:
                 version = conn.exec_driver_sql("PRAGMA user_version").scalar()
                 has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+                unfinished = has_tables and version == 0 and _unfinished_creation(conn)
         except (OSError, DatabaseError) as err:
             raise storage_error(err, self.root, opening=True) or err from None
+        if unfinished:  # pysqlite commits each CREATE TABLE: a crash or full disk mid-creation left some
+            if not create:
+                self.engine.dispose()
+                raise RunNotFound(f"workspace {self.root} was never completely created (its tables are partly made "
+                                  "and empty: a full disk or a crash while it was set up)",
+                                  [Problem("workspace", "incompletely created, holds no runs", str(self.root / DB_NAME),
+                                           "run an experiment with this --workspace: it finishes creating it")])
+            has_tables = 0  # nothing in it to keep: created as new below
         if has_tables and version not in READABLE:
             self.engine.dispose()
             raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
