@@ -623,3 +623,25 @@ def test_the_study_storage_survives_another_process_creating_optunas_tables_at_t
     with pytest.raises(OperationalError):
         study_mod.study_storage(url)
     assert len(calls) == 1  # an unreachable server is not a race: said at once
+
+
+def test_a_relative_sweep_storage_is_read_from_the_files_folder_not_the_current_one(tiny_neox, tmp_path, monkeypatch):
+    """Like every path in the file: run from another folder, the same file opens the same study (read
+    from the current folder, it opened a second, empty study there)."""
+    from loralab.config.loading import load_experiment
+    from loralab.sweep.study import storage_url
+
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "studies").mkdir(parents=True)
+    elsewhere.mkdir()
+    f = sweep_file(proj, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4]}\nstorage: 'sqlite:///studies/optuna.db'")
+    monkeypatch.chdir(elsewhere)  # where no studies/ folder is: validate used to refuse it from here
+    exp = load_experiment(f)
+    assert storage_url(exp, tmp_path / "ws") == f"sqlite:///{proj / 'studies' / 'optuna.db'}"
+    f.write_text(f.read_text().replace("studies/optuna.db", "gone/optuna.db"))
+    with pytest.raises(SpecError) as info:
+        load_experiment(f)
+    assert f"folder {proj / 'gone'} does not exist" in str(info.value.problems[0])
+    abs_url = f"sqlite:///{tmp_path / 'abs.db'}"
+    f.write_text(f.read_text().replace("sqlite:///gone/optuna.db", abs_url))
+    assert storage_url(load_experiment(f), tmp_path / "ws") == abs_url  # absolute paths as they are

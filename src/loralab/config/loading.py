@@ -192,7 +192,7 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
             resolved.append(RunSpec(name=name_s, **parts))
     if isinstance(raw.get("sweep"), dict):
 
-        problems.extend(check_sweep(raw, resolved, lines))
+        problems.extend(check_sweep(raw, resolved, lines, Path(source).resolve().parent if source else None))
     if exp is not None:
         problems.extend(workspace_problems(exp, lines))
     if problems:

@@ -204,7 +204,9 @@ def storage_url(exp: Experiment, ws: Path | str) -> str:
     from loralab.workspace.store import engine_url, is_url
 
     if exp.sweep and exp.sweep.storage:
-        return engine_url(exp.sweep.storage)
+        from loralab.config.space import storage_location
+
+        return engine_url(storage_location(exp.sweep.storage, exp.base_dir))
     return engine_url(str(ws)) if is_url(ws) else f"sqlite:///{Path(ws) / OPTUNA_DB}"
 
 
