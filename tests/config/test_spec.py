@@ -156,3 +156,29 @@ def test_a_database_workspace_is_checked_with_the_file_not_when_run_opens_it(lin
     assert problem.where == "workspace (line 5)" and why in problem.message and "u@db-host" in str(problem)
     ok = base + "workspace: postgresql://u:secret@db-host/loralab\nartifacts: /shared/a\n"
     assert parse_experiment(yaml.safe_load(ok), "exp.yaml", ok).artifacts == "/shared/a"  # not connected to: read as given
+
+
+def test_an_artifacts_folder_that_cannot_be_written_is_caught_by_validate(tmp_path, monkeypatch):
+    """`run` found it only when it stored its first adapter, after training; validate checks where the
+    folder is or would be made. A path none of which exists here is left to the cluster's hosts."""
+    import os
+
+    base = "name: x\nmodel: m\ndata: {builtin: stdlib-docstrings}\nruns: {A: {}}\nworkspace: postgresql://u@db-host/loralab\n"
+    parse = lambda text: parse_experiment(yaml.safe_load(text), "exp.yaml", text)  # noqa: E731
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpecError) as info:
+        parse(base + f"artifacts: {tmp_path / 'file' / 'adapters'}\n")
+    (problem,) = info.value.problems
+    assert problem.where == "artifacts (line 6)" and f"{tmp_path / 'file'} is a file, not a folder" in problem.message
+    real = os.statvfs
+
+    class ReadOnly:  # what statvfs says of a read-only mount (root can write nowhere there either)
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if str(p) == str(tmp_path) else real(p))
+    with pytest.raises(SpecError) as info:
+        parse(base + f"artifacts: {tmp_path / 'new'}\n")
+    assert f"{tmp_path} is on a read-only file system" in info.value.problems[0].message
+    (tmp_path / "ok").mkdir()
+    assert parse(base + f"artifacts: {tmp_path / 'ok' / 'adapters'}\n").artifacts.endswith("adapters")
+    assert parse(base + "artifacts: /no-such-mount/a\n").artifacts == "/no-such-mount/a"
