@@ -57,8 +57,13 @@ def check_tracking(exp: Experiment) -> None:
     """Every tracker the experiment names is installed, else one error naming the pip command (exit 2)."""
     if exp.track.names:
         from loralab.track import check_installed
+        from loralab.track.base import folder_problems
 
         check_installed(exp.track.names)
+        problems = folder_problems(exp.track)
+        if problems:
+            raise SpecError(f"{len(problems)} tracker folder{'s' if len(problems) > 1 else ''} cannot be written",
+                            problems)
 
 
 def example_path(name: str) -> Path:

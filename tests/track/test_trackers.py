@@ -328,3 +328,25 @@ def test_a_diverged_run_sends_every_step_including_the_one_that_stopped_it(tmp_p
     start = metadata.parse_session_start_info_plugin_data(
         acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["status"].string_value == "diverged"
+
+
+def test_tracker_folders_that_cannot_be_written_are_refused_by_validate(tiny_neox, tmp_path, monkeypatch):
+    """A tensorboard log_dir under a file, an MLflow SQLite store on a read-only disk: validate says so
+    (exit 2, the field named), where before the first run's tracker failed and was dropped."""
+    (tmp_path / "plain").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if str(p) == str(ro) else real(p))
+    f = experiment(tmp_path, tiny_neox, "{tensorboard: {log_dir: '%s'}, mlflow: {tracking_uri: 'sqlite:///%s'}}"
+                   % (tmp_path / "plain" / "tb", ro / "mlflow.db"))
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2, out.output
+    assert "track.tensorboard.log_dir" in out.output and "is a file, not a folder" in out.output
+    assert "track.mlflow.tracking_uri" in out.output and "read-only file system" in out.output
+    f = experiment(tmp_path, tiny_neox, "{tensorboard: {log_dir: '%s'}}" % (tmp_path / "tb"))
+    assert CliRunner().invoke(app, ["validate", str(f)]).exit_code == 0
