@@ -25,6 +25,7 @@ stop, and the steps (and estimated seconds) it did not spend.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -237,6 +238,47 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
+class _KeptHeartbeat(threading.Thread):
+    """Optuna's heartbeat thread, kept beating through a database restart or a network cut: Optuna's own
+    (storages._heartbeat.HeartbeatThread) ends at the first failed write, and the live trial then looks dead
+    to every other host, which trains it a second time. A failed beat is counted and tried again."""
+
+    def __init__(self, trial_id: int, storage):
+        super().__init__(daemon=True, name="loralab-heartbeat")
+        self.trial_id, self.storage = trial_id, storage
+        self.interval = storage.get_heartbeat_interval()
+        self.done = threading.Event()
+        self.failures = 0
+
+    def _beat(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception:  # the server is away: the next beat tries again (pool_pre_ping reconnects)
+            self.failures += 1
+
+    def __enter__(self) -> "_KeptHeartbeat":
+        self._beat()  # the first beat before the work starts, as Optuna's thread does
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self._beat()
+
+
+def kept_heartbeat(trial_id: int, storage):
+    """The trial's heartbeat as a context manager: _KeptHeartbeat on a storage with heartbeat, else nothing."""
+    from contextlib import nullcontext
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return _KeptHeartbeat(trial_id, storage) if is_heartbeat_enabled(storage) else nullcontext()
+
+
 def study_storage(url: str):
     """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
     (process or host) stops beating for the grace period is taken for dead (_Loop.recover). A local
@@ -247,7 +289,8 @@ def study_storage(url: str):
     kw = {}
     if not url.startswith("sqlite"):
         interval, grace = heartbeat_settings()
-        kw = {"heartbeat_interval": interval, "grace_period": grace}
+        # pool_pre_ping: a connection the server dropped (a restart) is replaced, not used and failed
+        kw = {"heartbeat_interval": interval, "grace_period": grace, "engine_kwargs": {"pool_pre_ping": True}}
     # Optuna creates its tables when they are missing: a check, then CREATE TABLE. Another process doing
     # the same at that moment (a second host's sweep, `loralab report`, optuna-dashboard) makes one of the
     # two creates fail on a table the other just made; by the next try they all exist.
@@ -494,10 +537,8 @@ class _Loop:
         return recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)
 
     def beat(self, trial):
-        """Optuna's heartbeat thread for a trial (a no-op without heartbeat): `with loop.beat(trial): ...`."""
-        from optuna.storages._heartbeat import get_heartbeat_thread
-
-        return get_heartbeat_thread(trial._trial_id, self.study._storage)
+        """A trial's heartbeat (a no-op without heartbeat): `with loop.beat(trial): ...` (see kept_heartbeat)."""
+        return kept_heartbeat(trial._trial_id, self.study._storage)
 
     def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
         self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
