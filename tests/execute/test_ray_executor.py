@@ -292,3 +292,52 @@ def test_gpus_asked_of_a_machine_without_cuda_are_refused_before_ray_starts(monk
     assert info.value.problems[0].where == "executor.gpus_per_trial" and "no GPU" in str(info.value)
     assert not ray.is_initialized()
     factory(ExecutorSpec(kind="ray"))  # CPU trials need none
+
+
+def test_a_lost_node_whose_replacement_has_no_room_does_not_hang_the_sweep(local_ray, tiny_neox, tmp_path):
+    """An actor dies with its node; its replacement can be placed nowhere (here: it needs a resource of the
+    lost node, as `Pending Demands` showed). The job used to wait on the unplaceable replacement for ever; it
+    now runs again on the live actor, said in one line, and every trial finishes once."""
+    from rich.console import Console
+
+    from loralab.execute.ray_executor import RayExecutor, Worker
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    ws, gate = tmp_path / "ws", tmp_path / "gate"
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
+    made = []
+
+    def two_actors(prepared, store, rep):
+        ex = RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=2), env)
+        lost = ray.remote(num_cpus=1, resources={"the-lost-node": 1})(Worker).options(runtime_env={"env_vars": env})
+        ex._new_actor = lambda: lost.remote(*ex.args)  # a replacement with no room anywhere in the cluster
+        made.append(ex)
+        return ex
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while _running_rows(ws) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    console = Console(record=True, width=300)
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    out: list = []
+    sweep = threading.Thread(target=lambda: out.append(run_sweep(load_experiment(f), workspace=ws, executor=two_actors,
+                                                                 reporter=Reporter(console))), daemon=True)
+    sweep.start()
+    sweep.join(timeout=400)
+    assert not sweep.is_alive(), "the sweep hung on the replacement actor: " + console.export_text()[-2000:]
+    result = out[0]
+    assert sorted(t.status for t in result.trials) == ["finished"] * 4
+    ids = [i for t in result.trials for i in t.run_ids]
+    assert len(ids) == len(set(ids)) == 4 and _running_rows(ws) == 0
+    text = console.export_text()
+    assert text.count("its Ray actor died (") == 1 and "running it again on a live actor" in text
+    assert "a replacement joins once the cluster has room for it (1 CPU)" in text
+    deadline = time.monotonic() + 30
+    while made[0].starting and time.monotonic() < deadline:  # closed: the waiting replacement is killed, not kept
+        time.sleep(0.1)
+    assert made[0].starting == 0

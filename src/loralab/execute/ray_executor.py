@@ -8,8 +8,9 @@ and artifacts folder) and runs runner.train_run, the
 code LocalExecutor runs, so a trial's stored runs are the same whichever executor trained them.
 
 An actor that dies mid-job (a crash, an out-of-memory kill, a lost node) is replaced and the job runs
-once more on another actor: the run's lock died with the process, so the retry takes over the row it
-left `running` (store.start replaces an unfinished row) and no run is stored twice.
+once more on another live actor: the run's lock died with the process, so the retry takes over the row it
+left `running` (store.start replaces an unfinished row) and no run is stored twice. The replacement takes
+jobs only once Ray has placed it: after a lost node it may have no room until a node joins.
 
 Imported only when `executor.kind` is `ray`: Ray is an optional extra (`pip install 'loralab[ray]'`).
 """
@@ -28,7 +29,8 @@ from loralab.config.schema import ExecutorSpec
 from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import Job, Outcome
 
-RETRIES = 1  # a job whose actor died runs once more on a fresh actor; a second death fails the run
+RETRIES = 1  # a job whose actor died runs once more on a live actor; a second death fails the run
+WAIT_NOTE_S = 30.0  # a job waiting this long for an actor with none alive says so (once)
 INSTALL = "pip install 'loralab[ray]'"
 
 
@@ -109,6 +111,7 @@ class RayExecutor:
             self.idle.put(a)
         self.slots = n
         self.lock = threading.Lock()
+        self.starting = 0  # replacement actors not yet placed and ready
         if store.url is None:  # a folder workspace lives on this machine's disk
             self._same_host()
         reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
@@ -152,7 +155,7 @@ class RayExecutor:
         from ray.exceptions import RayActorError
 
         for attempt in range(RETRIES + 1):
-            actor = self.idle.get()
+            actor = self._take(job)
             try:
                 out = self.ray.get(actor.run.remote(job))
             except Exception as err:
@@ -160,17 +163,50 @@ class RayExecutor:
                     raise KeyboardInterrupt from None
                 if not isinstance(err, RayActorError):
                     raise
-                # The actor died: replace it, run the job once more elsewhere.
-                fresh = self._new_actor()
-                with self.lock:
-                    self.actors[self.actors.index(actor)] = fresh
-                self.idle.put(fresh)
-                self.rep.log(f"[yellow]{job.label or job.run.name}: its Ray actor died "
-                             f"({type(err).__name__}); {'running it again' if attempt < RETRIES else 'giving up'}[/yellow]")
+                self._replace(actor)
+                again = "running it again on a live actor" if attempt < RETRIES else "giving up"
+                self.rep.log(f"[yellow]{job.label or job.run.name}: its Ray actor died ({type(err).__name__}); {again}; "
+                             f"a replacement joins once the cluster has room for it ({self._need()})[/yellow]")
                 continue
             self.idle.put(actor)
             return out
         return self._failed(job)
+
+    def _need(self) -> str:
+        return f"{self.spec.cpus_per_trial:g} CPU" + (f", {self.spec.gpus_per_trial:g} GPU" if self.spec.gpus_per_trial else "")
+
+    def _take(self, job: Job):
+        """An idle live actor; said once a job has waited a while with every actor lost (replacements waiting)."""
+        try:
+            return self.idle.get(timeout=WAIT_NOTE_S)
+        except queue.Empty:
+            with self.lock:
+                none_alive = self.starting == len(self.actors)
+            if none_alive:
+                self.rep.log(f"[yellow]{job.label or job.run.name}: no live Ray actor; waiting for the cluster to have "
+                             f"room for one ({self._need()}): add a node with `ray start --address ...`[/yellow]")
+            return self.idle.get()
+
+    def _replace(self, dead) -> None:
+        """A new actor in place of a dead one, handed to jobs only once Ray placed it and it loaded the model
+        (_when_ready): without room (its node lost, the survivors holding the rest) it waits in Ray's queue,
+        not in front of a job, and a node that joins later gives it room."""
+        fresh = self._new_actor()
+        with self.lock:
+            self.actors[self.actors.index(dead)] = fresh
+            self.starting += 1
+        threading.Thread(target=self._when_ready, args=(fresh,), daemon=True, name="ray-replacement").start()
+
+    def _when_ready(self, actor) -> None:
+        try:
+            self.ray.get(actor.placement.remote())
+        except Exception:  # killed by close, or died while starting: nothing to hand on
+            return
+        finally:
+            with self.lock:
+                self.starting -= 1
+        if not self.closed:
+            self.idle.put(actor)
 
     def _failed(self, job: Job) -> Outcome:
         """A job whose actors kept dying: stored as failed, so the trial ends like any failed run."""
