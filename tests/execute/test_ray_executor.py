@@ -341,3 +341,16 @@ def test_a_lost_node_whose_replacement_has_no_room_does_not_hang_the_sweep(local
     while made[0].starting and time.monotonic() < deadline:  # closed: the waiting replacement is killed, not kept
         time.sleep(0.1)
     assert made[0].starting == 0
+
+
+def test_a_refused_connection_names_the_token_fix_when_the_auth_mode_is_unset(monkeypatch):
+    """Ray 2.60 logs a refused token on stderr and raises a plain ConnectionError (seen with a two-node
+    cluster started as the README says, minus RAY_AUTH_MODE): loralab's one line says what to set."""
+    from loralab.execute.ray_executor import init_error
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    err = init_error(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"), "10.0.0.5:6379")
+    assert "Ray could not connect to 10.0.0.5:6379 (ConnectionError: Failed to connect" in err.args[0]
+    assert "RAY_AUTH_MODE=token" in err.problems[0].fix and "~/.ray/auth_token" in err.problems[0].fix
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set already: the token is not the likely cause
+    assert "RAY_AUTH_MODE" not in init_error(ConnectionError("x"), "10.0.0.5:6379").problems[0].fix

@@ -90,7 +90,10 @@ class RayExecutor:
         self.ray, self.prepared, self.store, self.rep, self.spec = ray, prepared, store, reporter, spec
         if not ray.is_initialized():  # without an address: a local Ray instance with this machine's resources
             with kept_sigterm():
-                ray.init(address=spec.address, include_dashboard=False)
+                try:
+                    ray.init(address=spec.address, include_dashboard=False)
+                except Exception as err:  # refused by the cluster (its token), or gone since check_address
+                    raise init_error(err, spec.address) from None
             self.started_ray = True
         else:
             self.started_ray = False
@@ -252,6 +255,21 @@ def check_address(address: str | None, where: str = "executor.address") -> None:
                         [Problem(where, f"unreachable: {why}", address,
                                  "start the cluster there (`ray start --head` prints its address), or fix the "
                                  "address; leave it out for a Ray instance on this machine")]) from None
+
+
+def init_error(err: BaseException, address: str | None) -> SpecError:
+    """ray.init's failure as one message; a cluster with token authentication (Ray 2.52+, the default of a
+    local cluster from Ray 2.59, see README, Ray clusters) refuses a process without its token."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    # Ray logs a refused token on stderr and raises a plain ConnectionError: the mode is what can be checked
+    auth = address not in (None, "local") and os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
+    token = ("RAY_AUTH_MODE=token and the cluster's token (~/.ray/auth_token from the head, or RAY_AUTH_TOKEN) "
+             "for every process: `ray start` on each node and this command")
+    fix = (f"check that the cluster runs (`ray status` on its head); one with token authentication needs {token}"
+           if auth else "check the address and that the cluster runs (`ray status` on its head)")
+    return SpecError(f"Ray could not connect to {address or 'a local instance'} ({type(err).__name__}: {first})",
+                     [Problem("executor.address", "Ray did not connect",
+                              address, fix)])
 
 
 def check_gpus(spec: ExecutorSpec, ray) -> None:
