@@ -354,3 +354,83 @@ def test_a_refused_connection_names_the_token_fix_when_the_auth_mode_is_unset(mo
     assert "RAY_AUTH_MODE=token" in err.problems[0].fix and "~/.ray/auth_token" in err.problems[0].fix
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set already: the token is not the likely cause
     assert "RAY_AUTH_MODE" not in init_error(ConnectionError("x"), "10.0.0.5:6379").problems[0].fix
+
+
+def test_a_node_that_joins_mid_sweep_gets_an_actor(tiny_neox, tmp_path, monkeypatch):
+    """Two local Ray nodes (ray.cluster_utils.Cluster): the executor starts with the head's one CPU, and
+    once a second node joins it places an actor there and counts one more slot (the sweep reads it)."""
+    from ray.cluster_utils import Cluster
+
+    from loralab.execute import ray_executor
+    from loralab.execute.ray_executor import RayExecutor, kept_sigterm
+
+    monkeypatch.setattr(ray_executor, "JOIN_CHECK_S", 0.5)
+    with kept_sigterm():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                "object_store_memory": 100 * 1024**2})
+    store, ex = Store(tmp_path / "ws"), None
+    try:
+        with kept_sigterm():
+            ray.init(address=cluster.address, runtime_env={"env_vars": ONE_THREAD}, log_to_driver=False)
+        exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+        ex = RayExecutor(prepare(exp), store, Reporter(), ExecutorSpec(kind="ray"), ONE_THREAD)
+        assert ex.slots == 1
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+        deadline = time.monotonic() + 180
+        while ex.slots < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ex.slots == 2 and ex.starting == 0
+        nodes = {p["host"] for p in ex.placements()}
+        assert len(ex.actors) == 2 and nodes == {__import__("socket").gethostname()}
+        assert ex.idle.qsize() == 2  # both take jobs
+    finally:
+        if ex is not None:
+            ex.close()
+        store.close()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_with_every_actor_lost_the_trial_is_given_back_in_bounded_time(local_ray, tiny_neox, tmp_path, monkeypatch):
+    """The only actor dies and its replacement has no room: waiting on, the driver's heartbeat would keep the
+    trial from every other worker. After NO_ACTOR_S the trial is given back (queued again, told interrupted)
+    with a line that says why, and the sweep stops like an interrupted one."""
+    import optuna
+    from rich.console import Console
+
+    from loralab.execute import ray_executor
+    from loralab.execute.ray_executor import ClusterLost, RayExecutor, Worker
+
+    monkeypatch.setattr(ray_executor, "WAIT_NOTE_S", 1.0)
+    monkeypatch.setattr(ray_executor, "NO_ACTOR_S", 4.0)
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    ws, gate = tmp_path / "ws", tmp_path / "gate"
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
+    made = []
+
+    def one_actor(prepared, store, rep):
+        ex = RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=1), env)
+        lost = ray.remote(num_cpus=1, resources={"the-lost-node": 1})(Worker).options(runtime_env={"env_vars": env})
+        ex._new_actor = lambda: lost.remote(*ex.args)
+        made.append(ex)
+        return ex
+
+    def kill_it():
+        deadline = time.monotonic() + 120
+        while _running_rows(ws) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    console = Console(record=True, width=300)
+    threading.Thread(target=kill_it, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterLost):
+        run_sweep(load_experiment(f), workspace=ws, executor=one_actor, reporter=Reporter(console))
+    assert time.monotonic() - t0 < 200
+    text = console.export_text()
+    assert "no live Ray actor; waiting up to 4 s" in text and "no live Ray actor for 4 s; given back" in text
+    trials = optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
+    first = trials[0]
+    assert first.state.name == "FAIL" and first.user_attrs["status"] == "interrupted"
+    assert any(t.state.name == "WAITING" and t.user_attrs.get("retry_of") == first.number for t in trials)

@@ -31,6 +31,15 @@ from loralab.execute.jobs import Job, Outcome
 
 RETRIES = 1  # a job whose actor died runs once more on a live actor; a second death fails the run
 WAIT_NOTE_S = 30.0  # a job waiting this long for an actor with none alive says so (once)
+# With every actor lost and none placeable for this long, the job is given back (its trial queued again, for
+# another worker or the next sweep): waiting on, the driver's heartbeat would keep the trial from them.
+NO_ACTOR_S = 600.0
+JOIN_CHECK_S = 10.0  # how often the cluster is asked whether a node joined with room for more actors
+
+
+class ClusterLost(KeyboardInterrupt):
+    """No live actor for NO_ACTOR_S: handled like Ctrl-C (the run in hand marked interrupted, a sweep's trial
+    queued again), after a line that says why."""
 INSTALL = "pip install 'loralab[ray]'"
 
 
@@ -101,6 +110,7 @@ class RayExecutor:
             runtime_env={"env_vars": dict(env)} if env else None)
         self.args = (prepared.exp, [r.name for r in prepared.runs], *store.location)
         self.closed = False
+        self.stopped = threading.Event()  # set by close: the join watcher stops
         room = self._fit()
         if spec.actors is not None and spec.actors > room:  # the others would wait for resources for ever
             raise SpecError(f"executor.actors is {spec.actors} but the Ray cluster holds {room} trial(s) of "
@@ -117,6 +127,8 @@ class RayExecutor:
         self.starting = 0  # replacement actors not yet placed and ready
         if store.url is None:  # a folder workspace lives on this machine's disk
             self._same_host()
+        if spec.actors is None:
+            threading.Thread(target=self._watch_joins, daemon=True, name="ray-joins").start()
         reporter.log(f"Ray executor: {n} actor(s), {spec.cpus_per_trial:g} CPU and {spec.gpus_per_trial:g} GPU each, "
                      f"cluster {spec.address or 'local'}")
 
@@ -186,9 +198,15 @@ class RayExecutor:
             with self.lock:
                 none_alive = self.starting == len(self.actors)
             if none_alive:
-                self.rep.log(f"[yellow]{job.label or job.run.name}: no live Ray actor; waiting for the cluster to have "
-                             f"room for one ({self._need()}): add a node with `ray start --address ...`[/yellow]")
-            return self.idle.get()
+                self.rep.log(f"[yellow]{job.label or job.run.name}: no live Ray actor; waiting up to {NO_ACTOR_S:.0f} s "
+                             f"for the cluster to have room for one ({self._need()}): add a node with "
+                             f"`ray start --address ...`[/yellow]")
+        try:
+            return self.idle.get(timeout=max(NO_ACTOR_S - WAIT_NOTE_S, 0.0))
+        except queue.Empty:
+            self.rep.log(f"[red]{job.label or job.run.name}: no live Ray actor for {NO_ACTOR_S:.0f} s; given back "
+                         "(another worker, or the next sweep, runs it)[/red]")
+            raise ClusterLost from None
 
     def _replace(self, dead) -> None:
         """A new actor in place of a dead one, handed to jobs only once Ray placed it and it loaded the model
@@ -200,16 +218,44 @@ class RayExecutor:
             self.starting += 1
         threading.Thread(target=self._when_ready, args=(fresh,), daemon=True, name="ray-replacement").start()
 
-    def _when_ready(self, actor) -> None:
+    def _when_ready(self, actor, joined: bool = False) -> None:
         try:
-            self.ray.get(actor.placement.remote())
-        except Exception:  # killed by close, or died while starting: nothing to hand on
-            return
+            where = self.ray.get(actor.placement.remote())
+        except BaseException:  # killed by close, died while starting, or Ray shut down (SystemExit): nothing to hand on
+            where = None
         finally:
             with self.lock:
                 self.starting -= 1
+        away = where is not None and self.store.url is None and where["host"] != socket.gethostname()
+        if where is None or away:  # a folder workspace is this machine's disk (see _same_host): not there
+            if away:
+                self.ray.kill(actor)
+            if joined:
+                with self.lock:
+                    self.actors.remove(actor)
+            return
         if not self.closed:
+            if joined:
+                with self.lock:
+                    self.slots += 1  # the sweep reads it again: one more trial in flight
+                self.rep.log(f"Ray executor: a node joined; {self.slots} actor(s) now")
             self.idle.put(actor)
+
+    def _watch_joins(self) -> None:
+        """Nodes that join mid-sweep are used: while `actors` is left to the cluster's size, an actor is added
+        whenever the cluster holds more than it has (placed first: a lost node's replacement counts)."""
+        while not self.closed and not self.stopped.wait(JOIN_CHECK_S):
+            try:
+                room = self._fit()
+            except BaseException:  # no room at all now (nodes lost), or Ray going down: asked again later
+                continue
+            with self.lock:
+                extra = room - len(self.actors)
+                fresh = [self._new_actor() for _ in range(max(extra, 0))]
+                self.actors.extend(fresh)
+                self.starting += len(fresh)
+            for a in fresh:
+                threading.Thread(target=self._when_ready, args=(a, True), daemon=True, name="ray-joined").start()
 
     def _failed(self, job: Job) -> Outcome:
         """A job whose actors kept dying: stored as failed, so the trial ends like any failed run."""
@@ -221,7 +267,10 @@ class RayExecutor:
         """Stop the actors (and the local Ray instance this executor started). Called while jobs run
         (Ctrl-C), their `run` calls raise KeyboardInterrupt; their rows stay `running` for the next try."""
         self.closed = True
-        for a in list(self.actors):
+        self.stopped.set()
+        with self.lock:
+            actors = list(self.actors)
+        for a in actors:
             self.ray.kill(a)
         if self.started_ray:
             self.ray.shutdown()

@@ -600,9 +600,11 @@ class _Loop:
 
         slots = max(1, int(getattr(self.worker, "slots", 1)))
         running: set = set()
-        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial") as pool:
+        # threads are made as trials need them: an executor's slots grow when a node joins (ray_executor)
+        with ThreadPoolExecutor(max_workers=max(slots, 256), thread_name_prefix="trial") as pool:
             while True:
                 reason, busy = None, False
+                slots = max(slots, int(getattr(self.worker, "slots", 1)))
                 while len(running) < slots and not (reason or busy):
                     reason, busy, proposal = self.propose()
                     if proposal is not None and slots == 1:  # one slot: in this thread, as before
