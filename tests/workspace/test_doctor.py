@@ -245,3 +245,19 @@ def test_a_database_moved_without_its_run_folders_says_so_not_train_again(origin
     shutil.copytree(original / "ws" / "runs" / a.id, ws / "runs" / a.id)
     kinds = {f.where.split(" ")[0]: f.kind for f in check_workspace(ws).findings}
     assert kinds["doc/A"] == "moved"  # now only pointed at its own folder by --repair
+
+
+def test_a_moved_workspace_reuses_its_runs_instead_of_training_them_again(original, tmp_path):
+    """`loralab run` in a moved workspace (the old folder gone) found no adapter at the stored absolute
+    path and trained every run again; it now finds each in the workspace's own run folder."""
+    ws = tmp_path / "moved"
+    shutil.copytree(original / "ws", ws)
+    shutil.rmtree(original / "ws" / "runs")  # moved, not copied
+    try:
+        again = run_experiment(load_experiment(original / "doc.yaml"), workspace=ws)
+        assert again.skipped == ["base", "A", "B"]
+        store = Store(ws, create=False)
+        assert all(Path(store.find(n).adapter_path).is_relative_to(ws) for n in ("A", "B"))
+        assert check_workspace(ws).findings == []
+    finally:
+        shutil.copytree(ws / "runs", original / "ws" / "runs")
