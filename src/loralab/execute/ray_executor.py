@@ -230,6 +230,10 @@ class RayExecutor:
         if where is None or away:  # a folder workspace is this machine's disk (see _same_host): not there
             if away:
                 self.ray.kill(actor)
+                if not self.stopped.is_set():
+                    self.rep.log(f"Ray executor: a node joined on {where['host']}; not used, as this workspace is a "
+                                 "folder on this machine (a PostgreSQL workspace lets every host store runs)")
+                self.stopped.set()  # no more actors sent there
             if joined:
                 with self.lock:
                     self.actors.remove(actor)
