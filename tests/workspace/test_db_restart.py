@@ -196,6 +196,7 @@ def test_a_trials_heartbeat_goes_on_after_a_restart(server, url, tmp_path, monke
     from loralab.sweep import study as study_mod
 
     monkeypatch.setenv(study_mod.HEARTBEAT_ENV, "1,3")
+    monkeypatch.setattr(store_mod, "DB_RETRY_S", 0.5)  # a beat gives up within the outage: the thread must go on
     storage = study_mod.study_storage(server.url)
     study = optuna.create_study(storage=storage, study_name=f"hb-{os.getpid()}-{time.monotonic_ns()}")
     with pytest.warns(UserWarning, match="Heartbeat of storage"):  # meant for Study.optimize: the sweep asks itself
@@ -219,3 +220,22 @@ def test_a_trials_heartbeat_goes_on_after_a_restart(server, url, tmp_path, monke
         until(lambda: last_beat() > before, "a beat after the restart")
         assert beat.failures >= 1 and beat.is_alive()
     assert not beat.is_alive()
+
+
+def test_the_studys_calls_wait_for_a_restarting_server_too(server, url):
+    """A sweep's Optuna calls (ask, tell, attributes) during a restart: they failed the sweep with a long
+    traceback; they now wait for the server like the store's, and the trial is told once."""
+    import optuna
+
+    from loralab.sweep import study as study_mod
+
+    storage = study_mod.study_storage(url)
+    study = optuna.create_study(storage=storage, study_name="restart")
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):  # meant for Study.optimize: the sweep asks itself
+        trial = study.ask()
+    back = server.restart_after(3.0)
+    trial.set_user_attr("status", "finished")  # waits for the server
+    study.tell(trial, 1.5)
+    back.join()
+    (got,) = optuna.load_study(study_name="restart", storage=store_mod.engine_url(url)).get_trials()
+    assert got.state.name == "COMPLETE" and got.value == 1.5 and got.user_attrs == {"status": "finished"}

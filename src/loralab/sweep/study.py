@@ -270,6 +270,35 @@ class _KeptHeartbeat(threading.Thread):
             self._beat()
 
 
+def _retrying_storage(url: str, **kw):
+    """Optuna's RDBStorage whose calls wait for a database server that went away (a restart, a network cut)
+    as the workspace's store does (workspace.store.with_db_retries), instead of failing the sweep at once."""
+    import functools
+    import inspect
+
+    import optuna
+    from optuna.exceptions import StorageInternalError
+
+    from loralab.workspace.store import shown, unreachable, with_db_retries
+
+    def transient(err: BaseException) -> bool:  # Optuna wraps SQLAlchemy's error in its own
+        return unreachable(err) or (isinstance(err, StorageInternalError) and unreachable(err.__cause__))
+
+    def retried(fn):
+        @functools.wraps(fn)
+        def call(self, *args, **kwargs):
+            return with_db_retries(lambda: fn(self, *args, **kwargs), shown(url), transient)
+        return call
+
+    skip = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions",
+            "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback"}
+    names = [n for n, v in vars(optuna.storages.RDBStorage).items() if inspect.isfunction(v) and not n.startswith("__")
+             and (not n.startswith("_") or n == "_get_stale_trial_ids") and n not in skip]
+    cls = type("RetryingRDBStorage", (optuna.storages.RDBStorage,),
+               {n: retried(getattr(optuna.storages.RDBStorage, n)) for n in names})
+    return cls(url, **kw)
+
+
 def kept_heartbeat(trial_id: int, storage):
     """The trial's heartbeat as a context manager: _KeptHeartbeat on a storage with heartbeat, else nothing."""
     from contextlib import nullcontext
@@ -298,7 +327,7 @@ def study_storage(url: str):
         try:
             with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **kw)
+                return _retrying_storage(url, **kw) if kw else optuna.storages.RDBStorage(url, **kw)
         except DatabaseError as err:
             text = str(getattr(err, "orig", err)).lower()
             if attempt == 2 or not ("already exists" in text or "duplicate key" in text):

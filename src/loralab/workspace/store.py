@@ -121,6 +121,32 @@ DB_RETRY_S = 60.0
 LOCK_CHECK_S = 5.0  # how often a held advisory lock's connection is checked (and the lock taken again if lost)
 
 
+def unreachable(err: BaseException) -> bool:
+    """Whether a database error is the server or network being away (worth waiting for), not the query."""
+    return isinstance(err, (OperationalError, InterfaceError))
+
+
+def with_db_retries(call, where: str, transient=unreachable):
+    """call() retried with backoff while `transient(error)`, for up to DB_RETRY_S; then one WorkspaceError."""
+    deadline, pause = time.monotonic() + DB_RETRY_S, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not transient(err):
+                raise
+            if time.monotonic() + pause > deadline:
+                cause = getattr(err, "orig", None) or err.__cause__ or err
+                first = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(err).__name__])[0]
+                raise WorkspaceError(
+                    f"workspace {where}: the database did not answer for {DB_RETRY_S:.0f} s ({first[:160]})",
+                    [Problem("workspace", "database unreachable", where,
+                             "start the database server again (or mend the network), then run the same command "
+                             "again; finished runs are kept, and a run cut short is not stored as finished")]) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
+
+
 def _db_retried(method):
     """A Store method retried while a PostgreSQL workspace's server cannot be reached (SQLite: as is)."""
 
@@ -128,20 +154,7 @@ def _db_retried(method):
     def call(self, *args, **kwargs):
         if self.url is None:
             return method(self, *args, **kwargs)
-        deadline, pause = time.monotonic() + DB_RETRY_S, 0.5
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except (OperationalError, InterfaceError) as err:
-                if time.monotonic() + pause > deadline:
-                    first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
-                    raise WorkspaceError(
-                        f"workspace {self.where}: the database did not answer for {DB_RETRY_S:.0f} s ({first[:160]})",
-                        [Problem("workspace", "database unreachable", self.where,
-                                 "start the database server again (or mend the network), then run the same command "
-                                 "again; finished runs are kept, and a run cut short is not stored as finished")]) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 8.0)
+        return with_db_retries(lambda: method(self, *args, **kwargs), self.where)
 
     return call
 
