@@ -298,3 +298,20 @@ def test_a_bad_host_is_reported_as_the_host_not_the_port(finished_ws, host):
     out = CliRunner().invoke(app, ["dashboard", "-w", str(finished_ws), "--host", host, "--port", port])
     assert out.exit_code == 2, out.output
     assert "--host" in out.output and "not an address of this machine" in out.output and "another --port" not in out.output
+
+
+def test_a_workspace_database_damaged_while_served_is_one_line_not_a_500(finished_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(finished_ws, ws)
+    client = TestClient(make_app(ws))
+    assert client.get("/api/state").status_code == 200
+    client.app.state.dashboard.store.engine.dispose()  # as after a restart of the server: no open connection
+    db = ws / "loralab.db"
+    for extra in ("-wal", "-shm"):
+        (ws / f"loralab.db{extra}").unlink(missing_ok=True)
+    data = bytearray(db.read_bytes())
+    data[100:4096] = b"\xee" * (4096 - 100)  # its schema page
+    db.write_bytes(bytes(data))
+    got = client.get("/api/state")
+    assert got.status_code == 503 and "is not a readable loralab database" in got.json()["error"]
+    assert len(got.json()["error"].splitlines()) == 1

@@ -155,7 +155,9 @@ let timer = null;
 async function poll(again = true) {
   try {
     const q = experiment ? "?experiment=" + encodeURIComponent(experiment) : "";
-    const st = await (await fetch("api/state" + q)).json();
+    const got = await fetch("api/state" + q);
+    const st = await got.json();
+    if (!got.ok) throw new Error(st.error || `HTTP ${got.status}`);  // the workspace cannot be read now: say why
     renderExperiments(st);
     renderSweeps(st);
     renderRuns(st);
