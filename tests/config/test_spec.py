@@ -182,3 +182,13 @@ def test_an_artifacts_folder_that_cannot_be_written_is_caught_by_validate(tmp_pa
     (tmp_path / "ok").mkdir()
     assert parse(base + f"artifacts: {tmp_path / 'ok' / 'adapters'}\n").artifacts.endswith("adapters")
     assert parse(base + "artifacts: /no-such-mount/a\n").artifacts == "/no-such-mount/a"
+    assert not [p for p in (tmp_path / "ok").iterdir()]  # the write check leaves nothing behind
+    monkeypatch.undo()
+    try:  # a real file system that refuses folders even to root (sysfs), where one is at hand
+        os.mkdir("/sys/loralab-write-check")
+    except OSError:
+        with pytest.raises(SpecError) as info:
+            parse(base + "artifacts: /sys/loralab-artifacts\n")
+        assert "/sys refuses new folders" in info.value.problems[0].message
+    else:
+        os.rmdir("/sys/loralab-write-check")

@@ -372,6 +372,12 @@ def artifacts_problem(folder: Path) -> str | None:
         return f"{where} is on a read-only file system"
     if not os.access(where, os.W_OK | os.X_OK):
         return f"{where} is not writable by this user"
+    import tempfile
+
+    try:  # what the flags cannot tell (a pseudo file system, a server refusing writes): try, leaving nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".loralab-write-check-", dir=where))
+    except OSError as err:
+        return f"{where} refuses new folders ({err.strerror or type(err).__name__})"
     return None
 
 
