@@ -33,7 +33,7 @@ RETRIES = 1  # a job whose actor died runs once more on a live actor; a second d
 WAIT_NOTE_S = 30.0  # a job waiting this long for an actor with none alive says so (once)
 # With every actor lost and none placeable for this long, the job is given back (its trial queued again, for
 # another worker or the next sweep): waiting on, the driver's heartbeat would keep the trial from them.
-NO_ACTOR_S = 600.0
+NO_ACTOR_S = 300.0
 JOIN_CHECK_S = 10.0  # how often the cluster is asked whether a node joined with room for more actors
 
 
