@@ -49,7 +49,7 @@ class MlflowTracker:
 
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)  # read by MLflow at each request
-        uri = self.options.tracking_uri or ""
+        uri = self.options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # the server MLflow will ask
         failed = _down.get(uri)
         if failed is not None and time.monotonic() - failed[0] < DOWN_S:
             raise ConnectionError(f"{uri} failed {time.monotonic() - failed[0]:.0f} s ago ({failed[1]}); not asked "
