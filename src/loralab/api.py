@@ -72,8 +72,13 @@ def check_tracking(exp: Experiment) -> None:
     """Every tracker the experiment names is installed, else one error naming the pip command (exit 2)."""
     if exp.track.names:
         from loralab.track import check_installed
+        from loralab.track.base import folder_problems
 
         check_installed(exp.track.names)
+        problems = folder_problems(exp.track)
+        if problems:
+            raise SpecError(f"{len(problems)} tracker folder{'s' if len(problems) > 1 else ''} cannot be written",
+                            problems)
 
 
 def example_path(name: str) -> Path:
@@ -273,13 +278,18 @@ def executor_factory(exp: Experiment, kind: str | None = None, address: str | No
     try:
         spec = ExecutorSpec(**fields)
     except ValueError as err:
+        bad = [e for e in getattr(err, "errors", lambda: [])() if e.get("loc") == ("address",)]
+        if bad and address is not None:  # the address itself, not the pair
+            raise SpecError(f"--address {address[:80]!r} is not a Ray address",
+                            [Problem("--address", bad[0]["msg"].removeprefix("Value error, "), address,
+                                     "write HOST:PORT as `ray start --head` prints it (e.g. 10.0.0.5:6379)")]) from None
         raise SpecError("--executor and --address do not fit together",
                         [Problem("--executor", str(err).splitlines()[-1], kind, "use --executor ray with --address")]) from None
     if spec.kind == "local":
         return None
     from loralab.execute.ray_executor import factory
 
-    return factory(spec)
+    return factory(spec, where="--address" if address is not None else "executor.address")
 
 
 def doctor(workspace: str | Path | None = None, repair: bool = False):
@@ -615,6 +625,13 @@ def dashboard(workspace: str | Path | None = None, *, host: str = "127.0.0.1", p
         try:
             probe.bind((host, port))
         except OSError as err:
+            import errno
+
+            if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+                raise SpecError(f"cannot listen on {host}:{port} ({err.strerror or err})",
+                                [Problem("--host", "not an address of this machine", host,
+                                         "pass --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) "
+                                         "or one of this machine's own addresses")]) from None
             raise SpecError(f"cannot listen on {host}:{port} ({err.strerror or err})",
                             [Problem("--port", "in use or not allowed here", port,
                                      "pass another --port (or --host an address of this machine)")]) from None

@@ -327,6 +327,7 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
     from rich.table import Table
 
     from loralab import api
+    from loralab.environment import placement_text
 
     group = api.get_group(run_ref, workspace, experiment)
     rec = group[0]
@@ -354,6 +355,8 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
         if r.timings.get("resumed_at"):  # continued from a checkpoint after a kill or interruption
             console.print(f"  resumed at step {', '.join(str(s) for s in r.timings['resumed_at'])} from a checkpoint",
                           highlight=False)
+        if placement_text(r.env):
+            console.print(f"  trained on {_escape(placement_text(r.env))}", highlight=False)
         if r.timings.get("train_reused_from"):  # only the evaluation differed from a stored run
             console.print(f"  trained as run {r.timings['train_reused_from']}; this run only evaluated its adapter",
                           highlight=False)

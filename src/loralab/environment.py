@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import socket
 import subprocess
+import sys
 from importlib import metadata
 
 PACKAGES = ("loralab", "torch", "transformers", "peft", "tokenizers", "safetensors", "datasets",
@@ -52,5 +54,26 @@ def machine(device: str | None = None) -> dict[str, object]:
     return info
 
 
+def placement() -> dict[str, object]:
+    """Which host, Ray node and process trained a run: what a team needs to find "the slow node"."""
+    node = None
+    ray = sys.modules.get("ray")  # only when this process already uses Ray (a Ray actor, a Ray driver)
+    if ray is not None:
+        try:
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:  # an old or partly set-up Ray: the host and pid still say where
+            node = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "ray_node": node}
+
+
+def placement_text(env: dict | None) -> str | None:
+    """A run's placement as one phrase for `show` and the dashboard; None for runs stored before it was recorded."""
+    where = (env or {}).get("placement") if isinstance(env, dict) else None
+    if not isinstance(where, dict) or not where.get("host"):
+        return None
+    node = f", Ray node {str(where['ray_node'])[:12]}" if where.get("ray_node") else ""
+    return f"{where['host']} (pid {where.get('pid')}{node})"
+
+
 def record(device: str | None = None) -> dict[str, object]:
-    return {"versions": versions(), "git_commit": git_commit(), "machine": machine(device)}
+    return {"versions": versions(), "git_commit": git_commit(), "machine": machine(device), "placement": placement()}

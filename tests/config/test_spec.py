@@ -174,3 +174,39 @@ def test_a_pattern_key_that_is_no_regex_is_refused_when_the_file_loads(tmp_path,
 def test_pattern_keys_that_are_regexes_load():
     spec = LoraSpec(rank_pattern={r"layers\.0\.self_attn\.v_proj": 2, "q_proj": 4}, alpha_pattern={"(q|v)_proj": 8})
     assert spec.rank_pattern[r"layers\.0\.self_attn\.v_proj"] == 2
+
+
+def test_an_artifacts_folder_that_cannot_be_written_is_caught_by_validate(tmp_path, monkeypatch):
+    """`run` found it only when it stored its first adapter, after training; validate checks where the
+    folder is or would be made. A path none of which exists here is left to the cluster's hosts."""
+    import os
+
+    base = "name: x\nmodel: m\ndata: {builtin: stdlib-docstrings}\nruns: {A: {}}\nworkspace: postgresql://u@db-host/loralab\n"
+    parse = lambda text: parse_experiment(yaml.safe_load(text), "exp.yaml", text)  # noqa: E731
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpecError) as info:
+        parse(base + f"artifacts: {tmp_path / 'file' / 'adapters'}\n")
+    (problem,) = info.value.problems
+    assert problem.where == "artifacts (line 6)" and f"{tmp_path / 'file'} is a file, not a folder" in problem.message
+    real = os.statvfs
+
+    class ReadOnly:  # what statvfs says of a read-only mount (root can write nowhere there either)
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if str(p) == str(tmp_path) else real(p))
+    with pytest.raises(SpecError) as info:
+        parse(base + f"artifacts: {tmp_path / 'new'}\n")
+    assert f"{tmp_path} is on a read-only file system" in info.value.problems[0].message
+    (tmp_path / "ok").mkdir()
+    assert parse(base + f"artifacts: {tmp_path / 'ok' / 'adapters'}\n").artifacts.endswith("adapters")
+    assert parse(base + "artifacts: /no-such-mount/a\n").artifacts == "/no-such-mount/a"
+    assert not [p for p in (tmp_path / "ok").iterdir()]  # the write check leaves nothing behind
+    monkeypatch.undo()
+    try:  # a real file system that refuses folders even to root (sysfs), where one is at hand
+        os.mkdir("/sys/loralab-write-check")
+    except OSError:
+        with pytest.raises(SpecError) as info:
+            parse(base + "artifacts: /sys/loralab-artifacts\n")
+        assert "/sys refuses new folders" in info.value.problems[0].message
+    else:
+        os.rmdir("/sys/loralab-write-check")

@@ -269,3 +269,69 @@ def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(finished_ws, tm
             proc.kill()
     assert proc.returncode == 0, out
     assert f"on http://127.0.0.1:{port}/" in out and "interrupted" not in out.lower()
+
+
+def test_each_run_says_which_host_ray_node_and_process_trained_it(finished_ws):
+    """The placement is recorded with the run (env.placement) and shown by `show` and the dashboard; a run
+    stored before it was recorded (env without it) still reads, with nothing shown."""
+    state = Dashboard(finished_ws).state()
+    a = next(r for r in state["runs"] if r["name"] == "A")
+    assert a["host"] == f"{socket.gethostname()} (pid {os.getpid()})"  # trained in this process, no Ray here
+    rec = Store(finished_ws, create=False).find("A")
+    assert rec.env["placement"] == {"host": socket.gethostname(), "pid": os.getpid(), "ray_node": None}
+    out = CliRunner().invoke(app, ["show", "A", "-w", str(finished_ws)])
+    assert out.exit_code == 0 and f"trained on {socket.gethostname()} (pid {os.getpid()})" in out.output
+    from loralab.environment import placement_text
+
+    assert placement_text({}) is None and placement_text({"placement": "junk"}) is None
+    assert placement_text({"placement": {"host": "n1", "pid": 7, "ray_node": "ab" * 28}}) == "n1 (pid 7, Ray node abababababab)"
+
+
+def test_a_workspace_path_holding_html_stays_text_in_the_page(finished_ws, tmp_path):
+    ws = tmp_path / HOSTILE.replace("/", "")
+    shutil.copytree(finished_ws, ws)
+    page = TestClient(make_app(ws)).get("/")
+    assert page.status_code == 200
+    assert "<script>window.__owned" not in page.text and "<img src=x" not in page.text
+    assert "&lt;script&gt;window.__owned=1&lt;" in page.text  # shown, as text
+
+
+def test_a_damaged_optuna_db_still_shows_the_runs_and_says_the_study_could_not_be_read(finished_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(finished_ws, ws)
+    (ws / "optuna.db").write_bytes(b"this is not a SQLite database\0" * 200)
+    client = TestClient(make_app(ws))
+    for _ in range(2):  # every poll, not only the first
+        got = client.get("/api/state")
+        assert got.status_code == 200
+        state = got.json()
+        assert {r["name"] for r in state["runs"]} == {"base", "A", "B"} and state["sweeps"] == []
+        assert state["sweep_error"].startswith("the sweep study could not be read (")
+    assert Dashboard(finished_ws).state()["sweep_error"] is None
+
+
+@pytest.mark.parametrize("host", ["256.1.1.1", "no-such-host.invalid", "192.0.2.1"])  # unresolvable, or not ours
+def test_a_bad_host_is_reported_as_the_host_not_the_port(finished_ws, host):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    out = CliRunner().invoke(app, ["dashboard", "-w", str(finished_ws), "--host", host, "--port", port])
+    assert out.exit_code == 2, out.output
+    assert "--host" in out.output and "not an address of this machine" in out.output and "another --port" not in out.output
+
+
+def test_a_workspace_database_damaged_while_served_is_one_line_not_a_500(finished_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(finished_ws, ws)
+    client = TestClient(make_app(ws))
+    assert client.get("/api/state").status_code == 200
+    client.app.state.dashboard.store.engine.dispose()  # as after a restart of the server: no open connection
+    db = ws / "loralab.db"
+    for extra in ("-wal", "-shm"):
+        (ws / f"loralab.db{extra}").unlink(missing_ok=True)
+    data = bytearray(db.read_bytes())
+    data[100:4096] = b"\xee" * (4096 - 100)  # its schema page
+    db.write_bytes(bytes(data))
+    got = client.get("/api/state")
+    assert got.status_code == 503 and "is not a readable loralab database" in got.json()["error"]
+    assert len(got.json()["error"].splitlines()) == 1

@@ -651,3 +651,32 @@ def test_a_mixed_file_is_refused_by_validate_with_exit_2(tmp_path, tiny_llama):
     f = _write(tmp_path / "m.yaml", f"name: m\nmodel: {tiny_llama}\ndata: {{path: mixed.jsonl}}\nruns:\n  A: {{}}\n")
     out = CliRunner().invoke(app, ["validate", str(f)])
     assert out.exit_code == 2 and "mixed.jsonl:7" in out.output and "keep one format per file" in out.output, out.output
+
+
+def test_a_huge_file_that_is_not_text_is_refused_in_bounded_memory(tmp_path, monkeypatch):
+    """A sparse file (all NUL bytes) or one endless line is refused after reading at most one line's
+    limit, not read whole first (a 2 GB sparse file once cost 4.2 GB before "not valid JSON")."""
+    import tracemalloc
+
+    from loralab.engine import data as data_mod
+
+    monkeypatch.setattr(data_mod, "MAX_LINE_BYTES", 1 << 20)
+    sparse = tmp_path / "sparse.jsonl"
+    with open(sparse, "wb") as f:
+        f.write(b'{"instruction": "a", "output": "b"}\n')
+        f.truncate(64 << 20)  # 64 MiB, nearly all a hole of NUL bytes
+    endless = tmp_path / "endless.jsonl"
+    endless.write_bytes(b'{"instruction": "a", "output": "b"}\n' + b"x" * (3 << 20))
+    for path, line, what in ((sparse, 2, "NUL bytes"), (endless, 2, "line longer than 1 MiB")):
+        tracemalloc.start()
+        try:
+            with pytest.raises(DataError) as err:
+                load_data(DataSpec(path=path.name), tmp_path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert err.value.problems[0].where == f"{path.name}:{line}" and what in err.value.problems[0].message
+        assert peak < 8 << 20, f"{peak} bytes held to refuse {path.name}"  # the whole file would be 64 MiB
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(20)))
+    assert len(load_data(DataSpec(path="ok.jsonl"), tmp_path).train) > 0

@@ -257,3 +257,180 @@ def test_actors_on_another_machine_are_refused(local_ray, tiny_neox, tmp_path, m
             RayExecutor(prepared, store, Reporter(), ExecutorSpec(kind="ray", actors=1))
     finally:
         store.close()
+
+
+def test_an_unreachable_or_malformed_address_is_one_line_before_anything_loads(tiny_neox, tmp_path):
+    """`--address 127.0.0.1:1` once retried for ever in silence; a malformed one crashed in Ray. Both are
+    refused before the model loads, the workspace is made or Ray starts, naming what the user wrote."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    t0 = time.monotonic()
+    out = CliRunner().invoke(app, ["sweep", str(f), "--address", "127.0.0.1:1", "-w", str(tmp_path / "ws")])
+    assert out.exit_code == 2, out.output
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in out.output and "--address" in out.output
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "ws").exists() and not ray.is_initialized()
+    for bad in ("10.0.0.5", "http://head:6379", "head:99999"):
+        out = CliRunner().invoke(app, ["sweep", str(f), "--address", bad, "-w", str(tmp_path / "ws")])
+        assert out.exit_code == 2 and "is not a Ray address" in out.output and "--address" in out.output, out.output
+        assert "do not fit together" not in out.output
+    f.write_text(f.read_text() + "executor: {kind: ray, address: 'head'}\n")
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2 and "executor.address" in out.output and "HOST:PORT" in out.output, out.output
+
+
+def test_gpus_asked_of_a_machine_without_cuda_are_refused_before_ray_starts(monkeypatch):
+    import torch
+
+    from loralab.execute.ray_executor import factory
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SpecError) as info:
+        factory(ExecutorSpec(kind="ray", gpus_per_trial=1))
+    assert info.value.problems[0].where == "executor.gpus_per_trial" and "no GPU" in str(info.value)
+    assert not ray.is_initialized()
+    factory(ExecutorSpec(kind="ray"))  # CPU trials need none
+
+
+def test_a_lost_node_whose_replacement_has_no_room_does_not_hang_the_sweep(local_ray, tiny_neox, tmp_path):
+    """An actor dies with its node; its replacement can be placed nowhere (here: it needs a resource of the
+    lost node, as `Pending Demands` showed). The job used to wait on the unplaceable replacement for ever; it
+    now runs again on the live actor, said in one line, and every trial finishes once."""
+    from rich.console import Console
+
+    from loralab.execute.ray_executor import RayExecutor, Worker
+
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    ws, gate = tmp_path / "ws", tmp_path / "gate"
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
+    made = []
+
+    def two_actors(prepared, store, rep):
+        ex = RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=2), env)
+        lost = ray.remote(num_cpus=1, resources={"the-lost-node": 1})(Worker).options(runtime_env={"env_vars": env})
+        ex._new_actor = lambda: lost.remote(*ex.args)  # a replacement with no room anywhere in the cluster
+        made.append(ex)
+        return ex
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while _running_rows(ws) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    console = Console(record=True, width=300)
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    out: list = []
+    sweep = threading.Thread(target=lambda: out.append(run_sweep(load_experiment(f), workspace=ws, executor=two_actors,
+                                                                 reporter=Reporter(console))), daemon=True)
+    sweep.start()
+    sweep.join(timeout=400)
+    assert not sweep.is_alive(), "the sweep hung on the replacement actor: " + console.export_text()[-2000:]
+    result = out[0]
+    assert sorted(t.status for t in result.trials) == ["finished"] * 4
+    ids = [i for t in result.trials for i in t.run_ids]
+    assert len(ids) == len(set(ids)) == 4 and _running_rows(ws) == 0
+    text = console.export_text()
+    assert text.count("its Ray actor died (") == 1 and "running it again on a live actor" in text
+    assert "a replacement joins once the cluster has room for it (1 CPU)" in text
+    deadline = time.monotonic() + 30
+    while made[0].starting and time.monotonic() < deadline:  # closed: the waiting replacement is killed, not kept
+        time.sleep(0.1)
+    assert made[0].starting == 0
+
+
+def test_a_refused_connection_names_the_token_fix_when_the_auth_mode_is_unset(monkeypatch):
+    """Ray 2.60 logs a refused token on stderr and raises a plain ConnectionError (seen with a two-node
+    cluster started as the README says, minus RAY_AUTH_MODE): loralab's one line says what to set."""
+    from loralab.execute.ray_executor import init_error
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    err = init_error(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"), "10.0.0.5:6379")
+    assert "Ray could not connect to 10.0.0.5:6379 (ConnectionError: Failed to connect" in err.args[0]
+    assert "RAY_AUTH_MODE=token" in err.problems[0].fix and "~/.ray/auth_token" in err.problems[0].fix
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set already: the token is not the likely cause
+    assert "RAY_AUTH_MODE" not in init_error(ConnectionError("x"), "10.0.0.5:6379").problems[0].fix
+
+
+def test_a_node_that_joins_mid_sweep_gets_an_actor(tiny_neox, tmp_path, monkeypatch):
+    """Two local Ray nodes (ray.cluster_utils.Cluster): the executor starts with the head's one CPU, and
+    once a second node joins it places an actor there and counts one more slot (the sweep reads it)."""
+    from ray.cluster_utils import Cluster
+
+    from loralab.execute import ray_executor
+    from loralab.execute.ray_executor import RayExecutor, kept_sigterm
+
+    monkeypatch.setattr(ray_executor, "JOIN_CHECK_S", 0.5)
+    with kept_sigterm():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                "object_store_memory": 100 * 1024**2})
+    store, ex = Store(tmp_path / "ws"), None
+    try:
+        with kept_sigterm():
+            ray.init(address=cluster.address, runtime_env={"env_vars": ONE_THREAD}, log_to_driver=False)
+        exp = loralab.load(sweep_file(tmp_path, tiny_neox, GRID))
+        ex = RayExecutor(prepare(exp), store, Reporter(), ExecutorSpec(kind="ray"), ONE_THREAD)
+        assert ex.slots == 1
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+        deadline = time.monotonic() + 180
+        while ex.slots < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ex.slots == 2 and ex.starting == 0
+        nodes = {p["host"] for p in ex.placements()}
+        assert len(ex.actors) == 2 and nodes == {__import__("socket").gethostname()}
+        assert ex.idle.qsize() == 2  # both take jobs
+    finally:
+        if ex is not None:
+            ex.close()
+        store.close()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_with_every_actor_lost_the_trial_is_given_back_in_bounded_time(local_ray, tiny_neox, tmp_path, monkeypatch):
+    """The only actor dies and its replacement has no room: waiting on, the driver's heartbeat would keep the
+    trial from every other worker. After NO_ACTOR_S the trial is given back (queued again, told interrupted)
+    with a line that says why, and the sweep stops like an interrupted one."""
+    import optuna
+    from rich.console import Console
+
+    from loralab.execute import ray_executor
+    from loralab.execute.ray_executor import ClusterLost, RayExecutor, Worker
+
+    monkeypatch.setattr(ray_executor, "WAIT_NOTE_S", 1.0)
+    monkeypatch.setattr(ray_executor, "NO_ACTOR_S", 4.0)
+    f = sweep_file(tmp_path, tiny_neox, GRID)
+    ws, gate = tmp_path / "ws", tmp_path / "gate"
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@2", "LORALAB_FAULT_GATE": str(gate)}
+    made = []
+
+    def one_actor(prepared, store, rep):
+        ex = RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=1), env)
+        lost = ray.remote(num_cpus=1, resources={"the-lost-node": 1})(Worker).options(runtime_env={"env_vars": env})
+        ex._new_actor = lambda: lost.remote(*ex.args)
+        made.append(ex)
+        return ex
+
+    def kill_it():
+        deadline = time.monotonic() + 120
+        while _running_rows(ws) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    console = Console(record=True, width=300)
+    threading.Thread(target=kill_it, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterLost):
+        run_sweep(load_experiment(f), workspace=ws, executor=one_actor, reporter=Reporter(console))
+    assert time.monotonic() - t0 < 200
+    text = console.export_text()
+    assert "no live Ray actor; waiting up to 4 s" in text and "no live Ray actor for 4 s; given back" in text
+    trials = optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
+    first = trials[0]
+    assert first.state.name == "FAIL" and first.user_attrs["status"] == "interrupted"
+    assert any(t.state.name == "WAITING" and t.user_attrs.get("retry_of") == first.number for t in trials)

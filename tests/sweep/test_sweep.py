@@ -827,3 +827,25 @@ def test_a_sweep_says_which_trial_of_how_many_runs_and_when_it_will_end(tiny_neo
     run_sweep(load_experiment(more), workspace=tmp_path / "ws", reporter=Reporter(console, 1e9))
     assert [line.split(" (")[0] for line in console.export_text().splitlines()
             if line.startswith("trial ") and " of " in line] == ["trial 3 of 3"]
+
+
+def test_a_relative_sweep_storage_is_read_from_the_files_folder_not_the_current_one(tiny_neox, tmp_path, monkeypatch):
+    """Like every path in the file: run from another folder, the same file opens the same study (read
+    from the current folder, it opened a second, empty study there)."""
+    from loralab.config.loading import load_experiment
+    from loralab.sweep.study import storage_url
+
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "studies").mkdir(parents=True)
+    elsewhere.mkdir()
+    f = sweep_file(proj, tiny_neox, "strategy: grid\nspace: {lora.r: [2, 4]}\nstorage: 'sqlite:///studies/optuna.db'")
+    monkeypatch.chdir(elsewhere)  # where no studies/ folder is: validate used to refuse it from here
+    exp = load_experiment(f)
+    assert storage_url(exp, tmp_path / "ws") == f"sqlite:///{proj / 'studies' / 'optuna.db'}"
+    f.write_text(f.read_text().replace("studies/optuna.db", "gone/optuna.db"))
+    with pytest.raises(SpecError) as info:
+        load_experiment(f)
+    assert f"folder {proj / 'gone'} does not exist" in str(info.value.problems[0])
+    abs_url = f"sqlite:///{tmp_path / 'abs.db'}"
+    f.write_text(f.read_text().replace("sqlite:///gone/optuna.db", abs_url))
+    assert storage_url(load_experiment(f), tmp_path / "ws") == abs_url  # absolute paths as they are

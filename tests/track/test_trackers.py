@@ -5,6 +5,7 @@ offline run file parsed into its own protobuf records); no network anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -255,6 +256,36 @@ def test_an_mlflow_server_that_is_down_costs_a_warning_not_the_run(tiny_neox, tm
     assert console.export_text().count("mlflow: tracking of A-seed0 stopped at start") == 1
 
 
+def test_an_mlflow_server_that_never_answers_costs_seconds_and_is_named_once_per_run(tiny_neox, tmp_path, monkeypatch):
+    """A server that accepts connections and never replies: MLflow's own defaults (7 retries with backoff,
+    120 s a request) stalled a run for over 20 minutes. loralab bounds the retries unless the user set
+    them, and a later run of the process does not ask the silent server again; every run is stored."""
+    import socket
+    import time
+
+    from loralab.track import _mlflow
+
+    for var in _mlflow.HTTP_DEFAULTS:  # set then deleted: restored (absent) after the test, whatever the tracker sets
+        monkeypatch.setenv(var, "1")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # the user's own setting is kept: the test stays short
+    monkeypatch.setattr(_mlflow, "_down", {})
+    console = Console(record=True, width=300)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections are queued by the kernel, never answered
+        f = experiment(tmp_path, tiny_neox, "{mlflow: {tracking_uri: 'http://127.0.0.1:%d'}}" % silent.getsockname()[1])
+        t0 = time.monotonic()
+        result = loralab.run(loralab.load(f), workspace=tmp_path / "ws", console=console)
+        spent = time.monotonic() - t0
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert all(r.status == "finished" for r in result.records) and not result.failed
+    text = console.export_text()
+    assert text.count("mlflow: tracking of A-seed0 stopped at start") == 1 and "not asked again" in text
+    # MLflow's defaults: 8 tries of 2 s plus 1+2+...+64 s of backoff, minutes; bounded: two tries, once
+    assert spent < 60, spent
+
+
 def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -297,3 +328,25 @@ def test_a_diverged_run_sends_every_step_including_the_one_that_stopped_it(tmp_p
     start = metadata.parse_session_start_info_plugin_data(
         acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["status"].string_value == "diverged"
+
+
+def test_tracker_folders_that_cannot_be_written_are_refused_by_validate(tiny_neox, tmp_path, monkeypatch):
+    """A tensorboard log_dir under a file, an MLflow SQLite store on a read-only disk: validate says so
+    (exit 2, the field named), where before the first run's tracker failed and was dropped."""
+    (tmp_path / "plain").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if str(p) == str(ro) else real(p))
+    f = experiment(tmp_path, tiny_neox, "{tensorboard: {log_dir: '%s'}, mlflow: {tracking_uri: 'sqlite:///%s'}}"
+                   % (tmp_path / "plain" / "tb", ro / "mlflow.db"))
+    out = CliRunner().invoke(app, ["validate", str(f)])
+    assert out.exit_code == 2, out.output
+    assert "track.tensorboard.log_dir" in out.output and "is a file, not a folder" in out.output
+    assert "track.mlflow.tracking_uri" in out.output and "read-only file system" in out.output
+    f = experiment(tmp_path, tiny_neox, "{tensorboard: {log_dir: '%s'}}" % (tmp_path / "tb"))
+    assert CliRunner().invoke(app, ["validate", str(f)]).exit_code == 0

@@ -204,3 +204,60 @@ def test_a_schema_2_workspace_passes_before_and_after_its_migration(ws):
     assert filled == 2  # A and B: their adapters are found for a later evaluation-only run
     report = json.loads(doctor(ws, "--json").output)
     assert report["ok"] is True and report["findings"] == []
+
+
+@pytest.mark.parametrize("damage", ["header", "pages"])
+def test_doctor_says_more_than_ls_about_a_database_it_cannot_open(damage, ws):
+    """`ls` says loralab.db cannot be read and sends the user to doctor: doctor no longer repeats those two
+    lines but says what the file is, the recovery to try, and which adapters survive on disk."""
+    db = ws / "loralab.db"
+    data = bytearray(db.read_bytes())
+    if damage == "header":
+        data[:16] = b"garbage garbage!"
+    else:  # the schema page itself: SQLite opens the file but cannot read its tables
+        data[100:4096] = b"\xee" * (4096 - 100)
+    db.write_bytes(bytes(data))
+    ls = CliRunner().invoke(app, ["ls", "-w", str(ws)])
+    assert ls.exit_code == 1 and "`loralab doctor` says more" in ls.output
+    out = doctor(ws)
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert not set(ls.output.strip().splitlines()) & set(out.output.strip().splitlines())  # nothing repeated
+    if damage == "header":
+        assert "does not start with the SQLite header" in out.output and "backup" in out.output
+    else:
+        assert "pages are damaged" in out.output and ".recover" in out.output
+    assert "2 complete adapter(s) survive on disk" in out.output
+    assert json.loads(doctor(ws, "--json").output)["findings"][0]["kind"] == "database"
+
+
+def test_a_database_moved_without_its_run_folders_says_so_not_train_again(original, tmp_path):
+    """Only loralab.db was copied: doctor says the workspace moved, where the adapter should be and where it
+    still is, and that copying the run folder fixes it (not only "the next run trains it again")."""
+    ws = tmp_path / "alone"
+    ws.mkdir()
+    shutil.copy2(original / "ws" / "loralab.db", ws / "loralab.db")
+    a = Store(original / "ws", create=False).find("A")
+    out = doctor(ws)
+    assert out.exit_code == 1
+    line = next(x for x in out.output.splitlines() if "doc/A" in x)
+    assert "moved or copied without its run folders" in line and f"{ws / 'runs' / a.id / 'adapter'}" in line
+    assert f"{a.adapter_path} is still complete there" in line and f"runs/{a.id} folder to {ws / 'runs' / a.id}" in line
+    shutil.copytree(original / "ws" / "runs" / a.id, ws / "runs" / a.id)
+    kinds = {f.where.split(" ")[0]: f.kind for f in check_workspace(ws).findings}
+    assert kinds["doc/A"] == "moved"  # now only pointed at its own folder by --repair
+
+
+def test_a_moved_workspace_reuses_its_runs_instead_of_training_them_again(original, tmp_path):
+    """`loralab run` in a moved workspace (the old folder gone) found no adapter at the stored absolute
+    path and trained every run again; it now finds each in the workspace's own run folder."""
+    ws = tmp_path / "moved"
+    shutil.copytree(original / "ws", ws)
+    shutil.rmtree(original / "ws" / "runs")  # moved, not copied
+    try:
+        again = run_experiment(load_experiment(original / "doc.yaml"), workspace=ws)
+        assert again.skipped == ["base", "A", "B"]
+        store = Store(ws, create=False)
+        assert all(Path(store.find(n).adapter_path).is_relative_to(ws) for n in ("A", "B"))
+        assert check_workspace(ws).findings == []
+    finally:
+        shutil.copytree(ws / "runs", original / "ws" / "runs")

@@ -261,3 +261,52 @@ def test_last_steps_give_each_running_runs_newest_streamed_step_in_one_query(tmp
     assert last["r1"]["loss"] is None  # a NaN loss is stored as NULL
     assert s.live_curve("r2")["step"] == [1, 2, 3, 4, 5] and s.last_steps([]) == {}
     s.close()
+
+
+def test_a_disk_that_fills_while_the_workspace_is_created_leaves_it_recoverable(tmp_path):
+    """The disk fills at the third table: the tables made before it stay (pysqlite commits each CREATE),
+    with schema version 0. That used to read as "written by another loralab version (schema 0)" for
+    ever; now a read says it was never completely created, and the next writing command finishes it."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from loralab.errors import WorkspaceError
+    from loralab.workspace.store import StepRow
+
+    def full(*_a, **_k):
+        raise OperationalError("CREATE TABLE steps", {}, sqlite3.OperationalError("database or disk is full"))
+
+    event.listen(StepRow.__table__, "before_create", full)
+    try:
+        with pytest.raises(WorkspaceError, match="the disk is full"):
+            Store(tmp_path / "ws")
+    finally:
+        event.remove(StepRow.__table__, "before_create", full)
+    con = sqlite3.connect(tmp_path / "ws" / "loralab.db")
+    left = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    version = con.execute("PRAGMA user_version").fetchone()[0]
+    con.close()
+    assert left and "steps" not in left and version == 0  # the half-made state the issue found
+    with pytest.raises(RunNotFound, match="never completely created") as info:
+        Store(tmp_path / "ws", create=False)
+    assert "finishes creating it" in str(info.value.problems[0])
+    store = Store(tmp_path / "ws")  # "run the same command again" now recovers
+    start(store, "r1", "A")
+    store.close()
+    assert Store(tmp_path / "ws", create=False).find("A").id == "r1"
+
+
+def test_a_schema_0_database_holding_rows_or_other_tables_is_still_refused(tmp_path):
+    """Only loralab's own tables, all empty, are taken for a creation cut short: anything else is kept."""
+    import sqlite3
+
+    for name, sql in (("rows", "CREATE TABLE runs (id TEXT); INSERT INTO runs VALUES ('x')"),
+                      ("other", "CREATE TABLE notes (t TEXT)")):
+        (tmp_path / name).mkdir()
+        con = sqlite3.connect(tmp_path / name / "loralab.db")
+        con.executescript(sql)
+        con.close()
+        with pytest.raises(RunNotFound, match="another loralab version \\(schema 0"):
+            Store(tmp_path / name)

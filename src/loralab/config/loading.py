@@ -194,7 +194,7 @@ def parse_experiment(raw: Any, source: str | None = None, text: str | None = Non
             resolved.append(RunSpec(name=name_s, **parts))
     if isinstance(raw.get("sweep"), dict):
 
-        problems.extend(check_sweep(raw, resolved, lines))
+        problems.extend(check_sweep(raw, resolved, lines, Path(source).resolve().parent if source else None))
     if exp is not None:
         problems.extend(workspace_problems(exp, lines))
     if problems:
@@ -348,7 +348,39 @@ def workspace_problems(exp: Experiment, lines: dict[str, int]) -> list[Problem]:
     if not exp.artifacts:
         return [Problem(at("workspace"), "a database workspace needs `artifacts:`, the folder its adapters go to",
                         shown(ws), "add `artifacts: /shared/loralab-artifacts` (a folder every host mounts at that path)")]
+    why = artifacts_problem(Path(exp.artifacts).expanduser().resolve())
+    if why is not None:
+        return [Problem(at("artifacts"), why, exp.artifacts,
+                        "give a folder every host can write (a shared disk mounted read-write at the same path)")]
     return []
+
+
+def artifacts_problem(folder: Path) -> str | None:
+    """Why adapters cannot be written under `folder` (what `run` would find only when it stores the first
+    one), else None. Checked where it is or would be made: the folder, or its parent; a path none of which
+    exists here (a mount of the cluster's hosts only) is left to the hosts."""
+    import os
+
+    where = folder if folder.exists() else folder.parent
+    if not where.exists():
+        return None
+    if not where.is_dir():
+        return f"{where} is a file, not a folder"
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{where} is on a read-only file system"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"{where} is not writable by this user"
+    import tempfile
+
+    try:  # what the flags cannot tell (a pseudo file system, a server refusing writes): try, leaving nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".loralab-write-check-", dir=where))
+    except OSError as err:
+        return f"{where} refuses new folders ({err.strerror or type(err).__name__})"
+    return None
 
 
 def check_data_paths(exp: Experiment) -> list[Problem]:

@@ -572,6 +572,12 @@ class SweepSpec(_Strict):
         return self.pruner or PrunerSpec(name="median" if len(self.objective) == 1 else "none")
 
 
+# What ray.init connects to: HOST:PORT (a hostname, IPv4 or [IPv6]; as `ray start --head` prints it),
+# ray://HOST[:PORT] (Ray Client), auto (the cluster this machine belongs to) or local
+_HOST = r"(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])"
+RAY_ADDRESS = re.compile(rf"auto|local|ray://{_HOST}(?::(?P<cport>\d{{1,5}}))?|{_HOST}:(?P<port>\d{{1,5}})")
+
+
 class ExecutorSpec(_Strict):
     """Where trials train: in this process (`local`, the default), or on Ray actors (`ray`), each of
     which loads the base model once and takes jobs; Ray places one actor per `gpus_per_trial` GPUs."""
@@ -581,6 +587,15 @@ class ExecutorSpec(_Strict):
     actors: int | None = Field(None, ge=1, le=1024, description="how many; none: as many as the cluster's resources fit")
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="0 on a CPU machine; 1: one trial per GPU; 0.5: two per GPU")
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, v: str | None) -> str | None:
+        m = RAY_ADDRESS.fullmatch(v) if v is not None else None
+        if v is not None and (m is None or not 0 < int(m["port"] or m["cport"] or 1) < 65536):
+            raise ValueError(f"{v[:80]!r} is not a Ray address: write HOST:PORT (as `ray start --head` prints it), "
+                             "ray://HOST:PORT, or auto")
+        return v
 
     @model_validator(mode="after")
     def _ray_only(self) -> "ExecutorSpec":

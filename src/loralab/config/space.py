@@ -244,7 +244,7 @@ class _Problems(list):
         self.append(Problem(path + (f" (line {line})" if line else ""), message, value, fix, has_value))
 
 
-def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> list[Problem]:
+def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int], base_dir: Path | None = None) -> list[Problem]:
     """Problems the sweep schema alone cannot see: knob paths, links, strategy, budget, objectives, and
     whether every trial config is a valid run. Schema errors were already reported by the Experiment model."""
     try:
@@ -267,7 +267,7 @@ def check_sweep(raw: dict, resolved: list[RunSpec], lines: dict[str, int]) -> li
     except LookupError as err:
         problem("sweep.strategy", "unknown strategy", sw.strategy, str(err))
     _check_knobs(sw, problem)
-    _check_budget(sw, raw, problem)
+    _check_budget(sw, raw, problem, base_dir)
     _check_objectives(sw, raw, resolved, start, problem)
     if problem or start is None:
         return list(problem)
@@ -315,7 +315,7 @@ def _check_knobs(sw: SweepSpec, problem: _Problems) -> None:
                 problem(where, "only a numeric knob can be a ratio of another", path, "give it a list of choices")
 
 
-def _check_budget(sw: SweepSpec, raw: dict, problem: _Problems) -> None:
+def _check_budget(sw: SweepSpec, raw: dict, problem: _Problems, base_dir: Path | None = None) -> None:
     """A budget that ends the search (only a grid ends by itself), a price for money, a usable storage."""
     grid = is_grid(sw)
     b = sw.budget
@@ -326,7 +326,7 @@ def _check_budget(sw: SweepSpec, raw: dict, problem: _Problems) -> None:
         problem("sweep.budget", f"strategy {sw.strategy} has no end", None,
                 "give budget.trials, budget.minutes or budget.money (only a grid ends by itself)", False)
     if sw.storage is not None:
-        why, fix = storage_problem(sw.storage)
+        why, fix = storage_problem(storage_location(sw.storage, base_dir or Path.cwd()))
         if why:
             problem("sweep.storage", why, sw.storage, fix)
 
@@ -385,6 +385,16 @@ def _check_points(sw: SweepSpec, start: dict, problem: _Problems) -> None:
                 shown = ", ".join(f"{k}={v}" for k, v in pt.items())
                 problem(where, f"a trial would be invalid: {msg}", shown,
                         "narrow the space (or change the start settings) so every trial is a valid run")
+
+
+def storage_location(url: str, base_dir: Path) -> str:
+    """`sweep.storage` with a relative SQLite path read from the experiment file's folder, as every other
+    path in the file is (SQLAlchemy would read it from the current folder: a second study elsewhere)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path, _, query = url[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:" and not Path(path).expanduser().is_absolute():
+            return f"sqlite:///{(base_dir / path).resolve()}" + (f"?{query}" if query else "")
+    return url
 
 
 def storage_problem(url: str) -> tuple[str | None, str]:

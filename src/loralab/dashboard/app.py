@@ -6,12 +6,14 @@ even if one slipped through."""
 
 from pathlib import Path
 
+import jinja2
 from fastapi import FastAPI, Request  # (no `from __future__ import annotations`: FastAPI reads the hints)
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from loralab.dashboard.state import Dashboard
+from loralab.errors import LoralabError
 from loralab.workspace.store import shown
 
 HERE = Path(__file__).parent
@@ -28,7 +30,8 @@ def make_app(root: Path | str, refresh_s: float = 2.0) -> FastAPI:
     dash = Dashboard(root)
     app = FastAPI(title="loralab dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dashboard = dash
-    templates = Jinja2Templates(directory=HERE / "templates")
+    # autoescape for every template: Starlette's default escapes only *.html, and ours is *.html.j2
+    templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")
@@ -44,7 +47,15 @@ def make_app(root: Path | str, refresh_s: float = 2.0) -> FastAPI:
 
     @app.get("/api/state")
     def state(experiment: str | None = None):
-        return dash.state(experiment)
+        try:
+            return dash.state(experiment)
+        except Exception as err:  # the workspace database damaged or away: one line on the page, polled again
+            from loralab.workspace.store import storage_error
+
+            known = storage_error(err, root) or (err if isinstance(err, LoralabError) else None)
+            if known is None:
+                raise
+            return JSONResponse({"error": str(known).splitlines()[0]}, status_code=503)
 
     @app.get("/api/curves")
     def curves(ids: str = ""):

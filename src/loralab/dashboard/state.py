@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralab.environment import placement_text
 from loralab.workspace.store import DONE, RunRecord, Store, engine_url, shown
 
 MAX_COMPARED = 8  # runs in "Main differences" beside the base: more columns would not read on a page
@@ -41,9 +42,15 @@ class Dashboard:
         experiments = sorted({r["experiment"] for r in runs})
         if experiment not in experiments:
             experiment = runs[0]["experiment"] if runs else None  # the newest experiment's
+        try:
+            sweeps, sweep_error = self.sweeps(), None
+        except Exception as err:  # a damaged optuna.db: the runs are still worth showing (`ls` reads them too)
+            self._studies = None  # opened again on the next poll, in case it was being written
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            sweeps, sweep_error = [], f"the sweep study could not be read ({first})"
         return {"workspace": shown(self.root), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "experiments": experiments, "experiment": experiment,
-                "runs": runs, "sweeps": self.sweeps(), "compare": self.compare(experiment, runs)}
+                "experiments": experiments, "experiment": experiment, "runs": runs,
+                "sweeps": sweeps, "sweep_error": sweep_error, "compare": self.compare(experiment, runs)}
 
     def runs(self) -> list[dict[str, Any]]:
         """Every named run, newest first, with its progress if it is training."""
@@ -53,7 +60,7 @@ class Dashboard:
         for r in records:
             row = {"experiment": r.experiment, "name": r.name, "seed": r.seed, "id": r.id, "kind": r.kind,
                    "status": r.status, "updated": r.updated_at, "eval_loss": _num(r.metrics.get("eval_loss")),
-                   "step": None, "planned": None, "loss": None, "eta_s": None}
+                   "step": None, "planned": None, "loss": None, "eta_s": None, "host": placement_text(r.env)}
             if r.status == "running":
                 if not self.store.in_progress(r.id):  # its process is gone (killed), as `loralab ls` says too
                     row["status"], row["gone"] = "interrupted", True

@@ -191,7 +191,28 @@ def _read_file(path: Path, spec: DataSpec, key: str) -> list[Example]:
     return _examples(rows, spec, path.name)
 
 
+MAX_LINE_BYTES = 64 << 20  # no example needs a 64 MiB line; a file with one is not JSONL or CSV text
+
+
+def _scan_lines(path: Path) -> None:
+    """Refuse a file that is not line-based text before reading it whole: a binary or sparse file (NUL
+    bytes) or a line longer than MAX_LINE_BYTES is found line by line in bounded memory, not after a
+    multi-gigabyte read ends in "not valid JSON"."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if b"\0" in raw:
+                raise DataError(f"{path.name}:{n}: holds NUL bytes, so it is not a text file",
+                                [Problem(f"{path.name}:{n}", "NUL bytes: a binary, sparse or damaged file, not text",
+                                         str(path), "give a UTF-8 JSONL or CSV file")])
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path.name}:{n}: a line longer than {MAX_LINE_BYTES >> 20} MiB",
+                                [Problem(f"{path.name}:{n}", f"line longer than {MAX_LINE_BYTES >> 20} MiB", str(path),
+                                         "write one example per line (JSONL), each well under that; a JSON array "
+                                         "that large belongs on many lines")])
+
+
 def _read_text(path: Path) -> str:
+    _scan_lines(path)
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # -sig: Excel writes a BOM in front of UTF-8 CSV files

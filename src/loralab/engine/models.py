@@ -102,6 +102,59 @@ def check_gguf(gguf: Path, name: str) -> None:
         raise ModelError(f"model file {gguf} names no architecture",
                          [Problem("model.name", "GGUF without general.architecture", name,
                                   "give a model GGUF converted by llama.cpp's convert scripts")])
+    problem = gguf_header_problem(reader)
+    if problem is not None:
+        raise ModelError(f"model file {gguf}: {problem[0]}", [Problem("model.name", problem[0], name, problem[1])])
+
+
+# GGUF architectures whose name transformers rewrites before looking it up (modeling_gguf_pytorch_utils)
+_GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+_GGUF_NOT_CAUSAL = ("t5", "umt5", "t5encoder")  # encoder(-decoder)s: no AutoModelForCausalLM to train
+
+
+def gguf_header_problem(reader) -> tuple[str, str] | None:
+    """(why, fix) when a readable GGUF header cannot become the model it claims, else None: checked before
+    the (slow) conversion, which would otherwise crash late or, for tensors it does not find, fill in random
+    weights. The architecture must be one transformers converts to a causal LM, every tensor a name of that
+    architecture (a header that says gpt2 over llama tensors lies), and every block of `block_count` present."""
+    import re
+
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode(errors="replace")
+    known = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer", *_GGUF_NOT_CAUSAL})
+    if arch not in known and _GGUF_ARCH_ALIASES.get(arch) not in known:
+        return (f"GGUF architecture {arch[:40]!r} is not one transformers can load as a causal LM",
+                f"use a GGUF of one of: {', '.join(known)}; or a folder saved with save_pretrained")
+    names = [t.name for t in reader.tensors]
+    try:
+        import gguf as gguf_mod
+
+        kind = {v: k for k, v in gguf_mod.MODEL_ARCH_NAMES.items()}.get(arch)
+        templates = [gguf_mod.TENSOR_NAMES[t] for t in gguf_mod.MODEL_TENSORS[kind]] if kind is not None else None
+    except (AttributeError, KeyError):  # a gguf package without this table: the check is skipped
+        templates = None
+    if templates:
+        allowed = re.compile("|".join(re.escape(t).replace(re.escape("{bid}"), r"\d+").replace(re.escape("{xid}"), r"\d+")
+                                      for t in templates))
+        foreign = [n for n in names if not allowed.fullmatch(re.sub(r"\.(weight|bias)$", "", n))]
+        # a quarter or more: another architecture's weights; a few: tensors newer than the gguf package's table
+        if foreign and len(foreign) * 4 >= len(names):
+            return (f"its header says architecture {arch!r} but it holds tensors that architecture does not have "
+                    f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
+                    "the file's metadata does not match its weights: convert the model again with llama.cpp's "
+                    "convert_hf_to_gguf.py")
+    blocks = reader.fields.get(f"{arch}.block_count")
+    if blocks is not None:
+        count = int(blocks.parts[blocks.data[0]][0])
+        have = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+        missing = [b for b in range(count) if b not in have]
+        if missing:
+            return (f"{len(missing)} of its {count} blocks have no tensors (first: blk.{missing[0]}); "
+                    "converting it would train random weights",
+                    "the file is incomplete: download or convert it again")
+    return None
 
 
 def gguf_blocks(gguf: Path) -> int | None:
@@ -136,7 +189,16 @@ def convert_gguf(gguf: Path, target: Path, what: str, log: Callable[[str], None]
     log(f"Converting {what} once ({gguf.name} -> {target}); later loads take about a second.")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gmodel, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                        output_loading_info=True)
+    # A parameter the file lacks is initialised at random by transformers (a warning only): refuse, so
+    # such a model is never cached, trained and stored as if it were the file's.
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelError(f"model file {gguf} lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}); nothing was converted",
+                         [Problem("model.name", "GGUF with missing tensors", str(gguf),
+                                  "the file is incomplete: download or convert it again")])
     config = copy.deepcopy(gmodel.config)
     # The weights are dequantized fp32 now: a leftover GGUF quantization_config would make
     # transformers.Trainer (and anything else reading the config) treat the model as quantized.

@@ -477,6 +477,12 @@ def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str
     # Another process training the same run (a second `loralab run`, a parallel sweep): wait, then reuse it.
     with store.run_lock(rid, on_wait=lambda: rep.log(f"{label or run.name}: another process is training it; waiting")):
         done = store.get(rid)
+        if done is not None and not force and done.status == "finished" and not _adapter_ok(done):
+            here = store.run_dir(rid) / "adapter"  # a moved or copied workspace keeps the old absolute path
+            if (here / "adapter_config.json").is_file() and Path(done.adapter_path or "").resolve() != here.resolve():
+                store.set_adapter_path(rid, str(here))
+                rep.log(f"{label or run.name}: the workspace moved; its adapter is found at {here}")
+                done = store.get(rid)
         if done is not None and not force and reusable(done):
             store.alias(experiment, run.name, rid, run.train.seed)
             rep.log(f"{label or run.name}: {done.status} earlier ({rid}), reused")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from datetime import datetime
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -241,7 +242,9 @@ def storage_url(exp: Experiment, ws: Path | str) -> str:
     from loralab.workspace.store import engine_url, is_url
 
     if exp.sweep and exp.sweep.storage:
-        return engine_url(exp.sweep.storage)
+        from loralab.config.space import storage_location
+
+        return engine_url(storage_location(exp.sweep.storage, exp.base_dir))
     return engine_url(str(ws)) if is_url(ws) else f"sqlite:///{Path(ws) / OPTUNA_DB}"
 
 
@@ -272,6 +275,76 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
+class _KeptHeartbeat(threading.Thread):
+    """Optuna's heartbeat thread, kept beating through a database restart or a network cut: Optuna's own
+    (storages._heartbeat.HeartbeatThread) ends at the first failed write, and the live trial then looks dead
+    to every other host, which trains it a second time. A failed beat is counted and tried again."""
+
+    def __init__(self, trial_id: int, storage):
+        super().__init__(daemon=True, name="loralab-heartbeat")
+        self.trial_id, self.storage = trial_id, storage
+        self.interval = storage.get_heartbeat_interval()
+        self.done = threading.Event()
+        self.failures = 0
+
+    def _beat(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception:  # the server is away: the next beat tries again (pool_pre_ping reconnects)
+            self.failures += 1
+
+    def __enter__(self) -> "_KeptHeartbeat":
+        self._beat()  # the first beat before the work starts, as Optuna's thread does
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self._beat()
+
+
+def _retrying_storage(url: str, **kw):
+    """Optuna's RDBStorage whose calls wait for a database server that went away (a restart, a network cut)
+    as the workspace's store does (workspace.store.with_db_retries), instead of failing the sweep at once."""
+    import functools
+    import inspect
+
+    import optuna
+    from optuna.exceptions import StorageInternalError
+
+    from loralab.workspace.store import shown, unreachable, with_db_retries
+
+    def transient(err: BaseException) -> bool:  # Optuna wraps SQLAlchemy's error in its own
+        return unreachable(err) or (isinstance(err, StorageInternalError) and unreachable(err.__cause__))
+
+    def retried(fn):
+        @functools.wraps(fn)
+        def call(self, *args, **kwargs):
+            return with_db_retries(lambda: fn(self, *args, **kwargs), shown(url), transient)
+        return call
+
+    skip = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions",
+            "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback"}
+    names = [n for n, v in vars(optuna.storages.RDBStorage).items() if inspect.isfunction(v) and not n.startswith("__")
+             and (not n.startswith("_") or n == "_get_stale_trial_ids") and n not in skip]
+    cls = type("RetryingRDBStorage", (optuna.storages.RDBStorage,),
+               {n: retried(getattr(optuna.storages.RDBStorage, n)) for n in names})
+    return cls(url, **kw)
+
+
+def kept_heartbeat(trial_id: int, storage):
+    """The trial's heartbeat as a context manager: _KeptHeartbeat on a storage with heartbeat, else nothing."""
+    from contextlib import nullcontext
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return _KeptHeartbeat(trial_id, storage) if is_heartbeat_enabled(storage) else nullcontext()
+
+
 def study_storage(url: str):
     """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
     (process or host) stops beating for the grace period is taken for dead (_Loop.recover). A local
@@ -282,7 +355,8 @@ def study_storage(url: str):
     kw = {}
     if not url.startswith("sqlite"):
         interval, grace = heartbeat_settings()
-        kw = {"heartbeat_interval": interval, "grace_period": grace}
+        # pool_pre_ping: a connection the server dropped (a restart) is replaced, not used and failed
+        kw = {"heartbeat_interval": interval, "grace_period": grace, "engine_kwargs": {"pool_pre_ping": True}}
     # Optuna creates its tables when they are missing: a check, then CREATE TABLE. Another process doing
     # the same at that moment (a second host's sweep, `loralab report`, optuna-dashboard) makes one of the
     # two creates fail on a table the other just made; by the next try they all exist.
@@ -290,7 +364,7 @@ def study_storage(url: str):
         try:
             with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna since 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **kw)
+                return _retrying_storage(url, **kw) if kw else optuna.storages.RDBStorage(url, **kw)
         except DatabaseError as err:
             text = str(getattr(err, "orig", err)).lower()
             if attempt == 2 or not ("already exists" in text or "duplicate key" in text):
@@ -591,10 +665,8 @@ class _Loop:
         return recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)
 
     def beat(self, trial):
-        """Optuna's heartbeat thread for a trial (a no-op without heartbeat): `with loop.beat(trial): ...`."""
-        from optuna.storages._heartbeat import get_heartbeat_thread
-
-        return get_heartbeat_thread(trial._trial_id, self.study._storage)
+        """A trial's heartbeat (a no-op without heartbeat): `with loop.beat(trial): ...` (see kept_heartbeat)."""
+        return kept_heartbeat(trial._trial_id, self.study._storage)
 
     def restart(self, old) -> bool:
         """The sweep section changed since the study began: start anew unless a live process runs a trial."""
@@ -672,9 +744,11 @@ class _Loop:
             return drive_synchronous(self, prepared, ran, run_trial, _fmt)
         slots = max(1, int(getattr(self.worker, "slots", 1)))
         running: set = set()
-        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial") as pool:
+        # threads are made as trials need them: an executor's slots grow when a node joins (ray_executor)
+        with ThreadPoolExecutor(max_workers=max(slots, 256), thread_name_prefix="trial") as pool:
             while True:
                 reason, busy = None, False
+                slots = max(slots, int(getattr(self.worker, "slots", 1)))
                 while len(running) < slots and not (reason or busy):
                     reason, busy, proposal = self.propose()
                     if proposal is not None and slots == 1:  # one slot: in this thread, as before

@@ -3,6 +3,7 @@ params, the step curve, the final metrics and the adapter as an artifact (`adapt
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -16,6 +17,12 @@ PARAM_CHARS = 6000
 # MLflow's key characters (on every OS): letters, digits, _ - . space /. Others (a rank_pattern's regex key)
 # become '_'.
 NOT_A_KEY_CHARACTER = re.compile(r"[^\w\-. /]")
+# MLflow's own HTTP defaults retry a dead server for ~4 minutes and wait 120 s on one that never answers,
+# per request: a copy of the run must not cost that. Bounded here (~25 s at worst) unless the user set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+DOWN_S = 300.0  # a server that failed a run's start is not asked again by this process for this long
+_down: dict[str, tuple[float, str]] = {}  # tracking URI -> (when it failed, why)
 STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
@@ -40,9 +47,22 @@ class MlflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # read by MLflow at each request
+        uri = self.options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # the server MLflow will ask
+        failed = _down.get(uri)
+        if failed is not None and time.monotonic() - failed[0] < DOWN_S:
+            raise ConnectionError(f"{uri} failed {time.monotonic() - failed[0]:.0f} s ago ({failed[1]}); not asked "
+                                  f"again for {DOWN_S:.0f} s")
         self.client = MlflowClient(tracking_uri=self.options.tracking_uri)
         name = self.options.experiment or info.experiment
-        found = self.client.get_experiment_by_name(name)
+        try:
+            found = self.client.get_experiment_by_name(name)
+        except Exception as err:
+            if uri.startswith(("http://", "https://")):
+                _down[uri] = (time.monotonic(), f"{type(err).__name__}: {str(err)[:120]}")
+            raise
+        _down.pop(uri, None)
         if found is None:
             try:
                 exp_id = self.client.create_experiment(name)

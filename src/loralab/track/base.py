@@ -107,6 +107,29 @@ def check_installed(names: Sequence[str], where: str = "track") -> None:
                         [Problem(where, f"{n} is not installed", n, install_hint(n)) for n in missing])
 
 
+def folder_problems(track, where: str = "track") -> list[Problem]:
+    """Tracker folders the file names that cannot be written (a read-only disk, another user's folder):
+    found by validate, not when the first run's tracker starts and is dropped for the rest of the run.
+    The defaults live in the workspace, which is checked when it is opened."""
+    from loralab.config.loading import artifacts_problem
+
+    folders = {}
+    if track.tensorboard is not None and track.tensorboard.log_dir:
+        folders["tensorboard.log_dir"] = (track.tensorboard.log_dir, Path(track.tensorboard.log_dir).expanduser())
+    uri = track.mlflow.tracking_uri if track.mlflow is not None else None
+    if uri and (uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri):
+        path = uri.split(":///", 1)[1] if uri.startswith("sqlite:///") else uri.removeprefix("file://").removeprefix("file:")
+        path = Path(path.split("?", 1)[0]).expanduser()
+        folders["mlflow.tracking_uri"] = (uri, path.parent if uri.startswith("sqlite") else path)
+    out = []
+    for key, (given, folder) in folders.items():
+        why = artifacts_problem(folder.resolve())
+        if why is not None:
+            out.append(Problem(f"{where}.{key}", why, given, "give a folder this user can write, or leave it out "
+                                                             "(the tracker then writes in the workspace)"))
+    return out
+
+
 def metric_key(key: str) -> str:
     """A stored metric's name as trackers take it: MLflow refuses '@' (`rouge_l@64` -> `rouge_l/64`,
     which also groups a metric's caps together in W&B and TensorBoard)."""

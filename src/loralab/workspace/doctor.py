@@ -73,7 +73,14 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
 
     from loralab.workspace.store import storage_error
 
-    store = Store(workspace, create=False)
+    from loralab.errors import WorkspaceError
+
+    try:
+        store = Store(workspace, create=False)
+    except WorkspaceError as err:  # `ls` said it cannot read loralab.db and sent the user here: say more
+        if store_is_folder(workspace) and "not a readable loralab database" in str(err):
+            return _unreadable_database(Path(workspace), str(err))
+        raise
     try:
         out = Checkup(Path(workspace) if store.url is None else store.where, repair)
         if store.url is None:  # PostgreSQL checks its own pages; there is no file to run an integrity check on
@@ -94,6 +101,45 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
         raise storage_error(err, store.root) or err from None
     finally:
         store.close()
+
+
+def store_is_folder(workspace: str | Path) -> bool:
+    return not (isinstance(workspace, str) and "://" in workspace)
+
+
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def _unreadable_database(root: Path, why: str) -> Checkup:
+    """A loralab.db SQLite cannot open: what the file is, what beside it may hold its last writes, and
+    which adapters survive on disk, with the recovery to try (what `ls` cannot tell)."""
+    db = root / DB_NAME
+    out = Checkup(root, repair=False)
+    with open(db, "rb") as f:
+        head = f.read(100)
+    size = db.stat().st_size
+    if head[:16] != SQLITE_HEADER:
+        what = (f"{DB_NAME} ({size} bytes) does not start with the SQLite header (it begins {head[:16]!r}): "
+                "overwritten or not a database at all")
+        fix = "restore loralab.db from a backup; if there is none, start a new --workspace"
+    else:
+        what = f"{DB_NAME} ({size} bytes) is a SQLite file whose pages are damaged ({why.split('(')[-1].rstrip(')')})"
+        fix = ("keep a copy, then try `sqlite3 loralab.db .recover | sqlite3 fixed.db` and move fixed.db to "
+               "loralab.db; else restore it from a backup")
+    wal = root / (DB_NAME + "-wal")
+    if wal.is_file() and wal.stat().st_size:
+        what += f"; {wal.name} beside it holds {wal.stat().st_size} bytes of its last writes (keep it with the copy)"
+    out.findings.append(Issue("database", str(db), what, fix, repairable=False))
+    runs = root / "runs"
+    folders = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    out.folders = len(folders)
+    kept = [p.name for p in folders if adapter_complete(p / "adapter")]
+    if kept:
+        out.findings.append(Issue("adapters", str(runs), f"{len(kept)} complete adapter(s) survive on disk, each in "
+                                  f"runs/RUN_ID/adapter (e.g. {', '.join(kept[:3])})",
+                                  "they load with PEFT as they are; a recovered database points at them again",
+                                  severity="note", repairable=False))
+    return out
 
 
 def _check_database(store: Store, out: Checkup) -> None:
@@ -204,8 +250,16 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
             f.repaired = True
         rec.adapter_path = str(local)  # so the adapter is not taken for a leftover
         return True
-    f = Issue("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
-                "or incomplete", "mark it failed; the next `loralab run` trains it again")
+    stored = Path(rec.adapter_path) if rec.adapter_path else None
+    if stored is not None and stored.resolve() != local.resolve():  # the database was moved or copied alone
+        there = "still complete there" if adapter_complete(stored) else "not there either"
+        f = Issue("no-adapter", where, f"the workspace was moved or copied without its run folders: the adapter is "
+                  f"missing at {local}, and its stored path {stored} is {there}",
+                  f"copy the old workspace's runs/{rec.id} folder to {folder}, then run doctor again; --repair instead "
+                  "marks it failed and the next `loralab run` trains it again")
+    else:
+        f = Issue("no-adapter", where, f"finished, but its adapter {rec.adapter_path} is missing "
+                    "or incomplete", "mark it failed; the next `loralab run` trains it again")
     out.findings.append(f)
     if repair:
         f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "

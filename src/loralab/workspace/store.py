@@ -12,7 +12,10 @@ folder is complete on disk, so a crash or Ctrl-C never leaves a finished run wit
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import json
 
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, TypeDecorator, create_engine, delete,
                         event, func, insert, inspect, select, text)
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, deferred, mapped_column
 
 from loralab.config.schema import config_hash
@@ -109,6 +112,100 @@ def lock_key(*parts: str) -> int:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+# A PostgreSQL server restarting (seconds) or a short network cut is waited for: each store call (one
+# transaction, safe to run again) is retried with backoff for up to DB_RETRY_S; longer is an outage,
+# said in one line (exit 1). Finished runs are committed already; the one in hand is not stored finished.
+DB_RETRY_S = 60.0
+LOCK_CHECK_S = 5.0  # how often a held advisory lock's connection is checked (and the lock taken again if lost)
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether a database error is the server or network being away (worth waiting for), not the query."""
+    return isinstance(err, (OperationalError, InterfaceError))
+
+
+def with_db_retries(call, where: str, transient=unreachable):
+    """call() retried with backoff while `transient(error)`, for up to DB_RETRY_S; then one WorkspaceError."""
+    deadline, pause = time.monotonic() + DB_RETRY_S, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not transient(err):
+                raise
+            if time.monotonic() + pause > deadline:
+                cause = getattr(err, "orig", None) or err.__cause__ or err
+                first = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(err).__name__])[0]
+                raise WorkspaceError(
+                    f"workspace {where}: the database did not answer for {DB_RETRY_S:.0f} s ({first[:160]})",
+                    [Problem("workspace", "database unreachable", where,
+                             "start the database server again (or mend the network), then run the same command "
+                             "again; finished runs are kept, and a run cut short is not stored as finished")]) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
+
+
+def _db_retried(method):
+    """A Store method retried while a PostgreSQL workspace's server cannot be reached (SQLite: as is)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.url is None:
+            return method(self, *args, **kwargs)
+        return with_db_retries(lambda: method(self, *args, **kwargs), self.where)
+
+    return call
+
+
+class _LockKeeper(threading.Thread):
+    """Keeps a session advisory lock through a database restart: the lock dies with its connection, so its
+    connection is checked every LOCK_CHECK_S and, once the server is back, the lock is taken again on a
+    new one (else `doctor --repair` or another host would take a live run for a dead one)."""
+
+    def __init__(self, engine, key: int, conn):
+        super().__init__(daemon=True, name="loralab-lock-keeper")
+        self.engine, self.key, self.conn = engine, key, conn
+        self.done = threading.Event()
+        self.retaken = 0  # times the lock was taken again
+        self.lost = False  # another session took it while the server was away
+        self.replacement = None
+
+    def run(self) -> None:
+        while not self.done.wait(LOCK_CHECK_S):
+            try:
+                self.conn.execute(text("SELECT 1"))
+            except Exception:
+                self._retake()
+
+    def _retake(self) -> None:
+        pause = 0.2
+        while not self.done.is_set():
+            try:
+                conn = self.engine.connect()
+            except Exception:
+                self.done.wait(pause)
+                pause = min(pause * 2, 4.0)
+                continue
+            if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar():
+                if self.replacement is not None:
+                    self.replacement.close()
+                self.conn = self.replacement = conn
+                self.retaken += 1
+                return
+            conn.close()
+            self.lost = True  # someone else holds it now: nothing to take back
+            return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        if self.replacement is not None:
+            try:
+                self.replacement.close()
+            except Exception:
+                pass
 
 
 class _Base(DeclarativeBase):
@@ -298,6 +395,15 @@ def adapter_identity(config: Any, model: Any, data: Any) -> str | None:
     return "adapter-" + config_hash(parts)
 
 
+def _unfinished_creation(conn) -> bool:
+    """Whether a schema-0 SQLite database is a creation cut short: only loralab's own tables, all empty
+    (nothing a finished creation, another program or a user could have put there)."""
+    names = [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")]
+    ours = set(_Base.metadata.tables)
+    return all(n in ours for n in names) and not any(
+        conn.exec_driver_sql(f'SELECT 1 FROM "{n}" LIMIT 1').first() for n in names)
+
+
 def _migrate(conn, version: int) -> None:
     """Bring a schema-2 database to this version in place, in the caller's transaction.
 
@@ -383,8 +489,17 @@ class Store:
             with self.engine.connect() as conn:
                 version = conn.exec_driver_sql("PRAGMA user_version").scalar()
                 has_tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").scalar()
+                unfinished = has_tables and version == 0 and _unfinished_creation(conn)
         except (OSError, DatabaseError) as err:
             raise storage_error(err, self.root, opening=True) or err from None
+        if unfinished:  # pysqlite commits each CREATE TABLE: a crash or full disk mid-creation left some
+            if not create:
+                self.engine.dispose()
+                raise RunNotFound(f"workspace {self.root} was never completely created (its tables are partly made "
+                                  "and empty: a full disk or a crash while it was set up)",
+                                  [Problem("workspace", "incompletely created, holds no runs", str(self.root / DB_NAME),
+                                           "run an experiment with this --workspace: it finishes creating it")])
+            has_tables = 0  # nothing in it to keep: created as new below
         if has_tables and version not in READABLE:
             self.engine.dispose()
             raise RunNotFound(f"workspace {self.root} was written by another loralab version (schema {version}, "
@@ -412,6 +527,7 @@ class Store:
         from sqlalchemy.pool import NullPool
 
         self.url, self.where = url, shown(url)
+        self._keepers: dict[str, _LockKeeper | None] = {}  # named locks held now (see _LockKeeper)
         bad = url_problem(url)
         if bad is not None:
             raise SpecError(f"workspace {self.where}: {bad[0]}", [Problem("workspace", bad[0], self.where, bad[1])])
@@ -497,8 +613,18 @@ class Store:
                     on_wait()
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 taken = True
-            yield taken
+            keeper = _LockKeeper(self.lock_engine, key, conn) if taken else None
+            if keeper is not None:
+                keeper.start()
+            self._keepers[name] = keeper
+            try:
+                yield taken
+            finally:
+                self._keepers.pop(name, None)
+                if keeper is not None:
+                    keeper.stop()
 
+    @_db_retried
     def _held(self, name: str) -> bool:
         """Whether another process (or another connection of this one) holds `named_lock(name)` now."""
         if self.url is None:
@@ -527,6 +653,7 @@ class Store:
         """Whether a live process holds the run's lock (is training or storing it now)."""
         return self._held(run_id)
 
+    @_db_retried
     def start(self, run_id: str, *, name: str, experiment: str, kind: str, config: dict, model: dict,
               data: dict, env: dict, seed: int | None = None, resume_from: int | None = None) -> None:
         """Mark a run as running (replacing any unfinished or forced earlier attempt). `resume_from`: the
@@ -546,14 +673,19 @@ class Store:
             # An earlier attempt's partial curve; a resumed run keeps it up to its checkpoint.
             s.execute(delete(StepRow).where(StepRow.run_id == run_id, StepRow.step > (resume_from or 0)))
 
+    @_db_retried
     def append_steps(self, run_id: str, steps: list[dict]) -> None:
         """Add streamed training steps (dicts with CURVE_KEYS) to a running run's curve, in one transaction."""
         if not steps:
             return
         with Session(self.engine) as s, s.begin():  # one INSERT for the batch (a step is sent once)
+            # a retry after a commit whose answer was lost (see _db_retried) must not insert the steps twice
+            if self.url is not None:
+                s.execute(delete(StepRow).where(StepRow.run_id == run_id, StepRow.step.in_([one["step"] for one in steps])))
             s.execute(insert(StepRow), [{"run_id": run_id, "total": one.get("total"),
                                          **{k: _finite(one.get(k)) for k in CURVE_KEYS}} for one in steps])
 
+    @_db_retried
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
                adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
         """Store results and the terminal status in one transaction."""
@@ -567,6 +699,7 @@ class Store:
             s.flush()
             fault_point("store.finish")  # a crash here rolls the whole result back: never finished without metrics
 
+    @_db_retried
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         assert status in STATUSES
         with Session(self.engine) as s, s.begin():
@@ -575,6 +708,7 @@ class Store:
                 row.status = status
                 row.error = error
 
+    @_db_retried
     def set_adapter_path(self, run_id: str, path: str | None) -> None:
         """Point a run at its adapter again (a workspace moved or copied elsewhere keeps absolute paths)."""
         with Session(self.engine) as s, s.begin():
@@ -582,18 +716,21 @@ class Store:
             if row is not None:
                 row.adapter_path = path
 
+    @_db_retried
     def drop_alias(self, experiment: str, name: str, seed: int | None) -> None:
         with Session(self.engine) as s, s.begin():
             a = s.get(AliasRow, (experiment, name, -1 if seed is None else seed))
             if a is not None:
                 s.delete(a)
 
+    @_db_retried
     def drop_aliases(self, experiment: str, name: str) -> None:
         """Every seed of a name."""
         with Session(self.engine) as s, s.begin():
             for a in s.scalars(select(AliasRow).where(AliasRow.experiment == experiment, AliasRow.name == name)):
                 s.delete(a)
 
+    @_db_retried
     def alias(self, experiment: str, name: str, run_id: str, seed: int | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             self._alias(s, experiment, name, run_id, seed)
@@ -609,11 +746,13 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    @_db_retried
     def get(self, run_id: str) -> RunRecord | None:
         with Session(self.engine) as s:
             row = s.get(RunRow, run_id)
             return RunRecord.from_row(row) if row else None
 
+    @_db_retried
     def live_curve(self, run_id: str) -> dict[str, list]:
         """A run's training curve as far as it got: streamed steps while it trains (or where it stopped,
         if it crashed or was interrupted), with `planned` steps, else the curve stored with its result."""
@@ -627,6 +766,7 @@ class Store:
             curves = row.curves if row is not None else None
             return {k: list(curves.get(k, [])) for k in CURVE_KEYS} if isinstance(curves, dict) else {}
 
+    @_db_retried
     def last_steps(self, run_ids: list[str]) -> dict[str, dict]:
         """The newest streamed step of each run (CURVE_KEYS and `total`), in one query: a run's progress
         without reading its whole curve."""
@@ -653,6 +793,7 @@ class Store:
                 r.curves = self.live_curve(r.id)
         return records
 
+    @_db_retried
     def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
         """Finished and diverged runs of one adapter (see adapter_identity), newest first."""
         with Session(self.engine) as s:
@@ -660,17 +801,20 @@ class Store:
                  .order_by(RunRow.updated_at.desc()))
             return [RunRecord.from_row(row) for row in s.scalars(q)]
 
+    @_db_retried
     def all_runs(self) -> list[RunRecord]:
         """Every run row once, named as stored (no alias join): what `loralab doctor` checks."""
         with Session(self.engine) as s:
             return [RunRecord.from_row(row) for row in s.scalars(select(RunRow).order_by(RunRow.id))]
 
+    @_db_retried
     def alias_rows(self) -> list[tuple[str, str, int | None, str]]:
         """(experiment, name, seed, run id) of every name in the workspace."""
         with Session(self.engine) as s:
             return [(a.experiment, a.name, None if a.seed == -1 else a.seed, a.run_id)
                     for a in s.scalars(select(AliasRow))]
 
+    @_db_retried
     def list(self, experiment: str | None = None, light: bool = False) -> list[RunRecord]:
         """Every run, one record per (experiment, name) alias, newest first. `light`: without samples
         and curves (the bulk of a row), for what polls the list (the dashboard)."""

@@ -49,7 +49,10 @@ function renderExperiments(st) {
 
 function renderSweeps(st) {
   const section = document.getElementById("sweeps-section");
-  section.hidden = st.sweeps.length === 0;
+  section.hidden = st.sweeps.length === 0 && !st.sweep_error;
+  const note = document.getElementById("sweep-error");
+  note.textContent = st.sweep_error || "";
+  note.hidden = !st.sweep_error;
   fill(document.querySelector("#sweeps tbody"), st.sweeps.map(s => {
     const tr = el("tr");
     tr.dataset.study = s.name;
@@ -73,7 +76,7 @@ function renderRuns(st) {
     tr.append(el("td", r.name, "name"), el("td", r.seed === null ? "" : r.seed),
               el("td", r.status + (r.gone ? " (process gone)" : ""), "status status-" + r.status), el("td", progress, "progress"),
               el("td", num(r.loss)), el("td", num(r.eval_loss)), el("td", r.eta_s === null ? "" : clock(r.eta_s)),
-              el("td", r.updated), el("td", r.id.slice(0, 12)));
+              el("td", r.updated), el("td", r.host || "", "host"), el("td", r.id.slice(0, 12)));
     return tr;
   }));
 }
@@ -152,7 +155,9 @@ let timer = null;
 async function poll(again = true) {
   try {
     const q = experiment ? "?experiment=" + encodeURIComponent(experiment) : "";
-    const st = await (await fetch("api/state" + q)).json();
+    const got = await fetch("api/state" + q);
+    const st = await got.json();
+    if (!got.ok) throw new Error(st.error || `HTTP ${got.status}`);  // the workspace cannot be read now: say why
     renderExperiments(st);
     renderSweeps(st);
     renderRuns(st);
