@@ -99,25 +99,48 @@ def _t_ppf(level: float, df):
     return scipy_stats.t.ppf((1 + level) / 2, df)
 
 
-def _df_examples(w: np.ndarray) -> float:
+def _groups(clusters, n: int):
+    """Cluster ids per example as (order, starts) for summing over clusters; None when every example is
+    its own cluster (or fewer than 2 clusters: nothing to estimate their spread from)."""
+    if clusters is None:
+        return None
+    ids = np.unique(np.asarray(clusters), return_inverse=True)[1].reshape(-1)
+    if len(ids) != n:
+        raise ValueError(f"clusters needs one id per example; got {len(ids)} for {n} examples")
+    if ids.max(initial=0) < 1 or ids.max() + 1 == n:
+        return None
+    order = np.argsort(ids, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(ids[order]) != 0])
+    return order, starts
+
+
+def _sum_groups(x: np.ndarray, g) -> np.ndarray:
+    """x summed over the examples of each cluster (last axis)."""
+    return x if g is None else np.add.reduceat(x[..., g[0]], g[1], axis=-1)
+
+
+def _df_examples(w: np.ndarray, g=None) -> float:
     """Degrees of freedom of a weighted mean over examples: Kish's effective sample size 1 / sum(w^2)
-    less one (n - 1 with equal weights; about 1 when one example holds most of the weight)."""
-    return max(1.0 / float(np.sum(w**2)) - 1.0, 1.0)
+    less one (n - 1 with equal weights; about 1 when one example holds most of the weight), counted in
+    clusters when examples come in clusters (their weights summed)."""
+    return max(1.0 / float(np.sum(_sum_groups(w, g) ** 2)) - 1.0, 1.0)
 
 
-def _jack(c: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _jack(c: np.ndarray, w: np.ndarray, g=None) -> np.ndarray:
     """Variance of sum(w * c) over eval examples (rows of c are repetitions): the jackknife, which
     divides each example's share by its leverage 1 - w(i). Equal weights: s^2 / n exactly; one example
     holding most of the weight: about the spread between it and the others (the plain sandwich
-    sum(w^2 (c - mean)^2) would be near 0 there, as if that one example were the whole population)."""
-    n = c.shape[-1]
-    if n < 2:
-        return np.zeros(c.shape[:-1])
+    sum(w^2 (c - mean)^2) would be near 0 there, as if that one example were the whole population).
+    With clusters, whole clusters are left out (cluster-robust: related items count once)."""
     r = c - (c @ w)[..., None]
-    return (n - 1) / n * np.sum((w * r / (1 - w)) ** 2, axis=-1)
+    t, W = _sum_groups(w * r, g), _sum_groups(w, g)
+    G = W.shape[-1]
+    if G < 2:
+        return np.zeros(c.shape[:-1])
+    return (G - 1) / G * np.sum((t / (1 - W)) ** 2, axis=-1)
 
 
-def _parts(M: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _parts(M: np.ndarray, w: np.ndarray, g=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One seeds x examples layout (R repetitions, k seeds, n examples) as variance components of its
     mean: each seed's value X, the seed part S = var(X) / k, the example part E = jackknife variance of
     the per-example means, and O, the seed-by-example noise that both S and E hold (to count it once):
@@ -126,10 +149,12 @@ def _parts(M: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     X = M @ w
     c = M.mean(axis=1)
     S = X.var(axis=1, ddof=1) / k if k >= 2 else np.zeros(R)
-    E = _jack(c, w)
+    E = _jack(c, w, g)
     if k >= 2 and n >= 2:
         res = M - c[:, None, :] - (X - X.mean(axis=1, keepdims=True))[:, :, None]
-        O = (n - 1) / n * np.sum((w * res / (1 - w)) ** 2, axis=(1, 2)) / (k * (k - 1))
+        W = _sum_groups(w, g)
+        G = len(W)
+        O = (G - 1) / G * np.sum((_sum_groups(w * res, g) / (1 - W)) ** 2, axis=(1, 2)) / (k * (k - 1))
     else:
         O = np.zeros(R)
     return X, S, E, O
@@ -223,13 +248,13 @@ def _wilson(mean, var, df, n_eff: float, bounds: tuple[float, float], level: flo
     return b0 + span * np.clip(centre - half, 0, 1), b0 + span * np.clip(centre + half, 0, 1)
 
 
-def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: float) -> tuple[_Cell, bool]:
+def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: float, g=None) -> tuple[_Cell, bool]:
     """One run's value per repetition with its variance and interval (see estimate). Also whether its
     seed noise is unmeasured (one seed, nothing borrowed)."""
     R, k, n = M.shape
-    X, S, E, O = _parts(M, w)
+    X, S, E, O = _parts(M, w, g)
     mean = X.mean(axis=1)
-    dfx = _df_examples(w)
+    dfx = _df_examples(w, g)
     unmeasured = False
     if fixed or k >= 2:
         k_eff = 1 if fixed else k
@@ -259,6 +284,18 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
     return _Cell(mean, V, df, lo, hi), unmeasured
 
 
+def estimate_arrays(M, weights=None, *, fixed: bool = False, seed_var: tuple[float, float] | None = None,
+                    bounds: tuple[float, float] | None = None, clusters=None, level: float = 0.95) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray]:
+    """estimate for R repetitions at once: M (R, k, n) seeds x examples per repetition (no NaN, weights > 0).
+    Returns the means, the lower and the upper ends."""
+    M = np.asarray(M, dtype=float)
+    n = M.shape[2]
+    w = np.ones(n) / n if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
+    c, _ = _cell(M, w, fixed, seed_var, bounds if n >= 2 else None, level, _groups(clusters, n))
+    return c.mean, c.lo, c.hi
+
+
 @dataclass(frozen=True)
 class Differences:
     """compare_arrays' answer, one entry per repetition; `method`, `unmeasured` and `borrowed` are the
@@ -275,7 +312,7 @@ class Differences:
 
 def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = False, fixed_b: bool = False,
                    seed_var: tuple[float, float] | None = None, bounds: tuple[float, float] | None = None,
-                   level: float = 0.95) -> Differences:
+                   clusters=None, level: float = 0.95) -> Differences:
     """compare_runs for R repetitions at once: A (R, k, n) and B (R, m, n) are each repetition's seeds x
     examples (no NaN, weights > 0). `paired`: the rows are the same seeds (k == m). What compare_runs
     does once, a calibration does thousands of times: one code path for both."""
@@ -289,7 +326,8 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
     if fixed_b:
         B = B.mean(axis=1, keepdims=True)
         m = 1
-    dfx = _df_examples(w)
+    g = _groups(clusters, n)
+    dfx = _df_examples(w, g)
     nan = np.full(R, np.nan)
     borrowed, unmeasured = "", False
     side_var = seed_var  # the seed variance a one-seed side's own cell takes (None: unmeasured)
@@ -297,7 +335,7 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
         # Paired (seed by seed, or against a fixed run): one layout of differences, its own residual.
         M = B - A
         diff = (M @ w).mean(axis=1)
-        _, S, E, O = _parts(M, w)
+        _, S, E, O = _parts(M, w, g)
         s = max(M.shape[1], 1)
         if fixed_a and fixed_b:
             seeds, O = [], 0.0
@@ -310,10 +348,10 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
         cells, cw, N = M.reshape(R, -1), np.tile(w, s) / s, s / float(np.sum(w**2)) if n >= 2 else s
         seeds_in = s >= 2 or borrowed == "given"
     else:
-        X, Sa, Ea, Oa = _parts(A, w)
-        Y, Sb, Eb, Ob = _parts(B, w)
+        X, Sa, Ea, Oa = _parts(A, w, g)
+        Y, Sb, Eb, Ob = _parts(B, w, g)
         diff = Y.mean(axis=1) - X.mean(axis=1)
-        E = _jack(B.mean(axis=1) - A.mean(axis=1), w)
+        E = _jack(B.mean(axis=1) - A.mean(axis=1), w, g)
         if k >= 2 and m >= 2:
             seeds, O = [(Sa, k - 1), (Sb, m - 1)], Oa + Ob
         elif seed_var is not None:
@@ -352,8 +390,8 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
     if bounds is not None:
         # Shares: each side's score interval, joined by MOVER (Newcombe's method, with the correlation
         # the pairing leaves): the difference stays within +-(range) and neither end is zero-width.
-        ca, _ = _cell(A, w, fixed_a, side_var if k < 2 else None, bounds, level)
-        cb, _ = _cell(B, w, fixed_b, side_var if m < 2 else None, bounds, level)
+        ca, _ = _cell(A, w, fixed_a, side_var if k < 2 else None, bounds, level, g)
+        cb, _ = _cell(B, w, fixed_b, side_var if m < 2 else None, bounds, level, g)
         va, vb = _lend(ca.var, cb.var)
         with np.errstate(divide="ignore", invalid="ignore"):
             rho = np.clip(np.nan_to_num((va + vb - V) / (2 * np.sqrt(va * vb))), -1.0, 1.0)
@@ -389,19 +427,24 @@ def _p_of(diff, lo, hi, df, t) -> np.ndarray:
     return np.where(diff == 0, 1.0, 2 * scipy_stats.t.sf(z, df))
 
 
-def _matrices(a: Side, b: Side | None, weights) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Both sides as seeds x examples, keeping the examples every row measured; normalised weights."""
+def _matrices(a: Side, b: Side | None, weights, clusters=None):
+    """Both sides as seeds x examples, keeping the examples every row measured; normalised weights (and
+    the kept examples' cluster ids, when given)."""
     A = _rows(a.rows)
     B = None if b is None else _rows(b.rows)
     if B is not None and A.size and B.size and B.shape[1] != A.shape[1]:
         raise ValueError(f"both sides need rows over the same examples; got {A.shape[1]} and {B.shape[1]}")
     if A.size == 0 or (B is not None and B.size == 0):
-        return np.empty((0, 0)), (None if B is None else np.empty((0, 0))), np.empty(0)
+        return np.empty((0, 0)), (None if B is None else np.empty((0, 0))), np.empty(0), None
     bad = np.isnan(A).any(axis=0) | (np.isnan(B).any(axis=0) if B is not None else False)
     w = np.ones(A.shape[1]) if weights is None else np.asarray(weights, dtype=float)
     keep = ~bad & (w > 0)
     w = w[keep]
-    return A[:, keep], (None if B is None else B[:, keep]), (w / w.sum() if w.size else w)
+    if clusters is not None:
+        if len(clusters) != len(keep):
+            raise ValueError(f"clusters needs one id per example; got {len(clusters)} for {len(keep)} examples")
+        clusters = [c for c, kept in zip(clusters, keep) if kept]
+    return A[:, keep], (None if B is None else B[:, keep]), (w / w.sum() if w.size else w), clusters
 
 
 def _rows(rows) -> np.ndarray:
@@ -412,7 +455,7 @@ def _rows(rows) -> np.ndarray:
 
 def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None = None, *, level: float = 0.95,
                  floor: float | None = None, bounds: tuple[float, float] | None = None,
-                 seed_var: tuple[float, float] | None = None) -> Verdict:
+                 seed_var: tuple[float, float] | None = None, clusters: Sequence[Any] | None = None) -> Verdict:
     """mean(b) - mean(a), where each run's value is the (weighted) mean over eval examples averaged over
     its seeds, with an interval that holds both sources of noise the runs have:
 
@@ -432,15 +475,16 @@ def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None 
     it is `untested`, never `higher`/`lower`: one seed is no verdict. `floor`: the smallest difference
     worth acting on; an interval inside (-floor, floor) is "negligible". `bounds`: the range of a share
     (0, 1): score intervals that stay inside it. `weights`: per-example weights (answer tokens, so eval
-    loss is token-weighted as its stored value is)."""
+    loss is token-weighted as its stored value is). `clusters`: a group id per example (near-duplicate
+    or related eval items): the example part is then cluster-robust, df = clusters - 1."""
     _check_level(level)
-    A, B, w = _matrices(a, b, weights)
+    A, B, w, clusters = _matrices(a, b, weights, clusters)
     k, m, n = A.shape[0], B.shape[0], A.shape[1]
     if n == 0 or k == 0 or m == 0:
         return Verdict(metric, math.nan, math.nan, math.nan, 0, "untested", "", "nothing measured on both sides")
     paired = not (a.fixed or b.fixed) and k == m >= 2 and list(a.seeds) == list(b.seeds) and len(a.seeds) == k
     r = compare_arrays(A[None], B[None], w, paired=paired, fixed_a=a.fixed, fixed_b=b.fixed, seed_var=seed_var,
-                       bounds=bounds if n >= 2 else None, level=level)
+                       bounds=bounds if n >= 2 else None, clusters=clusters, level=level)
     diff, lo, hi, p = (float(x[0]) for x in (r.diff, r.lo, r.hi, r.p))
     count = n if n > 1 else k + m
     notes: list[str] = []
@@ -500,15 +544,16 @@ MULTIPLE = ("*: its own interval excludes 0, but not once the other questions of
 
 
 def estimate(metric_rows: Side, weights: Sequence[float] | None = None, level: float = 0.95, *,
-             bounds: tuple[float, float] | None = None, seed_var: tuple[float, float] | None = None) -> Estimate:
+             bounds: tuple[float, float] | None = None, seed_var: tuple[float, float] | None = None,
+             clusters: Sequence[Any] | None = None) -> Estimate:
     """One run's value (the weighted mean over examples, averaged over seeds) with an interval from the
     same sources as compare_runs: seeds, and eval examples. One seed of a per-run number: no interval
     (unless `seed_var` lends one); one seed of a per-example metric: examples only. `bounds`: a share's
-    range, for a score interval inside it."""
+    range, for a score interval inside it. `clusters`: as for compare_runs."""
     _check_level(level)
-    A, _, w = _matrices(metric_rows, None, weights)
+    A, _, w, clusters = _matrices(metric_rows, None, weights, clusters)
     k, n = A.shape
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    c, _ = _cell(A[None], w, metric_rows.fixed, seed_var, bounds if n >= 2 else None, level)
+    c, _ = _cell(A[None], w, metric_rows.fixed, seed_var, bounds if n >= 2 else None, level, _groups(clusters, n))
     return Estimate(float(c.mean[0]), float(c.lo[0]), float(c.hi[0]), k)
