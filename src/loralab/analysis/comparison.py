@@ -194,9 +194,23 @@ def _fixed(group: list[RunRecord], key: str) -> bool:
     return group[0].kind == "base" and not (m is not None and m.group == "cost")
 
 
-def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[float] | None, str] | None:
+def _clusters(group: list[RunRecord], ids: list[str]) -> list[str] | None:
+    """Each example's group of related items (data.group_field), None when the data named none; an
+    example without one is its own group."""
+    found = {s["id"]: s.get("group") for s in group[0].samples}
+    return None if all(found.get(i) is None for i in ids) else [
+        f"g:{found[i]}" if found.get(i) is not None else f"id:{i}" for i in ids]
+
+
+def _stats_kw(key: str, clusters: list[str] | None) -> dict[str, Any]:
+    """What stats needs beyond the rows: a share's bounds (its interval stays in [0, 1]) and clusters."""
+    m = metric(key.partition("@")[0])
+    return {"bounds": (0.0, 1.0) if m is not None and m.fmt == "pct" else None, "clusters": clusters}
+
+
+def _sides(key: str, groups: list[list[RunRecord]]):
     """The groups as stats.Side rows over the same examples (per-example metrics) or one value per
-    seed (per-run metrics); the weights; and how the examples are weighed, in words."""
+    seed (per-run metrics); the weights; how the examples are weighed, in words; and their clusters."""
     groups = [_by_seed(g) for g in groups]
     per = [_per_example(g, key) for g in groups]
     if all(p is not None for p in per):
@@ -207,14 +221,14 @@ def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[fl
                      for g, p in zip(groups, per)]
             how = "" if key != "eval_loss" else ("token-weighted" if weights else
                                                  "per-example mean, unweighted: these runs stored no token counts")
-            return sides, weights, how
+            return sides, weights, how, _clusters(groups[0], ids)
     sides = []
     for g in groups:
         kept = [r for r in g if _values([r], key)]
         if not kept:
             return None
         sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], _fixed(g, key)))
-    return sides, None, ""
+    return sides, None, "", None
 
 
 def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
@@ -245,8 +259,8 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
     found = _sides(key, [ref, other])
     if found is None:
         return None
-    (a, b), weights, how = found
-    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
+    (a, b), weights, how, clusters = found
+    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors), **_stats_kw(key, clusters))
     if how and "unweighted" in how:
         return replace(v, note="; ".join(x for x in (v.note, how) if x))
     return v
@@ -265,11 +279,15 @@ def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | 
     found = _sides(key, [group])
     if found is None:
         return mean_ci(vals, level)
-    (side,), weights, _ = found
-    e = estimate(side, weights, level)
+    (side,), weights, _, clusters = found
+    kw = _stats_kw(key, clusters)
+    e = estimate(side, weights, level, **kw)
     # The stored value is the one the run reported (token-weighted over every example it scored); the
     # interval is centred on it so a cell never shows another number than `loralab show`.
-    return Estimate(float(np.mean(vals)), e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), e.n)
+    lo, hi, mid = e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), float(np.mean(vals))
+    if kw["bounds"] is not None:  # a share's interval stays a share's
+        lo, hi = max(lo, kw["bounds"][0]), min(hi, kw["bounds"][1])
+    return Estimate(mid, lo, hi, e.n)
 
 
 def verdict_pairs(groups: list[list[RunRecord]]) -> list[tuple[int, int]]:

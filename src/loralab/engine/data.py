@@ -20,7 +20,7 @@ import random
 import re
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -66,6 +66,7 @@ class Example:
     # learned whole, every token.
     history: tuple[tuple[str, str], ...] = ()
     raw: bool = False
+    group: str | None = None  # data.group_field's value: related items share it (cluster-robust intervals)
 
 
 @dataclass(frozen=True)
@@ -287,15 +288,16 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
     """Map rows to examples, collecting every bad row so one run reports them all."""
     out, problems = [], []
     for ex_id, where, row in rows:
+        group = _group(row, where, spec.group_field, problems)
         if spec.messages_field in row and spec.instruction_field not in row:
             ex = _chat_example(ex_id, where, row[spec.messages_field], spec.messages_field, problems)
             if ex is not None:
-                out.append(ex)
+                out.append(replace(ex, group=group))
             continue
         if spec.text_field in row and spec.instruction_field not in row and spec.output_field not in row:
             ex = _text_example(ex_id, where, row[spec.text_field], spec.text_field, problems)
             if ex is not None:
-                out.append(ex)
+                out.append(replace(ex, group=group))
             continue
         fields = {}
         for role, field in (("instruction_field", spec.instruction_field), ("output_field", spec.output_field)):
@@ -316,9 +318,22 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
         extra = row.get(spec.input_field) if spec.input_field else None
         if isinstance(extra, (str, int, float)) and not isinstance(extra, bool) and str(extra).strip():
             instruction = f"{instruction}\n\n{extra}"
-        out.append(Example(ex_id, instruction, fields["output_field"]))
+        out.append(Example(ex_id, instruction, fields["output_field"], group=group))
     _raise_if(problems, name)
     return out
+
+
+def _group(row: dict, where: str, field: str | None, problems: list[Problem]) -> str | None:
+    """The row's data.group_field value as text (None when no field is named)."""
+    if field is None:
+        return None
+    value = row.get(field)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)
+    problems.append(Problem(where, f"row has no group in field '{field}'", value if field in row else sorted(row),
+                            f"give every row a '{field}' (text or a number), or set data.group_field to one of "
+                            "the fields above, or remove it"))
+    return None
 
 
 ROLES = ("system", "user", "assistant")

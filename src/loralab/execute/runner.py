@@ -211,7 +211,8 @@ def evaluate(model, prepared: Prepared, label: str, rep: Reporter, batch_size: i
     t1 = time.perf_counter()
     fault_point("evaluate")
     samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
-                "outputs": {}} for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
+                "outputs": {}, **({"group": ex.group} if ex.group is not None else {})}
+               for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
     metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     if probed or full:
         metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),

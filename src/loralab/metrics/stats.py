@@ -257,21 +257,22 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
     dfx = _df_examples(w, g)
     unmeasured = False
     if fixed or k >= 2:
-        k_eff = 1 if fixed else k
         V, df = _combine([] if fixed else [(S, k - 1)], E, 0.0 if fixed else O, dfx)
     else:
-        k_eff = 1
         if seed_var is not None:
             V, df = _combine([(np.broadcast_to(np.asarray(seed_var[0], dtype=float), (R,)) / k, seed_var[1])], E, 0.0, dfx)
         else:
             V, df = E, np.full(R, dfx)
             unmeasured = True
-    if n == 1 and (fixed or k < 2 and seed_var is None):
+    if n == 1 and fixed:  # one value with no noise: a point (estimate shows no interval for it)
+        return _Cell(mean, np.zeros(R), np.ones(R), mean, mean), False
+    if n == 1 and k < 2 and seed_var is None:
         nan = np.full(R, np.nan)
         return _Cell(mean, nan, nan, nan, nan), True
     cells = M.reshape(R, -1) if not fixed else M.mean(axis=1)
     cw = np.tile(w, M.shape[1] if not fixed else 1) / (M.shape[1] if not fixed else 1)
-    N = (1.0 / float(np.sum(w**2))) * (k_eff if n >= 2 else k)
+    # Examples are the sampling unit: with deterministic items, k seeds of n examples are n observations.
+    N = 1.0 / float(np.sum(w**2)) if n >= 2 else k
     scale = np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else _resolution(cells)
     F = _floor(cells, cw, N, scale)
     low = F > V
@@ -292,7 +293,7 @@ def estimate_arrays(M, weights=None, *, fixed: bool = False, seed_var: tuple[flo
     M = np.asarray(M, dtype=float)
     n = M.shape[2]
     w = np.ones(n) / n if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
-    c, _ = _cell(M, w, fixed, seed_var, bounds if n >= 2 else None, level, _groups(clusters, n))
+    c, _ = _cell(M, w, fixed, seed_var, bounds, level, _groups(clusters, n))
     return c.mean, c.lo, c.hi
 
 
@@ -345,7 +346,7 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
             seeds, O, borrowed = [(np.full(R, seed_var[0]), seed_var[1])], 0.0, "given"
         else:
             seeds, O, unmeasured = [], 0.0, True
-        cells, cw, N = M.reshape(R, -1), np.tile(w, s) / s, s / float(np.sum(w**2)) if n >= 2 else s
+        cells, cw, N = M.reshape(R, -1), np.tile(w, s) / s, 1 / float(np.sum(w**2)) if n >= 2 else s
         seeds_in = s >= 2 or borrowed == "given"
     else:
         X, Sa, Ea, Oa = _parts(A, w, g)
@@ -424,7 +425,7 @@ def _p_of(diff, lo, hi, df, t) -> np.ndarray:
     half = np.where(diff > 0, diff - lo, hi - diff)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(half > 0, np.abs(diff) / (half / t), np.where(diff == 0, 0.0, np.inf))
-    return np.where(diff == 0, 1.0, 2 * scipy_stats.t.sf(z, df))
+    return np.where(np.isnan(half), np.nan, np.where(diff == 0, 1.0, 2 * scipy_stats.t.sf(z, df)))
 
 
 def _matrices(a: Side, b: Side | None, weights, clusters=None):
@@ -484,7 +485,7 @@ def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None 
         return Verdict(metric, math.nan, math.nan, math.nan, 0, "untested", "", "nothing measured on both sides")
     paired = not (a.fixed or b.fixed) and k == m >= 2 and list(a.seeds) == list(b.seeds) and len(a.seeds) == k
     r = compare_arrays(A[None], B[None], w, paired=paired, fixed_a=a.fixed, fixed_b=b.fixed, seed_var=seed_var,
-                       bounds=bounds if n >= 2 else None, clusters=clusters, level=level)
+                       bounds=bounds, clusters=clusters, level=level)
     diff, lo, hi, p = (float(x[0]) for x in (r.diff, r.lo, r.hi, r.p))
     count = n if n > 1 else k + m
     notes: list[str] = []
@@ -555,5 +556,7 @@ def estimate(metric_rows: Side, weights: Sequence[float] | None = None, level: f
     k, n = A.shape
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    c, _ = _cell(A[None], w, metric_rows.fixed, seed_var, bounds if n >= 2 else None, level, _groups(clusters, n))
+    c, _ = _cell(A[None], w, metric_rows.fixed, seed_var, bounds, level, _groups(clusters, n))
+    if n == 1 and metric_rows.fixed:
+        return Estimate(float(c.mean[0]), math.nan, math.nan, k)
     return Estimate(float(c.mean[0]), float(c.lo[0]), float(c.hi[0]), k)
