@@ -198,12 +198,12 @@ def test_seed_and_example_components_by_hand():
     # b = [[1, 1], [1, 1]]: no spread. Column means a: 1, 3; b: 1, 1 -> d = 0, -2 around -1:
     # v_ex = 2/1 * (1/4 * 1 + 1/4 * 1) = 1, less the seed-by-example residuals (0: both are additive).
     # Seed part: 2/2 + 0 = 1 (df 1). Total 2. Degrees of freedom (issue 21: not the examples' n - 1 for a
-    # sum that holds a 1-df seed part): Satterthwaite with the seed part read at its 25% quantile size,
-    # 1 / chi2(0.25, 1) = 9.85: df = (9.85 + 1)^2 / (9.85^2 / 1 + 1^2 / 1) = 1.19 (it was 2).
+    # sum that holds a 1-df seed part): Satterthwaite with the seed part read at its 15% quantile size,
+    # 1 / chi2(0.15, 1) = 27.9: df = (27.9 + 1)^2 / (27.9^2 / 1 + 1^2 / 1) = 1.07 (it was 2).
     v = compare_runs("m", Side([[0.0, 2.0], [2.0, 4.0]], [0, 1]), Side([[1.0, 1.0], [1.0, 1.0]], [5, 6]))
     from scipy import stats as st
 
-    up = 1 / float(st.chi2.ppf(0.25, 1))
+    up = 1 / float(st.chi2.ppf(0.15, 1))
     assert v.diff == -1.0 and v.method == "seeds+examples"
     assert v.hi - v.diff == pytest.approx(float(st.t.ppf(0.975, (up + 1) ** 2 / (up**2 + 1))) * math.sqrt(2.0))
 
@@ -238,7 +238,7 @@ def test_estimate_of_one_run_holds_seeds_and_examples():
     # test_seed_and_example_components_by_hand.
     from scipy import stats as st
 
-    up = 1 / float(st.chi2.ppf(0.25, 1))
+    up = 1 / float(st.chi2.ppf(0.15, 1))
     half = float(st.t.ppf(0.975, (up + 1) ** 2 / (up**2 + 1))) * math.sqrt(2.0)
     assert e.mean == 3.0 and e.hi - e.mean == pytest.approx(half) and e.n == 2
     assert math.isnan(estimate(per_run([1.0])).lo)  # one seed of a per-run number: no interval
