@@ -59,3 +59,23 @@ def test_a_share_of_zero_is_not_zero_plus_minus_zero():
     v = verdict_of("exact_match@8", zero, some, 0.95)
     assert -1.0 <= v.lo < v.diff < v.hi <= 1.0 and v.hi - v.lo > 0
     assert "pp [" in fmt_verdict(v, "pct")
+
+
+def test_one_seed_runs_borrow_seed_noise_from_the_tables_runs_with_several_seeds():
+    from loralab.analysis.comparison import compare
+
+    def with_data(recs, fp="d1"):
+        return [RunRecord(**{**r.__dict__, "model": {"fingerprint": "m"}, "data": {"fingerprint": fp}}) for r in recs]
+
+    a = with_data([record("A", 0, losses(0))])
+    b = with_data([record("B", 1, losses(1, -0.3))])
+    c = compare([a, b])
+    assert c.row("eval_loss").verdicts[0].label == "untested"  # one seed each, nothing to borrow
+    # A third run of the same model and data with three seeds (seed sd about 0.01): its seed noise is lent.
+    many = with_data([record("C", s, losses(s, 0.01 * s)) for s in (2, 3, 4)])
+    v = compare([a, b, many]).row("eval_loss").verdicts[0]
+    assert v.label == "lower" and "taken as that of other runs" in v.note and fmt_verdict(v, "f4").endswith(
+        "(seed noise assumed)")
+    # Another data set's runs lend nothing.
+    other = with_data([record("C", s, losses(s, 0.01 * s)) for s in (2, 3, 4)], fp="d2")
+    assert compare([a, b, other]).row("eval_loss").verdicts[0].label == "untested"

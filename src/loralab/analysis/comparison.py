@@ -245,12 +245,30 @@ def floor_of(key: str, floors: dict[str, float] | None) -> float | None:
     return floors.get(key, floors.get(key.partition("@")[0]))
 
 
+def pooled_seed_var(key: str, groups: list[list[RunRecord]], ref: list[RunRecord]) -> tuple[float, float] | None:
+    """Seed noise for one-seed runs, borrowed from what the table already knows: the per-seed values of
+    `key` of its trained runs with several seeds, on the same model and data as `ref` (variances pooled,
+    df = seeds - 1 summed). None when there are none. Assumes seed noise does not depend on the knobs."""
+    def same(r: RunRecord) -> tuple:
+        return ((r.model or {}).get("fingerprint"), (r.data or {}).get("fingerprint"))
+
+    want = same(ref[0])
+    if None in want:
+        return None
+    num = df = 0.0
+    for g in groups:
+        vals = _values(g, key)
+        if g[0].kind != "base" and len(vals) >= 2 and same(g[0]) == want:
+            num, df = num + float(np.var(vals, ddof=1)) * (len(vals) - 1), df + len(vals) - 1
+    return (num / df, df) if df else None
+
+
 def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
-               floors: dict[str, float] | None = None) -> Verdict | None:
+               floors: dict[str, float] | None = None, seed_var: tuple[float, float] | None = None) -> Verdict | None:
     """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
-    None when either run has no value of the metric."""
+    None when either run has no value of the metric. `seed_var`: for one-seed runs (pooled_seed_var)."""
     if key == "eval_ppl":
-        v = verdict_of("eval_loss", ref, other, level, floors)
+        v = verdict_of("eval_loss", ref, other, level, floors, seed_var)
         cell = cell_estimate("eval_loss", ref, level)
         if v is None or cell is None:
             return None
@@ -260,7 +278,8 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
     if found is None:
         return None
     (a, b), weights, how, clusters = found
-    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors), **_stats_kw(key, clusters))
+    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors), seed_var=seed_var,
+                     **_stats_kw(key, clusters))
     if how and "unweighted" in how:
         return replace(v, note="; ".join(x for x in (v.note, how) if x))
     return v
@@ -335,7 +354,9 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
             cells = [cell_estimate(k, g, level) for g in groups]
             if all(x is None for x in cells):
                 continue
-            verdicts = [verdict_of(k, groups[i], groups[j], level, floors) for i, j in c.pairs]
+            verdicts = [verdict_of(k, groups[i], groups[j], level, floors,
+                                   pooled_seed_var("eval_loss" if k == "eval_ppl" else k, groups, groups[j]))
+                        for i, j in c.pairs]
             out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
         return out
 

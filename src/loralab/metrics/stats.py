@@ -510,7 +510,7 @@ def compare_runs(metric: str, a: Side, b: Side, weights: Sequence[float] | None 
 
 
 # The notes of verdicts whose seed noise is borrowed, or unmeasured (one sentence each for the legend).
-BORROWED = "one seed: its seed noise taken from other runs of the same model and data with several seeds"
+BORROWED = "one seed: its seed noise taken as that of other runs of the same model and data with several seeds"
 ONE_SEED = ("untested: the difference is larger than the eval-example noise, but with one seed a run nothing "
             "says it is larger than seed noise (identical settings differ that much about half the time)")
 
