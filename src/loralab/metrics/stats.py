@@ -213,16 +213,21 @@ def _deviating(cells: np.ndarray, cw: np.ndarray) -> np.ndarray:
     new[:, 1:] = s[:, 1:] != s[:, :-1]
     run = np.cumsum(new, axis=1) - 1 + (np.arange(R) * N)[:, None]  # a run of equal values, unique id
     tot = np.bincount(run.ravel(), weights=ws.ravel(), minlength=R * N).reshape(R, N)
-    return np.clip(1.0 - tot.max(axis=1) / cw.sum(), 0.0, 1.0)
+    dev = 1.0 - tot.max(axis=1) / cw.sum()
+    return np.where(dev < 1e-9, 0.0, np.minimum(dev, 1.0))  # sums of weights: all alike is exactly 0
 
 
-def _floor(cells: np.ndarray, cw: np.ndarray, n_eff: float, scale: np.ndarray) -> np.ndarray:
-    """The least variance a mean of these cells can honestly have: as if any next cell could differ from
-    the most common value by the data's scale (its resolution, or a share's range), with an
-    Agresti-Coull estimate (two more of each kind) of how often. All cells equal is then evidence, not
-    certainty: n cells all 0 give about 2 / n^2 (times scale^2), not 0; varied data never reach it."""
-    p = (_deviating(cells, cw) * n_eff + 2) / (n_eff + 4)
-    return scale**2 * p * (1 - p) / n_eff
+def _floor(cells: np.ndarray, cw: np.ndarray, n_eff: float, scale: np.ndarray, per_cell: float = 1.0) -> np.ndarray:
+    """The least variance a mean of these cells can honestly have: what two more cells of each kind add
+    (Agresti-Coull), as if any next cell could differ from the most common value by the data's scale (its
+    resolution, or a share's range). All cells equal is then evidence, not certainty: n examples all 0
+    give about 2 / n^2 (times scale^2), not 0; data that vary already show more than the pseudo-cells add.
+    Counted in examples when all cells agree (answers no seed changes may be fixed per example), else in
+    cells (`per_cell`: seeds per example)."""
+    dev = _deviating(cells, cw)
+    N = np.where(dev > 0, n_eff * per_cell, n_eff)
+    p = (dev * N + 2) / (N + 4)
+    return scale**2 * np.maximum(p * (1 - p) - dev * (1 - dev), 0.0) / N
 
 
 @dataclass(frozen=True)
@@ -236,11 +241,12 @@ class _Cell:
 
 def _wilson(mean, var, df, n_eff: float, bounds: tuple[float, float], level: float):
     """Score (Wilson) limits for a share in `bounds`, with the design's effective sample size
-    p(1 - p) / var (Agresti-Coull p, so 0% and 100% keep a width) and a t quantile for the df."""
+    p(1 - p) / var (at 0% and 100%, Agresti-Coull p over the floored variance: they keep a width) and a
+    t quantile for the df."""
     b0, b1 = bounds
     span = b1 - b0
     p = np.clip((mean - b0) / span, 0.0, 1.0)
-    pt = (p * n_eff + 2) / (n_eff + 4)
+    pt = np.where((p > 0) & (p < 1), p, (p * n_eff + 2) / (n_eff + 4))  # at 0 or 1: its floor's own p
     with np.errstate(divide="ignore", invalid="ignore"):
         ns = np.where(var > 0, pt * (1 - pt) / (var / span**2), np.inf)
     z = _t_ppf(level, df)
@@ -275,7 +281,7 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
     # Examples are the sampling unit: with deterministic items, k seeds of n examples are n observations.
     N = 1.0 / float(np.sum(w**2)) if n >= 2 else k
     scale = np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else _resolution(cells)
-    F = _floor(cells, cw, N, scale)
+    F = _floor(cells, cw, N, scale, 1.0 if fixed or n < 2 else k)
     low = F > V
     V, df = np.where(low, F, V), np.where(low, dfx if n >= 2 else max(k - 1, 1), df)
     if bounds is not None:
@@ -383,7 +389,7 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
     V, df = _combine(seeds, E, O, dfx)
     scale = (np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else
              _resolution(np.concatenate([A.reshape(R, -1), B.reshape(R, -1)], axis=1)))
-    F = _floor(cells, cw, N, scale)
+    F = _floor(cells, cw, N, scale, cells.shape[1] * float(np.sum(w**2)) if n >= 2 else 1.0)
     low = F > V
     V, df = np.where(low, F, V), np.where(low, dfx if n >= 2 else max(k + m - 2, 1), df)
     scalebig = np.maximum(np.abs(A).max(axis=(1, 2)), np.abs(B).max(axis=(1, 2)))
