@@ -59,11 +59,12 @@ class Verdict:
     hi: float
     n: int  # eval examples behind a per-example metric, else the seeds on both sides
     # "higher" / "lower" (b relative to a) when the interval excludes 0; "negligible" when it sits inside
-    # the metric's min_effect floor; "within noise" when it holds 0; "untested" when there is no interval.
+    # the metric's min_effect floor; "within noise" when it holds 0; "untested" when there is no interval
+    # (lo, hi NaN), including one seed a side with a difference beyond the eval-example noise.
     label: str
     method: str = ""  # what the interval covers: "seeds+examples", "examples", "seeds" (see compare_runs)
     note: str = ""  # what it leaves out or assumes, in words ("" when nothing)
-    p: float = math.nan  # two-sided p-value of "no difference", from the same t approximation as the interval
+    p: float = math.nan  # two-sided p-value of "no difference" that agrees with the interval (NaN: untested)
 
 
 @dataclass(frozen=True)
