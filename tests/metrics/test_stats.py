@@ -15,7 +15,6 @@ T_975_DF1 = 12.706204736174698
 T_975_DF2 = 4.302652729749464
 T_95_DF3 = 2.3533634348018233
 T_975_DF4 = 2.7764451051977934
-T_975_DF867_457 = 4.534085204027049  # df 867/457 = 1.897..., see test_welch_diff_by_hand
 
 
 def _same(x: float, y: float) -> bool:
@@ -90,16 +89,28 @@ def per_run(values, seeds=None, fixed=False) -> Side:
         # Variances 1 and 1 over 3 each: se^2 = 2/3; df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4.
         ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 3.0, T_975_DF4 * math.sqrt(2 / 3), 6),
         ([4.0, 5.0, 6.0], [1.0, 2.0, 3.0], -3.0, T_975_DF4 * math.sqrt(2 / 3), 6),
-        # Unequal: var 2 over 2 -> 1, var 5/3 over 4 -> 5/12; se^2 = 17/12;
-        # df = (17/12)^2 / (1^2 / 1 + (5/12)^2 / 3) = 867/457. (scipy's ttest_ind(equal_var=False) agrees.)
-        ([0.0, 2.0], [1.0, 2.0, 3.0, 4.0], 1.5, T_975_DF867_457 * math.sqrt(17 / 12), 6),
-        ([0.0, 2.0, NAN], [1.0, NAN, 2.0, 3.0, 4.0], 1.5, T_975_DF867_457 * math.sqrt(17 / 12), 6),  # NaN dropped
     ],
 )
 def test_per_run_numbers_get_a_welch_interval_by_hand(a, b, diff, half, n):
     v = compare_runs("train_s", per_run(a), per_run(b))
     assert (v.metric, v.n, v.method) == ("train_s", n, "seeds")
     assert (v.diff, v.lo, v.hi) == (pytest.approx(diff), pytest.approx(diff - half), pytest.approx(diff + half))
+
+
+@pytest.mark.parametrize(("a", "b"), [([0.0, 2.0], [1.0, 2.0, 3.0, 4.0]),
+                                      ([0.0, 2.0, NAN], [1.0, NAN, 2.0, 3.0, 4.0])])  # NaN (a failed seed) dropped
+def test_unequal_seeds_read_each_seed_part_at_its_15_percent_quantile_for_the_df(a, b):
+    # Var 2 over 2 -> 1 (df 1), var 5/3 over 4 -> 5/12 (df 3); se^2 = 17/12. Welch's df would be 867/457
+    # (scipy's ttest_ind(equal_var=False)); issue 21: a 1-df part small by chance must not borrow the other's
+    # df (2 seeds against 8 ran at 9.4%), so for the df each part is read at c * df / chi2(0.15, df).
+    from scipy import stats as st
+
+    ua, ub = 1 / float(st.chi2.ppf(0.15, 1)), 5 / 12 * 3 / float(st.chi2.ppf(0.15, 3))
+    df = (ua + ub) ** 2 / (ua**2 / 1 + ub**2 / 3)
+    assert 1 < df < 867 / 457
+    v = compare_runs("train_s", per_run(a), per_run(b))
+    half = float(st.t.ppf(0.975, df)) * math.sqrt(17 / 12)
+    assert (v.diff, v.lo, v.hi, v.n) == (pytest.approx(1.5), pytest.approx(1.5 - half), pytest.approx(1.5 + half), 6)
 
 
 def test_no_spread_is_evidence_not_certainty():
@@ -118,7 +129,7 @@ def test_no_spread_is_evidence_not_certainty():
     [
         ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], "higher"),  # 3 +- 2.27
         ([4.0, 5.0, 6.0], [1.0, 2.0, 3.0], "lower"),
-        ([0.0, 2.0], [1.0, 2.0, 3.0, 4.0], "within noise"),  # 1.5 +- 5.40
+        ([0.0, 2.0], [1.0, 2.0, 3.0, 4.0], "within noise"),  # 1.5 +- 11.9 (see the test above)
         ([1.0, 1.0], [1.0, 1.0], "within noise"),  # (0, 0, 0)
     ],
 )
