@@ -349,3 +349,45 @@ def test_a_table_of_identical_runs_calls_nothing_in_most_families():
         tables_with_a_call += any(v.label in ("higher", "lower") for v in adjust_for_multiplicity(verdicts))
     assert raw_calls / 300 > 0.25
     assert tables_with_a_call / 300 <= 0.05 + 0.03
+
+
+def test_seeds_that_tie_by_chance_are_not_certainty():
+    # Whole numbers: B's three seeds all average 2.0 though each varies by example; with no example excess
+    # the variance used to be 0 and this read "higher" at [1.5, 1.5].
+    v = compare_runs("m", Side([[1.0, 0.0]], [0]), Side([[1.0, 3.0], [3.0, 1.0], [2.0, 2.0]], [1, 2, 3]))
+    assert v.diff == 1.5 and v.lo < 1.5 < v.hi and v.p > 0
+
+
+def test_any_input_gives_an_ordered_bounded_interval_or_none():
+    """Random small inputs (NaN cells, whole numbers, shares at 0 and 100%, ties, clusters, weights with
+    zeros, borrowed seed noise, the fixed base): lo < diff < hi, or exactly 0 with nothing to show, or
+    untested; a share's difference within +-1 (at +-1 itself, its interval ends there) and its cell within
+    [0, 1]."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        k, m, n = int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.choice([1, 2, 3, 10]))
+        kind = rng.choice(["cont", "int", "bin", "const"])
+
+        def rows(s):
+            x = {"cont": lambda: rng.normal(size=(s, n)), "int": lambda: rng.integers(0, 5, (s, n)).astype(float),
+                 "bin": lambda: (rng.random((s, n)) < rng.choice([0.0, 0.05, 0.5, 1.0])).astype(float),
+                 "const": lambda: np.full((s, n), 0.3)}[kind]()
+            if rng.random() < 0.1:
+                x[rng.integers(s), rng.integers(n)] = NAN
+            return x
+
+        fixed = rng.random() < 0.2
+        a = Side(rows(1), [None], True) if fixed else Side(rows(k), list(range(k)))
+        b = Side(rows(m), list(range(m)) if rng.random() < 0.4 else list(range(10, 10 + m)))
+        w = rng.integers(0, 5, n).astype(float) if rng.random() < 0.3 else None
+        groups = list(rng.integers(0, 3, n)) if rng.random() < 0.3 else None
+        bounds = (0.0, 1.0) if kind == "bin" and rng.random() < 0.7 else None
+        v = compare_runs("m", a, b, w, bounds=bounds, clusters=groups, seed_var=(0.01, 3) if rng.random() < 0.2 else None)
+        e = estimate(b, w, bounds=bounds, clusters=groups)
+        if v.label == "untested":
+            assert math.isnan(v.lo) and math.isnan(v.p)
+        else:
+            assert v.lo <= v.diff <= v.hi and (v.lo < v.hi or v.diff == 0)
+            assert v.lo < v.diff < v.hi or v.diff == 0 or abs(v.diff) == 1 and bounds is not None
+        if bounds is not None and not math.isnan(v.lo):
+            assert -1 <= v.lo and v.hi <= 1 and (math.isnan(e.lo) or 0 <= e.lo <= e.mean <= e.hi <= 1)

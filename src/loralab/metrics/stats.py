@@ -190,7 +190,11 @@ def _combine(seeds: list[tuple[np.ndarray, float]], E: np.ndarray, O, dfx: float
             x > 0, E**2 / dfx + O**2 / (dfx * max(len(seeds), 1)), 0.0)
         df = np.where(den > 0, (Su + x) ** 2 / np.where(den > 0, den, 1.0),
                       max((d for _, d in seeds), default=dfx))
-    return sum((c for c, _ in seeds), start=zero) + x, np.maximum(df, 1.0)
+    # Seeds whose values tie by chance (whole-number data: 3 seeds at 2.0 from rows [1, 3], [3, 1], [2, 2])
+    # with no example excess must not read as no noise at all: then the seed-by-example noise the mean holds.
+    # (Flooring there always would be valid too, but with the seeds' few df it costs much power.)
+    V = sum((c for c, _ in seeds), start=zero) + x
+    return np.where(V > 0, V, O), np.maximum(df, 1.0)
 
 
 def _resolution(cells: np.ndarray) -> np.ndarray:
@@ -288,6 +292,7 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
     V, df = np.where(low, F, V), np.where(low, dfx if n >= 2 else max(k - 1, 1), df)
     if bounds is not None:
         lo, hi = _wilson(mean, V, df, N, bounds, level)
+        lo, hi = np.minimum(lo, mean), np.maximum(hi, mean)  # round-off at 0% and 100%
     else:
         half = _t_ppf(level, df) * np.sqrt(V)
         lo, hi = mean - half, mean + half
@@ -413,7 +418,8 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
         lo = np.minimum(lo, diff - np.sqrt(np.maximum(lb**2 + ua**2 - 2 * rho * lb * ua, 0)))
         hi = np.maximum(hi, diff + np.sqrt(np.maximum(ub**2 + la**2 - 2 * rho * ub * la, 0)))
         span = bounds[1] - bounds[0]
-        lo, hi = np.clip(lo, -span, span), np.clip(hi, -span, span)
+        diff = np.clip(diff, -span, span)  # a weighted mean's round-off at 0% or 100%
+        lo, hi = np.minimum(np.clip(lo, -span, span), diff), np.maximum(np.clip(hi, -span, span), diff)
     p = _p_of(diff, lo, hi, df, t)
     method = "seeds" if n == 1 else "examples" if unmeasured else "seeds+examples"
     return Differences(diff, lo, hi, p, method, unmeasured, borrowed)
