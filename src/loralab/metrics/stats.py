@@ -105,7 +105,7 @@ def _groups(clusters, n: int):
     its own cluster (or fewer than 2 clusters: nothing to estimate their spread from)."""
     if clusters is None:
         return None
-    ids = np.unique(np.asarray(clusters), return_inverse=True)[1].reshape(-1)
+    ids = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)[1].reshape(-1)
     if len(ids) != n:
         raise ValueError(f"clusters needs one id per example; got {len(ids)} for {n} examples")
     if ids.max(initial=0) < 1 or ids.max() + 1 == n:
@@ -187,7 +187,7 @@ def _combine(seeds: list[tuple[np.ndarray, float]], E: np.ndarray, O, dfx: float
     Su = sum((c for c, _ in up), start=zero)
     with np.errstate(divide="ignore", invalid="ignore"):
         den = sum((c**2 / d for c, d in up), start=zero) + np.where(
-            x > 0, E**2 / dfx + O**2 / (dfx * max(len(seeds), 1)), 0.0)
+            x > 0, E**2 / dfx + O**2 / (dfx * max(sum(d for _, d in seeds), 1)), 0.0)  # O: (k - 1)(n - 1)
         df = np.where(den > 0, (Su + x) ** 2 / np.where(den > 0, den, 1.0),
                       max((d for _, d in seeds), default=dfx))
     # Seeds whose values tie by chance (whole-number data: 3 seeds at 2.0 from rows [1, 3], [3, 1], [2, 2])
