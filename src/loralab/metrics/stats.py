@@ -288,8 +288,10 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
     N = 1.0 / float(np.sum(w**2)) if n >= 2 else k
     scale = np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else _resolution(cells)
     F = _floor(cells, cw, N, scale, 1.0 if fixed or n < 2 else k)
-    low = F > V
-    V, df = np.where(low, F, V), np.where(low, dfx if n >= 2 else max(k - 1, 1), df)
+    # Where the floor binds on data that vary, the df stay the design's (it says nothing about how sure the
+    # seeds are); where every cell agrees, there is nothing else: the examples' (the floor counts them).
+    alike = _deviating(cells, cw) == 0
+    V, df = np.maximum(V, F), np.where(alike & (F > V), dfx if n >= 2 else max(k - 1, 1), df)
     if bounds is not None:
         lo, hi = _wilson(mean, V, df, N, bounds, level)
         lo, hi = np.minimum(lo, mean), np.maximum(hi, mean)  # round-off at 0% and 100%
@@ -397,8 +399,8 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
     scale = (np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else
              _resolution(np.concatenate([A.reshape(R, -1), B.reshape(R, -1)], axis=1)))
     F = _floor(cells, cw, N, scale, cells.shape[1] * float(np.sum(w**2)) if n >= 2 else 1.0)
-    low = F > V
-    V, df = np.where(low, F, V), np.where(low, dfx if n >= 2 else max(k + m - 2, 1), df)
+    alike = _deviating(cells, cw) == 0  # as in _cell
+    V, df = np.maximum(V, F), np.where(alike & (F > V), dfx if n >= 2 else max(k + m - 2, 1), df)
     scalebig = np.maximum(np.abs(A).max(axis=(1, 2)), np.abs(B).max(axis=(1, 2)))
     diff = np.where(np.abs(diff) <= 8 * np.finfo(float).eps * scalebig, 0.0, diff)  # round-off is no difference
     t = _t_ppf(level, df)
