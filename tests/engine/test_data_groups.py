@@ -42,3 +42,19 @@ def test_chat_rows_carry_their_group_too(tmp_path):
     _write(tmp_path / "d.jsonl", rows)
     data = load_data(DataSpec(path="d.jsonl", group_field="topic", eval_fraction=0.5), tmp_path)
     assert {e.group for e in data.train + data.eval} == {"t0", "t1"}
+
+
+def test_a_run_stores_each_eval_examples_group(tmp_path, tiny_neox):
+    """End to end on a tiny model: the group reaches the stored eval samples, where comparison reads it."""
+    import loralab
+    from rich.console import Console
+
+    rows = [{"instruction": f"Say {i}", "output": f"{i} {i}", "doc": f"d{i % 3}"} for i in range(12)]
+    _write(tmp_path / "d.jsonl", rows)
+    (tmp_path / "e.yaml").write_text(
+        f"name: g\nmodel: {tiny_neox}\ndata: {{path: d.jsonl, group_field: doc, eval_size: 4}}\n"
+        "evaluation: {drift: false}\nruns:\n  A:\n    lora: {r: 2, target_modules: [query_key_value]}\n"
+        "    train: {batch_size: 2, max_steps: 1}\n    generate: {max_new_tokens: 2}\n")
+    result = loralab.run(loralab.load(tmp_path / "e.yaml"), workspace=tmp_path / "ws", console=Console(quiet=True))
+    run = next(r for r in result.records if r.name == "A")
+    assert run.samples and all(s["group"] in {"d0", "d1", "d2"} for s in run.samples)
