@@ -16,7 +16,8 @@ def draw(rng: np.random.Generator, shape, dist: str) -> np.ndarray:
         return rng.standard_t(3, size=shape) / math.sqrt(3.0)
     if dist.startswith("lognormal"):
         s = float(dist[len("lognormal"):] or 1.0)
-        return (rng.lognormal(0.0, s, size=shape) - math.exp(s * s / 2)) / math.sqrt((math.exp(s * s) - 1) * math.exp(s * s))
+        sd = math.sqrt((math.exp(s * s) - 1) * math.exp(s * s))
+        return (rng.lognormal(0.0, s, size=shape) - math.exp(s * s / 2)) / sd
     raise ValueError(dist)
 
 

@@ -382,7 +382,8 @@ def test_any_input_gives_an_ordered_bounded_interval_or_none():
         w = rng.integers(0, 5, n).astype(float) if rng.random() < 0.3 else None
         groups = list(rng.integers(0, 3, n)) if rng.random() < 0.3 else None
         bounds = (0.0, 1.0) if kind == "bin" and rng.random() < 0.7 else None
-        v = compare_runs("m", a, b, w, bounds=bounds, clusters=groups, seed_var=(0.01, 3) if rng.random() < 0.2 else None)
+        lend = (0.01, 3) if rng.random() < 0.2 else None
+        v = compare_runs("m", a, b, w, bounds=bounds, clusters=groups, seed_var=lend)
         e = estimate(b, w, bounds=bounds, clusters=groups)
         if v.label == "untested":
             assert math.isnan(v.lo) and math.isnan(v.p)

@@ -416,7 +416,8 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
     d, lo, hi = v.diff * scale, v.lo * scale, v.hi * scale
     if v.label == "untested":
-        return "—" if math.isnan(d) else f"{d:{spec}}{unit} " + ("untested (1 seed)" if v.method == "examples" else "(no CI)")
+        why = "untested (1 seed)" if v.method == "examples" else "(no CI)"
+        return "—" if math.isnan(d) else f"{d:{spec}}{unit} {why}"
     mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
     mark += "*" if MULTIPLE in v.note else ""
     return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}{mark}"

@@ -273,7 +273,8 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
         V, df = _combine([] if fixed else [(S, k - 1)], E, 0.0 if fixed else O, dfx)
     else:
         if seed_var is not None:
-            V, df = _combine([(np.broadcast_to(np.asarray(seed_var[0], dtype=float), (R,)) / k, seed_var[1])], E, 0.0, dfx)
+            sv = np.broadcast_to(np.asarray(seed_var[0], dtype=float), (R,))
+            V, df = _combine([(sv / k, seed_var[1])], E, 0.0, dfx)
         else:
             V, df = E, np.full(R, dfx)
             unmeasured = True
@@ -302,8 +303,8 @@ def _cell(M: np.ndarray, w: np.ndarray, fixed: bool, seed_var, bounds, level: fl
 
 
 def estimate_arrays(M, weights=None, *, fixed: bool = False, seed_var: tuple[float, float] | None = None,
-                    bounds: tuple[float, float] | None = None, clusters=None, level: float = 0.95) -> tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray]:
+                    bounds: tuple[float, float] | None = None, clusters=None,
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """estimate for R repetitions at once: M (R, k, n) seeds x examples per repetition (no NaN, weights > 0).
     Returns the means, the lower and the upper ends."""
     M = np.asarray(M, dtype=float)
