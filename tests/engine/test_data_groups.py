@@ -58,3 +58,27 @@ def test_a_run_stores_each_eval_examples_group(tmp_path, tiny_neox):
     result = loralab.run(loralab.load(tmp_path / "e.yaml"), workspace=tmp_path / "ws", console=Console(quiet=True))
     run = next(r for r in result.records if r.name == "A")
     assert run.samples and all(s["group"] in {"d0", "d1", "d2"} for s in run.samples)
+
+
+def test_naming_groups_later_evaluates_the_stored_adapter_again(tmp_path, tiny_neox):
+    """A run stored before data.group_field has no groups in its samples: with the field named, the same
+    settings are evaluated anew (the adapter is reused, not retrained), so the groups are there."""
+    import loralab
+    from rich.console import Console
+
+    rows = [{"instruction": f"Say {i}", "output": f"{i} {i}", "doc": f"d{i % 3}"} for i in range(12)]
+    _write(tmp_path / "d.jsonl", rows)
+
+    def run(data: str):
+        (tmp_path / "e.yaml").write_text(
+            f"name: g\nmodel: {tiny_neox}\ndata: {data}\nevaluation: {{drift: false}}\nruns:\n  A:\n"
+            "    lora: {r: 2, target_modules: [query_key_value]}\n    train: {batch_size: 2, max_steps: 1}\n"
+            "    generate: {max_new_tokens: 2}\n")
+        result = loralab.run(loralab.load(tmp_path / "e.yaml"), workspace=tmp_path / "ws", console=Console(quiet=True))
+        return next(r for r in result.records if r.name == "A")
+
+    before = run("{path: d.jsonl, eval_size: 4}")
+    after = run("{path: d.jsonl, group_field: doc, eval_size: 4}")
+    assert all("group" not in s for s in before.samples) and all("group" in s for s in after.samples)
+    assert after.id != before.id and after.timings.get("train_reused_from") == before.id
+    assert run("{path: d.jsonl, group_field: doc, eval_size: 4}").id == after.id  # and then reused as is
