@@ -80,7 +80,7 @@ def test_run_then_ls_show_compare(tmp_path, tiny_neox, monkeypatch):
     assert cmp["knobs"]["train.learning_rate"] == [None, 2e-4, 5e-4]
     assert set(cmp["outcomes"]["eval_loss"]) == {"base", "A", "B"}
     assert cmp["outcomes"]["eval_loss"]["A"]["n"] == 1 and isinstance(cmp["outcomes"]["eval_loss"]["A"]["mean"], float)
-    assert cmp["verdicts"]["eval_loss"]["B vs A"]["verdict"] in ("within noise", "higher", "lower")
+    assert cmp["verdicts"]["eval_loss"]["B vs A"]["verdict"] in ("within noise", "untested")  # one seed each: no call
     assert list(cmp["sections"]) == ["quality", "verbosity", "drift", "stability", "cost"]
     import loralab
 

@@ -567,14 +567,15 @@ def test_trials_within_noise_of_the_best_are_named(tiny_neox, tmp_path):
     """With repeats, the best mean alone can be a lucky seed: the sweep names the trials whose objective
     is within noise of it. max_new_tokens does not touch training or the eval loss, so its two trials
     have the same losses seed for seed: within noise, exactly; a learning rate of 1e-7 trains nothing and
-    is clearly worse."""
+    is clearly worse. Three seeds: with two, a seed part on 1 df leaves even this 0.07 within noise (issue 21:
+    the examples' df no longer narrow it)."""
     f = sweep_file(tmp_path, tiny_neox, """
 strategy: grid
 space:
   generate.max_new_tokens: [4, 6]
   train.learning_rate: [2.0e-2, 1.0e-7]
 pruner: {name: none}
-""", extra="repeats: 2\n" + BASE)
+""", extra="repeats: 3\n" + BASE)
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
     best = result.best[0]
     assert best.knobs["train.learning_rate"] == 2e-2

@@ -206,9 +206,23 @@ def _fixed(group: list[RunRecord], key: str) -> bool:
     return group[0].kind == "base" and not (m is not None and m.group == "cost")
 
 
-def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[float] | None, str] | None:
+def _clusters(group: list[RunRecord], ids: list[str]) -> list[str] | None:
+    """Each example's group of related items (data.group_field), None when the data named none; an
+    example without one is its own group."""
+    found = {s["id"]: s.get("group") for s in group[0].samples}
+    return None if all(found.get(i) is None for i in ids) else [
+        f"g:{found[i]}" if found.get(i) is not None else f"id:{i}" for i in ids]
+
+
+def _stats_kw(key: str, clusters: list[str] | None) -> dict[str, Any]:
+    """What stats needs beyond the rows: a share's bounds (its interval stays in [0, 1]) and clusters."""
+    m = metric(key.partition("@")[0])
+    return {"bounds": (0.0, 1.0) if m is not None and m.fmt == "pct" else None, "clusters": clusters}
+
+
+def _sides(key: str, groups: list[list[RunRecord]]):
     """The groups as stats.Side rows over the same examples (per-example metrics) or one value per
-    seed (per-run metrics); the weights; and how the examples are weighed, in words."""
+    seed (per-run metrics); the weights; how the examples are weighed, in words; and their clusters."""
     groups = [_by_seed(g) for g in groups]
     per = [_per_example(g, key) for g in groups]
     if all(p is not None for p in per):
@@ -219,14 +233,14 @@ def _sides(key: str, groups: list[list[RunRecord]]) -> tuple[list[Side], list[fl
                      for g, p in zip(groups, per)]
             how = "" if key != "eval_loss" else ("token-weighted" if weights else
                                                  "per-example mean, unweighted: these runs stored no token counts")
-            return sides, weights, how
+            return sides, weights, how, _clusters(groups[0], ids)
     sides = []
     for g in groups:
         kept = [r for r in g if _values([r], key)]
         if not kept:
             return None
         sides.append(Side([[_values([r], key)[0]] for r in kept], [r.seed for r in kept], _fixed(g, key)))
-    return sides, None, ""
+    return sides, None, "", None
 
 
 def _ppl_of(v: Verdict, loss_a: float) -> Verdict:
@@ -346,12 +360,30 @@ def _gap(groups: list[list[RunRecord]], level: float) -> tuple[float, float, flo
     return value, value - half, value + half, p, n, method
 
 
+def pooled_seed_var(key: str, groups: list[list[RunRecord]], ref: list[RunRecord]) -> tuple[float, float] | None:
+    """Seed noise for one-seed runs, borrowed from what the table already knows: the per-seed values of
+    `key` of its trained runs with several seeds, on the same model and data as `ref` (variances pooled,
+    df = seeds - 1 summed). None when there are none. Assumes seed noise does not depend on the knobs."""
+    def same(r: RunRecord) -> tuple:
+        return ((r.model or {}).get("fingerprint"), (r.data or {}).get("fingerprint"))
+
+    want = same(ref[0])
+    if None in want:
+        return None
+    num = df = 0.0
+    for g in groups:
+        vals = _values(g, key)
+        if g[0].kind != "base" and len(vals) >= 2 and same(g[0]) == want:
+            num, df = num + float(np.var(vals, ddof=1)) * (len(vals) - 1), df + len(vals) - 1
+    return (num / df, df) if df else None
+
+
 def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: float,
-               floors: dict[str, float] | None = None) -> Verdict | None:
+               floors: dict[str, float] | None = None, seed_var: tuple[float, float] | None = None) -> Verdict | None:
     """`other` against `ref` on one metric, every source of noise in the interval (stats.compare_runs).
-    None when either run has no value of the metric."""
+    None when either run has no value of the metric. `seed_var`: for one-seed runs (pooled_seed_var)."""
     if key == "eval_ppl":
-        v = verdict_of("eval_loss", ref, other, level, floors)
+        v = verdict_of("eval_loss", ref, other, level, floors, seed_var)
         cell = cell_estimate("eval_loss", ref, level)
         if v is None or cell is None:
             return None
@@ -366,8 +398,9 @@ def verdict_of(key: str, ref: list[RunRecord], other: list[RunRecord], level: fl
         return None
     if (why := work_mismatch(key, ref, other)) is not None:
         return Verdict(key, math.nan, math.nan, math.nan, 0, "untested", "", why)
-    (a, b), weights, how = found
-    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors))
+    (a, b), weights, how, clusters = found
+    v = compare_runs(key, a, b, weights, level=level, floor=floor_of(key, floors), seed_var=seed_var,
+                     **_stats_kw(key, clusters))
     if how and "unweighted" in how:
         return replace(v, note="; ".join(x for x in (v.note, how) if x))
     return v
@@ -388,11 +421,15 @@ def cell_estimate(key: str, group: list[RunRecord], level: float) -> Estimate | 
     found = _sides(key, [group])
     if found is None:
         return mean_ci(vals, level)
-    (side,), weights, _ = found
-    e = estimate(side, weights, level)
+    (side,), weights, _, clusters = found
+    kw = _stats_kw(key, clusters)
+    e = estimate(side, weights, level, **kw)
     # The stored value is the one the run reported (token-weighted over every example it scored); the
     # interval is centred on it so a cell never shows another number than `loralab show`.
-    return Estimate(float(np.mean(vals)), e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), e.n)
+    lo, hi, mid = e.lo - e.mean + float(np.mean(vals)), e.hi - e.mean + float(np.mean(vals)), float(np.mean(vals))
+    if kw["bounds"] is not None:  # a share's interval stays a share's
+        lo, hi = max(lo, kw["bounds"][0]), min(hi, kw["bounds"][1])
+    return Estimate(mid, lo, hi, e.n)
 
 
 def verdict_pairs(groups: list[list[RunRecord]]) -> list[tuple[int, int]]:
@@ -459,7 +496,9 @@ def compare(groups: list[list[RunRecord]] | list[RunRecord], all_knobs: bool = F
             cells = [cell_estimate(k, g, level) for g in groups]
             if all(x is None for x in cells):
                 continue
-            verdicts = [verdict_of(k, groups[i], groups[j], lv, floors) for (i, j), lv in zip(c.pairs, c.levels)]
+            verdicts = [verdict_of(k, groups[i], groups[j], lv, floors,
+                                   pooled_seed_var("eval_loss" if k == "eval_ppl" else k, groups, groups[j]))
+                        for (i, j), lv in zip(c.pairs, c.levels)]
             out.append(Row(k, f"{label} @{cap}" if cap is not None else label, fmt, cells, verdicts))
         return out
 
@@ -533,7 +572,8 @@ def fmt_verdict(v: Verdict | None, fmt: str) -> str:
     spec = {"int": "+,.0f", "f0": "+.0f", "f1": "+.1f"}.get(fmt, "+.3f")
     d, (lo, hi) = v.diff * scale, (x * scale for x in bounded(v.lo, v.hi, fmt, diff=True))
     if v.label == "untested":
-        return "—" if math.isnan(d) else f"{d:{spec}}{unit} (no CI)"
+        why = "untested (1 seed)" if v.method == "examples" else "(no CI)"
+        return "—" if math.isnan(d) else f"{d:{spec}}{unit} {why}"
     mark = {"examples": " (1 seed)"}.get(v.method, " (seed noise assumed)" if "taken as" in v.note else "")
     mark += "*" if MULTIPLE in v.note else ""
     return f"{d:{spec}}{unit} [{lo:{spec}}, {hi:{spec}}] {v.label}{mark}"

@@ -259,6 +259,9 @@ class DataSpec(_Strict):
     messages_field: str = "messages"
     text_field: str = "text"
     system_prompt: str | None = None  # None: the chat template's own default
+    # Related eval items (paraphrases, parts of one document) are not independent: name the row field that
+    # groups them, and intervals count each group once (cluster-robust, df = groups - 1).
+    group_field: str | None = Field(None, description="field naming each row's group of related eval items")
     # Off: an example longer than train.max_seq_len is an error, because cutting it trains an answer
     # that never ends (the end token is what is cut). On: such examples are cut.
     truncate: bool = False

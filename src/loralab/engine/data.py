@@ -20,7 +20,7 @@ import random
 import re
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -67,6 +67,7 @@ class Example:
     # learned whole, every token.
     history: tuple[tuple[str, str], ...] = ()
     raw: bool = False
+    group: str | None = None  # data.group_field's value: related items share it (cluster-robust intervals)
 
 
 @dataclass(frozen=True)
@@ -310,17 +311,18 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
     out, problems = [], []
     formats: dict[str, list[str]] = {}  # format -> where its rows are
     for ex_id, where, row in rows:
+        group = _group(row, where, spec.group_field, problems)
         if spec.messages_field in row and spec.instruction_field not in row:
             formats.setdefault(f"chat rows ('{spec.messages_field}')", []).append(where)
             ex = _chat_example(ex_id, where, row[spec.messages_field], spec.messages_field, problems)
             if ex is not None:
-                out.append(ex)
+                out.append(replace(ex, group=group))
             continue
         if spec.text_field in row and spec.instruction_field not in row and spec.output_field not in row:
             formats.setdefault(f"raw text rows ('{spec.text_field}')", []).append(where)
             ex = _text_example(ex_id, where, row[spec.text_field], spec.text_field, problems)
             if ex is not None:
-                out.append(ex)
+                out.append(replace(ex, group=group))
             continue
         formats.setdefault(f"instruction rows ('{spec.instruction_field}', '{spec.output_field}')", []).append(where)
         fields = {}
@@ -342,7 +344,7 @@ def _examples(rows: Iterable[_Row], spec: DataSpec, name: str) -> list[Example]:
         extra = row.get(spec.input_field) if spec.input_field else None
         if isinstance(extra, (str, int, float)) and not isinstance(extra, bool) and str(extra).strip():
             instruction = f"{instruction}\n\n{extra}"
-        out.append(Example(ex_id, instruction, fields["output_field"]))
+        out.append(Example(ex_id, instruction, fields["output_field"], group=group))
     _raise_if(problems, name)
     _one_format(formats, name)
     return out
@@ -364,6 +366,19 @@ def _one_format(formats: dict[str, list[str]], name: str) -> None:
                         False) for k in kinds[1:]]
     raise DataError(f"{name}: rows of {len(formats)} data formats in one file ({', '.join(kinds)}); most are {kinds[0]} "
                     f"({len(formats[kinds[0]])})", problems)
+
+
+def _group(row: dict, where: str, field: str | None, problems: list[Problem]) -> str | None:
+    """The row's data.group_field value as text (None when no field is named)."""
+    if field is None:
+        return None
+    value = row.get(field)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)
+    problems.append(Problem(where, f"row has no group in field '{field}'", value if field in row else sorted(row),
+                            f"give every row a '{field}' (text or a number), or set data.group_field to one of "
+                            "the fields above, or remove it"))
+    return None
 
 
 ROLES = ("system", "user", "assistant")

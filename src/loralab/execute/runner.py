@@ -186,6 +186,9 @@ def run_id(prepared: Prepared, run: RunSpec | None, full_eval: bool = True, prob
     if not probe:  # no training-probe loss (nor generalization gap) either
         evaluation["train_probe"] = False
     how = {"eval_caps": prepared.exp.eval_caps, "eval_max_len": prepared.eval_max_len, "evaluation": evaluation}
+    groups = [ex.group for ex in prepared.dataset.eval]
+    if any(g is not None for g in groups):  # data.group_field: samples stored without the groups are evaluated anew
+        how["eval_groups"] = config_hash(groups)
     if run is None:  # the untrained model: what it is and how it is evaluated
         what = {"model": prepared.base.fingerprint, "data": prepared.dataset.fingerprint, "system_prompt": prepared.dataset.system_prompt,
                 "device": str(prepared.base.device).split(":")[0], "dtype": prepared.base.info["dtype"]}
@@ -212,7 +215,8 @@ def evaluate(model, prepared: Prepared, label: str, rep: Reporter, batch_size: i
     t1 = time.perf_counter()
     fault_point("evaluate")
     samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
-                "outputs": {}} for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
+                "outputs": {}, **({"group": ex.group} if ex.group is not None else {})}
+               for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
     metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     if probed or full:
         metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
