@@ -21,8 +21,9 @@ import chromium
 from test_runner import SEED_RUNS, diverging_experiment, experiment
 
 cli = CliRunner()
-SECTIONS = ["1. Goal and setup", "2. Runs", "3. Main differences", "4. Confounds", "5. Effects",
-            "6. Curves and pictures", "7. Samples side by side", "8. What we learned", "9. TL;DR"]
+# The TL;DR first (issue 25: a reader who stops after one screen gets the answer), then the seed's order.
+SECTIONS = ["TL;DR", "1. Goal and setup", "2. Runs", "3. Main differences", "4. Confounds", "5. Effects",
+            "6. Curves and pictures", "7. Samples side by side", "8. What we learned"]
 # A model answer that tries everything: a script, raw HTML, a table break, an image, code and emphasis.
 EVIL = ('<script>alert("owned")</script> | cell | break\n| --- | --- |\n<img src=x onerror=alert(1)> '
         '![pixel](http://evil.example/p.png) [link](javascript:alert(1)) `code` **bold** _em_ &amp; done')
