@@ -304,8 +304,11 @@ def test_sweep_trials_are_tracker_runs_tagged_with_their_trial(tiny_neox, tmp_pa
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
     got = sorted((r.info.run_name, r.data.tags["loralab.trial"], r.data.params["lora.r"]) for r in runs)
-    want = sorted((f"trial-{t.number:04d}-seed0", str(t.number), str(t.knobs["lora.r"])) for t in result.trials)
-    assert got == want and len(got) == 2
+    want = [(f"trial-{t.number:04d}-seed0", str(t.number), str(t.knobs["lora.r"])) for t in result.trials]
+    # the best trial's confirmation on fresh seeds (sweep.confirm) is tagged with the trial it confirms
+    best = result.best[0]
+    want += [(f"trial-{best.number:04d}-confirm-seed{s}", str(best.number), str(best.knobs["lora.r"])) for s in (1000, 1001)]
+    assert got == sorted(want) and len(got) == 4
 
 
 def test_a_diverged_run_sends_every_step_including_the_one_that_stopped_it(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
 from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, adjust_for_multiplicity, mean_ci
 from loralab.workspace.store import RunRecord
+from loralab.naming import confirmed_trial
 
 def label_of(metric: str) -> str:
     base, _, cap = metric.partition("@")
@@ -646,12 +647,12 @@ CONFIRMS = "confirms"  # a confirmation run's config names the run (or sweep tri
 
 def confirmation_of(group: list[RunRecord]) -> str | None:
     """The run a group confirms: its records' config["confirms"], or the sweep trial a run named
-    `trial-NNNN-confirm` retrains (sweep.study.confirm_name); else None."""
+    `trial-NNNN-confirm` retrains (naming.confirm_name); else None."""
     if not group:
         return None
     name = (group[0].config or {}).get(CONFIRMS)
-    if not name and group[0].name.endswith("-confirm") and group[0].name.startswith("trial-"):
-        name = group[0].name[: -len("-confirm")]
+    if not name:
+        name = confirmed_trial(group[0].name)
     return str(name) if name else None
 
 

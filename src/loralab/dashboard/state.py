@@ -15,6 +15,7 @@ from typing import Any
 
 from loralab.environment import placement_text
 from loralab.workspace.store import DONE, RunRecord, Store, engine_url, shown
+from loralab.naming import trial_name
 
 MAX_COMPARED = 8  # runs in "Main differences" beside the base: more columns would not read on a page
 MAX_CURVE_POINTS = 400  # a curve is thinned to this many points before it is sent
@@ -103,7 +104,10 @@ class Dashboard:
             # (the file's), each run's seeds in order, so the reference column and the verdicts are the CLI's.
             for g in groups.values():
                 g.sort(key=lambda r: (r.seed is None, r.seed or 0))
-            ordered = sorted(groups.values(), key=lambda g: min(r.created_at for r in g))
+            # created_at has whole seconds: runs started within one second keep the order they were stored in
+            # (the list is newest first, so a higher position is older)
+            position = {id(r): i for i, r in enumerate(records)}
+            ordered = sorted(groups.values(), key=lambda g: (min(r.created_at for r in g), -max(position[id(r)] for r in g)))
             base = [g for g in ordered if g[0].kind == "base"]
             rest = [g for g in ordered if g[0].kind != "base"][-MAX_COMPARED:]  # the newest, in file order
             chosen = base[:1] + rest
@@ -166,7 +170,7 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
     if len(directions) == 1 and by[TrialState.COMPLETE]:
         pick = min if directions[0].name == "MINIMIZE" else max
         t = pick(by[TrialState.COMPLETE], key=lambda t: t.value)
-        best = {"trial": f"trial-{t.number:04d}", "value": _num(t.value), "params": {k: str(v) for k, v in t.params.items()}}
+        best = {"trial": trial_name(t.number), "value": _num(t.value), "params": {k: str(v) for k, v in t.params.items()}}
     running = len(by[TrialState.RUNNING])
     left: dict[str, Any] = {}
     if budget.get("trials") is not None:

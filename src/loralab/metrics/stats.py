@@ -396,36 +396,49 @@ def compare_arrays(A, B, weights=None, *, paired: bool = False, fixed_a: bool = 
         seeds_in = not unmeasured
     if n == 1 and not seeds_in and not (fixed_a and fixed_b):
         return Differences(diff, nan, nan, nan, "seeds", True, borrowed)
-    V, df = _combine(seeds, E, O, dfx)
-    scale = (np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else
-             _resolution(np.concatenate([A.reshape(R, -1), B.reshape(R, -1)], axis=1)))
-    F = _floor(cells, cw, N, scale, cells.shape[1] * float(np.sum(w**2)) if n >= 2 else 1.0)
-    alike = _deviating(cells, cw) == 0  # as in _cell
-    V, df = np.maximum(V, F), np.where(alike & (F > V), dfx if n >= 2 else max(k + m - 2, 1), df)
+    V, df = _floored(_combine(seeds, E, O, dfx), cells, cw, N, w, A, B, bounds, dfx if n >= 2 else max(k + m - 2, 1))
     scalebig = np.maximum(np.abs(A).max(axis=(1, 2)), np.abs(B).max(axis=(1, 2)))
     diff = np.where(np.abs(diff) <= 8 * np.finfo(float).eps * scalebig, 0.0, diff)  # round-off is no difference
     t = _t_ppf(level, df)
     half = t * np.sqrt(V)
     lo, hi = diff - half, diff + half
     if bounds is not None:
-        # Shares: each side's score interval, joined by MOVER (Newcombe's method, with the correlation the
-        # pairing leaves), is asymmetric near 0% and 100% as a share's uncertainty is; its correlation
-        # comes from three variance estimates and can overstate the pairing (one seed against five: 15%
-        # false calls alone), so each end is the farther of it and the t interval's, within +-(range).
-        ca, _ = _cell(A, w, fixed_a, side_var if k < 2 else None, bounds, level, g)
-        cb, _ = _cell(B, w, fixed_b, side_var if m < 2 else None, bounds, level, g)
-        va, vb = _lend(ca.var, cb.var)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rho = np.clip(np.nan_to_num((va + vb - V) / (2 * np.sqrt(va * vb))), -1.0, 1.0)
-        lb, ua, ub, la = cb.mean - cb.lo, ca.hi - ca.mean, cb.hi - cb.mean, ca.mean - ca.lo
-        lo = np.minimum(lo, diff - np.sqrt(np.maximum(lb**2 + ua**2 - 2 * rho * lb * ua, 0)))
-        hi = np.maximum(hi, diff + np.sqrt(np.maximum(ub**2 + la**2 - 2 * rho * ub * la, 0)))
-        span = bounds[1] - bounds[0]
-        diff = np.clip(diff, -span, span)  # a weighted mean's round-off at 0% or 100%
-        lo, hi = np.minimum(np.clip(lo, -span, span), diff), np.maximum(np.clip(hi, -span, span), diff)
+        diff, lo, hi = _share_ends(A, B, w, (fixed_a, fixed_b), (side_var if k < 2 else None, side_var if m < 2 else None),
+                                   bounds, level, g, V, diff, lo, hi)
     p = _p_of(diff, lo, hi, df, t)
     method = "seeds" if n == 1 else "examples" if unmeasured else "seeds+examples"
     return Differences(diff, lo, hi, p, method, unmeasured, borrowed)
+
+
+def _floored(combined, cells, cw, N, w, A, B, bounds, design_df):
+    """The combined variance, never below what the data's resolution allows (a variance estimated as 0 is
+    not certainty); where the floor binds on cells that all agree, the design's degrees of freedom."""
+    V, df = combined
+    R, n = A.shape[0], A.shape[2]
+    scale = (np.full(R, bounds[1] - bounds[0]) if bounds is not None and n >= 2 else
+             _resolution(np.concatenate([A.reshape(R, -1), B.reshape(R, -1)], axis=1)))
+    F = _floor(cells, cw, N, scale, cells.shape[1] * float(np.sum(w**2)) if n >= 2 else 1.0)
+    alike = _deviating(cells, cw) == 0  # as in _cell
+    return np.maximum(V, F), np.where(alike & (F > V), design_df, df)
+
+
+def _share_ends(A, B, w, fixed: tuple[bool, bool], side_vars: tuple, bounds: tuple[float, float], level: float, g,
+                V, diff, lo, hi):
+    """Shares: each side's score interval, joined by MOVER (Newcombe's method, with the correlation the
+    pairing leaves), is asymmetric near 0% and 100% as a share's uncertainty is; its correlation comes from
+    three variance estimates and can overstate the pairing (one seed against five: 15% false calls alone),
+    so each end is the farther of it and the t interval's, within +-(range)."""
+    ca, _ = _cell(A, w, fixed[0], side_vars[0], bounds, level, g)
+    cb, _ = _cell(B, w, fixed[1], side_vars[1], bounds, level, g)
+    va, vb = _lend(ca.var, cb.var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.clip(np.nan_to_num((va + vb - V) / (2 * np.sqrt(va * vb))), -1.0, 1.0)
+    lb, ua, ub, la = cb.mean - cb.lo, ca.hi - ca.mean, cb.hi - cb.mean, ca.mean - ca.lo
+    lo = np.minimum(lo, diff - np.sqrt(np.maximum(lb**2 + ua**2 - 2 * rho * lb * ua, 0)))
+    hi = np.maximum(hi, diff + np.sqrt(np.maximum(ub**2 + la**2 - 2 * rho * ub * la, 0)))
+    span = bounds[1] - bounds[0]
+    diff = np.clip(diff, -span, span)  # a weighted mean's round-off at 0% or 100%
+    return diff, np.minimum(np.clip(lo, -span, span), diff), np.maximum(np.clip(hi, -span, span), diff)
 
 
 def _lend(va: np.ndarray, vb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,12 +25,12 @@ from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store, is_url, shown
+from loralab.naming import is_trial, trial_name
 
 DEFAULT_SAMPLES = 4
 STARRED = ("An interval marked * excludes 0 on its own, but not once the other questions asked of the same runs are "
            "counted (Benjamini-Hochberg): within noise.")
 MAX_CURVES = 24  # loss curves drawn; a long sweep would be a tangle beyond this
-TRIAL = re.compile(r"^trial-\d{4,}$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
             objectives = " and ".join(o.metric for o in exp.sweep.objective)
             src.goal = (f"Search {', '.join(exp.sweep.space)} ({exp.sweep.strategy}) for the best {objectives}: "
                         "which knobs matter, and what the best settings cost.")
-        src.trials = [g for name, g in sorted(own.items()) if TRIAL.match(name) and not fnd.confirmation_of(g)]
+        src.trials = [g for name, g in sorted(own.items()) if is_trial(name)]
         src.study = _load_study(exp, ws, src.notes)
         for name in _best_trials(src.study):
             g = own.get(name)
@@ -230,7 +230,7 @@ def _best_trials(study, limit: int = 3) -> list[str]:
         best = sorted(done, key=lambda t: sign * t.value)
     else:
         best = study.best_trials
-    return [f"trial-{t.number:04d}" for t in best[:limit]]
+    return [trial_name(t.number) for t in best[:limit]]
 
 
 def from_runs(refs: list[str], workspace: str | Path | None = None) -> Sources:
@@ -537,7 +537,7 @@ def _edge_findings(src: Sources) -> list[fnd.Finding]:
     at_edge = edges(Space(exp.sweep), best.user_attrs.get("knobs") or {})
     if not at_edge:
         return []
-    return [fnd.Finding("edge", f"The sweep's best trial (trial-{best.number:04d}) sits at an edge of the space: "
+    return [fnd.Finding("edge", f"The sweep's best trial ({trial_name(best.number)}) sits at an edge of the space: "
                         + "; ".join(at_edge) + ". The best may lie outside what was searched: widen the space there "
                         "and run the sweep again.", "edge")]
 

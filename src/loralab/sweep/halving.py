@@ -21,6 +21,7 @@ import time
 
 from loralab.config.space import is_grid
 from loralab.sweep.pruning import decision_steps
+from loralab.naming import trial_name
 
 
 def synchronous(loop) -> bool:
@@ -77,7 +78,7 @@ def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial,
                 continue
             t0 = time.perf_counter()
             with loop.beat(trial):
-                tr = run_trial(prepared, exp, knobs, loop.store, name=f"trial-{trial.number:04d}", reporter=rep,
+                tr = run_trial(prepared, exp, knobs, loop.store, name=trial_name(trial.number), reporter=rep,
                                executor=loop.worker, pause_at=rung)
             spent[trial.number] += time.perf_counter() - t0
             if tr.status == "paused":

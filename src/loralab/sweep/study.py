@@ -44,6 +44,7 @@ from loralab.progress import Reporter
 from loralab.config.space import (Space, _budget_text, edges, experiment_start, is_grid, make_run, needs_full_eval,
                                   needs_probe, objective_value, prior_lines, sampler_class_name)
 from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
+from loralab.naming import confirm_name, trial_name
 
 OPTUNA_DB = "optuna.db"
 
@@ -675,13 +676,13 @@ class _Loop:
         if any(self.alive(t) for t in old.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
             return False
         for t in old.get_trials(deepcopy=False):
-            self.store.drop_aliases(self.exp.name, f"trial-{t.number:04d}")
+            self.store.drop_aliases(self.exp.name, trial_name(t.number))
         self.rep.log("The sweep section changed since the study began: a new study, started from the runs the "
                      "workspace already has (points outside the new space are left out).")
         return True
 
     def forget(self, number: int) -> None:  # an interrupted trial names no run: its retry owns the configuration's run
-        self.store.drop_aliases(self.exp.name, f"trial-{number:04d}")
+        self.store.drop_aliases(self.exp.name, trial_name(number))
 
     def study_lock(self):
         """Creating the study, recovering and asking: one process at a time, of every host sharing the
@@ -800,9 +801,9 @@ class _Loop:
         t0 = time.perf_counter() - earlier_s
         try:
             pruning = Pruning(self.url, exp.name, trial.number, self.sign) if len(self.sw.objective) == 1 and prune else None
-            started = self.progress().start(f"trial-{trial.number:04d}: {_fmt(knobs)}")
+            started = self.progress().start(f"{trial_name(trial.number)}: {_fmt(knobs)}")
             with self.beat(trial):
-                tr = run_trial(prepared, exp, knobs, self.store, name=f"trial-{trial.number:04d}", reporter=self.rep,
+                tr = run_trial(prepared, exp, knobs, self.store, name=trial_name(trial.number), reporter=self.rep,
                                executor=self.worker, pruning=pruning)
         except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
@@ -893,11 +894,6 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
             f"{result.saved_steps} steps (~{result.saved_s:.1f} s).")
 
 
-def confirm_name(number: int) -> str:
-    """The runs that confirm trial `number` on fresh seeds (sweep.confirm)."""
-    return f"trial-{number:04d}-confirm"
-
-
 def _objective_key(exp: Experiment, rec) -> str:
     """The stored metric behind the (single) objective; a per-cap metric at the run's largest cap."""
     key = exp.sweep.objective[0].metric
@@ -966,7 +962,7 @@ def _announce(result: SweepResult, space: Space, sw: SweepSpec, exp: Experiment,
         elif len(sw.objective) == 1 and len(result.trials) > 1:
             confirmed = f" (searched value, best of {len(result.trials)}: optimistic; sweep.confirm re-trains it on fresh seeds)"
         rep.log(f"{title}: trial {t.number}: {_fmt(t.knobs)} -> {_values_text(sw, t.values)} searched{confirmed} "
-                f"(loralab show {exp.name}/trial-{t.number:04d})")
+                f"(loralab show {exp.name}/{trial_name(t.number)})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 from loralab.config.schema import Experiment
 from loralab.config.space import Space, experiment_start, make_run, needs_full_eval, needs_probe, objective_value
 from loralab.errors import LoralabError
+from loralab.naming import trial_name
 
 
 @dataclass
@@ -166,7 +167,7 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
                                                   user_attrs=user, system_attrs=system, intermediate_values=inter))
         number = study.get_trials(deepcopy=False)[-1].number
         for r in recs if state == TrialState.COMPLETE else [first]:
-            store.alias(exp.name, f"trial-{number:04d}", r.id, r.seed)
+            store.alias(exp.name, trial_name(number), r.id, r.seed)
         added.append(number)
         finished += state == TrialState.COMPLETE
         pruned += state == TrialState.PRUNED

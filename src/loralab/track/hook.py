@@ -3,7 +3,6 @@ batches, closed with what the workspace stored."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -87,9 +86,10 @@ def curve_rows(curves: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def trial_number(exp, run_name: str) -> int | None:
-    """A sweep trial's Optuna number, from its run name (sweep.study names trials trial-NNNN)."""
-    m = re.fullmatch(r"trial-(\d+)", run_name) if exp.sweep is not None else None
-    return int(m.group(1)) if m else None
+    """A sweep trial's Optuna number, from its run name (naming: trial-NNNN, and its confirmation's)."""
+    from loralab.naming import trial_number as number
+
+    return number(run_name) if exp.sweep is not None else None
 
 
 def open_tracking(exp, run: str, seed: int | None, run_id: str, experiment: str, workspace: Path,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
+from loralab.naming import trial_name
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the sweep module for every check
@@ -354,7 +355,7 @@ def _check_studies(store: Store, out: Checkup) -> None:
             stale = set(study._storage._get_stale_trial_ids(study._study_id))
         for t in study.get_trials(deepcopy=False):
             out.trials += 1
-            where = f"{summary.study_name}/trial-{t.number:04d}"
+            where = f"{summary.study_name}/{trial_name(t.number)}"
             if t.state == TrialState.RUNNING and (t._trial_id in stale or not process_alive(t.user_attrs.get("owner"))):
                 out.findings.append(Issue("trial", where, "left RUNNING by a sweep process that stopped",
                                             f"run `loralab sweep FILE` for experiment {summary.study_name!r}: it "
