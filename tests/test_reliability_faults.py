@@ -133,6 +133,9 @@ class _Forked:
             sys.stdout = sys.stderr = out
             os.environ.clear()
             os.environ.update(env)
+            # as a fresh process starts: no handler an earlier test left in pytest (Ray's, say) is inherited
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.chdir(cwd)
             faults.reset()
             import loralab.cli as cli_mod

@@ -36,6 +36,19 @@ pruner: {name: none}
 """
 
 
+@pytest.fixture(autouse=True)
+def signals_kept():
+    """Ray's nodes started in this process (a Cluster's add_node) register their own SIGTERM handler and
+    leave it: put the process's handlers back, so processes forked by later tests start as a fresh one."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in before.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
 @pytest.fixture
 def local_ray():
     """A local Ray instance of 2 CPUs (and 2 declared GPUs, for placement), stopped after the test."""
