@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loralab.config.schema import SequentialSpec
-from loralab.execute.plan import SETTLED, level_for_seeds
+from loralab.execute.plan import SETTLED, futile, level_for_seeds
 from loralab.metrics.stats import Side, compare_runs
 
 
@@ -47,8 +47,9 @@ def sequential_trial(rng: np.random.Generator, d: Design, plan: SequentialSpec, 
     for k in range(plan.min_seeds, plan.max_seeds + 1):
         level = level_for_seeds(plan, k) if adjusted else 0.95
         seeds = list(range(k))
-        label = compare_runs("m", Side(a[:k], seeds), Side(b[:k], seeds), level=level).label
-        if label in SETTLED:
+        v = compare_runs("m", Side(a[:k], seeds), Side(b[:k], seeds), level=level)
+        label = v.label
+        if label in SETTLED or (adjusted and futile(v, k, plan)):
             break
     return label, k
 

@@ -118,3 +118,19 @@ runs:
     assert len(c.levels) == len(c.pairs) and all(lv > 0.95 for lv in c.levels)  # every column read at its look's level
     assert seeds["A"] == [0, 1, 2] and "A vs base: unsettled" in log
     assert any("repeats: auto" in line for line in legend(c))
+
+
+def test_a_difference_small_against_its_noise_is_given_up_not_paid_for_to_max_seeds():
+    """Futility: under no difference the planner stops near 3 seeds a run (not 5), and that removes no call
+    a run would have got (stopping for futility never adds one: the rate stays at most nominal)."""
+    from loralab.execute.plan import futile
+    from loralab.metrics.stats import Verdict
+
+    plan = SequentialSpec(min_seeds=2, max_seeds=5)
+    assert futile(Verdict("m", 0.01, -1.0, 1.0, 8, "within noise", p=0.9), 2, plan)
+    assert not futile(Verdict("m", 0.4, -0.1, 0.9, 8, "within noise", p=0.12), 2, plan)
+    assert not futile(Verdict("m", 0.01, -1.0, 1.0, 8, "within noise", p=0.9), 5, plan)  # nothing left to save
+    rng = np.random.default_rng(11)
+    null = [sequential_trial(rng, Design(), plan, 0.0) for _ in range(1000)]
+    assert np.mean([k for _, k in null]) < 3.5
+    assert np.mean([lab in ("higher", "lower") for lab, _ in null]) <= LIMIT

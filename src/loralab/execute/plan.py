@@ -3,8 +3,8 @@
 Every run starts with `min_seeds`. After each round, each trained run's verdicts against base and
 against the reference run (the first trained run: the table's verdict columns) are read on the plan's
 metrics; a run with a verdict that is neither a call (its interval excludes 0) nor negligible (inside
-`min_effect`) gets one more seed, and so does the reference run when a verdict against it is open,
-until `max_seeds`.
+`min_effect`) nor futile (its difference far inside the interval it could reach at `max_seeds`) gets one
+more seed, and so does the reference run when a verdict against it is open, until `max_seeds`.
 
 Looking at the data after every seed and stopping when it looks settled would, with a fixed 95%
 interval, call differences that are not there far more often than 5% of the time. So each possible
@@ -26,6 +26,19 @@ from loralab.metrics.sequential import level_for_seeds, look_alphas, pair_level 
 
 
 SETTLED = ("higher", "lower", "negligible")
+
+# Futility: a verdict is given up on when its difference is small against its own noise: a two-sided
+# p-value of "no difference" above FUTILE_P (the difference under about 0.7 of its standard error) says
+# that more seeds would most likely end within noise too. Stopping for futility only ever removes calls,
+# so it costs no false-call rate; what it costs in power is measured (BENCHMARKS.md, "repeats: auto").
+FUTILE_P = 0.5
+
+
+def futile(v, seeds: int, plan: SequentialSpec) -> bool:
+    """Whether more seeds are unlikely to settle verdict `v` (read at `seeds` seeds)."""
+    import math
+
+    return seeds < plan.max_seeds and not math.isnan(v.p) and v.p > FUTILE_P
 
 
 @dataclass
@@ -61,7 +74,8 @@ def decide(groups: dict, plan: SequentialSpec, *, confidence: float = 0.95, floo
             for key in plan.metrics:
                 v = verdict_of(key, other, group, level, floors)
                 identical = v is not None and v.diff == 0 and v.lo == v.hi  # the same numbers seed for seed
-                if v is not None and v.label not in SETTLED and v.label != "untested" and not identical:
+                if v is not None and v.label not in SETTLED and v.label != "untested" and not identical \
+                        and not futile(v, max(s for s in sides if s is not None), plan):
                     open_on.append(key)
             if not open_on:
                 continue
