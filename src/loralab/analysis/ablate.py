@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, flat_knobs, _norm, _per_example, verdict_of, floor_of, knobs
+from loralab.analysis.comparison import KNOB_SECTIONS, _by_seed, flat_knobs, _norm, _per_example, verdict_of, floor_of, knobs, pair_levels
 from loralab.errors import Problem, SpecError
 from loralab.config.loading import parse_experiment
 from loralab.config.schema import Experiment, RunSpec, config_hash
@@ -359,7 +359,11 @@ def ablation_yaml(exp: Experiment, name: str, runs: list[PlannedRun], workspace:
         lines.append(f"  # {moved_text}" if r.at_b else f"  # {a} as in {exp.source or exp.name}")
         lines.append(f'  "{r.name}":')  # quoted: a name such as `on` or `1e3` stays text
         for s in KNOB_SECTIONS:
-            lines.append(f"    {s}: {_flow(getattr(r.spec, s).model_dump())}")
+            section = getattr(r.spec, s).model_dump()
+            every = getattr(getattr(r.spec, s), "checkpoint_every", "5m")
+            if s == "train" and every != "5m":  # in no dump (it changes no id), but the file asked for it
+                section["checkpoint_every"] = every
+            lines.append(f"    {s}: {_flow(section)}")
     return "\n".join(lines) + "\n"
 
 
@@ -494,26 +498,28 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
             src = f"main effect over {n} runs ({kind} of {len(design.knobs)} knobs)"
             if design.resolution == 3:
                 src += "; aliased with two-knob interactions"
-            vs = adjust_for_multiplicity([verdict_of(m, minus, plus, level, floors) for m in metrics], level)
+            lv = max(pair_levels([minus, plus], [(0, 1)], level))  # `repeats: auto`: its looks' level
+            vs = adjust_for_multiplicity([verdict_of(m, minus, plus, lv, floors) for m in metrics], lv)
             for m, v in zip(metrics, vs):
                 out.append(Effect(k, design.low[k], design.high[k], m, v, seeds, _mean(minus, m),
                                   _method(v), src, "factorial", "" if k != "lora.r" else
                                   "alpha held as set, so alpha/r moved with r" if design.hold == "alpha" else
                                   "alpha moved with r, alpha/r held"))
         return out
-    seen: set[tuple] = set()
+    best: dict[tuple, tuple[int, int]] = {}  # one pair per change of one knob: the one with the most seeds
     tk = [_trained(g) for g in groups]
     for i, j in itertools.combinations(range(len(groups)), 2):
         d = moved_knobs(knobs(groups[i][0]), knobs(groups[j][0]))
         if len(d) != 1:
             continue
-        k = d[0]
-        key = (k, _norm(tk[i][k]), _norm(tk[j][k]))
-        if key in seen:
-            continue
-        seen.add(key)
+        key = (d[0], _norm(tk[i][d[0]]), _norm(tk[j][d[0]]))
+        seeds = min(len(groups[i]), len(groups[j]))
+        if key not in best or seeds > min(len(groups[x]) for x in best[key]):
+            best[key] = (i, j)
+    for (k, _, _), (i, j) in best.items():
         lo, hi = groups[i], groups[j]
-        vs = adjust_for_multiplicity([verdict_of(m, lo, hi, level, floors) for m in metrics], level)
+        lv = pair_levels([lo, hi], [(0, 1)], level)[0]  # `repeats: auto`: the level of the look it stopped at
+        vs = adjust_for_multiplicity([verdict_of(m, lo, hi, lv, floors) for m in metrics], lv)
         for m, v in zip(metrics, vs):
             out.append(Effect(k, tk[i][k], tk[j][k], m, v, min(len(lo), len(hi)), _mean(lo, m),
                               _method(v), f"{hi[0].name} vs {lo[0].name}", "pair", scale_note(k, lo[0], hi[0])))
