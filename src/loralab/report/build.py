@@ -439,12 +439,17 @@ def build(src: Sources, *, metric: str | None = None, samples: int = DEFAULT_SAM
 
 
 def _unique_effects(effects: list[Effect]) -> list[Effect]:
-    seen, out = set(), []
+    """One effect per knob change and metric: the first found (designs before pairs), unless the same kind
+    of evidence measured it on more seeds later (two ablations sharing a run, `repeats: auto`)."""
+    where: dict[tuple, int] = {}
+    out: list[Effect] = []
     for e in effects:
         key = (e.knob, _norm(e.low), _norm(e.high), e.note, e.metric)  # r with alpha/r kept or alpha held: two effects
-        if key not in seen:
-            seen.add(key)
+        if key not in where:
+            where[key] = len(out)
             out.append(e)
+        elif out[where[key]].design == e.design and e.seeds > out[where[key]].seeds:
+            out[where[key]] = e
     return out
 
 
