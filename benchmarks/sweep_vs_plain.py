@@ -73,6 +73,7 @@ sweep:
   objective: {{metric: eval_loss, direction: minimize}}
   pruner: {pruner}
   budget: {budget}
+  confirm: {confirm}
 """
 
 
@@ -96,9 +97,10 @@ def main() -> None:
     strategy = os.environ.get("STRATEGY", "grid")
     pruner = os.environ.get("PRUNER", "{name: successive_halving, every: 4, eval_examples: 16}")
     budget = os.environ.get("BUDGET", "{trials: 12}")
+    confirm = os.environ.get("CONFIRM", "{top: 1, seeds: 2}")  # {top: 0}: the search alone
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "sweep.yaml"
-        f.write_text(SWEEP_YAML.format(strategy=strategy, r=R, lr=LR, pruner=pruner, budget=budget, **DATA))
+        f.write_text(SWEEP_YAML.format(strategy=strategy, r=R, lr=LR, pruner=pruner, budget=budget, confirm=confirm, **DATA))
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "loralab.cli", "sweep", str(f), "-w", str(Path(tmp) / "ws")], check=True)
         wall = time.perf_counter() - t0
@@ -106,7 +108,7 @@ def main() -> None:
 
         study = optuna.load_study(study_name="sweep-vs-plain", storage=f"sqlite:///{Path(tmp) / 'ws' / 'optuna.db'}")
         best = study.best_trial
-        print(json.dumps({"mode": "sweep", "strategy": strategy, "pruner": pruner, "wall_s": round(wall, 1),
+        print(json.dumps({"mode": "sweep", "strategy": strategy, "pruner": pruner, "confirm": confirm, "wall_s": round(wall, 1),
                           "best": {"params": best.params, "eval_loss": best.value},
                           "states": [t.state.name for t in study.trials]}), flush=True)
 

@@ -840,7 +840,11 @@ class _Done:
         text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
                           timings=self.train_timings(), adapter_path=None, status="pruned", error=text)
-        self.rep.log(f"{self.label}: {text}")
+        if getattr(pruning, "state", None) is not None:  # sweep.halving's pause: stored as pruned there until continued
+            self.rep.log(f"{self.label}: paused at step {res.steps} of {self.planned} ({said}), with a checkpoint: "
+                         "it goes on from there or stays pruned once every trial of its rung is measured")
+        else:
+            self.rep.log(f"{self.label}: {text}")
         return "pruned"
 
     def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
