@@ -137,6 +137,11 @@ def test_a_pruned_run_keeps_no_checkpoint_and_a_forced_run_starts_over(tiny_neox
     rid = run_id(prepared, run)
     assert status == "pruned" and saved == [1, 2]  # saved while it trained, never the pruned step
     assert not (store.run_dir(rid) / "checkpoints").exists()
+    # A stored run's checkpoint (left by a crash between storing and cleaning) is a leftover to doctor.
+    Checkpoints(store.run_dir(rid), adapter_id(prepared, run)).save({"step": 2, "total": 7})
+    assert kinds(tmp_path / "ws") == ["leftovers"]
+    check_workspace(tmp_path / "ws", repair=True)
+    assert not (store.run_dir(rid) / "checkpoints").exists() and kinds(tmp_path / "ws") == []
     # A forced run is trained anew: a checkpoint left by an earlier attempt is not continued.
     Checkpoints(store.run_dir(rid), adapter_id(prepared, run)).save({"step": 5, "total": 7})
     saved.clear()
