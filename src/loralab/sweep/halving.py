@@ -117,7 +117,8 @@ def _drop(loop, trial, tr, rung: int, spent: float, ran: list[int]) -> None:
 
     rid = tr.run_ids[0]
     Checkpoints(loop.store.run_dir(rid), None).remove()
-    m = (loop.store.get(rid).metrics if loop.store.get(rid) else {}) or {}
+    rec = loop.store.get(rid)
+    m = rec.metrics if rec is not None else {}
     for k, v in {"status": "pruned", "run_ids": [rid], "spent_s": round(spent, 3), "reused": tr.reused,
                  "steps": rung, "planned_steps": int(m.get("planned_steps", 0)),
                  "saved_steps": int(m.get("saved_steps", 0)), "saved_s": float(m.get("saved_s", 0.0))}.items():

@@ -91,7 +91,7 @@ def measured_points(exp: Experiment, prepared, store, space: Space) -> list[Poin
     full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
     start = experiment_start(exp)
     points: dict[str, Point] = {}
-    for rec in store.all_runs():
+    for rec in store.all_runs(light=True):  # every row, aliased or not; samples and curves left unread
         if rec.kind != "lora" or rec.status not in ("finished", "pruned") or rec.seed is None:
             continue
         if rec.model.get("fingerprint") != prepared.base.fingerprint or rec.data.get("fingerprint") != prepared.dataset.fingerprint:

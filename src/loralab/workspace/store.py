@@ -802,10 +802,15 @@ class Store:
             return [RunRecord.from_row(row) for row in s.scalars(q)]
 
     @_db_retried
-    def all_runs(self) -> list[RunRecord]:
-        """Every run row once, named as stored (no alias join): what `loralab doctor` checks."""
+    def all_runs(self, light: bool = False) -> list[RunRecord]:
+        """Every run row once, named as stored (no alias join): what `loralab doctor` checks. `light`: as
+        in `list`, without samples and curves."""
+        skip = ("samples", "curves") if light else ()
+        q = select(RunRow).order_by(RunRow.id)
+        if light:
+            q = q.options(defer(RunRow.samples), defer(RunRow.curves))
         with Session(self.engine) as s:
-            return [RunRecord.from_row(row) for row in s.scalars(select(RunRow).order_by(RunRow.id))]
+            return [RunRecord.from_row(row, skip=skip) for row in s.scalars(q)]
 
     @_db_retried
     def alias_rows(self) -> list[tuple[str, str, int | None, str]]:
