@@ -148,6 +148,9 @@ def cost_note(exp: Experiment, n_train: int | None = None, n_eval: int | None = 
     seeds = {len(exp.seeds_for(r)) for r in runs}
     each = f"{len(runs)} run(s) x {seeds.pop()} seed(s)" if len(seeds) == 1 else f"{len(runs)} run(s)"
     text = f"cost: `run` trains {trainings} adapter(s) ({each}) and evaluates each, plus the base model once"
+    if exp.adaptive is not None:  # the planner adds seeds only where a verdict is open
+        most = len(runs) * exp.adaptive.max_seeds
+        text += f"; `repeats: auto` may add seeds where a verdict is still open, up to {most} adapter(s) in all"
     rates = _stored_rates(exp) if n_train else None
     if rates is None:
         text += "; no time estimate (no finished run of this model in the workspace yet)"

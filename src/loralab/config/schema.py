@@ -350,7 +350,8 @@ class SequentialSpec(_Strict):
     @model_validator(mode="after")
     def _order(self) -> "SequentialSpec":
         if self.max_seeds < self.min_seeds:
-            raise ValueError(f"repeats: max ({self.max_seeds}) is below min ({self.min_seeds})")
+            raise ValueError(f"repeats: max ({self.max_seeds}) is below min ({self.min_seeds}); fix: give a max of at "
+                             f"least {self.min_seeds}, or lower min")
         return self
 
 
