@@ -3,6 +3,7 @@ stated with its numbers, a null effect reads "no measurable effect … within N 
 credits no knob until an ablation measures each, and the TL;DR picks the cheapest run within noise."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -263,9 +264,8 @@ def test_a_growing_eval_train_gap_is_a_finding():
 
 @pytest.mark.parametrize(("slope", "said"), [(-0.02, True), (0.0, False), (0.01, False)])
 def test_a_loss_still_falling_at_the_end_says_train_longer(slope, said):
-    runs = group("A")
-    for r in runs:  # 40 steps, flat then a straight line with small wiggles
-        r.curves = {"loss": [3.0 + slope * i + 0.01 * math.sin(7 * i + r.seed) for i in range(40)]}
+    runs = [replace(r, curves={"loss": [3.0 + slope * i + 0.01 * math.sin(7 * i + r.seed) for i in range(40)]})
+            for r in group("A")]  # 40 steps, flat then a straight line with small wiggles
     found = training_findings([runs])
     assert bool(found) == said
     if said:

@@ -1,6 +1,7 @@
 """End to end on tiny models: the seed's A and B trained, evaluated, stored, reused and compared."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -293,8 +294,7 @@ def test_markdown_cells_cannot_break_the_table(seed_run):
     assert _md_cell("a | b\nc") == "a \\| b c"
     assert _md_cell("a\r\nb\rc") == "a b c"  # a bare carriage return breaks a table row too
     _, result, _, _ = seed_run
-    a = result.records[1]
-    a.name = "A|<script>"
+    a = replace(result.records[1], name="A|<script>")
     md = to_markdown(compare([a]))
     header = md.splitlines()[0]
     assert header.count(" | ") == 1 and "A\\|<script>" in header and isinstance(compare([a]), Comparison)

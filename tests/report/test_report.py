@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -260,7 +261,7 @@ def test_runs_without_an_outcome_are_left_out_with_a_note():
     from test_findings import group
 
     runs = group("B")
-    runs[1].status, runs[2].status = "running", "failed"
+    runs[1:] = [replace(runs[1], status="running"), replace(runs[2], status="failed")]
     notes = []
     assert [r.seed for r in settled(runs, notes)] == [0]
     assert notes == ["fab/B seed 1 is running: left out until it finishes.",
@@ -297,7 +298,7 @@ def test_compute_counts_a_reused_adapters_training_once(tmp_path):
 
     [trained] = group("A", seeds=(0,), per_run={"total_s": 100.0, "train_s": 60.0})
     [again] = group("A2", seeds=(0,), per_run={"total_s": 100.0, "train_s": 60.0})
-    again.timings = {"train_reused_from": trained.id}  # evaluated the stored adapter only: 40 s of its own
+    again = replace(again, timings={"train_reused_from": trained.id})  # evaluated the stored adapter only: 40 s of its own
     setup = dict(_setup(Sources("t", "", tmp_path, []), [trained, again], None))
     assert setup["Compute"].startswith("2 stored runs, 2.3 min of training and evaluation")  # (100 + 40) s
 

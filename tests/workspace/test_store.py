@@ -1,5 +1,7 @@
 """The workspace store: status transitions, aliases, lookups."""
 
+import dataclasses
+
 import pytest
 
 from loralab.errors import RunNotFound
@@ -52,6 +54,25 @@ def test_a_store_used_as_a_context_manager_is_closed_after(tmp_path, monkeypatch
     with pytest.raises(RuntimeError), Store(tmp_path / "ws") as t:
         raise RuntimeError("closed on an error too")
     assert closed == [s, t]
+
+
+def test_records_the_store_returns_are_frozen_and_a_copy_changes_nothing_stored(tmp_path):
+    with Store(tmp_path / "ws") as s:
+        start(s, "abc123", "A")
+        s.alias("e2", "B", "abc123", seed=3)
+        s.append_steps("abc123", [{"step": 1, "loss": 2.0, "total": 5}])
+        readers = {"get": lambda: s.get("abc123"), "list": lambda: s.list()[0], "all_runs": lambda: s.all_runs()[0],
+                   "group": lambda: s.group("A")[0], "find": lambda: s.find("e2/B")}
+        for how, read in readers.items():
+            rec = read()
+            for attr, value in (("status", "finished"), ("name", "C"), ("curves", {}), ("adapter_path", "/x")):
+                with pytest.raises(dataclasses.FrozenInstanceError):
+                    setattr(rec, attr, value)
+        renamed = dataclasses.replace(s.find("e2/B"), name="C", status="finished")
+        assert (renamed.name, renamed.status, renamed.seed) == ("C", "finished", 3)
+        assert sorted((r.name, r.experiment, r.seed, r.status) for r in s.list()) == [("A", "e1", None, "running"),
+                                                                                      ("B", "e2", 3, "running")]
+        assert s.find("A").curves["step"] == [1]  # a run still training gets its streamed curve, in a copy
 
 
 def test_find_by_name_experiment_and_id_prefix(tmp_path):

@@ -16,7 +16,7 @@ import shutil
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,8 +330,7 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
                 track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
                                                                "data": data_info}, store, rep.log)
         fault_point("run.stored")
-        result.records.append(store.get(bid))
-        result.records[-1].name = "base"
+        result.records.append(replace(store.get(bid), name="base"))
 
         worker = (executor or LocalExecutor)(prepared, store, rep)
         multi = exp.adaptive is not None or exp.repeats > 1 or (exp.seeds is not None and len(exp.seeds) > 1)
@@ -362,9 +361,7 @@ def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult, o
             result.skipped.append(job.label)
         elif out.status in ("failed", "diverged"):
             getattr(result, out.status).append(job.label)
-        rec = store.get(out.run_id)
-        rec.name, rec.seed = job.run.name, job.run.train.seed
-        result.records.append(rec)
+        result.records.append(replace(store.get(out.run_id), name=job.run.name, seed=job.run.train.seed))
 
 
 def _adaptive_rounds(exp: Experiment, prepared: Prepared, worker, store: Store, result: ExperimentResult,

@@ -15,7 +15,7 @@ cleaning it up without running anything.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
@@ -216,8 +216,10 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
                                   f"{saved.total} ({_mb(saved.path)} MB)", "nothing: the next `loralab run` or "
                                   "`loralab sweep` of it continues from there (remove the folder to start over)",
                                   "note"))
-    if rec.status == "finished" and not _check_finished(store, rec, where, folder, out, repair):
-        return
+    if rec.status == "finished":
+        rec = _check_finished(store, rec, where, folder, out, repair)
+        if rec is None:
+            return
     leftovers = _leftovers(rec, folder)
     if leftovers:
         f = Issue("leftovers", where, f"{rec.status} run has files no finished result uses: "
@@ -227,9 +229,10 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
             f.repaired = _remove(store, rec.id, leftovers)
 
 
-def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out: Checkup, repair: bool) -> bool:
-    """A finished run has metrics and its complete adapter in this workspace; False when it is not
-    finished after all (then nothing else about it is checked)."""
+def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out: Checkup,
+                    repair: bool) -> RunRecord | None:
+    """A finished run has metrics and its complete adapter in this workspace: the record as checked (its
+    adapter path this workspace's); None when it is not finished after all (nothing else is checked)."""
     if "eval_loss" not in rec.metrics:
         f = Issue("no-metrics", where, "marked finished but has no metrics",
                     "mark it failed; the next `loralab run` trains it again")
@@ -237,11 +240,11 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
         if repair:
             f.repaired = _repair_run(store, rec.id, "failed", "finished without metrics (found by loralab doctor)",
                                      remove=True)
-        return False
+        return None
     local = folder / "adapter"  # where the runner always saves it
     if rec.kind != "lora" or (rec.adapter_path and Path(rec.adapter_path).resolve() == local.resolve()
                               and adapter_complete(local)):
-        return True
+        return rec
     if adapter_complete(local):
         f = Issue("moved", where, f"its adapter path {rec.adapter_path} is not this workspace's "
                     "(the workspace was moved or copied)", f"point the run at {local}")
@@ -249,8 +252,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
         if repair:
             store.set_adapter_path(rec.id, str(local))
             f.repaired = True
-        rec.adapter_path = str(local)  # so the adapter is not taken for a leftover
-        return True
+        return replace(rec, adapter_path=str(local))  # so the adapter is not taken for a leftover
     stored = Path(rec.adapter_path) if rec.adapter_path else None
     if stored is not None and stored.resolve() != local.resolve():  # the database was moved or copied alone
         there = "still complete there" if adapter_complete(stored) else "not there either"
@@ -265,7 +267,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
     if repair:
         f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "
                                  "loralab doctor)", remove=True)
-    return False
+    return None
 
 
 def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:

@@ -17,7 +17,7 @@ import hashlib
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -317,9 +317,10 @@ class StepRow(_Base):
 CURVE_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # as train.TrainResult.curve
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunRecord:
-    """A run as read from the store: plain data, detached from the database session."""
+    """A run as read from the store: plain data, detached from the database session. Frozen: a caller
+    that needs it changed makes a copy (`dataclasses.replace`); writes go through the Store."""
 
     id: str
     name: str
@@ -343,8 +344,10 @@ class RunRecord:
     damaged: list[str] = field(default_factory=list)  # what of its row cannot be read (see `loralab doctor`)
 
     @classmethod
-    def from_row(cls, row: RunRow, name: str | None = None, skip: tuple[str, ...] = ()) -> "RunRecord":
-        """`skip`: columns left unread (deferred by the query), given as empty."""
+    def from_row(cls, row: RunRow, name: str | None = None, skip: tuple[str, ...] = (),
+                 alias: AliasRow | None = None) -> "RunRecord":
+        """`skip`: columns left unread (deferred by the query), given as empty; `alias`: the name the run
+        was read under (its experiment and seed are the record's)."""
         damaged = []
 
         def read(col: str, empty: Any) -> Any:
@@ -371,7 +374,10 @@ class RunRecord:
         status = row.status
         if status not in STATUSES:
             damaged.append(f"status {str(status)[:40]!r} is not one of {', '.join(STATUSES)}")
-        return cls(id=row.id, name=name or row.name, experiment=row.experiment, kind=row.kind,
+        experiment = row.experiment
+        if alias is not None:
+            name, experiment, seed = alias.name, alias.experiment, None if alias.seed == -1 else alias.seed
+        return cls(id=row.id, name=name or row.name, experiment=experiment, kind=row.kind,
                    status="damaged" if damaged else status, seed=seed, **fields,
                    adapter_path=row.adapter_path, error=row.error, **when, damaged=damaged)
 
@@ -788,10 +794,8 @@ class Store:
 
     def _with_partial_curves(self, records: list[RunRecord]) -> list[RunRecord]:
         """Runs still training, or cut short, get the curve streamed so far (finished ones have theirs)."""
-        for r in records:
-            if r.status not in DONE and not r.damaged and not r.curves.get("step"):
-                r.curves = self.live_curve(r.id)
-        return records
+        return [replace(r, curves=self.live_curve(r.id))
+                if r.status not in DONE and not r.damaged and not r.curves.get("step") else r for r in records]
 
     @_db_retried
     def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
@@ -831,13 +835,7 @@ class Store:
             if experiment:
                 q = q.where(AliasRow.experiment == experiment)
             rows = s.execute(q.order_by(RunRow.updated_at.desc(), AliasRow.name)).all()
-            out = []
-            for alias, row in rows:
-                rec = RunRecord.from_row(row, name=alias.name, skip=skip)
-                rec.experiment = alias.experiment
-                rec.seed = None if alias.seed == -1 else alias.seed
-                out.append(rec)
-            return out
+            return [RunRecord.from_row(row, skip=skip, alias=alias) for alias, row in rows]
 
     def find(self, ref: str, experiment: str | None = None) -> RunRecord:
         """One run: the first seed of `group(ref)`."""
