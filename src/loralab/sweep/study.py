@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from loralab.errors import Problem, SpecError
 from loralab.execute.jobs import Executor, ExecutorFactory, Job, Pruning
+from loralab.sweep import _optuna
 from loralab.sweep.pruning import make_pruner
 from loralab.sweep.warm import warm_start
 from loralab.progress import Reporter
@@ -331,7 +332,7 @@ def _retrying_storage(url: str, **kw):
     skip = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions",
             "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback"}
     names = [n for n, v in vars(optuna.storages.RDBStorage).items() if inspect.isfunction(v) and not n.startswith("__")
-             and (not n.startswith("_") or n == "_get_stale_trial_ids") and n not in skip]
+             and (not n.startswith("_") or n in _optuna.RETRIED_PRIVATE_METHODS) and n not in skip]
     cls = type("RetryingRDBStorage", (optuna.storages.RDBStorage,),
                {n: retried(getattr(optuna.storages.RDBStorage, n)) for n in names})
     return cls(url, **kw)
@@ -341,17 +342,16 @@ def kept_heartbeat(trial_id: int, storage):
     """The trial's heartbeat as a context manager: _KeptHeartbeat on a storage with heartbeat, else nothing."""
     from contextlib import nullcontext
 
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return _KeptHeartbeat(trial_id, storage) if is_heartbeat_enabled(storage) else nullcontext()
+    return _KeptHeartbeat(trial_id, storage) if _optuna.heartbeat_enabled(storage) else nullcontext()
 
 
 def study_storage(url: str):
     """Optuna's storage for the study. A server database gets Optuna's heartbeat: a trial whose worker
     (process or host) stops beating for the grace period is taken for dead (_Loop.recover). A local
     SQLite file does not: its processes are all on this machine and judged by process id."""
-    import optuna
     from sqlalchemy.exc import DatabaseError
+
+    optuna = _optuna.checked()  # an unsupported Optuna is refused before a study is touched
 
     kw = {}
     if not url.startswith("sqlite"):
@@ -403,30 +403,30 @@ def _grid_sampler_class():
             when it is unvisited (so a fresh grid runs in the same order); else the first unvisited one."""
             if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
                 return
-            unvisited = sorted(self._get_unvisited_grid_ids(study))
+            unvisited = sorted(_optuna.unvisited_grid_ids(self, study))
             if not unvisited or trial.number in unvisited:
                 return super().before_trial(study, trial)
-            study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", unvisited[0])
+            _optuna.set_trial_attr(study, trial, "search_space", _optuna.grid_search_space(self), system=True)
+            _optuna.set_trial_attr(study, trial, "grid_id", unvisited[0], system=True)
 
         def unstarted(self, study) -> bool:
             """Whether a grid point is neither done nor being run (by this or another process)."""
             from optuna.trial import TrialState
 
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = _optuna.all_trials(study)
             taken = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs
                      and (t.state.is_finished() or t.state == TrialState.RUNNING)}
-            return len(taken) < len(self._all_grids)
+            return len(taken) < len(_optuna.grid_points(self))
 
         def point(self, grid_id: int) -> dict:
             """The parameters of a grid id (the grid as the parent class shuffled it)."""
-            return dict(zip(self._param_names, self._all_grids[grid_id]))
+            return dict(zip(_optuna.grid_param_names(self), _optuna.grid_points(self)[grid_id]))
 
         def grid_attrs(self, params: dict) -> dict | None:
             """The system attributes that mark a trial added by hand (sweep.warm) as this grid point's,
             so the grid counts it as visited; None when the parameters are no point of the grid."""
-            grid_id = next((i for i in range(len(self._all_grids)) if self.point(i) == params), None)
-            return None if grid_id is None else {"grid_id": grid_id, "search_space": self._search_space}
+            grid_id = next((i for i in range(len(_optuna.grid_points(self))) if self.point(i) == params), None)
+            return None if grid_id is None else {"grid_id": grid_id, "search_space": _optuna.grid_search_space(self)}
 
     return GridSampler
 
@@ -492,7 +492,7 @@ def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any
         # Through the storage: optuna.Trial(study, id) would run the sampler's before_trial, and a
         # grid trial killed before it got its grid point would then take (and waste) one.
         def set_attr(key: str, value: Any, t=t) -> None:
-            study._storage.set_trial_user_attr(t._trial_id, key, value)
+            _optuna.set_trial_attr(study, t, key, value)
 
         params = t.system_attrs.get("fixed_params") or dict(t.params)
         if len(params) < len(space.dims):
@@ -651,23 +651,18 @@ class _Loop:
     def alive(self, t) -> bool:
         """A trial's worker still works on it: its heartbeat (database server) is fresh, and, when it
         runs on this host, its process exists (known at once, without waiting for the grace period)."""
-        from loralab.workspace.locks import process_alive
-
-        return t._trial_id not in self.stale and process_alive(t.user_attrs.get("owner"))
+        return _optuna.worker_alive(t, self.stale)
 
     def recover(self) -> list[int]:
         """Under the study lock: run again the trials whose worker died (recover_interrupted)."""
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        storage = self.study._storage
         # Optuna's own test of a heartbeat older than the grace period (what its fail_stale_trials uses);
         # the failing itself is recover_interrupted's, which first records why (status interrupted).
-        self.stale = set(storage._get_stale_trial_ids(self.study._study_id)) if is_heartbeat_enabled(storage) else set()
+        self.stale = _optuna.stale_trial_ids(self.study)
         return recover_interrupted(self.study, self.space, self.rep, self.alive, self.forget)
 
     def beat(self, trial):
         """A trial's heartbeat (a no-op without heartbeat): `with loop.beat(trial): ...` (see kept_heartbeat)."""
-        return kept_heartbeat(trial._trial_id, self.study._storage)
+        return kept_heartbeat(_optuna.trial_id(trial), _optuna.storage(self.study))
 
     def restart(self, old) -> bool:
         """The sweep section changed since the study began: start anew unless a live process runs a trial."""
@@ -817,7 +812,7 @@ class _Loop:
             raise
         spent = time.perf_counter() - t0
         self.progress().finish(started, reused=bool(tr.run_ids) and tr.reused >= len(tr.run_ids))
-        if study._storage.get_trial(trial._trial_id).state.is_finished():
+        if _optuna.stored_trial(study, trial).state.is_finished():
             # Its heartbeat stopped long enough (a stalled or cut-off host) that another worker took it for
             # dead: that worker recorded it interrupted and queued its configuration, whose run counts instead.
             self.rep.log(f"trial {trial.number}: taken for dead by another worker meanwhile; its retry counts instead")

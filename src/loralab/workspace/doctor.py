@@ -331,7 +331,7 @@ def _check_studies(store: Store, out: Checkup) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from loralab.workspace.locks import process_alive
+    from loralab.sweep import _optuna
 
     stale: set[int] = set()
     if store.url is None:
@@ -354,11 +354,11 @@ def _check_studies(store: Store, out: Checkup) -> None:
     for summary in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         if store.url is not None:
-            stale = set(study._storage._get_stale_trial_ids(study._study_id))
+            stale = _optuna.stale_trial_ids(study)
         for t in study.get_trials(deepcopy=False):
             out.trials += 1
             where = f"{summary.study_name}/{trial_name(t.number)}"
-            if t.state == TrialState.RUNNING and (t._trial_id in stale or not process_alive(t.user_attrs.get("owner"))):
+            if t.state == TrialState.RUNNING and not _optuna.worker_alive(t, stale):
                 out.findings.append(Issue("trial", where, "left RUNNING by a sweep process that stopped",
                                             f"run `loralab sweep FILE` for experiment {summary.study_name!r}: it "
                                             "marks the trial interrupted and runs its configuration again", "note"))
