@@ -323,10 +323,8 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
     except RunNotFound:  # nothing stored yet
         store = None
     if store is not None:
-        try:
+        with store:
             stored = {r.name: r for r in store.list(exp.name) if r.kind == "lora"}
-        finally:
-            store.close()
     p = plan(exp, a, b, design, workspace=ws, records=stored, hold=hold)
     folder = Path("ablations").resolve() if is_url(ws) else Path(ws) / "ablations"  # a database has no folder
     with _writable("--out", out or folder):
@@ -450,11 +448,8 @@ def open_store(workspace: str | Path | None = None) -> Store:
 
 
 def list_runs(workspace: str | Path | None = None, experiment: str | None = None) -> list[RunRecord]:
-    store = open_store(workspace)
-    try:
+    with open_store(workspace) as store:
         return store.list(experiment)
-    finally:
-        store.close()
 
 
 def gone(records: list[RunRecord], workspace: str | Path | None = None) -> set[str]:
@@ -463,29 +458,20 @@ def gone(records: list[RunRecord], workspace: str | Path | None = None) -> set[s
     running = [r.id for r in records if r.status == "running"]
     if not running:
         return set()
-    store = open_store(workspace)
-    try:
+    with open_store(workspace) as store:
         return {rid for rid in running if not store.in_progress(rid)}
-    finally:
-        store.close()
 
 
 def get_run(ref: str, workspace: str | Path | None = None) -> RunRecord:
-    store = open_store(workspace)
-    try:
+    with open_store(workspace) as store:
         return store.find(ref)
-    finally:
-        store.close()
 
 
 def get_group(ref: str, workspace: str | Path | None = None, experiment: str | None = None) -> list[RunRecord]:
     """A run with all its seeds (a list of one when the run has a single seed); `experiment` picks it
     when several experiments have a run of that name (else the newest, see `picked`)."""
-    store = open_store(workspace)
-    try:
+    with open_store(workspace) as store:
         return store.readable_group(f"{experiment}/{ref}" if experiment and "/" not in ref else ref)
-    finally:
-        store.close()
 
 
 def picked(ref: str, group: list[RunRecord], workspace: str | Path | None = None) -> str | None:
@@ -493,11 +479,8 @@ def picked(ref: str, group: list[RunRecord], workspace: str | Path | None = None
     to pick another); None when the name is unambiguous."""
     if "/" in ref or not group or group[0].name != ref:
         return None
-    store = open_store(workspace)
-    try:
+    with open_store(workspace) as store:
         others = sorted({r.experiment for r in store.list(light=True) if r.name == ref} - {group[0].experiment})
-    finally:
-        store.close()
     if not others:
         return None
     return (f"{len(others) + 1} experiments have a run {ref!r}: using {group[0].experiment}'s (the newest); "
@@ -621,9 +604,8 @@ def dashboard(workspace: str | Path | None = None, *, host: str = "127.0.0.1", p
                         [Problem("dashboard", "missing package", ", ".join(missing), "pip install 'loralab[dashboard]'")])
     from loralab.workspace.store import shown
 
-    store = open_store(workspace)  # a missing workspace is reported before the server starts
-    root = store.url or store.root  # a database workspace is opened by its URL (its root is the artifacts folder)
-    store.close()
+    with open_store(workspace) as store:  # a missing workspace is reported before the server starts
+        root = store.url or store.root  # a database workspace is opened by its URL (its root is the artifacts folder)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))

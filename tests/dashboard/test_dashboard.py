@@ -68,19 +68,24 @@ def test_curves_are_thinned_for_the_page_keeping_the_last_step():
     assert len(kept) <= 401 and kept[0] == 0 and kept[-1] == 9999 and kept == sorted(kept)
 
 
+def test_a_dashboard_closes_the_store_it_owns_when_its_block_ends(finished_ws, monkeypatch):
+    closed = []
+    monkeypatch.setattr(Store, "close", lambda self: closed.append(self))
+    with pytest.raises(RuntimeError), Dashboard(finished_ws) as dash:
+        assert not closed
+        raise RuntimeError("closed on an error too")
+    assert closed == [dash.store]
+
+
 def test_a_running_run_whose_process_is_gone_is_shown_interrupted(finished_ws, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(finished_ws, ws)
-    store = Store(ws)
-    store.start("deadbeef", name="C", experiment="dash", kind="lora", config={}, model={}, data={}, env={}, seed=0)
-    store.append_steps("deadbeef", [{"step": 1, "loss": 2.0, "grad_norm": 1.0, "lr": 1e-3, "tokens": 10, "seconds": 1.0,
-                                     "total": 8}])
-    store.close()
-    dash = Dashboard(ws)
-    try:
+    with Store(ws) as store:
+        store.start("deadbeef", name="C", experiment="dash", kind="lora", config={}, model={}, data={}, env={}, seed=0)
+        store.append_steps("deadbeef", [{"step": 1, "loss": 2.0, "grad_norm": 1.0, "lr": 1e-3, "tokens": 10,
+                                         "seconds": 1.0, "total": 8}])
+    with Dashboard(ws) as dash:
         c = next(r for r in dash.runs() if r["name"] == "C")
-    finally:
-        dash.close()
     assert c["status"] == "interrupted" and c["gone"] and c["step"] == 1 and c["planned"] == 8 and c["eta_s"] is None  # nobody trains it
     out = CliRunner().invoke(app, ["ls", "-w", str(ws)], terminal_width=200)
     assert out.exit_code == 0 and "interrupted (process gone)" in out.output and " running " not in out.output, out.output

@@ -23,7 +23,8 @@ MAX_CURVE_POINTS = 400  # a curve is thinned to this many points before it is se
 
 @dataclass
 class Dashboard:
-    """One workspace, opened once per server; its reads are cheap enough to run every poll."""
+    """One workspace, opened once per server; its reads are cheap enough to run every poll. It owns its
+    store: `with Dashboard(root) as dash:`, or close() when the server shuts down."""
 
     root: Path | str  # a folder, or a PostgreSQL URL
     store: Store = field(init=False)
@@ -35,6 +36,12 @@ class Dashboard:
 
     def close(self) -> None:
         self.store.close()
+
+    def __enter__(self) -> "Dashboard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the page's data --------------------------------------------------------------------------
 

@@ -91,11 +91,8 @@ def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
     from loralab.execute.runner import resolve_workspace
 
     ws = resolve_workspace(exp, workspace)
-    store = _open(ws)
-    try:
+    with _open(ws) as store:
         everything = store.list()
-    finally:
-        store.close()
     own = {name: kept for name, g in group_by_name([r for r in everything if r.experiment == exp.name]).items()
            if (kept := settled(g, []))}
     src = Sources(title=exp.name, goal=goal_from_file(exp.source), workspace=ws, chosen=[], experiment=exp)
@@ -239,9 +236,8 @@ def from_runs(refs: list[str], workspace: str | Path | None = None) -> Sources:
     from loralab.workspace.store import workspace_path
 
     ws = workspace_path(workspace)
-    store = _open(ws)
     notes: list[str] = []
-    try:
+    with _open(ws) as store:
         chosen = []
         for ref in refs:
             group = settled(store.group(ref), notes)
@@ -259,8 +255,6 @@ def from_runs(refs: list[str], workspace: str | Path | None = None) -> Sources:
                 chosen.insert(0, base)
             except RunNotFound:
                 pass
-    finally:
-        store.close()
     return Sources(title=", ".join(names), goal="", workspace=ws, chosen=chosen, notes=notes)
 
 

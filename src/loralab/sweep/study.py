@@ -580,7 +580,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
 
     result = SweepResult(ws, exp.name, shown(url))
 
-    try:
+    with store:
         loop = _Loop(exp, space, store, url, ws, rep, (executor or LocalExecutor)(prepared, store, rep))
         with loop.study_lock():
             loop.study = open_study(exp, url, space, fingerprint, study_storage(url), restart=loop.restart)
@@ -601,8 +601,6 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
             if at_edge:
                 rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
                         "outside it; widen the space there.")
-    finally:
-        store.close()
     return result
 
 
@@ -617,7 +615,7 @@ def _dry_warm(exp: Experiment, prepared, ws, space: Space, url: str, rep: Report
         store = open_workspace(exp, ws, create=False)
     except RunNotFound:
         return
-    try:
+    with store:
         try:
             study = optuna.load_study(study_name=exp.name, storage=url)
         except Exception:  # no study yet (KeyError), or none readable: every measured point would be added
@@ -625,8 +623,6 @@ def _dry_warm(exp: Experiment, prepared, ws, space: Space, url: str, rep: Report
         if study is None or study.user_attrs.get("loralab_sweep") != fingerprint:  # it would start anew
             study = optuna.create_study(storage=None, directions=exp.sweep.directions)
         warm_start(study, exp, prepared, store, space, rep, add=False)
-    finally:
-        store.close()
 
 
 class _Loop:
@@ -977,11 +973,9 @@ def _throughput(ws: Path, model_fingerprint: str, sweep=None, n_eval: int | None
         store = Store(ws, create=False)
     except RunNotFound:  # nothing stored yet
         return None
-    try:
+    with store:
         runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
                 and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
-    finally:
-        store.close()
     runs = list({r.id: r for r in runs}.values())
     if not runs:
         return None

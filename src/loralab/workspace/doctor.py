@@ -82,26 +82,25 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
         if store_is_folder(workspace) and "not a readable loralab database" in str(err):
             return _unreadable_database(Path(workspace), str(err))
         raise
-    try:
-        out = Checkup(Path(workspace) if store.url is None else store.where, repair)
-        if store.url is None:  # PostgreSQL checks its own pages; there is no file to run an integrity check on
-            _check_database(store, out)
-        if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
-            return out
-        _check_runs(store, out, repair)
+    with store:
         try:
-            _check_studies(store, out)
-        except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
-            out.findings.append(Issue("study", str(store.root / STUDY_DB) if store.url is None else store.where,
-                                      f"the sweep study database cannot be read "
-                                        f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})",
-                                        "restore optuna.db from a backup, or move it away and run the sweep again "
-                                        "(finished runs are reused)", repairable=False))
-        return out
-    except DatabaseError as err:
-        raise storage_error(err, store.root) or err from None
-    finally:
-        store.close()
+            out = Checkup(Path(workspace) if store.url is None else store.where, repair)
+            if store.url is None:  # PostgreSQL checks its own pages; there is no file to run an integrity check on
+                _check_database(store, out)
+            if out.findings:  # a damaged database: what it says about runs cannot be trusted (or even read)
+                return out
+            _check_runs(store, out, repair)
+            try:
+                _check_studies(store, out)
+            except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
+                first = str(err).splitlines()[0][:120] if str(err) else ""
+                out.findings.append(Issue("study", str(store.root / STUDY_DB) if store.url is None else store.where,
+                                          f"the sweep study database cannot be read ({type(err).__name__}: {first})",
+                                          "restore optuna.db from a backup, or move it away and run the sweep again "
+                                          "(finished runs are reused)", repairable=False))
+            return out
+        except DatabaseError as err:
+            raise storage_error(err, store.root) or err from None
 
 
 def store_is_folder(workspace: str | Path) -> bool:
