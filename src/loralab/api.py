@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from loralab.errors import LoralabError, Problem, RunNotFound, SpecError
 from loralab.config.loading import check_data_paths, load_experiment, surprises
 from loralab.config.schema import Experiment
+from loralab.workspace.status import Status
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
     from loralab.workspace.store import RunRecord, Store
 
@@ -188,7 +189,7 @@ def _stored_rates(exp: Experiment) -> tuple[float, float, int] | None:
     train, evals = [], []
     for r in records:
         m, t = r.metrics, (r.config.get("train") or {})
-        if r.kind != "lora" or r.status != "finished" or r.model.get("name") != exp.model.name:
+        if r.kind != "lora" or r.status != Status.FINISHED or r.model.get("name") != exp.model.name:
             continue
         seen = (m.get("steps") or 0) * (t.get("batch_size") or 0) * (t.get("gradient_accumulation") or 1)
         if seen and m.get("train_s"):
@@ -455,7 +456,7 @@ def list_runs(workspace: str | Path | None = None, experiment: str | None = None
 def gone(records: list[RunRecord], workspace: str | Path | None = None) -> set[str]:
     """Ids of the `running` runs whose process is gone (killed: no live process holds the run's lock);
     `ls` and the dashboard show them "interrupted (process gone)"; a rerun or `doctor --repair` fixes the row."""
-    running = [r.id for r in records if r.status == "running"]
+    running = [r.id for r in records if r.status == Status.RUNNING]
     if not running:
         return set()
     with open_store(workspace) as store:
@@ -535,7 +536,7 @@ def export(ref: str, out: str | Path, *, merge: bool = False, workspace: str | P
                             [Problem("--seed", "no such seed", seed, "use one of: " + ", ".join(str(s) for s in seeds))])
         rec = chosen[0]
     else:
-        rec = next((r for r in group if r.status == "finished"), group[0])
+        rec = next((r for r in group if r.status == Status.FINISHED), group[0])
         if len(group) > 1:
             notes.append(f"run {rec.name} has seeds {', '.join(str(s) for s in seeds)}: exported seed {rec.seed} "
                          "(pick another with --seed N)")

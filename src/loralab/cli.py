@@ -17,6 +17,7 @@ import typer
 from rich.console import Console, ConsoleDimensions
 
 from loralab.api import LoralabError
+from loralab.workspace.status import DONE, Status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declare LoRA runs in YAML, train them with PEFT, measure and compare them.")
@@ -300,7 +301,7 @@ def ls(workspace: Optional[str] = WorkspaceOpt,
     records = api.list_runs(workspace)
     dead = api.gone(records, workspace)
     if as_json:
-        _print_json([{**r.summary(), "metrics": r.metrics, **({"status": "interrupted", "process_gone": True} if r.id in dead else {})}
+        _print_json([{**r.summary(), "metrics": r.metrics, **({"status": Status.INTERRUPTED, "process_gone": True} if r.id in dead else {})}
                      for r in records])
         return
     t = Table(title=f"Runs in {api.shown_workspace(workspace)}", title_justify="left")
@@ -343,9 +344,9 @@ def show(run_ref: str = typer.Argument(..., metavar="RUN", help="Run name, exper
         status = "interrupted (process gone)" if r.id in dead else r.status
         console.print(f"[bold]{_escape(r.experiment)}/{_escape(r.name)}[/bold]{seed}  id {r.id}  status {status}", highlight=False)
         if r.error:
-            last = r.error.strip().splitlines()[-1] if r.status == "failed" else r.error.strip()
+            last = r.error.strip().splitlines()[-1] if r.status == Status.FAILED else r.error.strip()
             console.print("[red]" + _escape(last) + "[/red]")
-        if r.status not in ("finished", "diverged", "pruned") and r.curves.get("step"):
+        if r.status not in DONE and r.curves.get("step"):
             c = r.curves
             planned = c.get("planned")
             console.print(f"  trained {c['step'][-1]}{f' of {planned}' if planned else ''} steps so far (streamed curve), "

@@ -29,6 +29,7 @@ from loralab.errors import Problem, SpecError
 from loralab.config.loading import parse_experiment
 from loralab.config.schema import Experiment, RunSpec, config_hash
 from loralab.metrics.stats import Side, Verdict, adjust_for_multiplicity, compare_runs, mean_ci
+from loralab.workspace.status import Status
 from loralab.workspace.store import RunRecord
 
 DESIGNS = ("ofat", "factorial")
@@ -485,7 +486,7 @@ def knob_effects(groups: list[list[RunRecord]], metrics: list[str], *, level: fl
     Knobs are read with alpha/r in place of alpha (trained_knobs): r moving with alpha at one ratio is
     r's effect. A pair that moves r at a fixed alpha also moves the scale; it is still credited to r, and
     the effect says so (`note`), since that is the change the user made."""
-    groups = [g for g in groups if g and g[0].kind == "lora" and all(r.status == "finished" for r in g)]
+    groups = [g for g in groups if g and g[0].kind == "lora" and all(r.status == Status.FINISHED for r in g)]
     out: list[Effect] = []
     design = find_design(groups)
     if design is not None:

@@ -22,6 +22,7 @@ from loralab.metrics.stats import (MULTIPLE, Estimate, Side, Verdict, adjust_for
                                    mean_ci, verdict_label)
 from loralab.metrics.table import (COST_ROWS, DRIFT_ROWS, LOSS_ROWS, PER_EXAMPLE, QUALITY_CAP,  # noqa: F401 (re-exported)
                                    STABILITY_ROWS, VERBOSITY_CAP, metric)
+from loralab.workspace.status import Status
 from loralab.workspace.store import RunRecord
 
 KNOB_SECTIONS = ("lora", "train", "generate")
@@ -610,7 +611,7 @@ def render(c: Comparison, title: str = "Main differences"):
     t = Table(title=title, title_justify="left", show_lines=False)
     t.add_column("", style="bold")
     for name, status in zip(c.runs, c.statuses):
-        t.add_column(escape(name if status == "finished" else f"{name} ({status})"), justify="right")
+        t.add_column(escape(name if status == Status.FINISHED else f"{name} ({status})"), justify="right")
     for col in c.verdict_columns:
         t.add_column(escape(col), justify="right")
     pad = [""] * len(c.verdict_columns)
@@ -639,7 +640,7 @@ def _md_cell(text: str) -> str:
 def to_rows(c: Comparison) -> tuple[list[str], list[dict], str]:
     """The same table as `render`, as plain text: the header, the rows (each {"cells": [...]}, or
     {"section": title}) and the legend (what Markdown and the dashboard draw)."""
-    head = [""] + [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
+    head = [""] + [n if st == Status.FINISHED else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)] + c.verdict_columns
     pad = [""] * len(c.verdict_columns)
     rows: list[dict] = [{"cells": [key, *[fmt_value(v) for v in vals], *pad]} for key, vals in c.knobs.items()]
     for title, section in c.sections:

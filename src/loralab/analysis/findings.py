@@ -31,6 +31,7 @@ from loralab.analysis.comparison import (Comparison, bounded, cell_estimate, des
 from loralab.metrics.table import better_of as table_better
 from loralab.metrics.table import metric as table_metric
 from loralab.metrics.stats import MULTIPLE, Estimate, Verdict, adjust_for_multiplicity, mean_ci
+from loralab.workspace.status import Status
 from loralab.workspace.store import RunRecord
 from loralab.naming import confirmed_trial
 
@@ -338,7 +339,7 @@ def training_findings(groups: list[list[RunRecord]], level: float = 0.95) -> lis
 
     out = []
     for g in groups:
-        if g[0].kind == "base" or not all(r.status == "finished" for r in g):
+        if g[0].kind == "base" or not all(r.status == Status.FINISHED for r in g):
             continue
         slopes, ses, n = [], [], 0
         for r in g:
@@ -706,7 +707,7 @@ def tldr(groups: list[list[RunRecord]], metric: str = "eval_loss", *, better: st
     confirmed = {confirmation_of(g): g for g in groups if g and confirmation_of(g)}
     groups = [g for g in groups if g and not confirmation_of(g)]
     base = next((g for g in groups if g and g[0].kind == "base"), None)
-    runs = [g for g in groups if g and g[0].kind == "lora" and all(r.status == "finished" for r in g)
+    runs = [g for g in groups if g and g[0].kind == "lora" and all(r.status == Status.FINISHED for r in g)
             and _est(g, metric, level) is not None]
     out = TLDR(metric, better, None, None, base=_est(base, metric, level) if base else None, currency=currency)
     if not runs:

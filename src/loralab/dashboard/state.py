@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.environment import placement_text
+from loralab.workspace.status import Status
 from loralab.workspace.store import DONE, RunRecord, Store, engine_url, shown
 from loralab.naming import trial_name
 
@@ -64,19 +65,19 @@ class Dashboard:
         """Every named run, newest first, with its progress if it is training."""
         out = []
         records = self.store.list(light=True)  # no samples: polled every few seconds
-        last = self.store.last_steps([r.id for r in records if r.status == "running"])
+        last = self.store.last_steps([r.id for r in records if r.status == Status.RUNNING])
         for r in records:
             row = {"experiment": r.experiment, "name": r.name, "seed": r.seed, "id": r.id, "kind": r.kind,
                    "status": r.status, "updated": r.updated_at, "eval_loss": _num(r.metrics.get("eval_loss")),
                    "step": None, "planned": None, "loss": None, "eta_s": None, "host": placement_text(r.env)}
-            if r.status == "running":
+            if r.status == Status.RUNNING:
                 if not self.store.in_progress(r.id):  # its process is gone (killed), as `loralab ls` says too
-                    row["status"], row["gone"] = "interrupted", True
+                    row["status"], row["gone"] = Status.INTERRUPTED, True
                 step = last.get(r.id)
                 if step is not None:
                     done, planned = step["step"], step["total"]
                     row.update(step=done, planned=planned, loss=_num(step["loss"]))
-                    if planned and done and row["status"] == "running":
+                    if planned and done and row["status"] == Status.RUNNING:
                         row["eta_s"] = round((step["seconds"] or 0.0) / done * (planned - done), 1)
             elif r.status in DONE:
                 row["step"] = _num(r.metrics.get("steps"))
@@ -197,8 +198,8 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
         eta = round(min(seconds), 1) if seconds else None
     # Failed as `loralab sweep` counts it: trials that failed on their own; a trial whose process was
     # killed (Optuna's FAIL too) is interrupted, and its configuration runs again.
-    failed = sum(t.user_attrs.get("status") == "failed" for t in counted)
-    interrupted = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == "interrupted" for t in trials)
+    failed = sum(t.user_attrs.get("status") == Status.FAILED for t in counted)
+    interrupted = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == Status.INTERRUPTED for t in trials)
     return {"name": name, "done": len(by[TrialState.COMPLETE]), "pruned": len(by[TrialState.PRUNED]),
             "running": running, "failed": failed, "interrupted": interrupted, "trials": len(trials), "best": best,
             "direction": directions[0].name.lower() if len(directions) == 1 else "multi",

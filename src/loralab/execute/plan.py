@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from loralab.config.schema import SequentialSpec
 from loralab.metrics.sequential import level_for_seeds, look_alphas, pair_level  # noqa: F401 (the planner's levels)
+from loralab.workspace.status import Status
 
 
 SETTLED = ("higher", "lower", "negligible")
@@ -63,7 +64,7 @@ def decide(groups: dict, plan: SequentialSpec, *, confidence: float = 0.95, floo
     if not trained:
         return out
     ref_name, ref = trained[0]
-    broken = {n for n, g in trained if any(r.status != "finished" for r in g)}
+    broken = {n for n, g in trained if any(r.status != Status.FINISHED for r in g)}
     want: set[str] = set()
     for name, group in trained:
         pairs = ([("base", base)] if base else []) + ([(ref_name, ref)] if name != ref_name else [])

@@ -28,6 +28,7 @@ from loralab.progress import Overall, Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
+from loralab.workspace.status import Status
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
 
 SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
@@ -449,14 +450,14 @@ def store_failed(prepared: Prepared, job: Job, store: Store, error: str) -> Outc
         store.start(rid, name=job.run.name, experiment=job.experiment.name, kind="lora",
                     config=_run_config(prepared, job.run), model=model_info, data=data_info, env={},
                     seed=job.run.train.seed)
-    store.mark(rid, "failed", error)
-    return Outcome(rid, "failed", False)
+    store.mark(rid, Status.FAILED, error)
+    return Outcome(rid, Status.FAILED, False)
 
 
 def reusable(done: RunRecord) -> bool:
     """A stored run that a rerun takes as is: finished with its adapter on disk, or diverged
     (an outcome, not an accident). Pruned runs are not: a pruner stopped them relative to others."""
-    return done.status == "diverged" or (done.status == "finished" and _adapter_ok(done))
+    return done.status == Status.DIVERGED or (done.status == Status.FINISHED and _adapter_ok(done))
 
 
 def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str, label: str | None = None,
@@ -510,8 +511,8 @@ def stored_adapter(store: Store, aid: str | None) -> RunRecord | None:
     if aid is None:
         return None
     runs = store.adapter_runs(aid)
-    return next((r for r in runs if r.status == "finished" and _adapter_ok(r)),
-                next((r for r in runs if r.status == "diverged"), None))
+    return next((r for r in runs if r.status == Status.FINISHED and _adapter_ok(r)),
+                next((r for r in runs if r.status == Status.DIVERGED), None))
 
 
 def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
@@ -889,7 +890,7 @@ def _failed(err: Exception, run: RunSpec, label: str, rid: str, store: Store, re
     full = storage_error(err, store.root)
     if full is not None:
         try:
-            store.mark(rid, "failed", str(full))
+            store.mark(rid, Status.FAILED, str(full))
         except Exception:
             pass  # the database is on the same full disk; the row stays `running`, which doctor reports
         raise full from None
@@ -900,14 +901,14 @@ def _failed(err: Exception, run: RunSpec, label: str, rid: str, store: Store, re
                   f"({run.train.batch_size}) or train.max_seq_len ({run.train.max_seq_len}) and raise "
                   f"train.gradient_accumulation to keep the effective batch; in evaluation, lower "
                   f"generate.batch_size ({run.generate.batch_size})")
-        store.mark(rid, "failed", f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
+        store.mark(rid, Status.FAILED, f"{trace}\n{reason}")  # the reason last: what `show` and the sweep print
         rep.log(f"[red]{label}: {_plain(reason)}[/red]")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return "failed"
-    store.mark(rid, "failed", trace)
+        return Status.FAILED
+    store.mark(rid, Status.FAILED, trace)
     rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
-    return "failed"
+    return Status.FAILED
 
 
 class _Progress:

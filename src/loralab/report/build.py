@@ -24,6 +24,7 @@ from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
+from loralab.workspace.status import Status
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store, is_url, shown
 from loralab.naming import is_trial, trial_name
 
@@ -186,7 +187,7 @@ def settled(group: list[RunRecord], notes: list[str]) -> list[RunRecord]:
         if r.status not in DONE:
             seed = f" seed {r.seed}" if r.seed is not None else ""
             notes.append(f"{r.experiment}/{r.name}{seed} is {r.status}: left out"
-                         + (" (see `loralab show`)." if r.status == "failed" else " until it finishes."))
+                         + (" (see `loralab show`)." if r.status == Status.FAILED else " until it finishes."))
     return keep
 
 
@@ -350,7 +351,7 @@ def _trained(groups: list[list[RunRecord]]) -> list[list[RunRecord]]:
 
 
 def _finished(g: list[RunRecord]) -> bool:
-    return all(r.status == "finished" for r in g)
+    return all(r.status == Status.FINISHED for r in g)
 
 
 def _dedupe(groups: list[list[RunRecord]]) -> list[list[RunRecord]]:
@@ -606,9 +607,9 @@ def _status(g: list[RunRecord]) -> str:
         counts[r.status] = counts.get(r.status, 0) + 1
     if len(counts) == 1:
         s = g[0].status
-        if s == "pruned":
+        if s == Status.PRUNED:
             return f"pruned at step {g[0].metrics.get('pruned_step', '?')}"
-        if s == "diverged":
+        if s == Status.DIVERGED:
             return f"diverged at step {g[0].metrics.get('diverged_step', '?')}"
         return s
     return ", ".join(f"{s} ×{n}" for s, n in counts.items())
@@ -837,7 +838,7 @@ def _env(kind: str):
 
 def _table_cells(c: Comparison) -> dict[str, Any]:
     """The comparison as plain cells for the HTML template (same formatting as `loralab compare`)."""
-    head = [n if st == "finished" else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)]
+    head = [n if st == Status.FINISHED else f"{n} ({st})" for n, st in zip(c.runs, c.statuses)]
     knob_rows = [(k, [fmt_value(v) for v in vals]) for k, vals in c.knobs.items()]
     sections = []
     for title, rows in c.sections:

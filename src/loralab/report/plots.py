@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from loralab.workspace.status import Status
+
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22"]
 BASE_COLOR = "#7f7f7f"
 VERDICT_COLORS = {"better": "#2e7d32", "worse": "#c62828", "changed": "#1f5fa8", "noise": "#8a8a8a"}
@@ -123,7 +125,7 @@ class Curve:
     mean: list[float]  # mean over seeds at each step
     lo: list[float] | None = None  # min and max over seeds (a band), None for one seed
     hi: list[float] | None = None
-    status: str = "finished"
+    status: str = Status.FINISHED
 
 
 def loss_curves(curves: list[Curve], colors: dict[str, str] | None = None) -> Plot:
@@ -138,9 +140,9 @@ def loss_curves(curves: list[Curve], colors: dict[str, str] | None = None) -> Pl
                 continue
             xs, ys = zip(*finite)
             ax.plot(xs, ys, color=col, alpha=0.18 if len(curves) > 3 else 0.3, linewidth=0.7)
-            label = c.name if c.status == "finished" else f"{c.name} ({c.status})"
+            label = c.name if c.status == Status.FINISHED else f"{c.name} ({c.status})"
             ax.plot(xs, smooth(ys), color=col, linewidth=1.8, label=_tex_safe(label),
-                    linestyle="-" if c.status == "finished" else "--")
+                    linestyle="-" if c.status == Status.FINISHED else "--")
             if c.lo and c.hi and len(curves) <= 3:  # more bands than that overlap into one grey area
                 ax.fill_between(c.steps, c.lo, c.hi, color=col, alpha=0.12, linewidth=0)
         ax.set_xlabel("optimizer step")
@@ -159,7 +161,7 @@ class Point:
     y: float  # quality
     x_err: float = 0.0  # CI half-widths (0: none)
     y_err: float = 0.0
-    status: str = "finished"
+    status: str = Status.FINISHED
 
 
 def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, level: float = 0.95,
@@ -173,7 +175,7 @@ def quality_vs_cost(points: list[Point], quality: str, cost: str, better: str, l
             # A cost is never below 0: an interval reaching past it is drawn to 0 (its upper half as is).
             ax.errorbar([p.x], [p.y], xerr=[[min(p.x_err, max(p.x, 0.0))], [p.x_err]] if p.x_err else None,
                         yerr=[[p.y_err], [p.y_err]] if p.y_err else None, fmt="o", color=col, capsize=3,
-                        markersize=6 if i in front else 4, alpha=1.0 if p.status == "finished" else 0.5)
+                        markersize=6 if i in front else 4, alpha=1.0 if p.status == Status.FINISHED else 0.5)
             ax.annotate(_tex_safe(p.name), (p.x, p.y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if front:
             ax.plot([points[i].x for i in front], [points[i].y for i in front], color="#333333", linewidth=1,

@@ -22,6 +22,7 @@ import time
 from loralab.config.space import is_grid
 from loralab.sweep.pruning import decision_steps
 from loralab.naming import trial_name
+from loralab.workspace.status import Status
 
 
 def synchronous(loop) -> bool:
@@ -119,7 +120,7 @@ def _drop(loop, trial, tr, rung: int, spent: float, ran: list[int]) -> None:
     Checkpoints(loop.store.run_dir(rid), None).remove()
     rec = loop.store.get(rid)
     m = rec.metrics if rec is not None else {}
-    for k, v in {"status": "pruned", "run_ids": [rid], "spent_s": round(spent, 3), "reused": tr.reused,
+    for k, v in {"status": Status.PRUNED, "run_ids": [rid], "spent_s": round(spent, 3), "reused": tr.reused,
                  "steps": rung, "planned_steps": int(m.get("planned_steps", 0)),
                  "saved_steps": int(m.get("saved_steps", 0)), "saved_s": float(m.get("saved_s", 0.0))}.items():
         trial.set_user_attr(k, v)

@@ -46,6 +46,7 @@ from loralab.config.space import (Space, _budget_text, edges, experiment_start, 
                                   needs_probe, objective_value, prior_lines, sampler_class_name)
 from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
 from loralab.naming import confirm_name, trial_name
+from loralab.workspace.status import Status
 
 OPTUNA_DB = "optuna.db"
 
@@ -87,7 +88,7 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
         run = make_run(experiment_start(exp), knobs, name)
         resolve_target_modules(prepared.base.model, run.lora.target_modules, where=f"sweep: {name}.lora.target_modules")
     except (ValidationError, SpecError, ValueError) as err:  # a point the file check could not foresee
-        return TrialRuns("failed", [], None, 0, error=f"invalid trial config: {err}")
+        return TrialRuns(Status.FAILED, [], None, 0, error=f"invalid trial config: {err}")
     executor = executor or LocalExecutor(prepared, store, rep)
     pruner = exp.sweep.resolved_pruner if exp.sweep else PrunerSpec(name="none")
     ids, records, reused = [], [], 0
@@ -105,9 +106,9 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
         ids.append(out.run_id)
         records.append(store.get(out.run_id))
         reused += out.reused
-        if status == "pruned" and pause_at is not None and i == 0:
-            return _paused_at(prepared, job, store) or TrialRuns("failed", ids, None, reused, error="paused without a checkpoint")
-        if status != "finished":
+        if status == Status.PRUNED and pause_at is not None and i == 0:
+            return _paused_at(prepared, job, store) or TrialRuns(Status.FAILED, ids, None, reused, error="paused without a checkpoint")
+        if status != Status.FINISHED:
             break
     first = records[0].metrics
     # A trial stopped early (pruned, diverged) also skips its other seeds: their whole training is saved too.
@@ -116,7 +117,7 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
     out = TrialRuns(status, ids, None, reused, steps=int(first.get("steps", 0)), planned_steps=planned,
                     saved_steps=int(first.get("saved_steps", 0)) + skipped * planned,
                     saved_s=float(first.get("saved_s", 0.0)) + round(skipped * planned * per_step, 2), error=records[-1].error)
-    if status == "finished":
+    if status == Status.FINISHED:
         objectives = exp.sweep.objective if exp.sweep else [ObjectiveSpec()]
         out.values = [statistics.fmean(objective_value(r.metrics, o, run) for r in records) for o in objectives]
     return out
@@ -129,7 +130,7 @@ def _paused_at(prepared, job: Job, store) -> TrialRuns | None:
 
     rid = run_id(prepared, job.run, job.full_eval, job.probe)
     rec = store.get(rid)
-    if rec is None or rec.status != "pruned" or rec.metrics.get("pruned_step") != job.pause_at:
+    if rec is None or rec.status != Status.PRUNED or rec.metrics.get("pruned_step") != job.pause_at:
         return None
     found = Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest()
     if found is None or found.step != job.pause_at:
@@ -216,7 +217,7 @@ def counts_in_budget(t) -> bool:
     if t.user_attrs.get("from_workspace"):  # measured before the sweep (sweep.warm): counts for the search only
         return False
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-        t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed")
+        t.state == TrialState.FAIL and t.user_attrs.get("status") == Status.FAILED)
 
 
 def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_flight: int = 0) -> str | None:
@@ -502,7 +503,7 @@ def recover_interrupted(study, space: Space, rep: Reporter, alive: Callable[[Any
             if t.number not in retried:
                 study.enqueue_trial(dict(params), user_attrs={"retry_of": t.number})
             set_attr("knobs", space.knobs(params))
-        set_attr("status", "interrupted")
+        set_attr("status", Status.INTERRUPTED)
         study.tell(t.number, state=TrialState.FAIL)
         if forget is not None:
             forget(t.number)
@@ -596,7 +597,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         result.close_to_best = _close_to_best(result, store, exp, rep)
         if len(sw.objective) == 1 and result.best:  # at an edge, and better than the trials inside it beyond noise
             others = [(t.knobs, t.number in result.close_to_best) for t in result.trials
-                      if t.status == "finished" and t.number != result.best[0].number]
+                      if t.status == Status.FINISHED and t.number != result.best[0].number]
             at_edge = edges(space, result.best[0].knobs, others)
             if at_edge:
                 rep.log("The best point sits at an edge of the space (" + "; ".join(at_edge) + "): the best may lie "
@@ -771,7 +772,7 @@ class _Loop:
                 if (b.trials or is_grid(self.sw)) else None
             self._overall = Overall(self.rep, "trial", total)
             self._overall.started = self._overall.finished = sum(
-                t.state.is_finished() and t.user_attrs.get("status") != "interrupted" for t in self.study.get_trials(deepcopy=False))
+                t.state.is_finished() and t.user_attrs.get("status") != Status.INTERRUPTED for t in self.study.get_trials(deepcopy=False))
         return self._overall
 
     def wait_for_others(self) -> None:
@@ -798,12 +799,12 @@ class _Loop:
                                executor=self.worker, pruning=pruning)
         except KeyboardInterrupt:  # same as a dead process: this configuration runs again next time
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-            trial.set_user_attr("status", "interrupted")
+            trial.set_user_attr("status", Status.INTERRUPTED)
             study.tell(trial, state=TrialState.FAIL)
             self.forget(trial.number)
             raise
         except SpecError:  # objective names no recorded metric: not the trial's fault, not counted
-            trial.set_user_attr("status", "interrupted")
+            trial.set_user_attr("status", Status.INTERRUPTED)
             study.tell(trial, state=TrialState.FAIL)
             raise
         spent = time.perf_counter() - t0
@@ -826,17 +827,17 @@ class _Loop:
         """Optuna's state for how the trial's runs ended (loralab's status kept as a user attr); a phrase."""
         from optuna.trial import TrialState
 
-        if tr.status == "finished":
+        if tr.status == Status.FINISHED:
             self.study.tell(trial, tr.values)
             return _values_text(self.sw, tr.values)
-        if tr.status in ("pruned", "diverged"):  # stopped early because it was bad: Optuna's PRUNED
+        if tr.status in (Status.PRUNED, Status.DIVERGED):  # stopped early because it was bad: Optuna's PRUNED
             self.study.tell(trial, state=TrialState.PRUNED)
             return (f"pruned at step {tr.steps}/{tr.planned_steps}, saved {tr.saved_steps} steps (~{tr.saved_s:.1f} s)"
-                    if tr.status == "pruned" else f"diverged at step {tr.steps}")
+                    if tr.status == Status.PRUNED else f"diverged at step {tr.steps}")
         if tr.error:
             trial.set_user_attr("error", tr.error[-2000:])
         self.study.tell(trial, state=TrialState.FAIL)
-        return "failed" + (f": {tr.error.strip().splitlines()[-1]}" if tr.error else "")
+        return Status.FAILED + (f": {tr.error.strip().splitlines()[-1]}" if tr.error else "")
 
 
 def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
@@ -847,8 +848,8 @@ def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -
     sw = exp.sweep
     if len(sw.objective) != 1 or not result.best:
         return []
-    runs = {r.id: r for r in store.list(exp.name) if r.status == "finished"}
-    groups = {t.number: [runs[i] for i in t.run_ids if i in runs] for t in result.trials if t.status == "finished"}
+    runs = {r.id: r for r in store.list(exp.name) if r.status == Status.FINISHED}
+    groups = {t.number: [runs[i] for i in t.run_ids if i in runs] for t in result.trials if t.status == Status.FINISHED}
     best = groups.get(result.best[0].number)
     if not best:
         return []
@@ -877,7 +878,7 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     result.cost = result.spent_s / 3600 * per_hour if per_hour is not None else None
     best_numbers = {t.number for t in study.best_trials}
     result.best = [t for t in result.trials if t.number in best_numbers]
-    n = {s: sum(t.status == s for t in counted) for s in ("finished", "pruned", "diverged", "failed")}
+    n = {s: sum(t.status == s for t in counted) for s in (Status.FINISHED, Status.PRUNED, Status.DIVERGED, Status.FAILED)}
     rep.log(f"Sweep stopped: {result.stopped}. Trials: {n['finished']} finished, {n['pruned']} pruned, "
             f"{n['diverged']} diverged, {n['failed']} failed.")
     money = f" ({result.cost:.4f} {exp.cost.currency})" if result.cost is not None else ""
@@ -902,7 +903,7 @@ def _confirm(result: SweepResult, study, prepared, store, exp: Experiment, worke
 
     sw = exp.sweep
     sign = -1.0 if sw.directions[0] == "maximize" else 1.0
-    done = sorted((t for t in result.trials if t.status == "finished" and t.values), key=lambda t: sign * t.values[0])
+    done = sorted((t for t in result.trials if t.status == Status.FINISHED and t.values), key=lambda t: sign * t.values[0])
     top = done[: sw.confirm.top]
     if not top:
         return
@@ -919,7 +920,7 @@ def _confirm(result: SweepResult, study, prepared, store, exp: Experiment, worke
         spent = time.perf_counter() - t0
         info: dict[str, Any] = {"seeds": fresh, "run_ids": tr.run_ids, "status": tr.status, "spent_s": round(spent, 2),
                                 "searched": t.values[0]}
-        if tr.status == "finished" and tr.values:
+        if tr.status == Status.FINISHED and tr.values:
             info["value"] = tr.values[0]
             group = [r for r in (store.get(i) for i in tr.run_ids) if r is not None]
             e = cell_estimate(_objective_key(exp, group[0]), group, level) if group else None
@@ -974,7 +975,7 @@ def _throughput(ws: Path, model_fingerprint: str, sweep=None, n_eval: int | None
     except RunNotFound:  # nothing stored yet
         return None
     with store:
-        runs = [r for r in store.list() if r.kind == "lora" and r.status == "finished"
+        runs = [r for r in store.list() if r.kind == "lora" and r.status == Status.FINISHED
                 and r.model.get("fingerprint") == model_fingerprint and r.metrics.get("tokens_per_s")]
     runs = list({r.id: r for r in runs}.values())
     if not runs:

@@ -21,6 +21,7 @@ from loralab.config.schema import Experiment
 from loralab.config.space import Space, experiment_start, make_run, needs_full_eval, needs_probe, objective_value
 from loralab.errors import LoralabError
 from loralab.naming import trial_name
+from loralab.workspace.status import Status
 
 
 @dataclass
@@ -92,7 +93,7 @@ def measured_points(exp: Experiment, prepared, store, space: Space) -> list[Poin
     start = experiment_start(exp)
     points: dict[str, Point] = {}
     for rec in store.all_runs(light=True):  # every row, aliased or not; samples and curves left unread
-        if rec.kind != "lora" or rec.status not in ("finished", "pruned") or rec.seed is None:
+        if rec.kind != "lora" or rec.status not in (Status.FINISHED, Status.PRUNED) or rec.seed is None:
             continue
         if rec.model.get("fingerprint") != prepared.base.fingerprint or rec.data.get("fingerprint") != prepared.dataset.fingerprint:
             continue
@@ -110,7 +111,7 @@ def measured_points(exp: Experiment, prepared, store, space: Space) -> list[Poin
         key = repr(sorted(knobs.items()))
         pt = points.setdefault(key, Point(knobs, params))
         prev = pt.runs.get(rec.seed)
-        if prev is None or (prev.status != "finished" and rec.status == "finished"):
+        if prev is None or (prev.status != Status.FINISHED and rec.status == Status.FINISHED):
             pt.runs[rec.seed] = rec
     return list(points.values())
 
@@ -138,19 +139,19 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
         if first is None:
             continue
         user = {"knobs": pt.knobs, "from_workspace": True, "spent_s": 0.0, "reused": len([r for r in recs if r])}
-        if all(r is not None and r.status == "finished" for r in recs):
+        if all(r is not None and r.status == Status.FINISHED for r in recs):
             try:
                 values = [statistics.fmean(objective_value(r.metrics, o, run) for r in recs) for o in sw.objective]
             except LoralabError:
                 continue
             state, inter = TrialState.COMPLETE, None
-            user.update(status="finished", run_ids=[r.id for r in recs])
-        elif first.status == "pruned" and len(sw.objective) == 1 and pruner.name != "none" and \
+            user.update(status=Status.FINISHED, run_ids=[r.id for r in recs])
+        elif first.status == Status.PRUNED and len(sw.objective) == 1 and pruner.name != "none" and \
                 isinstance(first.metrics.get("pruned_loss"), (int, float)) and \
                 first.metrics.get("pruned_loss_examples") == (pruner.eval_examples or len(prepared.dataset.eval)):
             values, state = None, TrialState.PRUNED
             inter = {int(first.metrics["pruned_step"]): float(first.metrics["pruned_loss"])}
-            user.update(status="pruned", run_ids=[first.id], steps=int(first.metrics["pruned_step"]))
+            user.update(status=Status.PRUNED, run_ids=[first.id], steps=int(first.metrics["pruned_step"]))
         else:
             continue
         if not add:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loralab.track.base import RunInfo, register
+from loralab.workspace.status import Status
 
 PARAMS_PER_CALL = 100  # MLflow's limits for one log_batch request
 METRICS_PER_CALL = 1000
@@ -23,7 +24,7 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_R
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 DOWN_S = 300.0  # a server that failed a run's start is not asked again by this process for this long
 _down: dict[str, tuple[float, str]] = {}  # tracking URI -> (when it failed, why)
-STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+STATUS = {Status.FINISHED: "FINISHED", Status.DIVERGED: "FINISHED", Status.PRUNED: "FINISHED", Status.FAILED: "FAILED", Status.INTERRUPTED: "KILLED"}
 
 
 def _chunks(items: list, n: int):

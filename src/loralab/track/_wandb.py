@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loralab.track.base import RunInfo, register
+from loralab.workspace.status import DONE
 
 
 @register("wandb", module="wandb")
@@ -37,4 +38,4 @@ class WandbTracker:
 
     def finish(self, metrics: dict[str, float], status: str, adapter_dir: Path | None) -> None:
         self.run.summary.update({**metrics, "status": status})
-        self.run.finish(exit_code=0 if status in ("finished", "diverged", "pruned") else 1)
+        self.run.finish(exit_code=0 if status in DONE else 1)

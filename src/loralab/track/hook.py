@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loralab.track.base import REGISTRY, RunInfo, Tracker, flatten, numbers
+from loralab.workspace.status import Status
 
 STEP_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # engine.train's curve, one row per step
 # Steps go out in batches, at most one every FLUSH_S seconds and at the end, so a tracker costs a request
@@ -69,12 +70,12 @@ class Tracking:
         of them when the training was taken from a stored adapter."""
         self.flush()
         if record is None:
-            self._call("finish", {}, "failed", None)
+            self._call("finish", {}, Status.FAILED, None)
             return
         rows = [r for r in curve_rows(record.curves or {}) if r["step"] > self.sent]
         if rows:
             self._call("log_steps", rows)
-        adapter = Path(record.adapter_path) if record.adapter_path and record.status == "finished" else None
+        adapter = Path(record.adapter_path) if record.adapter_path and record.status == Status.FINISHED else None
         self._call("finish", numbers(record.metrics or {}), record.status, adapter)
 
 

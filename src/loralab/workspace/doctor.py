@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
+from loralab.workspace.status import Status
 from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
 from loralab.naming import trial_name
 
@@ -199,7 +200,7 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
                                     "are kept", repairable=False))
         return
     saved = _checkpoint(folder)
-    if rec.status == "running":
+    if rec.status == Status.RUNNING:
         again = (f"the next `loralab run` resumes it from its checkpoint at step {saved.step} (kept)" if saved
                  else "the next `loralab run` trains it again")
         f = Issue("interrupted", where, "left `running` by a process that stopped without finishing it "
@@ -207,15 +208,15 @@ def _check_run(store: Store, rec: RunRecord, where: str, out: Checkup, repair: b
                     f"mark it interrupted and remove its unfinished files; {again}")
         out.findings.append(f)
         if repair:
-            f.repaired = _repair_run(store, rec.id, "interrupted", "left running by a process that died "
+            f.repaired = _repair_run(store, rec.id, Status.INTERRUPTED, "left running by a process that died "
                                      "(found by loralab doctor)", remove=True)
         return
-    if saved and rec.status in ("interrupted", "failed"):
+    if saved and rec.status in (Status.INTERRUPTED, Status.FAILED):
         out.findings.append(Issue("checkpoint", where, f"{rec.status} with a checkpoint at step {saved.step} of "
                                   f"{saved.total} ({_mb(saved.path)} MB)", "nothing: the next `loralab run` or "
                                   "`loralab sweep` of it continues from there (remove the folder to start over)",
                                   "note"))
-    if rec.status == "finished":
+    if rec.status == Status.FINISHED:
         rec = _check_finished(store, rec, where, folder, out, repair)
         if rec is None:
             return
@@ -237,7 +238,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
                     "mark it failed; the next `loralab run` trains it again")
         out.findings.append(f)
         if repair:
-            f.repaired = _repair_run(store, rec.id, "failed", "finished without metrics (found by loralab doctor)",
+            f.repaired = _repair_run(store, rec.id, Status.FAILED, "finished without metrics (found by loralab doctor)",
                                      remove=True)
         return None
     local = folder / "adapter"  # where the runner always saves it
@@ -264,7 +265,7 @@ def _check_finished(store: Store, rec: RunRecord, where: str, folder: Path, out:
                     "or incomplete", "mark it failed; the next `loralab run` trains it again")
     out.findings.append(f)
     if repair:
-        f.repaired = _repair_run(store, rec.id, "failed", "adapter missing on disk (found by "
+        f.repaired = _repair_run(store, rec.id, Status.FAILED, "adapter missing on disk (found by "
                                  "loralab doctor)", remove=True)
     return None
 
@@ -274,7 +275,7 @@ def _leftovers(rec: RunRecord, folder: Path) -> list[Path]:
     still to finish are what its next attempt resumes from: not leftovers)."""
     if not folder.is_dir():
         return []
-    keep = Path(rec.adapter_path) if rec.status == "finished" and rec.adapter_path else None
+    keep = Path(rec.adapter_path) if rec.status == Status.FINISHED and rec.adapter_path else None
     resumable = rec.status not in DONE
     return [p for p in sorted(folder.iterdir()) if (keep is None or p.resolve() != keep.resolve())
             and not (resumable and p.name == CHECKPOINTS)]
@@ -300,7 +301,7 @@ def _repair_run(store: Store, run_id: str, status: str, error: str, remove: bool
         folder = store.run_dir(run_id)
         if remove and folder.is_dir():
             for p in folder.iterdir():
-                if status == "interrupted" and p.name == CHECKPOINTS:
+                if status == Status.INTERRUPTED and p.name == CHECKPOINTS:
                     continue
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)

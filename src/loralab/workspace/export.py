@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.errors import Problem, SpecError
+from loralab.workspace.status import Status
 from loralab.workspace.store import RunRecord
 
 HEADLINE = ("eval_loss", "eval_ppl", "generalization_gap", "drift_kl", "train_s", "total_s", "trainable_params")
@@ -59,7 +60,7 @@ def export(rec: RunRecord, out: str | Path, merge: bool = False, base: str | Non
     Written into a hidden folder beside `out` and renamed at the end: a failure leaves nothing behind.
     """
     out = Path(out)
-    if rec.kind != "lora" or rec.status != "finished" or not rec.adapter_path:
+    if rec.kind != "lora" or rec.status != Status.FINISHED or not rec.adapter_path:
         raise SpecError(f"run {rec.name} has no adapter to export",
                         [Problem("RUN", f"{rec.kind} run, {rec.status}", rec.name,
                                  "export a finished LoRA run (see `loralab ls`)")])

@@ -32,6 +32,7 @@ from loralab.config.schema import config_hash
 from loralab.errors import Problem, RunNotFound, SpecError, WorkspaceError
 from loralab.faults import fault_point
 from loralab.workspace.locks import file_lock, is_locked
+from loralab.workspace.status import DONE, REUSED, STATUSES, Status
 
 DB_NAME = "loralab.db"
 LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
@@ -39,10 +40,6 @@ SCHEMA_VERSION = 4  # PRAGMA user_version; bump when tables change (and add the 
 READABLE = (2, 3, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
 DEFAULT_WORKSPACE = "loralab-workspace"
 
-STATUSES = ("running", "finished", "diverged", "pruned", "interrupted", "failed")
-# Terminal outcomes. A rerun reuses finished and diverged runs; a pruned run was stopped only
-# because other trials of its sweep did better, so a plain `loralab run` trains it in full.
-DONE = ("finished", "diverged", "pruned")
 
 
 PG_INSTALL = "pip install 'loralab[postgres]'"
@@ -669,7 +666,7 @@ class Store:
             if row is None:
                 row = RunRow(id=run_id)
                 s.add(row)
-            row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, "running", seed
+            row.name, row.experiment, row.kind, row.status, row.seed = name, experiment, kind, Status.RUNNING, seed
             row.config, row.model, row.data, row.env = config, model, data, env
             row.metrics, row.curves, row.samples = {}, {}, []
             row.timings = {"resumed_at": [resume_from]} if resume_from else {}  # the whole list comes with finish
@@ -693,7 +690,7 @@ class Store:
 
     @_db_retried
     def finish(self, run_id: str, *, metrics: dict, curves: dict, samples: list, timings: dict,
-               adapter_path: str | None, status: str = "finished", error: str | None = None) -> None:
+               adapter_path: str | None, status: str = Status.FINISHED, error: str | None = None) -> None:
         """Store results and the terminal status in one transaction."""
         assert status in DONE
         with Session(self.engine) as s, s.begin():
@@ -801,7 +798,7 @@ class Store:
     def adapter_runs(self, adapter_id: str) -> list[RunRecord]:
         """Finished and diverged runs of one adapter (see adapter_identity), newest first."""
         with Session(self.engine) as s:
-            q = (select(RunRow).where(RunRow.adapter_id == adapter_id, RunRow.status.in_(("finished", "diverged")))
+            q = (select(RunRow).where(RunRow.adapter_id == adapter_id, RunRow.status.in_(REUSED))
                  .order_by(RunRow.updated_at.desc()))
             return [RunRecord.from_row(row) for row in s.scalars(q)]
 
