@@ -15,7 +15,7 @@ from typing import Any
 
 from loralab.environment import placement_text
 from loralab.workspace.status import Status
-from loralab.workspace.store import DONE, RunRecord, Store, engine_url, shown
+from loralab.workspace.store import DONE, RunRecord, Store, shown
 from loralab.naming import trial_name
 
 MAX_COMPARED = 8  # runs in "Main differences" beside the base: more columns would not read on a page
@@ -144,16 +144,8 @@ class Dashboard:
         return out
 
     def _storage(self):
-        from loralab.sweep.study import OPTUNA_DB
-
         if self._studies is None:
-            if self.store.url is not None:  # the study shares the workspace's database, once a sweep made its tables
-                from sqlalchemy import inspect
-
-                with self.store.engine.connect() as conn:
-                    url = engine_url(self.store.url) if inspect(conn).has_table("studies") else None
-            else:
-                url = f"sqlite:///{Path(self.root) / OPTUNA_DB}" if (Path(self.root) / OPTUNA_DB).is_file() else None
+            url = self.store.study_url()
             if url is not None:
                 import optuna
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
+from loralab.engine.curve import CURVE_KEYS
 from loralab.engine.data import Encoded
 from loralab.engine.generate import eval_mode
 from loralab.config.schema import TrainSpec
@@ -54,8 +55,7 @@ class Step:
     def row(self) -> dict[str, float]:
         """This step as a row of the training curve (TrainResult.curve's keys): what the workspace
         streams and trackers log."""
-        return {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
-                "tokens": self.tokens, "seconds": self.seconds}
+        return dict(zip(CURVE_KEYS, (self.step, self.loss, self.grad_norm, self.lr, self.tokens, self.seconds)))
 
 
 class StepHook(Protocol):
@@ -330,7 +330,7 @@ def make_optimizer(model, params: list, spec: TrainSpec, loraplus_lr_ratio: floa
     return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **fused)
 
 
-CURVE = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # TrainResult.curve's keys
+CURVE = CURVE_KEYS  # TrainResult.curve's keys
 
 
 class Trainer:

@@ -25,7 +25,7 @@ from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of
 from loralab.errors import Problem, RunNotFound, SpecError
 from loralab.config.schema import Experiment
 from loralab.workspace.status import Status
-from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store, is_url, shown
+from loralab.workspace.store import DB_NAME, DONE, OPTUNA_DB, RunRecord, Store, is_url, shown
 from loralab.naming import is_trial, trial_name
 
 DEFAULT_SAMPLES = 4
@@ -196,7 +196,7 @@ def _same(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
 
 
 def _load_study(exp: Experiment, ws: Path, notes: list[str]):
-    from loralab.sweep.study import OPTUNA_DB, storage_url
+    from loralab.sweep.study import storage_url
 
     url = storage_url(exp, ws)
     if url.startswith("sqlite:///") and not (Path(ws) / OPTUNA_DB).is_file() and not exp.sweep.storage:

@@ -48,8 +48,6 @@ from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec
 from loralab.naming import confirm_name, trial_name
 from loralab.workspace.status import Status
 
-OPTUNA_DB = "optuna.db"
-
 
 # ---------------------------------------------------------------------------------------------
 # One trial: a configuration, trained once per seed
@@ -242,13 +240,13 @@ def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_fli
 def storage_url(exp: Experiment, ws: Path | str) -> str:
     """The study's SQLAlchemy URL: sweep.storage, else the workspace's own database (optuna.db in a
     folder; the same PostgreSQL database as the runs for a database workspace)."""
-    from loralab.workspace.store import engine_url, is_url
+    from loralab.workspace.store import default_study_url, engine_url
 
     if exp.sweep and exp.sweep.storage:
         from loralab.config.space import storage_location
 
         return engine_url(storage_location(exp.sweep.storage, exp.base_dir))
-    return engine_url(str(ws)) if is_url(ws) else f"sqlite:///{Path(ws) / OPTUNA_DB}"
+    return default_study_url(ws)
 
 
 # Trials on a database server (many hosts) beat every HEARTBEAT_S seconds; one silent for GRACE_S is

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from loralab.engine.curve import CURVE_KEYS
 from loralab.track.base import REGISTRY, RunInfo, Tracker, flatten, numbers
 from loralab.workspace.status import Status
 
-STEP_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # engine.train's curve, one row per step
 # Steps go out in batches, at most one every FLUSH_S seconds and at the end, so a tracker costs a request
 # per batch rather than per step (MLflow: one log_batch), far below 1% of a run.
 FLUSH_S = 10.0
@@ -82,7 +82,7 @@ class Tracking:
 def curve_rows(curves: dict[str, Any]) -> list[dict[str, float]]:
     """A stored curve (lists per key) as step rows."""
     steps = curves.get("step") or []
-    cols = {k: curves[k] for k in STEP_KEYS if isinstance(curves.get(k), list) and len(curves[k]) == len(steps)}
+    cols = {k: curves[k] for k in CURVE_KEYS if isinstance(curves.get(k), list) and len(curves[k]) == len(steps)}
     return [{k: v[i] for k, v in cols.items()} for i in range(len(steps))]
 
 

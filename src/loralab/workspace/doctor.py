@@ -20,11 +20,10 @@ from pathlib import Path
 
 from loralab.execute.checkpoint import FOLDER as CHECKPOINTS, found_in  # torch is imported only to load one
 from loralab.workspace.status import Status
-from loralab.workspace.store import DB_NAME, DONE, RunRecord, Store
+from loralab.workspace.store import DB_NAME, DONE, OPTUNA_DB, RunRecord, Store
 from loralab.naming import trial_name
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-STUDY_DB = "optuna.db"  # sweep.OPTUNA_DB, not imported: that would load the sweep module for every check
 
 
 @dataclass
@@ -95,7 +94,7 @@ def check_workspace(workspace: str | Path, repair: bool = False) -> Checkup:
                 _check_studies(store, out)
             except Exception as err:  # a damaged optuna.db: a finding, the run checks above still stand
                 first = str(err).splitlines()[0][:120] if str(err) else ""
-                out.findings.append(Issue("study", str(store.root / STUDY_DB) if store.url is None else store.where,
+                out.findings.append(Issue("study", str(store.root / OPTUNA_DB) if store.url is None else store.where,
                                           f"the sweep study database cannot be read ({type(err).__name__}: {first})",
                                           "restore optuna.db from a backup, or move it away and run the sweep again "
                                           "(finished runs are reused)", repairable=False))
@@ -334,22 +333,13 @@ def _check_studies(store: Store, out: Checkup) -> None:
     from loralab.sweep import _optuna
 
     stale: set[int] = set()
-    if store.url is None:
-        db = store.root / STUDY_DB
-        if not db.is_file():
-            return
-        storage = f"sqlite:///{db}"
-    else:
-        from sqlalchemy import inspect
-
+    storage = store.study_url()
+    if storage is None:  # no sweep has run here
+        return
+    if store.url is not None:
         from loralab.sweep.study import study_storage
 
-        with store.engine.connect() as conn:
-            if not inspect(conn).has_table("studies"):  # no sweep has run here
-                return
-        from loralab.workspace.store import engine_url
-
-        storage = study_storage(engine_url(store.url))
+        storage = study_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for summary in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)

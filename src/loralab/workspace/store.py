@@ -29,12 +29,14 @@ from sqlalchemy.exc import DatabaseError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, deferred, mapped_column
 
 from loralab.config.schema import config_hash
+from loralab.engine.curve import CURVE_KEYS
 from loralab.errors import Problem, RunNotFound, SpecError, WorkspaceError
 from loralab.faults import fault_point
 from loralab.workspace.locks import file_lock, is_locked
 from loralab.workspace.status import DONE, REUSED, STATUSES, Status
 
 DB_NAME = "loralab.db"
+OPTUNA_DB = "optuna.db"  # a folder workspace's sweep studies (a database workspace keeps them in its own database)
 LOCKS = "locks"  # one lock file per run in progress (see locks.py); never deleted, so never raced
 SCHEMA_VERSION = 4  # PRAGMA user_version; bump when tables change (and add the step to _migrate)
 READABLE = (2, 3, SCHEMA_VERSION)  # versions read as they are; an older one is migrated when opened for writing
@@ -82,6 +84,12 @@ def engine_url(url: str) -> str:
         driver = "postgresql://" if importlib.util.find_spec("psycopg2") else "postgresql+psycopg://"
         return driver + url.split("://", 1)[1]
     return url
+
+
+def default_study_url(workspace: str | Path) -> str:
+    """Where a workspace keeps its sweeps' Optuna studies: optuna.db in a folder, the same PostgreSQL
+    database as the runs for a database workspace (sweep.storage may name another)."""
+    return engine_url(str(workspace)) if is_url(workspace) else f"sqlite:///{Path(workspace) / OPTUNA_DB}"
 
 
 def url_problem(url: str) -> tuple[str, str] | None:
@@ -311,7 +319,6 @@ class StepRow(_Base):
     total: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the steps planned (for an ETA)
 
 
-CURVE_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "seconds")  # as train.TrainResult.curve
 
 
 @dataclass(frozen=True)
@@ -594,6 +601,14 @@ class Store:
         for engine in (getattr(self, "engine", None), getattr(self, "lock_engine", None)):
             if engine is not None:
                 engine.dispose()
+
+    def study_url(self) -> str | None:
+        """default_study_url of this workspace once a sweep made its study database; None before, so
+        that reading it (doctor, the dashboard) never creates one."""
+        if self.url is None:
+            return default_study_url(self.root) if (self.root / OPTUNA_DB).is_file() else None
+        with self.engine.connect() as conn:
+            return default_study_url(self.url) if inspect(conn).has_table("studies") else None
 
     @property
     def location(self) -> tuple[str, str | None]:
