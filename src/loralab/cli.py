@@ -17,6 +17,7 @@ import typer
 from rich.console import Console, ConsoleDimensions
 
 from loralab.api import LoralabError
+from loralab.config.schema import TRACKERS
 from loralab.workspace.status import DONE, Status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -74,7 +75,7 @@ class Executor(str, Enum):
 
 ExecutorOpt = typer.Option(None, "--executor", help="Where runs train: local (this process) or ray (Ray actors, the `ray` extra); "
                            "default: the file's `executor:`, else local")
-TrackOpt = typer.Option(None, "--track", help="Copy each run to trackers: comma-separated mlflow, tensorboard, wandb "
+TrackOpt = typer.Option(None, "--track", help=f"Copy each run to trackers: comma-separated {', '.join(TRACKERS)} "
                         "(each an extra: pip install 'loralab[NAME]'), or none; default: the file's `track:`")
 ExperimentOpt = typer.Option(None, "--experiment", "-e", help="The experiment whose run it is, when several have a run of that name")
 AddressOpt = typer.Option(None, "--address", help="A Ray cluster's address (implies --executor ray); none: a local Ray instance")

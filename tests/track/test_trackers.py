@@ -353,3 +353,18 @@ def test_tracker_folders_that_cannot_be_written_are_refused_by_validate(tiny_neo
     assert "track.mlflow.tracking_uri" in out.output and "read-only file system" in out.output
     f = experiment(tmp_path, tiny_neox, "{tensorboard: {log_dir: '%s'}}" % (tmp_path / "tb"))
     assert CliRunner().invoke(app, ["validate", str(f)]).exit_code == 0
+
+
+def test_the_tracker_names_are_one_list_the_schema_registry_extras_and_cli_share():
+    import tomllib
+
+    from loralab.config.schema import TRACKERS
+    from loralab.track import REGISTRY
+
+    assert TRACKERS == ("mlflow", "tensorboard", "wandb")  # TrackSpec's fields, in their order
+    assert set(REGISTRY) == set(TRACKERS)
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all(REGISTRY[n].extra in extras for n in TRACKERS)
+    from loralab.cli import TrackOpt
+
+    assert "comma-separated mlflow, tensorboard, wandb (" in TrackOpt.help  # --track's help, from TRACKERS

@@ -608,9 +608,6 @@ class ExecutorSpec(_Strict):
         return self
 
 
-TRACKERS = ("mlflow", "tensorboard", "wandb")  # each an optional extra: pip install 'loralab[NAME]'
-
-
 class MlflowTrack(_Strict):
     tracking_uri: str | None = Field(None, description="default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlflow.db)")
     experiment: str | None = Field(None, description="the MLflow experiment; default: the file's `name`")
@@ -652,6 +649,11 @@ class TrackSpec(_Strict):
     @property
     def names(self) -> list[str]:
         return [n for n in TRACKERS if getattr(self, n) is not None]
+
+
+# The tracker names, from TrackSpec's fields (one per tracker, its options its model); each an optional
+# extra, pip install 'loralab[NAME]', registered under the same name in loralab.track (a test checks).
+TRACKERS = tuple(TrackSpec.model_fields)
 
 
 class Defaults(_Strict):
