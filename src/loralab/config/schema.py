@@ -318,6 +318,12 @@ class CostSpec(_Strict):
     currency: str = "USD"
 
 
+def cost_of(seconds: float, per_hour: float) -> float:
+    """What `seconds` of compute cost at `per_hour`: the one conversion of time into money (a run's cost,
+    a sweep's money budget and what is left of it, the report's compute)."""
+    return seconds / 3600 * per_hour
+
+
 # Evaluation settings that change how results are read, not what is measured: left out of run ids, so
 # changing them reuses every stored run.
 ANALYSIS_ONLY = {"confidence", "bootstrap_resamples", "min_effect", "sequential"}

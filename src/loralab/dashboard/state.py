@@ -161,11 +161,12 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
     still allows, shared among the trials running now; unknown without a trial or a budget."""
     from optuna.trial import TrialState
 
-    from loralab.sweep.study import counts_in_budget
+    from loralab.config.schema import cost_of
+    from loralab.sweep.study import counts_in_budget, spent_in_budget
 
     by = {s: [t for t in trials if t.state == s] for s in TrialState}
     counted = [t for t in trials if counts_in_budget(t)]
-    spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in counted)
+    spent = spent_in_budget(counted)
     best = None
     if len(directions) == 1 and by[TrialState.COMPLETE]:
         pick = min if directions[0].name == "MINIMIZE" else max
@@ -178,7 +179,7 @@ def sweep_progress(name: str, trials: list, directions: list, budget: dict) -> d
     if budget.get("minutes") is not None:
         left["minutes"] = round(max(budget["minutes"] - spent / 60, 0.0), 2)
     if budget.get("money") is not None and budget.get("per_hour"):
-        left["money"] = round(max(budget["money"] - spent / 3600 * budget["per_hour"], 0.0), 4)
+        left["money"] = round(max(budget["money"] - cost_of(spent, budget["per_hour"]), 0.0), 4)
     eta = None
     per_trial = spent / len(counted) if counted else None
     if per_trial and left:

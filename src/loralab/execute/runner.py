@@ -27,7 +27,7 @@ from loralab.faults import StepFault, fault_point
 from loralab.progress import Overall, Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import check_data_paths, surprises
-from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, eva_rho
+from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of, eva_rho
 from loralab.workspace.status import Status
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
 
@@ -290,7 +290,7 @@ def _add_cost(metrics: dict, prepared: Prepared) -> None:
     total = metrics.get("train_s", 0.0) + metrics.get("init_s", 0.0) + metrics.get("eval_s", 0.0)
     metrics["total_s"] = round(total, 2)
     if prepared.exp.cost is not None:
-        metrics["cost"] = round(total / 3600 * prepared.exp.cost.per_hour, 6)
+        metrics["cost"] = round(cost_of(total, prepared.exp.cost.per_hour), 6)
 
 
 def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,

@@ -23,7 +23,7 @@ from loralab.analysis.ablate import Effect
 from loralab.analysis.comparison import (Comparison, _md_cell, _norm, verdict_of, caps_of, cell_estimate, compare, evaluation_of, fmt_estimate, fmt_value,
                          fmt_verdict, knobs, legend, to_markdown)
 from loralab.errors import Problem, RunNotFound, SpecError
-from loralab.config.schema import Experiment
+from loralab.config.schema import Experiment, cost_of
 from loralab.workspace.status import Status
 from loralab.workspace.store import DB_NAME, DONE, OPTUNA_DB, RunRecord, Store, is_url, shown
 from loralab.naming import is_trial, trial_name
@@ -590,7 +590,7 @@ def _setup(src: Sources, records: list[RunRecord], currency: str | None) -> list
     total = sum(r.metrics.get("total_s", 0.0) or 0.0 for r in unique.values()) - sum(trained_s)
     money = sum(r.metrics.get("cost", 0.0) or 0.0 for r in unique.values())
     if cost:
-        money -= sum(trained_s) / 3600 * cost["per_hour"]
+        money -= cost_of(sum(trained_s), cost["per_hour"])
     out.append(("Compute", f"{len(unique)} stored runs, {total / 60:.1f} min of training and evaluation"
                 + (f", {money:.4f} {currency or ''}".rstrip() if cost else "")))
     out.append(("Workspace", shown(src.workspace)))  # a database URL without its password

@@ -44,7 +44,7 @@ from loralab.sweep.warm import warm_start
 from loralab.progress import Reporter
 from loralab.config.space import (Space, _budget_text, edges, experiment_start, is_grid, make_run, needs_full_eval,
                                   needs_probe, objective_value, prior_lines, sampler_class_name)
-from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash
+from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash, cost_of
 from loralab.naming import confirm_name, trial_name
 from loralab.workspace.status import Status
 
@@ -218,13 +218,19 @@ def counts_in_budget(t) -> bool:
         t.state == TrialState.FAIL and t.user_attrs.get("status") == Status.FAILED)
 
 
+def spent_in_budget(counted: list) -> float:
+    """The seconds the budget's trials (counts_in_budget) spent, as each recorded it: what time and money
+    budgets are measured against (the sweep, and what the dashboard shows left)."""
+    return sum(float(t.user_attrs.get("spent_s", 0.0)) for t in counted)
+
+
 def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_flight: int = 0) -> str | None:
     """Why no further trial may start, or None while the budget lasts. `in_flight` trials count against
     budget.trials (they will be counted once done), and against time and money at the mean cost of the
     trials counted so far (theirs is known only when they end): N workers then stop where one would,
     not N−1 trials later."""
     done = [t for t in trials if counts_in_budget(t)]
-    spent = sum(float(t.user_attrs.get("spent_s", 0.0)) for t in done)
+    spent = spent_in_budget(done)
     b = sweep.budget
     if b.trials is not None and len(done) + in_flight >= b.trials:
         return f"budget of {b.trials} trials reached"
@@ -232,8 +238,8 @@ def budget_reason(trials: list, sweep: SweepSpec, per_hour: float | None, in_fli
     ahead = f", {in_flight} trial(s) still running" if expected > spent else ""
     if b.minutes is not None and expected >= b.minutes * 60:
         return f"time budget of {b.minutes:g} min reached ({spent / 60:.2f} min spent{ahead})"
-    if b.money is not None and per_hour is not None and expected / 3600 * per_hour >= b.money:
-        return f"money budget of {b.money:g} reached ({spent / 3600 * per_hour:.4f} spent{ahead})"
+    if b.money is not None and per_hour is not None and cost_of(expected, per_hour) >= b.money:
+        return f"money budget of {b.money:g} reached ({cost_of(spent, per_hour):.4f} spent{ahead})"
     return None
 
 
@@ -873,7 +879,7 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
     result.spent_s = sum(t.spent_s for t in counted)
     result.saved_steps = sum(t.saved_steps for t in counted)
     result.saved_s = sum(t.saved_s for t in counted)
-    result.cost = result.spent_s / 3600 * per_hour if per_hour is not None else None
+    result.cost = cost_of(result.spent_s, per_hour) if per_hour is not None else None
     best_numbers = {t.number for t in study.best_trials}
     result.best = [t for t in result.trials if t.number in best_numbers]
     n = {s: sum(t.status == s for t in counted) for s in (Status.FINISHED, Status.PRUNED, Status.DIVERGED, Status.FAILED)}
@@ -937,7 +943,7 @@ def _announce(result: SweepResult, space: Space, sw: SweepSpec, exp: Experiment,
     """The best configuration(s), with the confirmed value beside the searched one when there is one."""
     if result.confirm_s:
         per_hour = exp.cost.per_hour if exp.cost else None
-        money = f", {result.confirm_s / 3600 * per_hour:.4f} {exp.cost.currency}" if per_hour else ""
+        money = f", {cost_of(result.confirm_s, per_hour):.4f} {exp.cost.currency}" if per_hour else ""
         rep.log(f"Confirmation took {result.confirm_s:.1f} s{money}; the sweep in all: "
                 f"{(result.spent_s + result.confirm_s) / 60:.2f} min")
     title = "Best configuration" if len(sw.objective) == 1 else f"Pareto set ({len(result.best)})"
