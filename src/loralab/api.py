@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loralab.errors import LoralabError, Problem, RunNotFound, SpecError
-from loralab.config.loading import check_data_paths, load_experiment, surprises
+from loralab.config.loading import load_experiment, surprises
 from loralab.config.schema import Experiment
 from loralab.workspace.status import Status
 if TYPE_CHECKING:  # SQLAlchemy loads on first use of the store: `loralab validate` needs none of it
@@ -94,12 +94,9 @@ def validate(path: str | Path) -> tuple[Experiment, list[str]]:
     """
     exp = load_experiment(path)
     check_tracking(exp)
-    from loralab.execute.preflight import check_inits
+    from loralab.execute.preflight import check_before_reading
 
-    check_inits(exp)  # needs no data: checked even when the data is read only at training time
-    problems = check_data_paths(exp)
-    if problems:
-        raise SpecError(f"{path}: data file missing", problems)
+    check_before_reading(exp, where=path)
     if exp.device == "cuda":  # what `run` would refuse: asked for a GPU that is not there
         from loralab.engine.models import pick_device
 

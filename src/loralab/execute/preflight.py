@@ -238,6 +238,18 @@ def check_inits(exp: Experiment, runs: list[RunSpec] | None = None) -> None:
                         "cannot run", problems)
 
 
+def check_before_reading(exp: Experiment, runs: list[RunSpec] | None = None, where: str | Path | None = None) -> None:
+    """The checks that read neither data nor model, in the one order validate and prepare (run, sweep)
+    both follow: LoRA settings this setup cannot run (check_inits), then the data files the experiment
+    names (every missing one in one error). `where`: the file the error names (default: exp.source)."""
+    from loralab.config.loading import check_data_paths
+
+    check_inits(exp, runs)  # needs no data: checked even when the data is read only at training time
+    problems = check_data_paths(exp)
+    if problems:
+        raise SpecError(f"{where or exp.source or 'experiment'}: data file missing", problems)
+
+
 def _adapted_modules(layers: Any, run: RunSpec) -> list[str]:
     """Full names of the modules a run's LoRA goes on (its target layers, in its `layers` blocks): what PEFT
     matches rank_pattern and alpha_pattern keys against. [] when the targets do not resolve (reported

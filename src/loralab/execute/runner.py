@@ -26,7 +26,7 @@ from loralab.execute.jobs import ExecutorFactory, Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Overall, Reporter
 from loralab.track.hook import open_tracking, track_stored
-from loralab.config.loading import check_data_paths, surprises
+from loralab.config.loading import surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of, eva_rho
 from loralab.workspace.status import Status
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
@@ -107,14 +107,11 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
     """Load and check data, model and LoRA targets. Raises a LoralabError before anything is written."""
     from loralab.engine import data as data_mod
     from loralab.engine.models import layers_of, load_base_model, resolve_target_modules
-    from loralab.execute.preflight import check_inits, check_plan, remember_lengths, shortest_max_seq_len
+    from loralab.execute.preflight import check_before_reading, check_plan, remember_lengths, shortest_max_seq_len
 
     rep = reporter or Reporter()
     runs = select_runs(exp, only)
-    check_inits(exp, runs)
-    problems = check_data_paths(exp)
-    if problems:
-        raise SpecError(f"{exp.source or 'experiment'}: data file missing", problems)
+    check_before_reading(exp, runs)
     dataset = data_mod.load_data(exp.data, exp.base_dir)
     rep.log(f"Data: {_plain(dataset.name)}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
             f"(fingerprint {dataset.fingerprint})")
