@@ -451,8 +451,9 @@ class Store:
     - Safe across processes and hosts: SQLite in WAL mode waits on a lock rather than failing, and
       `run_lock`/`named_lock` is the one exclusive lock every process of the workspace sees. One Store
       may be shared by threads (the executor's slots share one): each call has a session of its own.
-    - Reads return RunRecords: plain data, detached from the database, never refreshed. Treat them as
-      read-only: changing one changes nothing stored (write through `finish`, `mark`, `alias`, ...).
+    - Reads return RunRecords: plain data, detached from the database, never refreshed, and frozen (a
+      caller wanting another value makes a copy with `dataclasses.replace`; their dicts are not to be
+      changed either). Changing one changes nothing stored: write through `finish`, `mark`, `alias`, ...
     - A row that cannot be read comes back with status "damaged" and `damaged` saying why, never as an
       exception; the store never deletes a run's files (that is `doctor --repair`'s, under the run's lock).
     """
