@@ -92,7 +92,7 @@ class Worker:
 
 
 class RayExecutor:
-    """execute.Executor on Ray actors; `slots` = the number of actors (the sweep keeps that many trials
+    """execute.Executor on Ray actors; `slots` = the number of actors (a sweep or `loralab run` keeps that many jobs
     in flight). Thread-safe: each `run` takes an idle actor, waits for its job, and gives it back."""
 
     def __init__(self, prepared, store, reporter, spec: ExecutorSpec, env: dict[str, str] | None = None):
