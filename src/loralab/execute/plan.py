@@ -1,4 +1,7 @@
-"""The seed planner of `repeats: auto`: seeds spent only where a verdict is still unsettled.
+"""The planner: the jobs an experiment runs (`Planner`: each run x its seeds, or `repeats: auto`'s rounds)
+and a sweep trial's (`trial_jobs`), for the experiment loop (execute.loop) or the sweep to hand to an executor.
+
+`repeats: auto` (`decide`): seeds spent only where a verdict is still unsettled.
 
 Every run starts with `min_seeds`. After each round, each trained run's verdicts against base and
 against the reference run (the first trained run: the table's verdict columns) are read on the plan's
