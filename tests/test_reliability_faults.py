@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from loralab import faults
 from loralab.cli import app
 from loralab.workspace.doctor import adapter_complete, check_workspace
-from loralab.execute.runner import run_experiment
+from loralab.execute.loop import run_experiment
 from loralab.config.loading import load_experiment
 from loralab.workspace.store import Store
 from loralab.sweep.study import run_sweep

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from loralab.cli import app
 from loralab.config.loading import load_experiment
 from loralab.execute import runner
-from loralab.execute.runner import run_experiment
+from loralab.execute.loop import run_experiment
 from loralab.workspace.store import Store
 from test_reliability_faults import Proc, sigint_handled, write  # noqa: F401  (a fixture, used by name)
 

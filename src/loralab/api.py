@@ -238,7 +238,7 @@ def run(exp: Experiment, *, workspace: str | Path | None = None, only: list[str]
     """Train and evaluate the runs; returns an ExperimentResult (records: base first, then the runs).
     `executor` ("local" or "ray") and `address` (a Ray cluster) override the file's `executor:`.
     `log_every`: seconds between progress lines when `console` is not a terminal."""
-    from loralab.execute.runner import run_experiment
+    from loralab.execute.loop import run_experiment
 
     check_tracking(exp)
     return run_experiment(exp, workspace=workspace, only=only, force=force, reporter=_reporter(console, log_every),

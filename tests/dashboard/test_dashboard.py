@@ -21,7 +21,7 @@ from loralab.cli import app
 from loralab.config.loading import load_experiment
 from loralab.dashboard.app import make_app
 from loralab.dashboard.state import Dashboard, _thin
-from loralab.execute.runner import run_experiment
+from loralab.execute.loop import run_experiment
 from loralab.workspace.store import Store
 from test_reliability_faults import SWEEP, Proc, no_process_left_behind, write  # noqa: F401  (autouse: no child left blocked)
 

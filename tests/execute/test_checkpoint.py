@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from loralab.cli import app
 from loralab.config.loading import load_experiment
 from loralab.execute.checkpoint import Checkpoints, found_in
-from loralab.execute.runner import adapter_id, prepare, run_experiment, run_id, train_run
+from loralab.execute.loop import run_experiment
+from loralab.execute.runner import adapter_id, prepare, run_id, train_run
 from loralab.workspace.doctor import check_workspace
 from loralab.workspace.store import Store
 from test_reliability_faults import Proc, kinds, statuses, untimed, write  # the fault-matrix helpers

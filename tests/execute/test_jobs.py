@@ -10,7 +10,8 @@ import test_runner
 import test_sweep
 from loralab.config.loading import load_experiment
 from loralab.execute.jobs import Job, Outcome, Pruning
-from loralab.execute.runner import LocalExecutor, run_experiment
+from loralab.execute.local import LocalExecutor
+from loralab.execute.loop import run_experiment
 from loralab.sweep.study import run_sweep
 
 from test_runner import experiment

@@ -14,7 +14,7 @@ from loralab.cli import app
 from loralab.analysis.comparison import compare
 from loralab.errors import LoralabError, ModelError, SpecError
 from loralab.progress import Reporter
-from loralab.execute.runner import run_experiment
+from loralab.execute.loop import run_experiment
 from loralab.workspace.store import Store
 
 SEED_RUNS = """

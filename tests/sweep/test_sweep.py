@@ -731,7 +731,7 @@ def test_a_widened_space_starts_from_what_the_workspace_measured(tiny_neox, tmp_
 def test_a_run_of_another_file_inside_the_space_is_a_measured_point(tiny_neox, tmp_path):
     """A `loralab run` of the same model and data with settings that are a point of the space: the
     sweep takes it (fully evaluated, it stands for a loss-only trial) instead of training it."""
-    from loralab.execute.runner import run_experiment
+    from loralab.execute.loop import run_experiment
 
     runs_file = tmp_path / "runs.yaml"
     runs_file.write_text(f"name: plain\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
@@ -760,12 +760,12 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     way ends exactly as an uninterrupted run of it does."""
     from rich.console import Console
 
-    from loralab.execute import runner as runner_mod
+    from loralab.execute import local as local_mod
     from loralab.progress import Reporter
 
     pauses: list[int | None] = []
-    real_run = runner_mod.LocalExecutor.run
-    monkeypatch.setattr(runner_mod.LocalExecutor, "run", lambda self, job: pauses.append(job.pause_at) or real_run(self, job))
+    real_run = local_mod.LocalExecutor.run
+    monkeypatch.setattr(local_mod.LocalExecutor, "run", lambda self, job: pauses.append(job.pause_at) or real_run(self, job))
     f = sweep_file(tmp_path, tiny_neox, HALVING, extra=BASE.replace("max_steps: 6", "max_steps: 12"))
     console = Console(record=True, width=200)
     result = run_sweep(load_experiment(f), workspace=tmp_path / "ws", reporter=Reporter(console))
@@ -782,7 +782,7 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     pruned = [store.get(t.run_ids[0]) for t in result.trials if t.status == "pruned"]
     assert sorted(r.metrics["pruned_step"] for r in pruned) == [3, 3, 6]
     # The same configuration trained without a pause: the same loss and adapter.
-    from loralab.execute.runner import run_experiment
+    from loralab.execute.loop import run_experiment
     lr = best.knobs["train.learning_rate"]
     plain = tmp_path / "plain.yaml"
     plain.write_text(f"name: plain\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"

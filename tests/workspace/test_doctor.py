@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from loralab.cli import app
 from loralab.workspace.doctor import check_workspace
 from loralab.workspace.locks import process_identity
-from loralab.execute.runner import run_experiment
+from loralab.execute.loop import run_experiment
 from loralab.config.loading import load_experiment
 from loralab.workspace.store import Store
 

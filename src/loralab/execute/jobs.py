@@ -2,8 +2,9 @@
 
 A `Job` is plain data (the experiment, one run with its seed, what to evaluate, and pruning as the
 study's storage and trial number rather than a closure), so it can be pickled and run in another
-process or on another host. An `Executor` takes jobs and returns their outcomes. `LocalExecutor`, the
-default (runner.LocalExecutor), runs a job in this process on the base model `runner.prepare` loaded,
+process or on another host. The jobs come from execute.plan (a file's runs x seeds, `repeats: auto`'s
+rounds, a sweep trial's seeds). An `Executor` takes jobs and returns their outcomes. `LocalExecutor`, the
+default (execute.local), runs a job in this process on the base model `runner.prepare` loaded,
 and leaves that model as it found it (the adapter is unloaded after each job). `loralab run` and `loralab sweep` both go through
 an executor, so another one (Ray actors, several adapters on one base) plugs in without touching them.
 """
@@ -52,14 +53,25 @@ class Outcome:
 
 class Executor(Protocol):
     """Runs jobs. Implement `run` (train, evaluate and store one job, return its outcome; the store is
-    the workspace the executor was made for) and `close` (free what the executor holds).
+    the workspace the executor was made for), `close` (free what the executor holds), and `slots`.
 
-    An executor that runs several jobs at once (Ray actors) says how many in `slots`; a sweep then keeps
-    that many trials in flight, calling `run` from one thread per slot. Without it: 1, calls in turn."""
+    `slots`: how many jobs it runs at once (LocalExecutor 1: one base model in this process; RayExecutor
+    its actors, one more as a node joins). The experiment loop (execute.loop) and a sweep keep that many
+    jobs in flight and read it again before each start, so an executor may raise it while it runs. With
+    `slots` above 1, `run` is called from one thread per job in flight and must be thread-safe; with 1,
+    every call comes from the caller's thread, in turn, each job stored before the next starts. An executor
+    without the attribute counts as 1 slot (`slots_of`)."""
+
+    slots: int
 
     def run(self, job: Job) -> Outcome: ...
 
     def close(self) -> None: ...
+
+
+def slots_of(executor) -> int:
+    """How many jobs `executor` takes at once: its `slots`, at least 1 (1 when it declares none)."""
+    return max(1, int(getattr(executor, "slots", 1)))
 
 
 # What `loralab run` and `loralab sweep` call to get their executor: (prepared, store, reporter) -> Executor.

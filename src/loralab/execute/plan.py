@@ -1,4 +1,7 @@
-"""The seed planner of `repeats: auto`: seeds spent only where a verdict is still unsettled.
+"""The planner: the jobs an experiment runs (`Planner`: each run x its seeds, or `repeats: auto`'s rounds)
+and a sweep trial's (`trial_jobs`), for the experiment loop (execute.loop) or the sweep to hand to an executor.
+
+`repeats: auto` (`decide`): seeds spent only where a verdict is still unsettled.
 
 Every run starts with `min_seeds`. After each round, each trained run's verdicts against base and
 against the reference run (the first trained run: the table's verdict columns) are read on the plan's
@@ -19,9 +22,12 @@ O'Brien-Fleming's, which is what makes stopping at 2 or 3 seeds possible.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from loralab.config.schema import SequentialSpec
+from loralab.config.schema import Experiment, RunSpec, SequentialSpec
+from loralab.execute.jobs import Job, Pruning
 from loralab.metrics.sequential import level_for_seeds, look_alphas, pair_level  # noqa: F401 (the planner's levels)
 from loralab.workspace.status import Status
 
@@ -91,3 +97,93 @@ def decide(groups: dict, plan: SequentialSpec, *, confidence: float = 0.95, floo
                 out.lines.append(f"{name} vs {other_name}: still unsettled on {', '.join(open_on)}; no more seeds ({why})")
     out.more = [n for n, _ in trained if n in want]
     return out
+
+
+def seed_label(name: str, seed: int, several: bool) -> str:
+    """A job's name in progress lines: the run's name, with its seed when the run has several."""
+    return f"{name} (seed {seed})" if several else name
+
+
+class Planner:
+    """The jobs of one experiment, in the order they run, produced as their outcomes come in.
+
+    Fixed seeds: each run in file order, each of its seeds in order, all known from the start. `repeats:
+    auto`: that first round (min_seeds each), then, once every job of a round is told, the round `decide`
+    asks for, until it asks for none. A stored run equal to a job is not left out here: the executor
+    reuses it (train_run), so it keeps its place in the progress count and its line in the log.
+
+    The loop: `ask(n)` for up to n jobs that may start now (n: the executor's free slots; [] while a
+    round's outcomes are still out), run them, `tell(job, record)` each one's stored record, in any order;
+    `done` once nothing is left to ask or waiting to be told. `planned`: the jobs known so far (it grows
+    by a round at a time under `repeats: auto`)."""
+
+    def __init__(self, exp: Experiment, runs: list[RunSpec], base=None, *, force: bool = False,
+                 log: Callable[[str], None] = lambda line: None):
+        self.exp, self.runs, self.force, self.log = exp, list(runs), force, log
+        self.several = exp.adaptive is not None or exp.repeats > 1 or (exp.seeds is not None and len(exp.seeds) > 1)
+        self.queue: deque[Job] = deque(self._job(run, seed) for run in self.runs for seed in exp.seeds_for(run))
+        self.planned = len(self.queue)
+        self.out: list[tuple[int, Job]] = []  # asked, not yet told, with its place in the order asked
+        self.told: list[tuple[int, str, Any]] = []  # (that place, the run's name, its stored record)
+        self.asked = 0
+        self.base = base
+        self.settled = exp.adaptive is None  # fixed seeds: nothing to decide
+
+    def _job(self, run: RunSpec, seed: int) -> Job:
+        return Job(self.exp, run.with_seed(seed), seed_label(run.name, seed, self.several), force=self.force)
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.out and self.settled
+
+    def ask(self, n: int) -> list[Job]:
+        """Up to `n` jobs to start now, in order. Under `repeats: auto`, asked with the round's outcomes
+        all told and its jobs all handed out, it decides (and logs) the next round first."""
+        if not self.queue and not self.out and not self.settled:
+            self._next_round()
+        jobs = [self.queue.popleft() for _ in range(min(max(n, 0), len(self.queue)))]
+        self.out.extend(enumerate(jobs, self.asked))
+        self.asked += len(jobs)
+        return jobs
+
+    def tell(self, job: Job, record) -> None:
+        """A job asked for has ended: its stored record, which the next round's verdicts read."""
+        i = next(i for i, (_, j) in enumerate(self.out) if j is job)
+        self.told.append((self.out.pop(i)[0], job.run.name, record))
+
+    def groups(self) -> dict[str, list]:
+        """Records by run name, in the order `decide` reads them: base first, then the runs in file order,
+        each run's seeds in the order they were asked for."""
+        out: dict[str, list] = {"base": [self.base]} if self.base is not None else {}
+        for _, name, rec in sorted(self.told, key=lambda t: t[0]):
+            out.setdefault(name, []).append(rec)
+        return out
+
+    def _next_round(self) -> None:
+        """`repeats: auto`: one more seed for each run `decide` finds unsettled; none: the plan is done."""
+        plan, ev = self.exp.adaptive, self.exp.evaluation
+        groups = self.groups()
+        d = decide(groups, plan, confidence=ev.confidence, floors=ev.min_effect)
+        for line in d.lines:
+            self.log(f"repeats auto: {line}")
+        if not d.more:
+            seeds = ", ".join(f"{n} {len(g)}" for n, g in groups.items() if n != "base")
+            self.log(f"repeats auto: settled or at the limit; seeds per run: {seeds}")
+            self.settled = True
+            return
+        by_name = {r.name: r for r in self.runs}
+        for name in d.more:
+            run = by_name[name]
+            self.queue.append(self._job(run, self.exp.seeds_for(run, len(groups[name]) + 1)[-1]))
+        self.planned += len(d.more)
+
+
+def trial_jobs(exp: Experiment, run: RunSpec, name: str, *, full_eval: bool = True, probe: bool = True,
+               pruning: Pruning | None = None, pause_at: int | None = None) -> list[Job]:
+    """A sweep trial's jobs: its run once per seed, in order. Only the first seed reports to the pruner
+    (`pruning`) and pauses at a rung (`pause_at`); the sweep runs them in turn and stops at the first
+    that does not finish (sweep.study.run_trial)."""
+    seeds = exp.seeds_for(run)
+    return [Job(exp, run.with_seed(seed), seed_label(name, seed, len(seeds) > 1), full_eval, probe,
+                pruning=pruning if i == 0 else None, pause_at=pause_at if i == 0 else None)
+            for i, seed in enumerate(seeds)]

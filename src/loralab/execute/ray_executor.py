@@ -70,7 +70,8 @@ class Worker:
     """One Ray actor: the base model loaded once (runner.prepare), the workspace opened, jobs run in turn."""
 
     def __init__(self, exp, only: list[str] | None, workspace: str, artifacts: str | None = None):
-        from loralab.execute.runner import LocalExecutor, prepare
+        from loralab.execute.local import LocalExecutor
+        from loralab.execute.runner import prepare
         from loralab.progress import Reporter
         from loralab.workspace.store import Store
 
@@ -91,7 +92,7 @@ class Worker:
 
 
 class RayExecutor:
-    """execute.Executor on Ray actors; `slots` = the number of actors (the sweep keeps that many trials
+    """execute.Executor on Ray actors; `slots` = the number of actors (a sweep or `loralab run` keeps that many jobs
     in flight). Thread-safe: each `run` takes an idle actor, waits for its job, and gives it back."""
 
     def __init__(self, prepared, store, reporter, spec: ExecutorSpec, env: dict[str, str] | None = None):

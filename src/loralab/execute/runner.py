@@ -22,9 +22,9 @@ from typing import Any
 
 from loralab.errors import Problem, SpecError
 from loralab.execute.checkpoint import Checkpoints, fsync_tree as _fsync_tree
-from loralab.execute.jobs import ExecutorFactory, Job, Outcome
+from loralab.execute.jobs import Job, Outcome
 from loralab.faults import StepFault, fault_point
-from loralab.progress import Overall, Reporter
+from loralab.progress import Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import surprises
 from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of, eva_rho
@@ -290,152 +290,37 @@ def _add_cost(metrics: dict, prepared: Prepared) -> None:
         metrics["cost"] = round(cost_of(total, prepared.exp.cost.per_hour), 6)
 
 
-def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,
-                   force: bool = False, reporter: Reporter | None = None,
-                   executor: ExecutorFactory | None = None) -> ExperimentResult:
-    """Train and evaluate the experiment's runs, each once per seed (finished ones are reused unless `force`).
-    Each seed of each run is a job for `executor(prepared, store, reporter)` (default: LocalExecutor)."""
+def store_base(prepared: Prepared, store: Store, rep: Reporter, ws: Path | str, force: bool = False) -> tuple[RunRecord, bool]:
+    """The untrained model, evaluated once and stored as run `base`, the reference point of every table;
+    reused when stored finished already (unless `force`). Returns (its record named "base", reused)."""
     from loralab import environment
 
-    rep = reporter or Reporter()
-    prepared = prepare(exp, only, rep)
-    ws = resolve_workspace(exp, workspace)
-    store = open_workspace(exp, ws)
-    env = environment.record(str(prepared.base.device))
-    model_info, data_info = _describe(prepared)
-    result = ExperimentResult(workspace=ws, records=[])
+    exp = prepared.exp
     gen_batch = max(r.generate.batch_size for r in prepared.runs) if prepared.runs else 16
-    try:
-        # -- the untrained model, once, as the reference point of every table -------------------
-        bid = run_id(prepared, None)
-        with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
-            done = store.get(bid)
-            if done and done.status == "finished" and not force:
-                store.alias(exp.name, "base", bid)
-                result.skipped.append("base")
-                rep.log(f"base: finished earlier ({bid}), reused")
-            else:
-                store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(prepared, None),
-                            model=model_info, data=data_info, env=env)
-                try:
-                    metrics, samples, timings = evaluate(prepared.base.model, prepared, "base", rep, gen_batch)
-                except KeyboardInterrupt:
-                    store.mark(bid, "interrupted")
-                    raise
-                _add_cost(metrics, prepared)
-                store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
-                rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
-                track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
-                                                               "data": data_info}, store, rep.log)
-        fault_point("run.stored")
-        result.records.append(replace(store.get(bid), name="base"))
-
-        worker = (executor or LocalExecutor)(prepared, store, rep)
-        multi = exp.adaptive is not None or exp.repeats > 1 or (exp.seeds is not None and len(exp.seeds) > 1)
-        jobs = [Job(exp, run.with_seed(seed), f"{run.name} (seed {seed})" if multi else run.name, force=force)
-                for run in prepared.runs for seed in exp.seeds_for(run)]
-        overall = Overall(rep, "run", len(jobs))  # repeats: auto adds the seeds each round plans
-        _run_jobs(worker, jobs, store, result, overall)
-        if exp.adaptive is not None:
-            _adaptive_rounds(exp, prepared, worker, store, result, rep, force, overall)
-        worker.close()
-    except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
-        raise storage_error(err, ws) or err
-    finally:
-        store.close()
-    return result
-
-
-def _run_jobs(worker, jobs: list[Job], store: Store, result: ExperimentResult, overall: "Overall") -> None:
-    """Run the jobs (in turn, or as many at once as the executor has slots) and add their records."""
-    def counted(job: Job):  # "run 3 of 6 (B (seed 1)), ..., ETA 4 min" as each job starts
-        started = overall.start(job.label)
-        out = worker.run(job)
-        overall.finish(started, reused=out.reused)
-        return out
-
-    for job, out in zip(jobs, _outcomes(worker, jobs, counted)):
-        if out.reused:
-            result.skipped.append(job.label)
-        elif out.status in ("failed", "diverged"):
-            getattr(result, out.status).append(job.label)
-        result.records.append(replace(store.get(out.run_id), name=job.run.name, seed=job.run.train.seed))
-
-
-def _adaptive_rounds(exp: Experiment, prepared: Prepared, worker, store: Store, result: ExperimentResult,
-                     rep: Reporter, force: bool, overall: "Overall") -> None:
-    """`repeats: auto`: after each round, one more seed for each run whose verdicts are unsettled
-    (execute.plan.decide), until none is or each reached max_seeds."""
-    from loralab.execute.plan import decide
-
-    plan = exp.adaptive
-    ev = exp.evaluation
-    by_name = {r.name: r for r in prepared.runs}
-    while True:
-        groups = {n: g for n, g in result.groups().items() if n == "base" or n in by_name}
-        d = decide(groups, plan, confidence=ev.confidence, floors=ev.min_effect)
-        for line in d.lines:
-            rep.log(f"repeats auto: {line}")
-        if not d.more:
-            seeds = ", ".join(f"{n} {len(g)}" for n, g in groups.items() if n != "base")
-            rep.log(f"repeats auto: settled or at the limit; seeds per run: {seeds}")
-            return
-        jobs = []
-        for name in d.more:
-            run, k = by_name[name], len(groups[name])
-            seed = exp.seeds_for(run, k + 1)[-1]
-            jobs.append(Job(exp, run.with_seed(seed), f"{name} (seed {seed})", force=force))
-        overall.total = (overall.total or 0) + len(jobs)
-        _run_jobs(worker, jobs, store, result, overall)
-
-
-def _outcomes(worker, jobs: list[Job], run=None):
-    """The jobs' outcomes in job order: one after the other (each stored before the next starts), or,
-    when the executor has several slots (Ray actors), that many at once. `run`: worker.run, wrapped."""
-    slots = int(getattr(worker, "slots", 1))
-    run = run or worker.run
-    if slots <= 1:
-        return map(run, jobs)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="run") as pool:
-        try:
-            return list(pool.map(run, jobs))
-        except KeyboardInterrupt:  # stop the jobs in flight too (their rows stay `running`; a rerun takes them over)
-            worker.close()
-            raise
-
-
-@dataclass
-class LocalExecutor:
-    """The default executor (execute.Executor): each job runs in this process, one after the other, on
-    the prepared base model, which every job leaves without an adapter."""
-
-    prepared: Prepared
-    store: Store
-    reporter: Reporter = field(default_factory=Reporter)
-    env: dict | None = None
-
-    def run(self, job: Job) -> Outcome:
-        hook = None
-        if job.pause_at is not None:
-            from loralab.sweep.pruning import PauseHook
-
-            hook = PauseHook(self.prepared, job.experiment.sweep.resolved_pruner, job.pause_at)
-        elif job.pruning is not None:
-            from loralab.sweep.pruning import PruningHook, optuna_reporter
-            from loralab.engine.train import plan_steps
-
-            planned = plan_steps(len(self.prepared.dataset.train), job.run.train)
-            spec = job.experiment.sweep.resolved_pruner
-            hook = PruningHook(self.prepared, spec, optuna_reporter(job.pruning, spec), planned)
-        status, reused = train_run(self.prepared, job.run, self.store, experiment=job.experiment.name,
-                                   label=job.label or job.run.name, reporter=self.reporter, pruning=hook,
-                                   force=job.force, env=self.env, full_eval=job.full_eval, probe=job.probe)
-        return Outcome(run_id(self.prepared, job.run, job.full_eval, job.probe), status, reused)
-
-    def close(self) -> None:
-        pass
+    bid = run_id(prepared, None)
+    reused = False
+    with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
+        done = store.get(bid)
+        if done and done.status == Status.FINISHED and not force:
+            store.alias(exp.name, "base", bid)
+            reused = True
+            rep.log(f"base: finished earlier ({bid}), reused")
+        else:
+            model_info, data_info = _describe(prepared)
+            store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(prepared, None),
+                        model=model_info, data=data_info, env=environment.record(str(prepared.base.device)))
+            try:
+                metrics, samples, timings = evaluate(prepared.base.model, prepared, "base", rep, gen_batch)
+            except KeyboardInterrupt:
+                store.mark(bid, Status.INTERRUPTED)
+                raise
+            _add_cost(metrics, prepared)
+            store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
+            rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
+            track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
+                                                           "data": data_info}, store, rep.log)
+    fault_point("run.stored")
+    return replace(store.get(bid), name="base"), reused
 
 
 def store_failed(prepared: Prepared, job: Job, store: Store, error: str) -> Outcome:

@@ -72,14 +72,15 @@ class TrialRuns:
 def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: str, executor=None,
               pruning: Pruning | None = None, reporter: Reporter | None = None, pause_at: int | None = None) -> TrialRuns:
     """Train, evaluate and store one configuration once per seed, each seed a job for `executor`
-    (default: runner.LocalExecutor on `prepared` and `store`).
+    (default: execute.local.LocalExecutor on `prepared` and `store`); execute.plan.trial_jobs makes the jobs.
 
     `pruning` names the Optuna trial the first seed's intermediate eval loss is reported to; a pruned,
     diverged or failed first seed ends the configuration there. `pause_at` (synchronous successive
     halving, sweep.halving): the first seed trains to that step and stops with a checkpoint; the result is
     `paused` with the held-out loss there (`rung_loss`), and a later call without it continues the run."""
     from loralab.engine.models import resolve_target_modules
-    from loralab.execute.runner import LocalExecutor
+    from loralab.execute.local import LocalExecutor
+    from loralab.execute.plan import trial_jobs
 
     rep = reporter or Reporter()
     try:
@@ -92,10 +93,8 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
     ids, records, reused = [], [], 0
     seeds = exp.seeds_for(run)
     full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
-    for i, seed in enumerate(seeds):
-        job = Job(exp, run.with_seed(seed), name if len(seeds) == 1 else f"{name} (seed {seed})", full, probe,
-                  pruning=pruning if i == 0 and pruner.name != "none" else None,
-                  pause_at=pause_at if i == 0 else None)
+    for i, job in enumerate(trial_jobs(exp, run, name, full_eval=full, probe=probe, pause_at=pause_at,
+                                       pruning=pruning if pruner.name != "none" else None)):
         paused = _paused_at(prepared, job, store) if pause_at is not None and i == 0 else None
         if paused is not None:  # paused there before (a sweep resumed after a crash): its loss is known
             return paused
@@ -552,7 +551,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     trials, the best configuration(s), and the compute spent and saved by pruning.
 
     The base model is loaded once; each seed of each trial is a job for `executor(prepared, store,
-    reporter)` (default runner.LocalExecutor: a fresh adapter trained, evaluated, stored and removed).
+    reporter)` (default execute.local.LocalExecutor: a fresh adapter trained, evaluated, stored and removed).
     Running it again continues the study (see the module docstring)."""
     import optuna
 
@@ -580,7 +579,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
         _dry_warm(exp, prepared, ws, space, url, rep, fingerprint)
         return SweepResult(ws, exp.name, url, plan=plan)
     store = open_workspace(exp, ws)
-    from loralab.execute.runner import LocalExecutor
+    from loralab.execute.local import LocalExecutor
     from loralab.workspace.store import shown
 
     result = SweepResult(ws, exp.name, shown(url))
