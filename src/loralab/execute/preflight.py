@@ -84,7 +84,7 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
         _pattern_problems(exp, run, layers, add)
-        _eva_problems(exp, run, layers, n_train, add)
+        _init_fit_problems(exp, run, layers, n_train, add)
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
@@ -121,7 +121,7 @@ def _pattern_problems(exp: Experiment, run: RunSpec, layers: Any | None, add) ->
                 f"use at most {min(widths)}")
 
 
-def _eva_problems(exp: Experiment, run: RunSpec, layers: Any | None, n_train: int, add) -> None:
+def _init_fit_problems(exp: Experiment, run: RunSpec, layers: Any | None, n_train: int, add) -> None:
     """What the run's initialisation refuses seeing the data's size and the layers' shapes (EVA's)."""
     from loralab.engine.inits import resolve_init
 
@@ -139,12 +139,9 @@ def _init_check(exp: Experiment, run: RunSpec):
 
 
 def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
-    """Initialisations and variants this model, device or variant cannot take. PiSSA and OLoRA need a
-    full-precision base (they rewrite it); DoRA on an 8-bit base needs CUDA. LoftQ fits the adapter to what 4-bit
-    quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
-    there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
-    (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
-    puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
+    """Initialisations and variants this model, device or variant cannot take: each lora.init's own refusals
+    (its strategy's `check`, engine.inits: PiSSA and OLoRA need a full-precision base, LoftQ a 4-bit base on
+    CUDA without DoRA), and DoRA on an 8-bit base, which needs CUDA."""
     from loralab.engine.inits import resolve_init
 
     out: list[Problem] = []

@@ -596,11 +596,12 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
                 data=ctx.data_info, env=ctx.env, seed=ctx.seed, resume_from=state["step"] if state else None)
     ctx.tracking = open_tracking(prepared.exp, run.name, ctx.seed, rid, ctx.experiment, store.root,
                                  {**config, "model": ctx.model_info, "data": ctx.data_info}, rep.log)  # None: no `track:`
-    session = open_session(prepared, run, ctx.adapter_name)
+    session = None
     try:
         if source is not None:
             ctx.reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(ctx, source)
+        session = open_session(prepared, run, ctx.adapter_name)
         if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
             rep.log(f"{ctx.label}: {session.init.announce}")
         session.create()
@@ -625,7 +626,8 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
     except Exception as err:  # one broken run must not stop the others
         return _failed(ctx, err)
     finally:
-        session.close()  # the shared base without this run's adapter, as it was loaded
+        if session is not None:
+            session.close()  # the shared base without this run's adapter, as it was loaded
         if ctx.tracking is not None:  # a copy of what the workspace stored, once it is stored
             ctx.tracking.close_stored(store, rid)
 
