@@ -256,6 +256,7 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
     quantized: dict = field(default_factory=dict)  # quantized_state() at load: what restore_loaded puts back
     biases: dict = field(default_factory=dict)  # copies of every bias at load: `bias: all` trains them in place
+    adapters: dict = field(default_factory=dict)  # engine.session: the named adapters on `model` now (name -> session)
 
 
 def _folder_fingerprint(folder: Path) -> str:

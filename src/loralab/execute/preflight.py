@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
-from loralab.config.schema import Experiment, RunSpec, eva_rho, pattern_regex
+from loralab.config.schema import Experiment, RunSpec, pattern_regex
 
 # A plan above this many optimizer steps is a typo (epochs: 1e12), not an experiment: a million
 # steps of even a tiny model take days.
@@ -84,7 +84,7 @@ def unfinishable(exp: Experiment, runs: list[RunSpec], n_train: int, layers: Any
                 add(_where(exp, run, "lora", "r"), f"above the width {min(widths)} of the targeted layers (a rank beyond "
                     "it adds parameters, not capacity)", run.lora.r, f"use at most {min(widths)}")
         _pattern_problems(exp, run, layers, add)
-        _eva_problems(exp, run, layers, n_train, add)
+        _init_fit_problems(exp, run, layers, n_train, add)
         blocks = _blocks(layers)
         if blocks and run.lora.layers and max(run.lora.layers) >= blocks:
             add(_where(exp, run, "lora", "layers"), f"the model has {blocks} blocks (0 to {blocks - 1})",
@@ -121,53 +121,33 @@ def _pattern_problems(exp: Experiment, run: RunSpec, layers: Any | None, add) ->
                 f"use at most {min(widths)}")
 
 
-def _eva_problems(exp: Experiment, run: RunSpec, layers: Any | None, n_train: int, add) -> None:
-    """EVA over a single batch, or with rank x rho above a layer's inputs (PEFT fails after the model loaded)."""
-    rho = eva_rho(run.lora.init)
-    if rho:
-        from loralab.engine.inits import EVA_BATCH, EVA_BATCHES
+def _init_fit_problems(exp: Experiment, run: RunSpec, layers: Any | None, n_train: int, add) -> None:
+    """What the run's initialisation refuses seeing the data's size and the layers' shapes (EVA's)."""
+    from loralab.engine.inits import resolve_init
 
-        if n_train <= EVA_BATCH:
-            add(_where(exp, run, "lora", "init"), f"EVA settles its SVD of the layer inputs over successive batches "
-                f"of {EVA_BATCH} training examples, and {n_train} training example(s) make one batch: every pass "
-                "would repeat the same examples", run.lora.init,
-                f"give EVA at least {EVA_BATCH + 1} training examples (up to {EVA_BATCH * EVA_BATCHES} are used; "
-                "data.train_size), or use lora.init default")
-        over = []  # (components, inputs, rank, where the rank is set) of layers whose SVD cannot have them
-        for m in _adapted_modules(layers, run) if layers and layers.params else []:
-            shape = layers.params[m + ".weight"]
-            key = next((k for k in run.lora.rank_pattern or {} if pattern_regex(k).match(m)), None)
-            rank = run.lora.rank_pattern[key] if key is not None else run.lora.r
-            if len(shape) == 2 and shape[-1] > 1 and round(rank * rho) > shape[-1]:  # not 4-bit's packed [n, 1]
-                over.append((round(rank * rho), shape[-1], rank, "rank_pattern" if key is not None else "r"))
-        if over:
-            comps, inputs, rank, knob = min(over, key=lambda o: o[1])
-            add(_where(exp, run, "lora", knob), f"EVA fits rank x rho = {comps} components of each targeted layer's "
-                f"inputs, more than the {inputs} inputs a layer of rank {rank} has (PEFT fails after the model loaded)",
-                rank, f"use a rank of at most {int(inputs // rho)} with rho {rho:g}, or a lower rho (eva_rho_1)")
+    adapted = _adapted_modules(layers, run) if layers and layers.params else []
+    shapes = layers.params if layers and layers.params else {}
+    for p in resolve_init(run.lora.init).check_fit(_init_check(exp, run), adapted, shapes, n_train):
+        add(p.where, p.message, p.value, p.fix)
 
 
-OTHER_INITS = "or use another lora.init (default, pissa, eva)"
+def _init_check(exp: Experiment, run: RunSpec):
+    from loralab.engine.inits import InitCheck
+
+    bits = exp.model.quantize.bits if exp.model.quantize is not None else None
+    return InitCheck(run, lambda knob: _where(exp, run, "lora", knob), bits, exp.device, lambda: _trains_on_cpu(exp))
 
 
 def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
-    """Initialisations and variants this model, device or variant cannot take. PiSSA and OLoRA need a
-    full-precision base (they rewrite it); DoRA on an 8-bit base needs CUDA. LoftQ fits the adapter to what 4-bit
-    quantization took from the base weights: it needs a 4-bit base, a CUDA device (PEFT computes it
-    there only; measured: on a CPU it fails with "Torch not compiled with CUDA enabled"), and no DoRA
-    (DoRA fixes its magnitudes before LoftQ replaces A and B, so the adapter would not start where LoftQ
-    puts it). EVA needs nothing more: it ran here with DoRA, rsLoRA, rank_pattern and a 4- or 8-bit base."""
+    """Initialisations and variants this model, device or variant cannot take: each lora.init's own refusals
+    (its strategy's `check`, engine.inits: PiSSA and OLoRA need a full-precision base, LoftQ a 4-bit base on
+    CUDA without DoRA), and DoRA on an 8-bit base, which needs CUDA."""
+    from loralab.engine.inits import resolve_init
+
     out: list[Problem] = []
     bits = exp.model.quantize.bits if exp.model.quantize is not None else None
     for run in checked_runs(exp, runs):
-        where = _where(exp, run, "lora", "init")
-        if bits and run.lora.init.startswith(("pissa", "olora")):
-            method = "PiSSA" if run.lora.init.startswith("pissa") else "OLoRA"
-            out.append(Problem(where, f"{method} moves the adapter's start out of the base weights, and on a {bits}-bit base the "
-                               "rest is quantized again: the adapter converted for the original base is not the model "
-                               "trained, and the shared base cannot be put back as it was", run.lora.init,
-                               "remove model.quantize (train on the full-precision base), or use lora.init default, "
-                               "gaussian or eva" + (" (or loftq, made for a 4-bit base)" if bits == 4 else "")))
+        out += resolve_init(run.lora.init).check(_init_check(exp, run))  # the table's refusals (engine.inits)
         if bits == 8 and run.lora.use_dora and _trains_on_cpu(exp):
             from importlib.metadata import version
 
@@ -176,22 +156,6 @@ def init_problems(exp: Experiment, runs: list[RunSpec]) -> list[Problem]:
                                f"its 8-bit scales, and the layer's next forward fails (device: {exp.device})", True,
                                "use model.quantize bits: 4 for DoRA on a CPU, remove use_dora, or run where a CUDA "
                                "GPU is visible"))
-        if run.lora.init != "loftq":
-            continue
-        if bits != 4:
-            out.append(Problem(where, "LoftQ fits the adapter to what 4-bit quantization takes from the base "
-                               f"weights, so it needs a 4-bit base; model.quantize is {f'{bits} bits' if bits else 'not set'}",
-                               "loftq", "set `model: {name: ..., quantize: {bits: 4}}` (QLoRA), " + OTHER_INITS))
-        elif _trains_on_cpu(exp):
-            from importlib.metadata import version
-
-            out.append(Problem(where, f"PEFT {version('peft')} computes LoftQ on a CUDA device only, and this "
-                               f"experiment trains on the CPU (device: {exp.device})", "loftq",
-                               "run it where a CUDA GPU is visible (device: auto or cuda), " + OTHER_INITS))
-        if run.lora.use_dora:
-            out.append(Problem(where, "LoftQ with DoRA: DoRA fixes its magnitudes from the base before LoftQ sets "
-                               "A and B, so the adapter would not start where LoftQ puts it", "loftq",
-                               "remove use_dora, " + OTHER_INITS))
     return list({(p.where, p.message): p for p in out}.values())  # a default shared by runs: said once
 
 

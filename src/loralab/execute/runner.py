@@ -15,19 +15,19 @@ import os
 import shutil
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loralab.errors import Problem, SpecError
 from loralab.execute.checkpoint import Checkpoints, fsync_tree as _fsync_tree
+from loralab.execute.context import RunContext
 from loralab.execute.jobs import Job, Outcome
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
 from loralab.track.hook import open_tracking, track_stored
 from loralab.config.loading import surprises
-from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of, eva_rho
+from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of
 from loralab.workspace.status import Status
 from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
 
@@ -361,7 +361,7 @@ def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str
     # Another process training the same run (a second `loralab run`, a parallel sweep): wait, then reuse it.
     with store.run_lock(rid, on_wait=lambda: rep.log(f"{label or run.name}: another process is training it; waiting")):
         done = store.get(rid)
-        if done is not None and not force and done.status == "finished" and not _adapter_ok(done):
+        if done is not None and not force and done.status == Status.FINISHED and not _adapter_ok(done):
             here = store.run_dir(rid) / "adapter"  # a moved or copied workspace keeps the old absolute path
             if (here / "adapter_config.json").is_file() and Path(done.adapter_path or "").resolve() != here.resolve():
                 store.set_adapter_path(rid, str(here))
@@ -376,9 +376,9 @@ def train_run(prepared: Prepared, run: RunSpec, store: Store, *, experiment: str
         source = None if force else stored_adapter(store, adapter_id(prepared, run))
         if force:  # trained anew, not continued
             Checkpoints(store.run_dir(rid), None).remove()
-        status = _train_one(prepared, run, run.train.seed, label or run.name, rid, store, rep, experiment,
-                            model_info, data_info, env, run.generate.batch_size, pruning=pruning,
-                            full_eval=full_eval, probe=probe, source=source)
+        ctx = RunContext(prepared, run, store, rep, label or run.name, rid, experiment, model_info, data_info, env,
+                         pruning=pruning, full_eval=full_eval, probe=probe)
+        status = _train_one(ctx, source)
     fault_point("run.stored")
     return status, False
 
@@ -397,8 +397,7 @@ def stored_adapter(store: Store, aid: str | None) -> RunRecord | None:
                 next((r for r in runs if r.status == Status.DIVERGED), None))
 
 
-def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label: str, rid: str, store: Store,
-                     rep: Reporter, gen_batch: int, full_eval: bool, probe: bool) -> str:
+def _evaluate_stored(ctx: RunContext, source: RunRecord) -> str:
     """Store run `rid` from the adapter `source` trained: its training metrics, curves and training
     time are carried over, the evaluation is measured anew. Called by _train_one after store.start,
     inside its error handling (interrupt, full disk, failure).
@@ -406,18 +405,17 @@ def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label:
     Time and money: the row's metrics describe the configuration, so train_s is the adapter's and
     total_s/cost = its training + this evaluation, comparable with any other run; its timings describe
     this row's own work: train_s 0 and train_reused_from naming the run that paid for the training."""
-    from peft import PeftModel
-
     from loralab.metrics.table import metric
 
+    prepared, store, rid, label, rep = ctx.prepared, ctx.store, ctx.rid, ctx.label, ctx.rep
     reused = {"train_s": 0.0, "train_reused_from": source.id}
-    if source.status == "diverged":
+    if source.status == Status.DIVERGED:
         metrics = {k: v for k, v in source.metrics.items() if k not in ("total_s", "cost")}
         _add_cost(metrics, prepared)
         store.finish(rid, metrics=metrics, curves=source.curves, samples=[], timings=reused, adapter_path=None,
-                     status="diverged", error=source.error)
+                     status=Status.DIVERGED, error=source.error)
         rep.log(f"[yellow]{label}: diverged in training earlier ({source.id}); not trained again[/yellow]")
-        return "diverged"
+        return Status.DIVERGED
     run_dir = store.run_dir(rid)
     tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -425,11 +423,9 @@ def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label:
     # which replaces or removes its folder, leaves this run whole; doctor finds each adapter in its run's folder.
     with store.run_lock(source.id):
         _link_tree(Path(source.adapter_path), tmp)
-    peft_model = PeftModel.from_pretrained(prepared.base.model, tmp)
-    try:
-        metrics, samples, timings = evaluate(peft_model, prepared, label, rep, gen_batch, full=full_eval, probe=probe)
-    finally:
-        restore_base(prepared, peft_model)
+    with open_session(ctx.prepared, ctx.run, ctx.adapter_name).load(tmp) as session:
+        metrics, samples, timings = evaluate(session.model, prepared, label, rep, ctx.gen_batch, full=ctx.full_eval,
+                                             probe=ctx.probe)
     metrics.update({k: v for k, v in source.metrics.items()
                     if k == "adapter_bytes" or (metric(k) is not None and metric(k).stage == "training")})
     _fsync_tree(tmp)
@@ -439,7 +435,7 @@ def _evaluate_stored(prepared: Prepared, run: RunSpec, source: RunRecord, label:
     store.finish(rid, metrics=metrics, curves=source.curves, samples=samples, timings={**timings, **reused},
                  adapter_path=str(final))
     rep.log(_one_line(label, metrics, prepared.exp.eval_caps) + f", adapter of {source.id} evaluated, not trained again")
-    return "finished"
+    return Status.FINISHED
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -453,27 +449,12 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
-def restore_base(prepared: Prepared, peft_model) -> None:
-    """Take the LoRA layers out again, and put back base weights an initialisation rewrote: the prepared
-    base model is shared by every run."""
-    prepared.base.model = peft_model.unload()  # removes the LoRA layers
-    from loralab.engine.models import restore_loaded
+def restore_base(prepared: Prepared, peft_model=None) -> None:
+    """Every adapter off the shared base (their sessions closed, engine.session), and the base weights an
+    initialisation rewrote put back: the prepared base model is shared by every run."""
+    from loralab.engine.session import close_all
 
-    restore_loaded(prepared.base)  # a quantized base's layers and every bias as loaded
-    saved = getattr(peft_model, "_base_weights", None) or {}
-    if saved:
-        import torch
-
-        modules = dict(prepared.base.model.named_modules())
-        with torch.no_grad():
-            for name, weight in saved.items():
-                modules[name].weight.copy_(weight)
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(prepared.base.model, attr):
-            try:
-                delattr(prepared.base.model, attr)
-            except AttributeError:
-                pass
+    close_all(prepared.base, peft_model)
 
 
 def _one_line(name: str, m: dict, caps: list[int]) -> str:
@@ -484,110 +465,70 @@ def _one_line(name: str, m: dict, caps: list[int]) -> str:
     return text
 
 
-def _train_one(prepared: Prepared, run: RunSpec, seed: int, label: str, rid: str, store: Store, rep: Reporter,
-               experiment: str, model_info: dict, data_info: dict, env: dict, gen_batch: int,
-               pruning=None, full_eval: bool = True, probe: bool = True, source: RunRecord | None = None) -> str:
+def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
+    prepared, run, store, rid, rep = ctx.prepared, ctx.run, ctx.store, ctx.rid, ctx.rep
     config = _run_config(prepared, run)
-    checkpoints = Checkpoints(store.run_dir(rid), adapter_id(prepared, run))
+    ctx.checkpoints = checkpoints = Checkpoints(store.run_dir(rid), adapter_id(prepared, run))
     state = checkpoints.load(rep.log) if source is None else None  # a killed attempt's last checkpoint
-    store.start(rid, name=run.name, experiment=experiment, kind="lora", config=config,
-                model=model_info, data=data_info, env=env, seed=seed, resume_from=state["step"] if state else None)
-    tracking = open_tracking(prepared.exp, run.name, seed, rid, experiment, store.root,
-                             {**config, "model": model_info, "data": data_info}, rep.log)  # None: no `track:`
-    peft_model = done = None
-    reached = {"step": 0, "trained": False}  # where an out-of-memory error struck
+    store.start(rid, name=run.name, experiment=ctx.experiment, kind="lora", config=config, model=ctx.model_info,
+                data=ctx.data_info, env=ctx.env, seed=ctx.seed, resume_from=state["step"] if state else None)
+    ctx.tracking = open_tracking(prepared.exp, run.name, ctx.seed, rid, ctx.experiment, store.root,
+                                 {**config, "model": ctx.model_info, "data": ctx.data_info}, rep.log)  # None: no `track:`
+    session = None
     try:
         if source is not None:
-            reached["trained"] = True  # an out-of-memory error here is the evaluation's
-            return _evaluate_stored(prepared, run, source, label, rid, store, rep, gen_batch, full_eval, probe)
-        if eva_rho(run.lora.init):  # a minute on the built-in model on a CPU, before the progress bar starts
-            rep.log(f"{label}: EVA's initialisation, a pass over the first training examples")
-        peft_model = with_lora(prepared, run)
-        if peft_model._base_weights:  # PiSSA/OLoRA: the initial adapter, to convert the final one against
-            peft_model._init_dir = store.run_dir(rid) / "adapter_init"
-            shutil.rmtree(peft_model._init_dir, ignore_errors=True)
-            peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's conversion expects it saved
-            peft_model.save_pretrained(peft_model._init_dir)
-        res, monitor = _train(prepared, run, peft_model, label, rep, reached, pruning, CurveWriter(store, rid), tracking,
-                              checkpoints, state)
-        reached["trained"] = True
-        done = _Done(prepared, run, label, rid, store, rep, peft_model, res)
+            ctx.reached["trained"] = True  # an out-of-memory error here is the evaluation's
+            return _evaluate_stored(ctx, source)
+        session = open_session(prepared, run, ctx.adapter_name)
+        if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
+            rep.log(f"{ctx.label}: {session.init.announce}")
+        session.create()
+        session.keep_start(store.run_dir(rid) / "adapter_init")  # PiSSA/OLoRA: converted against it when saved
+        res, monitor = _train(ctx, session.model, session.adopt(state))
+        ctx.reached["trained"] = True
+        done = _Done(ctx, session, res)
         if res.stopped_by is monitor:
             status = done.diverged(monitor)
-        elif res.stopped_by is not None and res.stopped_by is pruning:
-            status = done.pruned(pruning)  # a pruned trial keeps no checkpoint: it is not continued
-            if getattr(pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
-                checkpoints.save(pruning.state)
+        elif res.stopped_by is not None and res.stopped_by is ctx.pruning:
+            status = done.pruned(ctx.pruning)  # a pruned trial keeps no checkpoint: it is not continued
+            if getattr(ctx.pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
+                checkpoints.save(ctx.pruning.state)
                 return status
         else:
-            status = done.finished(gen_batch, full_eval, probe)
+            status = done.finished()
         checkpoints.remove()  # stored: nothing left to resume
         return status
     except KeyboardInterrupt:
-        store.mark(rid, "interrupted")
+        store.mark(rid, Status.INTERRUPTED)
         raise
     except Exception as err:  # one broken run must not stop the others
-        return _failed(err, run, label, rid, store, rep, reached)
+        return _failed(ctx, err)
     finally:
-        current = done.model if done is not None else peft_model  # finished() may have swapped it
-        if current is not None:
-            restore_base(prepared, current)
-        if tracking is not None:  # a copy of what the workspace stored, once it is stored
-            tracking.close_stored(store, rid)
+        if session is not None:
+            session.close()  # the shared base without this run's adapter, as it was loaded
+        if ctx.tracking is not None:  # a copy of what the workspace stored, once it is stored
+            ctx.tracking.close_stored(store, rid)
 
 
-def with_lora(prepared: Prepared, run: RunSpec):
-    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed.
+def open_session(prepared: Prepared, run: RunSpec, name: str):
+    """The run's adapter session on the prepared base (engine.session; not yet created): its settings,
+    targets and seed, and what its initialisation may read (the run's training examples, the weights)."""
+    from loralab.engine.inits import InitSource
+    from loralab.engine.session import AdapterSession
 
-    PiSSA and OLoRA take their start from the base weights and leave the residual in them: the weights
-    they touch are copied first (`_base_weights`) and put back by restore_base. EVA runs the model over
-    training examples and LoftQ reads the original weights (engine.inits); both leave the base as it was.
-    `_init_s` is what the initialisation cost (the SVD, QR or data pass), counted in the run's time."""
-    from peft import EvaConfig, LoraConfig, get_peft_model
-    from transformers import set_seed
-
-    from loralab.engine import inits
-
-    set_seed(run.train.seed)  # LoRA init, dropout and data order all follow the run's seed
-    # LoftQ starts as a plain LoRA and has its A and B replaced; EVA runs with PEFT's defaults but rho
-    # (tau 0.99: a component has settled when consecutive estimates' cosine similarity reaches it).
-    rho = eva_rho(run.lora.init)
-    init = "eva" if rho else {"default": True, "loftq": True}.get(run.lora.init, run.lora.init)
-    targets = prepared.targets_for(run)
-    lcfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                      target_modules=targets, bias=run.lora.bias, task_type="CAUSAL_LM",
-                      use_rslora=run.lora.use_rslora, use_dora=run.lora.use_dora,
-                      layers_to_transform=run.lora.layers, rank_pattern=run.lora.rank_pattern or {},
-                      alpha_pattern=run.lora.alpha_pattern or {}, init_lora_weights=init,
-                      eva_config=EvaConfig(rho=rho) if rho else None)
-    saved = _mutated_weights(prepared.base.model, targets) if run.lora.init.startswith(("pissa", "olora")) else {}
-    batches = _eva_batches(prepared, run) if rho else None
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated for v6; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # EVA with low_cpu_mem_usage would allow bigger batches than EVA_BATCH; ours are small
-        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
-        model = get_peft_model(prepared.base.model, lcfg)
-        try:
-            if batches is not None:
-                inits.eva_init(model, batches)
-            elif run.lora.init == "loftq":
-                inits.loftq_init(model, inits.weights_folder(prepared.base.path, prepared.exp.model.revision))
-        except BaseException:
-            restore_base(prepared, model)  # the shared base without this half-made adapter
-            raise
-    model._init_s, model._base_weights = time.perf_counter() - t0, saved
-    return model
+    base = prepared.base
+    source = InitSource(lambda n: train_encoded(prepared, run, n), base.tokenizer.pad_token_id, base.device,
+                        base.path, prepared.exp.model.revision)
+    return AdapterSession(base, name, run.lora, prepared.targets_for(run), seed=run.train.seed, source=source)
 
 
-def _eva_batches(prepared: Prepared, run: RunSpec) -> list:
-    """EVA's batches: the run's first training examples, encoded as training encodes them."""
-    from loralab.engine.inits import EVA_BATCH, EVA_BATCHES, eva_batches
-
-    enc = train_encoded(prepared, run, EVA_BATCH * EVA_BATCHES)
-    return eva_batches(enc, prepared.base.tokenizer.pad_token_id, prepared.base.device)
+def with_lora(prepared: Prepared, run: RunSpec, name: str = "default"):
+    """The base model with a fresh LoRA adapter of the run's settings, initialised from its seed: the
+    PeftModel of an adapter session (engine.session) that restore_base takes off again. For scripts and
+    tests that index the model by the adapter's name ("default" unless given); a run names its own."""
+    return open_session(prepared, run, name).create().model
 
 
 def train_encoded(prepared: Prepared, run: RunSpec, limit: int | None = None) -> list:
@@ -599,24 +540,15 @@ def train_encoded(prepared: Prepared, run: RunSpec, limit: int | None = None) ->
             for ex in prepared.dataset.train[:limit]]
 
 
-def _mutated_weights(model, targets) -> dict[str, Any]:
-    """Copies of the weights of the linear layers an initialisation from the base (PiSSA, OLoRA) rewrites."""
-    import torch
-
-    names = None if targets == "all-linear" else set(targets)
-    return {name: m.weight.detach().clone() for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
-            and (names is None or name.rsplit(".", 1)[-1] in names)}
-
-
-def _train(prepared: Prepared, run: RunSpec, peft_model, label: str, rep: Reporter, reached: dict, pruning,
-           curve: "CurveWriter", tracking=None, checkpoints: Checkpoints | None = None, state: dict | None = None):
+def _train(ctx: RunContext, peft_model, state: dict | None = None):
     """The training loop with its step hooks: divergence, progress, the streamed curve, the fault point,
     the pruner, the trackers and, last (never saving a step another hook stopped at), the checkpoints.
     `state`: a checkpoint to continue from."""
     from loralab.metrics.stability import DivergenceMonitor
     from loralab.engine.train import plan_steps, train_lora
 
+    prepared, run, label, rep, reached, pruning = ctx.prepared, ctx.run, ctx.label, ctx.rep, ctx.reached, ctx.pruning
+    curve, tracking, checkpoints = CurveWriter(ctx.store, ctx.rid), ctx.tracking, ctx.checkpoints
     tok = prepared.base.tokenizer
     train_enc = train_encoded(prepared, run)
     with rep.task(f"train {label}", total=plan_steps(len(train_enc), run.train), unit="steps") as update:
@@ -643,17 +575,15 @@ class _Done:
     """A trained run, stored by how its training ended: diverged, pruned, or finished (evaluated, with
     its adapter fsynced on disk before the row says so)."""
 
-    prepared: Prepared
-    run: RunSpec
-    label: str
-    rid: str
-    store: Store
-    rep: Reporter
-    model: Any  # the PEFT model
+    ctx: RunContext
+    session: Any  # engine.session.AdapterSession: the run's adapter on the base
     res: Any  # train.TrainResult
 
     def __post_init__(self) -> None:
-        self.init_s = getattr(self.model, "_init_s", 0.0)  # kept: PiSSA/OLoRA swap the model before storing
+        ctx = self.ctx
+        self.prepared, self.run, self.label, self.rid, self.store, self.rep = (ctx.prepared, ctx.run, ctx.label,
+                                                                               ctx.rid, ctx.store, ctx.rep)
+        self.timed = self.session.init.timed  # kept: PiSSA/OLoRA load the converted adapter before storing
 
     @property
     def planned(self) -> int:
@@ -670,8 +600,8 @@ class _Done:
                "trainable_params": res.trainable_params, "total_params": res.total_params, "steps": res.steps,
                "planned_steps": self.planned, "padding_share": round(res.padding_share, 4)}
         out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
-        if self.run.lora.init != "default":  # an SVD, QR or EVA's data pass is part of the run's cost
-            out["init_s"] = round(self.init_s, 3)
+        if self.timed:  # an SVD, QR, EVA's data pass or LoftQ's fit is part of the run's cost
+            out["init_s"] = round(self.session.init_s, 3)
         return out
 
     def train_timings(self) -> dict:
@@ -691,9 +621,9 @@ class _Done:
         text = (f"diverged: {res.stop_reason}; last good loss {monitor.last_good_loss} at step "
                 f"{monitor.last_good_step}. Most likely: {' '.join(blame)}")
         self.store.finish(self.rid, metrics=metrics, curves={**res.curve, "diagnosis": blame}, samples=[],
-                          timings=self.train_timings(), adapter_path=None, status="diverged", error=text)
+                          timings=self.train_timings(), adapter_path=None, status=Status.DIVERGED, error=text)
         self.rep.log(f"[yellow]{self.label}: {text}[/yellow]")
-        return "diverged"
+        return Status.DIVERGED
 
     def pruned(self, pruning) -> str:
         """Keep the loss its pruner judged, skip generation, count what was saved."""
@@ -707,7 +637,7 @@ class _Done:
             losses = {"pruned_loss": seen[0], "pruned_loss_examples": seen[1]}
             said = f"loss {seen[0]:.4f} on {seen[1]} eval examples"
         else:
-            loss = seen[0] if seen is not None else eval_loss(self.model, prepared.eval_encoded,
+            loss = seen[0] if seen is not None else eval_loss(self.session.model, prepared.eval_encoded,
                                                               pad_id=prepared.base.tokenizer.pad_token_id)
             losses = {"eval_loss": loss, "eval_ppl": perplexity(loss), "pruned_loss": loss,
                       "pruned_loss_examples": len(prepared.eval_encoded)}
@@ -719,36 +649,30 @@ class _Done:
         _add_cost(metrics, prepared)
         text = f"pruned at step {res.steps} of {self.planned} ({said}); {saved} steps not trained"
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
-                          timings=self.train_timings(), adapter_path=None, status="pruned", error=text)
+                          timings=self.train_timings(), adapter_path=None, status=Status.PRUNED, error=text)
         if getattr(pruning, "state", None) is not None:  # sweep.halving's pause: stored as pruned there until continued
             self.rep.log(f"{self.label}: paused at step {res.steps} of {self.planned} ({said}), with a checkpoint: "
                          "it goes on from there or stays pruned once every trial of its rung is measured")
         else:
             self.rep.log(f"{self.label}: {text}")
-        return "pruned"
+        return Status.PRUNED
 
-    def finished(self, gen_batch: int, full_eval: bool, probe: bool) -> str:
-        prepared, res = self.prepared, self.res
+    def finished(self) -> str:
+        ctx, prepared, res, session = self.ctx, self.prepared, self.res, self.session
         run_dir = self.store.run_dir(self.rid)
         tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
-        converted = bool(getattr(self.model, "_base_weights", None))
+        converted = session.init.converts
         if converted:  # PiSSA/OLoRA: evaluated as stored, the converted adapter on the original base weights
             # converted to plain LoRA on the original base weights (rank 2r, DoRA magnitudes kept): it loads
             # on the unchanged base like any adapter
-            from loralab.engine.inits import save_converted
-
-            save_converted(self.model, tmp, self.model._init_dir)
-            restore_base(prepared, self.model)
-            self.model = None  # the base is whole again: nothing for _train_one to restore if loading fails
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(prepared.base.model, tmp)
-        metrics, samples, timings = evaluate(self.model, prepared, self.label, self.rep, gen_batch, full=full_eval,
-                                             probe=probe)
+            session.save(tmp)
+            session.load(tmp)
+        metrics, samples, timings = evaluate(session.model, prepared, self.label, self.rep, ctx.gen_batch,
+                                             full=ctx.full_eval, probe=ctx.probe)
         metrics.update(self.train_metrics())
         if not converted:
-            self.model.save_pretrained(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
+            session.save(tmp)  # PEFT format: adapter_config.json + adapter_model.safetensors
         fault_point("adapter.save")
         _fsync_tree(tmp)  # on disk before the database says finished, even across a power cut
         shutil.rmtree(final, ignore_errors=True)
@@ -760,14 +684,15 @@ class _Done:
                           timings={**timings, **self.train_timings()}, adapter_path=str(final))
         self.rep.log(_one_line(self.label, metrics, prepared.exp.eval_caps) + f", trained {res.steps} steps in "
                      f"{res.wall_s:.0f} s ({res.tokens_per_s:.0f} tokens/s)")
-        return "finished"
+        return Status.FINISHED
 
 
-def _failed(err: Exception, run: RunSpec, label: str, rid: str, store: Store, rep: Reporter, reached: dict) -> str:
+def _failed(ctx: RunContext, err: Exception) -> str:
     """A run that raised: marked failed with its traceback (out of memory: with the knobs to turn); a full
     disk stops the experiment, since every later run would fail the same way."""
     import torch
 
+    run, label, rid, store, rep, reached = ctx.run, ctx.label, ctx.rid, ctx.store, ctx.rep, ctx.reached
     shutil.rmtree(store.run_dir(rid) / "adapter.tmp", ignore_errors=True)
     full = storage_error(err, store.root)
     if full is not None:
