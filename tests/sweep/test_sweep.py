@@ -792,6 +792,46 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     assert other.curves["loss"] == rec.curves["loss"]
 
 
+@pytest.mark.parametrize("known, factor, expected", [
+    ([], 4, 1),  # nothing measured there before: 1 in 4 of the bracket, at least one
+    ([0.1, 0.2, 0.3], 2, 0),  # 3 of 5 go on: the three earlier ones, better than both
+    ([0.1, 0.6, 0.95], 2, 1),  # 3 of 5: 0.1, the bracket's 0.5, the earlier 0.6
+    ([0.9], 4, 1),  # 1 of 3: the bracket's best
+    ([0.9], 2, 2),  # 2 of 3: both of the bracket's
+])
+def test_a_rung_keeps_the_best_share_of_every_trial_measured_there(known, factor, expected):
+    from loralab.sweep.halving import kept
+
+    ranked = [(0.5, "a", None), (0.7, "b", None)]
+    assert kept(ranked, known, reduction_factor=factor) == expected
+
+
+def test_a_widened_halving_sweep_ranks_its_new_points_against_the_rungs_measured_before(tiny_neox, tmp_path):
+    """Issue 24: the same halving sweep with one more learning rate, a hopeless one. Alone in its bracket
+    it would train to the end; ranked at the first rung against the four trials measured there before
+    (their rung losses stored with their runs), it stops there."""
+    from rich.console import Console
+
+    from loralab.progress import Reporter
+
+    extra = BASE.replace("max_steps: 6", "max_steps: 12")
+    first = run_sweep(load_experiment(sweep_file(tmp_path, tiny_neox, HALVING, extra=extra)), workspace=tmp_path / "ws")
+    store = Store(tmp_path / "ws")
+    done = next(t for t in first.trials if t.status == "finished")
+    rungs = store.get(done.run_ids[0]).metrics["rung_losses"]
+    assert sorted(rungs) == ["3", "6"] and all(isinstance(v, float) for v in rungs.values())  # kept across its pauses
+    wide = HALVING.replace("3.0e-7]", "3.0e-7, 1.0e-9]")
+    console = Console(record=True, width=200)
+    second = run_sweep(load_experiment(sweep_file(tmp_path, tiny_neox, wide, extra=extra)), workspace=tmp_path / "ws",
+                       reporter=Reporter(console))
+    log = console.export_text()
+    assert "Started from the workspace: 4 point(s)" in log and "ranked with 4 earlier trial(s)" in log
+    new = second.trials[second.ran[0]]
+    assert len(second.ran) == 1 and new.knobs["train.learning_rate"] == 1.0e-9
+    assert new.status == "pruned" and store.get(new.run_ids[0]).metrics["pruned_step"] == 3
+    assert sum(r.kind == "lora" for r in store.all_runs()) == 5  # nothing measured before trained again
+
+
 def test_a_dry_run_after_full_runs_counts_only_what_a_loss_only_trial_does(tiny_neox, tmp_path):
     """Runs of `loralab run` generate and measure drift; a loss-only sweep's trials do neither, so its
     estimate takes their loss pass only (scaled per eval example), a generating sweep their whole eval."""

@@ -31,6 +31,7 @@ class RunContext:
     reached: dict = field(default_factory=lambda: {"step": 0, "trained": False})  # where an out-of-memory error struck
     checkpoints: Any = None  # execute.checkpoint.Checkpoints of this run, once it starts
     tracking: Any = None  # its `track:` trackers as one step hook, or None
+    rungs: dict = field(default_factory=dict)  # a continued sweep trial: the rung losses measured before it paused
 
     @property
     def seed(self) -> int:

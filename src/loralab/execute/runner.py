@@ -559,6 +559,9 @@ def _train(ctx: RunContext, peft_model, state: dict | None = None):
             reached["step"] = state["step"]
             for s, loss in zip(state["curve"]["step"], state["curve"]["loss"]):  # as if it had watched them
                 monitor.update(s, loss)
+            ctx.rungs = state.get("rungs") or {}  # the rungs it passed before it paused (sweep.halving)
+            if hasattr(pruning, "measured"):
+                pruning.measured.update({int(k): float(v) for k, v in ctx.rungs.get("rung_losses", {}).items()})
         hooks = [monitor, _Progress(reached, update), curve, StepFault()] + ([pruning] if pruning is not None else [])
         hooks += [tracking] if tracking is not None else []
         saver = checkpoints.hook(run.train, before_save=curve.flush) if checkpoints is not None else None
@@ -602,6 +605,8 @@ class _Done:
         out.update({k: v for k, v in stability_summary(res.curve).items() if k != "spike_steps"})
         if self.timed:  # an SVD, QR, EVA's data pass or LoftQ's fit is part of the run's cost
             out["init_s"] = round(self.session.init_s, 3)
+        # a sweep trial: the held-out losses its pruner measured, before a pause too
+        out.update((self.ctx.pruning.rungs() if hasattr(self.ctx.pruning, "rungs") else {}) or self.ctx.rungs)
         return out
 
     def train_timings(self) -> dict:

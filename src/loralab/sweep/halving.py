@@ -68,8 +68,9 @@ def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial,
     alive = list(bracket)
     rep.log(f"Successive halving, synchronous: {len(alive)} trial(s) to rung steps {', '.join(map(str, rungs)) or '-'} "
             f"(1 in {pr.resolved_reduction_factor} goes on at each)")
+    numbers = {t.number for t, _, _ in bracket}
     for rung in rungs:
-        if len(alive) <= 1:
+        if len(alive) <= 1 and not earlier_values(loop.study, rung, numbers):  # no rival measured there
             break
         measured = []
         for entry in alive:
@@ -88,17 +89,41 @@ def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial,
             else:  # finished early, diverged or failed at its first seed: told as it ended
                 _tell(loop, trial, tr, spent[trial.number], ran)
         ranked = sorted((m for m in measured if m[0] is not None), key=lambda m: m[0])
-        keep = max(1, math.ceil(len(ranked) / pr.resolved_reduction_factor))
-        dropped = ranked[keep:]
+        known = earlier_values(loop.study, rung, numbers)
+        goes_on = kept(ranked, known, pr.resolved_reduction_factor)
+        dropped = ranked[goes_on:]
         for _, (trial, _, _), tr in dropped:
             _drop(loop, trial, tr, rung, spent[trial.number], ran)
-        alive = [e for _, e, _ in ranked[:keep]] + [e for v, e, _ in measured if v is None]
+        alive = [e for _, e, _ in ranked[:goes_on]] + [e for v, e, _ in measured if v is None]
         if dropped:
-            rep.log(f"rung at step {rung}: {len(ranked)} trial(s) measured; "
-                    f"{', '.join(f'trial {e[0].number}' for _, e, _ in ranked[:keep])} go on, {len(dropped)} pruned")
+            also = f" (ranked with {len(known)} earlier trial(s) measured there)" if known else ""
+            names = ", ".join(f"trial {e[0].number}" for _, e, _ in ranked[:goes_on]) or "none"
+            rep.log(f"rung at step {rung}: {len(ranked)} trial(s) measured{also}; {names} go on, {len(dropped)} pruned")
     for trial, params, knobs in alive:
         ran.append(loop.execute(prepared, trial, params, knobs, prune=False, earlier_s=spent[trial.number]))
         rep.log(f"trial {trial.number}: {fmt(knobs)} trained to the end")
+
+
+def earlier_values(study, step: int, bracket: set[int]) -> list[float]:
+    """The values at `step` of the study's finished and pruned trials outside this bracket (an earlier
+    bracket, or runs the study started from: sweep.warm), in the sense the pruner reads them."""
+    from optuna.trial import TrialState
+
+    return [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+            if t.number not in bracket and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and step in t.intermediate_values]
+
+
+def kept(ranked: list, known: list[float], reduction_factor: int) -> int:
+    """How many of the bracket's `ranked` trials (best first) go on from a rung: the best 1 in
+    `reduction_factor` of every trial measured there, the earlier ones (`known`) included, so a bracket
+    of a few new points (a widened space) goes on only with those that would have made the cut among
+    all. At least one goes on when nothing earlier was measured there."""
+    if not known:
+        return max(1, math.ceil(len(ranked) / reduction_factor))
+    n = max(1, math.ceil((len(ranked) + len(known)) / reduction_factor))
+    cut = sorted([v for v, _, _ in ranked] + list(known))[n - 1]
+    return sum(1 for v, _, _ in ranked if v <= cut)
 
 
 def _tell(loop, trial, tr, spent: float, ran: list[int]) -> None:

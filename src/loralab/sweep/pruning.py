@@ -52,6 +52,13 @@ class PruningHook:
         self.measured[step.step] = loss
         return f"pruned at step {step.step}" if self.report(loss, step.step) else None
 
+    def rungs(self) -> dict:
+        """Every loss measured at a decision step ({"step": loss}, JSON's string keys), this attempt's and
+        those of the attempts it continues, and the eval examples they cover: stored with the run, so a
+        later study (sweep.warm) ranks new trials at a rung against it."""
+        return {"rung_losses": {str(k): v for k, v in sorted(self.measured.items())},
+                "rung_loss_examples": len(self.examples)} if self.measured else {}
+
     def loss_at(self, step: int) -> tuple[float, int, bool] | None:
         """(loss, eval examples it covers, whether that is the whole eval set) measured at `step`."""
         if step not in self.measured:
@@ -74,6 +81,8 @@ class PauseHook(PruningHook):
         reason = super().after_step(step)
         if reason is not None:
             self.state = step.trainer.state_dict() if step.trainer is not None else None
+            if self.state is not None:  # the rungs it passed go with it, for the run stored at its end
+                self.state["rungs"] = self.rungs()
             return f"paused at step {step.step}"
         return None
 

@@ -128,6 +128,7 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)}
     dists = _distributions(space)
     pruner = sw.resolved_pruner
+    sign = -1.0 if sw.directions[0] == "maximize" else 1.0  # intermediate values in the objective's sense
     added, finished, pruned = [], 0, 0
     for pt in measured_points(exp, prepared, store, space):
         if repr(sorted(pt.knobs.items())) in present:
@@ -144,13 +145,14 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
                 values = [statistics.fmean(objective_value(r.metrics, o, run) for r in recs) for o in sw.objective]
             except LoralabError:
                 continue
-            state, inter = TrialState.COMPLETE, None
+            state, inter = TrialState.COMPLETE, rung_values(first, pruner, prepared, sign)
             user.update(status=Status.FINISHED, run_ids=[r.id for r in recs])
         elif first.status == Status.PRUNED and len(sw.objective) == 1 and pruner.name != "none" and \
                 isinstance(first.metrics.get("pruned_loss"), (int, float)) and \
-                first.metrics.get("pruned_loss_examples") == (pruner.eval_examples or len(prepared.dataset.eval)):
+                first.metrics.get("pruned_loss_examples") == judged_on(pruner, prepared):
             values, state = None, TrialState.PRUNED
-            inter = {int(first.metrics["pruned_step"]): float(first.metrics["pruned_loss"])}
+            inter = {**rung_values(first, pruner, prepared, sign),
+                     int(first.metrics["pruned_step"]): sign * float(first.metrics["pruned_loss"])}
             user.update(status=Status.PRUNED, run_ids=[first.id], steps=int(first.metrics["pruned_step"]))
         else:
             continue
@@ -177,6 +179,22 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
         rep.log(f"Started from the workspace: {len(added)} point(s) of this space already measured "
                 f"({finished} finished, {pruned} pruned) {verb}; they count for the search, not against the budget.")
     return added
+
+
+def judged_on(pruner, prepared) -> int:
+    """How many eval examples this sweep's pruner measures its losses on (sweep.pruning.PruningHook)."""
+    n = len(prepared.dataset.eval)
+    return min(pruner.eval_examples or n, n)
+
+
+def rung_values(rec, pruner, prepared, sign: float) -> dict[int, float]:
+    """The held-out losses a stored trial's pruner measured at its decision steps, as the study's
+    intermediate values, when measured on the eval examples this sweep's pruner judges on (else none:
+    losses over other examples do not rank against this sweep's)."""
+    m = rec.metrics
+    if m.get("rung_loss_examples") != judged_on(pruner, prepared):
+        return {}
+    return {int(k): sign * float(v) for k, v in (m.get("rung_losses") or {}).items()}
 
 
 def _distributions(space: Space) -> dict:
