@@ -754,15 +754,24 @@ confirm: {top: 0}
 """
 
 
-def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(tiny_neox, tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(tiny_neox, tmp_path, monkeypatch, in_memory):
     """Breadth first: all four trials reach step 3 before any trains further; the best two go on from
-    their checkpoints to step 6, the best of those to the end (12 steps). The trial that went the whole
-    way ends exactly as an uninterrupted run of it does."""
+    where they paused (kept in memory, or, when they do not fit, from their checkpoints) to step 6, the
+    best of those to the end (12 steps). The trial that went the whole way ends exactly as an
+    uninterrupted run of it does."""
     from rich.console import Console
 
-    from loralab.execute import local as local_mod
+    from loralab.execute import checkpoint as ck_mod, local as local_mod
     from loralab.progress import Reporter
+    from loralab.sweep import halving
 
+    saves: list[int] = []
+    real_save = ck_mod.Checkpoints.save
+    monkeypatch.setattr(ck_mod.Checkpoints, "save", lambda self, state, **kw: saves.append(state["step"])
+                        or real_save(self, state, **kw))
+    if not in_memory:
+        monkeypatch.setattr(halving, "park_budget", lambda prepared, worker: 0)
     pauses: list[int | None] = []
     real_run = local_mod.LocalExecutor.run
     monkeypatch.setattr(local_mod.LocalExecutor, "run", lambda self, job: pauses.append(job.pause_at) or real_run(self, job))
@@ -779,6 +788,7 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     rec = store.get(best.run_ids[0])
     assert rec.metrics["steps"] == 12 and rec.timings.get("resumed_at") == [3, 6]
     assert not any((tmp_path / "ws" / "runs").glob("*/checkpoints/*"))  # none kept once the bracket ended
+    assert saves == ([] if in_memory else [3, 3, 3, 3, 6, 6])  # in memory: no checkpoint written at a pause
     pruned = [store.get(t.run_ids[0]) for t in result.trials if t.status == "pruned"]
     assert sorted(r.metrics["pruned_step"] for r in pruned) == [3, 3, 6]
     # The same configuration trained without a pause: the same loss and adapter.

@@ -158,7 +158,9 @@ class AdapterSession:
         others.pop(self.name, None)
         model, self.model = self.model, None
         if others:
-            model.delete_adapter(self.name)
+            with warnings.catch_warnings():  # PEFT says which adapter it makes active instead: not the user's to act on
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+                model.delete_adapter(self.name)
             self.init.restore(self.base.model)
         else:
             _unwrap(self.base, model, self.init)

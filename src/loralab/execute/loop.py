@@ -29,21 +29,19 @@ def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only
     rep = reporter or Reporter()
     prepared = prepare(exp, only, rep)
     ws = resolve_workspace(exp, workspace)
-    store = open_workspace(exp, ws)
     result = ExperimentResult(workspace=ws, records=[])
-    try:
-        base, reused = store_base(prepared, store, rep, ws, force)
-        if reused:
-            result.skipped.append("base")
-        result.records.append(base)
-        worker = (executor or LocalExecutor)(prepared, store, rep)
-        planner = Planner(exp, prepared.runs, base, force=force, log=rep.log)
-        run_jobs(worker, planner, store, result, Overall(rep, "run", planner.planned))
-        worker.close()
-    except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
-        raise storage_error(err, ws) or err
-    finally:
-        store.close()
+    with open_workspace(exp, ws) as store:
+        try:
+            base, reused = store_base(prepared, store, rep, ws, force)
+            if reused:
+                result.skipped.append("base")
+            result.records.append(base)
+            worker = (executor or LocalExecutor)(prepared, store, rep)
+            planner = Planner(exp, prepared.runs, base, force=force, log=rep.log)
+            run_jobs(worker, planner, store, result, Overall(rep, "run", planner.planned))
+            worker.close()
+        except Exception as err:  # the disk filled up, or the workspace became unwritable: say so, not a traceback
+            raise storage_error(err, ws) or err
     return result
 
 

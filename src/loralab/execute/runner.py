@@ -51,6 +51,11 @@ class Prepared:
     reference_tokens: list[int]  # token length of each eval reference (verbosity ratio)
     drift_prompts: list[list[int]]
     drift_base: list | None = None  # the base model's greedy answers on drift prompts, computed once
+    layers: Any = None  # engine.models.ModelLayers of the base as loaded (no adapter on it): targets resolve on it
+    # Paused sweep trials kept in memory (sweep.halving): run id -> Parked. park_bytes: how much they may
+    # hold (0: never; each pause then saves a checkpoint, as a killed run's would be).
+    parked: dict = field(default_factory=dict)
+    park_bytes: int = 0
 
     def targets_for(self, run: RunSpec) -> Any:
         """The target modules given to PEFT for a run: the file's runs as resolved when prepared, any
@@ -59,7 +64,7 @@ class Prepared:
             return self.targets[run.name]
         from loralab.engine.models import resolve_target_modules
 
-        return resolve_target_modules(self.base.model, run.lora.target_modules)[0]
+        return resolve_target_modules(self.layers or self.base.model, run.lora.target_modules)[0]
 
     def _spec_targets(self, name: str) -> list[str] | None:
         return next((r.lora.target_modules for r in self.runs if r.name == name), None)
@@ -153,7 +158,7 @@ def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter |
         general = load_general_prompts()[: ev.drift_prompts]
         drift_prompts = [data_mod.prompt_ids(tok, g["prompt"], None) for g in general]
     return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len,
-                    train_probe, reference_tokens, drift_prompts)
+                    train_probe, reference_tokens, drift_prompts, layers=layers)
 
 
 def _plain(text: object) -> str:
@@ -471,7 +476,8 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
     prepared, run, store, rid, rep = ctx.prepared, ctx.run, ctx.store, ctx.rid, ctx.rep
     config = _run_config(prepared, run)
     ctx.checkpoints = checkpoints = Checkpoints(store.run_dir(rid), adapter_id(prepared, run))
-    state = checkpoints.load(rep.log) if source is None else None  # a killed attempt's last checkpoint
+    parked = prepared.parked.pop(rid, None) if source is None else None  # paused in memory (sweep.halving)
+    state = parked.state if parked else checkpoints.load(rep.log) if source is None else None  # or a killed attempt's
     store.start(rid, name=run.name, experiment=ctx.experiment, kind="lora", config=config, model=ctx.model_info,
                 data=ctx.data_info, env=ctx.env, seed=ctx.seed, resume_from=state["step"] if state else None)
     ctx.tracking = open_tracking(prepared.exp, run.name, ctx.seed, rid, ctx.experiment, store.root,
@@ -481,11 +487,17 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         if source is not None:
             ctx.reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(ctx, source)
-        session = open_session(prepared, run, ctx.adapter_name)
-        if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
-            rep.log(f"{ctx.label}: {session.init.announce}")
-        session.create()
-        session.keep_start(store.run_dir(rid) / "adapter_init")  # PiSSA/OLoRA: converted against it when saved
+        if parked is not None:
+            session = parked.session
+            session.activate()
+        else:
+            session = open_session(prepared, run, ctx.adapter_name)
+            if session.init.converts:  # it needs the base to itself: paused ones go to their checkpoints
+                unpark(prepared)
+            if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
+                rep.log(f"{ctx.label}: {session.init.announce}")
+            session.create()
+            session.keep_start(store.run_dir(rid) / "adapter_init")  # PiSSA/OLoRA: converted against it when saved
         res, monitor = _train(ctx, session.model, session.adopt(state))
         ctx.reached["trained"] = True
         done = _Done(ctx, session, res)
@@ -494,7 +506,10 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         elif res.stopped_by is not None and res.stopped_by is ctx.pruning:
             status = done.pruned(ctx.pruning)  # a pruned trial keeps no checkpoint: it is not continued
             if getattr(ctx.pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
-                checkpoints.save(ctx.pruning.state)
+                if park(prepared, rid, session, ctx.pruning.state, checkpoints):
+                    session = None  # stays on the base, in memory, until continued or dropped
+                else:
+                    checkpoints.save(ctx.pruning.state)
                 return status
         else:
             status = done.finished()
@@ -510,6 +525,58 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
             session.close()  # the shared base without this run's adapter, as it was loaded
         if ctx.tracking is not None:  # a copy of what the workspace stored, once it is stored
             ctx.tracking.close_stored(store, rid)
+
+
+@dataclass
+class Parked:
+    """A paused sweep trial kept in memory: its adapter on the base (inactive), its trainer's state, and
+    where its checkpoint goes should it have to leave memory."""
+
+    session: Any  # engine.session.AdapterSession
+    state: dict  # engine.train.Trainer.state_dict() at the pause
+    checkpoints: Checkpoints
+    nbytes: int
+
+
+def park(prepared: Prepared, rid: str, session, state: dict, checkpoints: Checkpoints) -> bool:
+    """Keep a paused trial in memory instead of a checkpoint on disk, when allowed (prepared.park_bytes),
+    when it fits beside the ones kept already, and when its adapter can share the base with others (a
+    PiSSA/OLoRA init rewrites the base; `lora.bias` trains the base's own biases). Continued, it goes on
+    from the same state as from its checkpoint; a crash loses it, and the sweep trains it to the rung again."""
+    import torch
+
+    if not prepared.park_bytes or session.init.converts or session.lora.bias != "none":
+        return False
+    tensors = [state["trainable"], state["optimizer"].get("state", {})]
+    nbytes = sum(t.numel() * t.element_size() for d in tensors for t in _tensors(d) if isinstance(t, torch.Tensor))
+    nbytes *= 2  # the adapter's own weights on the base too, and slack
+    if nbytes + sum(p.nbytes for p in prepared.parked.values()) > prepared.park_bytes:
+        return False
+    prepared.parked[rid] = Parked(session, state, checkpoints, nbytes)
+    return True
+
+
+def _tensors(d):
+    if isinstance(d, dict):
+        for v in d.values():
+            yield from _tensors(v)
+    elif isinstance(d, (list, tuple)):
+        for v in d:
+            yield from _tensors(v)
+    else:
+        yield d
+
+
+def unpark(prepared: Prepared, rid: str | None = None, *, keep: bool = True) -> None:
+    """Paused trials out of memory (`rid`: that one, else all): each to its checkpoint (`keep`), so it is
+    continued from disk as before, or dropped (keep=False: a trial that did not make its rung)."""
+    for key in [rid] if rid is not None else list(prepared.parked):
+        p = prepared.parked.pop(key, None)
+        if p is None:
+            continue
+        if keep:
+            p.checkpoints.save(p.state)
+        p.session.close()
 
 
 def open_session(prepared: Prepared, run: RunSpec, name: str):
@@ -656,8 +723,8 @@ class _Done:
         self.store.finish(self.rid, metrics=metrics, curves=res.curve, samples=[],
                           timings=self.train_timings(), adapter_path=None, status=Status.PRUNED, error=text)
         if getattr(pruning, "state", None) is not None:  # sweep.halving's pause: stored as pruned there until continued
-            self.rep.log(f"{self.label}: paused at step {res.steps} of {self.planned} ({said}), with a checkpoint: "
-                         "it goes on from there or stays pruned once every trial of its rung is measured")
+            self.rep.log(f"{self.label}: paused at step {res.steps} of {self.planned} ({said}): it goes on from there "
+                         "or stays pruned once every trial of its rung is measured")
         else:
             self.rep.log(f"{self.label}: {text}")
         return Status.PRUNED

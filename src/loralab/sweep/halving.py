@@ -4,7 +4,8 @@ Optuna's SuccessiveHalvingPruner is asynchronous: it judges a trial at a rung ag
 reached that rung before it, so the first trial of a study, having no rivals yet, trains to the end, and
 so may the next ones. With one worker the sweep can do better: it asks the whole bracket (the grid, or
 budget.trials trials) at once, trains every trial's first seed to the first rung (`pruner.every` steps)
-and stops it there with a checkpoint (execute.checkpoint); once all were measured, the best 1 in
+and stops it there, its trainer's state kept in memory while the paused trials fit (execute.runner.park),
+else in a checkpoint (execute.checkpoint); once all were measured, the best 1 in
 `reduction_factor` continue from their checkpoints to the next rung, the others are stored `pruned` at
 the rung they reached; the last ones train to the end (and their other seeds in full). A paused run
 resumed from its checkpoint ends exactly where an uninterrupted run ends (the trainer's whole state is
@@ -54,7 +55,34 @@ def drive_synchronous(loop, prepared, ran: list[int], run_trial, fmt) -> str:
 
 
 def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial, fmt) -> None:
-    """Every trial to each rung in turn; the best 1 in reduction_factor go on, the last ones to the end."""
+    """Every trial to each rung in turn; the best 1 in reduction_factor go on, the last ones to the end.
+    Paused trials wait in memory while they fit (execute.runner.park), else in their checkpoints."""
+    from loralab.execute.runner import unpark
+
+    prepared.park_bytes = park_budget(prepared, loop.worker)
+    try:
+        _halve(loop, prepared, bracket, ran, run_trial, fmt)
+    finally:  # stopped midway (Ctrl-C, an error): paused trials still in memory go to their checkpoints
+        unpark(prepared)
+        prepared.park_bytes = 0
+
+
+def park_budget(prepared, worker) -> int:
+    """Bytes paused trials may keep in memory between rungs: a quarter of what is free on the model's
+    device, at most 2 GiB (on CPU), when the trials run in this process; else 0 (checkpoints only)."""
+    import psutil
+    import torch
+
+    from loralab.execute.local import LocalExecutor
+
+    if not isinstance(worker, LocalExecutor) or worker.prepared is not prepared:
+        return 0
+    if prepared.base.device.type == "cuda":
+        return int(torch.cuda.mem_get_info(prepared.base.device)[0] // 4)
+    return int(min(psutil.virtual_memory().available // 4, 2 << 30))
+
+
+def _halve(loop, prepared, bracket: list[tuple], ran: list[int], run_trial, fmt) -> None:
     from loralab.config.space import experiment_start, make_run
     from loralab.engine.train import plan_steps
 
@@ -93,7 +121,7 @@ def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial,
         goes_on = kept(ranked, known, pr.resolved_reduction_factor)
         dropped = ranked[goes_on:]
         for _, (trial, _, _), tr in dropped:
-            _drop(loop, trial, tr, rung, spent[trial.number], ran)
+            _drop(loop, prepared, trial, tr, rung, spent[trial.number], ran)
         alive = [e for _, e, _ in ranked[:goes_on]] + [e for v, e, _ in measured if v is None]
         if dropped:
             also = f" (ranked with {len(known)} earlier trial(s) measured there)" if known else ""
@@ -134,14 +162,17 @@ def _tell(loop, trial, tr, spent: float, ran: list[int]) -> None:
     ran.append(trial.number)
 
 
-def _drop(loop, trial, tr, rung: int, spent: float, ran: list[int]) -> None:
+def _drop(loop, prepared, trial, tr, rung: int, spent: float, ran: list[int]) -> None:
     """A trial that did not make the rung: its first seed's run stays stored `pruned` at the rung (what it
     measured there), its checkpoint goes, and Optuna is told PRUNED."""
     from optuna.trial import TrialState
 
     from loralab.execute.checkpoint import Checkpoints
 
+    from loralab.execute.runner import unpark
+
     rid = tr.run_ids[0]
+    unpark(prepared, rid, keep=False)
     Checkpoints(loop.store.run_dir(rid), None).remove()
     rec = loop.store.get(rid)
     m = rec.metrics if rec is not None else {}

@@ -85,7 +85,8 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
     rep = reporter or Reporter()
     try:
         run = make_run(experiment_start(exp), knobs, name)
-        resolve_target_modules(prepared.base.model, run.lora.target_modules, where=f"sweep: {name}.lora.target_modules")
+        resolve_target_modules(prepared.layers or prepared.base.model, run.lora.target_modules,
+                               where=f"sweep: {name}.lora.target_modules")
     except (ValidationError, SpecError, ValueError) as err:  # a point the file check could not foresee
         return TrialRuns(Status.FAILED, [], None, 0, error=f"invalid trial config: {err}")
     executor = executor or LocalExecutor(prepared, store, rep)
@@ -129,8 +130,10 @@ def _paused_at(prepared, job: Job, store) -> TrialRuns | None:
     rec = store.get(rid)
     if rec is None or rec.status != Status.PRUNED or rec.metrics.get("pruned_step") != job.pause_at:
         return None
-    found = Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest()
-    if found is None or found.step != job.pause_at:
+    parked = getattr(prepared, "parked", {}).get(rid)  # kept in memory (execute.runner.park), else on disk
+    found = parked.state["step"] if parked is not None else \
+        getattr(Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest(), "step", None)
+    if found != job.pause_at:
         return None
     m = rec.metrics
     return TrialRuns("paused", [rid], None, 0, steps=int(m.get("steps", 0)), planned_steps=int(m.get("planned_steps", 0)),
