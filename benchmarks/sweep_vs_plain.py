@@ -5,6 +5,11 @@ point, full training — and (b) as a loralab sweep with pruning. Run by hand, n
     .venv/bin/python benchmarks/sweep_vs_plain.py plain   # (a), prints one JSON line per point
     .venv/bin/python benchmarks/sweep_vs_plain.py sweep   # (b)
 
+Issue 24's: `GRID=36` adds alpha/r in {1, 2, 4} (36 points); `interleaved` runs the sweep, the plain way,
+then the sweep again in one process (the ratio against the mean of the two sweeps), and `widen` runs the
+sweep, then the same sweep with one more learning rate (2e-3) in the same workspace, to see what the second
+one trains. PRUNER, CONFIRM, BUDGET: the sweep's sections (environment variables).
+
 Both score a configuration by loralab's held-out loss (token-weighted mean over the eval answers),
 so their best values compare directly.
 """
@@ -21,10 +26,11 @@ from pathlib import Path
 
 R = [4, 8, 16]
 LR = [5e-5, 2e-4, 5e-4, 1e-3]
+RATIOS = [2] if os.environ.get("GRID", "12") == "12" else [1, 2, 4]  # alpha / r
 DATA = {"train_size": 128, "eval_size": 32}
 
 
-def plain_point(r: int, lr: float) -> dict:
+def plain_point(r: int, lr: float, ratio: int = 2) -> dict:
     """One grid point the way most people write it: Trainer, PEFT, one epoch, then the eval loss."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -42,7 +48,7 @@ def plain_point(r: int, lr: float) -> dict:
     ds = load_data(DataSpec(**DATA), Path.cwd())
     enc = lambda exs: [encode_example(tok, e, ds.system_prompt, 512) for e in exs]  # noqa: E731
     train = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc(ds.train)]
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=ratio * r, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, num_train_epochs=1, learning_rate=lr,
@@ -51,7 +57,7 @@ def plain_point(r: int, lr: float) -> dict:
         Trainer(model=model, args=args, train_dataset=train,
                 data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)).train()
     loss = eval_loss(model, enc(ds.eval), pad_id=tok.pad_token_id)
-    return {"r": r, "lr": lr, "eval_loss": loss, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"r": r, "ratio": ratio, "lr": lr, "eval_loss": loss, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 SWEEP_YAML = """
@@ -68,7 +74,7 @@ sweep:
   seed: 0
   space:
     lora.r: {r}
-    lora.alpha: {{ratio_of: lora.r, values: [2]}}
+    lora.alpha: {{ratio_of: lora.r, values: {ratios}}}
     train.learning_rate: {lr}
   objective: {{metric: eval_loss, direction: minimize}}
   pruner: {pruner}
@@ -77,40 +83,84 @@ sweep:
 """
 
 
+def plain() -> dict:
+    """(a): every grid point in its own process, one after the other."""
+    t0 = time.perf_counter()
+    results = []
+    for r in R:
+        for ratio in RATIOS:
+            for lr in LR:
+                out = subprocess.run([sys.executable, __file__, "point", str(r), str(lr), str(ratio)], capture_output=True,
+                                     text=True, check=True)
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]), flush=True)
+    best = min(results, key=lambda x: x["eval_loss"])
+    out = {"mode": "plain", "points": len(results), "wall_s": round(time.perf_counter() - t0, 1), "best": best}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def sweep(ws: Path, lrs: list[float] = LR, pruner: str | None = None) -> dict:
+    """(b): one `loralab sweep` of the grid into workspace `ws` (a second call with more learning rates: a
+    widened space, started from what the first measured)."""
+    strategy = os.environ.get("STRATEGY", "grid")
+    pruner = pruner or os.environ.get("PRUNER", "{name: successive_halving, every: 4, eval_examples: 16}")
+    budget = os.environ.get("BUDGET", f"{{trials: {len(R) * len(RATIOS) * len(lrs)}}}")
+    confirm = os.environ.get("CONFIRM", "{top: 1, seeds: 2}")  # {top: 0}: the search alone
+    f = ws.parent / f"sweep-{len(lrs)}.yaml"
+    f.write_text(SWEEP_YAML.format(strategy=strategy, r=R, ratios=RATIOS, lr=lrs, pruner=pruner, budget=budget,
+                                   confirm=confirm, **DATA))
+    t0 = time.perf_counter()
+    log = subprocess.run([sys.executable, "-m", "loralab.cli", "sweep", str(f), "-w", str(ws)], check=True,
+                         capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t0
+    import optuna
+
+    study = optuna.load_study(study_name="sweep-vs-plain", storage=f"sqlite:///{ws / 'optuna.db'}")
+    best = study.best_trial
+    trained = [t for t in study.trials if not t.user_attrs.get("from_workspace")]
+    took = [line for line in log.splitlines() if line.startswith("Confirmation took ")]
+    confirm_s = float(took[-1].split()[2]) if took else 0.0
+    out = {"mode": "sweep", "points": len(study.trials), "strategy": strategy, "pruner": pruner, "confirm": confirm,
+           "wall_s": round(wall, 1), "confirm_s": confirm_s, "best": {"params": best.params, "eval_loss": best.value},
+           "trained": len(trained), "from_workspace": len(study.trials) - len(trained),
+           "states": [t.state.name for t in trained],
+           "spent": [[t.number, t.state.name, t.user_attrs.get("steps"), t.user_attrs.get("spent_s")] for t in trained],
+           "log": [line for line in log.splitlines() if line.startswith(("Started from", "rung at", "Sweep stopped", "Spent", "Confirmation took", "Best",
+                                                                          "Successive halving"))]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "plain"
     if mode == "point":
-        print(json.dumps(plain_point(int(sys.argv[2]), float(sys.argv[3]))), flush=True)
+        ratio = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+        print(json.dumps(plain_point(int(sys.argv[2]), float(sys.argv[3]), ratio)), flush=True)
         return
     if mode == "plain":
-        t0 = time.perf_counter()
-        results = []
-        for r in R:
-            for lr in LR:
-                out = subprocess.run([sys.executable, __file__, "point", str(r), str(lr)], capture_output=True, text=True,
-                                     check=True)
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(json.dumps(results[-1]), flush=True)
-        best = min(results, key=lambda x: x["eval_loss"])
-        print(json.dumps({"mode": "plain", "wall_s": round(time.perf_counter() - t0, 1), "best": best}), flush=True)
+        plain()
         return
-    strategy = os.environ.get("STRATEGY", "grid")
-    pruner = os.environ.get("PRUNER", "{name: successive_halving, every: 4, eval_examples: 16}")
-    budget = os.environ.get("BUDGET", "{trials: 12}")
-    confirm = os.environ.get("CONFIRM", "{top: 1, seeds: 2}")  # {top: 0}: the search alone
     with tempfile.TemporaryDirectory() as tmp:
-        f = Path(tmp) / "sweep.yaml"
-        f.write_text(SWEEP_YAML.format(strategy=strategy, r=R, lr=LR, pruner=pruner, budget=budget, confirm=confirm, **DATA))
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "loralab.cli", "sweep", str(f), "-w", str(Path(tmp) / "ws")], check=True)
-        wall = time.perf_counter() - t0
-        import optuna
-
-        study = optuna.load_study(study_name="sweep-vs-plain", storage=f"sqlite:///{Path(tmp) / 'ws' / 'optuna.db'}")
-        best = study.best_trial
-        print(json.dumps({"mode": "sweep", "strategy": strategy, "pruner": pruner, "confirm": confirm, "wall_s": round(wall, 1),
-                          "best": {"params": best.params, "eval_loss": best.value},
-                          "states": [t.state.name for t in study.trials]}), flush=True)
+        if mode == "sweep":
+            sweep(Path(tmp) / "ws")
+        elif mode == "interleaved":  # PRUNERS: several pruner sections separated by ';', each swept before and after
+            pruners = os.environ.get("PRUNERS", os.environ.get("PRUNER", "{name: successive_halving, every: 4, eval_examples: 16}"))
+            before = [sweep(Path(tmp) / f"a{i}", pruner=p) for i, p in enumerate(pruners.split(";"))]
+            base = plain()
+            after = [sweep(Path(tmp) / f"b{i}", pruner=p) for i, p in enumerate(pruners.split(";"))]
+            for a, b in zip(before, after):
+                search = [x["wall_s"] - x["confirm_s"] for x in (a, b)]
+                print(json.dumps({"mode": "interleaved", "pruner": a["pruner"], "points": base["points"],
+                                  "plain_s": base["wall_s"], "sweep_s": [a["wall_s"], b["wall_s"]], "search_s": search,
+                                  "share_with_confirmation": round((a["wall_s"] + b["wall_s"]) / 2 / base["wall_s"], 4),
+                                  "share_search": round(sum(search) / 2 / base["wall_s"], 4),
+                                  "plain_best": base["best"], "sweep_best": [a["best"], b["best"]]}), flush=True)
+        elif mode == "widen":
+            sweep(Path(tmp) / "ws")
+            sweep(Path(tmp) / "ws", LR + [2e-3])
+        else:
+            raise SystemExit(f"unknown mode {mode!r}: plain, sweep, interleaved or widen")
 
 
 if __name__ == "__main__":
