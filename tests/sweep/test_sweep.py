@@ -22,7 +22,7 @@ from rich.console import Console
 from loralab.cli import app
 from loralab.progress import Reporter
 from loralab.errors import SpecError
-from loralab.execute.runner import prepare
+from loralab.execute.prepare import prepare
 from loralab.config.loading import load_experiment, parse_experiment
 from loralab.workspace.store import Store
 from loralab.config.space import Space, make_run
@@ -496,7 +496,7 @@ def test_cli_sweep_without_a_sweep_section_exits_2(tiny_neox, tmp_path):
 
 def test_a_dry_run_measures_training_and_evaluation_here_and_leaves_the_base_bare(tiny_neox, tmp_path):
     from loralab.config.space import experiment_start, make_run
-    from loralab.execute.runner import prepare
+    from loralab.execute.prepare import prepare
     from loralab.sweep.study import _throughput, measure_here
 
     exp = load_experiment(sweep_file(tmp_path, tiny_neox, "strategy: random\nspace: {lora.r: [2, 4]}\nbudget: {trials: 2}"))

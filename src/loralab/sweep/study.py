@@ -124,13 +124,13 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
 def _paused_at(prepared, job: Job, store) -> TrialRuns | None:
     """The first seed's run as paused at `job.pause_at` (stored `pruned` there, with its checkpoint), else None."""
     from loralab.execute.checkpoint import Checkpoints
-    from loralab.execute.runner import adapter_id, run_id
+    from loralab.execute.identity import adapter_id, run_id
 
     rid = run_id(prepared, job.run, job.full_eval, job.probe)
     rec = store.get(rid)
     if rec is None or rec.status != Status.PRUNED or rec.metrics.get("pruned_step") != job.pause_at:
         return None
-    parked = getattr(prepared, "parked", {}).get(rid)  # kept in memory (execute.runner.park), else on disk
+    parked = getattr(prepared, "parked", {}).get(rid)  # kept in memory (execute.parking.park), else on disk
     found = parked.state["step"] if parked is not None else \
         getattr(Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest(), "step", None)
     if found != job.pause_at:
@@ -558,7 +558,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     Running it again continues the study (see the module docstring)."""
     import optuna
 
-    from loralab.execute.runner import open_workspace, prepare, resolve_workspace
+    from loralab.execute.prepare import open_workspace, prepare, resolve_workspace
 
     if exp.sweep is None:
         raise SpecError(f"{exp.source or 'experiment'}: no `sweep:` section",
@@ -616,7 +616,7 @@ def _dry_warm(exp: Experiment, prepared, ws, space: Space, url: str, rep: Report
     import optuna
 
     from loralab.errors import RunNotFound
-    from loralab.execute.runner import open_workspace
+    from loralab.execute.prepare import open_workspace
 
     try:
         store = open_workspace(exp, ws, create=False)
@@ -1020,7 +1020,8 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
     import dataclasses
 
     from loralab.engine.train import train_lora
-    from loralab.execute.runner import restore_base, train_encoded, with_lora, evaluate
+    from loralab.execute.evaluate import evaluate
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})

@@ -3,7 +3,7 @@
 Finished runs (and pruned ones) of the same model, data and evaluation whose settings are a point of
 the sweep's space are added to its Optuna study as completed (or pruned) trials before it proposes new
 points, so widening a space or adding a knob pays only for the new points. A run is such a point when
-its stored id is the id the sweep would give that point's run (execute.runner.run_id): the same base,
+its stored id is the id the sweep would give that point's run (execute.identity.run_id): the same base,
 data, system prompt, device, dtype, every LoRA/train/generate setting and the same evaluation; a run
 measured fully also stands for a loss-only trial (it measured the losses the same way, and more).
 
@@ -87,7 +87,7 @@ def _params_of(space: Space, config: dict) -> tuple[dict, dict] | None:
 
 def measured_points(exp: Experiment, prepared, store, space: Space) -> list[Point]:
     """The configurations of the space that stored runs of this model, data and evaluation measured."""
-    from loralab.execute.runner import run_id
+    from loralab.execute.identity import run_id
 
     full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
     start = experiment_start(exp)
