@@ -133,7 +133,9 @@ def describe(sweep: SweepSpec) -> list[str]:
         where = (f"at steps {pr.every} x {pr.resolved_reduction_factor}^k" if pr.name in ("successive_halving", "hyperband")
                  else f"every {pr.every} steps")
         lines.append(f"  pruner: {pr.name}, held-out loss {where}"
-                     + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else ""))
+                     + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else "")
+                     + (f" ({pr.resolved_reduction_factor}x more at each later rung)"
+                        if pr.eval_examples and pr.name in ("successive_halving", "hyperband") else ""))
     budget = sweep.budget.model_dump(exclude_none=True)
     lines.append("  budget: " + (_budget_text(budget) if budget
                                  else "none (a grid stops when every point is done)"))
