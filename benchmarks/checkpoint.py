@@ -44,7 +44,8 @@ def measure(model: str, tmp: Path, steps: int) -> dict:
     from loralab.api import load
     from loralab.engine.train import Trainer
     from loralab.execute.checkpoint import Checkpoints
-    from loralab.execute.runner import prepare, restore_base, train_encoded, with_lora
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     f = tmp / "ckpt.yaml"
     f.write_text(YAML.format(model=model))
@@ -92,7 +93,8 @@ def kill_at_90(model: str, tmp: Path, steps: int, every: int) -> dict:
     from loralab.api import load
     from loralab.engine.train import Trainer
     from loralab.execute.checkpoint import Checkpoints
-    from loralab.execute.runner import prepare, restore_base, train_encoded, with_lora
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     f = tmp / "kill.yaml"
     f.write_text(YAML.format(model=model).replace("max_steps: 1000", f"max_steps: {steps}, checkpoint_every: {every}"))

@@ -51,7 +51,8 @@ def main() -> None:
     from loralab.config.space import experiment_start, make_run
     from loralab.engine.train import Trainer, eval_losses
     from loralab.execute.checkpoint import Checkpoints
-    from loralab.execute.runner import prepare, restore_base, train_encoded, with_lora
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 12
     with tempfile.TemporaryDirectory() as tmp:

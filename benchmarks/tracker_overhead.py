@@ -33,7 +33,9 @@ def main() -> None:
     import torch
 
     from loralab.config.loading import parse_experiment
-    from loralab.execute.runner import prepare, run_id, train_run
+    from loralab.execute.identity import run_id
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import train_run
     from loralab.progress import Reporter
     from loralab.track.hook import Tracking
     from loralab.workspace.store import Store

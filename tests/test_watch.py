@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from loralab.cli import app
 from loralab.config.loading import load_experiment
 from loralab.execute import runner
+from loralab.execute.hooks import CurveWriter
 from loralab.execute.loop import run_experiment
 from loralab.workspace.store import Store
 from test_reliability_faults import Proc, sigint_handled, write  # noqa: F401  (a fixture, used by name)
@@ -33,7 +34,7 @@ def test_the_curve_grows_in_the_workspace_while_the_run_trains_then_moves_into_i
     f, ws = write(tmp_path, tiny_neox, FOUR_STEPS), tmp_path / "ws"
     seen = []
 
-    class Watched(runner.CurveWriter):  # a batch after every step, read back at once by another connection
+    class Watched(CurveWriter):  # a batch after every step, read back at once by another connection
         def __init__(self, store, rid):
             super().__init__(store, rid, every_s=0.0)
 
@@ -45,7 +46,7 @@ def test_the_curve_grows_in_the_workspace_while_the_run_trains_then_moves_into_i
             finally:
                 other.close()
 
-    monkeypatch.setattr(runner, "CurveWriter", Watched)
+    monkeypatch.setattr(runner, "CurveWriter", Watched)  # the name runner._train builds its hook from
     result = run_experiment(load_experiment(f), workspace=ws)
     assert [len(c["step"]) for c in seen[:4]] == [1, 2, 3, 4]
     assert all(c["planned"] == 4 for c in seen[:4]) and seen[1]["loss"][0] == seen[3]["loss"][0]

@@ -310,7 +310,7 @@ def ablate(file: str | Path | Experiment, a: str, b: str, *, design: str = "ofat
     when r moves, alpha/r (alpha follows r; the default) or alpha. Returns an analysis.ablate.AblationPlan:
     `path` is the file written (default WORKSPACE/ablations/NAME.yaml), `result` the run's result."""
     from loralab.analysis.ablate import plan, write_plan
-    from loralab.execute.runner import open_workspace, resolve_workspace
+    from loralab.execute.prepare import open_workspace, resolve_workspace
     from loralab.workspace.store import is_url
 
     exp = with_repeats(file if isinstance(file, Experiment) else load_experiment(file), repeats)

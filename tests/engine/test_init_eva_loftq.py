@@ -18,7 +18,7 @@ import loralab
 from loralab.cli import app
 from loralab.engine import inits
 from loralab.engine.train import eval_loss
-from loralab.execute.runner import prepare
+from loralab.execute.prepare import prepare
 
 from test_qlora import wide_llama  # noqa: F401 (a fixture: a tiny Llama wide enough for 4-bit blocks)
 from test_train import encoded

@@ -139,7 +139,7 @@ def test_merge_base_gives_the_evaluated_model_of_a_quantized_run(wide_llama, tmp
 
     from loralab.engine.models import merge_base
     from loralab.engine.train import eval_loss
-    from loralab.execute.runner import prepare
+    from loralab.execute.prepare import prepare
 
     f = quantized(experiment(tmp_path, wide_llama, "evaluation: {drift: false}\n" + RUNS, name="q"), wide_llama, bits)
     exp = loralab.load(f)
@@ -173,7 +173,7 @@ def test_export_merge_of_a_4bit_run_is_the_evaluated_model(wide_llama, tmp_path)
 
     from loralab import api
     from loralab.engine.train import eval_loss
-    from loralab.execute.runner import prepare
+    from loralab.execute.prepare import prepare
 
     f = quantized(experiment(tmp_path, wide_llama, "evaluation: {drift: false}\n" + RUNS, name="q"), wide_llama, 4)
     exp = loralab.load(f)

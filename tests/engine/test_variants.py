@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 import loralab
 from loralab.config.schema import LoraSpec, TrainSpec
 from loralab.engine.train import eval_loss, train_lora
-from loralab.execute.runner import prepare
+from loralab.execute.prepare import prepare
 
 from test_train import encoded
 
@@ -214,7 +214,8 @@ def test_pissa_and_olora_store_the_model_they_trained(request, tmp_path, model, 
     only A and B (DoRA's trained magnitudes and trained biases were lost: 0.01-0.03 off) and refuses
     rsLoRA with rank/alpha patterns (the run failed at save, after training)."""
     from loralab.engine.train import train_lora
-    from loralab.execute.runner import restore_base, select_runs, train_encoded, with_lora
+    from loralab.execute.prepare import select_runs
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     folder = request.getfixturevalue(model)
     f = tmp_path / "init.yaml"

@@ -17,7 +17,9 @@ from loralab.cli import app
 from loralab.config.loading import load_experiment
 from loralab.execute.checkpoint import Checkpoints, found_in
 from loralab.execute.loop import run_experiment
-from loralab.execute.runner import adapter_id, prepare, run_id, train_run
+from loralab.execute.identity import adapter_id, run_id
+from loralab.execute.prepare import prepare
+from loralab.execute.runner import train_run
 from loralab.workspace.doctor import check_workspace
 from loralab.workspace.store import Store
 from test_reliability_faults import Proc, kinds, statuses, untimed, write  # the fault-matrix helpers

@@ -16,7 +16,7 @@ from loralab.execute.jobs import Job, Outcome
 from loralab.execute.local import LocalExecutor
 from loralab.execute.loop import run_experiment, run_jobs
 from loralab.execute.plan import Decision, Planner
-from loralab.execute.runner import ExperimentResult
+from loralab.execute.loop import ExperimentResult
 from loralab.progress import Overall
 
 from test_runner import experiment

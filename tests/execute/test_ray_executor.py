@@ -16,7 +16,7 @@ from loralab import api
 from loralab.config.loading import load_experiment
 from loralab.config.schema import Experiment, ExecutorSpec
 from loralab.errors import SpecError
-from loralab.execute.runner import prepare
+from loralab.execute.prepare import prepare
 from loralab.progress import Reporter
 from loralab.sweep.study import run_sweep
 from loralab.workspace.store import DB_NAME, Store

@@ -144,7 +144,8 @@ def test_run_id_depends_on_config_not_name(seed_run, tiny_neox, tmp_path):
     _, first, _, _ = seed_run
     renamed = SEED_RUNS.replace("  A:", "  first:")
     exp = loralab.load(experiment(tmp_path, tiny_neox, renamed))
-    from loralab.execute.runner import prepare, run_id
+    from loralab.execute.identity import run_id
+    from loralab.execute.prepare import prepare
 
     p = prepare(exp)
     assert run_id(p, exp.run("first")) == first.records[1].id
@@ -387,7 +388,8 @@ def test_changing_generate_batch_size_evaluates_the_stored_adapter_and_trains_no
 
 
 def test_evaluating_a_stored_adapter_leaves_the_base_model_bare(trained_once, tiny_neox, tmp_path, no_training):
-    from loralab.execute.runner import prepare, train_run
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import train_run
 
     exp = one_run(tmp_path, tiny_neox, caps="[6]")
     p = prepare(exp)

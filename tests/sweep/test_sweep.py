@@ -22,7 +22,7 @@ from rich.console import Console
 from loralab.cli import app
 from loralab.progress import Reporter
 from loralab.errors import SpecError
-from loralab.execute.runner import prepare
+from loralab.execute.prepare import prepare
 from loralab.config.loading import load_experiment, parse_experiment
 from loralab.workspace.store import Store
 from loralab.config.space import Space, make_run
@@ -496,7 +496,7 @@ def test_cli_sweep_without_a_sweep_section_exits_2(tiny_neox, tmp_path):
 
 def test_a_dry_run_measures_training_and_evaluation_here_and_leaves_the_base_bare(tiny_neox, tmp_path):
     from loralab.config.space import experiment_start, make_run
-    from loralab.execute.runner import prepare
+    from loralab.execute.prepare import prepare
     from loralab.sweep.study import _throughput, measure_here
 
     exp = load_experiment(sweep_file(tmp_path, tiny_neox, "strategy: random\nspace: {lora.r: [2, 4]}\nbudget: {trials: 2}"))
@@ -814,6 +814,36 @@ def test_a_rung_keeps_the_best_share_of_every_trial_measured_there(known, factor
 
     ranked = [(0.5, "a", None), (0.7, "b", None)]
     assert kept(ranked, known, reduction_factor=factor) == expected
+
+
+@pytest.mark.parametrize("name, n_eval, expected", [
+    ("successive_halving", 32, {2: 8, 8: 32, 32: 32}),  # 4x more at each later rung, the eval set at most
+    ("successive_halving", 100, {2: 8, 8: 32, 32: 100}),
+    ("hyperband", 100, {2: 8, 8: 32, 32: 100}),
+    ("median", 100, {2: 8, 8: 8, 32: 8}),  # no rungs: the same examples at every decision step
+])
+def test_each_later_rung_is_judged_on_more_eval_examples(name, n_eval, expected):
+    from loralab.config.schema import PrunerSpec
+    from loralab.sweep.pruning import rung_examples
+
+    pr = PrunerSpec(name=name, every=2, eval_examples=8, reduction_factor=4)
+    assert {step: rung_examples(pr, step, n_eval) for step in expected} == expected
+    assert rung_examples(PrunerSpec(name=name, every=2, reduction_factor=4), 8, n_eval) == n_eval  # unset: all
+
+
+def test_halving_measures_each_rung_on_its_own_number_of_examples(tiny_neox, tmp_path):
+    """`eval_examples: 1` with reduction factor 2: the rung at step 3 is judged on 1 eval example, the one at
+    step 6 on 2; the stored runs say which count each loss covers (pruned ones and the finished one)."""
+    f = sweep_file(tmp_path, tiny_neox, HALVING.replace("reduction_factor: 2}", "reduction_factor: 2, eval_examples: 1}"),
+                   extra=BASE.replace("max_steps: 6", "max_steps: 12"))
+    result = run_sweep(load_experiment(f), workspace=tmp_path / "ws")
+    store = Store(tmp_path / "ws")
+    pruned = sorted((store.get(t.run_ids[0]).metrics for t in result.trials if t.status == "pruned"),
+                    key=lambda m: m["pruned_step"])
+    assert [(m["pruned_step"], m["pruned_loss_examples"]) for m in pruned] == [(3, 1), (3, 1), (6, 2)]
+    done = store.get(next(t for t in result.trials if t.status == "finished").run_ids[0]).metrics
+    assert done["rung_loss_examples"] == {"3": 1, "6": 2}
+    assert pruned[-1]["rung_loss_examples"] == {"3": 1, "6": 2}
 
 
 def test_a_widened_halving_sweep_ranks_its_new_points_against_the_rungs_measured_before(tiny_neox, tmp_path):

@@ -167,7 +167,7 @@ class AblationPlan:
     resolution: int | None = None
     path: Path | None = None
     text: str = ""
-    result: Any = None  # runner.ExperimentResult once trained
+    result: Any = None  # execute.loop.ExperimentResult once trained
     hold: str = "alpha/r"  # what stayed fixed when r moved
 
     @property

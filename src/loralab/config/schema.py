@@ -480,7 +480,10 @@ class PrunerSpec(_Strict):
     # Median: no trial is pruned until this many have finished, so the median means something.
     startup_trials: int = Field(2, ge=0)
     warmup_steps: int = Field(0, ge=0, description="no pruning before this step")
-    eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper)")
+    # Successive halving / Hyperband: N at the first rung, reduction_factor times more at each later one
+    # (as many trials x examples per rung; the close calls among the last trials made on many examples).
+    eval_examples: int | None = Field(None, gt=0, description="intermediate loss on the first N eval examples (cheaper); "
+                                      "successive_halving/hyperband: at the first rung, reduction_factor x more at each later one")
     reduction_factor: int | None = Field(None, ge=2, description="successive_halving / hyperband: keep 1 in this many "
                                          "trials per rung (default: Optuna's, 4 and 3)")
     # successive_halving with one worker: every trial of a bracket trains to a rung, then the best 1 in

@@ -133,7 +133,9 @@ def describe(sweep: SweepSpec) -> list[str]:
         where = (f"at steps {pr.every} x {pr.resolved_reduction_factor}^k" if pr.name in ("successive_halving", "hyperband")
                  else f"every {pr.every} steps")
         lines.append(f"  pruner: {pr.name}, held-out loss {where}"
-                     + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else ""))
+                     + (f" on the first {pr.eval_examples} eval examples" if pr.eval_examples else "")
+                     + (f" ({pr.resolved_reduction_factor}x more at each later rung)"
+                        if pr.eval_examples and pr.name in ("successive_halving", "hyperband") else ""))
     budget = sweep.budget.model_dump(exclude_none=True)
     lines.append("  budget: " + (_budget_text(budget) if budget
                                  else "none (a grid stops when every point is done)"))
@@ -433,11 +435,15 @@ def recordable_metrics(caps: list[int], drift: bool, cost: bool) -> set[str]:
     return out
 
 
+def objective_key(metric: str, metrics: dict, caps: list[int]) -> str:
+    """The stored metric behind an objective: a per-cap metric named without a cap is read at the run's
+    largest max_new_tokens (`caps`)."""
+    return f"{metric}@{max(caps)}" if metric not in metrics and "@" not in metric else metric
+
+
 def objective_value(metrics: dict, obj: ObjectiveSpec, run: RunSpec) -> float:
     """A stored metric; a per-cap metric named without a cap is read at the run's largest max_new_tokens."""
-    key = obj.metric
-    if key not in metrics and "@" not in key:
-        key = f"{key}@{max(run.generate.max_new_tokens)}"
+    key = objective_key(obj.metric, metrics, run.generate.max_new_tokens)
     if key not in metrics:
         keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
         raise SpecError(f"sweep.objective: the trials do not record metric {obj.metric!r} (checked once a trial "

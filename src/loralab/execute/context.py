@@ -15,12 +15,12 @@ from loralab.workspace.store import Store
 
 @dataclass
 class RunContext:
-    prepared: Any  # execute.runner.Prepared: the shared base model, data, encoded eval set
+    prepared: Any  # execute.prepare.Prepared: the shared base model, data, encoded eval set
     run: RunSpec  # its seed is run.train.seed
     store: Store
     rep: Reporter
     label: str  # how the log names it ("B (seed 1)")
-    rid: str  # its run id (execute.runner.run_id)
+    rid: str  # its run id (execute.identity.run_id)
     experiment: str
     model_info: dict = field(default_factory=dict)
     data_info: dict = field(default_factory=dict)

@@ -4,7 +4,7 @@ A `Job` is plain data (the experiment, one run with its seed, what to evaluate, 
 study's storage and trial number rather than a closure), so it can be pickled and run in another
 process or on another host. The jobs come from execute.plan (a file's runs x seeds, `repeats: auto`'s
 rounds, a sweep trial's seeds). An `Executor` takes jobs and returns their outcomes. `LocalExecutor`, the
-default (execute.local), runs a job in this process on the base model `runner.prepare` loaded,
+default (execute.local), runs a job in this process on the base model `execute.prepare` loaded,
 and leaves that model as it found it (the adapter is unloaded after each job). `loralab run` and `loralab sweep` both go through
 an executor, so another one (Ray actors, several adapters on one base) plugs in without touching them.
 """

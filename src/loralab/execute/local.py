@@ -1,12 +1,14 @@
 """The default executor (execute.jobs.Executor): each job runs in this process, one at a time, on the base
-model `runner.prepare` loaded."""
+model `execute.prepare` loaded."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from loralab.execute.jobs import Job, Outcome
-from loralab.execute.runner import Prepared, run_id, train_run
+from loralab.execute.identity import run_id
+from loralab.execute.prepare import Prepared
+from loralab.execute.runner import train_run
 from loralab.progress import Reporter
 from loralab.workspace.store import Store
 

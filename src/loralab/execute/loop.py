@@ -8,17 +8,34 @@ only runs them and tells it how each ended.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loralab.execute.jobs import ExecutorFactory, Job, slots_of
 from loralab.execute.local import LocalExecutor
 from loralab.execute.plan import Planner
-from loralab.execute.runner import ExperimentResult, open_workspace, prepare, resolve_workspace, store_base
+from loralab.execute.evaluate import store_base
+from loralab.execute.prepare import open_workspace, prepare, resolve_workspace
 from loralab.config.schema import Experiment
 from loralab.progress import Overall, Reporter
 from loralab.workspace.status import Status
-from loralab.workspace.store import Store, storage_error
+from loralab.workspace.store import RunRecord, Store, storage_error
+
+
+@dataclass
+class ExperimentResult:
+    workspace: Path
+    records: list[RunRecord]  # base first, then the runs in file order
+    skipped: list[str] = field(default_factory=list)  # already finished, reused
+    failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+
+    def groups(self) -> dict[str, list[RunRecord]]:
+        """Records by run name, all seeds of a run together, in file order."""
+        out: dict[str, list[RunRecord]] = {}
+        for r in self.records:
+            out.setdefault(r.name, []).append(r)
+        return out
 
 
 def run_experiment(exp: Experiment, *, workspace: str | Path | None = None, only: list[str] | None = None,

@@ -67,11 +67,11 @@ def kept_sigterm():
 
 
 class Worker:
-    """One Ray actor: the base model loaded once (runner.prepare), the workspace opened, jobs run in turn."""
+    """One Ray actor: the base model loaded once (execute.prepare), the workspace opened, jobs run in turn."""
 
     def __init__(self, exp, only: list[str] | None, workspace: str, artifacts: str | None = None):
         from loralab.execute.local import LocalExecutor
-        from loralab.execute.runner import prepare
+        from loralab.execute.prepare import prepare
         from loralab.progress import Reporter
         from loralab.workspace.store import Store
 

@@ -1,12 +1,9 @@
-"""Run an experiment: check everything first, then train and evaluate each run, storing as it goes.
+"""One run's lifecycle, under its lock: reused if stored, else its adapter made on the shared base (or a
+stored adapter of the same settings evaluated again), trained, evaluated and stored by how it ended
+(finished, diverged, pruned or failed), its adapter taken off the base again.
 
-Order of work, so that bad input writes nothing and a crash loses no finished run:
-1. validate the selection, the data files, the data, the model and every run's LoRA targets;
-2. only then open the workspace;
-3. evaluate the untrained model once as run `base`;
-4. per run: add a fresh adapter to the one loaded base model, train, evaluate, save the adapter,
-   store the run as finished, and remove the adapter again. When the same adapter is stored (only
-   caps, evaluation or generation settings differ), load it and evaluate it instead of training.
+Preparing is execute.prepare, run ids execute.identity, measuring execute.evaluate, the step hooks
+execute.hooks, paused trials in memory execute.parking; the experiment's loop is execute.loop.
 """
 
 from __future__ import annotations
@@ -15,317 +12,24 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import Problem, SpecError
 from loralab.execute.checkpoint import Checkpoints, fsync_tree as _fsync_tree
 from loralab.execute.context import RunContext
+from loralab.execute.evaluate import _add_cost, _one_line, evaluate
+from loralab.execute.hooks import CurveWriter, _Progress
+from loralab.execute.identity import _describe, _run_config, adapter_id, run_id
 from loralab.execute.jobs import Job, Outcome
+from loralab.execute.parking import park, unpark
+from loralab.execute.prepare import Prepared, _plain
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
-from loralab.track.hook import open_tracking, track_stored
-from loralab.config.loading import surprises
-from loralab.config.schema import ANALYSIS_ONLY, Experiment, RunSpec, config_hash, cost_of
+from loralab.track.hook import open_tracking
+from loralab.config.schema import RunSpec
 from loralab.workspace.status import Status
-from loralab.workspace.store import DEFAULT_WORKSPACE, RunRecord, Store, storage_error, workspace_path
-
-SAMPLE_TEXT_LIMIT = 2000  # characters of each generated answer kept in the store
-
-
-@dataclass
-class Prepared:
-    """Everything loaded and checked before the workspace is touched."""
-
-    exp: Experiment
-    runs: list[RunSpec]
-    dataset: Any
-    base: Any  # engine.models.LoadedModel
-    targets: dict[str, Any]  # run name -> target modules given to PEFT
-    eval_encoded: list
-    eval_prompts: list[list[int]]
-    end_id: int
-    eval_max_len: int
-    train_probe: list  # encoded training examples whose loss is measured like eval's (overfitting gap)
-    reference_tokens: list[int]  # token length of each eval reference (verbosity ratio)
-    drift_prompts: list[list[int]]
-    drift_base: list | None = None  # the base model's greedy answers on drift prompts, computed once
-    layers: Any = None  # engine.models.ModelLayers of the base as loaded (no adapter on it): targets resolve on it
-    # Paused sweep trials kept in memory (sweep.halving): run id -> Parked. park_bytes: how much they may
-    # hold (0: never; each pause then saves a checkpoint, as a killed run's would be).
-    parked: dict = field(default_factory=dict)
-    park_bytes: int = 0
-
-    def targets_for(self, run: RunSpec) -> Any:
-        """The target modules given to PEFT for a run: the file's runs as resolved when prepared, any
-        other run (a sweep trial) resolved against the base model (with no adapter on it)."""
-        if run.name in self.targets and run.lora.target_modules == self._spec_targets(run.name):
-            return self.targets[run.name]
-        from loralab.engine.models import resolve_target_modules
-
-        return resolve_target_modules(self.layers or self.base.model, run.lora.target_modules)[0]
-
-    def _spec_targets(self, name: str) -> list[str] | None:
-        return next((r.lora.target_modules for r in self.runs if r.name == name), None)
-
-
-@dataclass
-class ExperimentResult:
-    workspace: Path
-    records: list[RunRecord]  # base first, then the runs in file order
-    skipped: list[str] = field(default_factory=list)  # already finished, reused
-    failed: list[str] = field(default_factory=list)
-    diverged: list[str] = field(default_factory=list)
-
-    def groups(self) -> dict[str, list[RunRecord]]:
-        """Records by run name, all seeds of a run together, in file order."""
-        out: dict[str, list[RunRecord]] = {}
-        for r in self.records:
-            out.setdefault(r.name, []).append(r)
-        return out
-
-
-def resolve_workspace(exp: Experiment, workspace: str | Path | None) -> Path | str:
-    """--workspace wins; else the file's `workspace:` (relative to the current directory); else ./loralab-workspace.
-    A database URL is returned as it is."""
-    return workspace_path(workspace or exp.workspace or DEFAULT_WORKSPACE)
-
-
-def open_workspace(exp: Experiment, workspace: str | Path | None, create: bool = True) -> Store:
-    """The experiment's workspace store; a database workspace keeps adapters under the file's `artifacts:`."""
-    return Store(resolve_workspace(exp, workspace), create=create, artifacts=exp.artifacts)
-
-
-def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
-    if not only:
-        return list(exp.resolved_runs)
-    names = [r.name for r in exp.resolved_runs]
-    unknown = [n for n in only if n not in names]
-    if unknown:
-        raise SpecError("--only names runs the file does not declare",
-                        [Problem("--only", "unknown run", u, f"use some of: {', '.join(names)}") for u in unknown])
-    return [r for r in exp.resolved_runs if r.name in only]
-
-
-def prepare(exp: Experiment, only: list[str] | None = None, reporter: Reporter | None = None) -> Prepared:
-    """Load and check data, model and LoRA targets. Raises a LoralabError before anything is written."""
-    from loralab.engine import data as data_mod
-    from loralab.engine.models import layers_of, load_base_model, resolve_target_modules
-    from loralab.execute.preflight import check_before_reading, check_plan, remember_lengths, shortest_max_seq_len
-
-    rep = reporter or Reporter()
-    runs = select_runs(exp, only)
-    check_before_reading(exp, runs)
-    dataset = data_mod.load_data(exp.data, exp.base_dir)
-    rep.log(f"Data: {_plain(dataset.name)}: {len(dataset.train)} train / {len(dataset.eval)} eval examples "
-            f"(fingerprint {dataset.fingerprint})")
-    for note in surprises(exp) + data_mod.data_surprises(dataset):
-        rep.log(f"Note: {_plain(note)}.")
-    t0 = time.perf_counter()
-    base = load_base_model(exp.model, exp.base_dir, exp.device, log=rep.log)
-    rep.log(f"Model: {_plain(base.name)} ({base.arch}, {base.info['params'] / 1e6:.1f} M parameters) on {base.device} "
-            f"in {base.info['dtype']}, loaded in {time.perf_counter() - t0:.1f} s")
-    base.info["load_s"] = round(time.perf_counter() - t0, 2)
-    targets, notes = {}, []
-    for r in runs:
-        targets[r.name], note = resolve_target_modules(base.model, r.lora.target_modules,
-                                                       where=f"runs.{r.name}.lora.target_modules")
-        if note and note not in notes:
-            notes.append(note)
-    for note in notes:
-        rep.log(f"Note: {note}.")
-    tok = base.tokenizer
-    layers = layers_of(base.model)
-    check_plan(exp, runs, len(dataset.train), layers)
-    if not exp.data.truncate:
-        lengths = data_mod.example_lengths(tok, dataset)
-        if Path(base.path).is_dir():
-            remember_lengths(Path(base.path), dataset, lengths)  # so `validate` needs no tokenizer next time
-        data_mod.check_lengths(lengths, dataset, *shortest_max_seq_len(exp, runs))
-    end_id = data_mod.end_token_id(tok)
-    eval_max_len = max(r.train.max_seq_len for r in exp.resolved_runs)
-    eval_encoded = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.eval]
-    eval_prompts = [data_mod.example_prompt_ids(tok, ex, dataset.system_prompt) for ex in dataset.eval]
-    ev = exp.evaluation
-    n_probe = len(dataset.eval) if ev.train_loss_examples is None else ev.train_loss_examples
-    train_probe = [data_mod.encode_example(tok, ex, dataset.system_prompt, eval_max_len) for ex in dataset.train[:n_probe]]
-    reference_tokens = [len(tok(ex.output, add_special_tokens=False)["input_ids"]) for ex in dataset.eval]
-    drift_prompts = []
-    if ev.drift:
-        from loralab.engine.drift import load_general_prompts
-
-        general = load_general_prompts()[: ev.drift_prompts]
-        drift_prompts = [data_mod.prompt_ids(tok, g["prompt"], None) for g in general]
-    return Prepared(exp, runs, dataset, base, targets, eval_encoded, eval_prompts, end_id, eval_max_len,
-                    train_probe, reference_tokens, drift_prompts, layers=layers)
-
-
-def _plain(text: object) -> str:
-    """User or model text inside a log line: shown as written, never read as rich markup."""
-    from rich.markup import escape
-
-    return escape(str(text))
-
-
-def adapter_id(prepared: Prepared, run: RunSpec) -> str:
-    """What the run's adapter is: the same function of its settings that its stored row gets
-    (store.adapter_identity), so a stored adapter is found by the settings that would train it."""
-    from loralab.workspace.store import adapter_identity
-
-    return adapter_identity(_run_config(prepared, run), *_describe(prepared))
-
-
-def run_id(prepared: Prepared, run: RunSpec | None, full_eval: bool = True, probe: bool = True) -> str:
-    """One stored run: an adapter (adapter_id) evaluated one way (caps, evaluation and generation
-    settings). Adding a cap or changing generate.batch_size makes new run ids of the same adapters,
-    which are evaluated again, not retrained (train_run).
-
-    A loss-only evaluation (a sweep trial that needs no generation) is a different run, so a later
-    `loralab run` of the same settings does not reuse it without its generation metrics."""
-    evaluation = prepared.exp.evaluation.model_dump(exclude=ANALYSIS_ONLY)
-    if not full_eval:
-        evaluation["loss_only"] = True
-    if not probe:  # no training-probe loss (nor generalization gap) either
-        evaluation["train_probe"] = False
-    how = {"eval_caps": prepared.exp.eval_caps, "eval_max_len": prepared.eval_max_len, "evaluation": evaluation}
-    groups = [ex.group for ex in prepared.dataset.eval]
-    if any(g is not None for g in groups):  # data.group_field: samples stored without the groups are evaluated anew
-        how["eval_groups"] = config_hash(groups)
-    if run is None:  # the untrained model: what it is and how it is evaluated
-        what = {"model": prepared.base.fingerprint, "data": prepared.dataset.fingerprint, "system_prompt": prepared.dataset.system_prompt,
-                "device": str(prepared.base.device).split(":")[0], "dtype": prepared.base.info["dtype"]}
-        return "base-" + config_hash({"kind": "base", **what, **how})
-    return config_hash({"adapter": adapter_id(prepared, run), **how, "generate": run.generate.model_dump()})
-
-
-def evaluate(model, prepared: Prepared, label: str, rep: Reporter, batch_size: int,
-             full: bool = True, probe: bool = True) -> tuple[dict, list, dict]:
-    """Held-out and training-probe loss, one greedy generation at the largest cap (smaller caps are
-    its prefixes), per-example quality and verbosity, and drift from the base model.
-    `full=False` stops after the losses (what a loss objective needs); `probe=False` (only with
-    full=False) skips the training-probe loss too, when not even the generalization gap is asked for."""
-    from loralab.engine.generate import at_cap, generate_greedy
-    from loralab.metrics.scores import example_metrics, perplexity, summarize_examples
-    from loralab.engine.train import eval_losses
-
-    tok = prepared.base.tokenizer
-    caps = prepared.exp.eval_caps
-    t0 = time.perf_counter()
-    loss, per_example_loss, loss_tokens = eval_losses(model, prepared.eval_encoded, pad_id=tok.pad_token_id)
-    probed = prepared.train_probe if probe or full else []
-    train_loss = eval_losses(model, probed, pad_id=tok.pad_token_id)[0] if probed else float("nan")
-    t1 = time.perf_counter()
-    fault_point("evaluate")
-    samples = [{"id": ex.id, "prompt": ex.instruction, "reference": ex.output, "loss": l_, "loss_tokens": n,
-                "outputs": {}, **({"group": ex.group} if ex.group is not None else {})}
-               for ex, l_, n in zip(prepared.dataset.eval, per_example_loss, loss_tokens)]
-    metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-    if probed or full:
-        metrics.update({"train_eval_loss": train_loss, "train_ppl": perplexity(train_loss),
-                        "generalization_gap": loss - train_loss})
-    if not full:
-        metrics.update({"eval_s": round(t1 - t0, 2), "eval_tokens": sum(len(e.input_ids) for e in prepared.eval_encoded + probed)})
-        return metrics, samples, {"eval_loss_s": round(t1 - t0, 2)}
-    with rep.task(f"generate {label}", total=len(prepared.eval_prompts), unit="prompts") as update:
-        gens = generate_greedy(model, prepared.eval_prompts, max(caps), eos_token_ids=[prepared.end_id],
-                               pad_token_id=tok.pad_token_id, batch_size=batch_size,
-                               progress=lambda n: update(advance=n))
-    t2 = time.perf_counter()
-    for cap in caps:
-        rows = []
-        for s, g, ex, ref_n in zip(samples, gens, prepared.dataset.eval, prepared.reference_tokens):
-            c = at_cap(g, cap)
-            text = tok.decode(c.tokens, skip_special_tokens=True).strip()
-            m = example_metrics(text, ex.output, c.tokens, ref_n, c.stopped, cap)
-            rows.append(m)
-            s["outputs"][str(cap)] = {"text": text[:SAMPLE_TEXT_LIMIT], "tokens": len(c.tokens), "stopped": c.stopped,
-                                      "metrics": m}
-        metrics.update({f"{k}@{cap}": v for k, v in summarize_examples(rows).items() if k != "n"})
-    drift_s = 0.0
-    if prepared.drift_prompts and hasattr(model, "disable_adapter"):
-        from loralab.engine.drift import base_answers, measure_drift
-
-        t3 = time.perf_counter()
-        dmax = prepared.exp.evaluation.drift_max_new_tokens
-        kw = dict(max_new_tokens=dmax, eos_token_ids=[prepared.end_id], pad_token_id=tok.pad_token_id, batch_size=batch_size)
-        passes = 2 + (prepared.drift_base is None)  # the base's answers (once per experiment), the adapter's, the KL
-        with rep.task(f"drift {label}", total=passes * len(prepared.drift_prompts), unit="prompt passes") as update:
-            if prepared.drift_base is None:
-                prepared.drift_base = base_answers(model, prepared.drift_prompts, progress=lambda n: update(advance=n), **kw)
-            d = measure_drift(model, prepared.drift_prompts, base=prepared.drift_base,
-                              progress=lambda n: update(advance=n), **kw)
-        metrics.update({"drift_kl": d.kl_mean, "drift_agreement": d.agreement})
-        drift_s = time.perf_counter() - t3
-    elif prepared.drift_prompts:
-        metrics.update({"drift_kl": 0.0, "drift_agreement": 1.0})  # the base model, by definition
-    generated = sum(len(g.tokens) for g in gens)
-    eval_tokens = sum(len(e.input_ids) for e in prepared.eval_encoded + probed) + generated
-    timings = {"eval_loss_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "drift_s": round(drift_s, 2),
-               "generated_tokens": generated,
-               "generate_tokens_per_s": round(generated / (t2 - t1), 1) if t2 > t1 else None}
-    metrics["eval_s"] = round(time.perf_counter() - t0, 2)
-    metrics["eval_tokens"] = eval_tokens
-    return metrics, samples, timings
-
-
-def _describe(prepared: Prepared) -> tuple[dict, dict]:
-    b, d = prepared.base, prepared.dataset
-    model = {"name": b.name, "path": b.path, "fingerprint": b.fingerprint, "arch": b.arch, **b.info}
-    data = {"name": d.name, "fingerprint": d.fingerprint, "n_train": len(d.train), "n_eval": len(d.eval),
-            "system_prompt": d.system_prompt}
-    return model, data
-
-
-def _run_config(prepared: Prepared, run: RunSpec | None) -> dict:
-    cfg: dict[str, Any] = {"eval_caps": prepared.exp.eval_caps, "device": str(prepared.base.device), "dtype": prepared.base.info["dtype"],
-                           "evaluation": prepared.exp.evaluation.model_dump(),
-                           "cost": prepared.exp.cost.model_dump() if prepared.exp.cost else None}
-    if run is not None:
-        cfg.update({"lora": run.lora.model_dump(), "train": run.train.model_dump(),
-                    "generate": run.generate.model_dump(), "resolved_target_modules": prepared.targets_for(run)})
-    return cfg
-
-
-def _add_cost(metrics: dict, prepared: Prepared) -> None:
-    """Wall time in, money out: (train + eval seconds) x the price per hour, when one is set."""
-    total = metrics.get("train_s", 0.0) + metrics.get("init_s", 0.0) + metrics.get("eval_s", 0.0)
-    metrics["total_s"] = round(total, 2)
-    if prepared.exp.cost is not None:
-        metrics["cost"] = round(cost_of(total, prepared.exp.cost.per_hour), 6)
-
-
-def store_base(prepared: Prepared, store: Store, rep: Reporter, ws: Path | str, force: bool = False) -> tuple[RunRecord, bool]:
-    """The untrained model, evaluated once and stored as run `base`, the reference point of every table;
-    reused when stored finished already (unless `force`). Returns (its record named "base", reused)."""
-    from loralab import environment
-
-    exp = prepared.exp
-    gen_batch = max(r.generate.batch_size for r in prepared.runs) if prepared.runs else 16
-    bid = run_id(prepared, None)
-    reused = False
-    with store.run_lock(bid, on_wait=lambda: rep.log("base: another process is evaluating it; waiting")):
-        done = store.get(bid)
-        if done and done.status == Status.FINISHED and not force:
-            store.alias(exp.name, "base", bid)
-            reused = True
-            rep.log(f"base: finished earlier ({bid}), reused")
-        else:
-            model_info, data_info = _describe(prepared)
-            store.start(bid, name="base", experiment=exp.name, kind="base", config=_run_config(prepared, None),
-                        model=model_info, data=data_info, env=environment.record(str(prepared.base.device)))
-            try:
-                metrics, samples, timings = evaluate(prepared.base.model, prepared, "base", rep, gen_batch)
-            except KeyboardInterrupt:
-                store.mark(bid, Status.INTERRUPTED)
-                raise
-            _add_cost(metrics, prepared)
-            store.finish(bid, metrics=metrics, curves={}, samples=samples, timings=timings, adapter_path=None)
-            rep.log(_one_line("base", metrics, prepared.exp.eval_caps))
-            track_stored(exp, "base", bid, exp.name, ws, {**_run_config(prepared, None), "model": model_info,
-                                                           "data": data_info}, store, rep.log)
-    fault_point("run.stored")
-    return replace(store.get(bid), name="base"), reused
+from loralab.workspace.store import RunRecord, Store, storage_error
 
 
 def store_failed(prepared: Prepared, job: Job, store: Store, error: str) -> Outcome:
@@ -462,14 +166,6 @@ def restore_base(prepared: Prepared, peft_model=None) -> None:
     close_all(prepared.base, peft_model)
 
 
-def _one_line(name: str, m: dict, caps: list[int]) -> str:
-    cap = max(caps)
-    text = f"{name}: eval loss {m['eval_loss']:.4f}"
-    if f"rouge_l@{cap}" in m:  # absent when only the losses were measured
-        text += f", ROUGE-L@{cap} {m[f'rouge_l@{cap}']:.3f}, mean tokens@{cap} {m[f'mean_tokens@{cap}']:.1f}"
-    return text
-
-
 def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
     """Train, evaluate and store one run; returns its final status (finished, diverged, pruned or failed).
     With `source` (a stored run of the same adapter) nothing is trained: see _evaluate_stored."""
@@ -525,58 +221,6 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
             session.close()  # the shared base without this run's adapter, as it was loaded
         if ctx.tracking is not None:  # a copy of what the workspace stored, once it is stored
             ctx.tracking.close_stored(store, rid)
-
-
-@dataclass
-class Parked:
-    """A paused sweep trial kept in memory: its adapter on the base (inactive), its trainer's state, and
-    where its checkpoint goes should it have to leave memory."""
-
-    session: Any  # engine.session.AdapterSession
-    state: dict  # engine.train.Trainer.state_dict() at the pause
-    checkpoints: Checkpoints
-    nbytes: int
-
-
-def park(prepared: Prepared, rid: str, session, state: dict, checkpoints: Checkpoints) -> bool:
-    """Keep a paused trial in memory instead of a checkpoint on disk, when allowed (prepared.park_bytes),
-    when it fits beside the ones kept already, and when its adapter can share the base with others (a
-    PiSSA/OLoRA init rewrites the base; `lora.bias` trains the base's own biases). Continued, it goes on
-    from the same state as from its checkpoint; a crash loses it, and the sweep trains it to the rung again."""
-    import torch
-
-    if not prepared.park_bytes or session.init.converts or session.lora.bias != "none":
-        return False
-    tensors = [state["trainable"], state["optimizer"].get("state", {})]
-    nbytes = sum(t.numel() * t.element_size() for d in tensors for t in _tensors(d) if isinstance(t, torch.Tensor))
-    nbytes *= 2  # the adapter's own weights on the base too, and slack
-    if nbytes + sum(p.nbytes for p in prepared.parked.values()) > prepared.park_bytes:
-        return False
-    prepared.parked[rid] = Parked(session, state, checkpoints, nbytes)
-    return True
-
-
-def _tensors(d):
-    if isinstance(d, dict):
-        for v in d.values():
-            yield from _tensors(v)
-    elif isinstance(d, (list, tuple)):
-        for v in d:
-            yield from _tensors(v)
-    else:
-        yield d
-
-
-def unpark(prepared: Prepared, rid: str | None = None, *, keep: bool = True) -> None:
-    """Paused trials out of memory (`rid`: that one, else all): each to its checkpoint (`keep`), so it is
-    continued from disk as before, or dropped (keep=False: a trial that did not make its rung)."""
-    for key in [rid] if rid is not None else list(prepared.parked):
-        p = prepared.parked.pop(key, None)
-        if p is None:
-            continue
-        if keep:
-            p.checkpoints.save(p.state)
-        p.session.close()
 
 
 def open_session(prepared: Prepared, run: RunSpec, name: str):
@@ -788,42 +432,3 @@ def _failed(ctx: RunContext, err: Exception) -> str:
     store.mark(rid, Status.FAILED, trace)
     rep.log(f"[red]{label}: failed: {type(err).__name__}: {_plain(err)}[/red]")
     return Status.FAILED
-
-
-class _Progress:
-    """A training step hook: the progress bar, and the step an error would strike after."""
-
-    def __init__(self, reached: dict, update):
-        self.reached, self.update = reached, update
-
-    def after_step(self, step) -> None:
-        self.reached["step"] = step.step
-        self.update(loss=step.loss)
-
-
-class CurveWriter:
-    """A training step hook that streams the curve to the workspace (Store.append_steps) while the run
-    trains: the first step at once, then a batch every `every_s` seconds, so a watcher sees it grow, a
-    crash loses at most the last batch, and the writes (one transaction each) cost far below 1% of
-    training (BENCHMARKS.md). A write that fails (disk full) is dropped, not fatal: the run's result is
-    stored, or refused, on its own terms."""
-
-    def __init__(self, store: Store, run_id: str, every_s: float = 5.0):
-        self.store, self.run_id, self.every_s = store, run_id, every_s
-        self.pending: list[dict] = []
-        self.last = None  # when the last batch was written
-        self.broken = False
-
-    def after_step(self, step) -> None:
-        self.pending.append({**step.row(), "total": step.total})
-        if self.last is None or time.monotonic() - self.last >= self.every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        self.last = time.monotonic()
-        if batch and not self.broken:
-            try:
-                self.store.append_steps(self.run_id, batch)
-            except Exception:  # the curve is a by-product: never the reason a run is lost
-                self.broken = True

@@ -89,7 +89,7 @@ def _open(ws: Path | str) -> Store:
 def from_file(exp: Experiment, workspace: str | Path | None = None) -> Sources:
     """The runs of an experiment file as stored: base and the file's runs (every stored seed whose
     settings still match the file), its sweep trials, and the ablations `loralab ablate` made of it."""
-    from loralab.execute.runner import resolve_workspace
+    from loralab.execute.prepare import resolve_workspace
 
     ws = resolve_workspace(exp, workspace)
     with _open(ws) as store:

@@ -4,7 +4,7 @@ Optuna's SuccessiveHalvingPruner is asynchronous: it judges a trial at a rung ag
 reached that rung before it, so the first trial of a study, having no rivals yet, trains to the end, and
 so may the next ones. With one worker the sweep can do better: it asks the whole bracket (the grid, or
 budget.trials trials) at once, trains every trial's first seed to the first rung (`pruner.every` steps)
-and stops it there, its trainer's state kept in memory while the paused trials fit (execute.runner.park),
+and stops it there, its trainer's state kept in memory while the paused trials fit (execute.parking.park),
 else in a checkpoint (execute.checkpoint); once all were measured, the best 1 in
 `reduction_factor` continue from their checkpoints to the next rung, the others are stored `pruned` at
 the rung they reached; the last ones train to the end (and their other seeds in full). A paused run
@@ -56,8 +56,8 @@ def drive_synchronous(loop, prepared, ran: list[int], run_trial, fmt) -> str:
 
 def run_bracket(loop, prepared, bracket: list[tuple], ran: list[int], run_trial, fmt) -> None:
     """Every trial to each rung in turn; the best 1 in reduction_factor go on, the last ones to the end.
-    Paused trials wait in memory while they fit (execute.runner.park), else in their checkpoints."""
-    from loralab.execute.runner import unpark
+    Paused trials wait in memory while they fit (execute.parking.park), else in their checkpoints."""
+    from loralab.execute.parking import unpark
 
     prepared.park_bytes = park_budget(prepared, loop.worker)
     try:
@@ -169,7 +169,7 @@ def _drop(loop, prepared, trial, tr, rung: int, spent: float, ran: list[int]) ->
 
     from loralab.execute.checkpoint import Checkpoints
 
-    from loralab.execute.runner import unpark
+    from loralab.execute.parking import unpark
 
     rid = tr.run_ids[0]
     unpark(prepared, rid, keep=False)

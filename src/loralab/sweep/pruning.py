@@ -29,6 +29,24 @@ def decision_steps(pruner: PrunerSpec, planned: int) -> list[int]:
     return [s for s in range(pruner.every, planned, pruner.every) if s >= pruner.warmup_steps]
 
 
+def rung_examples(pruner: PrunerSpec, step: int, n_eval: int) -> int:
+    """How many eval examples (the first ones) the loss at decision step `step` is measured on.
+
+    `eval_examples` is the first rung's. Successive halving and Hyperband judge reduction_factor times
+    fewer trials at each later rung, so each later rung measures reduction_factor times more examples
+    (the whole eval set at most): every rung costs about as much evaluation as the first, and the close
+    calls between the few trials left are made on many examples, not on the handful that was enough to
+    tell the learning rates of the first rung apart. Every trial at a step is measured on the same ones."""
+    first = min(pruner.eval_examples or n_eval, n_eval)
+    if pruner.name not in ("successive_halving", "hyperband") or first >= n_eval:
+        return first
+    n, at = first, pruner.every
+    while at < step:
+        at *= pruner.resolved_reduction_factor
+        n *= pruner.resolved_reduction_factor
+    return min(n, n_eval)
+
+
 class PruningHook:
     """A training step hook (train.StepHook): at each decision step the held-out loss goes to
     `report(loss, step)`, which answers whether to stop (Optuna: trial.report then trial.should_prune).
@@ -37,18 +55,19 @@ class PruningHook:
     paying for another evaluation."""
 
     def __init__(self, prepared, pruner: PrunerSpec, report: Callable[[float, int], bool], planned: int):
-        self.prepared, self.report = prepared, report
-        self.examples = prepared.eval_encoded[: pruner.eval_examples]
-        self.whole = len(self.examples) == len(prepared.eval_encoded)
+        self.prepared, self.report, self.pruner = prepared, report, pruner
         self.steps = set(decision_steps(pruner, planned))
         self.measured: dict[int, float] = {}
+
+    def examples_at(self, step: int) -> list:
+        return self.prepared.eval_encoded[: rung_examples(self.pruner, step, len(self.prepared.eval_encoded))]
 
     def after_step(self, step) -> str | None:
         from loralab.engine.train import eval_loss
 
         if step.step not in self.steps or step.step >= step.total:  # the last step is judged by the objective
             return None
-        loss = eval_loss(step.model, self.examples, pad_id=self.prepared.base.tokenizer.pad_token_id)
+        loss = eval_loss(step.model, self.examples_at(step.step), pad_id=self.prepared.base.tokenizer.pad_token_id)
         self.measured[step.step] = loss
         return f"pruned at step {step.step}" if self.report(loss, step.step) else None
 
@@ -57,13 +76,14 @@ class PruningHook:
         those of the attempts it continues, and the eval examples they cover: stored with the run, so a
         later study (sweep.warm) ranks new trials at a rung against it."""
         return {"rung_losses": {str(k): v for k, v in sorted(self.measured.items())},
-                "rung_loss_examples": len(self.examples)} if self.measured else {}
+                "rung_loss_examples": {str(k): len(self.examples_at(k)) for k in sorted(self.measured)}} if self.measured else {}
 
     def loss_at(self, step: int) -> tuple[float, int, bool] | None:
         """(loss, eval examples it covers, whether that is the whole eval set) measured at `step`."""
         if step not in self.measured:
             return None
-        return self.measured[step], len(self.examples), self.whole
+        n = len(self.examples_at(step))
+        return self.measured[step], n, n == len(self.prepared.eval_encoded)
 
 
 class PauseHook(PruningHook):

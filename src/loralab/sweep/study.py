@@ -43,7 +43,7 @@ from loralab.sweep.pruning import make_pruner
 from loralab.sweep.warm import warm_start
 from loralab.progress import Reporter
 from loralab.config.space import (Space, _budget_text, edges, experiment_start, is_grid, make_run, needs_full_eval,
-                                  needs_probe, objective_value, prior_lines, sampler_class_name)
+                                  needs_probe, objective_key, objective_value, prior_lines, sampler_class_name)
 from loralab.config.schema import Experiment, ObjectiveSpec, PrunerSpec, RunSpec, SweepSpec, config_hash, cost_of
 from loralab.naming import confirm_name, trial_name
 from loralab.workspace.status import Status
@@ -124,13 +124,13 @@ def run_trial(prepared, exp: Experiment, knobs: dict[str, Any], store, *, name: 
 def _paused_at(prepared, job: Job, store) -> TrialRuns | None:
     """The first seed's run as paused at `job.pause_at` (stored `pruned` there, with its checkpoint), else None."""
     from loralab.execute.checkpoint import Checkpoints
-    from loralab.execute.runner import adapter_id, run_id
+    from loralab.execute.identity import adapter_id, run_id
 
     rid = run_id(prepared, job.run, job.full_eval, job.probe)
     rec = store.get(rid)
     if rec is None or rec.status != Status.PRUNED or rec.metrics.get("pruned_step") != job.pause_at:
         return None
-    parked = getattr(prepared, "parked", {}).get(rid)  # kept in memory (execute.runner.park), else on disk
+    parked = getattr(prepared, "parked", {}).get(rid)  # kept in memory (execute.parking.park), else on disk
     found = parked.state["step"] if parked is not None else \
         getattr(Checkpoints(store.run_dir(rid), adapter_id(prepared, job.run)).latest(), "step", None)
     if found != job.pause_at:
@@ -558,7 +558,7 @@ def run_sweep(exp: Experiment, *, workspace: str | Path | None = None, reporter:
     Running it again continues the study (see the module docstring)."""
     import optuna
 
-    from loralab.execute.runner import open_workspace, prepare, resolve_workspace
+    from loralab.execute.prepare import open_workspace, prepare, resolve_workspace
 
     if exp.sweep is None:
         raise SpecError(f"{exp.source or 'experiment'}: no `sweep:` section",
@@ -616,7 +616,7 @@ def _dry_warm(exp: Experiment, prepared, ws, space: Space, url: str, rep: Report
     import optuna
 
     from loralab.errors import RunNotFound
-    from loralab.execute.runner import open_workspace
+    from loralab.execute.prepare import open_workspace
 
     try:
         store = open_workspace(exp, ws, create=False)
@@ -849,7 +849,7 @@ class _Loop:
 def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -> list[int]:
     """The finished trials whose objective is within noise of the best trial's, by the report's rule
     (an interval over seeds and eval examples): the best mean alone can be a lucky seed."""
-    from loralab.analysis.comparison import verdict_of
+    from loralab.analysis.findings import against_best
 
     sw = exp.sweep
     if len(sw.objective) != 1 or not result.best:
@@ -859,13 +859,12 @@ def _close_to_best(result: SweepResult, store, exp: Experiment, rep: Reporter) -
     best = groups.get(result.best[0].number)
     if not best:
         return []
-    key = sw.objective[0].metric
-    if key not in best[0].metrics and "@" not in key:
-        key = f"{key}@{max(best[0].config['generate']['max_new_tokens'])}"
+    key = _objective_key(exp, best[0])
     level = exp.evaluation.confidence
-    close = [n for n, g in groups.items() if g and n != result.best[0].number
-             and (v := verdict_of(key, best, g, level, floors=exp.evaluation.min_effect)) is not None
-             and v.label in ("within noise", "negligible")]
+    others = {n: g for n, g in groups.items() if g and n != result.best[0].number}
+    # one family of questions, adjusted as the report's are: no trial called apart that the report calls close
+    vs = against_best(best, list(others.values()), key, level, floors=exp.evaluation.min_effect)
+    close = [n for n, g in others.items() if (v := vs.get(g[0].name)) is not None and v.label in ("within noise", "negligible")]
     if close:
         rep.log(f"Within noise of the best ({level:.0%} intervals over seeds and eval examples): "
                 + ", ".join(f"trial {n}" for n in sorted(close)) + ". `loralab report` compares them.")
@@ -894,10 +893,7 @@ def _finish(result: SweepResult, study, space: Space, sw: SweepSpec, per_hour: f
 
 def _objective_key(exp: Experiment, rec) -> str:
     """The stored metric behind the (single) objective; a per-cap metric at the run's largest cap."""
-    key = exp.sweep.objective[0].metric
-    if key not in rec.metrics and "@" not in key:
-        key = f"{key}@{max(rec.config['generate']['max_new_tokens'])}"
-    return key
+    return objective_key(exp.sweep.objective[0].metric, rec.metrics, rec.config["generate"]["max_new_tokens"])
 
 
 def _confirm(result: SweepResult, study, prepared, store, exp: Experiment, worker, rep: Reporter) -> None:
@@ -1024,7 +1020,8 @@ def measure_here(exp: Experiment, prepared, run: RunSpec) -> tuple[float, str, f
     import dataclasses
 
     from loralab.engine.train import train_lora
-    from loralab.execute.runner import restore_base, train_encoded, with_lora, evaluate
+    from loralab.execute.evaluate import evaluate
+    from loralab.execute.runner import restore_base, train_encoded, with_lora
 
     k = min(MEASURE_EXAMPLES, len(prepared.eval_encoded))
     spec = run.train.model_copy(update={"max_steps": MEASURE_STEPS})

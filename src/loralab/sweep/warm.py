@@ -3,7 +3,7 @@
 Finished runs (and pruned ones) of the same model, data and evaluation whose settings are a point of
 the sweep's space are added to its Optuna study as completed (or pruned) trials before it proposes new
 points, so widening a space or adding a knob pays only for the new points. A run is such a point when
-its stored id is the id the sweep would give that point's run (execute.runner.run_id): the same base,
+its stored id is the id the sweep would give that point's run (execute.identity.run_id): the same base,
 data, system prompt, device, dtype, every LoRA/train/generate setting and the same evaluation; a run
 measured fully also stands for a loss-only trial (it measured the losses the same way, and more).
 
@@ -87,7 +87,7 @@ def _params_of(space: Space, config: dict) -> tuple[dict, dict] | None:
 
 def measured_points(exp: Experiment, prepared, store, space: Space) -> list[Point]:
     """The configurations of the space that stored runs of this model, data and evaluation measured."""
-    from loralab.execute.runner import run_id
+    from loralab.execute.identity import run_id
 
     full, probe = needs_full_eval(exp.sweep), needs_probe(exp.sweep)
     start = experiment_start(exp)
@@ -149,7 +149,7 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
             user.update(status=Status.FINISHED, run_ids=[r.id for r in recs])
         elif first.status == Status.PRUNED and len(sw.objective) == 1 and pruner.name != "none" and \
                 isinstance(first.metrics.get("pruned_loss"), (int, float)) and \
-                first.metrics.get("pruned_loss_examples") == judged_on(pruner, prepared):
+                first.metrics.get("pruned_loss_examples") == judged_on(pruner, prepared, first.metrics.get("pruned_step")):
             values, state = None, TrialState.PRUNED
             inter = {**rung_values(first, pruner, prepared, sign),
                      int(first.metrics["pruned_step"]): sign * float(first.metrics["pruned_loss"])}
@@ -181,20 +181,21 @@ def warm_start(study, exp: Experiment, prepared, store, space: Space, rep, *, ad
     return added
 
 
-def judged_on(pruner, prepared) -> int:
-    """How many eval examples this sweep's pruner measures its losses on (sweep.pruning.PruningHook)."""
-    n = len(prepared.dataset.eval)
-    return min(pruner.eval_examples or n, n)
+def judged_on(pruner, prepared, step) -> int | None:
+    """How many eval examples this sweep's pruner measures its loss at `step` on (sweep.pruning)."""
+    from loralab.sweep.pruning import rung_examples
+
+    return rung_examples(pruner, int(step), len(prepared.dataset.eval)) if isinstance(step, (int, float)) else None
 
 
 def rung_values(rec, pruner, prepared, sign: float) -> dict[int, float]:
     """The held-out losses a stored trial's pruner measured at its decision steps, as the study's
-    intermediate values, when measured on the eval examples this sweep's pruner judges on (else none:
-    losses over other examples do not rank against this sweep's)."""
+    intermediate values, each one only when measured on the eval examples this sweep's pruner judges on at
+    that step (losses over other examples do not rank against this sweep's)."""
     m = rec.metrics
-    if m.get("rung_loss_examples") != judged_on(pruner, prepared):
-        return {}
-    return {int(k): sign * float(v) for k, v in (m.get("rung_losses") or {}).items()}
+    counts = m.get("rung_loss_examples") or {}
+    return {int(k): sign * float(v) for k, v in (m.get("rung_losses") or {}).items()
+            if isinstance(counts, dict) and counts.get(k) == judged_on(pruner, prepared, int(k))}
 
 
 def _distributions(space: Space) -> dict:
