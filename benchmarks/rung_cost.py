@@ -3,6 +3,7 @@ cheaper choices would decide. Run by hand, not in CI:
 
     .venv/bin/python benchmarks/rung_cost.py 12    # the 12-point grid of "Sweep vs the plain way"
     .venv/bin/python benchmarks/rung_cost.py 36    # r x alpha/r x learning rate
+    .venv/bin/python benchmarks/rung_cost.py 12 my-experiment.yaml   # the same grid on your model and data
 
 For every grid point on the built-in model and data it times: adding the adapter (with_lora), each of the
 first 4 training steps, the held-out loss on the first 4, 8 and 16 eval examples (at step 4), saving
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -45,8 +45,6 @@ def points(n: int) -> list[dict]:
 
 
 def main() -> None:
-    import torch
-
     from loralab.config.loading import load_experiment
     from loralab.config.space import experiment_start, make_run
     from loralab.engine.train import Trainer, eval_losses
@@ -56,8 +54,9 @@ def main() -> None:
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 12
     with tempfile.TemporaryDirectory() as tmp:
-        f = Path(tmp) / "e.yaml"
-        f.write_text(YAML)
+        f = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(tmp) / "e.yaml"  # your file: its model and data
+        if len(sys.argv) <= 2:
+            f.write_text(YAML)
         exp = load_experiment(f)
         t0 = time.perf_counter()
         prepared = prepare(exp)

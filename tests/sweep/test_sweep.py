@@ -296,9 +296,11 @@ def test_a_trial_pruned_on_a_subset_keeps_that_loss_and_pays_for_no_whole_set_ev
     assert (good.status, bad.status) == ("finished", "pruned")
     m = Store(tmp_path / "ws").get(bad.run_ids[0]).metrics
     assert "eval_loss" not in m and m["pruned_loss_examples"] == 2 and math.isfinite(m["pruned_loss"])
-    # Rungs on 2 examples; the finished trial's final loss on all 4; nothing more for the pruned one;
-    # then the best trial's confirmation on 2 fresh seeds, unpruned, on all 4.
-    assert calls == [2, 2, 2, 4] + [2] * sum(1 for rung in (2, 4, 8) if rung <= m["pruned_step"]) + [4, 4]
+    # The first rung on 2 examples, each later one on reduction_factor (2) times more, all 4 at most; the
+    # finished trial's final loss on all 4; nothing more for the pruned one; then the best trial's
+    # confirmation on 2 fresh seeds, unpruned, on all 4.
+    rungs = {2: 2, 4: 4, 8: 4}
+    assert calls == [2, 4, 4, 4] + [n for rung, n in rungs.items() if rung <= m["pruned_step"]] + [4, 4]
 
 
 def test_trials_budget_is_respected_and_a_rerun_counts_nothing_twice(tiny_neox, tmp_path):
