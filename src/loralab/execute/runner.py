@@ -22,7 +22,7 @@ from loralab.execute.evaluate import _add_cost, _one_line, evaluate
 from loralab.execute.hooks import CurveWriter, _Progress
 from loralab.execute.identity import _describe, _run_config, adapter_id, run_id
 from loralab.execute.jobs import Job, Outcome
-from loralab.execute.parking import park, unpark
+from loralab.execute.parking import park
 from loralab.execute.prepare import Prepared, _plain
 from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
@@ -183,17 +183,11 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         if source is not None:
             ctx.reached["trained"] = True  # an out-of-memory error here is the evaluation's
             return _evaluate_stored(ctx, source)
-        if parked is not None:
-            session = parked.session
-            session.activate()
-        else:
-            session = open_session(prepared, run, ctx.adapter_name)
-            if session.init.converts:  # it needs the base to itself: paused ones go to their checkpoints
-                unpark(prepared)
-            if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
-                rep.log(f"{ctx.label}: {session.init.announce}")
-            session.create()
-            session.keep_start(store.run_dir(rid) / "adapter_init")  # PiSSA/OLoRA: converted against it when saved
+        session = open_session(prepared, run, ctx.adapter_name)
+        if session.init.announce:  # a slow start (EVA's data pass), before the progress bar starts
+            rep.log(f"{ctx.label}: {session.init.announce}")
+        session.create()
+        session.keep_start(store.run_dir(rid) / "adapter_init")  # PiSSA/OLoRA: converted against it when saved
         res, monitor = _train(ctx, session.model, session.adopt(state))
         ctx.reached["trained"] = True
         done = _Done(ctx, session, res)
@@ -202,9 +196,7 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         elif res.stopped_by is not None and res.stopped_by is ctx.pruning:
             status = done.pruned(ctx.pruning)  # a pruned trial keeps no checkpoint: it is not continued
             if getattr(ctx.pruning, "state", None) is not None:  # paused (sweep.halving): continued from here, or dropped
-                if park(prepared, rid, session, ctx.pruning.state, checkpoints):
-                    session = None  # stays on the base, in memory, until continued or dropped
-                else:
+                if not park(prepared, rid, ctx.pruning.state, checkpoints):  # in memory while they fit
                     checkpoints.save(ctx.pruning.state)
                 return status
         else:
