@@ -849,7 +849,7 @@ def test_halving_measures_each_rung_on_its_own_number_of_examples(tiny_neox, tmp
 
 
 def test_a_widened_halving_sweep_ranks_its_new_points_against_the_rungs_measured_before(tiny_neox, tmp_path):
-    """Issue 24: the same halving sweep with one more learning rate, a hopeless one. Alone in its bracket
+    """Issue 24: the same halving sweep with one more learning rate, one so large the loss rises. Alone in its bracket
     it would train to the end; ranked at the first rung against the four trials measured there before
     (their rung losses stored with their runs), it stops there."""
     from rich.console import Console
@@ -862,14 +862,14 @@ def test_a_widened_halving_sweep_ranks_its_new_points_against_the_rungs_measured
     done = next(t for t in first.trials if t.status == "finished")
     rungs = store.get(done.run_ids[0]).metrics["rung_losses"]
     assert sorted(rungs) == ["3", "6"] and all(isinstance(v, float) for v in rungs.values())  # kept across its pauses
-    wide = HALVING.replace("3.0e-7]", "3.0e-7, 1.0e-9]")
+    wide = HALVING.replace("3.0e-7]", "3.0e-7, 3.0e-1]")
     console = Console(record=True, width=200)
     second = run_sweep(load_experiment(sweep_file(tmp_path, tiny_neox, wide, extra=extra)), workspace=tmp_path / "ws",
                        reporter=Reporter(console))
     log = console.export_text()
     assert "Started from the workspace: 4 point(s)" in log and "ranked with 4 earlier trial(s)" in log
     new = second.trials[second.ran[0]]
-    assert len(second.ran) == 1 and new.knobs["train.learning_rate"] == 1.0e-9
+    assert len(second.ran) == 1 and new.knobs["train.learning_rate"] == 3.0e-1
     assert new.status == "pruned" and store.get(new.run_ids[0]).metrics["pruned_step"] == 3
     assert sum(r.kind == "lora" for r in store.all_runs()) == 5  # nothing measured before trained again
 
