@@ -281,6 +281,18 @@ def test_kill_9_during_a_multi_run_file_then_the_same_command_finishes_it(fault,
     assert check_workspace(ws).findings == []
 
 
+def test_ctrl_c_while_a_runs_results_are_committed_keeps_that_run_finished(tiny_neox, tmp_path):
+    """The stop waits for the commit (interrupts.held): B's results, all computed, are not thrown away."""
+    f, ws = write(tmp_path, tiny_neox), tmp_path / "ws"
+    proc = Proc(tmp_path, "run", f, "-w", ws, fault="store.finish:sigint@3")
+    assert proc.wait() == 130, proc.output
+    assert statuses(ws) == {"base": "finished", "A": "finished", "B": "finished"}
+    b = Store(ws).find("B")
+    assert "eval_loss" in b.metrics and adapter_complete(Path(b.adapter_path))
+    assert sorted(p.name for p in Store(ws).run_dir(b.id).iterdir()) == ["adapter"]
+    assert check_workspace(ws).findings == []
+
+
 def _trials(ws: Path) -> list:
     return optuna.load_study(study_name="sw", storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console, ConsoleDimensions
 
+from loralab import interrupts
 from loralab.api import LoralabError
 from loralab.config.schema import TRACKERS
 from loralab.workspace.status import DONE, Status
@@ -170,7 +171,7 @@ class _ctrl_c:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise Terminated
+        interrupts.deliver(Terminated())
 
     @staticmethod
     def _first(signum, frame):
@@ -178,7 +179,7 @@ class _ctrl_c:
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         sys.stderr.write("\nStopping: marking the current run interrupted (Ctrl-C again to quit at once).\n")
-        raise KeyboardInterrupt
+        interrupts.deliver(KeyboardInterrupt())
 
     def __exit__(self, *exc):
         import signal

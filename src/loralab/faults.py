@@ -12,7 +12,7 @@ exists: lets a test hold a process at a point while it starts another).
 Points: train.step (after an optimizer step), evaluate (between the losses and generation),
 adapter.save (adapter written to its temporary folder, not yet moved), store.finish (inside the
 transaction that writes a run's results), run.stored (a run stored, before the next run or the
-sweep's tell).
+sweep's tell), checkpoint.saved (a checkpoint renamed into place, the older one not yet removed).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections import Counter
 
 ENV = "LORALAB_FAULT"
 GATE_ENV = "LORALAB_FAULT_GATE"
-POINTS = ("train.step", "evaluate", "adapter.save", "store.finish", "run.stored")
+POINTS = ("train.step", "evaluate", "adapter.save", "store.finish", "run.stored", "checkpoint.saved")
 ACTIONS = ("kill", "sigint", "enospc", "oom", "memory", "wait")
 _hits: Counter[str] = Counter()
 

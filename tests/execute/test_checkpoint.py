@@ -6,6 +6,7 @@ Kills are real: a forked `loralab` process stops itself at a LORALAB_FAULT point
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,27 @@ def test_a_run_stopped_midway_resumes_from_its_checkpoint_and_ends_as_an_uninter
     assert check_workspace(ws).findings == []
     shown = CliRunner().invoke(app, ["show", "B", "-w", str(ws)])
     assert "resumed at step 4 from a checkpoint" in shown.output
+
+
+@pytest.mark.parametrize("action, code", [("sigint", 130), ("wait", 143)], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_a_checkpoint_is_written_waits_until_the_older_one_is_removed(
+        action, code, tiny_neox, tmp_path, sigint_handled):
+    """Held at the moment the new checkpoint is in place and the older one not yet removed (the 2nd save),
+    a Ctrl-C (or a SIGTERM sent while held) is raised only after the removal: one checkpoint is left."""
+    body = "evaluation: {drift: false}\nruns:\n  B: {lora: {r: 2}, train: {max_steps: 7, checkpoint_every: 2}}\n"
+    f, ws, gate = write(tmp_path, tiny_neox, body, "one"), tmp_path / "ws", tmp_path / "gate"
+    proc = Proc(tmp_path, "run", f, "-w", ws, fault=f"checkpoint.saved:{action}@2", gate=gate)
+    if action == "wait":
+        proc.until(lambda: any(ws.glob("runs/*/checkpoints/step-00000004/meta.json")), "B's checkpoint at step 4")
+        time.sleep(0.3)  # the process waits at the point, both checkpoints on disk
+        assert sorted(p.name for p in ws.glob("runs/*/checkpoints/step-*")) == ["step-00000002", "step-00000004"]
+        proc.p.send_signal(signal.SIGTERM)
+        gate.write_text("")
+    assert proc.wait() == code, proc.output
+    assert statuses(ws) == {"base": "finished", "B": "interrupted"}
+    store = Store(ws)
+    assert [c.step for c in found_in(store.run_dir(store.find("B").id) / "checkpoints")] == [4]
+    assert store.live_curve(store.find("B").id)["step"] == [1, 2, 3, 4]
 
 
 def test_checkpoint_every_changes_no_run_or_adapter_id(tiny_neox, tmp_path):

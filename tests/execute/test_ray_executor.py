@@ -165,6 +165,48 @@ def test_an_actor_killed_mid_trial_leaves_every_trial_run_once(where, local_ray,
         store.close()
 
 
+def test_an_actor_lost_after_a_checkpoint_continues_its_trial_from_there(local_ray, tiny_neox, tmp_path):
+    """A lost actor (a preempted node) costs only the steps since its trial's last checkpoint: the trial goes
+    on from that step on the other actor and ends with the numbers of a sweep that was never stopped."""
+    f = sweep_file(tmp_path, tiny_neox, GRID, extra=BASE.replace("max_steps: 6}", "max_steps: 6, checkpoint_every: 2}"))
+    local = run_sweep(load_experiment(f), workspace=tmp_path / "local")
+    ws, gate = tmp_path / "ray", tmp_path / "gate"
+    # Each actor's first trial waits after its 3rd step (its checkpoint at step 2 written) until the gate exists.
+    env = {**ONE_THREAD, "LORALAB_FAULT": "train.step:wait@3", "LORALAB_FAULT_GATE": str(gate)}
+    made, killed = [], []
+
+    def two_actors(prepared, store, rep):
+        from loralab.execute.ray_executor import RayExecutor
+
+        made.append(RayExecutor(prepared, store, rep, ExecutorSpec(kind="ray", actors=2), env))
+        return made[-1]
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while len(list(ws.glob("runs/*/checkpoints/step-00000002/meta.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # both actors now wait at step 3
+        killed.append(_running_rows(ws))
+        ray.kill(made[0].actors[0], no_restart=True)
+        gate.touch()
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    remote = run_sweep(load_experiment(f), workspace=ws, executor=two_actors)
+    killer.join(timeout=10)
+    assert killed == [2]
+    assert sorted(t.status for t in remote.trials) == ["finished"] * 4
+    with Store(ws, create=False) as store:
+        records = [store.get(i) for t in remote.trials for i in t.run_ids]
+        assert len(records) == 4 and all(r.status == "finished" for r in records)
+        assert [r.timings.get("resumed_at") for r in records].count([2]) == 1  # the lost actor's trial, from step 2
+        assert not any(ws.glob("runs/*/checkpoints"))  # cleaned once stored
+    ours, theirs = values(remote), values(local)
+    assert ours.keys() == theirs.keys()
+    for knobs, v in theirs.items():
+        assert ours[knobs] == pytest.approx(v, rel=1e-5), knobs
+
+
 def test_each_actor_sees_only_its_own_device(local_ray, tiny_neox, tmp_path):
     from loralab.execute.ray_executor import RayExecutor
 

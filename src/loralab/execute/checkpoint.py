@@ -5,7 +5,8 @@ A checkpoint is a step hook (Checkpointer) that saves the Trainer's state_dict()
 `runs/ID/checkpoints/step-NNNNNNNN/` (state.pt and meta.json) of the run's folder, which on a shared
 workspace is in the artifacts folder every host sees. Written atomically: into a hidden temporary
 folder, fsynced, then renamed to a fresh name, so a crash at any moment leaves the previous
-checkpoint or the new one whole, never a half of either; older ones are removed after the rename.
+checkpoint or the new one whole, never a half of either; older ones are removed after the rename, and a
+Ctrl-C or SIGTERM arriving meanwhile waits for both (interrupts.held).
 meta.json is written last and names the adapter the state belongs to: a checkpoint of other
 settings (same run id, other planned steps) is never loaded. Removed when the run is stored.
 """
@@ -19,6 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from loralab.faults import fault_point
+from loralab.interrupts import held
 
 FOLDER = "checkpoints"  # in the run's folder
 STATE, META = "state.pt", "meta.json"
@@ -67,19 +71,21 @@ class Checkpoints:
         step = int(state["step"])
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".tmp-{step:08d}-{os.getpid()}"
-        for stale in self.folder.glob(".tmp-*"):  # a save cut short by a kill (one process holds the run's lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({"step": step, "total": int(state["total"]), "adapter_id": self.adapter_id,
-                                            "saved_at": time.time(), **meta}))
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this step from an earlier attempt
-        os.replace(tmp, final)
-        fsync_dir(self.folder)
-        for old in found_in(self.folder):
-            if old.path != final:
-                shutil.rmtree(old.path, ignore_errors=True)
+        with held():  # a Ctrl-C or SIGTERM meanwhile waits: never two checkpoints, never a torn one left
+            for stale in self.folder.glob(".tmp-*"):  # a save cut short by a kill (one process holds the run's lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / STATE)
+            (tmp / META).write_text(json.dumps({"step": step, "total": int(state["total"]),
+                                                "adapter_id": self.adapter_id, "saved_at": time.time(), **meta}))
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this step from an earlier attempt
+            os.replace(tmp, final)
+            fsync_dir(self.folder)
+            fault_point("checkpoint.saved")
+            for old in found_in(self.folder):
+                if old.path != final:
+                    shutil.rmtree(old.path, ignore_errors=True)
         return final
 
     def remove(self) -> None:

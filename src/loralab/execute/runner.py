@@ -28,7 +28,7 @@ from loralab.faults import StepFault, fault_point
 from loralab.progress import Reporter
 from loralab.track.hook import open_tracking
 from loralab.config.schema import RunSpec
-from loralab.workspace.status import Status
+from loralab.workspace.status import REUSED, Status
 from loralab.workspace.store import RunRecord, Store, storage_error
 
 
@@ -204,7 +204,10 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         checkpoints.remove()  # stored: nothing left to resume
         return status
     except KeyboardInterrupt:
-        store.mark(rid, Status.INTERRUPTED)
+        store.mark(rid, Status.INTERRUPTED)  # unless its results were stored just before (the stop waited)
+        stored = store.get(rid)
+        if stored is not None and stored.status in REUSED:
+            checkpoints.remove()
         raise
     except Exception as err:  # one broken run must not stop the others
         return _failed(ctx, err)

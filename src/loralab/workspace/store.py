@@ -32,6 +32,7 @@ from loralab.config.schema import config_hash
 from loralab.engine.curve import CURVE_KEYS
 from loralab.errors import Problem, RunNotFound, SpecError, WorkspaceError
 from loralab.faults import fault_point
+from loralab.interrupts import held
 from loralab.workspace.locks import file_lock, is_locked
 from loralab.workspace.status import DONE, REUSED, STATUSES, Status
 
@@ -709,7 +710,8 @@ class Store:
                adapter_path: str | None, status: str = Status.FINISHED, error: str | None = None) -> None:
         """Store results and the terminal status in one transaction."""
         assert status in DONE
-        with Session(self.engine) as s, s.begin():
+        # a Ctrl-C or SIGTERM meanwhile waits for the commit: a run whose results exist is not lost to it
+        with held(), Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
             row.metrics, row.curves, row.samples, row.timings = metrics, curves, samples, timings
             row.adapter_path, row.error = adapter_path, error
@@ -720,10 +722,12 @@ class Store:
 
     @_db_retried
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
+        """Set a run's status. `interrupted` never replaces a terminal one: a stop that waited for a run's
+        results to be committed (interrupts.held) leaves that run stored as it ended."""
         assert status in STATUSES
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
-            if row is not None:
+            if row is not None and not (status == Status.INTERRUPTED and row.status in DONE):
                 row.status = status
                 row.error = error
 
