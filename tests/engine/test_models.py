@@ -58,6 +58,19 @@ def test_local_folder_loads_in_fp32_on_cpu(tiny_llama, tmp_path):
     assert bm.fingerprint.startswith("local-") and bm.tokenizer.pad_token_id is not None
 
 
+def test_a_cpu_base_is_not_kernelized_and_computes_what_transformers_default_computes(tiny_llama, tmp_path):
+    """transformers' Hub kernels have no CPU kernel: loralab loads a CPU base without them (no layer wrapped,
+    nothing re-kernelized at each train()/eval() switch), and its logits are those of transformers' default."""
+    bm = load_base_model(ModelSpec(name=str(tiny_llama)), tmp_path, device="cpu", log=lambda m: None)
+    default = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert not bm.model.use_kernels
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        for mode in (True, False):  # dropout is 0: both modes compute the same, switching must not change it
+            bm.model.train(mode), default.train(mode)
+            assert torch.equal(bm.model(input_ids=ids).logits, default(input_ids=ids).logits)
+
+
 def test_pickle_only_folder_is_refused(tiny_llama, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()

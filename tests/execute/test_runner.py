@@ -151,6 +151,30 @@ def test_run_id_depends_on_config_not_name(seed_run, tiny_neox, tmp_path):
     assert run_id(p, exp.run("first")) == first.records[1].id
 
 
+def test_runs_of_other_max_seq_len_get_their_own_encoded_examples(tiny_neox, tmp_path):
+    """The training examples are encoded once per max_seq_len and shared by the runs (and sweep trials) of that
+    length; a run with another length gets examples truncated at its own."""
+    from loralab.engine.data import encode_example
+    from loralab.execute.prepare import prepare
+    from loralab.execute.runner import train_encoded
+
+    runs = SEED_RUNS.replace("batch_size: 2, epochs: 1}\n    generate: {max_new_tokens: 10}",
+                             "batch_size: 2, epochs: 1, max_seq_len: 24}\n    generate: {max_new_tokens: 10}")
+    data = "{builtin: stdlib-docstrings, train_size: 8, eval_size: 4, truncate: true}"
+    exp = loralab.load(experiment(tmp_path, tiny_neox, runs, data=data))
+    p = prepare(exp)
+    a, b = exp.run("A"), exp.run("B")
+    assert b.train.max_seq_len == 24 != a.train.max_seq_len
+    tok, system = p.base.tokenizer, p.dataset.system_prompt
+    for run in (a, b, a):
+        fresh = [encode_example(tok, ex, system, run.train.max_seq_len) for ex in p.dataset.train]
+        assert train_encoded(p, run) == fresh
+        assert train_encoded(p, run, 3) == fresh[:3]
+    assert max(len(e.input_ids) for e in train_encoded(p, b)) <= 24 < max(len(e.input_ids) for e in train_encoded(p, a))
+    assert train_encoded(p, a) is not train_encoded(p, a)  # a copy: a caller's list cannot change the shared one
+    assert train_encoded(p, a)[0] is train_encoded(p, a)[0]  # encoded once
+
+
 def test_fused_alias_is_mapped_on_llama_and_said_once(tiny_llama, tmp_path):
     exp = loralab.load(experiment(tmp_path, tiny_llama))
     console = Console(record=True, width=200)

@@ -382,6 +382,8 @@ def load_base_model(spec: ModelSpec, base_dir: Path, device: str = "auto",
         quant = quantization_config(spec, dtype)
         if quant is not None:  # bitsandbytes places the weights itself: on the device, quantized
             kwargs.update(quantization_config=quant, device_map={"": str(dev)})
+        if dev.type == "cpu":  # transformers' Hub kernels have no CPU kernel: kernelizing only wrapped every layer
+            kwargs["use_kernels"] = False  # and re-ran at each train()/eval() switch (~5 ms, 4 a sweep trial)
         model, loading = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True,
                                                               output_loading_info=True, **kwargs)
     except ModelError:

@@ -37,6 +37,9 @@ class Prepared:
     # hold (0: never; each pause then saves a checkpoint, as a killed run's would be).
     parked: dict = field(default_factory=dict)
     park_bytes: int = 0
+    # The training examples encoded at each max_seq_len (execute.runner.train_encoded): a sweep's trials
+    # share them instead of rendering the chat template again for every trial.
+    train_encoded: dict = field(default_factory=dict)
 
     def targets_for(self, run: RunSpec) -> Any:
         """The target modules given to PEFT for a run: the file's runs as resolved when prepared, any

@@ -238,12 +238,15 @@ def with_lora(prepared: Prepared, run: RunSpec, name: str = "default"):
 
 
 def train_encoded(prepared: Prepared, run: RunSpec, limit: int | None = None) -> list:
-    """The run's training examples (the first `limit`), encoded at its max_seq_len."""
+    """The run's training examples (the first `limit`), encoded at its max_seq_len, once per length."""
     from loralab.engine.data import encode_example
 
-    tok = prepared.base.tokenizer
-    return [encode_example(tok, ex, prepared.dataset.system_prompt, run.train.max_seq_len)
-            for ex in prepared.dataset.train[:limit]]
+    n = run.train.max_seq_len
+    if n not in prepared.train_encoded:
+        tok = prepared.base.tokenizer
+        prepared.train_encoded[n] = [encode_example(tok, ex, prepared.dataset.system_prompt, n)
+                                     for ex in prepared.dataset.train]
+    return prepared.train_encoded[n][:limit]
 
 
 def _train(ctx: RunContext, peft_model, state: dict | None = None):
