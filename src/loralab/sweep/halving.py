@@ -126,7 +126,8 @@ def _halve(loop, prepared, bracket: list[tuple], ran: list[int], run_trial, fmt)
         if dropped:
             also = f" (ranked with {len(known)} earlier trial(s) measured there)" if known else ""
             names = ", ".join(f"trial {e[0].number}" for _, e, _ in ranked[:goes_on]) or "none"
-            rep.log(f"rung at step {rung}: {len(ranked)} trial(s) measured{also}; {names} go on, {len(dropped)} pruned")
+            verb = "goes on" if goes_on == 1 else "go on"
+            rep.log(f"rung at step {rung}: {len(ranked)} trial(s) measured{also}; {names} {verb}, {len(dropped)} pruned")
     for trial, params, knobs in alive:
         ran.append(loop.execute(prepared, trial, params, knobs, prune=False, earlier_s=spent[trial.number]))
         rep.log(f"trial {trial.number}: {fmt(knobs)} trained to the end")
