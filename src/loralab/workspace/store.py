@@ -205,8 +205,14 @@ class _LockKeeper(threading.Thread):
             return
 
     def stop(self) -> None:
+        """Release the lock now: left to the connection's close, the server frees it only once it has seen
+        the socket go, so a reader of pg_locks (`in_progress`, another host's try) could still find it held."""
         self.done.set()
         self.join()
+        try:
+            self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+        except Exception:  # the connection is gone (a server restart): so is its lock
+            pass
         if self.replacement is not None:
             try:
                 self.replacement.close()
