@@ -232,3 +232,47 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole_and_only_this_ada
     (tmp_path / "checkpoints" / "step-00000006" / "state.pt").write_bytes(b"not a checkpoint")
     said = []
     assert mine.load(said.append) is None and "cannot be read" in said[0]  # started over, not failed
+
+
+# Every knob whose state lives somewhere other than a plain LoRA's: a base rewritten by the init (PiSSA,
+# OLoRA: restored, and the adapter stored converted), an init from a data pass (EVA), DoRA's magnitudes,
+# LoRA+'s two optimizer groups with rsLoRA's scale, per-module ranks on chosen layers, a Gaussian start.
+VARIANTS = {
+    "pissa": "{r: 4, init: pissa, dropout: 0.0}",
+    "olora": "{r: 4, init: olora, dropout: 0.0}",
+    "eva": "{r: 4, init: eva, dropout: 0.0}",
+    "dora": "{r: 4, use_dora: true, dropout: 0.1}",
+    "loraplus-rslora": "{r: 4, loraplus_lr_ratio: 16, use_rslora: true, dropout: 0.1}",
+    "patterns": "{r: 4, init: gaussian, target_modules: [query_key_value, dense_4h_to_h], layers: [1], "
+                "rank_pattern: {dense_4h_to_h: 2}, dropout: 0.1}",
+}
+
+
+@pytest.mark.parametrize("lora", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_lora_variant_killed_midway_resumes_to_the_uninterrupted_adapter(lora, tiny_neox, tmp_path):
+    body = ("evaluation: {drift: false}\ndefaults: {generate: {max_new_tokens: 4}}\nruns:\n"
+            f"  V: {{lora: {lora}, train: {{max_steps: 5, batch_size: 3, gradient_accumulation: 2, "
+            "warmup_steps: 1, scheduler: cosine, learning_rate: 2.0e-3, checkpoint_every: 2}}\n")
+
+    def file(folder: Path) -> Path:  # 12 training examples: EVA's data pass needs more than one batch of 8
+        f = write(folder, tiny_neox, body, "var")
+        f.write_text(f.read_text().replace("train_size: 8", "train_size: 12"))
+        return f
+
+    (tmp_path / "ref").mkdir()
+    ref = {r.name: r for r in run_experiment(load_experiment(file(tmp_path / "ref")),
+                                             workspace=tmp_path / "ref" / "ws").records}["V"]
+    f, ws = file(tmp_path), tmp_path / "ws"
+    proc = Proc(tmp_path, "run", f, "-w", ws, fault="train.step@3")  # after step 3; its checkpoint: step 2
+    assert proc.wait() == -signal.SIGKILL, proc.output
+    out = CliRunner().invoke(app, ["run", str(f), "-w", str(ws)])
+    assert out.exit_code == 0, out.output
+    assert "V: resumed at step 2 of 5 from its checkpoint" in out.output
+    v = Store(ws).find("V")
+    assert v.id == ref.id and v.timings["resumed_at"] == [2]
+    for k in ("step", "loss", "grad_norm", "lr", "tokens"):
+        assert v.curves[k] == ref.curves[k], k
+    assert untimed(v.metrics) == untimed(ref.metrics)
+    mine, theirs = adapter_tensors(v.adapter_path), adapter_tensors(ref.adapter_path)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert check_workspace(ws).findings == []

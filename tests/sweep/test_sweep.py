@@ -804,6 +804,36 @@ def test_synchronous_halving_pauses_every_trial_at_a_rung_before_any_trains_on(t
     assert other.curves["loss"] == rec.curves["loss"]
 
 
+@pytest.mark.parametrize("lora", [
+    "{r: 4, init: pissa, dropout: 0.0}",  # the base rewritten while the trial trains, put back at each pause
+    "{r: 4, use_dora: true, dropout: 0.1}",  # DoRA's magnitudes, dropout's RNG
+    "{r: 4, loraplus_lr_ratio: 16, use_rslora: true}",  # LoRA+'s two optimizer groups
+], ids=["pissa", "dora", "loraplus-rslora"])
+def test_a_paused_trial_of_every_lora_variant_ends_as_an_uninterrupted_run(lora, tiny_neox, tmp_path):
+    """Paused at each rung (its adapter removed from the base, its trainer state kept in memory) and
+    continued: the winner's curve, adapter and loss equal a run of its settings that never paused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from loralab.execute.loop import run_experiment
+
+    base = BASE.replace("max_steps: 6", "max_steps: 12").replace("lora: {r: 4, target_modules: [query_key_value]}",
+                                                                  f"lora: {lora}")
+    result = run_sweep(load_experiment(sweep_file(tmp_path, tiny_neox, HALVING, extra=base)), workspace=tmp_path / "ws")
+    best = next(t for t in result.trials if t.status == "finished")
+    rec = Store(tmp_path / "ws").get(best.run_ids[0])
+    assert rec.timings.get("resumed_at") == [3, 6]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"name: plain\nmodel: {tiny_neox}\ndata: {{builtin: stdlib-docstrings, train_size: 8, eval_size: 4}}\n"
+                     + base + f"runs:\n  X: {{train: {{learning_rate: {best.knobs['train.learning_rate']}}}}}\n")
+    other = run_experiment(load_experiment(plain), workspace=tmp_path / "ws2").records[-1]
+    assert other.curves["loss"] == rec.curves["loss"] and other.curves["grad_norm"] == rec.curves["grad_norm"]
+    assert other.metrics["eval_loss"] == rec.metrics["eval_loss"]
+    mine = load_file(f"{rec.adapter_path}/adapter_model.safetensors")
+    theirs = load_file(f"{other.adapter_path}/adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 @pytest.mark.parametrize("known, factor, expected", [
     ([], 4, 1),  # nothing measured there before: 1 in 4 of the bracket, at least one
     ([0.1, 0.2, 0.3], 2, 0),  # 3 of 5 go on: the three earlier ones, better than both
