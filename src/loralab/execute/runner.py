@@ -204,9 +204,7 @@ def _train_one(ctx: RunContext, source: RunRecord | None = None) -> str:
         checkpoints.remove()  # stored: nothing left to resume
         return status
     except KeyboardInterrupt:
-        store.mark(rid, Status.INTERRUPTED)  # unless its results were stored just before (the stop waited)
-        stored = store.get(rid)
-        if stored is not None and stored.status in REUSED:
+        if store.mark(rid, Status.INTERRUPTED) in REUSED:  # its results were stored just before (the stop waited)
             checkpoints.remove()
         raise
     except Exception as err:  # one broken run must not stop the others

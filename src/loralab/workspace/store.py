@@ -727,15 +727,19 @@ class Store:
             fault_point("store.finish")  # a crash here rolls the whole result back: never finished without metrics
 
     @_db_retried
-    def mark(self, run_id: str, status: str, error: str | None = None) -> None:
-        """Set a run's status. `interrupted` never replaces a terminal one: a stop that waited for a run's
-        results to be committed (interrupts.held) leaves that run stored as it ended."""
+    def mark(self, run_id: str, status: str, error: str | None = None) -> str | None:
+        """Set a run's status and return the one it has now (None: no such run). `interrupted` never
+        replaces a terminal one: a stop that waited for a run's results to be committed (interrupts.held)
+        leaves that run stored as it ended."""
         assert status in STATUSES
         with Session(self.engine) as s, s.begin():
             row = s.get(RunRow, run_id)
-            if row is not None and not (status == Status.INTERRUPTED and row.status in DONE):
+            if row is None:
+                return None
+            if not (status == Status.INTERRUPTED and row.status in DONE):
                 row.status = status
                 row.error = error
+            return row.status
 
     @_db_retried
     def set_adapter_path(self, run_id: str, path: str | None) -> None:
